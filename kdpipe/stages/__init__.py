@@ -1,0 +1,1 @@
+"""The work itself, one module per stage; the CLI only parses and calls these."""
