@@ -1,0 +1,316 @@
+"""Run directories: one folder per training run with everything needed to read or resume it.
+
+Layout of a run directory (``RunDir.create(root, prefix, config)``)::
+
+    <root>/<prefix>-<YYYYmmdd-HHMMSS>[-<n>]/
+        config.json          the resolved configuration (every argument the run used)
+        metrics.csv          one row per epoch (columns fixed by the first row)
+        metrics.jsonl        the same rows as JSON lines (extra keys allowed)
+        curves.png           loss and top-1 against epoch (``plot_curves``)
+        summary.json         final numbers (``write_summary``)
+        checkpoints/
+            latest.pth       full state after the last finished epoch (model, optimizer,
+                             scheduler, RNG states, epoch): what ``--resume`` reads
+            best.pth         {"model": state_dict, "epoch", "top1"} of the best test top-1
+
+Checkpoints are written atomically (temporary file in the same folder, fsync, ``os.replace``),
+so a run killed at any moment leaves either the previous file or the new one, never a torn one.
+Everything in a checkpoint loads with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from kdpipe.errors import KdpipeError
+
+CONFIG = "config.json"
+METRICS_CSV = "metrics.csv"
+METRICS_JSONL = "metrics.jsonl"
+SUMMARY = "summary.json"
+CURVES = "curves.png"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.pth"
+BEST = "best.pth"
+
+
+def _jsonable(obj: Any):
+    """json.dumps default: paths, tuples, numpy and torch scalars become plain JSON."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+        return obj.tolist()
+    if isinstance(obj, torch.device):
+        return str(obj)
+    return str(obj)
+
+
+def _clean(value):
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write ``path`` through a temporary sibling and ``os.replace``: never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def save_checkpoint_file(path, state: dict) -> Path:
+    """``torch.save(state, path)`` atomically. Returns the path."""
+    path = Path(path)
+    atomic_write_bytes(path, lambda fh: torch.save(state, fh))
+    return path
+
+
+def scheduler_state(scheduler) -> dict:
+    """A scheduler's state_dict made loadable with weights_only=True (MultiStepLR keeps its
+    milestones in a Counter, which the safe unpickler refuses)."""
+    sd = dict(scheduler.state_dict())
+    if isinstance(sd.get("milestones"), Counter):
+        sd["milestones"] = {int(k): int(v) for k, v in sd["milestones"].items()}
+    return sd
+
+
+def load_scheduler_state(scheduler, sd: dict) -> None:
+    sd = dict(sd)
+    if isinstance(sd.get("milestones"), dict):
+        sd["milestones"] = Counter({int(k): int(v) for k, v in sd["milestones"].items()})
+    scheduler.load_state_dict(sd)
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """The RNG states a run depends on (global torch CPU/CUDA and an optional generator)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def restore_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except Exception:  # another number of GPUs than when saved: not fatal
+            pass
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+class RunDir:
+    """One run's folder. Create with ``RunDir.create``; reopen (for --resume) with ``RunDir.open``."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    # -- creation -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root, prefix: str, config: dict) -> "RunDir":
+        """A new, unique ``<root>/<prefix>-<timestamp>[-n]`` with ``config.json`` written."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        safe = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in str(prefix)) or "run"
+        for n in range(1, 10_000):
+            name = f"{safe}-{stamp}" if n == 1 else f"{safe}-{stamp}-{n}"
+            path = root / name
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            run = cls(path)
+            (path / CHECKPOINTS).mkdir()
+            run.write_config(config)
+            return run
+        raise KdpipeError(f"could not create a new run directory under {root}.")  # pragma: no cover
+
+    @classmethod
+    def open(cls, path) -> "RunDir":
+        """An existing run directory (for --resume); one sentence if it is not one."""
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise KdpipeError(f"{path} is not a kdpipe run directory (no {CONFIG} in it).")
+        return cls(path)
+
+    # -- config ---------------------------------------------------------------------------
+    def write_config(self, config: dict) -> None:
+        atomic_write_text(self.path / CONFIG, json.dumps(config, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.path / CONFIG).read_text())
+
+    # -- metrics --------------------------------------------------------------------------
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / METRICS_CSV
+
+    @property
+    def metrics_jsonl(self) -> Path:
+        return self.path / METRICS_JSONL
+
+    def log_epoch(self, row: dict) -> None:
+        """Append one row to metrics.csv and metrics.jsonl. The CSV's columns are the first
+        row's keys (later keys not among them go to the JSONL only)."""
+        row = {k: _clean(v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        csv_path = self.metrics_csv
+        if csv_path.is_file() and csv_path.stat().st_size > 0:
+            with open(csv_path, newline="") as fh:
+                columns = next(csv.reader(fh))
+            with open(csv_path, "a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore").writerow(row)
+        else:
+            with open(csv_path, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(row))
+                writer.writeheader()
+                writer.writerow(row)
+        with open(self.metrics_jsonl, "a") as fh:
+            fh.write(json.dumps(row, default=_jsonable) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        """All rows logged so far (from metrics.jsonl)."""
+        if not self.metrics_jsonl.is_file():
+            return []
+        rows = []
+        for line in self.metrics_jsonl.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line torn by a kill: ignore it
+                    continue
+        return rows
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Keep only rows with epoch <= last_epoch (resume after a kill that logged an epoch
+        whose checkpoint never landed). Rewrites both files atomically."""
+        rows = [r for r in self.read_metrics() if int(r.get("epoch", 0)) <= last_epoch]
+        atomic_write_text(self.metrics_jsonl, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+        if rows:
+            columns = None
+            if self.metrics_csv.is_file():
+                with open(self.metrics_csv, newline="") as fh:
+                    columns = next(csv.reader(fh), None)
+            columns = columns or list(rows[0])
+            import io
+
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                writer.writerow(r)
+            atomic_write_text(self.metrics_csv, buf.getvalue())
+        elif self.metrics_csv.exists():
+            self.metrics_csv.unlink()
+
+    # -- checkpoints ----------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def save_checkpoint(self, state: dict, name: str = LATEST) -> Path:
+        """Write ``state`` (mdistiller layout: {"model": state_dict, "epoch", "optimizer",
+        "scheduler", "rng", ...}) to checkpoints/<name>, atomically."""
+        return save_checkpoint_file(self.checkpoint_dir / name, state)
+
+    def load_checkpoint(self, name: str = LATEST, map_location="cpu") -> dict:
+        path = self.checkpoint_dir / name
+        if not path.is_file():
+            raise KdpipeError(f"run directory {self.path} has no checkpoint {CHECKPOINTS}/{name} to resume from.")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:
+            raise KdpipeError(f"checkpoint {path} could not be read ({type(err).__name__}).") from None
+
+    # -- plots and summary ----------------------------------------------------------------
+    def plot_curves(self, path: str | Path | None = None) -> Path | None:
+        """Loss and top-1 against epoch as a PNG (matplotlib Agg; no display needed)."""
+        rows = self.read_metrics()
+        if not rows:
+            return None
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        epochs = [r.get("epoch") for r in rows]
+
+        def series(key):
+            return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
+
+        fig = Figure(figsize=(10, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax1, ax2 = fig.subplots(1, 2)
+        for key, label in (("train_loss", "train loss"), ("test_loss", "test loss (CE)")):
+            if any(key in r for r in rows):
+                ax1.plot(epochs, series(key), marker=".", label=label)
+        part_keys = sorted({k for r in rows for k in r if k.startswith("loss_")})
+        for key in part_keys:
+            ax1.plot(epochs, series(key), linestyle="--", label=key)
+        ax1.set_xlabel("epoch")
+        ax1.set_ylabel("loss")
+        ax1.set_title("loss")
+        ax1.grid(True, alpha=0.3)
+        ax1.legend(fontsize=8)
+        for key, label in (("train_top1", "train top-1"), ("test_top1", "test top-1"), ("test_top5", "test top-5")):
+            if any(key in r for r in rows):
+                ax2.plot(epochs, series(key), marker=".", label=label)
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("accuracy (%)")
+        ax2.set_title("accuracy")
+        ax2.grid(True, alpha=0.3)
+        ax2.legend(fontsize=8)
+        fig.suptitle(self.path.name, fontsize=9)
+        fig.tight_layout()
+        out = Path(path) if path else self.path / CURVES
+        atomic_write_bytes(out, lambda fh: fig.savefig(fh, format="png"))
+        return out
+
+    def write_summary(self, summary: dict) -> Path:
+        summary = {k: _clean(v) for k, v in summary.items()}
+        out = self.path / SUMMARY
+        atomic_write_text(out, json.dumps(summary, indent=2, sort_keys=True, default=_jsonable) + "\n")
+        return out
+
+    @property
+    def summary(self) -> dict | None:
+        p = self.path / SUMMARY
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
