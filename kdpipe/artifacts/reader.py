@@ -1,0 +1,172 @@
+"""Reading a kdpipe store, read-only, so any number of student runs can share one at once.
+
+    store = open_store("runs/rn32x4-cifar100.zarr")      # refuses an incomplete store
+    store.check_dataset(dataset)                          # fingerprint, classes, normalisation
+    store.check_teacher("ckpt_epoch_240.pth")             # optional: sha256 of the checkpoint
+    cams = store["cam_r2"][idx]                           # zarr array, sliced -> numpy
+    store.has("feat/inter"); store.target_sets(); store.manifest["views"]
+
+Every refusal is a StoreError (or DataError for a data-set mismatch) with one sentence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kdpipe.errors import DataError, StoreError
+from kdpipe.artifacts.schema import MANIFEST_ATTR, SCHEMA_VERSION, SHARDS_DONE, TARGETS_GROUP
+from kdpipe.artifacts.writer import _open_group, _path, store_exists
+
+
+def open_store(path, allow_incomplete: bool = False) -> "StoreReader":
+    """Open the store at `path` (local path or fsspec URL) read-only.
+
+    Refuses a missing path, a zarr group that is not a kdpipe store, another schema version
+    and, unless `allow_incomplete` (inspect uses it), a store whose `complete` flag is unset.
+    """
+    path = _path(path)
+    if not store_exists(path):
+        raise StoreError(f"There is no kdpipe store at {path}.")
+    reader = StoreReader(path, _open_group(path, "r"))
+    if not allow_incomplete:
+        reader.require_complete()
+    return reader
+
+
+class StoreReader:
+    """A read-only view of one store: its manifest and its arrays."""
+
+    def __init__(self, path: str, group):
+        self.path = path
+        self.group = group
+        m = group.attrs.get(MANIFEST_ATTR)
+        if not isinstance(m, dict):
+            raise StoreError(f"{path} is a zarr group but not a kdpipe store (it has no kdpipe manifest).")
+        if m.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"The store at {path} has schema version {m.get('schema_version')}, "
+                             f"this kdpipe reads version {SCHEMA_VERSION}; re-extract it.")
+        self.manifest = dict(m)
+        self._arrays: dict = {}
+
+    def __repr__(self):
+        return f"StoreReader({self.path!r})"
+
+    # ----- arrays --------------------------------------------------------------------------
+
+    def has(self, name: str) -> bool:
+        return name in self.group and hasattr(self.group[name], "shape")
+
+    def array(self, name: str):
+        """The zarr array `name` (e.g. "logits", "cam_r2", "feat/penult", "targets/T/subclass_scores")."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            if not self.has(name):
+                known = ", ".join(self.array_names()) or "none"
+                raise StoreError(f"The store at {self.path} has no array {name} (it has: {known}).")
+            arr = self.group[name]
+            self._arrays[name] = arr
+        return arr
+
+    __getitem__ = array
+
+    def array_names(self) -> list[str]:
+        """Per-sample arrays of the extraction, as recorded in the manifest."""
+        return [n for n in self.manifest.get("arrays", {}) if n in self.group]
+
+    def target_sets(self, include_incomplete: bool = False) -> list[str]:
+        """Names of the target sets under targets/ (complete ones unless include_incomplete)."""
+        sets = self.manifest.get("targets") or {}
+        return sorted(n for n, e in sets.items() if include_incomplete or e.get("complete"))
+
+    def target_attrs(self, name: str) -> dict:
+        sets = self.manifest.get("targets") or {}
+        if name not in sets:
+            raise StoreError(f"The store at {self.path} has no target set {name} "
+                             f"(it has: {', '.join(sorted(sets)) or 'none'}); run `kdpipe cluster` first.")
+        return dict(sets[name].get("attrs") or {})
+
+    def target_array(self, target: str, name: str):
+        self.target_attrs(target)
+        return self.array(f"{TARGETS_GROUP}/{target}/{name}")
+
+    # ----- state ---------------------------------------------------------------------------
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.manifest["dataset"]["num_samples"])
+
+    @property
+    def num_views(self) -> int:
+        return int(self.manifest["views"]["num_views"])
+
+    def done_shards(self) -> list[int]:
+        """Shards written so far, read from the shards_done array (current even mid-run)."""
+        if SHARDS_DONE not in self.group:
+            return list(self.manifest.get("shards_done") or [])
+        return [int(i) for i in np.flatnonzero(self.group[SHARDS_DONE][:])]
+
+    def is_complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def require_complete(self) -> "StoreReader":
+        if not self.is_complete():
+            done, total = len(self.done_shards()), self.manifest.get("num_shards", "?")
+            raise StoreError(f"The store at {self.path} is incomplete ({done} of {total} shards written); "
+                             "finish it with `kdpipe extract-teacher --resume`.")
+        return self
+
+    # ----- checks --------------------------------------------------------------------------
+
+    def check_dataset(self, dataset) -> "StoreReader":
+        """Refuse a data set other than the one the store was made from."""
+        d = self.manifest.get("dataset") or {}
+        name = getattr(dataset, "name", "?")
+        if d.get("fingerprint") != getattr(dataset, "fingerprint", None):
+            raise DataError(f"The store at {self.path} was made from data set {d.get('name')} "
+                            f"({d.get('split')}, fingerprint {str(d.get('fingerprint'))[:12]}), not from this "
+                            f"{name} ({getattr(dataset, 'split', '?')}, fingerprint "
+                            f"{str(getattr(dataset, 'fingerprint', None))[:12]}).")
+        if int(d.get("num_classes", -1)) != int(dataset.num_classes):
+            raise DataError(f"The store at {self.path} has {d.get('num_classes')} classes, "
+                            f"the data set {name} has {dataset.num_classes}.")
+        if int(d.get("num_samples", -1)) != len(dataset):
+            raise DataError(f"The store at {self.path} has {d.get('num_samples')} samples, "
+                            f"the data set {name} has {len(dataset)}.")
+        for key in ("mean", "std"):
+            a, b = d.get(key), getattr(dataset, key, None)
+            if a is not None and b is not None and not np.allclose(np.asarray(a, float), np.asarray(b, float),
+                                                                   rtol=0, atol=1e-6):
+                raise DataError(f"The store at {self.path} was made with normalisation {key} {list(a)}, "
+                                f"the data set {name} uses {list(b)}.")
+        return self
+
+    def check_teacher(self, ckpt_path) -> "StoreReader":
+        """Refuse when the checkpoint file's sha256 differs from the one the store was made with."""
+        from kdpipe.artifacts.fingerprint import sha256_file
+
+        want = (self.manifest.get("teacher") or {}).get("sha256")
+        got = sha256_file(ckpt_path)
+        if want != got:
+            raise StoreError(f"The store at {self.path} was made with another teacher checkpoint "
+                             f"(sha256 {str(want)[:12]}), not {ckpt_path} (sha256 {got[:12]}).")
+        return self
+
+    # ----- sizes ---------------------------------------------------------------------------
+
+    def array_info(self) -> list[dict]:
+        """Per array: name, shape, dtype, chunks, raw bytes, stored bytes, compression ratio."""
+        out = []
+        names = list(self.array_names())
+        for t in self.target_sets(include_incomplete=True):
+            for a in (self.manifest["targets"][t].get("arrays") or {}):
+                names.append(f"{TARGETS_GROUP}/{t}/{a}")
+        for name in names:
+            if not self.has(name):
+                continue
+            arr = self.group[name]
+            raw = int(arr.nbytes)
+            stored = int(arr.nbytes_stored())
+            out.append({"name": name, "shape": tuple(arr.shape), "dtype": str(arr.dtype),
+                        "chunks": tuple(arr.chunks), "bytes": raw, "stored_bytes": stored,
+                        "ratio": raw / stored if stored else float("inf")})
+        return out

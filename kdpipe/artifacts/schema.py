@@ -1,0 +1,162 @@
+"""What a kdpipe store holds: array specs, the schema version and the manifest.
+
+A store is one zarr v3 group per teacher x data-set split. Its manifest is the JSON dict in
+`group.attrs["kdpipe"]` (keys in MANIFEST_KEYS). Per-sample arrays are chunked along the
+sample axis only (a chunk holds `chunk_rows` whole samples, a divisor of the shard size, so a
+shard of extraction work owns whole chunks and no two writers ever touch the same chunk).
+Tensors are float16, view parameters int32, all Blosc/zstd with byte shuffle.
+
+Array names (paths inside the group):
+
+    views                [N, V, P]        int32    view parameters of each stored view
+    logits               [N, V, C]        float16  teacher logits
+    cam                  [N, V, C, h, w]  float16  native class activation maps (no bias)
+    cam_r{R}             [N, V, C, R, R]  float16  CAM adaptive-average-pooled to R x R
+    feat/{layer}         [N, V, D, h, w]  float16  teacher feature map ("penult", "inter")
+    shards_done          [S]              uint8    1 where shard s is fully written (chunk 1)
+    targets/{name}/...   written by `kdpipe cluster` (see kdpipe.artifacts.writer)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST_ATTR = "kdpipe"
+SHARDS_DONE = "shards_done"
+TARGETS_GROUP = "targets"
+
+# The upper bound on the uncompressed size of one chunk: chunk_rows is the largest divisor of
+# the shard size whose chunk stays below it (at least one sample per chunk).
+MAX_CHUNK_BYTES = 32 << 20
+
+BLOSC_CNAME = "zstd"
+BLOSC_CLEVEL = 3
+
+MANIFEST_KEYS = (
+    "schema_version", "kdpipe_version", "teacher", "dataset", "views", "layers", "arrays",
+    "shard_size", "num_shards", "shards_done", "complete", "created",
+)
+
+MEANINGS = {
+    "views": "view parameters (policy-specific) of each stored view of each sample",
+    "logits": "teacher logits on the image with that view applied",
+    "cam": "native class activation map: classifier weight as 1x1 conv on the last map, no bias",
+    "cam_r": "class activation map adaptive-average-pooled to {R}x{R}",
+    "feat": "teacher feature map '{layer}' (before any tap)",
+}
+
+
+def compressors(dtype) -> list:
+    """The zarr v3 compressor list for an array of `dtype`: Blosc zstd with byte shuffle."""
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle="shuffle",
+                       typesize=np.dtype(dtype).itemsize)]
+
+
+def chunk_rows(shard_size: int, row_bytes: int, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> int:
+    """The number of samples per chunk: the largest divisor of shard_size within the size cap."""
+    best = 1
+    for d in range(1, int(math.isqrt(shard_size)) + 1):
+        if shard_size % d:
+            continue
+        for cand in (d, shard_size // d):
+            if cand * row_bytes <= max_chunk_bytes and cand > best:
+                best = cand
+    return best
+
+
+@dataclass
+class ArraySpec:
+    """One per-sample array of the store: name, full shape (sample axis first), dtype, meaning."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    meaning: str
+    chunks: tuple = field(default=())
+
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def with_chunks(self, shard_size: int) -> "ArraySpec":
+        rows = chunk_rows(shard_size, self.row_bytes())
+        return ArraySpec(self.name, tuple(self.shape), self.dtype, self.meaning,
+                         (min(rows, max(1, self.shape[0])),) + tuple(self.shape[1:]))
+
+    def to_json(self) -> dict:
+        return {"shape": list(map(int, self.shape)), "dtype": self.dtype, "meaning": self.meaning,
+                "chunks": list(map(int, self.chunks))}
+
+
+def extraction_specs(num_samples: int, num_views: int, param_dim: int, num_classes: int,
+                     cam_hw: tuple, cam_res=(), features: dict | None = None) -> list[ArraySpec]:
+    """Array specs of an extraction: `features` maps layer name -> (D, h, w)."""
+    n, v, c = int(num_samples), int(num_views), int(num_classes)
+    h, w = map(int, cam_hw)
+    specs = [
+        ArraySpec("views", (n, v, int(param_dim)), "int32", MEANINGS["views"]),
+        ArraySpec("logits", (n, v, c), "float16", MEANINGS["logits"]),
+        ArraySpec("cam", (n, v, c, h, w), "float16", MEANINGS["cam"]),
+    ]
+    for r in cam_res:
+        r = int(r)
+        specs.append(ArraySpec(f"cam_r{r}", (n, v, c, r, r), "float16", MEANINGS["cam_r"].format(R=r)))
+    for layer, shape in (features or {}).items():
+        specs.append(ArraySpec(f"feat/{layer}", (n, v) + tuple(map(int, shape)), "float16",
+                               MEANINGS["feat"].format(layer=layer)))
+    return specs
+
+
+def plan_shards(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
+    """Contiguous sample ranges [start, stop) of shard_size samples (the last may be shorter)."""
+    return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
+
+
+def build_manifest(*, teacher: dict, dataset: dict, views: dict, layers: list, specs: list[ArraySpec],
+                   shard_size: int, num_samples: int) -> dict:
+    """The manifest of a new store, `complete` false and no shard done."""
+    from kdpipe import __version__
+
+    num_shards = len(plan_shards(num_samples, shard_size))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kdpipe_version": __version__,
+        "teacher": dict(teacher),
+        "dataset": dict(dataset),
+        "views": dict(views),
+        "layers": list(layers),
+        "arrays": {s.name: s.to_json() for s in specs},
+        "shard_size": int(shard_size),
+        "num_shards": int(num_shards),
+        "shards_done": [],
+        "complete": False,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "targets": {},
+    }
+
+
+def same_plan(a: dict, b: dict) -> str | None:
+    """None when two manifests describe the same extraction, else the first key that differs.
+
+    Used by resume: a store may only be continued by a run with identical inputs and layout.
+    """
+    checks = [
+        ("schema_version", lambda m: m.get("schema_version")),
+        ("teacher", lambda m: (m.get("teacher") or {}).get("sha256")),
+        ("teacher architecture", lambda m: (m.get("teacher") or {}).get("arch")),
+        ("dataset fingerprint", lambda m: (m.get("dataset") or {}).get("fingerprint")),
+        ("dataset split", lambda m: (m.get("dataset") or {}).get("split")),
+        ("views", lambda m: m.get("views")),
+        ("shard size", lambda m: m.get("shard_size")),
+        ("arrays", lambda m: {k: v.get("shape") for k, v in (m.get("arrays") or {}).items()}),
+    ]
+    for key, get in checks:
+        if get(a) != get(b):
+            return key
+    return None

@@ -1,0 +1,333 @@
+"""Writing a kdpipe store: created by the driver, filled shard by shard, marked complete last.
+
+Extraction (``kdpipe extract-teacher``)::
+
+    w = StoreWriter.create(path, manifest, specs, overwrite=False)   # driver: group + empty arrays
+    w = StoreWriter.open_for_resume(path, manifest)                  # driver, --resume
+    # workers (one task per shard; a shard owns whole chunks of every array):
+    sw = StoreWriter.open(path)
+    sw.write_rows("logits", start, block)                            # rows [start, start+len)
+    sw.mark_shard_done(shard_id)                                     # its own chunk of shards_done
+    # driver, at the end:
+    w.finalize()        # every shard done -> manifest shards_done + complete=True; else StoreError
+
+Parallel writers never touch the group attrs: a worker writes only its own chunks and its own
+chunk of the ``shards_done`` array; only the driver writes the manifest.
+
+Target sets (``kdpipe cluster`` adds ``targets/<name>/`` to a complete store)::
+
+    w = StoreWriter.open_for_targets(path)             # refuses an incomplete or foreign store
+    w.write_target_array("T", "penult_centers", centers, meaning="K-means centres [K, D]")
+    arr = w.create_target_array("T", "subclass_idx", shape=(N, V, h, w), dtype="int32",
+                                chunk_rows=..., meaning="...")    # for row-wise writes
+    StoreWriter.open(path).write_rows("targets/T/subclass_idx", start, block)   # from workers
+    w.set_target_attrs("T", {"K": 8, "k": 16, "temperature": 1.0, "seed": 0})
+    w.finish_target_set("T")                           # readers list it in target_sets()
+    w.delete_target_set("T")                           # re-running cluster with the same name
+    w.delete_arrays(["feat/inter"])                    # --drop-features: arrays + manifest
+
+Target arrays keep the dtype they are given (numeric only: no object/string arrays, no
+pickles); attrs must be JSON. The manifest records each target set under
+``manifest["targets"][name] = {"arrays": {...}, "attrs": {...}, "complete": bool}``; the
+same attrs are also on the ``targets/<name>`` group itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+from kdpipe.errors import StoreError
+from kdpipe.artifacts.schema import (
+    MANIFEST_ATTR, SCHEMA_VERSION, SHARDS_DONE, TARGETS_GROUP, ArraySpec, compressors, same_plan,
+)
+
+
+def _path(path) -> str:
+    path = os.fspath(path)
+    if "://" in path:
+        return path.rstrip("/")
+    return os.path.abspath(path)
+
+
+def _fs(path: str):
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(path)
+
+
+def store_exists(path) -> bool:
+    """True when anything exists at `path` (a local path or fsspec URL)."""
+    path = _path(path)
+    if "://" not in path:
+        return os.path.exists(path)
+    fs, p = _fs(path)
+    return fs.exists(p)
+
+
+def _open_group(path: str, mode: str):
+    import zarr
+
+    try:
+        return zarr.open_group(store=path, mode=mode)
+    except (FileNotFoundError, KeyError):
+        raise StoreError(f"There is no kdpipe store at {path}.") from None
+    except Exception as err:  # noqa: BLE001 - zarr raises several kinds for a non-group path
+        raise StoreError(f"{path} is not a zarr store kdpipe can open ({type(err).__name__}: {err}).") from None
+
+
+def read_manifest(path) -> dict | None:
+    """The manifest of the store at `path`, or None when there is no kdpipe store there."""
+    path = _path(path)
+    if not store_exists(path):
+        return None
+    try:
+        import zarr
+
+        g = zarr.open_group(store=path, mode="r")
+    except Exception:  # noqa: BLE001
+        return None
+    m = g.attrs.get(MANIFEST_ATTR)
+    return dict(m) if isinstance(m, dict) else None
+
+
+def remove_store(path) -> None:
+    """Delete the kdpipe store at `path`; refuses to delete anything that is not a kdpipe store."""
+    path = _path(path)
+    if not store_exists(path):
+        return
+    if read_manifest(path) is None:
+        if "://" not in path and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+            return
+        raise StoreError(f"{path} exists and is not a kdpipe store; refusing to overwrite it.")
+    if "://" in path:
+        fs, p = _fs(path)
+        fs.rm(p, recursive=True)
+    else:
+        shutil.rmtree(path)
+
+
+def _check_numeric(name: str, data: np.ndarray) -> np.ndarray:
+    data = np.asarray(data)
+    if data.dtype.kind not in "biuf":
+        raise StoreError(f"Store array {name} must be numeric (bool, int or float), not {data.dtype}.")
+    return data
+
+
+def _check_json(what: str, obj) -> None:
+    try:
+        json.dumps(obj, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise StoreError(f"{what} must be plain JSON (no NaN, no objects): {err}.") from None
+
+
+class StoreWriter:
+    """Read-write handle on a store. Build it with one of the class methods below."""
+
+    def __init__(self, path, group):
+        self.path = _path(path)
+        self.group = group
+        self._arrays: dict = {}
+
+    # ----- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path, manifest: dict, specs: list[ArraySpec], overwrite: bool = False) -> "StoreWriter":
+        """Create a new store with empty arrays (chunks from `specs`) and an incomplete manifest."""
+        import zarr
+
+        path = _path(path)
+        if store_exists(path):
+            if not overwrite:
+                raise StoreError(f"A store already exists at {path}; pass --overwrite to replace it "
+                                 "or --resume to continue it.")
+            remove_store(path)
+        group = zarr.open_group(store=path, mode="w")
+        for spec in specs:
+            if not spec.chunks:
+                raise ValueError(f"array spec {spec.name} has no chunks")
+            group.create_array(spec.name, shape=tuple(spec.shape), chunks=tuple(spec.chunks),
+                               dtype=spec.dtype, compressors=compressors(spec.dtype), fill_value=0)
+        n_shards = int(manifest["num_shards"])
+        group.create_array(SHARDS_DONE, shape=(n_shards,), chunks=(1,), dtype="uint8",
+                           compressors=None, fill_value=0)
+        manifest = dict(manifest)
+        manifest["complete"] = False
+        manifest["shards_done"] = []
+        _check_json("The manifest", manifest)
+        group.attrs[MANIFEST_ATTR] = manifest
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path) -> "StoreWriter":
+        """Open an existing store read-write (workers writing their shards use this)."""
+        path = _path(path)
+        if not store_exists(path):
+            raise StoreError(f"There is no kdpipe store at {path}.")
+        group = _open_group(path, "r+")
+        if not isinstance(group.attrs.get(MANIFEST_ATTR), dict):
+            raise StoreError(f"{path} is a zarr group but not a kdpipe store (it has no kdpipe manifest).")
+        return cls(path, group)
+
+    @classmethod
+    def open_for_resume(cls, path, manifest: dict) -> "StoreWriter":
+        """Open a store to continue an interrupted extraction with the same inputs and layout."""
+        w = cls.open(path)
+        old = w.manifest
+        diff = same_plan(old, manifest)
+        if diff is not None:
+            raise StoreError(f"The store at {w.path} was made with a different {diff} than this run; "
+                             "pass --overwrite to replace it.")
+        return w
+
+    @classmethod
+    def open_for_targets(cls, path) -> "StoreWriter":
+        """Open a complete store to add, replace or drop target sets and arrays (`kdpipe cluster`)."""
+        w = cls.open(path)
+        if w.manifest.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"The store at {w.path} has schema version {w.manifest.get('schema_version')}, "
+                             f"this kdpipe reads version {SCHEMA_VERSION}.")
+        if not w.manifest.get("complete"):
+            raise StoreError(f"The store at {w.path} is incomplete; finish it with "
+                             "`kdpipe extract-teacher --resume` first.")
+        return w
+
+    # ----- manifest ------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict:
+        return dict(self.group.attrs[MANIFEST_ATTR])
+
+    def update_manifest(self, **changes) -> dict:
+        """Driver only: merge `changes` into the manifest and write it back."""
+        m = self.manifest
+        m.update(changes)
+        _check_json("The manifest", m)
+        self.group.attrs[MANIFEST_ATTR] = m
+        return m
+
+    # ----- shards --------------------------------------------------------------------------
+
+    def array(self, name: str):
+        arr = self._arrays.get(name)
+        if arr is None:
+            try:
+                arr = self.group[name]
+            except KeyError:
+                raise StoreError(f"The store at {self.path} has no array {name}.") from None
+            self._arrays[name] = arr
+        return arr
+
+    def write_rows(self, name: str, start: int, data) -> None:
+        """Write `data` into rows [start, start + len(data)) of array `name` (chunk-aligned)."""
+        data = _check_numeric(name, data)
+        arr = self.array(name)
+        arr[start:start + data.shape[0]] = data.astype(arr.dtype, copy=False)
+
+    def mark_shard_done(self, shard_id: int) -> None:
+        self.array(SHARDS_DONE)[int(shard_id)] = 1
+
+    def done_shards(self) -> set[int]:
+        return {int(i) for i in np.flatnonzero(self.array(SHARDS_DONE)[:])}
+
+    def finalize(self) -> dict:
+        """Driver, last step: record the done shards; set complete only when every shard is done."""
+        done = sorted(self.done_shards())
+        total = int(self.manifest["num_shards"])
+        if len(done) != total:
+            self.update_manifest(shards_done=done, complete=False)
+            raise StoreError(f"The store at {self.path} is incomplete ({len(done)} of {total} shards written); "
+                             "re-run with --resume to finish it.")
+        return self.update_manifest(shards_done=done, complete=True)
+
+    def mark_incomplete(self) -> dict:
+        """Driver, after a failure: record the shards done so far and leave complete false."""
+        return self.update_manifest(shards_done=sorted(self.done_shards()), complete=False)
+
+    # ----- target sets (kdpipe cluster) ----------------------------------------------------
+
+    def _target_entry(self, m: dict, target: str) -> dict:
+        if not target or "/" in target:
+            raise StoreError(f"A target set name must be a non-empty name without '/', not {target!r}.")
+        targets = m.setdefault("targets", {})
+        return targets.setdefault(target, {"arrays": {}, "attrs": {}, "complete": False})
+
+    def create_target_array(self, target: str, name: str, shape, dtype, chunk_rows: int | None = None,
+                            meaning: str = ""):
+        """Create an empty array targets/<target>/<name> (chunked along axis 0) for row writes."""
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "biuf":
+            raise StoreError(f"Target array {name} must be numeric, not {dtype}.")
+        shape = tuple(int(s) for s in shape)
+        rows = int(chunk_rows) if chunk_rows else max(1, shape[0] if shape else 1)
+        chunks = (min(rows, max(1, shape[0])),) + shape[1:] if shape else ()
+        full = f"{TARGETS_GROUP}/{target}/{name}"
+        m = self.manifest
+        entry = self._target_entry(m, target)
+        if full in self.group:
+            del self.group[full]
+        arr = self.group.create_array(full, shape=shape, chunks=chunks or None, dtype=dtype,
+                                      compressors=compressors(dtype), fill_value=0)
+        entry["arrays"][name] = {"shape": list(shape), "dtype": dtype.name, "meaning": meaning,
+                                 "chunks": list(chunks)}
+        entry["complete"] = False
+        self.update_manifest(targets=m["targets"])
+        self._arrays[full] = arr
+        return arr
+
+    def write_target_array(self, target: str, name: str, data, meaning: str = "",
+                           chunk_rows: int | None = None):
+        """Write a whole array targets/<target>/<name> (replacing one of that name)."""
+        data = _check_numeric(name, data)
+        arr = self.create_target_array(target, name, data.shape, data.dtype, chunk_rows, meaning)
+        arr[...] = data
+        return arr
+
+    def set_target_attrs(self, target: str, attrs: dict) -> None:
+        """Merge JSON `attrs` (K, k, temperature, retained mass, seed, ...) into the target set."""
+        _check_json(f"The attrs of target set {target}", attrs)
+        m = self.manifest
+        entry = self._target_entry(m, target)
+        entry["attrs"].update(attrs)
+        full = f"{TARGETS_GROUP}/{target}"
+        grp = self.group.require_group(full)
+        grp.attrs.update(attrs)
+        self.update_manifest(targets=m["targets"])
+
+    def finish_target_set(self, target: str) -> None:
+        """Mark a target set complete: readers list only complete target sets."""
+        m = self.manifest
+        entry = self._target_entry(m, target)
+        entry["complete"] = True
+        self.update_manifest(targets=m["targets"])
+
+    def delete_target_set(self, target: str) -> None:
+        m = self.manifest
+        full = f"{TARGETS_GROUP}/{target}"
+        if full in self.group:
+            del self.group[full]
+        m.setdefault("targets", {}).pop(target, None)
+        self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(full + "/")}
+        self.update_manifest(targets=m["targets"])
+
+    def delete_arrays(self, names) -> list[str]:
+        """Drop per-sample arrays (e.g. ["feat/inter"] for --drop-features); updates the manifest."""
+        m = self.manifest
+        dropped = []
+        for name in names:
+            if name == SHARDS_DONE or name.startswith(TARGETS_GROUP + "/"):
+                raise StoreError(f"{name} cannot be dropped with delete_arrays.")
+            if name in self.group:
+                del self.group[name]
+            if m["arrays"].pop(name, None) is not None:
+                dropped.append(name)
+            if name.startswith("feat/"):
+                layer = name.split("/", 1)[1]
+                m["layers"] = [x for x in m.get("layers", []) if x != layer]
+            self._arrays.pop(name, None)
+        self.update_manifest(arrays=m["arrays"], layers=m.get("layers", []))
+        return dropped
