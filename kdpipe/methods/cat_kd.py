@@ -1,0 +1,293 @@
+"""Class Attention Transfer (the `cat_kd` method; CAT-KD, CVPR 2023).
+
+A class activation map (CAM) is the classifier applied at every location of the last
+feature map as a 1x1 convolution without bias: [B, C, h, w]. The CAT loss pools the
+student's and the teacher's CAMs to r x r, optionally l2-normalises each class map over its
+r*r cells, and takes the mean squared error over all B*C*r*r elements (``F.mse_loss``'s
+default mean). Total = ce_weight * CE + beta * CAT; ce_weight 0 is the paper's "CAT" (no CE).
+
+Options of the reference implementation kept here:
+
+- binarisation of the teacher CAM before pooling (``binarize_teacher_cam``): per class map,
+  threshold = mean absolute value over its h*w cells; 1 strictly above, 0 otherwise;
+- transfer of the CAMs of only the teacher's top-n or bottom-n predicted classes
+  (``select_classes``). This selects exactly n classes per sample (``torch.topk``, ties by
+  index order). The reference's thresholding keeps n-1 classes for "top" and n+1 for
+  "bottom" (a strict comparison against the n-th sorted logit); we keep n as documented.
+
+Normalisation rule (appendix A.3, and every CIFAR/ImageNet config of the reference):
+normalise when teacher and student are of different architecture families, not when they
+are of the same family (``should_normalize``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from kdpipe.errors import KdpipeError
+from kdpipe.methods.base import Method, reference_recipe
+
+__all__ = [
+    "cat_loss", "binarize_teacher_cam", "select_classes", "gather_classes",
+    "arch_family", "should_normalize", "CatKD",
+]
+
+
+# --------------------------------------------------------------------------- losses
+def _l2_normalize_maps(cam: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Divide each [h, w] class map by its l2 norm over the h*w cells (norm floored at eps)."""
+    norm = cam.flatten(2).norm(p=2, dim=2).clamp_min(eps)
+    return cam / norm[:, :, None, None]
+
+
+def cat_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, resolution: int,
+             normalize: bool) -> torch.Tensor:
+    """The CAT loss of METHODS.md, without beta.
+
+    Args:
+        student_cam: [B, C, h, w] student CAMs.
+        teacher_cam: [B, C, h', w'] teacher CAMs (any spatial size; already pooled is fine,
+            since adaptive pooling of an r x r map to r x r is the identity).
+        resolution: r; both maps are adaptive-average-pooled to r x r.
+        normalize: l2-normalise each pooled class map over its r*r cells first.
+
+    Returns:
+        scalar: mean over the B*C*r*r elements of the squared difference.
+    """
+    if student_cam.dim() != 4 or teacher_cam.dim() != 4 or \
+            student_cam.shape[:2] != teacher_cam.shape[:2]:
+        raise ValueError(
+            f"cat_loss expects CAMs [B, C, h, w] with the same B and C; got "
+            f"{tuple(student_cam.shape)} and {tuple(teacher_cam.shape)}")
+    r = int(resolution)
+    s = F.adaptive_avg_pool2d(student_cam, (r, r))
+    t = F.adaptive_avg_pool2d(teacher_cam.to(s.dtype), (r, r))
+    if normalize:
+        s = _l2_normalize_maps(s)
+        t = _l2_normalize_maps(t)
+    return F.mse_loss(s, t)
+
+
+def binarize_teacher_cam(cam: torch.Tensor) -> torch.Tensor:
+    """Binarise each class map of a native-resolution teacher CAM [B, C, h, w].
+
+    Threshold per (sample, class) = mean of |cam| over the h*w cells; cells strictly above it
+    become 1, all others 0 (same dtype as the input). Apply before pooling.
+    """
+    threshold = cam.abs().mean(dim=(2, 3), keepdim=True)
+    return (cam > threshold).to(cam.dtype)
+
+
+def select_classes(teacher_logits: torch.Tensor, n: int, mode: str = "top") -> torch.Tensor:
+    """Boolean mask [B, C] of the n classes with the highest ("top") or lowest ("bottom")
+    teacher logits of each sample; exactly n True per row (ties: ``torch.topk`` order)."""
+    if mode not in ("top", "bottom"):
+        raise ValueError(f"select_classes mode must be 'top' or 'bottom', got {mode!r}")
+    B, C = teacher_logits.shape
+    n = int(n)
+    if not 1 <= n <= C:
+        raise KdpipeError(f"CAT-KD class selection needs 1 <= n <= {C} classes, got {n}.")
+    idx = torch.topk(teacher_logits, n, dim=1, largest=(mode == "top")).indices
+    mask = torch.zeros(B, C, dtype=torch.bool, device=teacher_logits.device)
+    mask.scatter_(1, idx, True)
+    return mask
+
+
+def gather_classes(cam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Keep the class maps where ``mask`` [B, C] is True: [B, C, h, w] -> [B, n, h, w].
+
+    Every row of the mask must hold the same number n of True entries; classes keep their
+    index order.
+    """
+    B, C = mask.shape
+    counts = mask.sum(dim=1)
+    n = int(counts[0]) if B else 0
+    if B and not bool((counts == n).all()):
+        raise ValueError("gather_classes needs the same number of selected classes per row")
+    # Stable sort puts the selected indices first, in increasing class order.
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]
+    index = order[:, :, None, None].expand(B, n, cam.shape[2], cam.shape[3])
+    return torch.gather(cam, 1, index)
+
+
+# --------------------------------------------------------------- architecture rule
+# Family of an architecture name. CIFAR ResNets (resnet8 ... resnet110, resnet8x4,
+# resnet32x4), the bottleneck ResNets (ResNet18/34/50, CIFAR and ImageNet) are one family
+# "resnet"; wide ResNets (wrn_16_2, wrn_40_2) are "wrn"; vgg8/vgg13 "vgg"; ShuffleV1/V2
+# "shufflenet"; MobileNetV2 "mobilenet". Any other name: its leading letters, lower-cased.
+_FAMILY_PATTERNS = (
+    (re.compile(r"^wrn|^wide_?resnet", re.I), "wrn"),
+    (re.compile(r"^resnet|^resnext", re.I), "resnet"),
+    (re.compile(r"^vgg", re.I), "vgg"),
+    (re.compile(r"^shuffle", re.I), "shufflenet"),
+    (re.compile(r"^mobilenet", re.I), "mobilenet"),
+)
+
+
+def arch_family(arch: str) -> str:
+    """Architecture family of a model name (see the table above); used by the CAT-KD rule."""
+    name = str(arch).strip()
+    for pattern, family in _FAMILY_PATTERNS:
+        if pattern.search(name):
+            return family
+    m = re.match(r"[A-Za-z]+", name)
+    return (m.group(0) if m else name).lower()
+
+
+def should_normalize(teacher_arch: str, student_arch: str) -> bool:
+    """CAT-KD's rule: normalise the CAMs iff teacher and student families differ.
+
+    Checked against the reference configs: resnet110->resnet32, resnet56->resnet20,
+    resnet32x4->resnet8x4, wrn_40_2->wrn_16_2 / wrn_40_1, vgg13->vgg8, ResNet34->ResNet18
+    (ImageNet): no normalisation; resnet32x4->ShuffleV1 / ShuffleV2, wrn_40_2->ShuffleV1,
+    ResNet50->MobileNetV2, vgg13->MobileNetV2: normalisation.
+    """
+    return arch_family(teacher_arch) != arch_family(student_arch)
+
+
+# Beta of the reference's CIFAR-100 configs (teacher, student) -> beta; resolution is the
+# configs' CAM_RESOLUTION (2 unless listed).
+_REFERENCE_BETA = {
+    ("resnet110", "resnet32"): 1.8, ("resnet56", "resnet20"): 0.7,
+    ("resnet32x4", "resnet8x4"): 15.0, ("resnet32x4", "ShuffleV1"): 600.0,
+    ("resnet32x4", "ShuffleV2"): 600.0, ("ResNet50", "MobileNetV2"): 40.0,
+    ("vgg13", "MobileNetV2"): 15.0, ("vgg13", "vgg8"): 4.5,
+    ("wrn_40_2", "ShuffleV1"): 80.0, ("wrn_40_2", "wrn_16_2"): 12.0,
+    ("wrn_40_2", "wrn_40_1"): 1.5,
+}
+_REFERENCE_RESOLUTION = {
+    ("resnet32x4", "ShuffleV1"): 4, ("resnet32x4", "ShuffleV2"): 4, ("wrn_40_2", "ShuffleV1"): 4,
+}
+DEFAULT_BETA = 15.0
+
+
+def reference_settings(teacher_arch: str, student_arch: str) -> dict:
+    """beta, resolution and normalize of the reference's config for this pair (CIFAR-100);
+    beta is None for a pair the reference has no config for."""
+    pair = (str(teacher_arch), str(student_arch))
+    return {"beta": _REFERENCE_BETA.get(pair), "resolution": _REFERENCE_RESOLUTION.get(pair, 2),
+            "normalize": should_normalize(*pair)}
+
+
+# --------------------------------------------------------------------------- method
+class CatKD(Method):
+    """CAT-KD: total = ce_weight * CE + beta * cat_loss.
+
+    Options:
+        beta: CAT weight. None: the reference config's beta for the bound pair (``bind``),
+            else ``DEFAULT_BETA`` (15, RN32x4->RN8x4).
+        resolution: r (default 2; the reference's ShuffleNet configs use 4).
+        normalize: True / False, or None for the architecture rule (``should_normalize``),
+            resolved by ``bind(teacher_arch, student_arch)``.
+        ce_weight: 1.0; 0 means "CAT only" (CE not computed).
+        binarize: binarise the teacher CAM before pooling (needs the native ``cam``).
+        top_n / bottom_n: transfer only the CAMs of the teacher's n top / bottom classes
+            (needs the teacher ``logits`` too); at most one of them.
+    """
+
+    name = "cat_kd"
+
+    def __init__(self, beta: float | None = None, resolution: int = 2,
+                 normalize: bool | None = None, ce_weight: float = 1.0,
+                 binarize: bool = False, top_n: int | None = None,
+                 bottom_n: int | None = None, teacher_arch: str | None = None,
+                 student_arch: str | None = None):
+        super().__init__()
+        if beta is not None and not float(beta) >= 0:
+            self._bad_option("beta", beta, "a non-negative number")
+        if int(resolution) < 1 or int(resolution) != float(resolution):
+            self._bad_option("resolution", resolution, "a positive integer")
+        if float(ce_weight) < 0:
+            self._bad_option("ce_weight", ce_weight, "a non-negative number")
+        if top_n is not None and bottom_n is not None:
+            raise KdpipeError("Method 'cat_kd': give at most one of top_n and bottom_n.")
+        for opt, v in (("top_n", top_n), ("bottom_n", bottom_n)):
+            if v is not None and (int(v) != float(v) or int(v) < 1):
+                self._bad_option(opt, v, "a positive integer")
+        self.options = {
+            "beta": None if beta is None else float(beta),
+            "resolution": int(resolution),
+            "normalize": None if normalize is None else bool(normalize),
+            "ce_weight": float(ce_weight),
+            "binarize": bool(binarize),
+            "top_n": None if top_n is None else int(top_n),
+            "bottom_n": None if bottom_n is None else int(bottom_n),
+            "teacher_arch": teacher_arch,
+            "student_arch": student_arch,
+        }
+        if teacher_arch is not None and student_arch is not None:
+            self.bind(teacher_arch, student_arch)
+
+    # --------------------------------------------------------------- resolution
+    def bind(self, teacher_arch: str | None = None, student_arch: str | None = None):
+        """Resolve the options that depend on the pair (normalize None, beta None)."""
+        o = self.options
+        if teacher_arch is not None:
+            o["teacher_arch"] = str(teacher_arch)
+        if student_arch is not None:
+            o["student_arch"] = str(student_arch)
+        if o["teacher_arch"] is not None and o["student_arch"] is not None:
+            ref = reference_settings(o["teacher_arch"], o["student_arch"])
+            if o["normalize"] is None:
+                o["normalize"] = ref["normalize"]
+            if o["beta"] is None:
+                o["beta"] = ref["beta"] if ref["beta"] is not None else DEFAULT_BETA
+        return self
+
+    @property
+    def selection(self) -> tuple[str, int] | None:
+        o = self.options
+        if o["top_n"] is not None:
+            return ("top", o["top_n"])
+        if o["bottom_n"] is not None:
+            return ("bottom", o["bottom_n"])
+        return None
+
+    @property
+    def target_keys(self) -> tuple[str, ...]:
+        return ("cam", "logits") if self.selection else ("cam",)
+
+    @property
+    def cam_resolution(self) -> int | None:
+        """Resolution at which target sources hand over the teacher CAM: r, or None for the
+        native map (binarisation thresholds over the native cells, before pooling)."""
+        return None if self.options["binarize"] else self.options["resolution"]
+
+    def store_artifacts(self, target_set: str | None = None) -> list[str]:
+        r = self.cam_resolution
+        cams = ["cam"] if r is None else [f"cam_r{r}"]
+        return cams + (["logits"] if self.selection else [])
+
+    # --------------------------------------------------------------------- loss
+    def loss(self, logits, feats, targets, labels):
+        o = self.options
+        normalize = o["normalize"]
+        if normalize is None:
+            raise KdpipeError(
+                "Method 'cat_kd' needs normalize=True/False or the teacher and student "
+                "architectures (Method.bind) to apply the normalisation rule.")
+        beta = o["beta"] if o["beta"] is not None else DEFAULT_BETA
+        student_cam = feats["cam"]
+        teacher_cam = targets["cam"].to(student_cam.dtype)
+        if o["binarize"]:
+            teacher_cam = binarize_teacher_cam(teacher_cam)
+        sel = self.selection
+        if sel is not None:
+            mask = select_classes(targets["logits"], sel[1], sel[0])
+            teacher_cam = gather_classes(teacher_cam, mask)
+            student_cam = gather_classes(student_cam, mask)
+        cat = cat_loss(student_cam, teacher_cam, o["resolution"], normalize)
+        parts = {"cat": float(cat.detach())}
+        total = beta * cat
+        if o["ce_weight"] > 0:
+            ce = F.cross_entropy(logits, labels)
+            total = total + o["ce_weight"] * ce
+            parts["ce"] = float(ce.detach())
+        parts["total"] = float(total.detach())
+        return total, parts
+
+    def recipe(self, student_arch: str) -> dict:
+        return reference_recipe(student_arch, nesterov=False)

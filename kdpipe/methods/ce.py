@@ -1,0 +1,26 @@
+"""Plain cross-entropy training (the `ce` method): the baseline, no teacher, no store."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from kdpipe.methods.base import Method, reference_recipe
+
+__all__ = ["CE"]
+
+
+class CE(Method):
+    """Total = CE(logits, labels). Consumes no targets; needs no store."""
+
+    name = "ce"
+    target_keys = ()
+
+    def __init__(self):
+        super().__init__()
+
+    def loss(self, logits, feats, targets, labels):
+        ce = F.cross_entropy(logits, labels)
+        return ce, {"ce": float(ce.detach()), "total": float(ce.detach())}
+
+    def recipe(self, student_arch: str) -> dict:
+        return reference_recipe(student_arch, nesterov=False)

@@ -1,0 +1,74 @@
+"""Hinton knowledge distillation on logits (the `kd` method).
+
+The loss follows mdistiller's `kd_loss` exactly: per sample, the Kullback-Leibler divergence
+KL(softmax(t / T) || softmax(s / T)) is summed over the C classes, the sum is averaged over
+the batch (PyTorch's ``reduction="batchmean"``, not the element mean), and the result is
+multiplied by T^2 so its gradient scale does not shrink with the temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdpipe.methods.base import Method, reference_recipe
+
+__all__ = ["kd_loss", "KD"]
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            temperature: float) -> torch.Tensor:
+    """Hinton KD loss.
+
+    Args:
+        student_logits: [B, C] raw student logits.
+        teacher_logits: [B, C] raw teacher logits (no gradient is needed through them).
+        temperature: T > 0.
+
+    Returns:
+        scalar: ``T**2 * mean_b sum_c p_t[b,c] * (log p_t[b,c] - log p_s[b,c])`` with
+        ``p = softmax(logits / T)`` over classes.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"kd_loss expects student and teacher logits of the same shape [B, C]; got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.to(log_p_s.dtype) / t, dim=1)
+    # kl_div(input=log q, target=log p, log_target=True) = p * (log p - log q), elementwise.
+    per_element = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True)
+    return per_element.sum(dim=1).mean() * (t * t)
+
+
+class KD(Method):
+    """CE on labels plus Hinton KD on the teacher's logits.
+
+    Options (mdistiller's defaults): ``temperature`` 4, ``ce_weight`` 0.1, ``kd_weight`` 0.9.
+    Total = ce_weight * CE + kd_weight * kd_loss.
+    """
+
+    name = "kd"
+    target_keys = ("logits",)
+
+    def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1,
+                 kd_weight: float = 0.9):
+        temperature = float(temperature)
+        if not temperature > 0:
+            self._bad_option("temperature", temperature, "a positive number")
+        super().__init__(temperature=temperature, ce_weight=float(ce_weight),
+                         kd_weight=float(kd_weight))
+
+    def store_artifacts(self, target_set: str | None = None) -> list[str]:
+        return ["logits"]
+
+    def loss(self, logits, feats, targets, labels):
+        o = self.options
+        ce = F.cross_entropy(logits, labels)
+        kd = kd_loss(logits, targets["logits"].to(logits.dtype), o["temperature"])
+        total = o["ce_weight"] * ce + o["kd_weight"] * kd
+        return total, {"ce": float(ce.detach()), "kd": float(kd.detach()),
+                       "total": float(total.detach())}
+
+    def recipe(self, student_arch: str) -> dict:
+        return reference_recipe(student_arch, nesterov=False)

@@ -1,0 +1,353 @@
+"""letKD: the knowledge-distillation layer that lets the student decide (BMVC 2023).
+
+Pieces (METHODS.md, "letKD"):
+
+- ``CosConv``: 1x1 convolution with l2-normalised kernels on l2-normalised input vectors,
+  times a learnable scalar scale; no bias. Kernels start N(0, 2 / in_channels), as in the
+  reference's ``Conv2dCos``.
+- ``KDLayer(channels, num_clusters, alpha)``: s = CosConv(x) (M channels, scale init 3.0);
+  v = CosConv'(ReLU(BN(s))) back to D channels (scale init 1.0); x_hat = x + alpha * v;
+  ``forward(x) -> (x_hat, s)``. Installed as a tap on the student (``KDModel.set_tap``).
+- ``location_kl(scores, target_probs)``: KL(p_T || p_S) summed over the M channels and
+  averaged over the B*h*w locations (PyTorch's ``batchmean`` on the flattened locations, as
+  the reference), p_S = softmax over M of the scores at each location.
+- ``location_kl_topk``: the same on a sparse target that keeps only the top-k teacher
+  probabilities per location (the store's ``penult_topk_idx`` / ``penult_topk_val``).
+- ``subclass_score_matrix``: the sub-class score matrix S of letKD-2.
+- ``penult_topk_targets`` and ``assign_subclasses``: the teacher-side target computations
+  (softmax(-T * ||f - rho||^2) top-k; label-constrained nearest sub-class centre), shared by
+  the cluster stage and the online target source.
+
+Location order everywhere: locations are flattened in (b, y, x) order, i.e. row
+``(b * h + y) * w + x`` of a [(B*h*w), M] target is sample b, row y, column x (a
+[B, h, w, M] tensor reshaped to [B*h*w, M]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdpipe.errors import KdpipeError
+from kdpipe.methods.base import DEFAULT_TARGET_SET, Method, reference_recipe
+
+__all__ = [
+    "CosConv", "KDLayer", "location_kl", "location_kl_topk", "densify_topk",
+    "subclass_score_matrix", "penult_topk_targets", "assign_subclasses", "LetKD",
+]
+
+
+# --------------------------------------------------------------------------- layers
+class CosConv(nn.Module):
+    """Cosine 1x1 convolution: ``scale * conv1x1(x / ||x||, W / ||W_row||)``, no bias.
+
+    Input [B, in_channels, h, w] -> [B, out_channels, h, w]. Vectors are normalised over the
+    channel dimension at each location (``F.normalize``, eps 1e-12); each kernel over its
+    in_channels. ``scale`` is one learnable scalar starting at ``scale_init``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, scale_init: float = 1.0,
+                 learn_scale: bool = True):
+        super().__init__()
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.weight = nn.Parameter(
+            torch.randn(self.out_channels, self.in_channels, 1, 1)
+            * math.sqrt(2.0 / self.in_channels))
+        self.scale = nn.Parameter(torch.full((1,), float(scale_init)),
+                                  requires_grad=learn_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x, p=2, dim=1, eps=1e-12)
+        w = F.normalize(self.weight, p=2, dim=1, eps=1e-12) * self.scale.view(1, 1, 1, 1)
+        return F.conv2d(x, w)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}"
+
+
+class KDLayer(nn.Module):
+    """The letKD KD layer on a D x h x w feature map with M teacher clusters.
+
+    ``forward(x) -> (x_hat, s)``: s [B, M, h, w] the student's cluster scores (the KD loss
+    takes softmax over M of them); x_hat [B, D, h, w] = x + alpha * v replaces x in the rest of
+    the network. ``alpha`` is a fixed float (the reference's ``value_ratio``).
+    """
+
+    def __init__(self, channels: int, num_clusters: int, alpha: float = 1.0,
+                 score_scale_init: float = 3.0, value_scale_init: float = 1.0):
+        super().__init__()
+        self.channels = int(channels)
+        self.num_clusters = int(num_clusters)
+        self.alpha = float(alpha)
+        self.score = CosConv(self.channels, self.num_clusters, scale_init=score_scale_init)
+        self.bn = nn.BatchNorm2d(self.num_clusters)
+        self.value = CosConv(self.num_clusters, self.channels, scale_init=value_scale_init)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.score(x)
+        v = self.value(F.relu(self.bn(s)))
+        return x + self.alpha * v, s
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, num_clusters={self.num_clusters}, alpha={self.alpha}"
+
+
+# --------------------------------------------------------------------------- losses
+def _flat_scores(scores: torch.Tensor) -> torch.Tensor:
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be [B, M, h, w], got {tuple(scores.shape)}")
+    B, M, h, w = scores.shape
+    return scores.permute(0, 2, 3, 1).reshape(B * h * w, M)
+
+
+def location_kl(scores: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """KL(p_T || p_S) summed over M, averaged over the B*h*w locations.
+
+    Args:
+        scores: [B, M, h, w] student scores; p_S = softmax over M at each location.
+        target_probs: [(B*h*w), M] teacher distributions in (b, y, x) location order, or the
+            same as [B, h, w, M]. Rows should sum to 1; 0 * log 0 counts as 0.
+
+    Returns:
+        scalar: ``sum_{l, m} p_T[l, m] * (log p_T[l, m] - log p_S[l, m]) / (B*h*w)``.
+    """
+    log_q = F.log_softmax(_flat_scores(scores), dim=1)
+    n, M = log_q.shape
+    target = target_probs.reshape(-1, target_probs.shape[-1]).to(log_q.dtype)
+    if target.shape != (n, M):
+        raise KdpipeError(
+            f"letKD targets do not fit the student's KD layer: expected {n} locations x {M} "
+            f"clusters, got {tuple(target_probs.shape)} (was the target set built for another "
+            "student grid or cluster count?).")
+    return F.kl_div(log_q, target, reduction="sum") / n
+
+
+def _renormalized(topk_val: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    v = topk_val.clamp_min(0)
+    return v / v.sum(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def location_kl_topk(scores: torch.Tensor, topk_idx: torch.Tensor,
+                     topk_val: torch.Tensor) -> torch.Tensor:
+    """``location_kl`` on a sparse top-k target.
+
+    Args:
+        scores: [B, M, h, w] student scores.
+        topk_idx: int [B, h, w, k] cluster indices of the k largest teacher probabilities.
+        topk_val: [B, h, w, k] those probabilities (as stored: they sum to the retained mass
+            <= 1).
+
+    The k values are renormalised to sum 1 at each location before the KL. Why: the dropped
+    clusters carry the (small) remaining mass, which the store does not keep; renormalising
+    makes the target a proper distribution, so the loss is a true KL (>= 0, 0 iff the student
+    matches it), its gradient on the scores is exactly p_S - p_T, and replaying it equals
+    ``location_kl`` on the densified target (``densify_topk``). Without it the loss would
+    weigh locations by their retained mass and pull p_S towards a sub-normalised vector.
+    """
+    log_q = F.log_softmax(_flat_scores(scores), dim=1)
+    n, M = log_q.shape
+    k = topk_idx.shape[-1]
+    idx = topk_idx.reshape(-1, k).long()
+    if idx.shape[0] != n or topk_val.reshape(-1, k).shape[0] != n:
+        raise KdpipeError(
+            f"letKD penultimate targets do not fit the student's KD layer: expected {n} "
+            f"locations, got {tuple(topk_idx.shape)} (was the target set built for another "
+            "student grid?).")
+    p = _renormalized(topk_val.reshape(-1, k).to(log_q.dtype))
+    log_q_k = torch.gather(log_q, 1, idx)
+    kl = torch.xlogy(p, p) - p * log_q_k
+    return kl.sum() / n
+
+
+def densify_topk(topk_idx: torch.Tensor, topk_val: torch.Tensor, num_clusters: int,
+                 renormalize: bool = True) -> torch.Tensor:
+    """[..., k] indices and values -> dense [..., M] probabilities (renormalised to sum 1)."""
+    val = _renormalized(topk_val.float()) if renormalize else topk_val.float()
+    out = torch.zeros(*topk_idx.shape[:-1], int(num_clusters), dtype=val.dtype,
+                      device=val.device)
+    return out.scatter_(-1, topk_idx.long(), val)
+
+
+# ------------------------------------------------------------- teacher-side targets
+def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances [n, K] between rows of x [n, d] and c [K, d]."""
+    return ((x * x).sum(1, keepdim=True) + (c * c).sum(1)[None, :]
+            - 2.0 * x @ c.t()).clamp_min(0)
+
+
+def penult_topk_targets(feat: torch.Tensor, centers: torch.Tensor, temperature: float,
+                        k: int, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the teacher's soft assignment softmax_K(-T * ||f - rho_K||^2).
+
+    Args:
+        feat: [B, D, h, w] teacher penultimate map (already pooled to the student's grid).
+        centers: [K, D] K-means centres (``penult_centers``).
+        temperature: T (reference 1).
+        k: how many of the K probabilities to keep.
+
+    Returns:
+        (idx int64 [B, h, w, k], val float32 [B, h, w, k]): probabilities in decreasing order,
+        not renormalised (their sum is the retained mass). Computed in float32.
+    """
+    B, D, h, w = feat.shape
+    x = feat.float().permute(0, 2, 3, 1).reshape(-1, D)
+    c = centers.float().to(x.device)
+    idx_out, val_out = [], []
+    for s in range(0, x.shape[0], chunk):
+        p = torch.softmax(-float(temperature) * _sq_dists(x[s:s + chunk], c), dim=1)
+        val, idx = torch.topk(p, int(k), dim=1)
+        idx_out.append(idx)
+        val_out.append(val)
+    idx = torch.cat(idx_out).reshape(B, h, w, -1)
+    val = torch.cat(val_out).reshape(B, h, w, -1)
+    return idx, val
+
+
+def assign_subclasses(feat: torch.Tensor, labels: torch.Tensor, lda_xbar: torch.Tensor,
+                      lda_scalings: torch.Tensor, subclass_centers: torch.Tensor,
+                      num_subclasses_per_class: int) -> torch.Tensor:
+    """Label-constrained sub-class of every location (letKD-2, Algorithm 2 online).
+
+    Args:
+        feat: [B, D, h, w] teacher intermediate map (already pooled to the student's grid).
+        labels: int [B] image labels y.
+        lda_xbar: [D]; lda_scalings: [D, >= d] (sklearn's ``xbar_`` / ``scalings_``).
+        subclass_centers: [C*K, d] K-means centres; rows c*K .. c*K+K-1 belong to class c.
+        num_subclasses_per_class: K.
+
+    Returns:
+        int64 [B, h, w]: y*K + argmin_k ||(f - xbar) @ scalings[:, :d] - rho_y^k||^2
+        (ties: lowest k). Computed in float32.
+    """
+    B, D, h, w = feat.shape
+    K = int(num_subclasses_per_class)
+    centers = subclass_centers.float().to(feat.device)
+    d = centers.shape[1]
+    C = centers.shape[0] // K
+    z = (feat.float().permute(0, 2, 3, 1).reshape(B, h * w, D)
+         - lda_xbar.float().to(feat.device)) @ lda_scalings.float().to(feat.device)[:, :d]
+    labels = labels.long().to(feat.device)
+    if int(labels.max()) >= C:
+        raise KdpipeError(f"label {int(labels.max())} has no sub-class centres ({C} classes).")
+    rho = centers.reshape(C, K, d)[labels]                                  # [B, K, d]
+    dist = ((z[:, :, None, :] - rho[:, None, :, :]) ** 2).sum(-1)           # [B, hw, K]
+    k_star = dist.argmin(dim=2)
+    return (labels[:, None] * K + k_star).reshape(B, h, w)
+
+
+def subclass_score_matrix(z, subclass_ids, num_subclasses: int,
+                          chunk: int = 16384) -> np.ndarray:
+    """The sub-class score matrix S [M, M] of letKD-2 (float64 numpy array).
+
+    Args:
+        z: [n, d] projected vectors (numpy or torch); computed in float64.
+        subclass_ids: int [n] sub-class id of each vector, in 0..M-1.
+        num_subclasses: M (= C * K_inter).
+
+    Prototype of sub-class a = mean of its vectors. S[a, b] = share of the vectors of
+    sub-class a whose nearest prototype among all (non-empty) sub-classes is b (squared
+    Euclidean distance, ties to the lowest index). Each row sums to 1.
+
+    Empty sub-class a (no vectors): it has no prototype, so it is never anyone's nearest
+    prototype, and its row is one-hot on itself (S[a, a] = 1): a location assigned to it
+    online then gets a confident target on its own sub-class. (The reference divides 0 by
+    0 there and gets a NaN row.)
+    """
+    if isinstance(z, torch.Tensor):
+        z = z.detach().cpu().numpy()
+    if isinstance(subclass_ids, torch.Tensor):
+        subclass_ids = subclass_ids.detach().cpu().numpy()
+    z = np.asarray(z, dtype=np.float64)
+    ids = np.asarray(subclass_ids).astype(np.int64).reshape(-1)
+    M = int(num_subclasses)
+    if z.ndim != 2 or z.shape[0] != ids.shape[0]:
+        raise ValueError(f"z must be [n, d] with one id per row; got {z.shape}, {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= M):
+        raise ValueError(f"sub-class ids must lie in 0..{M - 1}")
+    counts = np.bincount(ids, minlength=M).astype(np.int64)
+    sums = np.zeros((M, z.shape[1]), dtype=np.float64)
+    np.add.at(sums, ids, z)
+    present = counts > 0
+    protos = sums[present] / counts[present][:, None]
+    proto_ids = np.nonzero(present)[0]
+    hits = np.zeros((M, M), dtype=np.float64)
+    pn = (protos * protos).sum(1)
+    for s in range(0, z.shape[0], chunk):
+        x = z[s:s + chunk]
+        dist = (x * x).sum(1, keepdims=True) + pn[None, :] - 2.0 * x @ protos.T
+        nearest = proto_ids[np.argmin(dist, axis=1)]
+        np.add.at(hits, (ids[s:s + chunk], nearest), 1.0)
+    S = np.zeros((M, M), dtype=np.float64)
+    S[present] = hits[present] / counts[present][:, None]
+    empty = np.nonzero(~present)[0]
+    S[empty, empty] = 1.0
+    return S
+
+
+# --------------------------------------------------------------------------- method
+class LetKD(Method):
+    """letKD-1 (penultimate KD layer) and letKD-2 (plus the intermediate KD layer).
+
+    Total = CE + KD_penult + KD_inter (coefficients 1; KD_inter only for letkd2).
+    Options: ``alpha_penult`` (1.0), ``alpha_inter`` (1.0, letkd2), the KD layers' alphas.
+    """
+
+    def __init__(self, level: int = 1, alpha_penult: float = 1.0, alpha_inter: float = 1.0):
+        if level not in (1, 2):
+            raise KdpipeError(f"letKD level must be 1 or 2, got {level!r}.")
+        self.level = level
+        self.name = f"letkd{level}"
+        super().__init__(alpha_penult=float(alpha_penult))
+        if level == 2:
+            self.options["alpha_inter"] = float(alpha_inter)
+
+    @property
+    def target_keys(self) -> tuple[str, ...]:
+        keys = ("penult_topk_idx", "penult_topk_val")
+        return keys + (("inter_probs",) if self.level == 2 else ())
+
+    def store_artifacts(self, target_set: str | None = None) -> list[str]:
+        ts = target_set or DEFAULT_TARGET_SET
+        names = ["penult_topk_idx", "penult_topk_val", "penult_centers"]
+        if self.level == 2:
+            names += ["subclass_idx", "subclass_scores"]
+        return [f"targets/{ts}/{n}" for n in names]
+
+    def prepare_student(self, student, num_penult_clusters: int | None = None,
+                        num_subclasses: int | None = None):
+        """Install a KDLayer tap on "penult" (M = K_penult) and, for letkd2, on "inter"
+        (M = C * K_inter), sized from ``student.feature_channels()``."""
+        if not num_penult_clusters:
+            raise KdpipeError(f"Method {self.name!r} needs the number of penultimate clusters "
+                              "(the target set's K) to build the student's KD layer.")
+        ch = student.feature_channels()
+        student.set_tap("penult", KDLayer(ch["penult"], int(num_penult_clusters),
+                                          self.options["alpha_penult"]))
+        if self.level == 2:
+            if not num_subclasses:
+                raise KdpipeError("Method 'letkd2' needs the number of sub-classes (C * K) "
+                                  "to build the student's intermediate KD layer.")
+            student.set_tap("inter", KDLayer(ch["inter"], int(num_subclasses),
+                                             self.options["alpha_inter"]))
+        return student
+
+    def loss(self, logits, feats, targets, labels):
+        ce = F.cross_entropy(logits, labels)
+        kd_p = location_kl_topk(feats["penult_scores"], targets["penult_topk_idx"],
+                                targets["penult_topk_val"])
+        total = ce + kd_p
+        parts = {"ce": float(ce.detach()), "kd_penult": float(kd_p.detach())}
+        if self.level == 2:
+            kd_i = location_kl(feats["inter_scores"], targets["inter_probs"])
+            total = total + kd_i
+            parts["kd_inter"] = float(kd_i.detach())
+        parts["total"] = float(total.detach())
+        return total, parts
+
+    def recipe(self, student_arch: str) -> dict:
+        return reference_recipe(student_arch, nesterov=True)
