@@ -26,16 +26,38 @@ DIGITS_MEAN = (0.3057, 0.3057, 0.3057)
 DIGITS_STD = (0.3239, 0.3239, 0.3239)
 
 
-@functools.lru_cache(maxsize=1)
-def _digits_arrays() -> tuple[torch.Tensor, np.ndarray]:
-    """All 1,797 images as uint8 [N, 3, 32, 32] and their labels int64 [N]."""
+def _read_digits_csv() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled digits as (float [N, 8, 8] in 0..16, int64 [N]).
+
+    Reads scikit-learn's own data file (what `load_digits` reads) without importing
+    sklearn.datasets, which costs seconds on a busy machine; falls back to `load_digits`
+    where the file is not where it has always been.
+    """
+    import gzip
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.origin:
+        path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            with gzip.open(path, "rt") as handle:
+                table = np.loadtxt(handle, delimiter=",")
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    grey = torch.from_numpy(bunch.images.astype(np.float32) * (255.0 / 16.0))[:, None]
+    return bunch.images, bunch.target.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[torch.Tensor, np.ndarray]:
+    """All 1,797 images as uint8 [N, 3, 32, 32] and their labels int64 [N]."""
+    pixels, labels = _read_digits_csv()
+    grey = torch.from_numpy(pixels.astype(np.float32) * (255.0 / 16.0))[:, None]
     upscaled = F.interpolate(grey, size=DIGITS_IMAGE_SIZE, mode="bilinear", align_corners=False)
     images = upscaled.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    return images, bunch.target.astype(np.int64)
+    return images, labels
 
 
 def digits_split_indices(split: str) -> np.ndarray:
