@@ -252,9 +252,7 @@ def test_synthetic_is_deterministic_and_class_dependent():
 
 
 def test_synthetic_is_learnable_by_channel_energy():
-    """Class colour shows in per-channel contrast: a linear probe on it beats chance by far."""
-    from sklearn.linear_model import LogisticRegression
-
+    """Class colour shows in per-channel contrast: nearest class centroid beats chance by far."""
     train = load_dataset("synthetic:n=200,classes=10,size=16", "train")
     test = load_dataset("synthetic:n=200,classes=10,size=16", "test")
 
@@ -262,10 +260,13 @@ def test_synthetic_is_learnable_by_channel_energy():
         unit = ds.images.double() / 255 - 0.5
         flat = unit.reshape(len(ds), 3, -1)
         return torch.cat([(flat[:, i] * flat[:, j]).mean(-1, keepdim=True)
-                          for i in range(3) for j in range(i, 3)], dim=1).numpy()
+                          for i in range(3) for j in range(i, 3)], dim=1)
 
-    probe = LogisticRegression(max_iter=500).fit(features(train), train.labels)
-    assert probe.score(features(test), test.labels) > 0.5
+    train_features, test_features = features(train), features(test)
+    centroids = torch.stack([train_features[torch.from_numpy(train.labels == c)].mean(0)
+                             for c in range(10)])
+    predicted = torch.cdist(test_features, centroids).argmin(1).numpy()
+    assert (predicted == test.labels).mean() > 0.5
 
 
 def test_unknown_spec_and_split():
