@@ -54,9 +54,31 @@ def extract_teacher():
 
 
 @cli.command("cluster")
-def cluster():
-    """Stage one: letKD targets (LDA, K-means, sub-class scores) into the store. [roadmap issue #4]"""
-    _not_built(4, "cluster")
+@click.argument("store", type=click.Path())
+@click.option("--name", default="default", show_default=True, help="Target set name (targets/<name>/).")
+@click.option("--k-penult", default=4096, show_default=True, type=int, help="K-means centres, penultimate layer.")
+@click.option("--k-inter", default=8, show_default=True, type=int, help="Sub-classes per class, intermediate layer.")
+@click.option("--lda-dims", default=None, type=int, help="LDA dimensions d <= C-1 (default C-1).")
+@click.option("--topk", default=16, show_default=True, type=int, help="Penultimate probabilities kept per location.")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="T in softmax(-T * d^2).")
+@click.option("--student-grid", default=None, help="HxW: average-pool teacher maps to the student's grid first.")
+@click.option("--max-fit-points", default=1 << 20, show_default=True, type=int,
+              help="K-means fit subsample (seeded) of location vectors.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--drop-features", is_flag=True, help="Delete feat/* once the targets are written.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing target set of the same name.")
+@click.option("--dataset", default=None, help="Data set spec, only for a store without a labels array.")
+@click.option("--ray-address", default=None, help="Join this Ray cluster instead of a local one.")
+@click.option("--executor", default="ray", show_default=True, type=click.Choice(["ray", "inline"]))
+def cluster(store, name, k_penult, k_inter, lda_dims, topk, temperature, student_grid, max_fit_points, seed,
+            drop_features, overwrite, dataset, ray_address, executor):
+    """Stage one: letKD targets (LDA, K-means, sub-class scores) into the store."""
+    from kdpipe.stages.cluster import cluster as run_stage
+
+    run_stage(store, name=name, k_penult=k_penult, k_inter=k_inter, lda_dims=lda_dims, topk=topk,
+              temperature=temperature, student_grid=student_grid, max_fit_points=max_fit_points, seed=seed,
+              drop_features=drop_features, overwrite=overwrite, dataset=dataset, executor=executor,
+              ray_address=ray_address)
 
 
 @cli.command("train-student")
