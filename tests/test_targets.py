@@ -113,8 +113,9 @@ def _build_store(path, dataset, teacher, views_mode, with_targets=True):
     tw.write_target_array("T", "subclass_centers", sub_centers.numpy())
     tw.write_target_array("T", "subclass_scores", S.astype(np.float32))
     tw.write_target_array("T", "subclass_idx", sub_idx.reshape(N, V, 8, 8).numpy().astype(np.int32))
-    tw.set_target_attrs("T", {"K": K_PEN, "k": TOPK, "temperature": 1.0, "K_inter": K_INTER,
-                              "lda_dims": LDA_D})
+    tw.set_target_attrs("T", {"K_penult": K_PEN, "topk": TOPK, "temperature": 1.0,
+                              "K_inter": K_INTER, "lda_dims": LDA_D, "student_grid": None,
+                              "penult_grid": [4, 4], "inter_grid": [8, 8]})
     tw.finish_target_set("T")
     return open_store(path)
 

@@ -271,7 +271,8 @@ def subclass_score_matrix(z, subclass_ids, num_subclasses: int,
         raise ValueError(f"sub-class ids must lie in 0..{M - 1}")
     counts = np.bincount(ids, minlength=M).astype(np.int64)
     sums = np.zeros((M, z.shape[1]), dtype=np.float64)
-    np.add.at(sums, ids, z)
+    for j in range(z.shape[1]):
+        sums[:, j] = np.bincount(ids, weights=z[:, j], minlength=M)
     present = counts > 0
     protos = sums[present] / counts[present][:, None]
     proto_ids = np.nonzero(present)[0]
@@ -281,7 +282,8 @@ def subclass_score_matrix(z, subclass_ids, num_subclasses: int,
         x = z[s:s + chunk]
         dist = (x * x).sum(1, keepdims=True) + pn[None, :] - 2.0 * x @ protos.T
         nearest = proto_ids[np.argmin(dist, axis=1)]
-        np.add.at(hits, (ids[s:s + chunk], nearest), 1.0)
+        hits += np.bincount(ids[s:s + chunk] * M + nearest,
+                            minlength=M * M).reshape(M, M)
     S = np.zeros((M, M), dtype=np.float64)
     S[present] = hits[present] / counts[present][:, None]
     empty = np.nonzero(~present)[0]

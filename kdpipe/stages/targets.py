@@ -116,6 +116,15 @@ def target_set_info(reader, target_set: str) -> dict:
     attrs = reader.target_attrs(target_set)
     base = f"{_TARGET_PREFIX}{target_set}/"
     info = {"attrs": attrs}
+    for key, names in (("penult_grid", ("penult_grid", "student_grid")),
+                       ("inter_grid", ("inter_grid", "student_grid"))):
+        g = _attr(attrs, *names)
+        if g is not None:
+            info[key] = (int(g[0]), int(g[1]))
+    if _attr(attrs, "topk", "k") is not None:
+        info["k"] = int(_attr(attrs, "topk", "k"))
+    if _attr(attrs, "K_penult", "K") is not None:
+        info["K"] = int(_attr(attrs, "K_penult", "K"))
     if reader.has(base + "penult_topk_idx"):
         shp = reader.array(base + "penult_topk_idx").shape           # [N, V, h, w, k]
         info["penult_grid"] = (int(shp[2]), int(shp[3]))
