@@ -1,0 +1,178 @@
+"""Loading teacher checkpoints, and telling which architecture a state dict belongs to.
+
+mdistiller publishes CIFAR teachers as `<arch>_vanilla/ckpt_epoch_240.pth` holding
+`{"model": state_dict}`; torchvision publishes bare state dicts; DataParallel training
+leaves `module.` prefixes. All three load here, with `weights_only=True` (no pickled code).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from kdpipe.errors import CheckpointError, KdpipeError
+from kdpipe.models.base import KDModel
+from kdpipe.models.registry import build, canonical_name, canonical_names, resolve_builder
+
+# BatchNorm layers gained this buffer in torch 0.4.1; older checkpoints lack it, and a
+# missing counter changes nothing at inference, so its absence is not a mismatch.
+_BN_COUNTER = "num_batches_tracked"
+
+StateListing = dict[str, tuple[int, ...]]
+
+
+def extract_state_dict(payload: object, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint: `payload["model"]`, `payload["state_dict"]`
+    or the payload itself, with `module.` prefixes stripped."""
+    state = payload
+    if isinstance(payload, Mapping):
+        for wrapper_key in ("model", "state_dict"):
+            inner = payload.get(wrapper_key)
+            if isinstance(inner, Mapping):
+                state = inner
+                break
+    if not isinstance(state, Mapping) or not state or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} holds neither {{'model': state_dict}} nor a state dict of tensors "
+            f"(found {_describe(payload)})."
+        )
+    return {_strip_module_prefix(k): v for k, v in state.items()}
+
+
+def _strip_module_prefix(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def _describe(payload: object) -> str:
+    if isinstance(payload, Mapping):
+        keys = list(payload)[:5]
+        return f"a {type(payload).__name__} with keys {keys}"
+    return f"a {type(payload).__name__}"
+
+
+def state_listing(model: torch.nn.Module) -> StateListing:
+    """key -> shape of a model's state dict, in state-dict order."""
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _registered_layout(name: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], str, str] | None:
+    """(state listing with a 1-class head, head weight key, head bias key) of registered
+    model `name`, built once on the meta device (no memory, no initialisation cost); None
+    where the model cannot be built here (an ImageNet model without torchvision)."""
+    try:
+        with torch.device("meta"):
+            model = build(name, 1)
+    except KdpipeError:
+        return None
+    head = model.head()
+    head_name = next(module_name for module_name, module in model.named_modules() if module is head)
+    return tuple(state_listing(model).items()), f"{head_name}.weight", f"{head_name}.bias"
+
+
+def registered_listing(name: str, num_classes: int) -> StateListing | None:
+    """key -> shape of registered model `name` with `num_classes` classes, without building
+    it again for each class count; None where it cannot be built here."""
+    layout = _registered_layout(name)
+    if layout is None:
+        return None
+    listing, weight_key, bias_key = layout
+    expected = dict(listing)
+    expected[weight_key] = (num_classes, *expected[weight_key][1:])
+    expected[bias_key] = (num_classes,)
+    return expected
+
+
+def _listing_matches(expected: StateListing, found: StateListing) -> bool:
+    """True when `found` has exactly `expected`'s keys and shapes (BN counters optional)."""
+    for key, shape in expected.items():
+        if key not in found:
+            if key.endswith(_BN_COUNTER):
+                continue
+            return False
+        if found[key] != shape:
+            return False
+    return all(key in expected for key in found)
+
+
+def identify_architecture(found: StateListing) -> tuple[str, int] | None:
+    """(canonical name, num_classes) of the registered model whose state dict has exactly
+    these keys and shapes, or None. num_classes is read off each candidate's classifier."""
+    for name in canonical_names():
+        layout = _registered_layout(name)
+        if layout is None or layout[1] not in found:
+            continue
+        num_classes = found[layout[1]][0]
+        if _listing_matches(registered_listing(name, num_classes), found):
+            return name, num_classes
+    return None
+
+
+def _mismatch_summary(expected: StateListing, found: StateListing) -> str:
+    missing = [k for k in expected if k not in found and not k.endswith(_BN_COUNTER)]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [k for k in expected if k in found and found[k] != expected[k]]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if reshaped:
+        key = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} shape mismatches (e.g. {key}: checkpoint {list(found[key])}, "
+            f"model {list(expected[key])})"
+        )
+    return ", ".join(parts)
+
+
+def load_teacher(name: str, path: str | Path, num_classes: int) -> KDModel:
+    """Build registered model `name` with `num_classes` classes, load the checkpoint at
+    `path` into it and return it in eval mode.
+
+    Raises CheckpointError when the file is missing or unreadable, holds no state dict, or
+    holds a state dict of another architecture or class count (naming the one it looks
+    like, where a registered model matches); KdpipeError for an unknown `name`.
+    """
+    resolve_builder(name)  # unknown names fail before any file is touched
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file).")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip, truncated file, non-weights pickle, ...
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(
+            f"checkpoint {path} could not be read by torch.load(weights_only=True) "
+            f"({type(exc).__name__}: {reason})."
+        ) from exc
+    state = extract_state_dict(payload, path)
+
+    model = build(name, num_classes)
+    expected = state_listing(model)
+    found = {key: tuple(value.shape) for key, value in state.items()}
+    if not _listing_matches(expected, found):
+        asked = f"{canonical_name(name)} (num_classes={num_classes})"
+        guess = identify_architecture(found)
+        if guess is not None:
+            raise CheckpointError(
+                f"checkpoint {path} holds a {guess[0]} state dict (num_classes={guess[1]}), not {asked}."
+            )
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {asked}: {_mismatch_summary(expected, found)}; "
+            f"it matches no registered architecture."
+        )
+    # Fill BN counters an old checkpoint lacks from the fresh model (they are unused in eval).
+    own_state = model.state_dict()
+    for key in expected:
+        if key not in state:
+            state[key] = own_state[key]
+    model.load_state_dict(state, strict=True)
+    return model.eval()
