@@ -213,6 +213,12 @@ def test_warp_shapes_and_identity(setup):
                 assert torch.allclose(a[key], b[key], rtol=2e-3, atol=1e-2), (m, key)
 
 
+def test_policy_from_manifest(setup):
+    ds, _, _, store = setup
+    src = CachedTargets(store, get_method("kd"), None, "cpu", "warp")     # no policy given
+    assert src.policy == ds.policy
+
+
 def test_warp_refuses_multiview_store(setup):
     ds, _, replay, _ = setup
     with pytest.raises(StoreError, match="identity view"):
