@@ -100,6 +100,10 @@ def test_normalization_rule_matches_reference_configs():
     assert all(should_normalize(t, s) for t, s in different)
     assert arch_family("resnet8x4") == arch_family("resnet32x4") == "resnet"
     assert arch_family("ShuffleV1") == arch_family("ShuffleV2") == "shufflenet"
+    assert arch_family("mobile_half") == arch_family("imagenet_mobilenet_v2") == "mobilenet"
+    assert arch_family("imagenet_resnet18") == "resnet" and arch_family("vgg13_bn") == "vgg"
+    assert should_normalize("imagenet_resnet50", "imagenet_mobilenet_v2")
+    assert not should_normalize("imagenet_resnet34", "imagenet_resnet18")
 
 
 # ---------------------------------------------------------------------------- letKD
@@ -347,4 +351,5 @@ def test_recipes():
                                                 False)
     assert get_method("cat_kd").recipe("ShuffleV1")["lr"] == 0.01
     assert get_method("letkd2").recipe("MobileNetV2")["lr"] == 0.01
+    assert get_method("kd").recipe("mobile_half")["lr"] == 0.01
     assert get_method("letkd1").recipe("resnet8x4")["nesterov"] is True

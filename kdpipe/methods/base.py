@@ -40,7 +40,7 @@ DEFAULT_TARGET_SET = "default"
 
 TARGET_KEYS = ("logits", "cam", "penult_topk_idx", "penult_topk_val", "inter_probs")
 
-_LIGHT = re.compile(r"shuffle|mobilenet", re.IGNORECASE)
+_LIGHT = re.compile(r"shuffle|mobile", re.IGNORECASE)
 
 
 def is_light_student(student_arch: str) -> bool:

@@ -116,20 +116,23 @@ def gather_classes(cam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------- architecture rule
 # Family of an architecture name. CIFAR ResNets (resnet8 ... resnet110, resnet8x4,
 # resnet32x4), the bottleneck ResNets (ResNet18/34/50, CIFAR and ImageNet) are one family
-# "resnet"; wide ResNets (wrn_16_2, wrn_40_2) are "wrn"; vgg8/vgg13 "vgg"; ShuffleV1/V2
-# "shufflenet"; MobileNetV2 "mobilenet". Any other name: its leading letters, lower-cased.
+# "resnet"; wide ResNets (wrn_16_2, wrn_40_2) are "wrn"; vgg8/vgg13(_bn) "vgg"; ShuffleV1/V2
+# "shufflenet"; MobileNetV2 / mobile_half "mobilenet". A leading "imagenet_" (kdpipe's
+# torchvision wrappers) is ignored. Any other name: its leading letters, lower-cased.
 _FAMILY_PATTERNS = (
     (re.compile(r"^wrn|^wide_?resnet", re.I), "wrn"),
     (re.compile(r"^resnet|^resnext", re.I), "resnet"),
     (re.compile(r"^vgg", re.I), "vgg"),
     (re.compile(r"^shuffle", re.I), "shufflenet"),
-    (re.compile(r"^mobilenet", re.I), "mobilenet"),
+    (re.compile(r"^mobile", re.I), "mobilenet"),
 )
+# Prefixes that name a model's source, not its family (kdpipe's torchvision wrappers).
+_SOURCE_PREFIX = re.compile(r"^(imagenet|torchvision|tv)[_-]", re.I)
 
 
 def arch_family(arch: str) -> str:
     """Architecture family of a model name (see the table above); used by the CAT-KD rule."""
-    name = str(arch).strip()
+    name = _SOURCE_PREFIX.sub("", str(arch).strip())
     for pattern, family in _FAMILY_PATTERNS:
         if pattern.search(name):
             return family
