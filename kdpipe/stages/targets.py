@@ -368,9 +368,11 @@ class CachedTargets(TargetSource):
         arr = self.reader.array(name)
         uniq, inverse = np.unique(idx_np, return_inverse=True)
         if self.mode == "replay":
-            block = arr.get_orthogonal_selection((uniq,))         # [u, V, ...]
+            # only the views drawn in this batch: [u, nv, ...] with nv <= min(B, V)
             v = _cpu_long(view_idx)
-            rows = block[inverse, v]
+            uviews, vpos = np.unique(v, return_inverse=True)
+            block = arr.get_orthogonal_selection((uniq, uviews))
+            rows = block[inverse, vpos]
         else:
             block = arr.get_orthogonal_selection((uniq, 0))       # [u, ...]
             rows = block[inverse]
