@@ -33,7 +33,7 @@ import torch
 from kdpipe.errors import KdpipeError
 
 __all__ = ["Method", "TARGET_KEYS", "DEFAULT_TARGET_SET", "reference_recipe",
-           "is_light_student"]
+           "is_light_student", "loss_parts"]
 
 #: Name of the store's target set (``targets/<name>/``) used when none is given.
 DEFAULT_TARGET_SET = "default"
@@ -65,6 +65,13 @@ def reference_recipe(student_arch: str, nesterov: bool = False) -> dict:
         "milestones": [150, 180, 210],
         "lr_decay": 0.1,
     }
+
+
+def loss_parts(**terms: torch.Tensor) -> dict:
+    """Scalar loss tensors -> {name: float}, with one device synchronisation for all."""
+    names = list(terms)
+    values = torch.stack([terms[n].detach().float().reshape(()) for n in names]).tolist()
+    return dict(zip(names, values))
 
 
 class Method:

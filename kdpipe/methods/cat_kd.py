@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.base import Method, reference_recipe
+from kdpipe.methods.base import Method, loss_parts, reference_recipe
 
 __all__ = [
     "cat_loss", "binarize_teacher_cam", "select_classes", "gather_classes",
@@ -283,14 +283,12 @@ class CatKD(Method):
             teacher_cam = gather_classes(teacher_cam, mask)
             student_cam = gather_classes(student_cam, mask)
         cat = cat_loss(student_cam, teacher_cam, o["resolution"], normalize)
-        parts = {"cat": float(cat.detach())}
         total = beta * cat
         if o["ce_weight"] > 0:
             ce = F.cross_entropy(logits, labels)
             total = total + o["ce_weight"] * ce
-            parts["ce"] = float(ce.detach())
-        parts["total"] = float(total.detach())
-        return total, parts
+            return total, loss_parts(ce=ce, cat=cat, total=total)
+        return total, loss_parts(cat=cat, total=total)
 
     def recipe(self, student_arch: str) -> dict:
         return reference_recipe(student_arch, nesterov=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from kdpipe.methods.base import Method, reference_recipe
+from kdpipe.methods.base import Method, loss_parts, reference_recipe
 
 __all__ = ["CE"]
 
@@ -20,7 +20,7 @@ class CE(Method):
 
     def loss(self, logits, feats, targets, labels):
         ce = F.cross_entropy(logits, labels)
-        return ce, {"ce": float(ce.detach()), "total": float(ce.detach())}
+        return ce, loss_parts(ce=ce, total=ce)
 
     def recipe(self, student_arch: str) -> dict:
         return reference_recipe(student_arch, nesterov=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdpipe.methods.base import Method, reference_recipe
+from kdpipe.methods.base import Method, loss_parts, reference_recipe
 
 __all__ = ["kd_loss", "KD"]
 
@@ -67,8 +67,7 @@ class KD(Method):
         ce = F.cross_entropy(logits, labels)
         kd = kd_loss(logits, targets["logits"].to(logits.dtype), o["temperature"])
         total = o["ce_weight"] * ce + o["kd_weight"] * kd
-        return total, {"ce": float(ce.detach()), "kd": float(kd.detach()),
-                       "total": float(total.detach())}
+        return total, loss_parts(ce=ce, kd=kd, total=total)
 
     def recipe(self, student_arch: str) -> dict:
         return reference_recipe(student_arch, nesterov=False)

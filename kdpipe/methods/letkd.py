@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.base import DEFAULT_TARGET_SET, Method, reference_recipe
+from kdpipe.methods.base import DEFAULT_TARGET_SET, Method, loss_parts, reference_recipe
 
 __all__ = [
     "CosConv", "KDLayer", "location_kl", "location_kl_topk", "densify_topk",
@@ -343,13 +343,11 @@ class LetKD(Method):
         kd_p = location_kl_topk(feats["penult_scores"], targets["penult_topk_idx"],
                                 targets["penult_topk_val"])
         total = ce + kd_p
-        parts = {"ce": float(ce.detach()), "kd_penult": float(kd_p.detach())}
         if self.level == 2:
             kd_i = location_kl(feats["inter_scores"], targets["inter_probs"])
             total = total + kd_i
-            parts["kd_inter"] = float(kd_i.detach())
-        parts["total"] = float(total.detach())
-        return total, parts
+            return total, loss_parts(ce=ce, kd_penult=kd_p, kd_inter=kd_i, total=total)
+        return total, loss_parts(ce=ce, kd_penult=kd_p, total=total)
 
     def recipe(self, student_arch: str) -> dict:
         return reference_recipe(student_arch, nesterov=True)
