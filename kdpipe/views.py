@@ -334,14 +334,19 @@ class CropFlipPolicy(Policy):
             cols_src = cols_src.abs()
             cols_src = torch.where(cols_src > width - 1, 2 * (width - 1) - cols_src, cols_src)
         cols_src = cols_src.clamp(0, width - 1)
-        batch_index = torch.arange(batch, device=images.device)[:, None, None]
-        # Advanced indices around a slice put the indexed dims first: [B, H, W, C].
-        out = images[batch_index, :, rows[:, :, None], cols_src[:, None, :]]
-        out = out.permute(0, 3, 1, 2)
+        channels = images.shape[1]
+        plane = height * width
+        # One gather over the flattened H*W plane (several times faster than 4-D advanced
+        # indexing, and the result is already [B, C, H, W] contiguous).
+        flat_index = rows[:, :, None] * width + cols_src[:, None, :]
+        source = images.reshape(batch, channels, plane)
         if self.pad_mode == "zero":
-            inside = (rows_inside[:, :, None] & cols_inside[:, None, :])[:, None]
-            out = torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
-        return out.contiguous()
+            # Zero padding: positions outside the image read one appended zero pixel.
+            inside = rows_inside[:, :, None] & cols_inside[:, None, :]
+            flat_index = torch.where(inside, flat_index, plane)
+            source = F.pad(source, (0, 1))
+        flat_index = flat_index.reshape(batch, 1, plane).expand(batch, channels, plane)
+        return source.gather(2, flat_index).reshape(batch, channels, height, width)
 
     def _map_theta(self, params):
         height, width = self.image_size
