@@ -337,6 +337,16 @@ def test_get_method_options_and_errors():
     assert get_method("letkd2").store_artifacts("T") == [
         "targets/T/penult_topk_idx", "targets/T/penult_topk_val", "targets/T/penult_centers",
         "targets/T/subclass_idx", "targets/T/subclass_scores"]
+    l2 = get_method("letkd2")
+    model = TinyKDModel()
+    l2.prepare_student(model, num_penult_clusters=5, num_subclasses=8)
+    assert l2.options == {"alpha_penult": 1.0, "alpha_inter": 1.0}
+    assert model.taps["penult"].alpha == 1.0 and model.taps["inter"].num_clusters == 8
+    assert get_method("letkd2").bind("ResNet50", "MobileNetV2").options == {
+        "alpha_penult": 0.1, "alpha_inter": 0.2}
+    assert get_method("letkd2", alpha_inter=0.5).bind("ResNet50", "MobileNetV2").options == {
+        "alpha_penult": 0.1, "alpha_inter": 0.5}
+    assert get_method("letkd1").bind("resnet32x4", "resnet8x4").options == {"alpha_penult": 1.0}
     import json
     for n in available():
         json.dumps(get_method(n).options)

@@ -296,17 +296,36 @@ class LetKD(Method):
     """letKD-1 (penultimate KD layer) and letKD-2 (plus the intermediate KD layer).
 
     Total = CE + KD_penult + KD_inter (coefficients 1; KD_inter only for letkd2).
-    Options: ``alpha_penult`` (1.0), ``alpha_inter`` (1.0, letkd2), the KD layers' alphas.
+    Options: ``alpha_penult``, ``alpha_inter`` (letkd2): the KD layers' alphas. Left None they
+    take the reference's value for the pair given to ``bind``: 1.0, except ResNet50 ->
+    MobileNetV2 where the reference's CIFAR-100 configs use alpha_penult 0.1 and alpha_inter
+    0.2 (``value_ratio`` of its penultimate / intermediate value layers); 1.0 when unbound.
     """
 
-    def __init__(self, level: int = 1, alpha_penult: float = 1.0, alpha_inter: float = 1.0):
+    def __init__(self, level: int = 1, alpha_penult: float | None = None,
+                 alpha_inter: float | None = None):
         if level not in (1, 2):
             raise KdpipeError(f"letKD level must be 1 or 2, got {level!r}.")
         self.level = level
         self.name = f"letkd{level}"
-        super().__init__(alpha_penult=float(alpha_penult))
+        super().__init__(alpha_penult=None if alpha_penult is None else float(alpha_penult))
         if level == 2:
-            self.options["alpha_inter"] = float(alpha_inter)
+            self.options["alpha_inter"] = None if alpha_inter is None else float(alpha_inter)
+
+    _REFERENCE_ALPHAS = {("resnet50", "mobilenetv2"): {"alpha_penult": 0.1, "alpha_inter": 0.2}}
+
+    def bind(self, teacher_arch: str | None = None, student_arch: str | None = None):
+        pair = (str(teacher_arch).lower(), str(student_arch).lower())
+        ref = self._REFERENCE_ALPHAS.get(pair, {})
+        for key in self.options:
+            if self.options[key] is None:
+                self.options[key] = float(ref.get(key, 1.0))
+        return self
+
+    def _alpha(self, key: str) -> float:
+        if self.options.get(key) is None:
+            self.options[key] = 1.0
+        return self.options[key]
 
     @property
     def target_keys(self) -> tuple[str, ...]:
@@ -329,13 +348,13 @@ class LetKD(Method):
                               "(the target set's K) to build the student's KD layer.")
         ch = student.feature_channels()
         student.set_tap("penult", KDLayer(ch["penult"], int(num_penult_clusters),
-                                          self.options["alpha_penult"]))
+                                          self._alpha("alpha_penult")))
         if self.level == 2:
             if not num_subclasses:
                 raise KdpipeError("Method 'letkd2' needs the number of sub-classes (C * K) "
                                   "to build the student's intermediate KD layer.")
             student.set_tap("inter", KDLayer(ch["inter"], int(num_subclasses),
-                                             self.options["alpha_inter"]))
+                                             self._alpha("alpha_inter")))
         return student
 
     def loss(self, logits, feats, targets, labels):
