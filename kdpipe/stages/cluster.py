@@ -73,14 +73,17 @@ How OnlineTargets reproduces these from a live teacher (exactly the stage's comp
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError, StoreError
+from kdpipe.pipeline.executor import ray_cluster, run_shards
 
 __all__ = ["cluster", "plot_subclasses", "parse_grid", "DEFAULT_MAX_FIT_POINTS"]
 
@@ -143,99 +146,93 @@ def _local(sel: np.ndarray | None, lo: int, hi: int) -> np.ndarray | None:
     return sel[a:b] - lo
 
 
-# --------------------------------------------------------------------------- shard tasks
-def _fit_task(path, start, stop, labels, grid, sel_p, sel_i, num_classes):
-    """Map step: LDA statistics of the inter vectors + the fit samples of this shard."""
-    from kdpipe.artifacts import open_store
-    from kdpipe.methods.lda import LDAStats
+# --------------------------------------------------------------------------- shard workers
+@dataclass(frozen=True)
+class ClusterShard:
+    """A contiguous sample range [start, stop) plus the local indices of the fit subsamples
+    that fall in it (None = every vector of the shard)."""
 
-    reader = open_store(path)
-    xi, _ = _vectors(reader[INTER][start:stop], grid)
-    per = xi.shape[0] // max(stop - start, 1)
-    yi = np.repeat(np.asarray(labels, dtype=np.int64), per)
-    stats = LDAStats(num_classes, xi.shape[1]).update(xi, yi)
-    out = {"lda": stats.to_arrays()}
-    out["inter_x"] = xi if sel_i is None else xi[sel_i]
-    out["inter_y"] = yi if sel_i is None else yi[sel_i]
-    del xi
-    xp, _ = _vectors(reader[PENULT][start:stop], grid)
-    out["penult_x"] = xp if sel_p is None else xp[sel_p]
-    return out
+    shard_id: int
+    start: int
+    stop: int
+    sel_p: np.ndarray | None = None
+    sel_i: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
 
 
-def _assign_task(path, target, start, stop, labels, grid, sel_i, topk, temperature, k_inter):
-    """Map step of the second pass: top-k and sub-class targets of this shard, written in place."""
-    from kdpipe.artifacts import StoreWriter, open_store
-    from kdpipe.methods.clustering import TopkAssigner
-    from kdpipe.methods.letkd import assign_subclasses
+class FitWorker:
+    """Pass 1 (map): LDA statistics of a shard's inter vectors + its K-means fit samples."""
 
-    reader = open_store(path)
-    base = f"targets/{target}/"
-    centers = reader[base + "penult_centers"][...]
-    n = stop - start
-    xp, (hp, wp) = _vectors(reader[PENULT][start:stop], grid)
-    idx, val = TopkAssigner(centers, topk, temperature)(xp)
-    del xp
-    v = reader[PENULT].shape[1]
-    k = idx.shape[1]
-    mass = val.astype(np.float64).sum(1)
-    writer = StoreWriter.open(path)
-    writer.write_rows(base + "penult_topk_idx", start, idx.reshape(n, v, hp, wp, k))
-    writer.write_rows(base + "penult_topk_val", start, val.reshape(n, v, hp, wp, k).astype(np.float16))
-    maps = _pooled_maps(reader[INTER][start:stop], grid)
-    y = torch.from_numpy(np.repeat(np.asarray(labels, dtype=np.int64), v))
-    xbar = torch.from_numpy(reader[base + "lda_xbar"][...])
-    scal = torch.from_numpy(reader[base + "lda_scalings"][...])
-    sub = torch.from_numpy(reader[base + "subclass_centers"][...])
-    parts = []
-    step = 256
-    for s in range(0, maps.shape[0], step):
-        parts.append(assign_subclasses(maps[s:s + step], y[s:s + step], xbar, scal, sub, k_inter))
-    ids = torch.cat(parts).numpy()
-    hi_, wi_ = ids.shape[-2:]
-    writer.write_rows(base + "subclass_idx", start, ids.reshape(n, v, hi_, wi_))
-    flat = ids.reshape(-1)
-    return {"mass_min": float(mass.min()) if mass.size else 1.0, "mass_sum": float(mass.sum()),
-            "count": int(mass.size), "fit_ids": flat if sel_i is None else flat[sel_i]}
+    def __init__(self, path, labels, grid, num_classes):
+        from kdpipe.artifacts import open_store
 
+        self.reader = open_store(path)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.grid = grid
+        self.num_classes = int(num_classes)
 
-# --------------------------------------------------------------------------- executor
-def _map(fn, jobs: list[dict], executor: str, ray_address, desc: str, unit_counts: list[int],
-         num_gpus: float = 0.0) -> list:
-    """Run fn(**job) for every job, in order of results = order of jobs; tqdm over images."""
-    from tqdm.auto import tqdm
+    def run(self, shard: ClusterShard) -> dict:
+        from kdpipe.methods.lda import LDAStats
 
-    total = int(sum(unit_counts))
-    if executor == "inline":
-        out = []
-        with tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
-            for job, n in zip(jobs, unit_counts):
-                out.append(fn(**job))
-                bar.update(n)
+        a, b = shard.start, shard.stop
+        xi, _ = _vectors(self.reader[INTER][a:b], self.grid)
+        yi = np.repeat(self.labels[a:b], xi.shape[0] // max(b - a, 1))
+        stats = LDAStats(self.num_classes, xi.shape[1]).update(xi, yi)
+        out = {"lda": stats.to_arrays(),
+               "inter_x": xi if shard.sel_i is None else xi[shard.sel_i],
+               "inter_y": yi if shard.sel_i is None else yi[shard.sel_i]}
+        del xi
+        xp, _ = _vectors(self.reader[PENULT][a:b], self.grid)
+        out["penult_x"] = xp if shard.sel_p is None else xp[shard.sel_p]
         return out
-    if executor != "ray":
-        raise KdpipeError(f"The executor is 'ray' or 'inline', not {executor!r}.")
-    import ray
 
-    if not ray.is_initialized():
-        kwargs = dict(include_dashboard=False, log_to_driver=False)
-        if ray_address:
-            ray.init(address=ray_address, **kwargs)
-        else:
-            ray.init(_node_ip_address="127.0.0.1", **kwargs)
-    remote = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=3)(fn)
-    refs = [remote.remote(**job) for job in jobs]
-    pos = {r: i for i, r in enumerate(refs)}
-    results = [None] * len(refs)
-    pending = list(refs)
-    with tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for r in done:
-                i = pos[r]
-                results[i] = ray.get(r)
-                bar.update(unit_counts[i])
-    return results
+
+class AssignWorker:
+    """Pass 2 (map): a shard's top-k and sub-class targets, written in place (its own chunks);
+    returns the retained-mass statistics and the sub-class ids of its fit-sample vectors."""
+
+    def __init__(self, path, target, labels, grid, topk, temperature, k_inter):
+        from kdpipe.artifacts import StoreWriter, open_store
+        from kdpipe.methods.clustering import TopkAssigner
+
+        self.reader = open_store(path)
+        self.writer = StoreWriter.open(path)
+        self.base = f"targets/{target}/"
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.grid = grid
+        self.k_inter = int(k_inter)
+        r, base = self.reader, self.base
+        self.assigner = TopkAssigner(r[base + "penult_centers"][...], topk, temperature)
+        self.xbar = torch.from_numpy(r[base + "lda_xbar"][...])
+        self.scal = torch.from_numpy(r[base + "lda_scalings"][...])
+        self.sub = torch.from_numpy(r[base + "subclass_centers"][...])
+
+    def run(self, shard: ClusterShard) -> dict:
+        from kdpipe.methods.letkd import assign_subclasses
+
+        a, b, base, n = shard.start, shard.stop, self.base, shard.stop - shard.start
+        fp = self.reader[PENULT]
+        v = int(fp.shape[1])
+        xp, (hp, wp) = _vectors(fp[a:b], self.grid)
+        idx, val = self.assigner(xp)
+        del xp
+        k = idx.shape[1]
+        mass = val.astype(np.float64).sum(1)
+        self.writer.write_rows(base + "penult_topk_idx", a, idx.reshape(n, v, hp, wp, k))
+        self.writer.write_rows(base + "penult_topk_val", a, val.reshape(n, v, hp, wp, k).astype(np.float16))
+        maps = _pooled_maps(self.reader[INTER][a:b], self.grid)
+        y = torch.from_numpy(np.repeat(self.labels[a:b], v))
+        step = 256
+        ids = torch.cat([assign_subclasses(maps[s:s + step], y[s:s + step], self.xbar, self.scal,
+                                           self.sub, self.k_inter)
+                         for s in range(0, maps.shape[0], step)]).numpy()
+        self.writer.write_rows(base + "subclass_idx", a, ids.reshape((n, v) + ids.shape[-2:]))
+        flat = ids.reshape(-1)
+        return {"mass_min": float(mass.min()) if mass.size else 1.0, "mass_sum": float(mass.sum()),
+                "count": int(mass.size), "fit_ids": flat if shard.sel_i is None else flat[shard.sel_i]}
 
 
 def _store_labels(reader, dataset) -> np.ndarray:
@@ -274,10 +271,8 @@ def cluster(store, name: str = "default", k_penult: int = 4096, k_inter: int = 8
     without ``overwrite``.
     """
     from kdpipe.artifacts import StoreWriter, open_store
-    from kdpipe.artifacts.schema import chunk_rows, plan_shards
-    from kdpipe.methods.clustering import kmeans, per_class_kmeans, subclass_prototypes, subsample_indices
-    from kdpipe.methods.lda import LDAStats, lda_project
-    from kdpipe.methods.letkd import subclass_score_matrix
+    from kdpipe.artifacts.schema import plan_shards
+    from kdpipe.methods.clustering import subsample_indices
 
     t0 = time.perf_counter()
     writer = StoreWriter.open_for_targets(store)
@@ -324,13 +319,29 @@ def cluster(store, name: str = "default", k_penult: int = 4096, k_inter: int = 8
     per_p, per_i = V * hp * wp, V * hi * wi
     sel_p = subsample_indices(N * per_p, max_fit_points, seed)
     sel_i = subsample_indices(N * per_i, max_fit_points, seed + 1)
-    counts = [b - a for a, b in shards]
+    cshards = [ClusterShard(i, a, b, _local(sel_p, a * per_p, b * per_p), _local(sel_i, a * per_i, b * per_i))
+               for i, (a, b) in enumerate(shards)]
+    if executor not in ("ray", "inline"):
+        raise KdpipeError(f"The executor must be 'ray' or 'inline', not {executor!r}.")
+    ctx = ray_cluster(ray_address) if executor == "ray" else contextlib.nullcontext()
+    with ctx:
+        return _run(writer, reader, path, name, cshards, labels, grid, C, N, V, hp, wp, hi, wi, Dp, Di,
+                    per_p, per_i, k_penult, k_inter, lda_dims, topk, temperature, max_fit_points, seed,
+                    niter, drop_features, executor, ray_address, verbose, shard_size, t0)
+
+
+def _run(writer, reader, path, name, cshards, labels, grid, C, N, V, hp, wp, hi, wi, Dp, Di, per_p, per_i,
+         k_penult, k_inter, lda_dims, topk, temperature, max_fit_points, seed, niter, drop_features,
+         executor, ray_address, verbose, shard_size, t0):
+    from kdpipe.artifacts.schema import chunk_rows
+    from kdpipe.methods.clustering import kmeans, per_class_kmeans, subclass_prototypes
+    from kdpipe.methods.lda import LDAStats, lda_project
+    from kdpipe.methods.letkd import subclass_score_matrix
 
     # ---- pass 1: LDA statistics (map-reduce) and the K-means fit samples
-    jobs = [dict(path=path, start=a, stop=b, labels=labels[a:b], grid=grid,
-                 sel_p=_local(sel_p, a * per_p, b * per_p), sel_i=_local(sel_i, a * per_i, b * per_i),
-                 num_classes=C) for a, b in shards]
-    parts = _map(_fit_task, jobs, executor, ray_address, "cluster: LDA + fit samples", counts)
+    parts = run_shards(FitWorker, dict(path=path, labels=labels, grid=grid, num_classes=C), cshards,
+                       executor=executor, ray_address=ray_address, desc="cluster: LDA + fit samples",
+                       progress=verbose)
     stats = LDAStats(C, Di)
     for p in parts:
         stats.merge(LDAStats.from_arrays(p["lda"]))
@@ -369,16 +380,10 @@ def cluster(store, name: str = "default", k_penult: int = 4096, k_inter: int = 8
                                "label-constrained sub-class y*K + k of each location")
 
     # ---- pass 2: per-location targets, written shard by shard
-    num_gpus = 0.0
-    if executor == "ray":
-        import ray
-
-        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
-            num_gpus = 1.0
-    jobs = [dict(path=path, target=name, start=a, stop=b, labels=labels[a:b], grid=grid,
-                 sel_i=_local(sel_i, a * per_i, b * per_i), topk=topk, temperature=float(temperature),
-                 k_inter=int(k_inter)) for a, b in shards]
-    res = _map(_assign_task, jobs, executor, ray_address, "cluster: targets", counts, num_gpus=num_gpus)
+    res = run_shards(AssignWorker, dict(path=path, target=name, labels=labels, grid=grid, topk=topk,
+                                        temperature=float(temperature), k_inter=int(k_inter)),
+                     cshards, executor=executor, ray_address=ray_address, desc="cluster: targets",
+                     progress=verbose)
     mass_min = min(r["mass_min"] for r in res)
     mass_mean = sum(r["mass_sum"] for r in res) / max(sum(r["count"] for r in res), 1)
     ids_fit = np.concatenate([r["fit_ids"] for r in res]).astype(np.int64)
