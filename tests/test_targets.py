@@ -291,3 +291,59 @@ def test_warp_fidelity(setup):
         assert -1.0 <= rep[name]["cosine"] <= 1.0 + 1e-6 and rep[name]["rel_error"] >= 0
         assert rep[name]["num_samples"] == 8
     assert rep["logits"]["cosine"] > 0.5
+
+
+# ------------------------------------------------- the real stages: extract + cluster
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    extract = pytest.importorskip("kdpipe.stages.extract")
+    cluster = pytest.importorskip("kdpipe.stages.cluster")
+    from kdpipe.models import build, load_teacher
+
+    root = tmp_path_factory.mktemp("pipeline")
+    torch.manual_seed(0)
+    torch.save({"model": build("resnet8", num_classes=C).state_dict()}, root / "t.pth")
+    data = f"synthetic:n={N},classes={C},size=32,seed=0"
+    stores = {}
+    for views in ("3", "1"):
+        path = root / f"v{views}.zarr"
+        extract.extract_teacher(root / "t.pth", "resnet8", data, path, views=views, cam_res=(2,),
+                                executor="inline", progress=False, verbose=False)
+        cluster.cluster(path, k_penult=8, k_inter=2, topk=4, executor="inline", verbose=False)
+        stores[views] = open_store(path)
+    return load_dataset(data, "train"), load_teacher("resnet8", root / "t.pth", C), stores
+
+
+def test_pipeline_replay_equals_online(pipeline):
+    ds, teacher, stores = pipeline
+    idx = torch.arange(N)
+    for m in _methods():
+        cached = CachedTargets(stores["3"], m, None, "cpu", "replay")   # policy from manifest
+        online = OnlineTargets(teacher, m, stores["3"], ds.policy, "cpu", labels=ds.labels)
+        v, p, x = _batch(ds, cached, idx.numpy(), torch.Generator().manual_seed(7))
+        a, b = cached.targets(idx, v, p, x), online.targets(idx, v, p, x)
+        for key in a:
+            if key == "penult_topk_val":
+                da = densify_topk(a["penult_topk_idx"], a[key], 8)
+                db = densify_topk(b["penult_topk_idx"], b[key], 8)
+                assert (da - db).abs().max() < 1e-2, m
+            elif key == "inter_probs":
+                agree = (a[key] - b[key]).abs().amax(-1) < 1e-6
+                assert agree.float().mean() > 0.97, m
+            elif key != "penult_topk_idx":
+                tol = 2e-3 * float(b[key].abs().max()) + 1e-3
+                assert (a[key] - b[key]).abs().max() < tol, (m, key)
+
+
+def test_pipeline_warp_and_fidelity(pipeline):
+    ds, teacher, stores = pipeline
+    idx = torch.arange(6)
+    for m in _methods():
+        src = CachedTargets(stores["1"], m, None, "cpu", "warp")
+        v, p, x = _batch(ds, src, idx.numpy(), torch.Generator().manual_seed(2))
+        t = src.targets(idx, v, p, x)
+        assert v is None and list(t) == list(m.target_keys)
+        assert all(torch.isfinite(val.float()).all() for val in t.values())
+    rep = warp_fidelity(stores["1"], teacher, ds, num_samples=6, seed=0, batch_size=3)
+    assert {"logits", "cam", "cam_r2", "feat/penult", "feat/inter", "penult_topk",
+            "inter_probs"} <= set(rep)
