@@ -36,15 +36,50 @@ def _not_built(issue: int, what: str):
 
 
 @cli.command("train-teacher")
-def train_teacher():
-    """Train a teacher with cross-entropy (reference recipe). [roadmap issue #2]"""
-    _not_built(2, "train-teacher")
+@click.option("--arch", required=True, help="Model name as in mdistiller (resnet8, resnet32x4, wrn_40_2, ...).")
+@click.option("--data", default="digits", show_default=True,
+              help="Data set spec: digits, cifar100:/path, cifar10:/path, imagefolder:/path, synthetic[:n=..].")
+@click.option("--epochs", default=240, show_default=True, type=int,
+              help="Epochs; the lr steps (150/180/210 of 240) scale with it.")
+@click.option("--lr", default=0.05, show_default=True, type=float, help="Initial learning rate (SGD, momentum 0.9, wd 5e-4).")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--amp", is_flag=True, help="Mixed precision (torch.autocast; float16 on CUDA).")
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Parent folder of the run directory.")
+@click.option("--resume", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Continue an interrupted teacher run directory from its last epoch.")
+def train_teacher(arch, data, epochs, lr, batch_size, seed, device, amp, out, resume):
+    """Train a teacher with cross-entropy (reference recipe) into a run directory."""
+    from kdpipe.stages.loop import format_summary
+    from kdpipe.stages.teacher import train_teacher as run_stage
+
+    s = run_stage(arch=arch, data=data, epochs=epochs, lr=lr, batch_size=batch_size, out=out,
+                  seed=seed, device=device, amp=amp, resume=resume)
+    click.echo(format_summary("train-teacher: done", {
+        "test top-1 (%)": s["top1"], "test top-5 (%)": s["top5"], "best top-1 (%)": s["best_top1"],
+        "epochs": s["epochs"], "wall time (s)": s["wall_seconds"], "img/s (train)": s["img_per_s"],
+        "checkpoint": s["checkpoint"], "run directory": s["run_dir"]}))
 
 
 @cli.command("evaluate")
-def evaluate():
-    """Top-1/top-5 of a checkpoint on a data set's test split. [roadmap issue #2]"""
-    _not_built(2, "evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True),
+              help="A .pth checkpoint ({'model': state_dict} or bare), or a kdpipe run directory.")
+@click.option("--arch", default=None, help="Its architecture (read from the run directory when omitted).")
+@click.option("--data", default=None, help="Data set spec (read from the run directory when omitted).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
+@click.option("--batch-size", default=256, show_default=True, type=int)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--amp", is_flag=True, help="Mixed precision (torch.autocast).")
+def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
+    """Top-1/top-5 of a checkpoint on a data set's test split."""
+    from kdpipe.stages.evaluate import evaluate as run_stage
+    from kdpipe.stages.loop import format_summary
+
+    r = run_stage(checkpoint, arch=arch, data=data, split=split, device=device, batch_size=batch_size, amp=amp)
+    click.echo(format_summary(f"evaluate: {r['arch']} on {r['data']} ({r['split']}, {r['num_samples']} images)", {
+        "top-1 (%)": r["top1"], "top-5 (%)": r["top5"], "loss (CE)": r["loss"], "checkpoint": r["checkpoint"]}))
 
 
 @cli.command("extract-teacher")
