@@ -83,9 +83,31 @@ def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
 
 
 @cli.command("extract-teacher")
-def extract_teacher():
-    """Stage one: run the teacher once over the data set into a Zarr store. [roadmap issue #3]"""
-    _not_built(3, "extract-teacher")
+@click.option("--teacher", required=True, type=click.Path(), help="Teacher checkpoint ({'model': sd} or a state dict).")
+@click.option("--arch", required=True, help="Teacher architecture (mdistiller name, e.g. resnet32x4).")
+@click.option("--data", required=True, help="Data set spec, e.g. cifar100:/path/to/cifar-100-python.")
+@click.option("--split", default="train", show_default=True, help="Data set split to run over.")
+@click.option("--out", required=True, type=click.Path(), help="Store path (a local path or an fsspec URL).")
+@click.option("--views", default="1", show_default=True, help="1 (identity), K (seeded views per sample) or all.")
+@click.option("--cam-res", default="2", show_default=True, help="Pooled CAM sizes, comma-separated (none: native only).")
+@click.option("--features", default="penult,inter", show_default=True, help="Feature maps to store (penult, inter, none).")
+@click.option("--shard-size", default=None, type=int, help="Samples per shard (default: about 128 MB of output).")
+@click.option("--batch-size", default=256, show_default=True, type=int, help="Images per teacher forward pass.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the view parameters (views=K).")
+@click.option("--executor", default="ray", show_default=True, type=click.Choice(["ray", "inline"]))
+@click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
+@click.option("--num-workers", default=None, type=int, help="Ray actors (default: one per GPU, else per CPU).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted store: skip the shards already done.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, shard_size, batch_size, seed,
+                    executor, ray_address, num_workers, device, resume, overwrite):
+    """Stage one: run the teacher once over the data set into a Zarr store."""
+    from kdpipe.stages.extract import extract_teacher as run_stage
+
+    run_stage(teacher=teacher, arch=arch, data=data, out=out, views=views, cam_res=cam_res, features=features,
+              shard_size=shard_size, executor=executor, ray_address=ray_address, num_workers=num_workers,
+              resume=resume, overwrite=overwrite, seed=seed, batch_size=batch_size, device=device, split=split)
 
 
 @cli.command("cluster")
@@ -117,15 +139,95 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, temperature, student
 
 
 @cli.command("train-student")
-def train_student():
-    """Stage two: train a student from the store, teacher-free. [roadmap issue #5]"""
-    _not_built(5, "train-student")
+@click.option("--store", required=True, type=click.Path(), help="The teacher-artifact store (extract-teacher).")
+@click.option("--targets", default="default", show_default=True, help="Target set of the store (cluster --name).")
+@click.option("--student", required=True, help="Student architecture (resnet8x4, ShuffleV1, ...).")
+@click.option("--method", required=True, help="ce, kd, cat_kd, letkd1 or letkd2.")
+@click.option("--beta", type=float, default=None, help="cat_kd: CAT weight (default: the reference pair's, else 15).")
+@click.option("--resolution", type=int, default=None, help="cat_kd: CAM pooling size r (default 2).")
+@click.option("--normalize/--no-normalize", default=None,
+              help="cat_kd: l2-normalise pooled CAMs (default: the architecture rule).")
+@click.option("--ce-weight", type=float, default=None, help="cat_kd/kd: weight of CE (0 = CAT only).")
+@click.option("--binarize", is_flag=True, default=None, help="cat_kd: binarise the teacher CAM before pooling.")
+@click.option("--top-n", type=int, default=None, help="cat_kd: transfer only the teacher's top-n classes' CAMs.")
+@click.option("--bottom-n", type=int, default=None, help="cat_kd: transfer only the bottom-n classes' CAMs.")
+@click.option("--temperature", type=float, default=None, help="kd: temperature T (default 4).")
+@click.option("--alpha-penult", type=float, default=None, help="letkd: alpha of the penultimate KD layer.")
+@click.option("--alpha-inter", type=float, default=None, help="letkd2: alpha of the intermediate KD layer.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: the recipe's 240; lr steps scale with it).")
+@click.option("--lr", type=float, default=None, help="Initial lr (default: the recipe's, 0.05 or 0.01).")
+@click.option("--batch-size", type=int, default=None, help="Batch size (default: the recipe's 64).")
+@click.option("--views", type=click.Choice(["replay", "warp"]), default="replay", show_default=True,
+              help="replay: a stored view per sample (exact); warp: fresh views, targets warped.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--amp", is_flag=True, help="Mixed precision (torch.autocast; float16 on CUDA).")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Continue an interrupted run directory from its last epoch (its config is reused).")
+@click.option("--online-teacher", type=click.Path(), default=None,
+              help="Run this teacher checkpoint live instead of reading cached targets (baseline).")
+@click.option("--data", default=None, help="Data set spec (default: the one the store was made from).")
+@click.option("--subset-fraction", type=float, default=None,
+              help="Train on a stratified, seeded fraction of the train split.")
+@click.option("--subset-seed", type=int, default=0, show_default=True)
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
+              help="Run a grid (repeatable): e.g. --sweep beta=10,50,100 --sweep seed=0,1.")
+@click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
+              help="Sweeps: parallel Ray trials, or one after another in this process.")
+@click.option("--ray-address", default=None, help="Sweeps: join this Ray cluster instead of a local one.")
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Parent folder of the run (or sweep) directory.")
+def train_student(store, targets, student, method, beta, resolution, normalize, ce_weight, binarize, top_n,
+                  bottom_n, temperature, alpha_penult, alpha_inter, epochs, lr, batch_size, views, seed, device,
+                  amp, resume, online_teacher, data, subset_fraction, subset_seed, sweeps, executor, ray_address,
+                  out):
+    """Stage two: train a student from the store, teacher-free."""
+    from kdpipe.stages.loop import format_summary
+
+    options = {"beta": beta, "resolution": resolution, "normalize": normalize, "ce_weight": ce_weight,
+               "binarize": binarize, "top_n": top_n, "bottom_n": bottom_n, "temperature": temperature,
+               "alpha_penult": alpha_penult, "alpha_inter": alpha_inter}
+    kwargs = dict(store=store, targets=targets, student=student, method=method,
+                  method_options={k: v for k, v in options.items() if v is not None}, epochs=epochs, lr=lr,
+                  batch_size=batch_size, views=views, seed=seed, device=device, amp=amp,
+                  online_teacher=online_teacher, data=data, subset_fraction=subset_fraction,
+                  subset_seed=subset_seed, out=out)
+    if sweeps:
+        from kdpipe.pipeline.sweep import parse_sweep, run_sweep
+
+        if resume:
+            raise KdpipeError("--resume and --sweep cannot be combined; resume each trial's run directory.")
+        r = run_sweep(kwargs, parse_sweep(sweeps), executor=executor, out=out, ray_address=ray_address)
+        click.echo(open(r["results_md"]).read().rstrip())
+        click.echo(format_summary("train-student sweep: done", {
+            "trials": len(r["rows"]), "finished": sum(x["status"] == "ok" for x in r["rows"]),
+            "results (CSV)": r["results_csv"], "results (Markdown)": r["results_md"]}))
+        return
+    from kdpipe.stages.train import train_student as run_stage
+
+    s = run_stage(resume=resume, **kwargs)
+    click.echo(format_summary(f"train-student: {s['student']} with {s['method']} ({s['target_source']}) done", {
+        "final top-1 (%)": s["final_top1"], "final top-5 (%)": s["final_top5"],
+        "best top-1 (%)": s["best_top1"], "best epoch": s["best_epoch"], "epochs": s["epochs"],
+        "wall time (s)": s["wall_seconds"], "img/s (train)": s["img_per_s"], "run directory": s["run_dir"]}))
 
 
 @cli.command("inspect")
-def inspect():
-    """Show a store: manifest, arrays, sizes; draw CAMs and sub-class maps. [roadmap issue #3]"""
-    _not_built(3, "inspect")
+@click.argument("store", type=click.Path())
+@click.option("--cams", default=0, type=int, help="Draw the top-class CAMs of N images (needs --png).")
+@click.option("--subclasses", default=0, type=int, help="Draw the sub-class maps of N images (needs --png).")
+@click.option("--target", default=None, help="Target set for --subclasses / --fidelity.")
+@click.option("--png", default=None, type=click.Path(), help="Where to write the picture.")
+@click.option("--fidelity", is_flag=True, help="Measure warped targets against the online teacher.")
+@click.option("--teacher", default=None, type=click.Path(), help="Teacher checkpoint for --fidelity.")
+@click.option("--data", default=None, help="Data set spec (default: the one the store names).")
+@click.option("--num-samples", default=256, show_default=True, type=int, help="Samples for --fidelity.")
+def inspect(store, cams, subclasses, target, png, fidelity, teacher, data, num_samples):
+    """Show a store: manifest, arrays, sizes; draw CAMs and sub-class maps."""
+    from kdpipe.stages.inspect import inspect_store
+
+    inspect_store(store, cams=cams, png=png, subclasses=subclasses, target=target, fidelity=fidelity,
+                  teacher=teacher, data=data, num_samples=num_samples)
 
 
 @cli.command("demo")

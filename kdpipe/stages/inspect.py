@@ -1,0 +1,209 @@
+"""`kdpipe inspect STORE`: what a store holds, how big it is, and pictures of it.
+
+    inspect_store("s.zarr")                                  # manifest, arrays, shards, targets
+    inspect_store("s.zarr", cams=8, png="cams.png")          # CAMs of the top classes over images
+    inspect_store("s.zarr", subclasses=6, target="default", png="sub.png")   # (cluster stage)
+    inspect_store("s.zarr", fidelity=True, teacher="t.pth")  # warp error vs. online (targets stage)
+
+An incomplete store is shown too (with its done shards), so an interrupted extraction can be
+looked at before it is resumed; drawing needs a complete one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kdpipe.errors import KdpipeError, StoreError
+
+TOP_CLASSES = 3
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _ranges(ids: list[int]) -> str:
+    if not ids:
+        return "none"
+    out, start, prev = [], ids[0], ids[0]
+    for i in ids[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(out)
+
+
+def describe(reader) -> str:
+    """The text `kdpipe inspect` prints: manifest summary, arrays, shards, target sets."""
+    m = reader.manifest
+    t, d, v = m.get("teacher") or {}, m.get("dataset") or {}, m.get("views") or {}
+    done = reader.done_shards()
+    lines = [
+        f"store       {reader.path}",
+        f"status      {'complete' if m.get('complete') else 'INCOMPLETE (resume with extract-teacher --resume)'}; "
+        f"schema {m.get('schema_version')}, kdpipe {m.get('kdpipe_version')}, created {m.get('created')}",
+        f"teacher     {t.get('arch')} ({t.get('num_classes')} classes), checkpoint sha256 {str(t.get('sha256'))[:16]}",
+        f"data set    {d.get('name')} {d.get('split')}: {d.get('num_samples')} images "
+        f"{'x'.join(map(str, d.get('image_size') or []))}, {d.get('num_classes')} classes, "
+        f"fingerprint {str(d.get('fingerprint'))[:16]}",
+        f"            mean {d.get('mean')}, std {d.get('std')}",
+        f"views       {v.get('num_views')} per sample (mode {v.get('mode')}, policy {v.get('policy')}, "
+        f"pad {v.get('pad_mode')}, seed {v.get('seed')})",
+        f"layers      {', '.join(m.get('layers') or []) or 'none'}",
+        f"shards      {len(done)} of {m.get('num_shards')} done (size {m.get('shard_size')}): {_ranges(done)}",
+    ]
+    ex = m.get("extraction")
+    if ex:
+        lines.append(f"extraction  {ex.get('images_processed')} images at {ex.get('img_per_s')} img/s "
+                     f"({ex.get('executor')})")
+    info = reader.array_info()
+    lines.append("arrays")
+    w = max([len(a["name"]) for a in info] + [5])
+    lines.append(f"  {'name':<{w}}  {'shape':<24} {'dtype':<8} {'chunks':<22} {'stored':>10} {'raw':>10} ratio")
+    for a in info:
+        lines.append(f"  {a['name']:<{w}}  {str(list(a['shape'])):<24} {a['dtype']:<8} "
+                     f"{str(list(a['chunks'])):<22} {_human(a['stored_bytes']):>10} {_human(a['bytes']):>10} "
+                     f"{a['ratio']:.2f}x")
+    raw = sum(a["bytes"] for a in info)
+    stored = sum(a["stored_bytes"] for a in info)
+    if stored:
+        lines.append(f"  {'total':<{w}}  {'':<24} {'':<8} {'':<22} {_human(stored):>10} {_human(raw):>10} "
+                     f"{raw / stored:.2f}x")
+    sets = m.get("targets") or {}
+    if sets:
+        lines.append("target sets")
+        for name in sorted(sets):
+            e = sets[name]
+            attrs = ", ".join(f"{k}={v}" for k, v in sorted((e.get("attrs") or {}).items())
+                              if not isinstance(v, (dict, list)))
+            state = "" if e.get("complete") else " (INCOMPLETE)"
+            lines.append(f"  {name}{state}: {', '.join(sorted(e.get('arrays') or {}))}")
+            if attrs:
+                lines.append(f"    {attrs}")
+    else:
+        lines.append("target sets none (run `kdpipe cluster`)")
+    return "\n".join(lines)
+
+
+def _dataset_for(reader, data=None):
+    from kdpipe.data import load_dataset
+
+    d = reader.manifest.get("dataset") or {}
+    spec = data or d.get("spec")
+    if not spec:
+        raise KdpipeError(f"The store at {reader.path} names no data set; pass --data.")
+    dataset = load_dataset(spec, d.get("split", "train"))
+    reader.check_dataset(dataset)
+    return dataset
+
+
+def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES, seed: int = 0) -> str:
+    """A grid: for `num_images` samples (seeded pick), view 0 of the image, then the native CAMs
+    of the teacher's `top` classes (by stored logits) upsampled and overlaid. Writes `png_path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    import torch.nn.functional as F
+
+    n_total = reader.num_samples
+    k = max(1, min(int(num_images), n_total))
+    idx = np.sort(np.random.default_rng(seed).choice(n_total, size=k, replace=False))
+    views = np.asarray(reader["views"].get_orthogonal_selection((idx, 0)))
+    logits = np.asarray(reader["logits"].get_orthogonal_selection((idx, 0))).astype(np.float32)
+    cams = np.asarray(reader["cam"].get_orthogonal_selection((idx, 0))).astype(np.float32)
+    images = dataset.policy.apply_images(dataset.get_batch(idx), torch.from_numpy(views))
+    h, w = dataset.image_size
+    names = dataset.class_names or [str(c) for c in range(dataset.num_classes)]
+    top = max(1, min(int(top), logits.shape[1]))
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    fig, axes = plt.subplots(k, top + 1, figsize=(2.2 * (top + 1), 2.3 * k), squeeze=False)
+    for r, i in enumerate(idx):
+        img = images[r].permute(1, 2, 0).numpy()
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_title(f"#{i} label {names[int(dataset.labels[i])]}", fontsize=8)
+        order = np.argsort(-logits[r])[:top]
+        for j, c in enumerate(order):
+            cam = F.interpolate(torch.from_numpy(cams[r, c])[None, None], size=(h, w), mode="bilinear",
+                                align_corners=False)[0, 0].numpy()
+            ax = axes[r, j + 1]
+            ax.imshow(img)
+            ax.imshow(cam, cmap="jet", alpha=0.5)
+            ax.set_title(f"{names[int(c)]} p={probs[r, c]:.2f}", fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle(f"teacher CAMs of the top-{top} classes ({reader.manifest['teacher'].get('arch')})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return str(png_path)
+
+
+def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: str | None = None,
+                  fidelity: bool = False, teacher=None, data=None, num_samples: int = 256, device=None,
+                  verbose: bool = True) -> dict:
+    """Print the store's description; optionally draw CAMs / sub-classes or measure warp fidelity.
+
+    Returns {"text": ..., "png": path or None, "fidelity": dict or None}.
+    """
+    from kdpipe.artifacts import open_store
+
+    reader = open_store(store, allow_incomplete=True)
+    text = describe(reader)
+    if verbose:
+        print(text)
+    result = {"text": text, "png": None, "fidelity": None}
+    if (cams or subclasses) and not png:
+        raise KdpipeError("--cams and --subclasses draw a picture: pass --png PATH for it.")
+    if cams and subclasses:
+        raise KdpipeError("Pass either --cams or --subclasses, one picture per call.")
+    if (cams or subclasses or fidelity) and not reader.is_complete():
+        reader.require_complete()
+    if cams:
+        dataset = _dataset_for(reader, data)
+        result["png"] = plot_cams(reader, dataset, cams, png)
+        if verbose:
+            print(f"wrote {result['png']}")
+    if subclasses:
+        try:
+            from kdpipe.stages.cluster import plot_subclasses
+        except ImportError:
+            raise KdpipeError("Sub-class maps arrive with issue #4 (kdpipe cluster).") from None
+        sets = reader.target_sets()
+        name = target or (sets[0] if len(sets) == 1 else None)
+        if name is None:
+            raise StoreError(f"The store at {reader.path} has target sets {', '.join(sets) or 'none'}; "
+                             "name one with --target (or run `kdpipe cluster` first).")
+        dataset = _dataset_for(reader, data)
+        result["png"] = plot_subclasses(reader, name, subclasses, png, dataset)
+        if verbose:
+            print(f"wrote {result['png']}")
+    if fidelity:
+        try:
+            from kdpipe.stages.targets import warp_fidelity
+        except ImportError:
+            raise KdpipeError("Warp fidelity arrives with issue #5 (cached targets).") from None
+        if not teacher:
+            raise KdpipeError("--fidelity runs the teacher online: pass --teacher CKPT.")
+        from kdpipe.models import load_teacher
+
+        reader.check_teacher(teacher)
+        dataset = _dataset_for(reader, data)
+        t = reader.manifest["teacher"]
+        model = load_teacher(t["arch"], teacher, int(t["num_classes"]))
+        fid = warp_fidelity(reader, model, dataset, num_samples=num_samples, target_set=target,
+                            device=device or "cpu")
+        result["fidelity"] = fid
+        if verbose:
+            print(f"warp fidelity on {num_samples} random views (cosine, relative error vs. online teacher):")
+            for name, row in fid.items():
+                print(f"  {name:<24} cosine {row['cosine']:.4f}  rel_error {row['rel_error']:.4f}")
+    return result
