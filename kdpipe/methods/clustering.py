@@ -7,8 +7,10 @@
   (``subsample_indices``) is fitted. Returns ``KMeansResult(centers [k, D] float32, objective,
   num_fit)``, ``objective`` = mean squared distance of the fitted vectors to their nearest
   centre.
-* ``TopkAssigner(centers, k, temperature)``: for vectors ``x`` [n, D] returns the ``k`` nearest
-  centres (faiss ``IndexFlatL2`` search; GPU index when available) and their probabilities
+* ``TopkAssigner(centers, k, temperature, search="faiss")``: for vectors ``x`` [n, D] returns
+  the ``k`` nearest centres (faiss ``IndexFlatL2`` search; GPU index when available; or
+  ``search="torch"``: ``torch.topk`` on the distance row that the normaliser needs anyway,
+  which saves the second distance computation) and their probabilities
   under ``p_j = softmax_j(-T * ||x - c_j||^2)`` over *all* K centres. The log-normaliser is a
   logsumexp over the full distance row, computed exactly in batches (torch, float32), so the
   stored values are the true top-k entries of the full softmax and their sum is the
@@ -133,13 +135,16 @@ class TopkAssigner:
     """Top-k of ``softmax(-T * ||x - c||^2)`` over all K centres; see the module docstring."""
 
     def __init__(self, centers, k: int, temperature: float = 1.0, gpu: bool | None = None,
-                 device: str | None = None, max_batch_elems: int = 1 << 23):
+                 device: str | None = None, max_batch_elems: int = 1 << 23, search: str = "faiss"):
         self.centers = np.ascontiguousarray(np.asarray(centers, dtype=np.float32))
         self.num_centers = self.centers.shape[0]
         self.k = int(min(k, self.num_centers))
         self.temperature = float(temperature)
         self.gpu = faiss_gpu_available() if gpu is None else bool(gpu)
-        self.index = _flat_index(self.centers, self.gpu)
+        if search not in ("faiss", "torch"):
+            raise ValueError(f"search must be 'faiss' or 'torch', not {search!r}")
+        self.search = search
+        self.index = _flat_index(self.centers, self.gpu) if search == "faiss" else None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -156,7 +161,6 @@ class TopkAssigner:
         t = self.temperature
         for s in range(0, n, self.batch):
             xb = x[s : s + self.batch]
-            _, ib = self.index.search(xb, self.k)
             xt = torch.from_numpy(xb).to(self.device)
             # full squared-distance row, exact normaliser over all K centres
             dist = torch.addmm(self._c2[None, :], xt, self._c.T, beta=1.0, alpha=-2.0)
@@ -164,8 +168,14 @@ class TopkAssigner:
             dist.clamp_(min=0)
             logits = dist.mul_(-t)
             lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            it = torch.from_numpy(ib).to(self.device)
-            sel = logits.gather(1, it) - lse
+            if self.index is not None:
+                _, ib = self.index.search(xb, self.k)
+                it = torch.from_numpy(ib).to(self.device)
+                sel = logits.gather(1, it) - lse
+            else:  # the row is already there: select on it
+                top, it = torch.topk(logits, self.k, dim=1)
+                sel = top - lse
+                ib = it.cpu().numpy()
             idx_out[s : s + len(xb)] = ib
             val_out[s : s + len(xb)] = sel.exp_().cpu().numpy()
         return idx_out, val_out
