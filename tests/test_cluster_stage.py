@@ -84,11 +84,30 @@ def built(tmp_path_factory):
 def test_targets_equal_direct_computation(tmp_path, grid):
     path, labels = make_store(tmp_path / "s.zarr")
     cluster(path, name="t", student_grid=grid, **FAST)
-    r = open_store(path)
-    a = _arrays(r, "t")
-    attrs = r.target_attrs("t")
+    _check_against_numpy(open_store(path), "t", labels, grid)
+
+
+@pytest.mark.slow
+def test_on_a_store_made_by_extract(tmp_path):
+    """The real stage-one chain: extract-teacher (resnet8, synthetic data, 2 seeded views)."""
+    extract = pytest.importorskip("kdpipe.stages.extract")
+    from kdpipe.models import build
+
+    torch.manual_seed(0)
+    torch.save({"model": build("resnet8", num_classes=4).state_dict()}, tmp_path / "t.pth")
+    path = tmp_path / "x.zarr"
+    extract.extract_teacher(tmp_path / "t.pth", "resnet8", "synthetic:n=24,classes=4,size=16,seed=0", path,
+                            views="2", cam_res=(2,), executor="inline", progress=False, verbose=False)
+    cluster(str(path), name="t", **{**FAST, "k_penult": 8, "k_inter": 2})
+    r = open_store(str(path))
+    _check_against_numpy(r, "t", np.asarray(r["labels"][...]).astype(np.int64), None)
+
+
+def _check_against_numpy(r, name, labels, grid):
+    a = _arrays(r, name)
+    attrs = r.target_attrs(name)
     N, V = r["feat/penult"].shape[:2]
-    K, k, C = attrs["K_inter"], attrs["topk"], 4
+    K, k, C = attrs["K_inter"], attrs["topk"], attrs["num_classes"]
     # penultimate: top-k of the full softmax over all centres
     xp, (hp, wp) = _vectors(r["feat/penult"][...], grid)
     c = a["penult_centers"].astype(np.float64)
