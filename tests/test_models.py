@@ -1,0 +1,339 @@
+"""The model zoo: mdistiller state-dict compatibility, the feature interface, load_teacher.
+
+Models are built once per session (the big ones dominate) and run on batches of 2.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdpipe import models
+from kdpipe.errors import CheckpointError, KdpipeError
+
+LISTINGS = Path(__file__).parent / "data" / "mdistiller_state_dicts.json"
+NUM_CLASSES = 100
+
+# name -> (inter channels, inter side, penult channels, penult side) on 32x32 inputs
+ZOO = {
+    "resnet8": (64, 8, 64, 8),
+    "resnet14": (64, 8, 64, 8),
+    "resnet20": (64, 8, 64, 8),
+    "resnet32": (64, 8, 64, 8),
+    "resnet44": (64, 8, 64, 8),
+    "resnet56": (64, 8, 64, 8),
+    "resnet110": (64, 8, 64, 8),
+    "resnet8x4": (256, 8, 256, 8),
+    "resnet32x4": (256, 8, 256, 8),
+    "wrn_16_1": (64, 8, 64, 8),
+    "wrn_16_2": (128, 8, 128, 8),
+    "wrn_40_1": (64, 8, 64, 8),
+    "wrn_40_2": (128, 8, 128, 8),
+    "vgg8": (512, 4, 512, 4),
+    "vgg11": (512, 4, 512, 4),
+    "vgg13": (512, 4, 512, 4),
+    "vgg16": (512, 4, 512, 4),
+    "vgg19": (512, 4, 512, 4),
+    "ShuffleV1": (960, 4, 960, 4),
+    "ShuffleV2": (464, 4, 1024, 4),
+    "MobileNetV2": (80, 2, 1280, 2),
+    "ResNet18": (512, 4, 512, 4),
+    "ResNet50": (2048, 4, 2048, 4),
+}
+ALIASES = {"vgg8_bn": "vgg8", "vgg11_bn": "vgg11", "vgg13_bn": "vgg13", "vgg16_bn": "vgg16",
+           "vgg19_bn": "vgg19", "mobile_half": "MobileNetV2"}
+IMAGENET = ["imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50", "imagenet_mobilenet_v2"]
+# cheap models covering the ways families split at their tap points (ResNet-style stage
+# slicing, WRN's final BN, VGG's pooling, ShuffleV2's final conv, MobileNetV2's group lists)
+TAP_MODELS = ["resnet8", "wrn_16_1", "vgg8", "ShuffleV2", "MobileNetV2"]
+
+_built: dict[str, models.KDModel] = {}
+
+
+def zoo_model(name: str) -> models.KDModel:
+    """The session's eval-mode instance of `name`, with BN statistics moved away from their
+    identity defaults so eval-mode outputs exercise every parameter and buffer."""
+    if name not in _built:
+        torch.manual_seed(0)
+        model = models.build(name, NUM_CLASSES)
+        _randomize_batchnorm(model)
+        _built[name] = model.eval()
+    return _built[name]
+
+
+def _randomize_batchnorm(model: nn.Module) -> None:
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.0)
+                module.bias.uniform_(-0.1, 0.1)
+
+
+def _images(side: int = 32, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1))
+
+
+def _assert_cam_gives_logits(model: models.KDModel, logits: torch.Tensor, cam: torch.Tensor) -> None:
+    recovered = cam.mean(dim=(2, 3)) + model.head().bias
+    torch.testing.assert_close(recovered, logits, atol=1e-4, rtol=1e-4)
+
+
+class ScoringTap(nn.Module):
+    """A tap as letKD's KD layer is shaped: returns (replacement, scores [B, M, h, w])."""
+
+    def __init__(self, num_scores: int = 3) -> None:
+        super().__init__()
+        self.num_scores = num_scores
+
+    def forward(self, x):
+        scores = x[:, : self.num_scores].detach().clone()
+        return x * 2, scores
+
+
+# -- registry ------------------------------------------------------------------------------
+
+
+def test_available_lists_every_zoo_alias_and_imagenet_name():
+    names = set(models.available())
+    assert set(ZOO) | set(ALIASES) | set(IMAGENET) <= names
+
+
+def test_unknown_architecture_names_close_matches():
+    with pytest.raises(KdpipeError, match="unknown architecture 'resnet8x5'.*resnet8x4"):
+        models.build("resnet8x5")
+
+
+# -- mdistiller state-dict layout ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet8x4", "resnet32x4", "wrn_40_2", "ShuffleV1"])
+def test_state_dict_listing_equals_mdistiller(name):
+    expected = json.loads(LISTINGS.read_text())["models"][name]
+    with torch.device("meta"):
+        model = models.build(name, NUM_CLASSES)
+    ours = [[key, list(value.shape)] for key, value in model.state_dict().items()]
+    assert ours == expected
+
+
+@pytest.mark.parametrize("alias", sorted(ALIASES))
+def test_aliases_build_the_same_layout(alias):
+    with torch.device("meta"):
+        a = models.build(alias, NUM_CLASSES)
+        b = models.build(ALIASES[alias], NUM_CLASSES)
+    assert models.state_listing(a) == models.state_listing(b)
+
+
+# -- the feature interface -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_forward_features_shapes_and_cam(name):
+    inter_channels, inter_side, penult_channels, penult_side = ZOO[name]
+    model = zoo_model(name)
+    x = _images()
+    with torch.no_grad():
+        logits = model(x)
+        logits_ff, feats = model.forward_features(x)
+    assert logits.shape == (2, NUM_CLASSES)
+    torch.testing.assert_close(logits_ff, logits)
+    assert set(feats) == {"inter", "penult", "cam"}
+    assert feats["inter"].shape == (2, inter_channels, inter_side, inter_side)
+    assert feats["penult"].shape == (2, penult_channels, penult_side, penult_side)
+    assert feats["cam"].shape == (2, NUM_CLASSES, penult_side, penult_side)
+    assert model.feature_channels() == {"inter": inter_channels, "penult": penult_channels}
+    assert isinstance(model.head(), nn.Linear)
+    assert model.head().in_features == penult_channels
+    assert len(model.taps) == 0
+    assert not any(key.startswith("taps.") for key in model.state_dict())
+    _assert_cam_gives_logits(model, logits, feats["cam"])
+
+
+@pytest.mark.parametrize("name", TAP_MODELS)
+@pytest.mark.parametrize("point", ["inter", "penult"])
+def test_scoring_tap_replaces_map_and_reports_scores(name, point):
+    model = zoo_model(name)
+    x = _images(batch=1)
+    with torch.no_grad():
+        plain_logits, plain_feats = model.forward_features(x)
+        model.set_tap(point, ScoringTap())
+        try:
+            tapped_logits, feats = model.forward_features(x)
+            forward_logits = model(x)
+        finally:
+            model.set_tap(point, None)
+    assert len(model.taps) == 0
+    assert not torch.allclose(tapped_logits, plain_logits)
+    torch.testing.assert_close(forward_logits, tapped_logits)
+    # feats hold the map as the network made it (before the tap) and the tap's scores
+    torch.testing.assert_close(feats[point], plain_feats[point])
+    torch.testing.assert_close(feats[f"{point}_scores"], feats[point][:, :3])
+    # the CAM is taken after the tap, so it still explains the logits
+    _assert_cam_gives_logits(model, tapped_logits, feats["cam"])
+
+
+def test_tap_returning_only_a_map_and_bad_taps():
+    model = zoo_model("resnet8")
+    x = _images()
+    model.set_tap("penult", nn.Identity())
+    try:
+        with torch.no_grad():
+            logits, feats = model.forward_features(x)
+        assert set(feats) == {"inter", "penult", "cam"}
+        assert any(key.startswith("taps.") for key in model.state_dict()) is False  # Identity has no state
+        model.set_tap("penult", nn.Conv2d(64, 32, 1))
+        with pytest.raises(ValueError, match="keep the feature map's shape"):
+            model(x)
+    finally:
+        model.set_tap("penult", None)
+    with pytest.raises(ValueError, match="tap point"):
+        model.set_tap("logits", nn.Identity())
+
+
+@pytest.mark.parametrize("name,penult_side", [("resnet8", 16), ("wrn_16_1", 16), ("vgg8", 4),
+                                              ("ShuffleV2", 8), ("MobileNetV2", 4)])
+def test_64x64_inputs(name, penult_side):
+    model = zoo_model(name)
+    with torch.no_grad():
+        logits, feats = model.forward_features(_images(side=64, batch=1))
+    assert logits.shape == (1, NUM_CLASSES)
+    assert feats["penult"].shape[-2:] == (penult_side, penult_side)
+    _assert_cam_gives_logits(model, logits, feats["cam"])
+
+
+def test_training_mode_backward_reaches_every_parameter():
+    model = models.build("resnet8", 10).train()
+    logits, feats = model.forward_features(_images())
+    loss = F.cross_entropy(logits, torch.tensor([1, 2])) + feats["cam"].pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# -- ImageNet models -----------------------------------------------------------------------
+
+
+def test_imagenet_model_without_torchvision_says_so(monkeypatch):
+    # A None entry in sys.modules makes `import torchvision` raise ImportError.
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.models", None)
+    with pytest.raises(KdpipeError, match="torchvision is required for ImageNet models and did not import"):
+        models.build("imagenet_resnet18", 10)
+
+
+def _torchvision_imports() -> bool:
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    try:
+        import torchvision.models  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _torchvision_imports(), reason="torchvision does not import here")
+@pytest.mark.parametrize("name,arch", [("imagenet_resnet18", "resnet18"), ("imagenet_mobilenet_v2", "mobilenet_v2")])
+def test_imagenet_wrapper_matches_torchvision(name, arch):
+    import torchvision.models as tv
+
+    reference = getattr(tv, arch)(weights=None, num_classes=10).eval()
+    model = models.build(name, 10).eval()
+    assert models.state_listing(model) == models.state_listing(reference)
+    model.load_state_dict(reference.state_dict())
+    x = _images(side=64, batch=1)
+    with torch.no_grad():
+        logits, feats = model.forward_features(x)
+        torch.testing.assert_close(logits, reference(x), atol=1e-4, rtol=1e-4)
+    _assert_cam_gives_logits(model, logits, feats["cam"])
+
+
+# -- load_teacher ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet8x4_checkpoint(tmp_path_factory):
+    """resnet8x4's state dict saved as mdistiller does: {"model": state_dict}."""
+    path = tmp_path_factory.mktemp("ckpt") / "resnet8x4_vanilla" / "ckpt_epoch_240.pth"
+    path.parent.mkdir()
+    torch.save({"model": zoo_model("resnet8x4").state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["mdistiller", "module_prefix", "bare"])
+def test_load_teacher_round_trip(layout, resnet8x4_checkpoint, tmp_path):
+    source = zoo_model("resnet8x4")
+    state = source.state_dict()
+    if layout == "mdistiller":
+        path = resnet8x4_checkpoint
+    else:
+        path = tmp_path / f"{layout}.pth"
+        if layout == "module_prefix":
+            torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, path)
+        else:
+            torch.save(state, path)
+    teacher = models.load_teacher("resnet8x4", path, NUM_CLASSES)
+    assert not teacher.training
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), source(x), atol=0, rtol=0)
+
+
+def test_load_teacher_accepts_checkpoints_without_bn_counters(tmp_path):
+    source = zoo_model("resnet8")
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "old.pth"
+    torch.save({"model": state}, path)
+    teacher = models.load_teacher("resnet8", path, NUM_CLASSES)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(_images()), source(_images()))
+
+
+def test_load_teacher_wrong_architecture_names_both(resnet8x4_checkpoint):
+    with pytest.raises(CheckpointError, match=r"holds a resnet8x4 state dict \(num_classes=100\), not resnet32x4"):
+        models.load_teacher("resnet32x4", resnet8x4_checkpoint, NUM_CLASSES)
+
+
+def test_load_teacher_wrong_class_count(resnet8x4_checkpoint):
+    with pytest.raises(CheckpointError, match=r"resnet8x4 state dict \(num_classes=100\), not resnet8x4 \(num_classes=10\)"):
+        models.load_teacher("resnet8x4", resnet8x4_checkpoint, 10)
+
+
+def test_load_teacher_unrecognised_state_dict(tmp_path):
+    state = dict(zoo_model("resnet8").state_dict())
+    state.pop("fc.bias")
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="does not fit resnet8 .*missing keys .*fc.bias.*no registered"):
+        models.load_teacher("resnet8", path, NUM_CLASSES)
+
+
+def test_load_teacher_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        models.load_teacher("resnet8x4", tmp_path / "nope.pth", NUM_CLASSES)
+
+
+def test_load_teacher_unreadable_and_foreign_files(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        models.load_teacher("resnet8x4", garbage, NUM_CLASSES)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"epoch": 3}, foreign)
+    with pytest.raises(CheckpointError, match="holds neither"):
+        models.load_teacher("resnet8x4", foreign, NUM_CLASSES)
+
+
+def test_load_teacher_unknown_architecture(resnet8x4_checkpoint):
+    with pytest.raises(KdpipeError, match="unknown architecture"):
+        models.load_teacher("resnet8y4", resnet8x4_checkpoint, NUM_CLASSES)
+
+
+def test_identify_architecture_from_listing():
+    with torch.device("meta"):
+        listing = models.state_listing(models.build("wrn_40_2", 10))
+    assert models.identify_architecture(listing) == ("wrn_40_2", 10)
