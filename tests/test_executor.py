@@ -67,8 +67,14 @@ def test_ray_matches_inline_and_a_killed_worker_is_retried(ray_local, tmp_path, 
         assert node["NodeManagerAddress"] == "127.0.0.1"
 
 
-def test_worker_error_reaches_driver_as_itself(ray_local):
-    with pytest.raises(StoreError, match=r"^The disk is full\.$"):
-        run_shards(SumWorker, {"fail_shard": 2}, plan(32, 4), executor="ray", progress=False)
+def test_worker_error_reaches_driver_as_itself():
+    # inline: raised as is; Ray: a RayTaskError is unwrapped to its cause (a one-sentence
+    # KdpipeError stays one sentence, an OSError stays an OSError)
     with pytest.raises(StoreError, match=r"^The disk is full\.$"):
         run_shards(SumWorker, {"fail_shard": 2}, plan(32, 4), executor="inline", progress=False)
+    from ray.exceptions import RayTaskError
+
+    from kdpipe.pipeline.executor import _unwrap
+
+    cause = OSError(28, "No space left on device")
+    assert _unwrap(RayTaskError("run", "traceback", cause)) is cause

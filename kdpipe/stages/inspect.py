@@ -156,15 +156,17 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
     """
     from kdpipe.artifacts import open_store
 
+    if (cams or subclasses) and not png:
+        raise KdpipeError("--cams and --subclasses draw a picture: pass --png PATH for it.")
+    if cams and subclasses:
+        raise KdpipeError("Pass either --cams or --subclasses, one picture per call.")
+    if fidelity and not teacher:
+        raise KdpipeError("--fidelity runs the teacher online: pass --teacher CKPT.")
     reader = open_store(store, allow_incomplete=True)
     text = describe(reader)
     if verbose:
         print(text)
     result = {"text": text, "png": None, "fidelity": None}
-    if (cams or subclasses) and not png:
-        raise KdpipeError("--cams and --subclasses draw a picture: pass --png PATH for it.")
-    if cams and subclasses:
-        raise KdpipeError("Pass either --cams or --subclasses, one picture per call.")
     if (cams or subclasses or fidelity) and not reader.is_complete():
         reader.require_complete()
     if cams:
@@ -179,9 +181,10 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
             raise KdpipeError("Sub-class maps arrive with issue #4 (kdpipe cluster).") from None
         sets = reader.target_sets()
         name = target or (sets[0] if len(sets) == 1 else None)
+        if name is None and not sets:
+            raise StoreError(f"The store at {reader.path} has no target set yet; run `kdpipe cluster` first.")
         if name is None:
-            raise StoreError(f"The store at {reader.path} has target sets {', '.join(sets) or 'none'}; "
-                             "name one with --target (or run `kdpipe cluster` first).")
+            raise StoreError(f"The store at {reader.path} has target sets {', '.join(sets)}; name one with --target.")
         dataset = _dataset_for(reader, data)
         result["png"] = plot_subclasses(reader, name, subclasses, png, dataset)
         if verbose:
@@ -191,8 +194,6 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
             from kdpipe.stages.targets import warp_fidelity
         except ImportError:
             raise KdpipeError("Warp fidelity arrives with issue #5 (cached targets).") from None
-        if not teacher:
-            raise KdpipeError("--fidelity runs the teacher online: pass --teacher CKPT.")
         from kdpipe.models import load_teacher
 
         reader.check_teacher(teacher)
