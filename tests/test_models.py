@@ -293,6 +293,21 @@ def test_load_teacher_accepts_checkpoints_without_bn_counters(tmp_path):
         torch.testing.assert_close(teacher(_images()), source(_images()))
 
 
+def test_load_teacher_accepts_numpy_metrics_but_not_pickled_objects(tmp_path):
+    import numpy as np
+
+    source = zoo_model("resnet8")
+    with_metrics = tmp_path / "metrics.pth"
+    torch.save({"model": source.state_dict(), "best_acc": np.float64(71.5), "epoch": 240}, with_metrics)
+    teacher = models.load_teacher("resnet8", with_metrics, NUM_CLASSES)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(_images()), source(_images()))
+    with_object = tmp_path / "object.pth"
+    torch.save({"model": source.state_dict(), "config": ScoringTap()}, with_object)
+    with pytest.raises(CheckpointError, match="could not be read by torch.load"):
+        models.load_teacher("resnet8", with_object, NUM_CLASSES)
+
+
 def test_load_teacher_wrong_architecture_names_both(resnet8x4_checkpoint):
     with pytest.raises(CheckpointError, match=r"holds a resnet8x4 state dict \(num_classes=100\), not resnet32x4"):
         models.load_teacher("resnet32x4", resnet8x4_checkpoint, NUM_CLASSES)

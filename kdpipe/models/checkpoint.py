@@ -8,6 +8,8 @@ leaves `module.` prefixes. All three load here, with `weights_only=True` (no pic
 from __future__ import annotations
 
 import functools
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +24,47 @@ from kdpipe.models.registry import build, canonical_name, canonical_names, resol
 _BN_COUNTER = "num_batches_tracked"
 
 StateListing = dict[str, tuple[int, ...]]
+
+
+def _numpy_scalar_globals() -> list:
+    """numpy's scalar reconstructor and dtype classes: training scripts often save metrics
+    such as best accuracy as numpy scalars next to the weights. They hold data, not code."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [scalar, np.dtype, *dtype_classes]
+
+
+def _first_line(exc: BaseException) -> str:
+    """The informative line of an exception message, without terminal colour codes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:  # torch's weights-only refusal puts the reason on this line
+        if line.startswith("WeightsUnpickler error:"):
+            return line
+    return lines[0] if lines else ""
+
+
+def _load_weights_only(path: Path) -> object:
+    """torch.load(path, weights_only=True) on the CPU, also accepting numpy scalars; any
+    failure becomes a CheckpointError."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5
+                raise
+            with torch.serialization.safe_globals(_numpy_scalar_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip, truncated file, pickled code, ...
+        raise CheckpointError(
+            f"checkpoint {path} could not be read by torch.load(weights_only=True) "
+            f"({type(exc).__name__}: {_first_line(exc)})."
+        ) from exc
 
 
 def extract_state_dict(payload: object, path: str | Path) -> dict[str, torch.Tensor]:
@@ -145,14 +188,7 @@ def load_teacher(name: str, path: str | Path, num_classes: int) -> KDModel:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file).")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, truncated file, non-weights pickle, ...
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(
-            f"checkpoint {path} could not be read by torch.load(weights_only=True) "
-            f"({type(exc).__name__}: {reason})."
-        ) from exc
+    payload = _load_weights_only(path)
     state = extract_state_dict(payload, path)
 
     model = build(name, num_classes)
