@@ -11,6 +11,8 @@
    full softmax) on the same data for comparison.
 3. Streaming LDA (kdpipe.methods.lda.LDAStats) over N growing 8x, data generated chunk by chunk
    (never all in memory): time and peak traced memory (tracemalloc). Bar: peak flat within 20%.
+4. The whole stage on digits features (extract-teacher resnet8, 1 view, then cluster with each
+   --stage-k K_penult). Bar: cluster takes less time than the extraction that made the features.
 
     python benchmarks/cluster.py [--out bench-out/cluster.json] [--threads 1]
 """
@@ -123,6 +125,37 @@ def bench_lda(sizes, d, c, chunk, seed):
             "peak_ratio_max_over_min": max(peaks) / min(peaks), "bar_met": bool(max(peaks) <= 1.2 * min(peaks))}
 
 
+def bench_stage(k_penults, seed):
+    """Whole stage on digits features: extract-teacher (resnet8, random weights: the timing does
+    not depend on them) then cluster with each K_penult; both inline, same threads."""
+    import tempfile
+
+    import torch
+
+    from kdpipe.models import build
+    from kdpipe.stages.cluster import cluster
+    from kdpipe.stages.extract import extract_teacher
+
+    out = {"data": "digits", "teacher": "resnet8", "views": "1", "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(seed)
+        torch.save({"model": build("resnet8", num_classes=10).state_dict()}, f"{tmp}/t.pth")
+        t = time.perf_counter()
+        s = extract_teacher(f"{tmp}/t.pth", "resnet8", "digits", f"{tmp}/d.zarr", views="1", cam_res=(2,),
+                            executor="inline", progress=False, verbose=False, device="cpu")
+        out["extract_seconds"] = time.perf_counter() - t
+        out["samples"] = int(s.get("num_samples", 0) or 0) if isinstance(s, dict) else None
+        for k in k_penults:
+            t = time.perf_counter()
+            summ = cluster(f"{tmp}/d.zarr", name=f"k{k}", k_penult=k, executor="inline", verbose=False, seed=seed)
+            secs = time.perf_counter() - t
+            out["runs"].append({"k_penult": k, "k_inter": 8, "topk": 16, "seconds": secs,
+                                "vectors": summ["penult_vectors"], "phases": summ["seconds"],
+                                "ratio_cluster_over_extract": secs / out["extract_seconds"],
+                                "bar_met": bool(secs < out["extract_seconds"])})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench-out/cluster.json")
@@ -136,6 +169,8 @@ def main(argv=None):
     ap.add_argument("--topk-d", type=int, default=256)
     ap.add_argument("--lda-n", type=int, default=50000, help="smallest N; runs N, 2N, 4N, 8N")
     ap.add_argument("--lda-d", type=int, default=64)
+    ap.add_argument("--stage-k", default="4096,256",
+                    help="K_penult values for the whole-stage timing on digits ('' to skip)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
@@ -153,18 +188,26 @@ def main(argv=None):
               f" -> faiss x{km['speedup_faiss_over_sklearn']:.2f}, bar {'met' if km['bar_met'] else 'NOT met'}")
         tk = bench_topk(a.topk_n, a.topk_d, 4096, 16, a.seed)
         print(f"top-16 over 4096 centres, d={tk['d']}: {tk['vectors_per_s']:.0f} vectors/s "
-              f"(search="torch" {tk['torch_search_vectors_per_s']:.0f}/s; letkd full softmax {tk['torch_full_softmax_vectors_per_s']:.0f}/s; agreement {tk['index_agreement_with_torch']:.4f})")
+              f"(search='torch' {tk['torch_search_vectors_per_s']:.0f}/s; letkd full softmax {tk['torch_full_softmax_vectors_per_s']:.0f}/s; agreement {tk['index_agreement_with_torch']:.4f})")
         sizes = [a.lda_n * m for m in (1, 2, 4, 8)]
         ld = bench_lda(sizes, a.lda_d, 10, 4096, a.seed)
         for r in ld["runs"]:
             print(f"LDA n={r['n']:>8}: {r['seconds']:.2f} s, peak {r['peak_bytes'] / 2**20:.2f} MiB")
         print(f"LDA peak max/min over 8x N: {ld['peak_ratio_max_over_min']:.3f}, bar {'met' if ld['bar_met'] else 'NOT met'}")
+        st = None
+        ks = [int(k) for k in a.stage_k.split(",") if k.strip()]
+        if ks:
+            st = bench_stage(ks, a.seed)
+            print(f"digits extract (resnet8, 1 view): {st['extract_seconds']:.2f} s")
+            for r in st["runs"]:
+                print(f"  cluster K_penult={r['k_penult']}: {r['seconds']:.2f} s "
+                      f"(x{r['ratio_cluster_over_extract']:.2f} of extract; bar {'met' if r['bar_met'] else 'NOT met'})")
     out = {
         "benchmark": "cluster", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "threads": a.threads, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                           "python": platform.python_version(), "faiss": faiss.__version__,
                                           "torch": torch.__version__},
-        "kmeans": km, "topk": tk, "lda": ld, "total_seconds": time.perf_counter() - t0,
+        "kmeans": km, "topk": tk, "lda": ld, "stage_digits": st, "total_seconds": time.perf_counter() - t0,
     }
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:

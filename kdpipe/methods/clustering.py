@@ -5,8 +5,9 @@
   switched off (``max_points_per_centroid`` huge, like the reference); instead, when
   ``max_fit_points`` is given and smaller than ``len(x)``, a seeded uniform subsample
   (``subsample_indices``) is fitted. Returns ``KMeansResult(centers [k, D] float32, objective,
-  num_fit)``, ``objective`` = mean squared distance of the fitted vectors to their nearest
-  centre.
+  num_fit)``, ``objective`` = faiss's objective of the last iteration divided by the number
+  of fitted vectors (mean squared distance to the centre each was assigned to in that
+  iteration; ``kmeans_objective`` gives it for the final centres).
 * ``TopkAssigner(centers, k, temperature, search="faiss")``: for vectors ``x`` [n, D] returns
   the ``k`` nearest centres (faiss ``IndexFlatL2`` search; GPU index when available; or
   ``search="torch"``: ``torch.topk`` on the distance row that the normaliser needs anyway,
@@ -70,7 +71,7 @@ def subsample_indices(n: int, max_points: int | None, seed: int) -> np.ndarray |
 @dataclass
 class KMeansResult:
     centers: np.ndarray  # [k, D] float32
-    objective: float  # mean squared distance of the fitted vectors to their nearest centre
+    objective: float  # faiss's last-iteration objective / num_fit
     num_fit: int  # vectors the centres were fitted on
 
 
@@ -106,7 +107,10 @@ def kmeans(
     )
     km.train(x)
     centers = np.ascontiguousarray(km.centroids, dtype=np.float32)
-    return KMeansResult(centers=centers, objective=kmeans_objective(x, centers, gpu=use_gpu), num_fit=n)
+    # faiss's objective of the last iteration (sum of squared distances of the assignment that
+    # produced these centres); no extra search pass
+    obj = float(km.obj[-1]) / n if len(km.obj) else kmeans_objective(x, centers, gpu=use_gpu)
+    return KMeansResult(centers=centers, objective=obj, num_fit=n)
 
 
 def _flat_index(centers: np.ndarray, gpu: bool):
