@@ -327,6 +327,15 @@ def test_load_teacher_unrecognised_state_dict(tmp_path):
         models.load_teacher("resnet8", path, NUM_CLASSES)
 
 
+def test_load_teacher_refuses_student_with_taps_saying_so(tmp_path):
+    student = models.build("resnet8", NUM_CLASSES)
+    student.set_tap("penult", nn.Conv2d(64, 64, 1))
+    path = tmp_path / "student.pth"
+    torch.save({"model": student.state_dict()}, path)
+    with pytest.raises(CheckpointError, match="student with KD-layer taps at penult"):
+        models.load_teacher("resnet8", path, NUM_CLASSES)
+
+
 def test_load_teacher_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         models.load_teacher("resnet8x4", tmp_path / "nope.pth", NUM_CLASSES)

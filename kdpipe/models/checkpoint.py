@@ -196,6 +196,14 @@ def load_teacher(name: str, path: str | Path, num_classes: int) -> KDModel:
     found = {key: tuple(value.shape) for key, value in state.items()}
     if not _listing_matches(expected, found):
         asked = f"{canonical_name(name)} (num_classes={num_classes})"
+        tap_points = sorted({key.split(".")[1] for key in found if key.startswith("taps.")})
+        without_taps = {key: shape for key, shape in found.items() if not key.startswith("taps.")}
+        if tap_points and _listing_matches(expected, without_taps):
+            raise CheckpointError(
+                f"checkpoint {path} holds a {asked} student with KD-layer taps at "
+                f"{', '.join(tap_points)}; load_teacher loads plain models only, so build the "
+                f"student, add its method's taps and load the state dict into that."
+            )
         guess = identify_architecture(found)
         if guess is not None:
             raise CheckpointError(
