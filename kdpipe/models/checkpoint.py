@@ -17,7 +17,7 @@ import torch
 
 from kdpipe.errors import CheckpointError, KdpipeError
 from kdpipe.models.base import KDModel
-from kdpipe.models.registry import build, canonical_name, canonical_names, resolve_builder
+from kdpipe.models.registry import build, canonical_names, resolve_builder
 
 # BatchNorm layers gained this buffer in torch 0.4.1; older checkpoints lack it, and a
 # missing counter changes nothing at inference, so its absence is not a mismatch.
@@ -195,7 +195,7 @@ def load_teacher(name: str, path: str | Path, num_classes: int) -> KDModel:
     expected = state_listing(model)
     found = {key: tuple(value.shape) for key, value in state.items()}
     if not _listing_matches(expected, found):
-        asked = f"{canonical_name(name)} (num_classes={num_classes})"
+        asked = f"{name} (num_classes={num_classes})"
         tap_points = sorted({key.split(".")[1] for key in found if key.startswith("taps.")})
         without_taps = {key: shape for key, shape in found.items() if not key.startswith("taps.")}
         if tap_points and _listing_matches(expected, without_taps):
