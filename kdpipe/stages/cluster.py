@@ -287,7 +287,9 @@ def cluster(store, name: str = "default", k_penult: int = 4096, k_inter: int = 8
         raise KdpipeError(f"A target set name must be a non-empty name without '/', not {name!r}.")
     existing = (reader.manifest.get("targets") or {})
     if name in existing:
-        if not overwrite:
+        if not existing[name].get("complete"):
+            writer.delete_target_set(name)  # left by an interrupted run: nobody can read it
+        elif not overwrite:
             raise StoreError(f"The store at {path} already has a target set {name!r}; pass --overwrite "
                              "to replace it or choose another --name.")
         writer.delete_target_set(name)
@@ -495,13 +497,20 @@ def plot_subclasses(reader, target_name: str, num_images: int, png_path, dataset
         ax.set_title(f"#{i} class {c}", fontsize=8)
         ax.axis("off")
         ax = axes[row, 1]
-        for k in range(K):
-            ax.bar(np.arange(M), S[c * K + k], color=cmap(k % cmap.N), width=1.0, alpha=0.8)
-        ax.set_xticks(np.arange(0, M, K))
-        ax.set_xticklabels([str(j) for j in range(C)], fontsize=6)
-        ax.axvspan(c * K - 0.5, (c + 1) * K - 0.5, color="grey", alpha=0.15)
-        ax.set_xlim(-0.5, M - 0.5)
-        ax.set_ylabel("S row", fontsize=7)
+        ax.imshow(S[c * K:(c + 1) * K], aspect="auto", cmap="viridis", interpolation="nearest",
+                  vmin=0, vmax=max(float(S[c * K:(c + 1) * K].max()), 1e-9))
+        for b in range(1, C):
+            ax.axvline(b * K - 0.5, color="white", lw=0.4)
+        ax.add_patch(plt.Rectangle((c * K - 0.5, -0.5), K, K, fill=False, ec="red", lw=1.2))
+        ax.set_yticks(np.arange(K))
+        ax.set_yticklabels([str(k) for k in range(K)], fontsize=6)
+        for k, tick in enumerate(ax.get_yticklabels()):
+            tick.set_color(cmap(k % cmap.N))
+        step = max(1, C // 20)
+        ax.set_xticks(np.arange(0, M, K * step) + (K - 1) / 2)
+        ax.set_xticklabels([str(j) for j in range(0, C, step)], fontsize=6)
+        ax.set_xlabel("target class block of S (columns c*K..c*K+K-1)", fontsize=7)
+        ax.set_title(f"S rows of class {c}'s sub-classes (dot colours = row labels)", fontsize=8)
     gs = axes[-1, 0].get_gridspec()
     for ax in axes[-1]:
         ax.remove()
