@@ -224,3 +224,19 @@ def test_ray_map_reduce_equals_inline(built, ray_local):
     ray_arrays, inline = _arrays(r, "viaray"), _arrays(r, "default")
     for name in ARRAYS:
         np.testing.assert_array_equal(ray_arrays[name], inline[name], err_msg=name)
+
+
+def test_interrupted_set_is_replaced_and_bad_options_refused(tmp_path):
+    path, _ = make_store(tmp_path / "s.zarr")
+    w = StoreWriter.open_for_targets(path)
+    w.create_target_array("t", "penult_centers", (4, 8), "float32")  # a run that died early
+    assert open_store(path).target_sets() == []
+    cluster(path, name="t", **FAST)  # no --overwrite needed
+    assert open_store(path).target_sets() == ["t"]
+    from kdpipe.errors import KdpipeError
+
+    with pytest.raises(KdpipeError, match="lda-dims"):
+        cluster(path, name="u", lda_dims=4, **FAST)  # C - 1 = 3
+    with pytest.raises(KdpipeError, match="larger than"):
+        cluster(path, name="u", student_grid="8x8", **FAST)
+    assert open_store(path).target_sets() == ["t"]

@@ -286,13 +286,9 @@ def cluster(store, name: str = "default", k_penult: int = 4096, k_inter: int = 8
     if not name or "/" in name:
         raise KdpipeError(f"A target set name must be a non-empty name without '/', not {name!r}.")
     existing = (reader.manifest.get("targets") or {})
-    if name in existing:
-        if not existing[name].get("complete"):
-            writer.delete_target_set(name)  # left by an interrupted run: nobody can read it
-        elif not overwrite:
-            raise StoreError(f"The store at {path} already has a target set {name!r}; pass --overwrite "
-                             "to replace it or choose another --name.")
-        writer.delete_target_set(name)
+    if name in existing and existing[name].get("complete") and not overwrite:
+        raise StoreError(f"The store at {path} already has a target set {name!r}; pass --overwrite "
+                         "to replace it or choose another --name.")
     for val, what in ((k_penult, "--k-penult"), (k_inter, "--k-inter"), (topk, "--topk")):
         if int(val) < 1:
             raise KdpipeError(f"{what} must be at least 1, got {val}.")
@@ -315,6 +311,13 @@ def cluster(store, name: str = "default", k_penult: int = 4096, k_inter: int = 8
     if labels.min() < 0 or labels.max() >= C:
         raise StoreError(f"The store at {path} has labels outside 0..{C - 1}.")
     topk = int(min(topk, k_penult))
+    if lda_dims is not None and not 1 <= int(lda_dims) <= min(C - 1, Di):
+        raise KdpipeError(f"--lda-dims must lie in 1..{min(C - 1, Di)} (classes - 1, inter feature size), "
+                          f"got {lda_dims}.")
+    if executor not in ("ray", "inline"):
+        raise KdpipeError(f"The executor must be 'ray' or 'inline', not {executor!r}.")
+    if name in existing:  # replaced (--overwrite) or left incomplete by an interrupted run
+        writer.delete_target_set(name)
 
     shard_size = int(reader.manifest.get("shard_size") or N)
     shards = plan_shards(N, shard_size)
@@ -323,8 +326,6 @@ def cluster(store, name: str = "default", k_penult: int = 4096, k_inter: int = 8
     sel_i = subsample_indices(N * per_i, max_fit_points, seed + 1)
     cshards = [ClusterShard(i, a, b, _local(sel_p, a * per_p, b * per_p), _local(sel_i, a * per_i, b * per_i))
                for i, (a, b) in enumerate(shards)]
-    if executor not in ("ray", "inline"):
-        raise KdpipeError(f"The executor must be 'ray' or 'inline', not {executor!r}.")
     ctx = ray_cluster(ray_address) if executor == "ray" else contextlib.nullcontext()
     with ctx:
         return _run(writer, reader, path, name, cshards, labels, grid, C, N, V, hp, wp, hi, wi, Dp, Di,
