@@ -1,14 +1,13 @@
-"""The shard executor: inline and Ray give the same results; a killed worker is retried."""
+"""The shard executor, inline. Its Ray side (two actors, a killed worker restarted and its shard
+retried, loopback-only local cluster) is tested end to end in tests/test_extract.py, so the
+suite starts Ray once."""
 
 import os
-import sys
 
 import pytest
 
 from kdpipe.errors import StoreError
-from kdpipe.pipeline.executor import FAULT_ENV, plan, ray_cluster, run_shards
-
-pytestmark = pytest.mark.ray
+from kdpipe.pipeline.executor import plan, run_shards
 
 
 class SumWorker:
@@ -26,15 +25,6 @@ class SumWorker:
                 "pid": os.getpid()}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    with ray_cluster(num_cpus=2) as ray:
-        yield ray
-
-
 def test_plan_is_contiguous():
     shards = plan(20, 8)
     assert [(s.start, s.stop) for s in shards] == [(0, 8), (8, 16), (16, 20)]
@@ -48,23 +38,6 @@ def test_inline_runs_every_shard_in_order():
     assert [r["sum"] for r in out] == [29, 93, 71]
     assert seen == [0, 1, 2]
     assert {r["pid"] for r in out} == {os.getpid()}
-
-
-def test_ray_matches_inline_and_a_killed_worker_is_retried(ray_local, tmp_path, monkeypatch):
-    shards = plan(48, 4)
-    inline = run_shards(SumWorker, {"offset": 1}, shards, executor="inline", progress=False)
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, f"3:{marker}")
-    remote = run_shards(SumWorker, {"offset": 1}, shards, executor="ray", progress=False)
-    assert marker.exists()  # the worker running shard 3 died once, was restarted, shard 3 retried
-    assert [r["sum"] for r in remote] == [r["sum"] for r in inline]
-    assert len({r["pid"] for r in remote}) >= 2  # two actors on two CPU slots (+ a restarted one)
-    # the local cluster listens on loopback only
-    gcs = ray_local.get_runtime_context().gcs_address
-    assert gcs.startswith("127.0.0.1:"), gcs
-    assert ray_local.util.get_node_ip_address() == "127.0.0.1"
-    for node in ray_local.nodes():
-        assert node["NodeManagerAddress"] == "127.0.0.1"
 
 
 def test_worker_error_reaches_driver_as_itself():

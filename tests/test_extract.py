@@ -179,8 +179,12 @@ def test_ray_with_a_killed_worker_equals_inline(ckpt, reference, tmp_path, monke
     out = str(tmp_path / "ray.zarr")
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"1:{marker}")
-    with ray_cluster(num_cpus=2):
+    with ray_cluster(num_cpus=2) as ray:
         summary = extract_teacher(ckpt, ARCH, DATA, out, executor="ray", num_workers=2, **OPTS)
+        # the local cluster listens on loopback only
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+        assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
     assert marker.exists()  # the worker that started shard 1 died; Ray restarted it and retried
     assert summary["shards_run"] == 3
     _same_arrays(out, reference[0])

@@ -88,6 +88,18 @@ def auto_shard_size(bytes_per_sample: int, num_samples: int) -> int:
     return max(1, size)
 
 
+def absolute_spec(data: str) -> str:
+    """The data spec with a relative local folder made absolute, so Ray workers (whose working
+    directory may differ) find the same folder: "cifar10:./c" -> "cifar10:/abs/c"."""
+    kind, sep, rest = str(data).partition(":")
+    if not sep or kind.strip().lower() not in ("cifar10", "cifar100", "imagefolder") or not rest:
+        return data
+    path, q, options = rest.partition("?")
+    if "://" in path or os.path.isabs(path):
+        return data
+    return f"{kind}:{os.path.abspath(path)}{q}{options}"
+
+
 def _device(device) -> str:
     if device:
         return str(device)
@@ -175,7 +187,7 @@ def _probe(model, dataset, policy, device) -> tuple[int, tuple, dict]:
         img = dataset.get_batch(np.arange(1))
         x = ds_normalize(policy.apply_images(img, torch.from_numpy(policy.identity()[None])),
                          dataset.mean, dataset.std)
-        logits, feats = model.to(device).forward_features(x.to(device))
+        logits, feats = model.forward_features(x)
     shapes = {k: tuple(int(s) for s in t.shape[1:]) for k, t in feats.items()}
     return int(logits.shape[1]), shapes["cam"][1:], shapes
 
@@ -218,12 +230,11 @@ def extract_teacher(teacher, arch, data, out, views="1", cam_res=(2,), features=
     n = len(dataset)
     if n == 0:
         raise KdpipeError(f"The data set {data} ({split}) has no images.")
-    dev = _device(device)
     model = load_teacher(arch, teacher, dataset.num_classes)
     policy = dataset.policy
     table = view_table(policy, n, views, seed)  # [N, V, P]; KdpipeError for a bad --views
     num_views = int(table.shape[1])
-    num_classes, cam_hw, shapes = _probe(model, dataset, policy, dev)
+    num_classes, cam_hw, shapes = _probe(model, dataset, policy, "cpu")
     del model
     if num_classes != dataset.num_classes:
         raise KdpipeError(f"The teacher has {num_classes} outputs but the data set {data} has "
@@ -264,7 +275,8 @@ def extract_teacher(teacher, arch, data, out, views="1", cam_res=(2,), features=
     path = writer.path
 
     # ---- run -----------------------------------------------------------------------------
-    worker_kwargs = dict(store=path, teacher=os.path.abspath(os.fspath(teacher)), arch=arch, data=data, split=split,
+    worker_kwargs = dict(store=path, teacher=os.path.abspath(os.fspath(teacher)), arch=arch,
+                         data=absolute_spec(data), split=split,
                          num_classes=num_classes, cam_res=cam_res, features=features, batch_size=int(batch_size),
                          device=device, fingerprint=dataset.fingerprint)
     if verbose and resume:
@@ -316,6 +328,8 @@ def extract_teacher(teacher, arch, data, out, views="1", cam_res=(2,), features=
         "shards": len(shards), "shards_run": len(todo), "shard_size": shard_size,
         "bytes_raw": raw, "bytes_stored": stored, "compression_ratio": round(raw / stored, 3) if stored else None,
         "img_per_s": summary_run["img_per_s"], "wall_s": round(wall, 3), "executor": executor,
+        "shard_seconds": summary_run["shard_seconds"], "compute_s": summary_run["compute_s"],
+        "write_s": summary_run["write_s"],
     }
     if verbose:
         print(format_summary(summary))

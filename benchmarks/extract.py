@@ -1,0 +1,140 @@
+"""Extraction throughput vs. bare teacher inference, measured in one run on one machine.
+
+    .venv/bin/python benchmarks/extract.py [--arch resnet56] [--n 2048] [--views 1]
+        [--batch-size 128] [--shard-size 256] [--workers 2] [--out bench-out/extract.json]
+
+Three measurements of the same teacher (random weights: speed does not depend on them) on
+the same synthetic 32x32 images, same views, same batch size:
+
+- bare: a plain loop in this process, no store: get_batch -> apply_images (the stored views)
+  -> normalize -> model(x) under torch.inference_mode (logits only: the cheapest honest
+  baseline; extraction also computes the CAM and keeps the feature maps).
+- inline: `extract_teacher(..., executor="inline")`, everything written to a Zarr store.
+- ray: `extract_teacher(..., executor="ray", num_workers=W)`, Ray started beforehand (its
+  start-up is reported, not counted); actor start-up and teacher loading are counted.
+
+img/s for the extraction runs is the stage's own number: images / seconds from the first
+shard submitted to the last shard written. The bare loop runs twice (before and after) and
+the mean is used, so a change in machine load during the run shows up as a spread.
+The bar (issue 3): extraction >= 0.8x bare, inline and Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def bare_throughput(model, dataset, table, batch_size: int) -> float:
+    from kdpipe.data import normalize
+
+    n, v = table.shape[:2]
+    flat = torch.from_numpy(np.ascontiguousarray(table.reshape(n * v, -1)))
+    sample_of = torch.arange(n * v) // v
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, n * v, batch_size):
+            rows = slice(s, min(s + batch_size, n * v))
+            images = dataset.get_batch(sample_of[rows].numpy())
+            x = normalize(dataset.policy.apply_images(images, flat[rows]), dataset.mean, dataset.std)
+            model(x)
+    return n * v / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="resnet56")
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--views", default="1")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cam-res", default="2")
+    p.add_argument("--features", default="penult,inter")
+    p.add_argument("--out", default="bench-out/extract.json")
+    p.add_argument("--skip-ray", action="store_true")
+    args = p.parse_args(argv)
+
+    from kdpipe.data import load_dataset
+    from kdpipe.models import build, load_teacher
+    from kdpipe.pipeline.executor import ray_cluster
+    from kdpipe.stages.extract import extract_teacher
+    from kdpipe.views import view_table
+
+    data = f"synthetic:n={args.n},classes={args.classes},size=32,seed=0"
+    work = tempfile.mkdtemp(prefix="kdpipe-bench-extract-")
+    try:
+        torch.manual_seed(0)
+        ckpt = os.path.join(work, "teacher.pth")
+        torch.save({"model": build(args.arch, args.classes).state_dict()}, ckpt)
+        dataset = load_dataset(data, "train")
+        model = load_teacher(args.arch, ckpt, args.classes)
+        table = view_table(dataset.policy, len(dataset), args.views, seed=0)
+        images = int(table.shape[0] * table.shape[1])
+        threads = torch.get_num_threads()
+
+        bare_throughput(model, dataset, table[: max(1, args.batch_size // table.shape[1])], args.batch_size)  # warm-up
+        bare_before = bare_throughput(model, dataset, table, args.batch_size)
+        print(f"bare   {bare_before:8.1f} img/s  ({threads} torch threads, this process)")
+        common = dict(views=args.views, cam_res=args.cam_res, features=args.features, shard_size=args.shard_size,
+                      batch_size=args.batch_size, progress=False, verbose=False)
+        inline = extract_teacher(ckpt, args.arch, data, os.path.join(work, "inline.zarr"), executor="inline",
+                                 **common)
+        print(f"inline {inline['img_per_s']:8.1f} img/s  (store {inline['bytes_stored'] / 2**20:.1f} MiB, "
+              f"compression {inline['compression_ratio']:.2f}x)")
+        ray_res, ray_start = None, None
+        if not args.skip_ray:
+            t0 = time.perf_counter()
+            with ray_cluster(num_cpus=os.cpu_count()):
+                ray_start = time.perf_counter() - t0
+                ray_res = extract_teacher(ckpt, args.arch, data, os.path.join(work, "ray.zarr"), executor="ray",
+                                          num_workers=args.workers, **common)
+            print(f"ray    {ray_res['img_per_s']:8.1f} img/s  ({args.workers} workers; Ray start-up "
+                  f"{ray_start:.1f} s not counted)")
+        bare_after = bare_throughput(model, dataset, table, args.batch_size)
+        bare = (bare_before + bare_after) / 2
+        print(f"bare   {bare_after:8.1f} img/s  (again; mean {bare:.1f})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "benchmark": "extract",
+        "command": "python benchmarks/extract.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+                    "platform": platform.platform(), "cuda": torch.cuda.is_available(),
+                    "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "config": {"arch": args.arch, "classes": args.classes, "images": images, "samples": args.n,
+                   "views": args.views, "batch_size": args.batch_size, "shard_size": args.shard_size,
+                   "ray_workers": args.workers, "cam_res": args.cam_res, "features": args.features},
+        "bare_img_per_s": {"before": round(bare_before, 2), "after": round(bare_after, 2), "mean": round(bare, 2)},
+        "inline": {"img_per_s": inline["img_per_s"], "wall_s": inline["wall_s"],
+                   "shard_seconds": inline["shard_seconds"], "compute_s": inline["compute_s"],
+                   "write_s": inline["write_s"], "bytes_stored": inline["bytes_stored"],
+                   "bytes_raw": inline["bytes_raw"], "compression_ratio": inline["compression_ratio"]},
+        "ray": None if ray_res is None else {"img_per_s": ray_res["img_per_s"], "wall_s": ray_res["wall_s"],
+                                             "shard_seconds": ray_res["shard_seconds"],
+                                             "compute_s_all_workers": ray_res["compute_s"],
+                                             "write_s_all_workers": ray_res["write_s"],
+                                             "ray_startup_s": round(ray_start, 2)},
+        "ratio_inline_vs_bare": round(inline["img_per_s"] / bare, 3),
+        "ratio_ray_vs_bare": None if ray_res is None else round(ray_res["img_per_s"] / bare, 3),
+        "bar": 0.8,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"inline/bare {result['ratio_inline_vs_bare']:.3f}  ray/bare {result['ratio_ray_vs_bare']}  -> {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
