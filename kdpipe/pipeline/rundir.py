@@ -270,7 +270,7 @@ class RunDir:
         def series(key):
             return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
 
-        fig = Figure(figsize=(10, 4), dpi=100)
+        fig = Figure(figsize=(10, 4), dpi=80)
         FigureCanvasAgg(fig)
         ax1, ax2 = fig.subplots(1, 2)
         for key, label in (("train_loss", "train loss"), ("test_loss", "test loss (CE)")):
@@ -293,7 +293,7 @@ class RunDir:
         ax2.grid(True, alpha=0.3)
         ax2.legend(fontsize=8)
         fig.suptitle(self.path.name, fontsize=9)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.88, wspace=0.22)  # (tight_layout is slow)
         out = Path(path) if path else self.path / CURVES
         atomic_write_bytes(out, lambda fh: fig.savefig(fh, format="png"))
         return out

@@ -314,9 +314,12 @@ def fit(
     eval_batch_size: int = 256,
     extra_state: Callable[[], dict] | None = None,
     num_workers: int = 2,
+    plot: bool = True,
+    on_step: Callable | None = None,
 ) -> dict:
     """Train ``model`` from ``start_epoch`` to ``epochs``; after every epoch: test top-1/top-5,
-    one metrics row, ``checkpoints/latest.pth`` (full state) and ``best.pth``. Returns
+    one metrics row, ``checkpoints/latest.pth`` (full state) and ``best.pth``; at the end the
+    curves PNG (``plot``). ``on_step(epoch, step, loss, parts)`` sees every step. Returns
     {"best_top1", "best_epoch", "final": last metrics row, "images", "train_seconds"}."""
     from tqdm.auto import tqdm
 
@@ -359,6 +362,8 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             loss_buf[step] = total.detach().float()
+            if on_step is not None:  # tests and benchmarks: per-step losses
+                on_step(epoch, step, total.detach(), parts)
             for k, v in parts.items():
                 v = v.detach().float() if torch.is_tensor(v) else float(v)
                 part_sums[k] = part_sums.get(k, 0.0) + v
@@ -421,7 +426,8 @@ def fit(
         if _after_epoch_hook is not None:
             _after_epoch_hook(epoch + 1)
     try:
-        run.plot_curves()
+        if plot:
+            run.plot_curves()
     except Exception as err:  # a plot must never lose a finished run
         print(f"kdpipe: warning: could not draw the curves ({type(err).__name__}: {err})")
     return {
