@@ -231,9 +231,30 @@ def inspect(store, cams, subclasses, target, png, fidelity, teacher, data, num_s
 
 
 @cli.command("demo")
-def demo():
-    """The whole pipeline on the embedded digits data set, with a report. [roadmap issue #6]"""
-    _not_built(6, "demo")
+@click.option("--out", default="kdpipe-demo", show_default=True, type=click.Path(),
+              help="Folder for the teacher, the store, the student runs and the report.")
+@click.option("--fast", is_flag=True, help="A smaller teacher, fewer views and epochs (under 3 minutes).")
+@click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
+              help="Run stage one on a local Ray cluster or in-process.")
+@click.option("--seeds", default="0", show_default=True, help="Student seeds, comma-separated (e.g. 0,1,2).")
+@click.option("--teacher-epochs", default=None, type=int, help="Override the preset's teacher epochs.")
+@click.option("--student-epochs", default=None, type=int, help="Override the preset's student epochs.")
+@click.option("--views", default=None, help="Override the preset's stored views (1, K or all).")
+@click.option("--k-penult", default=None, type=int, help="Override the preset's penultimate K-means centres.")
+def demo(out, fast, executor, seeds, teacher_epochs, student_epochs, views, k_penult):
+    """The whole pipeline on the embedded digits data set: teacher, store, students, report.
+
+    A re-run reuses the teacher and the store it already made."""
+    from kdpipe.stages.demo import run_demo
+
+    try:
+        seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+    except ValueError:
+        raise KdpipeError(f"--seeds takes comma-separated integers, not {seeds!r}.") from None
+    overrides = {key: value for key, value in (("teacher_epochs", teacher_epochs),
+                 ("student_epochs", student_epochs), ("views", views), ("k_penult", k_penult))
+                 if value is not None}
+    run_demo(out=out, fast=fast, executor=executor, seeds=seed_list, **overrides)
 
 
 def main(argv=None):
