@@ -198,13 +198,17 @@ def per_class_kmeans(
     niter: int = 20,
     seed: int = 0,
     gpu: bool | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """K-means with ``k`` centres on each class's vectors; returns centres [C*k, d] float32,
     rows ``c*k .. c*k + k - 1`` for class ``c`` (fitted with seed ``seed + c``)."""
+    from tqdm.auto import tqdm
+
     z = np.asarray(z, dtype=np.float32)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     out = np.empty((num_classes * k, z.shape[1]), dtype=np.float32)
-    for c in range(num_classes):
+    for c in tqdm(range(num_classes), desc="cluster: per-class K-means", unit="class", disable=not progress,
+                  leave=False):
         zc = z[labels == c]
         if zc.shape[0] < k:
             raise KdpipeError(

@@ -337,7 +337,7 @@ def _run(writer, reader, path, name, cshards, labels, grid, C, N, V, hp, wp, hi,
          k_penult, k_inter, lda_dims, topk, temperature, max_fit_points, seed, niter, drop_features,
          executor, ray_address, verbose, shard_size, t0):
     from kdpipe.artifacts.schema import chunk_rows
-    from kdpipe.methods.clustering import kmeans, per_class_kmeans, subclass_prototypes
+    from kdpipe.methods.clustering import faiss_gpu_available, kmeans, per_class_kmeans, subclass_prototypes
     from kdpipe.methods.lda import LDAStats, lda_project
     from kdpipe.methods.letkd import subclass_score_matrix
 
@@ -360,11 +360,14 @@ def _run(writer, reader, path, name, cshards, labels, grid, C, N, V, hp, wp, hi,
     xbar = lda.xbar.astype(np.float32)
 
     # ---- fits
-    km = kmeans(xp_fit, int(k_penult), niter=niter, seed=seed)
+    if verbose:
+        print(f"cluster: K-means K={k_penult} on {xp_fit.shape[0]} penult vectors of {xp_fit.shape[1]} dims "
+              f"({niter} iterations, faiss{' GPU' if faiss_gpu_available() else ''})...", flush=True)
+    km = kmeans(xp_fit, int(k_penult), niter=niter, seed=seed, verbose=verbose)
     del xp_fit
     z_fit = lda_project(xi_fit, scalings, xbar, d)
     del xi_fit
-    sub_centers = per_class_kmeans(z_fit, yi_fit, C, int(k_inter), niter=niter, seed=seed)
+    sub_centers = per_class_kmeans(z_fit, yi_fit, C, int(k_inter), niter=niter, seed=seed, progress=verbose)
     t_fit = time.perf_counter()
 
     # ---- write the fitted arrays, create the per-sample ones
