@@ -19,6 +19,15 @@ kept; all vectors when there are fewer). Prototypes and S are computed on that i
 fit sample, with the sub-class ids the stage stores; when nothing is subsampled this is the
 reference's definition on all vectors. Targets are computed for every vector.
 
+Seeds: the penult subsample and faiss K-means use ``seed``; the inter subsample ``seed + 1``;
+class c's K-means ``seed + c``. Same store and arguments -> identical arrays (Ray or inline).
+
+Inputs: a complete store with ``feat/penult`` and ``feat/inter`` [N, V, D, h, w] and the
+labels [N] (the store's ``labels`` array; a store without one needs ``dataset``, checked
+against the store's fingerprint). LDA follows sklearn's eigen solver exactly
+(``kdpipe.methods.lda``); a singular within-class scatter (dead channels) gets a tiny ridge,
+recorded as ``lda_ridge``.
+
 Vector order: location vectors of a map [N, V, D, h, w] are flattened in (n, v, y, x) order.
 
 Store layout written (``targets/<name>/``; N samples, V views, C classes; hp x wp and hi x wi
@@ -57,6 +66,15 @@ stored locations), ``fit_points_penult``, ``fit_points_inter``, ``max_fit_points
 ``penult_grid`` [hp, wp], ``inter_grid`` [hi, wi], ``penult_layer``/``inter_layer``
 (``feat/penult``, ``feat/inter``), ``views_used`` ("all"), ``lda_ridge``,
 ``empty_subclasses``, ``projection`` and ``pooling`` (the exact recipes below), ``created``.
+
+``--drop-features`` (``drop_features=True``) deletes every ``feat/*`` array once the target set
+is complete (``StoreWriter.delete_arrays``: gone from the group, ``manifest["arrays"]`` and
+``manifest["layers"]``) and sets ``manifest["features_dropped"] = True`` and
+``manifest["features_dropped_by"] = "cluster --name <name>"``; a later ``cluster`` on that store
+says the features were dropped.
+
+A target set left incomplete by an interrupted run is replaced by the next run of that name;
+a complete one only with ``overwrite``. Other target sets are never touched.
 
 How OnlineTargets reproduces these from a live teacher (exactly the stage's computation):
 
