@@ -241,7 +241,10 @@ def inspect(store, cams, subclasses, target, png, fidelity, teacher, data, num_s
 @click.option("--student-epochs", default=None, type=int, help="Override the preset's student epochs.")
 @click.option("--views", default=None, help="Override the preset's stored views (1, K or all).")
 @click.option("--k-penult", default=None, type=int, help="Override the preset's penultimate K-means centres.")
-def demo(out, fast, executor, seeds, teacher_epochs, student_epochs, views, k_penult):
+@click.option("--students", default=None,
+              help="Student runs, comma-separated, or 'all' (ce, kd, cat_kd, letkd1, letkd2, cat_kd_online, "
+                   "letkd2_online, cat_kd_warp). Default: the first six.")
+def demo(out, fast, executor, seeds, teacher_epochs, student_epochs, views, k_penult, students):
     """The whole pipeline on the embedded digits data set: teacher, store, students, report.
 
     A re-run reuses the teacher and the store it already made."""
@@ -254,6 +257,11 @@ def demo(out, fast, executor, seeds, teacher_epochs, student_epochs, views, k_pe
     overrides = {key: value for key, value in (("teacher_epochs", teacher_epochs),
                  ("student_epochs", student_epochs), ("views", views), ("k_penult", k_penult))
                  if value is not None}
+    if students:
+        from kdpipe.stages.demo import ALL_STUDENTS
+
+        overrides["students"] = ALL_STUDENTS if students == "all" else tuple(
+            x.strip() for x in students.split(",") if x.strip())
     run_demo(out=out, fast=fast, executor=executor, seeds=seed_list, **overrides)
 
 

@@ -50,19 +50,24 @@ FULL = DemoSettings()
 FAST = DemoSettings(teacher_arch="resnet8", teacher_epochs=10, student_epochs=15, views="2",
                     k_penult=64, k_inter=2, max_fit_points=50_000)
 
-# The students of the table: (label, method, options, online teacher?)
+# The student runs a table can hold: label -> (method, options, target source, views mode).
+# "cached" reads the store; "online" runs the teacher live on the same batches (the baseline
+# the store replaces). Warp runs read a second store that holds the identity view only.
 STUDENT_RUNS = {
-    "ce": ("ce", {}, False),
-    "kd": ("kd", {"temperature": None}, False),
-    "cat_kd": ("cat_kd", {"beta": None}, False),
-    "letkd1": ("letkd1", {}, False),
-    "letkd2": ("letkd2", {}, False),
-    "cat_kd_online": ("cat_kd", {"beta": None}, True),
+    "ce": ("ce", {}, "cached", "replay"),
+    "kd": ("kd", {"temperature": None}, "cached", "replay"),
+    "cat_kd": ("cat_kd", {"beta": None}, "cached", "replay"),
+    "letkd1": ("letkd1", {}, "cached", "replay"),
+    "letkd2": ("letkd2", {}, "cached", "replay"),
+    "cat_kd_online": ("cat_kd", {"beta": None}, "online", "replay"),
+    "letkd2_online": ("letkd2", {}, "online", "replay"),
+    "cat_kd_warp": ("cat_kd", {"beta": None}, "cached", "warp"),
 }
+ALL_STUDENTS = tuple(STUDENT_RUNS)
 
 
 def _method_options(label: str, settings: DemoSettings) -> dict:
-    method, options, _ = STUDENT_RUNS[label]
+    _, options, _, _ = STUDENT_RUNS[label]
     resolved = dict(options)
     if "beta" in resolved:
         resolved["beta"] = settings.cat_beta
@@ -101,31 +106,30 @@ def _teacher_stage(out: Path, s: DemoSettings, verbose: bool) -> tuple[Path, dic
     return Path(summary["checkpoint"]), record, False
 
 
-def _store_stage(out: Path, ckpt: Path, s: DemoSettings, verbose: bool) -> tuple[Path, dict]:
+def _store_stage(store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: bool) -> tuple[Path, dict]:
     """Extract the teacher into the store, or reuse a complete store of this very teacher."""
     from kdpipe.artifacts import open_store, store_exists
     from kdpipe.errors import StoreError
     from kdpipe.stages.extract import extract_teacher
 
-    store = out / "store.zarr"
     info = {"reused": False, "extract_seconds": None}
     if store_exists(store):
         try:
             reader = open_store(store)
             reader.require_complete()
             reader.check_teacher(ckpt)
-            views = reader.manifest.get("views", {})
-            if str(views.get("mode")) == str(s.views):
+            stored = reader.manifest.get("views", {})
+            if str(stored.get("mode")) == str(views):
                 _say(f"reusing the store made earlier: {store} (the teacher is not run again)", verbose)
                 info["reused"] = True
                 return store, info
-            _say(f"the store at {store} holds views={views.get('mode')}, not {s.views}: re-extracting", verbose)
+            _say(f"the store at {store} holds views={stored.get('mode')}, not {views}: re-extracting", verbose)
         except StoreError as err:
             _say(f"not reusing {store}: {err} Re-extracting.", verbose)
-    _say(f"extract-teacher: {s.teacher_arch} over the {DATA} train split, views={s.views}, "
+    _say(f"extract-teacher: {s.teacher_arch} over the {DATA} train split, views={views}, "
          f"executor={s.executor}", verbose)
     t0 = time.perf_counter()
-    extract_teacher(teacher=ckpt, arch=s.teacher_arch, data=DATA, out=store, views=s.views,
+    extract_teacher(teacher=ckpt, arch=s.teacher_arch, data=DATA, out=store, views=views,
                     cam_res=s.cam_res, features=("penult", "inter"), executor=s.executor,
                     overwrite=True, progress=verbose, verbose=verbose)
     info["extract_seconds"] = time.perf_counter() - t0
@@ -151,24 +155,23 @@ def _cluster_stage(store: Path, s: DemoSettings, store_reused: bool, verbose: bo
     return {"reused": False, "cluster_seconds": time.perf_counter() - t0}
 
 
-def _student_runs(store: Path, ckpt: Path, out: Path, s: DemoSettings, verbose: bool) -> list[dict]:
+def _student_runs(stores: dict, ckpt: Path, out: Path, s: DemoSettings, verbose: bool) -> list[dict]:
     from kdpipe.stages.train import train_student
 
     rows = []
     for label in s.students:
-        if label not in STUDENT_RUNS:
-            raise KdpipeError(f"Unknown demo student run {label!r}; choose from {', '.join(STUDENT_RUNS)}.")
-        method, _, online = STUDENT_RUNS[label]
+        method, _, source, views = STUDENT_RUNS[label]
+        online = source == "online"
         for seed in s.seeds:
             _say(f"student {s.student_arch} with {label} (seed {seed}, {s.student_epochs} epochs, "
                  f"{int(s.subset_fraction * 100)}% of the train split)", verbose)
             summary = train_student(
-                store=store, targets=TARGET_SET, student=s.student_arch, method=method,
+                store=stores[views], targets=TARGET_SET, student=s.student_arch, method=method,
                 method_options=_method_options(label, s), epochs=s.student_epochs,
-                batch_size=s.batch_size, views="replay", seed=seed,
+                batch_size=s.batch_size, views=views, seed=seed,
                 online_teacher=ckpt if online else None, subset_fraction=s.subset_fraction,
                 subset_seed=0, out=out / "students", progress=verbose, run_prefix=f"{label}-s{seed}")
-            rows.append({"label": label, "method": method, "source": "online" if online else "cached",
+            rows.append({"label": label, "method": method, "source": f"{source}, {views}",
                          "seed": seed, "final_top1": summary["final_top1"],
                          "best_top1": summary["best_top1"], "wall_seconds": summary["wall_seconds"],
                          "img_per_s": summary["img_per_s"], "run_dir": summary["run_dir"]})
@@ -262,15 +265,22 @@ def run_demo(out: str | Path = "kdpipe-demo", fast: bool = False, settings: Demo
     s = settings or (FAST if fast else FULL)
     if overrides:
         s = replace(s, **overrides)
+    unknown = [label for label in s.students if label not in STUDENT_RUNS]
+    if unknown:
+        raise KdpipeError(f"Unknown demo student run {unknown[0]!r}; choose from {', '.join(STUDENT_RUNS)}.")
     t0 = time.perf_counter()
     out = Path(out)
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
 
     ckpt, teacher, teacher_reused = _teacher_stage(out, s, verbose)
-    store, store_info = _store_stage(out, ckpt, s, verbose)
+    store, store_info = _store_stage(out / "store.zarr", ckpt, s, s.views, verbose)
     cluster_info = _cluster_stage(store, s, store_info["reused"], verbose)
-    rows = _student_runs(store, ckpt, out, s, verbose)
+    stores = {"replay": store}
+    if any(STUDENT_RUNS[label][3] == "warp" for label in s.students):
+        # Warp draws fresh augmentations and warps the identity view's maps: a 1-view store.
+        stores["warp"], _ = _store_stage(out / "store-1view.zarr", ckpt, s, "1", verbose)
+    rows = _student_runs(stores, ckpt, out, s, verbose)
 
     from kdpipe.artifacts import open_store
     from kdpipe.data import load_dataset
