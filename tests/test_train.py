@@ -53,6 +53,10 @@ def test_each_method_trains_one_epoch(store, tmp_path, method):
     run = pathlib.Path(s["run_dir"])
     for name in ("config.json", "metrics.csv", "metrics.jsonl", "summary.json", "checkpoints/latest.pth"):
         assert (run / name).is_file(), name
+    if method in ("letkd2", "cat_kd"):  # evaluate rebuilds the student with its KD layers
+        from kdpipe.stages.evaluate import evaluate
+
+        assert evaluate(run)["top1"] == pytest.approx(s["best_top1"])
 
 
 def test_subset_fraction_trains_on_a_stratified_subset(store, tmp_path):

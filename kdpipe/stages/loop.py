@@ -119,6 +119,12 @@ class DeviceData:
     labels: torch.Tensor | None = None  # int64 [N] on device
     indices: torch.Tensor | None = None  # int64 [n] (CPU) subset of sample indices
     labels_cpu: torch.Tensor = field(default=None)
+    mean: torch.Tensor | None = None  # float32 [3] on device (no host copy per step)
+    std: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.mean = torch.as_tensor(self.dataset.mean, dtype=torch.float32).to(self.device)
+        self.std = torch.as_tensor(self.dataset.std, dtype=torch.float32).to(self.device)
 
     @property
     def num_samples(self) -> int:
@@ -235,7 +241,7 @@ def evaluate_model(model: torch.nn.Module, data: DeviceData, batch_size: int = 2
     model.eval()
     device = data.device
     ds = data.dataset
-    mean, std = ds.mean, ds.std
+    mean, std = data.mean, data.std
     idx_all = data.sample_indices
     n = int(idx_all.numel())
     correct1 = torch.zeros((), dtype=torch.int64, device=device)
@@ -293,6 +299,26 @@ def _to_device_params(params, device):
     return params.to(device, non_blocking=True)
 
 
+def train_step(model, fns: StepFns, policy, optimizer, scaler, train: DeviceData, idx, imgs, epoch: int,
+               generator, amp: bool = False):
+    """One training step on a batch (indices CPU [B], uint8 images on the device): views,
+    crop/flip on the device, normalise, loss, backward, SGD step. Returns (loss, parts,
+    logits, labels), nothing synchronised. ``fit`` and benchmarks/train_step.py use it."""
+    device = train.device
+    view_idx, params = fns.views(idx, epoch, generator)
+    labels = train.labels.index_select(0, idx.to(device, non_blocking=True))
+    if params is not None:
+        imgs = policy.apply_images(imgs, _to_device_params(params, device))
+    x = _normalize(imgs, train.mean, train.std)
+    with autocast(device, amp):
+        total, parts, logits = fns.loss(model, x, labels, idx, view_idx, params)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return total, parts, logits, labels
+
+
 def fit(
     *,
     model: torch.nn.Module,
@@ -316,6 +342,7 @@ def fit(
     num_workers: int = 2,
     plot: bool = True,
     on_step: Callable | None = None,
+    scaler_state: dict | None = None,
 ) -> dict:
     """Train ``model`` from ``start_epoch`` to ``epochs``; after every epoch: test top-1/top-5,
     one metrics row, ``checkpoints/latest.pth`` (full state) and ``best.pth``; at the end the
@@ -327,7 +354,8 @@ def fit(
 
     device = train.device
     scaler = make_grad_scaler(device, amp)
-    mean, std = train.dataset.mean, train.dataset.std
+    if scaler_state and scaler.is_enabled():
+        scaler.load_state_dict(scaler_state)
     best = dict(best or {"top1": -1.0, "epoch": 0})
     n = train.num_samples
     total_steps = steps_per_epoch(n, batch_size)
@@ -350,17 +378,8 @@ def fit(
         step = 0
         checked = 0
         for step, (idx, imgs) in enumerate(iterate_batches(train, batch_size, seed, epoch, num_workers)):
-            view_idx, params = fns.views(idx, epoch, gen)
-            labels = train.labels.index_select(0, idx.to(device, non_blocking=True))
-            if params is not None:
-                imgs = policy.apply_images(imgs, _to_device_params(params, device))
-            x = _normalize(imgs, mean, std)
-            with autocast(device, amp):
-                total, parts, logits = fns.loss(model, x, labels, idx, view_idx, params)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            total, parts, logits, labels = train_step(model, fns, policy, optimizer, scaler, train, idx, imgs,
+                                                      epoch, gen, amp)
             loss_buf[step] = total.detach().float()
             if on_step is not None:  # tests and benchmarks: per-step losses
                 on_step(epoch, step, total.detach(), parts)

@@ -104,7 +104,7 @@ def train_teacher(
         "amp": bool(amp),
         "policy": getattr(train_set.policy, "name", str(train_set.policy)),
     }
-    start_epoch, best = 0, None
+    start_epoch, best, scaler_state = 0, None, None
     if resume is None:
         run = RunDir.create(out, f"teacher-{arch}-{_data_slug(data)}", config)
     else:
@@ -114,6 +114,7 @@ def train_teacher(
         load_scheduler_state(scheduler, state["scheduler"])
         restore_rng_state(state.get("rng", {}))
         start_epoch = int(state["epoch"])
+        scaler_state = state.get("scaler")
         best = {"top1": float(state.get("best_top1", -1.0)), "epoch": int(state.get("best_epoch", 0))}
         run.truncate_metrics(start_epoch)
     train = loop.place_dataset(train_set, dev, data_path=data_path)
@@ -124,7 +125,7 @@ def train_teacher(
         policy=train_set.policy, epochs=epochs, batch_size=batch_size,
         optimizer=optimizer, scheduler=scheduler, run=run, seed=seed, amp=amp,
         start_epoch=start_epoch, best=best, progress=progress, desc=f"teacher {arch}",
-        num_workers=num_workers,
+        num_workers=num_workers, scaler_state=scaler_state,
     )
     final = result["final"] or (run.read_metrics()[-1] if run.read_metrics() else {})
     ckpt = teacher_checkpoint_path(run.path, arch, epochs)

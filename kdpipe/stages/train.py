@@ -296,7 +296,7 @@ def train_student(
         "kd_layer_sizes": kd_sizes,
         "device": str(dev),
     }
-    start_epoch, best = 0, None
+    start_epoch, best, scaler_state = 0, None, None
     if run is None:
         prefix = run_prefix or f"student-{student}-{meth.name}"
         run = RunDir.create(out, prefix, config)
@@ -307,6 +307,7 @@ def train_student(
         load_scheduler_state(scheduler, state["scheduler"])
         restore_rng_state(state.get("rng", {}))
         start_epoch = int(state["epoch"])
+        scaler_state = state.get("scaler")
         best = {"top1": float(state.get("best_top1", -1.0)), "epoch": int(state.get("best_epoch", 0))}
         run.truncate_metrics(start_epoch)
 
@@ -332,7 +333,7 @@ def train_student(
         policy=getattr(source, "policy", None) or train_set.policy, epochs=epochs, batch_size=batch_size,
         optimizer=optimizer, scheduler=scheduler, run=run, seed=int(seed), amp=amp,
         start_epoch=start_epoch, best=best, progress=progress,
-        desc=f"{student} {meth.name}", num_workers=num_workers, plot=plot, on_step=on_step,
+        desc=f"{student} {meth.name}", num_workers=num_workers, scaler_state=scaler_state, plot=plot, on_step=on_step,
     )
     rows = run.read_metrics()
     final = rows[-1] if rows else {}
