@@ -108,6 +108,20 @@ def _trial_name(n: int, point: dict) -> str:
     return f"trial-{n:03d}" + ("-" + "-".join(parts) if parts else "")
 
 
+def _absolute_paths(base: dict) -> dict:
+    """store, online_teacher and a data spec's folder as absolute paths."""
+    b = dict(base)
+    for key in ("store", "online_teacher"):
+        if b.get(key) and "://" not in str(b[key]):
+            b[key] = str(Path(b[key]).resolve())
+    data = b.get("data")
+    if data and ":" in str(data):
+        kind, rest = str(data).split(":", 1)
+        if kind in ("cifar10", "cifar100", "imagefolder") and rest and Path(rest).exists():
+            b["data"] = f"{kind}:{Path(rest).resolve()}"
+    return b
+
+
 def _run_trial(kwargs: dict, threads: int | None = None) -> dict:
     """One trial (in a Ray worker or inline): train_student, errors reported not raised."""
     import torch
@@ -142,9 +156,10 @@ def run_sweep(base: dict, grid: dict, executor: str = "ray", out="runs", ray_add
     for p in points:
         kw = trial_kwargs(base, p)
         build_method(kw.get("method", "cat_kd"), kw.get("method_options"), None, kw.get("student", "resnet8x4"))
+    base = _absolute_paths(base)  # Ray workers may not share this process's working directory
     student = kwargs0.get("student", "student")
     method = kwargs0.get("method", "method")
-    sweep = RunDir.create(out, f"sweep-{student}-{method}", {"stage": "sweep", "base": base, "grid": grid,
+    sweep = RunDir.create(Path(out).resolve(), f"sweep-{student}-{method}", {"stage": "sweep", "base": base, "grid": grid,
                                                               "executor": executor, "trials": len(points)})
     jobs = []
     for n, p in enumerate(points):
