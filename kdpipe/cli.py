@@ -139,10 +139,10 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, temperature, student
 
 
 @cli.command("train-student")
-@click.option("--store", required=True, type=click.Path(), help="The teacher-artifact store (extract-teacher).")
+@click.option("--store", default=None, type=click.Path(), help="The teacher-artifact store (extract-teacher).")
 @click.option("--targets", default="default", show_default=True, help="Target set of the store (cluster --name).")
-@click.option("--student", required=True, help="Student architecture (resnet8x4, ShuffleV1, ...).")
-@click.option("--method", required=True, help="ce, kd, cat_kd, letkd1 or letkd2.")
+@click.option("--student", default=None, help="Student architecture (resnet8x4, ShuffleV1, ...).")
+@click.option("--method", default=None, help="ce, kd, cat_kd, letkd1 or letkd2.")
 @click.option("--beta", type=float, default=None, help="cat_kd: CAT weight (default: the reference pair's, else 15).")
 @click.option("--resolution", type=int, default=None, help="cat_kd: CAM pooling size r (default 2).")
 @click.option("--normalize/--no-normalize", default=None,
@@ -181,8 +181,16 @@ def train_student(store, targets, student, method, beta, resolution, normalize, 
                   bottom_n, temperature, alpha_penult, alpha_inter, epochs, lr, batch_size, views, seed, device,
                   amp, resume, online_teacher, data, subset_fraction, subset_seed, sweeps, executor, ray_address,
                   out):
-    """Stage two: train a student from the store, teacher-free."""
+    """Stage two: train a student from the store, teacher-free.
+
+    --store, --student and --method are required, except with --resume RUN (which reuses the
+    run's configuration)."""
     from kdpipe.stages.loop import format_summary
+
+    if resume is None:
+        missing = [n for n, v in (("--store", store), ("--student", student), ("--method", method)) if not v]
+        if missing:
+            raise KdpipeError(f"train-student needs {', '.join(missing)} (or --resume RUN).")
 
     options = {"beta": beta, "resolution": resolution, "normalize": normalize, "ce_weight": ce_weight,
                "binarize": binarize, "top_n": top_n, "bottom_n": bottom_n, "temperature": temperature,
@@ -205,6 +213,8 @@ def train_student(store, targets, student, method, beta, resolution, normalize, 
         return
     from kdpipe.stages.train import train_student as run_stage
 
+    if resume is not None:  # the run's own configuration; only the device may change
+        kwargs = {"device": device}
     s = run_stage(resume=resume, **kwargs)
     click.echo(format_summary(f"train-student: {s['student']} with {s['method']} ({s['target_source']}) done", {
         "final top-1 (%)": s["final_top1"], "final top-5 (%)": s["final_top5"],
