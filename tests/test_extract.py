@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from kdpipe.artifacts import StoreWriter, open_store
 from kdpipe.cli import cli
 from kdpipe.data import load_dataset, normalize
-from kdpipe.errors import StoreError
+from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.models import build, load_teacher
 from kdpipe.pipeline.executor import FAULT_ENV
 from kdpipe.stages.extract import extract_teacher
@@ -130,6 +130,18 @@ def test_write_error_leaves_the_store_incomplete(ckpt, tmp_path, monkeypatch):
         open_store(out)
     m = open_store(out, allow_incomplete=True).manifest
     assert m["complete"] is False and m["shards_done"] == [0]
+
+
+def test_nan_teacher_is_refused(tmp_path):
+    model = build(ARCH, 10)
+    with torch.no_grad():
+        model.head().weight[0, 0] = float("nan")
+    ck = tmp_path / "nan.pth"
+    torch.save({"model": model.state_dict()}, ck)
+    out = str(tmp_path / "s.zarr")
+    with pytest.raises(KdpipeError, match="NaN"):
+        extract_teacher(str(ck), ARCH, DATA, out, executor="inline", **OPTS)
+    assert open_store(out, allow_incomplete=True).manifest["complete"] is False
 
 
 def _one_line_error(result):

@@ -40,7 +40,17 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from kdpipe.errors import KdpipeError
+
 FAULT_ENV = "KDPIPE_FAULT_KILL_SHARD"
+
+
+class WorkerLost(KdpipeError):
+    """A Ray worker died more often than `max_retries` allows while running one shard."""
+
+    def __init__(self, message, shard_id=None):
+        super().__init__(message)
+        self.shard_id = shard_id
 
 
 @dataclass(frozen=True)
@@ -138,7 +148,11 @@ def ray_cluster(ray_address: str | None = None, num_cpus: int | None = None):
     started = False
     if not ray.is_initialized():
         if ray_address:
-            ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
+            try:
+                ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
+            except Exception as err:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, ...
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+                raise KdpipeError(f"Cannot join the Ray cluster at {ray_address} ({first}).") from None
         else:
             init_local_ray(num_cpus)
         started = True
@@ -163,8 +177,6 @@ def run_shards(worker_cls, worker_kwargs, shards, executor: str = "ray", num_wor
     """
     shards = list(shards)
     if executor not in ("ray", "inline"):
-        from kdpipe.errors import KdpipeError
-
         raise KdpipeError(f"The executor must be 'ray' or 'inline', not {executor!r}.")
     total = sum(int(getattr(s, "size", 1)) for s in shards)
     bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True,
@@ -228,9 +240,10 @@ def _run_ray(worker_cls, worker_kwargs, shards, num_workers, max_retries, fault,
                 result = ray.get(ref)
             except RayTaskError as err:
                 raise _unwrap(err) from None
-            except RayActorError as err:
-                raise RuntimeError(f"a Ray worker died {max_retries + 1} times running shard "
-                                   f"{getattr(shards[i], 'shard_id', i)}: {err}") from None
+            except RayActorError:
+                sid = getattr(shards[i], "shard_id", i)
+                raise WorkerLost(f"A Ray worker died {max_retries + 1} times while running shard {sid} "
+                                 "(out of memory, or killed)", shard_id=sid) from None
             done(i, result)
             submit(actor)
     finally:

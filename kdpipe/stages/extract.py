@@ -153,6 +153,9 @@ class ExtractWorker:
                 parts[f"feat/{f}"] = feats[f]
             for name, t in parts.items():
                 t = t.to(torch.float16).cpu().numpy()
+                if not np.isfinite(t).all():
+                    raise KdpipeError(f"The teacher's {name} is NaN or beyond float16 range (|x| > 65504) "
+                                      "for some images; check the checkpoint and the data normalisation.")
                 if name not in out:
                     out[name] = np.empty((b * v,) + t.shape[1:], np.float16)
                 out[name][rows] = t
@@ -202,7 +205,7 @@ def extract_teacher(teacher, arch, data, out, views="1", cam_res=(2,), features=
     from kdpipe.artifacts.schema import build_manifest, extraction_specs, ArraySpec
     from kdpipe.data import load_dataset
     from kdpipe.models import load_teacher
-    from kdpipe.pipeline.executor import plan, run_shards
+    from kdpipe.pipeline.executor import WorkerLost, plan, run_shards
     from kdpipe.views import view_table
 
     t_start = time.perf_counter()
@@ -295,9 +298,12 @@ def extract_teacher(teacher, arch, data, out, views="1", cam_res=(2,), features=
             failed_done = len(writer.mark_incomplete()["shards_done"])
         except Exception:  # noqa: BLE001 - the disk may still be full; the flag is already false
             pass
+        count = f"{failed_done} of {len(shards)}" if failed_done is not None else f"some of {len(shards)}"
+        if isinstance(err, WorkerLost):
+            raise StoreError(f"{err}, so the store at {path} is incomplete ({count} shards written); "
+                             "resume it with --resume.") from None
         if isinstance(err, KdpipeError) or not isinstance(err, OSError):
             raise
-        count = f"{failed_done} of {len(shards)}" if failed_done is not None else f"some of {len(shards)}"
         reason = err.strerror or str(err) or type(err).__name__
         raise StoreError(f"Writing the store at {path} failed ({reason}); the store is incomplete "
                          f"({count} shards written) and can be resumed with --resume once that is fixed.") from None
