@@ -431,10 +431,12 @@ def fit(
         }
         if extra_state is not None:
             state.update(extra_state())
+        # Metrics first, checkpoint last: a kill in between leaves a row past the checkpoint,
+        # which resume drops (truncate_metrics) and recomputes; never a missing row.
+        run.log_epoch(row)
         if improved:
             run.save_checkpoint({"model": state["model"], "epoch": epoch + 1, "top1": row["test_top1"]}, BEST)
         run.save_checkpoint(state)
-        run.log_epoch(row)
         last_row = row
         msg = f"{desc} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f}"
         if test is not None:
