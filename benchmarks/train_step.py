@@ -12,9 +12,10 @@ them). Every step is ``kdpipe.stages.loop.train_step``, the exact code ``train-s
 runs: batch gathered from device-resident uint8 images, view parameters from the target
 source, crop/flip on the device, normalise, targets, forward, loss, backward, SGD step.
 
-Configurations are interleaved (round-robin, rotated each repeat) so machine drift hits all
-of them alike; each timing is ``--steps`` steps after one warm-up step, synchronised on
-CUDA; the report takes the median over ``--repeats``. Ratios (all from this one run):
+Configurations are interleaved step by step (each round times one step of every
+configuration, in an order rotated each round) so machine drift hits all of them alike;
+``--warmup`` untimed steps each first; every step is synchronised on CUDA; the report takes
+the median step time over ``--steps x --repeats`` rounds. Ratios (all from this one run):
 
 - ``cached_catkd_over_ce`` = img/s(cached CAT-KD) / img/s(CE): bar >= 0.9;
 - ``online_over_cached_catkd`` = t_online / t_cached (per step) against its ideal
@@ -48,8 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--k-penult", type=int, default=4096, help="letKD penultimate K-means centres (reference 4096)")
     p.add_argument("--k-inter", type=int, default=8, help="letKD sub-classes per class (reference 8)")
     p.add_argument("--topk", type=int, default=16, help="stored top-k of the penultimate targets")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median taken)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration and repeat")
+    p.add_argument("--repeats", type=int, default=4, help="repeats (rounds = steps x repeats; median taken)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--workdir", default="bench-out/train_step", help="teacher checkpoint and store")
     p.add_argument("--out", default="bench-out/train_step.json")
@@ -165,23 +167,28 @@ def main(argv=None):
         loop.train_step(cfg["model"], cfg["fns"], cfg["policy"], cfg["opt"], cfg["scaler"], train, idx, imgs,
                         0, gen, args.amp)
 
-    def measure(cfg):
-        run_once(cfg)  # warm-up
+    def timed(cfg):
         sync()
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            run_once(cfg)
+        run_once(cfg)
         sync()
-        return (time.perf_counter() - t0) / args.steps
+        return time.perf_counter() - t0
 
     names = list(configs)
+    for n in names:  # warm-up: first-call allocations, lazy initialisation
+        for _ in range(args.warmup):
+            run_once(configs[n])
+    # Interleaved at the step level: each round times one step of every configuration, in an
+    # order rotated every round, so drift (other jobs on the machine) hits all of them alike.
     times = {n: [] for n in names}
-    for r in range(args.repeats):
+    rounds = args.repeats * args.steps
+    for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            times[n].append(measure(configs[n]))
-        print(f"[train_step] repeat {r + 1}/{args.repeats}: " +
-              ", ".join(f"{n} {B / times[n][-1]:.1f} img/s" for n in names), flush=True)
+            times[n].append(timed(configs[n]))
+        if (r + 1) % args.steps == 0:
+            print(f"[train_step] round {r + 1}/{rounds}: median so far " +
+                  ", ".join(f"{n} {B / statistics.median(times[n]):.1f} img/s" for n in names), flush=True)
 
     t = {n: statistics.median(v) for n, v in times.items()}
     ips = {n: B / t[n] for n in names}
@@ -197,7 +204,7 @@ def main(argv=None):
         "amp": bool(args.amp),
         "student": args.student, "teacher": args.teacher, "batch_size": B,
         "data": data, "k_penult": args.k_penult, "k_inter": args.k_inter, "topk": args.topk,
-        "steps": args.steps, "repeats": args.repeats,
+        "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "rounds": args.steps * args.repeats,
         "store": info,
         "sources": {n: c.get("source") for n, c in configs.items()},
         "seconds_per_step_median": t,
