@@ -59,6 +59,18 @@ def test_each_method_trains_one_epoch(store, tmp_path, method):
         assert evaluate(run)["top1"] == pytest.approx(s["best_top1"])
 
 
+def test_warp_views_from_a_one_view_store(store, tmp_path):
+    from kdpipe.stages import extract
+
+    path = tmp_path / "one.zarr"
+    extract.extract_teacher(store["teacher"], "resnet8", DATA, path, views="1", cam_res=(2,), executor="inline",
+                            progress=False, verbose=False)
+    s = train_student(path, method="cat_kd", views="warp", **_kw(store, tmp_path))
+    assert s["target_source"] == "CachedTargets" and s["views"] == "warp"
+    s = train_student(path, method="cat_kd", views="warp", online_teacher=store["teacher"], **_kw(store, tmp_path))
+    assert s["target_source"] == "OnlineSource"
+
+
 def test_subset_fraction_trains_on_a_stratified_subset(store, tmp_path):
     s = train_student(store["path"], method="cat_kd", subset_fraction=0.5, **_kw(store, tmp_path))
     assert s["train_samples"] == 12
