@@ -176,7 +176,10 @@ def run_sweep(base: dict, grid: dict, executor: str = "ray", out="runs", ray_add
     else:
         from kdpipe.pipeline.executor import ray_cluster
 
-        cuda = str(base.get("device") or "").startswith("cuda")
+        import torch
+
+        dev = base.get("device")
+        cuda = str(dev).startswith("cuda") if dev else torch.cuda.is_available()
         with ray_cluster(ray_address, num_cpus=num_cpus) as ray:
             opts = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_cpus": 1}
             remote = ray.remote(**opts)(_run_trial)
