@@ -10,9 +10,11 @@
 - A shard is any object; the bar counts `shard.size` units (1 when it has no `size`) and the
   fault hook below uses `shard.shard_id` (its position when it has none). `Shard` below is the
   usual one: a contiguous sample range [start, stop).
-- Ray: one actor per GPU (`num_gpus=1`) when the cluster has GPUs, else one per CPU slot
-  (`num_cpus=1`; with fewer workers than CPUs each actor gets an equal share and sets
-  `torch.set_num_threads` to it). Shards go to whichever actor is free. Actors are created
+- Ray: one actor per GPU (`num_gpus=1`, up to 4 CPUs each) when the cluster has GPUs, else
+  one per CPU slot (`num_cpus=1`; with fewer workers than CPUs each actor gets an equal
+  share). Each actor sets `torch.set_num_threads` to its CPU share: torch's default (all
+  cores, per process) oversubscribes a machine shared by several actors, and OpenMP threads
+  waiting on a busy core can make a forward pass many times slower. Shards go to whichever actor is free. Actors are created
   with `max_restarts` and `max_task_retries` = `max_retries`: a worker process that dies is
   restarted (its worker rebuilt) and its shard retried. An exception raised by a worker is
   not retried: it is re-raised in the driver as itself (a KdpipeError stays one sentence).
@@ -170,16 +172,18 @@ def _unwrap(err: BaseException) -> BaseException:
 
 def run_shards(worker_cls, worker_kwargs, shards, executor: str = "ray", num_workers: int | None = None,
                ray_address: str | None = None, max_retries: int = 3, desc: str = "shards",
-               unit: str = "img", on_result=None, progress: bool = True) -> list:
+               unit: str = "img", on_result=None, progress: bool = True, unit_scale: float = 1) -> list:
     """Run `worker.run(shard)` for every shard; return the results in the order of `shards`.
 
-    `on_result(shard, result)` is called in the driver as each shard finishes.
+    `on_result(shard, result)` is called in the driver as each shard finishes. The bar counts
+    `shard.size` x `unit_scale` units (e.g. samples x views = images).
     """
     shards = list(shards)
     if executor not in ("ray", "inline"):
         raise KdpipeError(f"The executor must be 'ray' or 'inline', not {executor!r}.")
     total = sum(int(getattr(s, "size", 1)) for s in shards)
-    bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True,
+    bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale if unit_scale != 1 else False,
+               dynamic_ncols=True,
                disable=not progress, smoothing=0.1)
     results: list = [None] * len(shards)
     fault = _fault_spec()
@@ -213,7 +217,8 @@ def _run_ray(worker_cls, worker_kwargs, shards, num_workers, max_retries, fault,
     gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
     if gpus > 0:
         n = min(num_workers or gpus, gpus)
-        opts, threads = dict(num_gpus=1, num_cpus=max(1, min(cpus // n, 4))), None
+        opts = dict(num_gpus=1, num_cpus=max(1, min(cpus // n, 4)))
+        threads = opts["num_cpus"]
     else:
         n = num_workers or cpus
         share = max(1, cpus // n) if n <= cpus else 1

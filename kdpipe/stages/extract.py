@@ -143,8 +143,10 @@ class ExtractWorker:
         ds = self.dataset
         for s in range(0, b * v, self.batch_size):
             rows = slice(s, min(s + self.batch_size, b * v))
-            x = self.policy.apply_images(images[sample_of[rows]], flat[rows])
-            x = ds_normalize(x, ds.mean, ds.std).to(self.device, non_blocking=True)
+            # uint8 to the device first (4x less to move than float32), then view + normalise there
+            x = images[sample_of[rows]].to(self.device, non_blocking=True)
+            x = self.policy.apply_images(x, flat[rows].to(self.device))
+            x = ds_normalize(x, ds.mean, ds.std)
             logits, feats = self.model.forward_features(x)
             parts = {"logits": logits, "cam": feats["cam"]}
             for r in self.cam_res:
@@ -291,7 +293,8 @@ def extract_teacher(teacher, arch, data, out, views="1", cam_res=(2,), features=
             writer.write_rows("views", 0, table)
             writer.write_rows("labels", 0, dataset.labels.astype(np.int32))
         results = run_shards(ExtractWorker, worker_kwargs, todo, executor=executor, num_workers=num_workers,
-                             ray_address=ray_address, desc=f"extract {arch}", unit="img", progress=progress)
+                             ray_address=ray_address, desc=f"extract {arch}", unit="img", progress=progress,
+                             unit_scale=num_views)
     except BaseException as err:
         failed_done = None
         try:
