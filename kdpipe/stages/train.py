@@ -275,7 +275,7 @@ def train_student(
 
     config = {
         "stage": "train-student",
-        "store": str(store) if store is not None else None,
+        "store": _abs(store),  # absolute, so --resume works from any folder
         "targets": targets,
         "student": student,
         "method": meth.name,
@@ -286,7 +286,7 @@ def train_student(
         "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov,
         "milestones": loop.milestones(epochs), "lr_decay": 0.1,
         "views": views, "seed": int(seed), "amp": bool(amp),
-        "online_teacher": str(online_teacher) if online_teacher is not None else None,
+        "online_teacher": _abs(online_teacher),
         "target_source": type(source).__name__,
         "data": data, "num_classes": train_set.num_classes,
         "dataset_fingerprint": train_set.fingerprint,
@@ -361,6 +361,12 @@ def train_student(
     del result
     run.write_summary(summary)
     return summary
+
+
+def _abs(path):
+    if path is None:
+        return None
+    return str(path) if "://" in str(path) else str(Path(path).resolve())
 
 
 def _mean(values):
