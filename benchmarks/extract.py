@@ -1,7 +1,8 @@
 """Extraction throughput vs. bare teacher inference, measured in one run on one machine.
 
     .venv/bin/python benchmarks/extract.py [--arch resnet56] [--n 2048] [--views 1]
-        [--batch-size 128] [--shard-size 256] [--workers 2] [--threads T] [--out bench-out/extract.json]
+        [--batch-size 128] [--shard-size 256] [--workers 2] [--threads T] [--repeats 2]
+        [--out bench-out/extract.json]
 
 Three measurements of the same teacher on the same synthetic 32x32 images, with the same
 views and batch size. The teacher has random weights (speed does not depend on them) with BN
@@ -10,25 +11,28 @@ statistics calibrated on the data, so its activations have a trained network's s
 - bare: a plain loop in this process, no store: get_batch -> apply_images (the stored views)
   -> normalize -> model(x) under torch.inference_mode (logits only: the cheapest honest
   baseline; extraction also computes the CAM and keeps the feature maps). Measured with 1
-  torch thread and with torch's default thread count, before and after the extraction runs
-  (means are used; the spread shows changes in machine load).
+  torch thread and with torch's default thread count (means are used). The rounds alternate
+  bare / inline / Ray (--repeats, default 2) and end with one more bare measurement, so a
+  change in machine load during the run hits every measurement alike.
 - inline: `extract_teacher(..., executor="inline")` in this process (default thread count),
   everything written to a Zarr store.
 - ray: `extract_teacher(..., executor="ray", num_workers=W)`: W actors, each with an equal
-  share of the CPUs as torch threads. Ray is started beforehand (its start-up is reported,
-  not counted); actor start-up and teacher loading are counted.
+  share of the CPUs as torch threads. Ray is started once beforehand (its start-up is
+  reported, not counted); actor start-up and teacher loading are counted in every round.
 
 img/s for the extraction runs is the stage's own number: images / seconds from the first
 shard submitted to the last shard written (worker start-up included). busy_img_per_s leaves
-the start-up out: images / the busiest worker's time inside its shards. Ratios: inline vs. bare at the same thread count
-and vs. the best bare loop; Ray vs. the best bare loop, and Ray's parallel efficiency
-(vs. W x the 1-thread bare loop, i.e. perfect scaling of its own worker configuration).
+the start-up out: images / the busiest worker's time inside its shards. Ratios: inline vs.
+bare at the same thread count and vs. the best bare loop; Ray vs. the best bare loop, and
+Ray's parallel efficiency (vs. W x the 1-thread bare loop: perfect scaling of its own worker
+configuration).
 The bar (issue 3): extraction >= 0.8x bare, inline and Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -87,6 +91,7 @@ def main(argv=None):
     p.add_argument("--out", default="bench-out/extract.json")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of this process (bare and inline); default: torch's own choice")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of bare / inline / Ray, alternating")
     p.add_argument("--skip-ray", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -125,30 +130,45 @@ def main(argv=None):
         torch.set_num_threads(1)
         bare_throughput(model, dataset, table[: max(1, args.batch_size // table.shape[1])], args.batch_size)  # warm-up
         torch.set_num_threads(threads)
-        measure_bare("before")
         common = dict(views=args.views, cam_res=args.cam_res, features=args.features, shard_size=args.shard_size,
-                      batch_size=args.batch_size, progress=False, verbose=False)
-        inline = extract_teacher(ckpt, args.arch, data, os.path.join(work, "inline.zarr"), executor="inline",
-                                 **common)
-        print(f"inline {inline['img_per_s']:8.1f} img/s  ({threads} torch threads; store "
-              f"{inline['bytes_stored'] / 2**20:.1f} MiB, compression {inline['compression_ratio']:.2f}x; "
-              f"compute {inline['compute_s']:.1f} s, write {inline['write_s']:.1f} s of {inline['shard_seconds']:.1f} s)")
-        ray_res, ray_start = None, None
-        if not args.skip_ray:
-            t0 = time.perf_counter()
-            with ray_cluster(num_cpus=os.cpu_count()):
-                ray_start = time.perf_counter() - t0
-                ray_res = extract_teacher(ckpt, args.arch, data, os.path.join(work, "ray.zarr"), executor="ray",
+                      batch_size=args.batch_size, progress=False, verbose=False, overwrite=True)
+        inline_runs, ray_runs, ray_start = [], [], None
+        ray_ctx = contextlib.nullcontext() if args.skip_ray else ray_cluster(num_cpus=os.cpu_count())
+        t0 = time.perf_counter()
+        with ray_ctx:
+            ray_start = time.perf_counter() - t0
+            for rnd in range(args.repeats):
+                # alternate bare / inline / Ray so a change in machine load hits all of them
+                measure_bare(f"round {rnd + 1}")
+                inline = extract_teacher(ckpt, args.arch, data, os.path.join(work, "inline.zarr"),
+                                         executor="inline", **common)
+                inline_runs.append(inline)
+                print(f"inline {inline['img_per_s']:8.1f} img/s  ({threads} torch threads; store "
+                      f"{inline['bytes_stored'] / 2**20:.1f} MiB, compression {inline['compression_ratio']:.2f}x; "
+                      f"compute {inline['compute_s']:.1f} s, write {inline['write_s']:.1f} s of "
+                      f"{inline['shard_seconds']:.1f} s)")
+                if not args.skip_ray:
+                    res = extract_teacher(ckpt, args.arch, data, os.path.join(work, "ray.zarr"), executor="ray",
                                           num_workers=args.workers, **common)
-            print(f"ray    {ray_res['img_per_s']:8.1f} img/s  (without actor start-up {ray_res['busy_img_per_s']:.1f}; "
-                  f"{args.workers} workers x "
-                  f"{max(1, os.cpu_count() // args.workers)} thread(s); Ray start-up {ray_start:.1f} s not counted)")
+                    ray_runs.append(res)
+                    print(f"ray    {res['img_per_s']:8.1f} img/s  (without actor start-up {res['busy_img_per_s']:.1f}; "
+                          f"{args.workers} workers x {max(1, os.cpu_count() // args.workers)} thread(s); "
+                          f"Ray start-up {ray_start:.1f} s not counted)")
         measure_bare("after")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     bare_mean = {t: sum(r) / len(r) for t, r in bare_runs.items()}
     bare_best = max(bare_mean.values())
+
+    def mean(runs, key):
+        vals = [r[key] for r in runs if r.get(key)]
+        return round(sum(vals) / len(vals), 2) if vals else None
+
+    inline = dict(inline_runs[-1], img_per_s=mean(inline_runs, "img_per_s"),
+                  busy_img_per_s=mean(inline_runs, "busy_img_per_s"))
+    ray_res = None if not ray_runs else dict(ray_runs[-1], img_per_s=mean(ray_runs, "img_per_s"),
+                                              busy_img_per_s=mean(ray_runs, "busy_img_per_s"))
     result = {
         "benchmark": "extract",
         "command": "python benchmarks/extract.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
@@ -158,8 +178,10 @@ def main(argv=None):
         "config": {"arch": args.arch, "classes": args.classes, "images": images, "samples": args.n,
                    "views": args.views, "batch_size": args.batch_size, "shard_size": args.shard_size,
                    "ray_workers": args.workers, "cam_res": args.cam_res, "features": args.features},
-        "bare_img_per_s": {str(t): {"before": round(r[0], 2), "after": round(r[1], 2),
-                                    "mean": round(sum(r) / len(r), 2)} for t, r in bare_runs.items()},
+        "bare_img_per_s": {str(t): {"runs": [round(x, 2) for x in r], "mean": round(sum(r) / len(r), 2)}
+                           for t, r in bare_runs.items()},
+        "inline_img_per_s_runs": [r["img_per_s"] for r in inline_runs],
+        "ray_img_per_s_runs": [r["img_per_s"] for r in ray_runs],
         "inline": {"img_per_s": inline["img_per_s"], "busy_img_per_s": inline["busy_img_per_s"],
                    "torch_threads": threads, "wall_s": inline["wall_s"],
                    "shard_seconds": inline["shard_seconds"], "compute_s": inline["compute_s"],
