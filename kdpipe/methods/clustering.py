@@ -2,20 +2,29 @@
 
 * ``kmeans(x, k, niter=20, seed=0, max_fit_points=None)``: faiss K-means, as the letKD
   reference runs it (``faiss.Clustering``, 20 iterations, L2). faiss's own sub-sampling is
-  switched off (``max_points_per_centroid`` huge, like the reference); instead, when
+  switched off (``max_points_per_centroid`` huge, like the reference, whose ``run_kmeans``
+  sets it to 10,000,000; faiss's defaults, ``faiss.ClusteringParameters()`` in faiss 1.15.1,
+  are ``max_points_per_centroid=256``, ``min_points_per_centroid=39``, ``niter=25``,
+  ``seed=1234``, i.e. a fit on at most 256 x K points); instead, when
   ``max_fit_points`` is given and smaller than ``len(x)``, a seeded uniform subsample
   (``subsample_indices``) is fitted. Returns ``KMeansResult(centers [k, D] float32, objective,
   num_fit)``, ``objective`` = faiss's objective of the last iteration divided by the number
   of fitted vectors (mean squared distance to the centre each was assigned to in that
   iteration; ``kmeans_objective`` gives it for the final centres).
-* ``TopkAssigner(centers, k, temperature, search="faiss")``: for vectors ``x`` [n, D] returns
-  the ``k`` nearest centres (faiss ``IndexFlatL2`` search; GPU index when available; or
-  ``search="torch"``: ``torch.topk`` on the distance row that the normaliser needs anyway,
-  which saves the second distance computation) and their probabilities
-  under ``p_j = softmax_j(-T * ||x - c_j||^2)`` over *all* K centres. The log-normaliser is a
+* ``TopkAssigner(centers, k, temperature, search="auto")``: for vectors ``x`` [n, D] returns
+  the ``k`` nearest centres and their probabilities under
+  ``p_j = softmax_j(-T * ||x - c_j||^2)`` over *all* K centres. The log-normaliser is a
   logsumexp over the full distance row, computed exactly in batches (torch, float32), so the
   stored values are the true top-k entries of the full softmax and their sum is the
   probability mass the top-k keeps.
+  Why the top-k is selected with ``torch.topk`` on that row by default (``search="torch"``):
+  the exact normaliser needs all K distances of every vector, so the row is computed anyway;
+  a separate nearest-centre search (faiss ``IndexFlatL2``) recomputes the same K distances
+  and, on CPU, only repeats work (it was half of the assignment time on digits). ``"auto"``
+  (default) uses ``search="faiss"`` (GPU index) only where faiss sees a GPU, else torch;
+  ``search="faiss"`` keeps the separate search available on any machine. Both give the same
+  indices except at exact distance ties. In the torch path the row's maximum is its top-1,
+  so the logsumexp is ``m + log(sum(exp(row - m)))`` computed in place on the row.
 * ``per_class_kmeans(z, labels, num_classes, k)``: one K-means per class (letKD's sub-classes);
   centre ``c*k + j`` is sub-class ``j`` of class ``c``; class ``c`` uses seed ``seed + c``.
 * ``constrained_nearest(z, labels, centers, k)``: per vector, ``c*k + argmin_j ||z - centers[c*k+j]||^2``
@@ -136,17 +145,23 @@ def kmeans_objective(x, centers, gpu: bool | None = None, batch: int = 65536) ->
 
 
 class TopkAssigner:
-    """Top-k of ``softmax(-T * ||x - c||^2)`` over all K centres; see the module docstring."""
+    """Top-k of ``softmax(-T * ||x - c||^2)`` over all K centres; see the module docstring.
+
+    ``search``: ``"torch"`` (top-k selected on the distance row the normaliser needs anyway),
+    ``"faiss"`` (a separate ``IndexFlatL2`` search, GPU index when faiss sees a GPU) or
+    ``"auto"`` (default: ``"faiss"`` when faiss sees a GPU, else ``"torch"``)."""
 
     def __init__(self, centers, k: int, temperature: float = 1.0, gpu: bool | None = None,
-                 device: str | None = None, max_batch_elems: int = 1 << 23, search: str = "faiss"):
+                 device: str | None = None, max_batch_elems: int = 1 << 22, search: str = "auto"):
         self.centers = np.ascontiguousarray(np.asarray(centers, dtype=np.float32))
         self.num_centers = self.centers.shape[0]
         self.k = int(min(k, self.num_centers))
         self.temperature = float(temperature)
         self.gpu = faiss_gpu_available() if gpu is None else bool(gpu)
-        if search not in ("faiss", "torch"):
-            raise ValueError(f"search must be 'faiss' or 'torch', not {search!r}")
+        if search not in ("auto", "faiss", "torch"):
+            raise ValueError(f"search must be 'auto', 'faiss' or 'torch', not {search!r}")
+        if search == "auto":
+            search = "faiss" if self.gpu else "torch"
         self.search = search
         self.index = _flat_index(self.centers, self.gpu) if search == "faiss" else None
         if device is None:
@@ -171,13 +186,16 @@ class TopkAssigner:
             dist += (xt * xt).sum(1, keepdim=True)
             dist.clamp_(min=0)
             logits = dist.mul_(-t)
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
             if self.index is not None:
+                lse = torch.logsumexp(logits, dim=1, keepdim=True)
                 _, ib = self.index.search(xb, self.k)
                 it = torch.from_numpy(ib).to(self.device)
                 sel = logits.gather(1, it) - lse
-            else:  # the row is already there: select on it
+            else:  # the row is already there: select on it, and its top-1 is the row's max
                 top, it = torch.topk(logits, self.k, dim=1)
+                m = top[:, :1]
+                # logsumexp = m + log(sum(exp(logits - m))), in place on the row (as torch.logsumexp)
+                lse = m + logits.sub_(m).exp_().sum(1, keepdim=True).log_()
                 sel = top - lse
                 ib = it.cpu().numpy()
             idx_out[s : s + len(xb)] = ib

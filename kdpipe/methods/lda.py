@@ -99,8 +99,18 @@ class LDAStats:
         n = np.maximum(self.counts, 1)[:, None]
         return self.sums / n
 
+    #: rows per float64 block in ``update`` (a block's float64 copy is block x D x 8 bytes)
+    block_rows = 32768
+
     def update(self, x, y) -> "LDAStats":
-        """Add a chunk of vectors ``x`` [n, D] with class labels ``y`` [n]."""
+        """Add a chunk of vectors ``x`` [n, D] with class labels ``y`` [n].
+
+        The chunk is taken in blocks of ``block_rows`` rows, each cast to float64 once (no sort,
+        no gather of the whole chunk): class counts by ``np.bincount``, class sums by a sparse
+        one-hot product (``onehot [C, b] @ xb``, O(b*D) whatever C), the block centred in place
+        on its own class means (``xb -= means[yb]``) and its scatter ``xb^T xb`` (one BLAS
+        syrk/gemm), folded in with the pairwise update of ``merge``.
+        """
         x = np.asarray(x)
         y = np.asarray(y).astype(np.int64, copy=False).reshape(-1)
         if x.ndim != 2 or x.shape[1] != self.dim:
@@ -111,18 +121,22 @@ class LDAStats:
             return self
         if y.min() < 0 or y.max() >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {y.min()}..{y.max()}")
-        x = x.astype(np.float64, copy=False)
-        other = LDAStats(self.num_classes, self.dim)
-        order = np.argsort(y, kind="stable")
-        ys = y[order]
-        xs = x[order]
-        present, starts = np.unique(ys, return_index=True)
-        other.counts[present] = np.diff(np.append(starts, len(ys)))
-        other.sums[present] = np.add.reduceat(xs, starts, axis=0)
-        means = other._means()
-        xc = xs - means[ys]
-        other.within = xc.T @ xc
-        return self.merge(other)
+        import scipy.sparse
+
+        c = self.num_classes
+        step = max(1, int(self.block_rows))
+        for s in range(0, x.shape[0], step):
+            yb = y[s : s + step]
+            nb = yb.shape[0]
+            xb = np.array(x[s : s + step], dtype=np.float64, order="C")  # the block's one copy
+            other = LDAStats(c, self.dim)
+            other.counts = np.bincount(yb, minlength=c).astype(np.int64)
+            onehot = scipy.sparse.csr_matrix((np.ones(nb), (yb, np.arange(nb))), shape=(c, nb))
+            other.sums = np.asarray(onehot @ xb)
+            xb -= other._means()[yb]
+            other.within = xb.T @ xb
+            self.merge(other)
+        return self
 
     def merge(self, other: "LDAStats") -> "LDAStats":
         """Fold ``other`` into ``self`` (in place) and return ``self``."""

@@ -82,8 +82,9 @@ How OnlineTargets reproduces these from a live teacher (exactly the stage's comp
    ``torch.nn.functional.adaptive_avg_pool2d(map, student_grid)`` (the stage pools the stored
    float16 features cast to float32);
 2. penultimate: ``kdpipe.methods.letkd.penult_topk_targets(feat, penult_centers, temperature,
-   topk)`` computes the same quantity (the stage searches with faiss and normalises with a
-   float32 logsumexp over all K; indices agree except at exact distance ties);
+   topk)`` computes the same quantity (the stage selects the top-k on the full float32
+   distance row with torch.topk, or a faiss GPU search where faiss sees a GPU, and normalises
+   with a float32 logsumexp over all K; indices agree except at exact distance ties);
 3. intermediate: ``kdpipe.methods.letkd.assign_subclasses(feat, labels, lda_xbar,
    lda_scalings, subclass_centers, K_inter)`` -- the stage calls this very function;
    the sub-class target of a location is ``subclass_scores[subclass_idx]``.
@@ -105,7 +106,12 @@ from kdpipe.pipeline.executor import ray_cluster, run_shards
 
 __all__ = ["cluster", "plot_subclasses", "parse_grid", "DEFAULT_MAX_FIT_POINTS"]
 
-# faiss's own default cap (max_points_per_centroid 256) for K = 4096: 1,048,576 vectors.
+# kdpipe's cap on the K-means fit sample (2**20 = 1,048,576 vectors). The letKD reference does
+# not subsample: its run_kmeans (letKD-framework distillation/algorithms/clustering/
+# cluster_utils.py) sets faiss's max_points_per_centroid = 10,000,000, which turns off faiss's
+# default subsampling to 256 x K points; METHODS.md: "fitted on all its location vectors".
+# Below 2**20 vectors this cap fits all of them, as the reference; it equals faiss's default
+# 256 x K only at K = 4096. A smaller fit (e.g. --max-fit-points 256*K) is the user's choice.
 DEFAULT_MAX_FIT_POINTS = 1 << 20
 PENULT = "feat/penult"
 INTER = "feat/inter"
@@ -449,7 +455,8 @@ def _run(writer, reader, path, name, cshards, labels, grid, C, N, V, hp, wp, hi,
         "penult_vectors": N * per_p, "inter_vectors": N * per_i, "K_penult": int(k_penult),
         "K_inter": int(k_inter), "lda_dims": d, "topk": topk,
         "retained_mass_min": float(mass_min), "retained_mass_mean": float(mass_mean),
-        "kmeans_objective_penult": float(km.objective), "dropped": dropped,
+        "kmeans_objective_penult": float(km.objective), "fit_points_penult": int(km.num_fit),
+        "dropped": dropped,
         "seconds": {"pass1": t_pass1 - t0, "fit": t_fit - t_pass1, "pass2_and_scores": t_end - t_fit,
                     "total": t_end - t0},
     }
