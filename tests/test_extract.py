@@ -107,7 +107,10 @@ def test_resume_after_the_driver_is_killed(ckpt, reference, tmp_path):
     assert proc.returncode == 1 and marker.exists(), proc.stderr[-2000:]  # died at shard 2
     with pytest.raises(StoreError, match=r"incomplete \(2 of 3 shards"):
         open_store(out)
-    summary = extract_teacher(ckpt, ARCH, DATA, out, executor="inline", resume=True, **OPTS)
+    with pytest.raises(StoreError, match=r"other settings .*views"):
+        extract_teacher(ckpt, ARCH, DATA, out, executor="inline", resume=True, **dict(OPTS, views="3"))
+    summary = extract_teacher(ckpt, ARCH, DATA, out, executor="inline", resume=True,
+                              **dict(OPTS, shard_size=None))  # the store's shard size is used
     assert summary["shards_run"] == 1
     _same_arrays(out, reference[0])
     again = extract_teacher(ckpt, ARCH, DATA, out, executor="inline", resume=True, **OPTS)

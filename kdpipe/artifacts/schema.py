@@ -155,9 +155,10 @@ def same_plan(a: dict, b: dict) -> str | None:
         ("teacher architecture", lambda m: (m.get("teacher") or {}).get("arch")),
         ("dataset fingerprint", lambda m: (m.get("dataset") or {}).get("fingerprint")),
         ("dataset split", lambda m: (m.get("dataset") or {}).get("split")),
-        ("views", lambda m: m.get("views")),
+        ("views (--views, --seed)", lambda m: m.get("views")),
         ("shard size", lambda m: m.get("shard_size")),
-        ("arrays", lambda m: {k: v.get("shape") for k, v in (m.get("arrays") or {}).items()}),
+        ("the set of arrays (--features, --cam-res)",
+         lambda m: {k: v.get("shape") for k, v in (m.get("arrays") or {}).items()}),
     ]
     for key, get in checks:
         if get(a) != get(b):

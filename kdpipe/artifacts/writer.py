@@ -180,8 +180,8 @@ class StoreWriter:
         old = w.manifest
         diff = same_plan(old, manifest)
         if diff is not None:
-            raise StoreError(f"The store at {w.path} was made with a different {diff} than this run; "
-                             "pass --overwrite to replace it.")
+            raise StoreError(f"The store at {w.path} was made with other settings than this run ({diff} "
+                             "differs); repeat the original options to resume, or pass --overwrite to replace it.")
         return w
 
     @classmethod

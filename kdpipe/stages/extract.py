@@ -203,7 +203,7 @@ def extract_teacher(teacher, arch, data, out, views="1", cam_res=(2,), features=
                     seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE, device=None, split: str = "train",
                     progress: bool = True, verbose: bool = True) -> dict:
     """Run the teacher over the data set into the store at `out`; return the summary dict."""
-    from kdpipe.artifacts import StoreWriter, open_store, sha256_file, store_exists
+    from kdpipe.artifacts import StoreWriter, open_store, read_manifest, sha256_file, store_exists
     from kdpipe.artifacts.schema import build_manifest, extraction_specs, ArraySpec
     from kdpipe.data import load_dataset
     from kdpipe.models import load_teacher
@@ -250,6 +250,8 @@ def extract_teacher(teacher, arch, data, out, views="1", cam_res=(2,), features=
     specs = extraction_specs(n, num_views, policy.param_dim, num_classes, cam_hw, cam_res,
                              {f: shapes[f] for f in features})
     specs.append(ArraySpec("labels", (n,), "int32", "class label of each sample"))
+    if shard_size is None and resume:
+        shard_size = (read_manifest(out) or {}).get("shard_size")  # continue with the store's own
     if shard_size is None:
         per_sample = sum(s.row_bytes() for s in specs)
         shard_size = auto_shard_size(per_sample, n)
