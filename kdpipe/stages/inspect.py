@@ -11,6 +11,8 @@ looked at before it is resumed; drawing needs a complete one.
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from kdpipe.errors import KdpipeError, StoreError
@@ -86,7 +88,8 @@ def describe(reader) -> str:
             state = "" if e.get("complete") else " (INCOMPLETE)"
             lines.append(f"  {name}{state}: {', '.join(sorted(e.get('arrays') or {}))}")
             if attrs:
-                lines.append(f"    {attrs}")
+                lines.append(textwrap.fill(attrs, width=110, initial_indent="    ", subsequent_indent="    ",
+                                           break_on_hyphens=False))
     else:
         lines.append("target sets none (run `kdpipe cluster`)")
     return "\n".join(lines)
