@@ -94,7 +94,7 @@ def main(argv=None):
     from kdpipe.models import build, load_teacher
     from kdpipe.artifacts import open_store
     from kdpipe.stages import loop
-    from kdpipe.stages.train import _make_target_source, _target_set_sizes, build_method
+    from kdpipe.stages.train import _make_target_source, _target_set_sizes, build_method, student_step_loss
 
     dev = loop.resolve_device(args.device)
     args.device = str(dev)
@@ -120,17 +120,7 @@ def main(argv=None):
                                      online_teacher=info["checkpoint"] if online else None,
                                      teacher_arch=teacher_arch, num_classes=num_classes, policy=ds.policy,
                                      labels=ds.labels)
-        use_features = len(model.taps) > 0 or any(k != "logits" for k in m.target_keys)
-
-        def loss(model, x, labels, idx, view_idx, params, m=m, source=source, use_features=use_features):
-            tg = source.targets(idx, view_idx, params, x) if m.target_keys else {}
-            if use_features:
-                logits, feats = model.forward_features(x)
-            else:
-                logits, feats = model(x), {}
-            total, parts = m.loss(logits, feats, tg, labels)
-            return total, parts, logits
-
+        loss = student_step_loss(model, m, source)
         opt = loop.make_optimizer(model, 0.01, 0.9, 5e-4, nesterov=m.recipe(args.student).get("nesterov", False))
         configs[name] = {"kind": "step", "model": model, "opt": opt, "scaler": loop.make_grad_scaler(dev, args.amp),
                          "fns": loop.StepFns(views=source.views_for, loss=loss),

@@ -44,6 +44,24 @@ _after_epoch_hook: Callable[[int], None] | None = None
 
 
 # ----------------------------------------------------------------------------- basics
+def restore_training_state(run, model, optimizer, scheduler, device) -> tuple[int, dict, dict | None]:
+    """Load a run's latest checkpoint into ``model``, ``optimizer``, ``scheduler`` and the RNGs,
+    and drop metric rows past it, so the resumed run continues exactly where it stopped.
+
+    Returns (start_epoch, best {"top1", "epoch"}, grad-scaler state or None)."""
+    from kdpipe.pipeline.rundir import load_scheduler_state, restore_rng_state
+
+    state = run.load_checkpoint(map_location=device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    load_scheduler_state(scheduler, state["scheduler"])
+    restore_rng_state(state.get("rng", {}))
+    start_epoch = int(state["epoch"])
+    best = {"top1": float(state.get("best_top1", -1.0)), "epoch": int(state.get("best_epoch", 0))}
+    run.truncate_metrics(start_epoch)
+    return start_epoch, best, state.get("scaler")
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/"auto" -> cuda when available else cpu; "cuda" without CUDA -> one sentence."""
     if device is None or str(device) == "auto":

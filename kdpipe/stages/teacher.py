@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kdpipe.pipeline.rundir import RunDir, load_scheduler_state, restore_rng_state, save_checkpoint_file
+from kdpipe.pipeline.rundir import RunDir, save_checkpoint_file
 from kdpipe.stages import loop
 
 
@@ -108,15 +108,7 @@ def train_teacher(
     if resume is None:
         run = RunDir.create(out, f"teacher-{arch}-{_data_slug(data)}", config)
     else:
-        state = run.load_checkpoint(map_location=dev)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        load_scheduler_state(scheduler, state["scheduler"])
-        restore_rng_state(state.get("rng", {}))
-        start_epoch = int(state["epoch"])
-        scaler_state = state.get("scaler")
-        best = {"top1": float(state.get("best_top1", -1.0)), "epoch": int(state.get("best_epoch", 0))}
-        run.truncate_metrics(start_epoch)
+        start_epoch, best, scaler_state = loop.restore_training_state(run, model, optimizer, scheduler, dev)
     train = loop.place_dataset(train_set, dev, data_path=data_path)
     test = loop.place_dataset(test_set, dev, data_path=data_path)
     result = loop.fit(

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from kdpipe.errors import KdpipeError, StoreError
-from kdpipe.pipeline.rundir import RunDir, load_scheduler_state, restore_rng_state
+from kdpipe.pipeline.rundir import RunDir
 from kdpipe.stages import loop
 
 VIEW_MODES = ("replay", "warp")
@@ -157,6 +157,26 @@ def _make_target_source(*, reader, method, target_set, device, views, online_tea
 
 def _uses_target_set(method) -> bool:
     return any(a.startswith("targets/") for a in method.store_artifacts("x"))
+
+
+def student_step_loss(model, method, source):
+    """The loss of one student step: targets of the batch's views from ``source``, the student's
+    forward, ``method.loss``. Returns ``fn(model, x, labels, idx, view_idx, params) -> (total,
+    parts, logits)`` for ``loop.StepFns``."""
+    # CE and logit KD need logits only: a plain forward, as plain training of the student does.
+    use_features = len(model.taps) > 0 if hasattr(model, "taps") else True
+    use_features = use_features or any(k != "logits" for k in method.target_keys)
+
+    def step_loss(model, x, labels, idx, view_idx, params):
+        tg = source.targets(idx, view_idx, params, x) if method.target_keys else {}
+        if use_features:
+            logits, feats = model.forward_features(x)
+        else:
+            logits, feats = model(x), {}
+        total, parts = method.loss(logits, feats, tg, labels)
+        return total, {k: v for k, v in parts.items() if k != "total"}, logits
+
+    return step_loss
 
 
 def train_student(
@@ -301,31 +321,12 @@ def train_student(
         prefix = run_prefix or f"student-{student}-{meth.name}"
         run = RunDir.create(out, prefix, config)
     else:
-        state = run.load_checkpoint(map_location=dev)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        load_scheduler_state(scheduler, state["scheduler"])
-        restore_rng_state(state.get("rng", {}))
-        start_epoch = int(state["epoch"])
-        scaler_state = state.get("scaler")
-        best = {"top1": float(state.get("best_top1", -1.0)), "epoch": int(state.get("best_epoch", 0))}
-        run.truncate_metrics(start_epoch)
+        start_epoch, best, scaler_state = loop.restore_training_state(run, model, optimizer, scheduler, dev)
 
     train = loop.place_dataset(train_set, dev, indices=subset, data_path=data_path)
     test = loop.place_dataset(test_set, dev, data_path=data_path)
 
-    # CE and logit KD need logits only: a plain forward, as plain training of the student does.
-    use_features = len(model.taps) > 0 if hasattr(model, "taps") else True
-    use_features = use_features or any(k != "logits" for k in meth.target_keys)
-
-    def step_loss(model, x, labels, idx, view_idx, params):
-        tg = source.targets(idx, view_idx, params, x) if meth.target_keys else {}
-        if use_features:
-            logits, feats = model.forward_features(x)
-        else:
-            logits, feats = model(x), {}
-        total, parts = meth.loss(logits, feats, tg, labels)
-        return total, {k: v for k, v in parts.items() if k != "total"}, logits
+    step_loss = student_step_loss(model, meth, source)
 
     result = loop.fit(
         model=model, train=train, test=test,
