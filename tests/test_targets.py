@@ -347,3 +347,16 @@ def test_pipeline_warp_and_fidelity(pipeline):
     rep = warp_fidelity(stores["1"], teacher, ds, num_samples=6, seed=0, batch_size=3)
     assert {"logits", "cam", "cam_r2", "feat/penult", "feat/inter", "penult_topk",
             "inter_probs"} <= set(rep)
+
+
+def test_replay_fidelity_is_exact_up_to_float16(pipeline):
+    """Replay applies exactly a stored view, so its targets match the online teacher's."""
+    ds, teacher, stores = pipeline
+    rep = warp_fidelity(stores["3"], teacher, ds, num_samples=12, seed=0, batch_size=5, mode="replay")
+    for name in ("logits", "cam", "cam_r2", "feat/penult", "feat/inter"):
+        assert rep[name]["cosine"] > 0.9999, name
+        assert rep[name]["rel_error"] < 2e-3, name
+    assert rep["penult_topk"]["rel_error"] < 2e-2
+    assert rep["inter_probs"]["cosine"] > 0.97
+    with pytest.raises(StoreError, match="identity view"):
+        warp_fidelity(stores["3"], teacher, ds, num_samples=4, seed=0, mode="warp")

@@ -153,7 +153,8 @@ def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES
 def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: str | None = None,
                   fidelity: bool = False, teacher=None, data=None, num_samples: int = 256, device=None,
                   verbose: bool = True) -> dict:
-    """Print the store's description; optionally draw CAMs / sub-classes or measure warp fidelity.
+    """Print the store's description; optionally draw CAMs / sub-classes or measure the fidelity
+    of its targets (warp for a 1-view store, replay otherwise) against the online teacher.
 
     Returns {"text": ..., "png": path or None, "fidelity": dict or None}.
     """
@@ -193,21 +194,21 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
         if verbose:
             print(f"wrote {result['png']}")
     if fidelity:
-        try:
-            from kdpipe.stages.targets import warp_fidelity
-        except ImportError:
-            raise KdpipeError("Warp fidelity arrives with issue #5 (cached targets).") from None
         from kdpipe.models import load_teacher
+        from kdpipe.stages.targets import warp_fidelity
 
         reader.check_teacher(teacher)
         dataset = _dataset_for(reader, data)
         t = reader.manifest["teacher"]
         model = load_teacher(t["arch"], teacher, int(t["num_classes"]))
+        # A 1-view store is trained with warp; a multi-view store replays its stored views.
+        mode = "warp" if reader.num_views == 1 else "replay"
         fid = warp_fidelity(reader, model, dataset, num_samples=num_samples, target_set=target,
-                            device=device or "cpu")
+                            device=device or "cpu", mode=mode)
         result["fidelity"] = fid
+        result["fidelity_mode"] = mode
         if verbose:
-            print(f"warp fidelity on {num_samples} random views (cosine, relative error vs. online teacher):")
+            print(f"{mode} fidelity on {num_samples} random views (cosine, relative error vs. online teacher):")
             for name, row in fid.items():
                 print(f"  {name:<24} cosine {row['cosine']:.4f}  rel_error {row['rel_error']:.4f}")
     return result

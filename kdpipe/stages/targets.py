@@ -499,13 +499,16 @@ def _compare(warped: torch.Tensor, online: torch.Tensor) -> tuple[list, float, f
 @torch.no_grad()
 def warp_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int = 0,
                   target_set: str | None = None, device="cpu", batch_size: int = 64,
-                  policy=None) -> dict:
-    """How close warped stored targets are to the online teacher on random views.
+                  policy=None, mode: str = "warp") -> dict:
+    """How close stored targets are to the online teacher on the views a student would see.
 
-    Draws ``num_samples`` samples (seeded) and one random view each (``policy.random`` from a
-    generator seeded with ``seed``), warps the store's identity-view arrays to that view
-    (dense maps bilinear, discrete maps nearest, logits unchanged) and compares them with the
-    teacher run on the augmented image. Artifacts: ``logits``, ``cam``, ``cam_rR``,
+    ``mode="warp"`` (stores with the identity view only): draws ``num_samples`` samples
+    (seeded) and one fresh random view each (``policy.random`` from a generator seeded with
+    ``seed``), warps the store's identity-view arrays to that view (dense maps bilinear,
+    discrete maps nearest, logits unchanged) and compares them with the teacher run on the
+    augmented image. ``mode="replay"``: picks one stored view per sample (seeded), applies
+    exactly its parameters to the image and compares the stored targets of that view as they
+    are: the exact path, whose error is float16 rounding alone. Artifacts: ``logits``, ``cam``, ``cam_rR``,
     ``feat/<layer>`` (those stored) and, with a target set, ``penult_topk`` (densified,
     renormalised distributions over the K clusters) and ``inter_probs``.
 
@@ -524,7 +527,10 @@ def warp_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int = 
     rng = np.random.default_rng(seed)
     n = min(int(num_samples), N)
     idx_all = np.sort(rng.choice(N, size=n, replace=False))
-    if not (np.asarray(views.get_orthogonal_selection((idx_all, 0))) == ident).all():
+    if mode not in ("warp", "replay"):
+        raise KdpipeError(f"Fidelity mode must be warp or replay, not {mode!r}.")
+    replay = mode == "replay"
+    if not replay and not (np.asarray(views.get_orthogonal_selection((idx_all, 0))) == ident).all():
         raise StoreError(f"Warp fidelity needs a store whose view 0 is the identity view "
                          f"(views=1); the store at {reader.path} holds other views.")
     gen = torch.Generator().manual_seed(int(seed))
@@ -555,20 +561,35 @@ def warp_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int = 
     static = {k: _np_to_torch(tsd[k][:]).float().to(dev) for k in
               ("penult_centers", "lda_scalings", "lda_xbar", "subclass_centers",
                "subclass_scores") if k in tsd}
+    def stored_of(array, idx, view):
+        """The stored rows of ``idx`` at view 0 (warp) or at each sample's own view (replay)."""
+        if view is None:
+            return _np_to_torch(array.get_orthogonal_selection((idx, 0)))
+        rows = np.asarray(array.get_orthogonal_selection((idx, slice(None))))
+        return _np_to_torch(rows[np.arange(len(idx)), view])
+
+    def transform(maps, params, how):
+        return maps if replay else policy.apply_maps(maps, params, mode=how)
+
     for s in range(0, n, batch_size):
         idx = idx_all[s:s + batch_size]
         B = len(idx)
-        params = policy.random(gen, B, device="cpu")
+        if replay:
+            view = rng.integers(0, reader.num_views, size=B)
+            params = stored_of(views, idx, view).to(torch.int32)
+        else:
+            view = None
+            params = policy.random(gen, B, device="cpu")
         images = policy.apply_images(dataset.get_batch(idx), params)
         x = normalize(images, dataset.mean, dataset.std).to(dev)
         logits, feats = teacher.forward_features(x)
         params_d = params.to(dev)
         for name in names:
-            stored = _np_to_torch(reader.array(name).get_orthogonal_selection((idx, 0))).float().to(dev)
+            stored = stored_of(reader.array(name), idx, view).float().to(dev)
             if name == "logits":
                 add(name, stored, logits.float())
                 continue
-            warped = policy.apply_maps(stored, params_d, mode="bilinear")
+            warped = transform(stored, params_d, "bilinear")
             if name == "cam":
                 online = feats["cam"]
             elif name.startswith("cam_r"):
@@ -577,18 +598,19 @@ def warp_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int = 
                 online = feats[name.split("/", 1)[1]]
             add(name, warped, _pool_to(online.float(), warped.shape[-2:]))
         if info is not None and "penult_topk_idx" in tsd and "penult_centers" in static:
-            ti = _np_to_torch(tsd["penult_topk_idx"].get_orthogonal_selection((idx, 0))).long().to(dev)
-            tv = _np_to_torch(tsd["penult_topk_val"].get_orthogonal_selection((idx, 0))).float().to(dev)
-            ti = _warp_last_k(ti, policy, params_d, "nearest")
-            tv = _warp_last_k(tv, policy, params_d, "nearest")
+            ti = stored_of(tsd["penult_topk_idx"], idx, view).long().to(dev)
+            tv = stored_of(tsd["penult_topk_val"], idx, view).float().to(dev)
+            if not replay:
+                ti = _warp_last_k(ti, policy, params_d, "nearest")
+                tv = _warp_last_k(tv, policy, params_d, "nearest")
             f = _pool_to(feats["penult"].float(), info["penult_grid"])
             oi, ov = penult_topk_targets(f, static["penult_centers"], info["temperature"],
                                          info["k"])
             K = static["penult_centers"].shape[0]
             add("penult_topk", densify_topk(ti, tv, K), densify_topk(oi, ov, K))
         if info is not None and "subclass_idx" in tsd and "subclass_centers" in static:
-            sub = _np_to_torch(tsd["subclass_idx"].get_orthogonal_selection((idx, 0))).long().to(dev)
-            sub = policy.apply_maps(sub[:, None], params_d, mode="nearest")[:, 0]
+            sub = stored_of(tsd["subclass_idx"], idx, view).long().to(dev)
+            sub = transform(sub[:, None], params_d, "nearest")[:, 0]
             f = _pool_to(feats["inter"].float(), info["inter_grid"])
             labels = torch.as_tensor(np.asarray(dataset.labels)[idx], device=dev)
             osub = assign_subclasses(f, labels, static["lda_xbar"].reshape(-1),
