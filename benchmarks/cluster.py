@@ -150,7 +150,7 @@ def bench_stage(k_penults, seed, views="8"):
         s = extract_teacher(f"{tmp}/t.pth", "resnet8", "digits", f"{tmp}/d.zarr", views=str(views), cam_res=(2,),
                             executor="inline", progress=False, verbose=False, device="cpu")
         out["extract_seconds"] = time.perf_counter() - t
-        out["samples"] = int(s.get("num_samples", 0) or 0) if isinstance(s, dict) else None
+        out["samples"] = int(s.get("samples", 0) or 0) if isinstance(s, dict) else None
         for k in k_penults:
             t = time.perf_counter()
             summ = cluster(f"{tmp}/d.zarr", name=f"k{k}", k_penult=k, executor="inline", verbose=False, seed=seed)
