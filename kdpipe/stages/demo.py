@@ -52,9 +52,10 @@ FAST = DemoSettings(teacher_arch="resnet8", teacher_epochs=10, student_epochs=15
 
 # The student runs a table can hold: label -> (method, options, target source, views mode).
 # "cached" reads the store; "online" runs the teacher live on the same batches (the baseline
-# the store replaces). Warp runs read a second store that holds the identity view only.
+# the store replaces); "none" (CE) reads no targets and trains on fresh random views. Warp
+# runs read a second store that holds the identity view only.
 STUDENT_RUNS = {
-    "ce": ("ce", {}, "cached", "replay"),
+    "ce": ("ce", {}, "none", "replay"),
     "kd": ("kd", {"temperature": None}, "cached", "replay"),
     "cat_kd": ("cat_kd", {"beta": None}, "cached", "replay"),
     "letkd1": ("letkd1", {}, "cached", "replay"),
@@ -171,7 +172,8 @@ def _student_runs(stores: dict, ckpt: Path, out: Path, s: DemoSettings, verbose:
                 batch_size=s.batch_size, views=views, seed=seed,
                 online_teacher=ckpt if online else None, subset_fraction=s.subset_fraction,
                 subset_seed=0, out=out / "students", progress=verbose, run_prefix=f"{label}-s{seed}")
-            rows.append({"label": label, "method": method, "source": f"{source}, {views}",
+            source_label = "none (fresh random views)" if source == "none" else f"{source}, {views}"
+            rows.append({"label": label, "method": method, "source": source_label,
                          "seed": seed, "final_top1": summary["final_top1"],
                          "best_top1": summary["best_top1"], "wall_seconds": summary["wall_seconds"],
                          "img_per_s": summary["img_per_s"], "run_dir": summary["run_dir"]})
