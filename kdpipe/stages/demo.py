@@ -185,23 +185,31 @@ def _store_bytes(store: Path) -> int:
 
 
 def _plot_student_curves(rows: list[dict], png: Path) -> Path:
+    """Test top-1 per epoch: one colour per student run, the mean over seeds with a band from
+    the lowest to the highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     from kdpipe.pipeline.rundir import RunDir
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        metrics = RunDir.open(row["run_dir"]).read_metrics()
-        epochs = [m["epoch"] for m in metrics]
-        ax.plot(epochs, [m["test_top1"] for m in metrics], label=f"{row['label']} (seed {row['seed']})")
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for label in dict.fromkeys(r["label"] for r in rows):
+        curves = [[m["test_top1"] for m in RunDir.open(r["run_dir"]).read_metrics()]
+                  for r in rows if r["label"] == label]
+        length = min(len(c) for c in curves)
+        top1 = np.array([c[:length] for c in curves], dtype=float)
+        epochs = np.arange(1, length + 1)
+        (line,) = ax.plot(epochs, top1.mean(0), label=f"{label} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(epochs, top1.min(0), top1.max(0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Students on 10% of digits: test top-1 per epoch")
+    ax.set_title("Students on 10% of digits: test top-1 per epoch (mean over seeds, min-max band)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
