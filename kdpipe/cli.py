@@ -31,10 +31,6 @@ def cli():
     (extract-teacher, cluster), then any number of teacher-free student runs (train-student)."""
 
 
-def _not_built(issue: int, what: str):
-    raise KdpipeError(f"`kdpipe {what}` is not built yet: it arrives with roadmap issue #{issue}.")
-
-
 @cli.command("train-teacher")
 @click.option("--arch", required=True, help="Model name as in mdistiller (resnet8, resnet32x4, wrn_40_2, ...).")
 @click.option("--data", default="digits", show_default=True,
