@@ -34,6 +34,28 @@ def built_on_meta(module: nn.Module) -> bool:
     return first is not None and first.is_meta
 
 
+def init_like_mdistiller(model: nn.Module, linear: str = "default") -> None:
+    """mdistiller's initialisation, shared by its CIFAR families: He-normal convolutions
+    (fan_out, for ReLU; zero bias where a conv has one), unit/zero BatchNorm, and the Linear
+    layers as the family had them: ``"default"`` (PyTorch's), ``"zero_bias"`` (WRN) or
+    ``"normal"`` (N(0, 0.01) weight, zero bias: MobileNetV2, VGG). Skipped on the meta device
+    (see ``built_on_meta``)."""
+    if built_on_meta(model):
+        return
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and linear != "default":
+            if linear == "normal":
+                nn.init.normal_(module.weight, 0.0, 0.01)
+            nn.init.zeros_(module.bias)
+
+
 class KDModel(nn.Module):
     """Base class: subclasses build their layers, then implement `forward_inter`,
     `forward_penult` and `head`, and set `inter_channels` / `penult_channels`."""

@@ -15,12 +15,11 @@ Feature points (32x32 input, width 0.5):
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 
-from kdpipe.models.base import KDModel, built_on_meta
+from kdpipe.models.base import KDModel, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 # (expansion, output channels at width 1, units, first unit's stride) per group; expansion
@@ -97,18 +96,7 @@ class MobileNetV2(KDModel):
         self.inter_channels = group_out_channels[_LAST_STAGE]
         self.penult_channels = last_channels
 
-        # mdistiller's initialisation: He-normal convs, unit/zero BN, N(0, 0.01) Linear.
-        if not built_on_meta(self):
-            for module in self.modules():
-                if isinstance(module, nn.Conv2d):
-                    fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                    nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-                elif isinstance(module, nn.BatchNorm2d):
-                    nn.init.ones_(module.weight)
-                    nn.init.zeros_(module.bias)
-                elif isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, 0.0, 0.01)
-                    nn.init.zeros_(module.bias)
+        init_like_mdistiller(self, linear="normal")
 
     def forward_inter(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import KDModel, built_on_meta
+from kdpipe.models.base import KDModel, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 
@@ -66,14 +66,7 @@ class CifarResNet(KDModel):
         self.inter_channels = widths[3]
         self.penult_channels = widths[3]
 
-        # mdistiller's initialisation: Kaiming (fan_out) convs, unit/zero BN, default Linear.
-        if not built_on_meta(self):
-            for module in self.modules():
-                if isinstance(module, nn.Conv2d):
-                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                elif isinstance(module, nn.BatchNorm2d):
-                    nn.init.ones_(module.weight)
-                    nn.init.zeros_(module.bias)
+        init_like_mdistiller(self)
 
     @staticmethod
     def _make_stage(in_planes: int, planes: int, num_blocks: int, stride: int) -> nn.Sequential:

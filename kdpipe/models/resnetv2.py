@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import KDModel, built_on_meta
+from kdpipe.models.base import KDModel, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 
@@ -90,14 +90,7 @@ class CifarResNetV2(KDModel):
         self.inter_channels = 512 * block.expansion
         self.penult_channels = 512 * block.expansion
 
-        # mdistiller's initialisation: Kaiming (fan_out) convs, unit/zero BN, default Linear.
-        if not built_on_meta(self):
-            for module in self.modules():
-                if isinstance(module, nn.Conv2d):
-                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                elif isinstance(module, nn.BatchNorm2d):
-                    nn.init.ones_(module.weight)
-                    nn.init.zeros_(module.bias)
+        init_like_mdistiller(self)
 
     def forward_inter(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))

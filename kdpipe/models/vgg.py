@@ -18,13 +18,12 @@ Feature points (32x32 input):
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import KDModel, built_on_meta
+from kdpipe.models.base import KDModel, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 # Conv widths of each of the five groups, per mdistiller configuration letter.
@@ -65,20 +64,7 @@ class VGG(KDModel):
         self.inter_channels = config[3][-1]
         self.penult_channels = config[4][-1]
 
-        # mdistiller's initialisation: He-normal convs with zero bias, unit/zero BN,
-        # N(0, 0.01) Linear weight with zero bias.
-        if not built_on_meta(self):
-            for module in self.modules():
-                if isinstance(module, nn.Conv2d):
-                    fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                    nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-                    nn.init.zeros_(module.bias)
-                elif isinstance(module, nn.BatchNorm2d):
-                    nn.init.ones_(module.weight)
-                    nn.init.zeros_(module.bias)
-                elif isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, 0.0, 0.01)
-                    nn.init.zeros_(module.bias)
+        init_like_mdistiller(self, linear="normal")
 
     def forward_inter(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool0(F.relu(self.block0(x)))

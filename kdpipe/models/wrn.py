@@ -9,13 +9,12 @@ Feature points (32x32 input):
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import KDModel, built_on_meta
+from kdpipe.models.base import KDModel, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 
@@ -88,18 +87,7 @@ class WideResNet(KDModel):
         self.inter_channels = widths[3]
         self.penult_channels = widths[3]
 
-        # mdistiller's initialisation: He-normal convs (std sqrt(2 / (k*k*out))), unit/zero
-        # BN, zero Linear bias.
-        if not built_on_meta(self):
-            for module in self.modules():
-                if isinstance(module, nn.Conv2d):
-                    fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                    nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-                elif isinstance(module, nn.BatchNorm2d):
-                    nn.init.ones_(module.weight)
-                    nn.init.zeros_(module.bias)
-                elif isinstance(module, nn.Linear):
-                    nn.init.zeros_(module.bias)
+        init_like_mdistiller(self, linear="zero_bias")
 
     def forward_inter(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block2(self.block1(self.conv1(x)))
