@@ -90,7 +90,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from kdpipe.data import load_dataset
+    from kdpipe.data import load_dataset, normalize
     from kdpipe.models import build, load_teacher
     from kdpipe.artifacts import open_store
     from kdpipe.stages import loop
@@ -151,7 +151,7 @@ def main(argv=None):
         if cfg["kind"] == "teacher":
             with torch.no_grad(), loop.autocast(dev, args.amp):
                 params = ds.policy.random(gen, B).to(dev)
-                x = loop._normalize(ds.policy.apply_images(imgs, params), train.mean, train.std)
+                x = normalize(ds.policy.apply_images(imgs, params), train.mean, train.std)
                 cfg["model"].forward_features(x)
             return
         loop.train_step(cfg["model"], cfg["fns"], cfg["policy"], cfg["opt"], cfg["scaler"], train, idx, imgs,

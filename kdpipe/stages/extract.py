@@ -30,7 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdpipe.data import normalize
 from kdpipe.errors import KdpipeError, StoreError
+from kdpipe.stages.loop import resolve_device
 
 FEATURES = ("penult", "inter")
 DEFAULT_BATCH_SIZE = 256
@@ -100,12 +102,6 @@ def absolute_spec(data: str) -> str:
     return f"{kind}:{os.path.abspath(path)}{q}{options}"
 
 
-def _device(device) -> str:
-    if device:
-        return str(device)
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # ------------------------------------------------------------------------------ the worker
 
 class ExtractWorker:
@@ -118,7 +114,7 @@ class ExtractWorker:
         from kdpipe.errors import DataError
         from kdpipe.models import load_teacher
 
-        self.device = torch.device(_device(device))
+        self.device = resolve_device(device)
         self.model = load_teacher(arch, teacher, num_classes).to(self.device).eval()
         self.dataset = load_dataset(data, split)
         if fingerprint is not None and self.dataset.fingerprint != fingerprint:
@@ -146,7 +142,7 @@ class ExtractWorker:
             # uint8 to the device first (4x less to move than float32), then view + normalise there
             x = images[sample_of[rows]].to(self.device, non_blocking=True)
             x = self.policy.apply_images(x, flat[rows].to(self.device))
-            x = ds_normalize(x, ds.mean, ds.std)
+            x = normalize(x, ds.mean, ds.std)
             logits, feats = self.model.forward_features(x)
             parts = {"logits": logits, "cam": feats["cam"]}
             for r in self.cam_res:
@@ -178,19 +174,13 @@ class ExtractWorker:
                 "read_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2, "pid": os.getpid()}
 
 
-def ds_normalize(x, mean, std):
-    from kdpipe.data import normalize
-
-    return normalize(x, mean, std)
-
-
 # ------------------------------------------------------------------------------ the stage
 
 def _probe(model, dataset, policy, device) -> tuple[int, tuple, dict]:
     """Shapes of the teacher's outputs on one identity-view image: (C, cam hw, feature shapes)."""
     with torch.inference_mode():
         img = dataset.get_batch(np.arange(1))
-        x = ds_normalize(policy.apply_images(img, torch.from_numpy(policy.identity()[None])),
+        x = normalize(policy.apply_images(img, torch.from_numpy(policy.identity()[None])),
                          dataset.mean, dataset.std)
         logits, feats = model.forward_features(x)
     shapes = {k: tuple(int(s) for s in t.shape[1:]) for k, t in feats.items()}

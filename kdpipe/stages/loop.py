@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdpipe.data import normalize
 from kdpipe.errors import KdpipeError
 
 REFERENCE_EPOCHS = 240
@@ -116,12 +117,6 @@ def make_grad_scaler(device: torch.device, amp: bool):
     return torch.amp.GradScaler("cuda", enabled=enabled)
 
 
-def _normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    from kdpipe.data import normalize
-
-    return normalize(images, mean, std)
-
-
 # ----------------------------------------------------------------------------- data on the device
 @dataclass
 class DeviceData:
@@ -155,14 +150,16 @@ class DeviceData:
         return torch.arange(len(self.dataset), dtype=torch.int64)
 
 
-def _fits(nbytes: int, device: torch.device) -> bool:
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` may be made resident on ``device``: always on the CPU; on CUDA at
+    most half the free memory, so the model and its activations keep room."""
     if device.type != "cuda":
         return True
     try:
         free, _total = torch.cuda.mem_get_info(device)
     except Exception:  # pragma: no cover
         return False
-    return nbytes < 0.5 * free
+    return nbytes <= free // 2
 
 
 def place_dataset(dataset, device: torch.device, indices=None, data_path: str = "auto") -> DeviceData:
@@ -173,7 +170,7 @@ def place_dataset(dataset, device: torch.device, indices=None, data_path: str = 
     labels_cpu = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.int64)
     idx = None if indices is None else torch.as_tensor(np.asarray(indices), dtype=torch.int64)
     images = getattr(dataset, "images", None)
-    resident = data_path == "resident" or (data_path == "auto" and images is not None and _fits(images.numel(), device))
+    resident = data_path == "resident" or (data_path == "auto" and images is not None and fits_on_device(images.numel(), device))
     if data_path == "resident" and images is None:
         # Not resident in host memory: gather it once (small data sets only).
         images = dataset.get_batch(np.arange(len(dataset)))
@@ -273,7 +270,7 @@ def evaluate_model(model: torch.nn.Module, data: DeviceData, batch_size: int = 2
             imgs = ds.get_batch(idx.numpy()).to(device, non_blocking=True)
         labels = data.labels.index_select(0, idx.to(device))
         with autocast(device, amp):
-            logits = model(_normalize(imgs, mean, std))
+            logits = model(normalize(imgs, mean, std))
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         k = min(5, logits.shape[1])
@@ -327,7 +324,7 @@ def train_step(model, fns: StepFns, policy, optimizer, scaler, train: DeviceData
     labels = train.labels.index_select(0, idx.to(device, non_blocking=True))
     if params is not None:
         imgs = policy.apply_images(imgs, _to_device_params(params, device))
-    x = _normalize(imgs, train.mean, train.std)
+    x = normalize(imgs, train.mean, train.std)
     with autocast(device, amp):
         total, parts, logits = fns.loss(model, x, labels, idx, view_idx, params)
     optimizer.zero_grad(set_to_none=True)
@@ -505,6 +502,12 @@ def ce_loss(model, x, labels, indices, view_idx, params):
     logits = model(x)
     loss = F.cross_entropy(logits, labels)
     return loss, {"ce": loss.detach()}, logits
+
+
+def mean_over_epochs(rows: list[dict], key: str):
+    """Mean of ``key`` over the metric rows that have it, or None."""
+    values = [r.get(key) for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def format_summary(title: str, items: dict) -> str:

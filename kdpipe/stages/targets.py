@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError, StoreError
+from kdpipe.stages.loop import fits_on_device
 
 __all__ = [
     "TargetSource", "NoTargets", "CachedTargets", "OnlineTargets", "warp_fidelity",
@@ -217,7 +218,7 @@ class CachedTargets(TargetSource):
             per_view = int(np.prod(arr.shape[2:], dtype=np.int64)) * arr.dtype.itemsize
             nbytes += arr.shape[0] * per_view * (arr.shape[1] if mode == "replay" else 1)
         self.resident_bytes = int(nbytes)
-        self.resident = nbytes <= max_resident_bytes and self._fits_device(nbytes)
+        self.resident = nbytes <= max_resident_bytes and fits_on_device(nbytes, self.device)
         self._data: dict[str, torch.Tensor] = {}
         if self.resident:
             for name in self._sample_arrays():
@@ -303,15 +304,6 @@ class CachedTargets(TargetSource):
 
     def _sample_arrays(self) -> list[str]:
         return [v for k, v in self._plan.items() if k != "subclass_scores"]
-
-    def _fits_device(self, nbytes: int) -> bool:
-        if self.device.type != "cuda":
-            return True
-        try:
-            free, _ = torch.cuda.mem_get_info(self.device)
-        except Exception:  # noqa: BLE001
-            return False
-        return nbytes <= free // 2
 
     def _check_identity_view(self):
         if self.policy is None:

@@ -138,12 +138,7 @@ def train_teacher(
         "best_epoch": max(rows, key=lambda r: r.get("test_top1") or 0.0)["epoch"] if rows else None,
         "wall_seconds": wall,
         "train_seconds": sum(r.get("epoch_seconds") or 0.0 for r in rows),
-        "img_per_s": _mean([r.get("img_per_s") for r in rows]),
+        "img_per_s": loop.mean_over_epochs(rows, "img_per_s"),
     }
     run.write_summary(summary)
     return summary
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None

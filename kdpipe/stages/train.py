@@ -355,7 +355,7 @@ def train_student(
         "best_epoch": best_row.get("epoch"),
         "wall_seconds": time.perf_counter() - t_start,
         "train_seconds": sum(r.get("epoch_seconds") or 0.0 for r in rows),
-        "img_per_s": _mean([r.get("img_per_s") for r in rows]),
+        "img_per_s": loop.mean_over_epochs(rows, "img_per_s"),
         "train_samples": config["train_samples"],
         "checkpoint": str(run.checkpoint_dir / "latest.pth"),
     }
@@ -368,8 +368,3 @@ def _abs(path):
     if path is None:
         return None
     return str(path) if "://" in str(path) else str(Path(path).resolve())
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
