@@ -143,16 +143,6 @@ def _index_dtype(n: int) -> str:
     return "int16" if n <= np.iinfo(np.int16).max else "int32"
 
 
-def _vectors(block: np.ndarray, grid) -> tuple[np.ndarray, tuple[int, int]]:
-    """[n, V, D, h, w] float16 -> ([n*V*h'*w', D] float32 in (n, v, y, x) order, (h', w'))."""
-    n, v, d, h, w = block.shape
-    t = torch.from_numpy(np.ascontiguousarray(block)).float().reshape(n * v, d, h, w)
-    if grid is not None and tuple(grid) != (h, w):
-        t = F.adaptive_avg_pool2d(t, grid)
-    hh, ww = t.shape[-2:]
-    return t.permute(0, 2, 3, 1).reshape(-1, d).numpy(), (int(hh), int(ww))
-
-
 def _pooled_maps(block: np.ndarray, grid) -> torch.Tensor:
     """[n, V, D, h, w] float16 -> float32 [n*V, D, h', w']."""
     n, v, d, h, w = block.shape
@@ -160,6 +150,13 @@ def _pooled_maps(block: np.ndarray, grid) -> torch.Tensor:
     if grid is not None and tuple(grid) != (h, w):
         t = F.adaptive_avg_pool2d(t, grid)
     return t
+
+
+def _vectors(block: np.ndarray, grid) -> tuple[np.ndarray, tuple[int, int]]:
+    """[n, V, D, h, w] float16 -> ([n*V*h'*w', D] float32 in (n, v, y, x) order, (h', w'))."""
+    t = _pooled_maps(block, grid)
+    hh, ww = t.shape[-2:]
+    return t.permute(0, 2, 3, 1).reshape(-1, block.shape[2]).numpy(), (int(hh), int(ww))
 
 
 def _local(sel: np.ndarray | None, lo: int, hi: int) -> np.ndarray | None:
