@@ -11,6 +11,7 @@ import click
 
 from kdpipe import __version__
 from kdpipe.errors import KdpipeError
+from kdpipe.pipeline.report import format_summary
 
 
 class _Group(click.Group):
@@ -24,6 +25,14 @@ class _Group(click.Group):
             ctx.exit(2)
 
 
+def given_options(ctx: click.Context, names) -> dict:
+    """The options among ``names`` the user typed (not click defaults): what --resume compares."""
+    from click.core import ParameterSource
+
+    return {n: ctx.params[n] for n in names
+            if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kdpipe")
 def cli():
@@ -32,7 +41,7 @@ def cli():
 
 
 @cli.command("train-teacher")
-@click.option("--arch", required=True, help="Model name as in mdistiller (resnet8, resnet32x4, wrn_40_2, ...).")
+@click.option("--arch", default=None, help="Model name as in mdistiller (resnet8, resnet32x4, wrn_40_2, ...).")
 @click.option("--data", default="digits", show_default=True,
               help="Data set spec: digits, cifar100:/path, cifar10:/path, imagefolder:/path, synthetic[:n=..].")
 @click.option("--epochs", default=240, show_default=True, type=int,
@@ -45,14 +54,21 @@ def cli():
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Parent folder of the run directory.")
 @click.option("--resume", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Continue an interrupted teacher run directory from its last epoch.")
-def train_teacher(arch, data, epochs, lr, batch_size, seed, device, amp, out, resume):
+              help="Continue an interrupted teacher run directory from its last epoch (its config is reused).")
+@click.pass_context
+def train_teacher(ctx, arch, data, epochs, lr, batch_size, seed, device, amp, out, resume):
     """Train a teacher with cross-entropy (reference recipe) into a run directory."""
-    from kdpipe.stages.loop import format_summary
+    from kdpipe.pipeline.configs import TeacherConfig
     from kdpipe.stages.teacher import train_teacher as run_stage
 
-    s = run_stage(arch=arch, data=data, epochs=epochs, lr=lr, batch_size=batch_size, out=out,
-                  seed=seed, device=device, amp=amp, resume=resume)
+    if resume:
+        given = given_options(ctx, ("arch", "data", "epochs", "lr", "batch_size", "seed", "amp"))
+        s = run_stage(resume=resume, given=given, device=device)
+    else:
+        if not arch:
+            raise KdpipeError("train-teacher needs --arch (or --resume RUN).")
+        s = run_stage(TeacherConfig(arch=arch, data=data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                    amp=amp), out=out, device=device)
     click.echo(format_summary("train-teacher: done", {
         "test top-1 (%)": s["top1"], "test top-5 (%)": s["top5"], "best top-1 (%)": s["best_top1"],
         "epochs": s["epochs"], "wall time (s)": s["wall_seconds"], "img/s (train)": s["img_per_s"],
@@ -71,7 +87,6 @@ def train_teacher(arch, data, epochs, lr, batch_size, seed, device, amp, out, re
 def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
     """Top-1/top-5 of a checkpoint on a data set's test split."""
     from kdpipe.stages.evaluate import evaluate as run_stage
-    from kdpipe.stages.loop import format_summary
 
     r = run_stage(checkpoint, arch=arch, data=data, split=split, device=device, batch_size=batch_size, amp=amp)
     click.echo(format_summary(f"evaluate: {r['arch']} on {r['data']} ({r['split']}, {r['num_samples']} images)", {
@@ -84,9 +99,16 @@ def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
 @click.option("--data", required=True, help="Data set spec, e.g. cifar100:/path/to/cifar-100-python.")
 @click.option("--split", default="train", show_default=True, help="Data set split to run over.")
 @click.option("--out", required=True, type=click.Path(), help="Store path (a local path or an fsspec URL).")
-@click.option("--views", default="1", show_default=True, help="1 (identity), K (seeded views per sample) or all.")
-@click.option("--cam-res", default="2", show_default=True, help="Pooled CAM sizes, comma-separated (none: native only).")
-@click.option("--features", default="penult,inter", show_default=True, help="Feature maps to store (penult, inter, none).")
+@click.option("--views", default="auto", show_default=True,
+              help="auto (every view of CIFAR/digits, 8 seeded views of ImageFolder), all, 1, or K seeded views.")
+@click.option("--cam-res", default="2", show_default=True,
+              help="Pooled CAM sizes stored for every view, comma-separated; 'native' adds the native CAM; none.")
+@click.option("--features", default="penult,inter", show_default=True,
+              help="Raw feature maps for cluster (penult, inter, none).")
+@click.option("--feature-views", type=click.Choice(["identity", "all"]), default="identity", show_default=True,
+              help="Store the raw features of the identity view only (letKD's fit set) or of every view.")
+@click.option("--pad-mode", type=click.Choice(["zero", "reflect"]), default=None,
+              help="Crop padding of the views (default: the data set's, zero; letKD's reference uses reflect).")
 @click.option("--shard-size", default=None, type=int, help="Samples per shard (default: about 128 MB of output).")
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Images per teacher forward pass.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the view parameters (views=K).")
@@ -96,14 +118,19 @@ def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted store: skip the shards already done.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, shard_size, batch_size, seed,
-                    executor, ray_address, num_workers, device, resume, overwrite):
+def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, feature_views, pad_mode, shard_size,
+                    batch_size, seed, executor, ray_address, num_workers, device, resume, overwrite):
     """Stage one: run the teacher once over the data set into a Zarr store."""
+    from kdpipe.pipeline.configs import ExtractConfig
     from kdpipe.stages.extract import extract_teacher as run_stage
+    from kdpipe.stages.extract import parse_cam_res, parse_features
 
-    run_stage(teacher=teacher, arch=arch, data=data, out=out, views=views, cam_res=cam_res, features=features,
-              shard_size=shard_size, executor=executor, ray_address=ray_address, num_workers=num_workers,
-              resume=resume, overwrite=overwrite, seed=seed, batch_size=batch_size, device=device, split=split)
+    sizes, native = parse_cam_res(cam_res)
+    run_stage(ExtractConfig(teacher=teacher, arch=arch, data=data, out=out, split=split, views=views, cam_res=sizes,
+                            native_cam=native, features=parse_features(features), feature_views=feature_views,
+                            pad_mode=pad_mode, shard_size=shard_size, batch_size=batch_size, seed=seed,
+                            executor=executor, ray_address=ray_address, num_workers=num_workers, device=device,
+                            resume=resume, overwrite=overwrite))
 
 
 @cli.command("cluster")
@@ -111,27 +138,43 @@ def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, s
 @click.option("--name", default="default", show_default=True, help="Target set name (targets/<name>/).")
 @click.option("--k-penult", default=4096, show_default=True, type=int, help="K-means centres, penultimate layer.")
 @click.option("--k-inter", default=8, show_default=True, type=int, help="Sub-classes per class, intermediate layer.")
-@click.option("--lda-dims", default=None, type=int, help="LDA dimensions d <= C-1 (default C-1).")
-@click.option("--topk", default=16, show_default=True, type=int, help="Penultimate probabilities kept per location.")
+@click.option("--lda-dims", default=None, type=int, help="LDA dimensions d (default: the reference's, min(60, C-1)).")
+@click.option("--topk", default=16, show_default=True, type=int,
+              help="The most penultimate probabilities stored per location.")
+@click.option("--topk-mass", default=0.999, show_default=True, type=float,
+              help="Store the smallest k that holds this softmax mass at every fit location (capped by --topk).")
 @click.option("--temperature", default=1.0, show_default=True, type=float, help="T in softmax(-T * d^2).")
 @click.option("--student-grid", default=None, help="HxW: average-pool teacher maps to the student's grid first.")
-@click.option("--max-fit-points", default=1 << 20, show_default=True, type=int,
-              help="K-means fit subsample (seeded) of location vectors.")
+@click.option("--max-fit-points", default=None, type=int,
+              help="Fit K-means on a seeded subsample of this many vectors (default: all, as the reference).")
+@click.option("--fit-views", type=click.Choice(["identity", "all"]), default="identity", show_default=True,
+              help="Fit on the identity view's features (the reference) or on every stored view's.")
+@click.option("--teacher", default=None, type=click.Path(),
+              help="Teacher checkpoint for the assignment pass (default: the one the store records).")
+@click.option("--data", default=None, help="Data set spec (default: the one the store records).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--niter", default=20, show_default=True, type=int, help="K-means iterations.")
+@click.option("--batch-size", default=256, show_default=True, type=int, help="Images per teacher forward pass.")
 @click.option("--drop-features", is_flag=True, help="Delete feat/* once the targets are written.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing target set of the same name.")
-@click.option("--dataset", default=None, help="Data set spec, only for a store without a labels array.")
-@click.option("--ray-address", default=None, help="Join this Ray cluster instead of a local one.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted assignment pass (its fit is kept).")
 @click.option("--executor", default="ray", show_default=True, type=click.Choice(["ray", "inline"]))
-def cluster(store, name, k_penult, k_inter, lda_dims, topk, temperature, student_grid, max_fit_points, seed,
-            drop_features, overwrite, dataset, ray_address, executor):
-    """Stage one: letKD targets (LDA, K-means, sub-class scores) into the store."""
+@click.option("--ray-address", default=None, help="Join this Ray cluster instead of a local one.")
+@click.option("--num-workers", default=None, type=int, help="Ray actors (default: one per GPU, else per CPU).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperature, student_grid, max_fit_points,
+            fit_views, teacher, data, seed, niter, batch_size, drop_features, overwrite, resume, executor,
+            ray_address, num_workers, device):
+    """Stage one: letKD's fit (LDA, K-means, sub-class scores), then the targets of every view."""
+    from kdpipe.pipeline.configs import ClusterConfig
     from kdpipe.stages.cluster import cluster as run_stage
 
-    run_stage(store, name=name, k_penult=k_penult, k_inter=k_inter, lda_dims=lda_dims, topk=topk,
-              temperature=temperature, student_grid=student_grid, max_fit_points=max_fit_points, seed=seed,
-              drop_features=drop_features, overwrite=overwrite, dataset=dataset, executor=executor,
-              ray_address=ray_address)
+    run_stage(ClusterConfig(store=store, name=name, k_penult=k_penult, k_inter=k_inter, lda_dims=lda_dims,
+                            topk=topk, topk_mass=topk_mass, temperature=temperature, student_grid=student_grid,
+                            max_fit_points=max_fit_points, fit_views=fit_views, seed=seed, niter=niter,
+                            teacher=teacher, data=data, drop_features=drop_features, overwrite=overwrite,
+                            resume=resume, batch_size=batch_size, executor=executor, ray_address=ray_address,
+                            num_workers=num_workers, device=device))
 
 
 @cli.command("train-student")
@@ -154,14 +197,21 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, temperature, student
 @click.option("--lr", type=float, default=None, help="Initial lr (default: the recipe's, 0.05 or 0.01).")
 @click.option("--batch-size", type=int, default=None, help="Batch size (default: the recipe's 64).")
 @click.option("--views", type=click.Choice(["replay", "warp"]), default="replay", show_default=True,
-              help="replay: a stored view per sample (exact); warp: fresh views, targets warped.")
+              help="replay: a stored view per sample (exact); warp: fresh views, targets warped (1-view stores).")
+@click.option("--resident", type=click.Choice(["auto", "device", "host", "stream"]), default="auto",
+              show_default=True, help="Where cached targets live: auto (by measured free memory), the device, "
+                                      "host memory, or streamed from the store.")
+@click.option("--penult-target", type=click.Choice(["topk", "full"]), default=None,
+              help="letkd: stored top-k (default) or the full softmax over all K (online only).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--amp", is_flag=True, help="Mixed precision (torch.autocast; float16 on CUDA).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue an interrupted run directory from its last epoch (its config is reused).")
 @click.option("--online-teacher", type=click.Path(), default=None,
-              help="Run this teacher checkpoint live instead of reading cached targets (baseline).")
+              help="Run this teacher checkpoint live instead of reading cached targets (the references' baseline).")
+@click.option("--online-views", type=click.Choice(["fresh", "replay"]), default="fresh", show_default=True,
+              help="Online teacher: fresh random views every epoch (the references) or the store's views.")
 @click.option("--data", default=None, help="Data set spec (default: the one the store was made from).")
 @click.option("--subset-fraction", type=float, default=None,
               help="Train on a stratified, seeded fraction of the train split.")
@@ -173,49 +223,56 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, temperature, student
 @click.option("--ray-address", default=None, help="Sweeps: join this Ray cluster instead of a local one.")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Parent folder of the run (or sweep) directory.")
-def train_student(store, targets, student, method, beta, resolution, normalize, ce_weight, binarize, top_n,
-                  bottom_n, temperature, alpha_penult, alpha_inter, epochs, lr, batch_size, views, seed, device,
-                  amp, resume, online_teacher, data, subset_fraction, subset_seed, sweeps, executor, ray_address,
-                  out):
+@click.pass_context
+def train_student(ctx, store, targets, student, method, beta, resolution, normalize, ce_weight, binarize, top_n,
+                  bottom_n, temperature, alpha_penult, alpha_inter, epochs, lr, batch_size, views, resident,
+                  penult_target, seed, device, amp, resume, online_teacher, online_views, data, subset_fraction,
+                  subset_seed, sweeps, executor, ray_address, out):
     """Stage two: train a student from the store, teacher-free.
 
     --store, --student and --method are required, except with --resume RUN (which reuses the
     run's configuration)."""
-    from kdpipe.stages.loop import format_summary
-
-    if resume is None:
-        missing = [n for n, v in (("--store", store), ("--student", student), ("--method", method)) if not v]
-        if missing:
-            raise KdpipeError(f"train-student needs {', '.join(missing)} (or --resume RUN).")
+    from kdpipe.pipeline.configs import StudentConfig
+    from kdpipe.stages.train import train_student as run_stage
 
     options = {"beta": beta, "resolution": resolution, "normalize": normalize, "ce_weight": ce_weight,
                "binarize": binarize, "top_n": top_n, "bottom_n": bottom_n, "temperature": temperature,
-               "alpha_penult": alpha_penult, "alpha_inter": alpha_inter}
-    kwargs = dict(store=store, targets=targets, student=student, method=method,
+               "alpha_penult": alpha_penult, "alpha_inter": alpha_inter, "penult_target": penult_target}
+    fields = dict(store=store, targets=targets, student=student, method=method,
                   method_options={k: v for k, v in options.items() if v is not None}, epochs=epochs, lr=lr,
-                  batch_size=batch_size, views=views, seed=seed, device=device, amp=amp,
-                  online_teacher=online_teacher, data=data, subset_fraction=subset_fraction,
-                  subset_seed=subset_seed, out=out)
-    if sweeps:
-        from kdpipe.pipeline.sweep import parse_sweep, run_sweep
-
-        if resume:
+                  batch_size=batch_size, views=views, resident=resident, seed=seed, amp=amp,
+                  online_teacher=online_teacher, online_views=online_views, data=data,
+                  subset_fraction=subset_fraction, subset_seed=subset_seed)
+    if resume is not None:
+        if sweeps:
             raise KdpipeError("--resume and --sweep cannot be combined; resume each trial's run directory.")
-        r = run_sweep(kwargs, parse_sweep(sweeps), executor=executor, out=out, ray_address=ray_address)
-        click.echo(open(r["results_md"]).read().rstrip())
-        click.echo(format_summary("train-student sweep: done", {
-            "trials": len(r["rows"]), "finished": sum(x["status"] == "ok" for x in r["rows"]),
-            "results (CSV)": r["results_csv"], "results (Markdown)": r["results_md"]}))
-        return
-    from kdpipe.stages.train import train_student as run_stage
-
-    if resume is not None:  # the run's own configuration; only the device may change
-        kwargs = {"device": device}
-    s = run_stage(resume=resume, **kwargs)
+        given = given_options(ctx, [k for k in fields if k != "method_options"])
+        if any(v is not None for v in options.values()):
+            given["method_options"] = fields["method_options"]
+        s = run_stage(resume=resume, given=given, device=device)
+    else:
+        missing = [n for n, v in (("--store", store), ("--student", student), ("--method", method)) if not v]
+        if missing:
+            raise KdpipeError(f"train-student needs {', '.join(missing)} (or --resume RUN).")
+        cfg = StudentConfig(**fields)
+        if sweeps:
+            _run_sweep(cfg, sweeps, executor, out, ray_address)
+            return
+        s = run_stage(cfg, out=out, device=device)
     click.echo(format_summary(f"train-student: {s['student']} with {s['method']} ({s['target_source']}) done", {
         "final top-1 (%)": s["final_top1"], "final top-5 (%)": s["final_top5"],
         "best top-1 (%)": s["best_top1"], "best epoch": s["best_epoch"], "epochs": s["epochs"],
         "wall time (s)": s["wall_seconds"], "img/s (train)": s["img_per_s"], "run directory": s["run_dir"]}))
+
+
+def _run_sweep(cfg, sweeps, executor, out, ray_address) -> None:
+    from kdpipe.pipeline.sweep import parse_sweep, run_sweep
+
+    r = run_sweep(cfg, parse_sweep(sweeps), executor=executor, out=out, ray_address=ray_address)
+    click.echo(open(r["results_md"]).read().rstrip())
+    click.echo(format_summary("train-student sweep: done", {
+        "trials": len(r["rows"]), "finished": sum(x["status"] == "ok" for x in r["rows"]),
+        "results (CSV)": r["results_csv"], "results (Markdown)": r["results_md"]}))
 
 
 @cli.command("inspect")

@@ -43,10 +43,16 @@ __all__ = [
     "get_policy",
     "policy_names",
     "view_table",
+    "resolve_views",
+    "with_pad_mode",
+    "DEFAULT_INFINITE_VIEWS",
     "hash_uniform",
 ]
 
 PAD_MODES = ("zero", "reflect")
+#: Views stored per image for policies with infinitely many (RandomResizedCrop): the
+#: default of ``--views auto`` there. Every view of a finite policy is stored instead.
+DEFAULT_INFINITE_VIEWS = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,6 +517,40 @@ def get_policy(name: str, image_size=None, **options) -> Policy:
     if image_size is None:
         image_size = (64, 64) if name == "imagenet" else (32, 32)
     return _POLICIES[name](image_size=image_size, **options)
+
+
+def with_pad_mode(policy: Policy, pad_mode: str | None) -> Policy:
+    """``policy`` with its padding mode replaced (crop policies); unchanged for None or for
+    policies without padding. A store records its pad mode, and its students use it."""
+    if pad_mode is None or not isinstance(policy, CropFlipPolicy) or pad_mode == policy.pad_mode:
+        return policy
+    if pad_mode not in PAD_MODES:
+        raise KdpipeError(f"--pad-mode must be one of {', '.join(PAD_MODES)}, not {pad_mode!r}.")
+    clone = type(policy).__new__(type(policy))
+    clone.__dict__.update(policy.__dict__)
+    clone.pad_mode = pad_mode
+    return clone
+
+
+def resolve_views(policy: Policy, views) -> str:
+    """The stored-views mode for ``--views``: "auto" is every view of a finite policy ("all")
+    or ``DEFAULT_INFINITE_VIEWS`` seeded views of an infinite one; a K above the number of
+    distinct views is refused (asking for duplicates only costs time)."""
+    text = str(views).strip().lower()
+    if text == "auto":
+        return "all" if policy.num_views is not None else str(DEFAULT_INFINITE_VIEWS)
+    if text in ("all", "1"):
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        raise KdpipeError(f"--views must be auto, all, 1 or a number of seeded views K; got {views!r}.") from None
+    if k < 1:
+        raise KdpipeError(f"--views must be auto, all, 1 or a number K >= 1; got {views!r}.")
+    if policy.num_views is not None and k > policy.num_views:
+        raise KdpipeError(f"--views {k} asks for more views than the {policy.num_views} distinct views of the "
+                          f"{policy.name} policy; use --views all.")
+    return str(k)
 
 
 def view_table(policy: Policy, n: int, mode, seed: int = 0, start: int = 0) -> np.ndarray:

@@ -15,14 +15,21 @@ from kdpipe.cli import cli
 from kdpipe.data import load_dataset, normalize
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.models import build, load_teacher
+from kdpipe.pipeline.configs import ExtractConfig
 from kdpipe.pipeline.executor import FAULT_ENV
-from kdpipe.stages.extract import extract_teacher
+from kdpipe.stages.extract import extract_teacher as run_extract
 from kdpipe.views import view_table
 
 DATA = "synthetic:n=48,classes=10,seed=3"
 ARCH = "resnet8"
 ARRAYS = ["views", "labels", "logits", "cam", "cam_r2", "cam_r4", "feat/penult", "feat/inter"]
-OPTS = dict(views="2", cam_res=(2, 4), shard_size=16, batch_size=32, seed=5, progress=False, verbose=False)
+OPTS = dict(views="2", cam_res=(2, 4), native_cam=True, shard_size=16, batch_size=32, seed=5)
+
+
+def extract_teacher(teacher, arch, data, out, **kw):
+    """The stage with this module's defaults: a config from keyword arguments, quiet."""
+    return run_extract(ExtractConfig(teacher=str(teacher), arch=arch, data=data, out=str(out), **kw),
+                       progress=False, verbose=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,16 +99,24 @@ def test_stored_targets_equal_the_online_teacher(ckpt, reference):
             np.testing.assert_allclose(r[f"cam_r{res}"][i, v].astype(np.float32), pooled, **tol)
         np.testing.assert_allclose(cam.mean(axis=(1, 2)) + bias, r["logits"][i, v].astype(np.float32),
                                    rtol=2e-3, atol=4e-3)
+    # raw features: the identity view only (letKD's fit set), [N, 1, D, h, w]
+    assert r["feat/penult"].shape[1] == 1 and r.manifest["views"]["feature_views"] == "identity"
+    ident = torch.from_numpy(ds.policy.identity()[None])
+    for i, _ in picks:
+        x = ds.policy.apply_images(ds.get_batch([i]), ident)
+        with torch.no_grad():
+            _, feats = teacher.forward_features(normalize(x, ds.mean, ds.std))
         for layer in ("penult", "inter"):
-            np.testing.assert_allclose(r[f"feat/{layer}"][i, v].astype(np.float32), feats[layer][0].numpy(),
+            np.testing.assert_allclose(r[f"feat/{layer}"][i, 0].astype(np.float32), feats[layer][0].numpy(),
                                        rtol=4e-3, atol=4e-3)
 
 
 def test_resume_after_the_driver_is_killed(ckpt, reference, tmp_path):
     out = str(tmp_path / "s.zarr")
     marker = tmp_path / "killed"
-    code = (f"from kdpipe.stages.extract import extract_teacher; import torch; torch.set_num_threads(1); "
-            f"extract_teacher({ckpt!r}, {ARCH!r}, {DATA!r}, {out!r}, executor='inline', **{OPTS!r})")
+    code = (f"from kdpipe.stages.extract import extract_teacher; from kdpipe.pipeline.configs import ExtractConfig; "
+            f"import torch; torch.set_num_threads(1); extract_teacher(ExtractConfig({ckpt!r}, {ARCH!r}, {DATA!r}, "
+            f"{out!r}, executor='inline', **{OPTS!r}), progress=False)")
     env = dict(os.environ, **{FAULT_ENV: f"2:{marker}"})
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and marker.exists(), proc.stderr[-2000:]  # died at shard 2
@@ -122,7 +137,7 @@ def test_write_error_leaves_the_store_incomplete(ckpt, tmp_path, monkeypatch):
     real = StoreWriter.write_rows
 
     def failing(self, name, start, data):
-        if name == "cam" and start >= 16:
+        if name == "logits" and start >= 16:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, name, start, data)
 
@@ -184,7 +199,40 @@ def test_cli_extracts_and_overwrites(cli_runner, ckpt, tmp_path):
     assert "compression" in result.output and "img/s" in result.output
     r = open_store(out)
     assert r.has("feat/penult") and not r.has("feat/inter") and r["cam_r2"].shape == (16, 1, 10, 2, 2)
+    assert not r.has("cam")  # the native CAM only when asked for (--cam-res native,...)
     assert cli_runner.invoke(cli, args + ["--overwrite"]).exit_code == 0
+
+
+def test_default_store_holds_every_view_and_identity_features(ckpt, tmp_path):
+    """--views auto: every one of the policy's distinct views (the references' RandomCrop +
+    flip); raw features for the identity view only, taken from the views already run."""
+    data = "synthetic:n=6,classes=10,size=16"
+    out = tmp_path / "all.zarr"
+    extract_teacher(ckpt, ARCH, data, out, executor="inline", cam_res=(2,))
+    r = open_store(str(out))
+    ds = load_dataset(data)
+    assert ds.policy.num_views == 50 and r.num_views == 50 and r.manifest["views"]["mode"] == "all"
+    np.testing.assert_array_equal(r["views"][0], ds.policy.enumerate())
+    j = r.manifest["views"]["identity_index"]
+    assert j is not None and (r["views"][0, j] == ds.policy.identity()).all()
+    assert r["feat/inter"].shape[:2] == (6, 1)
+    teacher = load_teacher(ARCH, ckpt, 10)
+    x = normalize(ds.policy.apply_images(ds.get_batch(np.arange(6)), torch.from_numpy(np.repeat(
+        ds.policy.identity()[None], 6, 0))), ds.mean, ds.std)
+    with torch.no_grad():
+        logits, feats = teacher.forward_features(x)
+    np.testing.assert_allclose(r["feat/inter"][:, 0].astype(np.float32), feats["inter"].numpy(), rtol=4e-3,
+                               atol=4e-3)
+    np.testing.assert_allclose(r["logits"][:, j].astype(np.float32), logits.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_more_views_than_distinct_ones_is_refused(cli_runner, ckpt, tmp_path):
+    out = str(tmp_path / "s.zarr")
+    line = _one_line_error(cli_runner.invoke(cli, [
+        "extract-teacher", "--teacher", ckpt, "--arch", ARCH, "--data", "synthetic:n=4,classes=10,size=16",
+        "--out", out, "--executor", "inline", "--views", "51"]))
+    assert "51" in line and "50 distinct views" in line and "--views all" in line
+    assert not os.path.exists(out)
 
 
 @pytest.mark.ray

@@ -7,6 +7,7 @@ import torch
 from kdpipe.artifacts import StoreWriter
 from kdpipe.cli import cli
 from kdpipe.models import build
+from kdpipe.pipeline.configs import ExtractConfig
 from kdpipe.stages.extract import extract_teacher
 from kdpipe.stages.inspect import describe, inspect_store
 
@@ -22,8 +23,9 @@ def store(tmp_path_factory):
     ckpt = root / "t.pth"
     torch.save({"model": build("resnet8", 4).state_dict()}, ckpt)
     out = str(root / "s.zarr")
-    extract_teacher(str(ckpt), "resnet8", DATA, out, views="1", cam_res=(2,), features=("penult",),
-                    shard_size=8, executor="inline", progress=False, verbose=False)
+    extract_teacher(ExtractConfig(teacher=str(ckpt), arch="resnet8", data=DATA, out=out, views="1", cam_res=(2,),
+                                  native_cam=True, features=("penult",), shard_size=8, executor="inline"),
+                    progress=False, verbose=False)
     yield out, str(ckpt)
     torch.set_num_threads(old)
 
@@ -63,8 +65,7 @@ def test_refusals(cli_runner, store, tmp_path):
     assert "--teacher" in line
 
 
-def test_fidelity_delegates_to_the_targets_stage(store):
-    pytest.importorskip("kdpipe.stages.targets")
+def test_fidelity_delegates_to_the_engine(store):
     res = inspect_store(store[0], fidelity=True, teacher=store[1], num_samples=8, verbose=False)
     assert "logits" in res["fidelity"] and "cosine" in res["fidelity"]["logits"]
 

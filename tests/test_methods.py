@@ -258,6 +258,13 @@ class TinyKDModel(nn.Module):
         return self.forward_features(x)[0]
 
 
+def _target_set(C, K, K_inter):
+    from kdpipe.artifacts.target_set import TargetSet
+
+    return TargetSet(name="T", num_classes=C, k_penult=K, k_inter=K_inter, lda_dims=2, topk=3, topk_cap=3,
+                     topk_mass=0.999, temperature=1.0, penult_grid=(2, 2), inter_grid=(4, 4))
+
+
 def _batch(B=3, C=4):
     g = torch.Generator().manual_seed(5)
     return torch.randn(B, 3, 8, 8, generator=g), torch.tensor([0, 1, 3])[:B]
@@ -276,18 +283,19 @@ def test_methods_loss_and_backward():
                        ("letkd1", {}), ("letkd2", {"alpha_inter": 0.5})]:
         m = get_method(name, **opts)
         model = TinyKDModel(C)
-        m.prepare_student(model, num_penult_clusters=K, num_subclasses=C * Kin)
+        m.prepare_student(model, _target_set(C, K, Kin))
         logits, feats = model.forward_features(x)
         targets = {"logits": teacher_logits,
                    "cam": torch.randn(3, C, 4, 4, generator=g),
                    "penult_topk_idx": torch.randint(0, K, (3, 2, 2, k), generator=g),
                    "penult_topk_val": torch.rand(3, 2, 2, k, generator=g),
                    "inter_probs": torch.softmax(torch.randn(3, 4, 4, C * Kin, generator=g), -1)}
-        targets = {key: targets[key] for key in m.target_keys}
+        targets = {key: targets[key] for kind in m.kinds() for key in kind.target_keys}
         total, parts = m.loss(logits, feats, targets, y)
         assert total.dim() == 0 and math.isfinite(total.item())
-        assert parts["total"] == pytest.approx(total.item())
-        assert all(isinstance(v, float) for v in parts.values())
+        assert parts["total"].item() == pytest.approx(total.item())
+        # detached scalar tensors: the loop averages them without a device sync per step
+        assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in parts.values())
         total.backward()
         assert model.fc.weight.grad is not None
 
@@ -328,25 +336,28 @@ def test_get_method_options_and_errors():
         get_method("kd", temperature=0)
     kd = get_method("kd")
     assert kd.options == {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    from kdpipe.targets import Cam, InterSubclass, Logits, NativeCam, PenultSoftmax, PenultTopk
+
     cat = get_method("cat_kd", top_n=3)
-    assert cat.target_keys == ("cam", "logits") and cat.store_artifacts(None) == ["cam_r2",
-                                                                                   "logits"]
-    assert get_method("cat_kd", binarize=True, resolution=4).store_artifacts(None) == ["cam"]
+    assert cat.kinds() == [Cam(2), Logits()] and get_method("kd").kinds() == [Logits()]
+    assert get_method("cat_kd", binarize=True, resolution=4).kinds() == [NativeCam()]
+    assert get_method("ce").kinds() == [] and not get_method("ce").needs_store
     cat.bind("resnet32x4", "ShuffleV1")
     assert cat.options["normalize"] is True and cat.options["beta"] == 600.0
-    assert get_method("letkd2").store_artifacts("T") == [
-        "targets/T/penult_topk_idx", "targets/T/penult_topk_val", "targets/T/penult_centers",
-        "targets/T/subclass_idx", "targets/T/subclass_scores"]
+    assert get_method("letkd2").kinds() == [PenultTopk(), InterSubclass()]
+    assert get_method("letkd1", penult_target="full").kinds() == [PenultSoftmax()]
+    assert get_method("letkd2").needs_target_set and not cat.needs_target_set
     l2 = get_method("letkd2")
     model = TinyKDModel()
-    l2.prepare_student(model, num_penult_clusters=5, num_subclasses=8)
-    assert l2.options == {"alpha_penult": 1.0, "alpha_inter": 1.0}
+    l2.prepare_student(model, _target_set(4, 5, 2))
+    assert l2.options == {"alpha_penult": 1.0, "alpha_inter": 1.0, "penult_target": "topk"}
     assert model.taps["penult"].alpha == 1.0 and model.taps["inter"].num_clusters == 8
     assert get_method("letkd2").bind("ResNet50", "MobileNetV2").options == {
-        "alpha_penult": 0.1, "alpha_inter": 0.2}
+        "alpha_penult": 0.1, "alpha_inter": 0.2, "penult_target": "topk"}
     assert get_method("letkd2", alpha_inter=0.5).bind("ResNet50", "MobileNetV2").options == {
-        "alpha_penult": 0.1, "alpha_inter": 0.5}
-    assert get_method("letkd1").bind("resnet32x4", "resnet8x4").options == {"alpha_penult": 1.0}
+        "alpha_penult": 0.1, "alpha_inter": 0.5, "penult_target": "topk"}
+    assert get_method("letkd1").bind("resnet32x4", "resnet8x4").options == {"alpha_penult": 1.0,
+                                                                          "penult_target": "topk"}
     import json
     for n in available():
         json.dumps(get_method(n).options)

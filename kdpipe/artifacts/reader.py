@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdpipe.errors import DataError, StoreError
+from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.artifacts.schema import MANIFEST_ATTR, SCHEMA_VERSION, SHARDS_DONE, TARGETS_GROUP
 from kdpipe.artifacts.writer import _open_group, _path, store_exists
 
@@ -85,9 +86,15 @@ class StoreReader:
                              f"(it has: {', '.join(sorted(sets)) or 'none'}); run `kdpipe cluster` first.")
         return dict(sets[name].get("attrs") or {})
 
-    def target_array(self, target: str, name: str):
-        self.target_attrs(target)
-        return self.array(f"{TARGETS_GROUP}/{target}/{name}")
+    def target_set(self, name: str, include_incomplete: bool = False) -> TargetSet:
+        """The typed record of target set ``name`` (``kdpipe.artifacts.target_set.TargetSet``)."""
+        sets = self.manifest.get("targets") or {}
+        entry = sets.get(name) if isinstance(sets, dict) else None
+        if not isinstance(entry, dict) or not (include_incomplete or entry.get("complete")):
+            have = ", ".join(self.target_sets()) or "none"
+            raise StoreError(f"The store at {self.path} has no complete target set {name!r} (it has: {have}); "
+                             f"run `kdpipe cluster {self.path} --name {name}` first.")
+        return TargetSet.from_json(name, entry.get("attrs"), where=f"the store at {self.path}")
 
     # ----- state ---------------------------------------------------------------------------
 

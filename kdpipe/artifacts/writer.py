@@ -228,11 +228,13 @@ class StoreWriter:
         arr = self.array(name)
         arr[start:start + data.shape[0]] = data.astype(arr.dtype, copy=False)
 
-    def mark_shard_done(self, shard_id: int) -> None:
-        self.array(SHARDS_DONE)[int(shard_id)] = 1
+    def mark_shard_done(self, shard_id: int, array: str = SHARDS_DONE) -> None:
+        """Mark shard ``shard_id`` written in the done array (extraction's ``shards_done``, or a
+        target set's own, ``targets/<name>/shards_done``); each entry is its own chunk."""
+        self.array(array)[int(shard_id)] = 1
 
-    def done_shards(self) -> set[int]:
-        return {int(i) for i in np.flatnonzero(self.array(SHARDS_DONE)[:])}
+    def done_shards(self, array: str = SHARDS_DONE) -> set[int]:
+        return {int(i) for i in np.flatnonzero(self.array(array)[:])}
 
     def finalize(self) -> dict:
         """Driver, last step: record the done shards; set complete only when every shard is done."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 import inspect
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.base import TARGET_KEYS, Method
+from kdpipe.methods.base import Method
 
-__all__ = ["get_method", "available", "Method", "TARGET_KEYS"]
+__all__ = ["get_method", "available", "Method"]
 
 
 def _registry():

@@ -1,27 +1,20 @@
 """The `Method` interface every distillation method implements (mdistiller-style).
 
-A method is a small object the training loop (``kdpipe.stages.train``) and the target
-sources (``kdpipe.stages.targets``) talk to:
+A method is a small object the training loop and the target sources talk to:
 
 - ``name``: its registry name (``ce``, ``kd``, ``cat_kd``, ``letkd1``, ``letkd2``);
 - ``options``: the resolved options, a JSON-able dict (written into the run's config.json);
-- ``target_keys``: the keys of the per-batch target dict it consumes, a subset of
-  ``TARGET_KEYS``;
-- ``store_artifacts(target_set)``: the store arrays it needs (``artifacts`` is the same list
-  for the default target set);
-- ``prepare_student(student, ...)``: installs KD-layer taps on the student, if any;
+- ``kinds()``: the target kinds it needs (``kdpipe.targets``), e.g. ``[Cam(r=2)]``,
+  ``[Logits()]``, ``[PenultTopk(), InterSubclass()]``: extraction and cluster write what
+  they declare, and the cached and online sources deliver their targets;
+- ``bind(teacher_arch, student_arch)``: resolves options that depend on the pair;
+- ``prepare_student(student, target_set)``: installs KD-layer taps on the student, if any
+  (``target_set``: the store's ``kdpipe.artifacts.target_set.TargetSet`` or None);
 - ``loss(logits, feats, targets, labels) -> (total, parts)``: ``total`` a scalar tensor,
-  ``parts`` a dict of Python floats (for metrics);
-- ``recipe(student_arch)``: the reference training settings (METHODS.md).
+  ``parts`` a dict of detached scalar tensors (for metrics; no device sync per step);
+- ``recipe(student_arch)``: the reference training settings (docs/METHODS.md).
 
-Shapes of the target dict (float32 unless noted), B the batch, C classes, (h, w) the
-student's grid at the supervised layer, k the stored top-k, M = C * K_inter sub-classes:
-
-- ``logits`` [B, C];
-- ``cam`` [B, C, r, r] pooled at the method's resolution, or native [B, C, h_t, w_t] where the
-  method asks for the native map (CAT-KD with binarisation);
-- ``penult_topk_idx`` int64 [B, h, w, k], ``penult_topk_val`` [B, h, w, k];
-- ``inter_probs`` [B, h, w, M] (a row of the sub-class score matrix per location).
+The target dict holds the keys of the method's kinds (shapes in ``kdpipe.targets``).
 """
 
 from __future__ import annotations
@@ -32,13 +25,10 @@ import torch
 
 from kdpipe.errors import KdpipeError
 
-__all__ = ["Method", "TARGET_KEYS", "DEFAULT_TARGET_SET", "reference_recipe",
-           "is_light_student", "loss_parts"]
+__all__ = ["Method", "DEFAULT_TARGET_SET", "reference_recipe", "is_light_student", "loss_parts"]
 
 #: Name of the store's target set (``targets/<name>/``) used when none is given.
 DEFAULT_TARGET_SET = "default"
-
-TARGET_KEYS = ("logits", "cam", "penult_topk_idx", "penult_topk_val", "inter_probs")
 
 _LIGHT = re.compile(r"shuffle|mobile", re.IGNORECASE)
 
@@ -68,22 +58,19 @@ def reference_recipe(student_arch: str, nesterov: bool = False) -> dict:
 
 
 def loss_parts(**terms: torch.Tensor) -> dict:
-    """Scalar loss tensors -> {name: float}, with one device synchronisation for all."""
-    names = list(terms)
-    values = torch.stack([terms[n].detach().float().reshape(()) for n in names]).tolist()
-    return dict(zip(names, values))
+    """Scalar loss tensors -> {name: detached float32 scalar tensor}: the loop averages them
+    on the device, so a step never waits for the device to report its loss parts."""
+    return {name: t.detach().float().reshape(()) for name, t in terms.items()}
 
 
 class Method:
-    """Base class: CE-free defaults; subclasses override what they use."""
+    """Base class: subclasses override what they use."""
 
     name: str = "method"
-    target_keys: tuple[str, ...] = ()
 
     def __init__(self, **options):
         self.options = dict(options)
 
-    # ----------------------------------------------------------------- helpers
     def _bad_option(self, option: str, value, expected: str):
         raise KdpipeError(
             f"Method {self.name!r}: option {option} must be {expected}, got {value!r}.")
@@ -93,26 +80,24 @@ class Method:
         return f"{type(self).__name__}({opts})"
 
     # --------------------------------------------------------------- interface
-    def store_artifacts(self, target_set: str | None = None) -> list[str]:
-        """Store array names this method needs (``[]`` when it needs no store)."""
+    def kinds(self) -> list:
+        """The target kinds this method needs (fresh, unbound instances); [] for none."""
         return []
 
     @property
-    def artifacts(self) -> list[str]:
-        """``store_artifacts`` for the default target set (``DEFAULT_TARGET_SET``)."""
-        return self.store_artifacts(None)
+    def needs_store(self) -> bool:
+        return bool(self.kinds())
 
     @property
-    def needs_store(self) -> bool:
-        return bool(self.target_keys)
+    def needs_target_set(self) -> bool:
+        return any(k.needs_target_set for k in self.kinds())
 
     def bind(self, teacher_arch: str | None = None, student_arch: str | None = None):
         """Tell the method the teacher and student architectures (options that depend on
         the pair, e.g. CAT-KD's normalisation rule, resolve here). Returns self."""
         return self
 
-    def prepare_student(self, student, num_penult_clusters: int | None = None,
-                        num_subclasses: int | None = None):
+    def prepare_student(self, student, target_set=None):
         """Install taps on ``student`` (a KDModel); the default installs nothing."""
         return student
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method, loss_parts, reference_recipe
+from kdpipe.targets import Cam, Logits, NativeCam
 
 __all__ = [
     "cat_loss", "binarize_teacher_cam", "select_classes", "gather_classes",
@@ -249,20 +250,11 @@ class CatKD(Method):
             return ("bottom", o["bottom_n"])
         return None
 
-    @property
-    def target_keys(self) -> tuple[str, ...]:
-        return ("cam", "logits") if self.selection else ("cam",)
-
-    @property
-    def cam_resolution(self) -> int | None:
-        """Resolution at which target sources hand over the teacher CAM: r, or None for the
-        native map (binarisation thresholds over the native cells, before pooling)."""
-        return None if self.options["binarize"] else self.options["resolution"]
-
-    def store_artifacts(self, target_set: str | None = None) -> list[str]:
-        r = self.cam_resolution
-        cams = ["cam"] if r is None else [f"cam_r{r}"]
-        return cams + (["logits"] if self.selection else [])
+    def kinds(self) -> list:
+        """The CAM pooled to r (native when binarising: the threshold is over the native
+        cells), plus the logits when only the teacher's top-n / bottom-n classes transfer."""
+        cam = NativeCam() if self.options["binarize"] else Cam(self.options["resolution"])
+        return [cam, Logits()] if self.selection else [cam]
 
     # --------------------------------------------------------------------- loss
     def loss(self, logits, feats, targets, labels):

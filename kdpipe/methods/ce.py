@@ -13,7 +13,6 @@ class CE(Method):
     """Total = CE(logits, labels). Consumes no targets; needs no store."""
 
     name = "ce"
-    target_keys = ()
 
     def __init__(self):
         super().__init__()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.methods.base import Method, loss_parts, reference_recipe
+from kdpipe.targets import Logits
 
 __all__ = ["kd_loss", "KD"]
 
@@ -49,7 +50,6 @@ class KD(Method):
     """
 
     name = "kd"
-    target_keys = ("logits",)
 
     def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1,
                  kd_weight: float = 0.9):
@@ -59,8 +59,8 @@ class KD(Method):
         super().__init__(temperature=temperature, ce_weight=float(ce_weight),
                          kd_weight=float(kd_weight))
 
-    def store_artifacts(self, target_set: str | None = None) -> list[str]:
-        return ["logits"]
+    def kinds(self) -> list:
+        return [Logits()]
 
     def loss(self, logits, feats, targets, labels):
         o = self.options

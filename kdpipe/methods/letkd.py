@@ -33,11 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.base import DEFAULT_TARGET_SET, Method, loss_parts, reference_recipe
+from kdpipe.methods.base import Method, loss_parts, reference_recipe
 
 __all__ = [
     "CosConv", "KDLayer", "location_kl", "location_kl_topk", "densify_topk",
-    "subclass_score_matrix", "penult_topk_targets", "assign_subclasses", "LetKD",
+    "subclass_score_matrix", "penult_topk_targets", "penult_softmax_targets", "topk_for_mass",
+    "assign_subclasses",
+    "LetKD",
 ]
 
 
@@ -208,6 +210,52 @@ def penult_topk_targets(feat: torch.Tensor, centers: torch.Tensor, temperature: 
     return idx, val
 
 
+def penult_softmax_targets(feat: torch.Tensor, centers: torch.Tensor, temperature: float,
+                           chunk: int = 8192) -> torch.Tensor:
+    """The whole soft assignment softmax_K(-T * ||f - rho_K||^2), as the letKD reference's
+    training computes it every step (no top-k truncation).
+
+    Args:
+        feat: [B, D, h, w] teacher penultimate map (already pooled to the student's grid).
+        centers: [K, D] K-means centres; temperature: T.
+
+    Returns:
+        float32 [B, h, w, K], each location's row summing to 1.
+    """
+    B, D, h, w = feat.shape
+    x = feat.float().permute(0, 2, 3, 1).reshape(-1, D)
+    c = centers.float().to(x.device)
+    rows = [torch.softmax(-float(temperature) * _sq_dists(x[s:s + chunk], c), dim=1)
+            for s in range(0, x.shape[0], chunk)]
+    return torch.cat(rows).reshape(B, h, w, -1)
+
+
+def topk_for_mass(vectors, centers, temperature: float, mass: float, cap: int,
+                  chunk: int = 8192) -> tuple[int, int]:
+    """The smallest k whose top-k probabilities of softmax_K(-T * ||x - rho_K||^2) sum to at
+    least ``mass`` at every vector, capped at ``cap``.
+
+    Args:
+        vectors: [n, D] location vectors (numpy or torch).
+        centers: [K, D]; temperature: T; mass: in (0, 1]; cap: the largest k allowed.
+
+    Returns:
+        (k, k_needed): k = min(cap, k_needed), k_needed the smallest k that holds ``mass`` at
+        every vector (float32 arithmetic, a 1e-6 slack for rounding).
+    """
+    x = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
+    c = torch.as_tensor(np.asarray(centers), dtype=torch.float32)
+    needed = 1
+    for s in range(0, x.shape[0], chunk):
+        p = torch.softmax(-float(temperature) * _sq_dists(x[s:s + chunk], c), dim=1)
+        cum = torch.sort(p, dim=1, descending=True).values.cumsum(dim=1)
+        reached = cum >= float(mass) - 1e-6
+        first = torch.where(reached.any(dim=1), reached.float().argmax(dim=1) + 1,
+                            torch.full((cum.shape[0],), c.shape[0], dtype=torch.int64))
+        needed = max(needed, int(first.max()))
+    return min(int(cap), needed), needed
+
+
 def assign_subclasses(feat: torch.Tensor, labels: torch.Tensor, lda_xbar: torch.Tensor,
                       lda_scalings: torch.Tensor, subclass_centers: torch.Tensor,
                       num_subclasses_per_class: int) -> torch.Tensor:
@@ -292,6 +340,9 @@ def subclass_score_matrix(z, subclass_ids, num_subclasses: int,
 
 
 # --------------------------------------------------------------------------- method
+PENULT_TARGETS = ("topk", "full")
+
+
 class LetKD(Method):
     """letKD-1 (penultimate KD layer) and letKD-2 (plus the intermediate KD layer).
 
@@ -300,25 +351,31 @@ class LetKD(Method):
     take the reference's value for the pair given to ``bind``: 1.0, except ResNet50 ->
     MobileNetV2 where the reference's CIFAR-100 configs use alpha_penult 0.1 and alpha_inter
     0.2 (``value_ratio`` of its penultimate / intermediate value layers); 1.0 when unbound.
+    ``penult_target``: ``"topk"`` (the store's top-k, renormalised) or ``"full"`` (the whole
+    softmax over the K centres, as the reference computes it each step: online only).
     """
 
     def __init__(self, level: int = 1, alpha_penult: float | None = None,
-                 alpha_inter: float | None = None):
+                 alpha_inter: float | None = None, penult_target: str = "topk"):
         if level not in (1, 2):
             raise KdpipeError(f"letKD level must be 1 or 2, got {level!r}.")
+        if penult_target not in PENULT_TARGETS:
+            raise KdpipeError(f"letKD penult_target must be {' or '.join(PENULT_TARGETS)}, "
+                              f"got {penult_target!r}.")
         self.level = level
         self.name = f"letkd{level}"
         super().__init__(alpha_penult=None if alpha_penult is None else float(alpha_penult))
         if level == 2:
             self.options["alpha_inter"] = None if alpha_inter is None else float(alpha_inter)
+        self.options["penult_target"] = penult_target
 
     _REFERENCE_ALPHAS = {("resnet50", "mobilenetv2"): {"alpha_penult": 0.1, "alpha_inter": 0.2}}
 
     def bind(self, teacher_arch: str | None = None, student_arch: str | None = None):
         pair = (str(teacher_arch).lower(), str(student_arch).lower())
         ref = self._REFERENCE_ALPHAS.get(pair, {})
-        for key in self.options:
-            if self.options[key] is None:
+        for key in ("alpha_penult", "alpha_inter"):
+            if key in self.options and self.options[key] is None:
                 self.options[key] = float(ref.get(key, 1.0))
         return self
 
@@ -327,40 +384,33 @@ class LetKD(Method):
             self.options[key] = 1.0
         return self.options[key]
 
-    @property
-    def target_keys(self) -> tuple[str, ...]:
-        keys = ("penult_topk_idx", "penult_topk_val")
-        return keys + (("inter_probs",) if self.level == 2 else ())
+    def kinds(self) -> list:
+        from kdpipe.targets import InterSubclass, PenultSoftmax, PenultTopk
 
-    def store_artifacts(self, target_set: str | None = None) -> list[str]:
-        ts = target_set or DEFAULT_TARGET_SET
-        names = ["penult_topk_idx", "penult_topk_val", "penult_centers"]
-        if self.level == 2:
-            names += ["subclass_idx", "subclass_scores"]
-        return [f"targets/{ts}/{n}" for n in names]
+        penult = PenultSoftmax() if self.options["penult_target"] == "full" else PenultTopk()
+        return [penult, InterSubclass()] if self.level == 2 else [penult]
 
-    def prepare_student(self, student, num_penult_clusters: int | None = None,
-                        num_subclasses: int | None = None):
+    def prepare_student(self, student, target_set=None):
         """Install a KDLayer tap on "penult" (M = K_penult) and, for letkd2, on "inter"
-        (M = C * K_inter), sized from ``student.feature_channels()``."""
-        if not num_penult_clusters:
-            raise KdpipeError(f"Method {self.name!r} needs the number of penultimate clusters "
-                              "(the target set's K) to build the student's KD layer.")
+        (M = C * K_inter), sized from ``student.feature_channels()`` and the target set."""
+        if target_set is None:
+            raise KdpipeError(f"Method {self.name!r} needs the store's target set (its K-means "
+                              "sizes) to build the student's KD layers.")
         ch = student.feature_channels()
-        student.set_tap("penult", KDLayer(ch["penult"], int(num_penult_clusters),
+        student.set_tap("penult", KDLayer(ch["penult"], int(target_set.k_penult),
                                           self._alpha("alpha_penult")))
         if self.level == 2:
-            if not num_subclasses:
-                raise KdpipeError("Method 'letkd2' needs the number of sub-classes (C * K) "
-                                  "to build the student's intermediate KD layer.")
-            student.set_tap("inter", KDLayer(ch["inter"], int(num_subclasses),
+            student.set_tap("inter", KDLayer(ch["inter"], int(target_set.num_subclasses),
                                              self._alpha("alpha_inter")))
         return student
 
     def loss(self, logits, feats, targets, labels):
         ce = F.cross_entropy(logits, labels)
-        kd_p = location_kl_topk(feats["penult_scores"], targets["penult_topk_idx"],
-                                targets["penult_topk_val"])
+        if "penult_probs" in targets:
+            kd_p = location_kl(feats["penult_scores"], targets["penult_probs"])
+        else:
+            kd_p = location_kl_topk(feats["penult_scores"], targets["penult_topk_idx"],
+                                    targets["penult_topk_val"])
         total = ce + kd_p
         if self.level == 2:
             kd_i = location_kl(feats["inter_scores"], targets["inter_probs"])

@@ -24,7 +24,7 @@ method option (``beta``, ``resolution``, ``ce_weight``, ``temperature``, ``alpha
 from __future__ import annotations
 
 import csv
-import inspect
+import dataclasses
 import io
 import itertools
 import math
@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 from kdpipe.errors import KdpipeError
+from kdpipe.pipeline.paths import absolute_path, absolute_spec
+from kdpipe.pipeline.report import mean_std
 from kdpipe.pipeline.rundir import RunDir, atomic_write_text
 
 RESULT_METRICS = ("final_top1", "best_top1", "final_top5", "wall_seconds", "img_per_s")
@@ -80,27 +82,19 @@ def expand_grid(grid: dict) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def _train_args() -> set:
-    from kdpipe.stages.train import train_student
-
-    return set(inspect.signature(train_student).parameters)
-
-
-def trial_kwargs(base: dict, point: dict) -> dict:
-    """train_student keyword arguments for one grid point: train_student's own arguments are
-    set directly, every other key becomes a method option."""
-    args = _train_args()
-    kw = dict(base)
-    opts = dict(kw.get("method_options") or {})
+def trial_config(base, point: dict):
+    """The StudentConfig of one grid point: a field of the config is set directly, every other
+    key becomes a method option (``dataclasses.replace(base, **point)``)."""
+    fields = {f.name for f in dataclasses.fields(base)}
+    direct, opts = {}, dict(base.method_options)
     for k, v in point.items():
-        if k in ("out", "resume", "progress"):
-            raise KdpipeError(f"--sweep cannot vary {k}.")
-        if k in args and k != "method_options":
-            kw[k] = v
+        if k == "method_options":
+            raise KdpipeError("--sweep cannot vary method_options as a whole; sweep its options by name.")
+        if k in fields:
+            direct[k] = v
         else:
             opts[k] = v
-    kw["method_options"] = opts
-    return kw
+    return dataclasses.replace(base, **direct, method_options=opts)
 
 
 def _trial_name(n: int, point: dict) -> str:
@@ -108,21 +102,13 @@ def _trial_name(n: int, point: dict) -> str:
     return f"trial-{n:03d}" + ("-" + "-".join(parts) if parts else "")
 
 
-def _absolute_paths(base: dict) -> dict:
-    """store, online_teacher and a data spec's folder as absolute paths."""
-    b = dict(base)
-    for key in ("store", "online_teacher"):
-        if b.get(key) and "://" not in str(b[key]):
-            b[key] = str(Path(b[key]).resolve())
-    data = b.get("data")
-    if data and ":" in str(data):
-        kind, rest = str(data).split(":", 1)
-        if kind in ("cifar10", "cifar100", "imagefolder") and rest and Path(rest).exists():
-            b["data"] = f"{kind}:{Path(rest).resolve()}"
-    return b
+def _absolute_paths(cfg):
+    """store, online_teacher and a data spec's folder as absolute paths (for Ray workers)."""
+    return dataclasses.replace(cfg, store=absolute_path(cfg.store), online_teacher=absolute_path(cfg.online_teacher),
+                               data=absolute_spec(cfg.data))
 
 
-def _run_trial(kwargs: dict, threads: int | None = None) -> dict:
+def _run_trial(job: tuple, threads: int | None = None) -> dict:
     """One trial (in a Ray worker or inline): train_student, errors reported not raised."""
     import torch
 
@@ -130,17 +116,18 @@ def _run_trial(kwargs: dict, threads: int | None = None) -> dict:
         torch.set_num_threads(threads)
     from kdpipe.stages.train import train_student
 
+    cfg, runtime = job
     t0 = time.perf_counter()
     try:
-        s = train_student(**kwargs)
+        s = train_student(cfg, **runtime)
         return {"status": "ok", **{k: s.get(k) for k in RESULT_METRICS}, "run_dir": s.get("run_dir")}
     except KdpipeError as err:
         return {"status": f"error: {err}", "wall_seconds": time.perf_counter() - t0, "run_dir": None}
 
 
-def run_sweep(base: dict, grid: dict, executor: str = "ray", out="runs", ray_address: str | None = None,
+def run_sweep(base, grid: dict, executor: str = "ray", out="runs", ray_address: str | None = None,
               num_cpus: int | None = None, progress: bool = True) -> dict:
-    """Run every grid point of ``grid`` with ``train_student(**base, **point)``.
+    """Run every grid point of ``grid``: ``train_student(trial_config(base, point))``.
 
     Returns {"sweep_dir", "results_csv", "results_md", "rows", "table"}. Raises KdpipeError
     when every trial failed (with the first trial's sentence)."""
@@ -149,23 +136,18 @@ def run_sweep(base: dict, grid: dict, executor: str = "ray", out="runs", ray_add
     if executor not in ("ray", "inline"):
         raise KdpipeError(f"--executor must be ray or inline, got {executor!r}.")
     points = expand_grid(grid)
-    kwargs0 = trial_kwargs(base, points[0])
     # Fail fast, before starting any trial, on options no trial could accept.
     from kdpipe.stages.train import build_method
 
-    for p in points:
-        kw = trial_kwargs(base, p)
-        build_method(kw.get("method", "cat_kd"), kw.get("method_options"), None, kw.get("student", "resnet8x4"))
+    configs = [trial_config(base, p) for p in points]
+    for c in configs:
+        build_method(c.method, c.method_options, None, c.student)
     base = _absolute_paths(base)  # Ray workers may not share this process's working directory
-    student = kwargs0.get("student", "student")
-    method = kwargs0.get("method", "method")
-    sweep = RunDir.create(Path(out).resolve(), f"sweep-{student}-{method}", {"stage": "sweep", "base": base, "grid": grid,
-                                                              "executor": executor, "trials": len(points)})
-    jobs = []
-    for n, p in enumerate(points):
-        kw = trial_kwargs(base, p)
-        kw.update(out=str(sweep.path), progress=False, run_prefix=_trial_name(n, p))
-        jobs.append(kw)
+    sweep = RunDir.create(Path(out).resolve(), f"sweep-{base.student}-{base.method}",
+                          {"stage": "sweep", "base": dataclasses.asdict(base), "grid": grid, "executor": executor,
+                           "trials": len(points)})
+    jobs = [(_absolute_paths(c), {"out": str(sweep.path), "progress": False, "run_prefix": _trial_name(n, p)})
+            for n, (c, p) in enumerate(zip(configs, points))]
 
     results: list[dict] = [None] * len(jobs)  # type: ignore[list-item]
     bar = tqdm(total=len(jobs), desc="sweep", unit="trial", disable=not progress)
@@ -178,8 +160,7 @@ def run_sweep(base: dict, grid: dict, executor: str = "ray", out="runs", ray_add
 
         import torch
 
-        dev = base.get("device")
-        cuda = str(dev).startswith("cuda") if dev else torch.cuda.is_available()
+        cuda = torch.cuda.is_available()
         with ray_cluster(ray_address, num_cpus=num_cpus) as ray:
             opts = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_cpus": 1}
             remote = ray.remote(**opts)(_run_trial)
@@ -216,7 +197,8 @@ def run_sweep(base: dict, grid: dict, executor: str = "ray", out="runs", ray_add
     atomic_write_text(results_csv, buf.getvalue())
     table = aggregate(rows, [k for k in keys if k != "seed"])
     results_md = sweep.path / "results.md"
-    atomic_write_text(results_md, markdown_table(table, [k for k in keys if k != "seed"], base, grid))
+    atomic_write_text(results_md, markdown_table(table, [k for k in keys if k != "seed"],
+                                                 dataclasses.asdict(base), grid))
     ok = [r for r in rows if r["status"] == "ok"]
     sweep.write_summary({"trials": len(rows), "ok": len(ok), "results_csv": str(results_csv),
                          "results_md": str(results_md)})
@@ -227,12 +209,8 @@ def run_sweep(base: dict, grid: dict, executor: str = "ray", out="runs", ray_add
 
 
 def _mean_std(values):
-    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not v:
-        return None, None
-    m = sum(v) / len(v)
-    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    return m, s
+    m, s = mean_std(values)
+    return (None, None) if math.isnan(m) else (m, s)
 
 
 def aggregate(rows: list[dict], group_keys: list[str]) -> list[dict]:

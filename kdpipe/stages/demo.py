@@ -1,10 +1,11 @@
 """`kdpipe demo`: the whole pipeline on the embedded digits data set, with a report.
 
 One teacher pass, many students: the demo trains a teacher on the full digits train split,
-writes one store with `extract-teacher` (Ray, local) and `cluster`, then trains resnet8
-students from that store on a seeded 10% subset of the train split (the data-reduction regime
-where distillation visibly matters) with ce, kd, cat_kd, letkd1 and letkd2, plus cat_kd with
-the online teacher as the baseline the store replaces. It writes ``<out>/report/``:
+writes one store with `extract-teacher` (Ray, local; every one of the 81 views) and `cluster`,
+then trains resnet8 students from that store on a seeded 10% subset of the train split (the
+data-reduction regime where distillation visibly matters) with ce, kd, cat_kd, letkd1 and
+letkd2 replaying a stored view per sample per epoch, plus cat_kd with the online teacher on
+fresh random views: the references' training, which the store replaces. It writes ``<out>/report/``:
 results.md, curves.png (test top-1 of every student), cams.png and subclasses.png.
 
 A re-run reuses the teacher checkpoint, the store and its target set when their settings
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from kdpipe.errors import KdpipeError
+from kdpipe.pipeline.report import mean_std
 
 DATA = "digits"
 TARGET_SET = "demo"
@@ -31,11 +33,11 @@ class DemoSettings:
     student_arch: str = "resnet8"
     student_epochs: int = 40
     subset_fraction: float = 0.1
-    views: str = "8"
+    views: str = "auto"
     cam_res: tuple = (2,)
     k_penult: int = 512
     k_inter: int = 4
-    max_fit_points: int = 200_000
+    max_fit_points: int | None = None
     # CAT loss scale on digits (resnet20 -> resnet8): beta near 1 keeps it in the authors'
     # advised range after the first epoch; 10 diverged in the prototype of the regime.
     cat_beta: float = 1.0
@@ -47,13 +49,14 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-FAST = DemoSettings(teacher_arch="resnet8", teacher_epochs=10, student_epochs=15, views="2",
-                    k_penult=64, k_inter=2, max_fit_points=50_000)
+FAST = DemoSettings(teacher_arch="resnet8", teacher_epochs=10, student_epochs=15, views="auto",
+                    k_penult=64, k_inter=2)
 
 # The student runs a table can hold: label -> (method, options, target source, views mode).
-# "cached" reads the store; "online" runs the teacher live on the same batches (the baseline
-# the store replaces); "none" (CE) reads no targets and trains on fresh random views. Warp
-# runs read a second store that holds the identity view only.
+# "cached" reads the store (replay: a stored view per sample per epoch); "online" runs the
+# teacher live on fresh random views (the references' training, the baseline the store
+# replaces); "none" (CE) reads no targets and trains on fresh random views. Warp runs read a
+# second store that holds the identity view only.
 STUDENT_RUNS = {
     "ce": ("ce", {}, "none", "replay"),
     "kd": ("kd", {"temperature": None}, "cached", "replay"),
@@ -61,6 +64,8 @@ STUDENT_RUNS = {
     "letkd1": ("letkd1", {}, "cached", "replay"),
     "letkd2": ("letkd2", {}, "cached", "replay"),
     "cat_kd_online": ("cat_kd", {"beta": None}, "online", "replay"),
+    "kd_online": ("kd", {"temperature": None}, "online", "replay"),
+    "letkd1_online": ("letkd1", {}, "online", "replay"),
     "letkd2_online": ("letkd2", {}, "online", "replay"),
     "cat_kd_warp": ("cat_kd", {"beta": None}, "cached", "warp"),
 }
@@ -84,6 +89,7 @@ def _say(msg: str, verbose: bool) -> None:
 
 def _teacher_stage(out: Path, s: DemoSettings, verbose: bool) -> tuple[Path, dict, bool]:
     """Train the teacher, or reuse the one an earlier run made with the same settings."""
+    from kdpipe.pipeline.configs import TeacherConfig
     from kdpipe.stages.teacher import train_teacher
 
     teacher_dir = out / "teacher"
@@ -97,8 +103,9 @@ def _teacher_stage(out: Path, s: DemoSettings, verbose: bool) -> tuple[Path, dic
             return ckpt, record, True
     _say(f"training the teacher {s.teacher_arch} on the full {DATA} train split "
          f"({s.teacher_epochs} epochs)", verbose)
-    summary = train_teacher(arch=s.teacher_arch, data=DATA, epochs=s.teacher_epochs,
-                            batch_size=s.batch_size, out=teacher_dir / "runs", seed=0, progress=verbose)
+    summary = train_teacher(TeacherConfig(arch=s.teacher_arch, data=DATA, epochs=s.teacher_epochs,
+                                          batch_size=s.batch_size, seed=0),
+                            out=teacher_dir / "runs", progress=verbose)
     record = {"settings": wanted, "checkpoint": str(summary["checkpoint"]), "top1": summary["top1"],
               "top5": summary.get("top5"), "wall_seconds": summary["wall_seconds"],
               "run_dir": str(summary["run_dir"])}
@@ -111,7 +118,9 @@ def _store_stage(store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: 
     """Extract the teacher into the store, or reuse a complete store of this very teacher."""
     from kdpipe.artifacts import open_store, store_exists
     from kdpipe.errors import StoreError
+    from kdpipe.pipeline.configs import ExtractConfig
     from kdpipe.stages.extract import extract_teacher
+    from kdpipe.views import resolve_views
 
     info = {"reused": False, "extract_seconds": None}
     if store_exists(store):
@@ -120,7 +129,9 @@ def _store_stage(store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: 
             reader.require_complete()
             reader.check_teacher(ckpt)
             stored = reader.manifest.get("views", {})
-            if str(stored.get("mode")) == str(views):
+            from kdpipe.data import load_dataset
+
+            if str(stored.get("mode")) == resolve_views(load_dataset(DATA, "train").policy, views):
                 _say(f"reusing the store made earlier: {store} (the teacher is not run again)", verbose)
                 info["reused"] = True
                 return store, info
@@ -130,33 +141,35 @@ def _store_stage(store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: 
     _say(f"extract-teacher: {s.teacher_arch} over the {DATA} train split, views={views}, "
          f"executor={s.executor}", verbose)
     t0 = time.perf_counter()
-    extract_teacher(teacher=ckpt, arch=s.teacher_arch, data=DATA, out=store, views=views,
-                    cam_res=s.cam_res, features=("penult", "inter"), executor=s.executor,
-                    overwrite=True, progress=verbose, verbose=verbose)
+    extract_teacher(ExtractConfig(teacher=str(ckpt), arch=s.teacher_arch, data=DATA, out=str(store), views=views,
+                                  cam_res=s.cam_res, features=("penult", "inter"), executor=s.executor,
+                                  overwrite=True), progress=verbose, verbose=verbose)
     info["extract_seconds"] = time.perf_counter() - t0
     return store, info
 
 
 def _cluster_stage(store: Path, s: DemoSettings, store_reused: bool, verbose: bool) -> dict:
     from kdpipe.artifacts import open_store
+    from kdpipe.pipeline.configs import ClusterConfig
     from kdpipe.stages.cluster import cluster
 
     reader = open_store(store)
-    wanted = {"K_penult": s.k_penult, "K_inter": s.k_inter}
     if store_reused and TARGET_SET in reader.target_sets():
-        attrs = reader.target_attrs(TARGET_SET)
-        if all(int(attrs.get(k, -1)) == v for k, v in wanted.items()):
+        record = reader.target_set(TARGET_SET)
+        if (record.k_penult, record.k_inter, record.max_fit_points) == (s.k_penult, s.k_inter, s.max_fit_points):
             _say(f"reusing the target set {TARGET_SET!r} made earlier (K-means, LDA, sub-class scores)", verbose)
             return {"reused": True, "cluster_seconds": None}
-    _say(f"cluster: K_penult={s.k_penult}, K_inter={s.k_inter} (faiss K-means, streaming LDA)", verbose)
+    _say(f"cluster: K_penult={s.k_penult}, K_inter={s.k_inter} (faiss K-means, streaming LDA), then the "
+         "assignment pass over every view", verbose)
     t0 = time.perf_counter()
-    cluster(store, name=TARGET_SET, k_penult=s.k_penult, k_inter=s.k_inter,
-            max_fit_points=s.max_fit_points, seed=0, overwrite=True, executor=s.executor,
-            verbose=verbose)
+    cluster(ClusterConfig(store=str(store), name=TARGET_SET, k_penult=s.k_penult, k_inter=s.k_inter,
+                          max_fit_points=s.max_fit_points, seed=0, overwrite=True, executor=s.executor),
+            progress=verbose, verbose=verbose)
     return {"reused": False, "cluster_seconds": time.perf_counter() - t0}
 
 
 def _student_runs(stores: dict, ckpt: Path, out: Path, s: DemoSettings, verbose: bool) -> list[dict]:
+    from kdpipe.pipeline.configs import StudentConfig
     from kdpipe.stages.train import train_student
 
     rows = []
@@ -166,13 +179,14 @@ def _student_runs(stores: dict, ckpt: Path, out: Path, s: DemoSettings, verbose:
         for seed in s.seeds:
             _say(f"student {s.student_arch} with {label} (seed {seed}, {s.student_epochs} epochs, "
                  f"{int(s.subset_fraction * 100)}% of the train split)", verbose)
-            summary = train_student(
-                store=stores[views], targets=TARGET_SET, student=s.student_arch, method=method,
-                method_options=_method_options(label, s), epochs=s.student_epochs,
-                batch_size=s.batch_size, views=views, seed=seed,
-                online_teacher=ckpt if online else None, subset_fraction=s.subset_fraction,
-                subset_seed=0, out=out / "students", progress=verbose, run_prefix=f"{label}-s{seed}")
-            source_label = "none (fresh random views)" if source == "none" else f"{source}, {views}"
+            cfg = StudentConfig(store=str(stores[views]), targets=TARGET_SET, student=s.student_arch, method=method,
+                                method_options=_method_options(label, s), epochs=s.student_epochs,
+                                batch_size=s.batch_size, views=views, seed=seed,
+                                online_teacher=str(ckpt) if online else None, subset_fraction=s.subset_fraction,
+                                subset_seed=0)
+            summary = train_student(cfg, out=out / "students", progress=verbose, run_prefix=f"{label}-s{seed}")
+            source_label = {"none": "none (fresh random views)", "online": "online teacher, fresh views"}.get(
+                source, f"cached, {views}")
             rows.append({"label": label, "method": method, "source": source_label,
                          "seed": seed, "final_top1": summary["final_top1"],
                          "best_top1": summary["best_top1"], "wall_seconds": summary["wall_seconds"],
@@ -216,24 +230,16 @@ def _plot_student_curves(rows: list[dict], png: Path) -> Path:
     return png
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    import statistics
-
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def results_table(rows: list[dict]) -> list[dict]:
     """One line per student run label: mean/std of final top-1 over seeds, mean wall time."""
     table = []
     for label in dict.fromkeys(r["label"] for r in rows):
         mine = [r for r in rows if r["label"] == label]
-        mean, std = _mean_std([r["final_top1"] for r in mine])
+        mean, std = mean_std([r["final_top1"] for r in mine])
         table.append({"label": label, "source": mine[0]["source"], "seeds": len(mine),
                       "top1_mean": mean, "top1_std": std,
-                      "wall_seconds": _mean_std([r["wall_seconds"] for r in mine])[0],
-                      "img_per_s": _mean_std([r["img_per_s"] or 0.0 for r in mine])[0]})
+                      "wall_seconds": mean_std([r["wall_seconds"] for r in mine])[0],
+                      "img_per_s": mean_std([r["img_per_s"] or 0.0 for r in mine])[0]})
     return table
 
 
@@ -297,11 +303,14 @@ def run_demo(out: str | Path = "kdpipe-demo", fast: bool = False, settings: Demo
     from kdpipe.stages.cluster import plot_subclasses
     from kdpipe.stages.inspect import plot_cams
 
+    from kdpipe.models import load_teacher
+
     reader = open_store(store)
     train_set = load_dataset(DATA, "train")
+    teacher_model = load_teacher(s.teacher_arch, str(ckpt), train_set.num_classes)
     pictures = {
         "curves": str(_plot_student_curves(rows, report / "curves.png")),
-        "cams": str(plot_cams(reader, train_set, 8, report / "cams.png")),
+        "cams": str(plot_cams(reader, train_set, 8, report / "cams.png", teacher=teacher_model)),
         "subclasses": str(plot_subclasses(reader, TARGET_SET, 6, report / "subclasses.png", train_set)),
     }
     table = results_table(rows)

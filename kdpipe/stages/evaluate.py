@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from kdpipe.errors import CheckpointError
-from kdpipe.stages import loop
+from kdpipe.engine import loop
+from kdpipe.engine.data import place_dataset
+from kdpipe.engine.device import resolve_device
 
 
 def evaluate(
@@ -43,12 +45,12 @@ def evaluate(
         raise CheckpointError("evaluate needs --arch and --data unless --checkpoint is a kdpipe run directory.")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
-    dev = loop.resolve_device(device)
+    dev = resolve_device(device)
     dataset = load_dataset(data, split)
     if model is None:
         model = load_teacher(arch, str(path), dataset.num_classes)
     model = model.to(dev).eval()
-    placed = loop.place_dataset(dataset, dev)
+    placed = place_dataset(dataset, dev)
     result = loop.evaluate_model(model, placed, batch_size=batch_size, amp=amp)
     return {
         "checkpoint": str(path),

@@ -107,9 +107,32 @@ def _dataset_for(reader, data=None):
     return dataset
 
 
-def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES, seed: int = 0) -> str:
-    """A grid: for `num_images` samples (seeded pick), view 0 of the image, then the native CAMs
-    of the teacher's `top` classes (by stored logits) upsampled and overlaid. Writes `png_path`."""
+def _cams_of(reader, dataset, idx, views, teacher):
+    """CAMs [k, C, h, w] of view 0 of samples ``idx``: the stored native CAM; else the teacher
+    run on the images (when given); else the largest pooled CAM the store holds."""
+    import torch
+
+    if reader.has("cam"):
+        return np.asarray(reader["cam"].get_orthogonal_selection((idx, 0))).astype(np.float32), "native"
+    if teacher is not None:
+        from kdpipe.data import normalize
+
+        x = normalize(dataset.policy.apply_images(dataset.get_batch(idx), torch.from_numpy(views)),
+                      dataset.mean, dataset.std)
+        with torch.no_grad():
+            return teacher.eval().forward_features(x)[1]["cam"].float().numpy(), "native (teacher run now)"
+    pooled = sorted((int(n[len("cam_r"):]), n) for n in reader.array_names() if n.startswith("cam_r"))
+    if not pooled:
+        raise KdpipeError(f"The store at {reader.path} holds no CAMs; pass --teacher to compute them.")
+    r, name = pooled[-1]
+    return np.asarray(reader[name].get_orthogonal_selection((idx, 0))).astype(np.float32), f"pooled to {r}x{r}"
+
+
+def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES, seed: int = 0,
+              teacher=None) -> str:
+    """A grid: for `num_images` samples (seeded pick), view 0 of the image, then the CAMs of the
+    teacher's `top` classes (by stored logits) upsampled and overlaid: the native CAM where the
+    store holds it or ``teacher`` is given, else the largest pooled CAM. Writes `png_path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +145,7 @@ def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES
     idx = np.sort(np.random.default_rng(seed).choice(n_total, size=k, replace=False))
     views = np.asarray(reader["views"].get_orthogonal_selection((idx, 0)))
     logits = np.asarray(reader["logits"].get_orthogonal_selection((idx, 0))).astype(np.float32)
-    cams = np.asarray(reader["cam"].get_orthogonal_selection((idx, 0))).astype(np.float32)
+    cams, kind = _cams_of(reader, dataset, idx, views, teacher)
     images = dataset.policy.apply_images(dataset.get_batch(idx), torch.from_numpy(views))
     h, w = dataset.image_size
     names = dataset.class_names or [str(c) for c in range(dataset.num_classes)]
@@ -143,12 +166,20 @@ def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES
             ax.set_title(f"{names[int(c)]} p={probs[r, c]:.2f}", fontsize=8)
     for ax in axes.ravel():
         ax.axis("off")
-    fig.suptitle(f"teacher CAMs of the top-{top} classes ({reader.manifest['teacher'].get('arch')})", fontsize=9)
+    fig.suptitle(f"teacher CAMs ({kind}) of the top-{top} classes ({reader.manifest['teacher'].get('arch')})",
+                 fontsize=9)
     # Leave a band at the top for the title: tight_layout alone lays the panels over it.
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.3 * k)))
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
     return str(png_path)
+
+
+def _store_policy(reader, dataset):
+    """The data set's view policy with the store's padding mode."""
+    from kdpipe.views import with_pad_mode
+
+    return with_pad_mode(dataset.policy, (reader.manifest.get("views") or {}).get("pad_mode"))
 
 
 def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: str | None = None,
@@ -180,10 +211,8 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
         if verbose:
             print(f"wrote {result['png']}")
     if subclasses:
-        try:
-            from kdpipe.stages.cluster import plot_subclasses
-        except ImportError:
-            raise KdpipeError("Sub-class maps arrive with issue #4 (kdpipe cluster).") from None
+        from kdpipe.stages.cluster import plot_subclasses
+
         sets = reader.target_sets()
         name = target or (sets[0] if len(sets) == 1 else None)
         if name is None and not sets:
@@ -195,8 +224,8 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
         if verbose:
             print(f"wrote {result['png']}")
     if fidelity:
+        from kdpipe.engine.fidelity import measure_fidelity
         from kdpipe.models import load_teacher
-        from kdpipe.stages.targets import warp_fidelity
 
         reader.check_teacher(teacher)
         dataset = _dataset_for(reader, data)
@@ -204,8 +233,8 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
         model = load_teacher(t["arch"], teacher, int(t["num_classes"]))
         # A 1-view store is trained with warp; a multi-view store replays its stored views.
         mode = "warp" if reader.num_views == 1 else "replay"
-        fid = warp_fidelity(reader, model, dataset, num_samples=num_samples, target_set=target,
-                            device=device or "cpu", mode=mode)
+        fid = measure_fidelity(reader, model, dataset, num_samples=num_samples, target_set=target,
+                               device=device or "cpu", mode=mode, policy=_store_policy(reader, dataset))
         result["fidelity"] = fid
         result["fidelity_mode"] = mode
         if verbose:

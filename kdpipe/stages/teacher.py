@@ -18,13 +18,22 @@ It holds the weights after the last epoch (as mdistiller's published teachers do
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
+from kdpipe.engine import loop
+from kdpipe.engine.data import place_dataset
+from kdpipe.engine.device import resolve_device
+from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
+from kdpipe.engine.sources import NoTargets
+from kdpipe.errors import KdpipeError
+from kdpipe.pipeline.configs import TeacherConfig, differing_fields, from_saved
 from kdpipe.pipeline.rundir import RunDir, save_checkpoint_file
-from kdpipe.stages import loop
+
+__all__ = ["train_teacher", "teacher_checkpoint_path"]
 
 
 def teacher_checkpoint_path(run_path, arch: str, epochs: int) -> Path:
@@ -37,24 +46,32 @@ def _data_slug(spec: str) -> str:
     return name or "data"
 
 
-def train_teacher(
-    arch: str,
-    data: str = "digits",
-    epochs: int = 240,
-    lr: float = 0.05,
-    batch_size: int = 64,
-    out: str | Path = "runs",
-    seed: int = 0,
-    device: str | None = None,
-    amp: bool = False,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    resume: str | Path | None = None,
-    progress: bool = True,
-    data_path: str = "auto",
-    num_workers: int = 2,
-) -> dict:
-    """Train ``arch`` on ``data`` (a ``kdpipe.data.load_dataset`` spec) with cross-entropy.
+def _check(cfg: TeacherConfig) -> None:
+    if int(cfg.epochs) < 1:
+        raise KdpipeError(f"--epochs must be at least 1, got {cfg.epochs}.")
+    if int(cfg.batch_size) < 2:
+        raise KdpipeError(f"--batch-size must be at least 2, got {cfg.batch_size}.")
+    if not float(cfg.lr) > 0:
+        raise KdpipeError(f"--lr must be positive, got {cfg.lr}.")
+
+
+def _resumed(resume, given: dict | None) -> tuple[RunDir, TeacherConfig]:
+    run = RunDir.open(resume)
+    saved = run.config
+    if saved.get("stage") != "train-teacher":
+        raise KdpipeError(f"{resume} is not a train-teacher run directory (its stage is {saved.get('stage')!r}).")
+    cfg = from_saved(TeacherConfig, saved.get("config"), f"The run directory {resume}")
+    differ = differing_fields(cfg, dict(given or {}))
+    if differ:
+        raise KdpipeError(f"--resume continues the run as it was configured; these options differ from it: "
+                          f"{', '.join('--' + k.replace('_', '-') for k in differ)} (start a new run to change them).")
+    return run, cfg
+
+
+def train_teacher(cfg: TeacherConfig | None = None, *, resume=None, given: dict | None = None, out="runs",
+                  device=None, progress: bool = True, data_path: str = "auto", workers: int = 0,
+                  after_epoch=None) -> dict:
+    """Train ``cfg.arch`` on ``cfg.data`` (a ``kdpipe.data.load_dataset`` spec) with cross-entropy.
 
     Returns the summary dict (also written to summary.json): run_dir, checkpoint, top1, top5,
     best_top1, epochs, wall_seconds, img_per_s."""
@@ -62,81 +79,56 @@ def train_teacher(
     from kdpipe.models import build
 
     t_start = time.perf_counter()
+    run = None
     if resume is not None:
-        run = RunDir.open(resume)
-        cfg = run.config
-        arch, data, epochs, lr, batch_size = cfg["arch"], cfg["data"], cfg["epochs"], cfg["lr"], cfg["batch_size"]
-        seed, momentum, weight_decay = cfg["seed"], cfg["momentum"], cfg["weight_decay"]
-        amp = cfg.get("amp", amp)
-    epochs, batch_size = int(epochs), int(batch_size)
-    if epochs < 1:
-        from kdpipe.errors import KdpipeError
-
-        raise KdpipeError(f"--epochs must be at least 1, got {epochs}.")
-    if batch_size < 2:
-        from kdpipe.errors import KdpipeError
-
-        raise KdpipeError(f"--batch-size must be at least 2, got {batch_size}.")
-    dev = loop.resolve_device(device)
-    train_set = load_dataset(data, "train")
-    test_set = load_dataset(data, "test")
-    torch.manual_seed(seed)
-    model = build(arch, num_classes=train_set.num_classes).to(dev)
-    optimizer = loop.make_optimizer(model, lr, momentum, weight_decay)
-    scheduler = loop.make_scheduler(optimizer, epochs)
+        run, cfg = _resumed(resume, given)
+    if cfg is None:
+        raise KdpipeError("train_teacher needs a TeacherConfig or a run directory to resume.")
+    _check(cfg)
+    dev = resolve_device(device)
+    train_set = load_dataset(cfg.data, "train")
+    test_set = load_dataset(cfg.data, "test")
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.arch, num_classes=train_set.num_classes).to(dev)
+    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.epochs)
     config = {
-        "stage": "train-teacher",
-        "arch": arch,
-        "data": data,
-        "num_classes": train_set.num_classes,
-        "train_samples": len(train_set),
-        "test_samples": len(test_set),
-        "dataset_fingerprint": getattr(train_set, "fingerprint", None),
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "milestones": loop.milestones(epochs),
-        "lr_decay": 0.1,
-        "seed": seed,
-        "device": str(dev),
-        "amp": bool(amp),
+        "stage": "train-teacher", "config": dataclasses.asdict(cfg), "arch": cfg.arch, "data": cfg.data,
+        "num_classes": train_set.num_classes, "train_samples": len(train_set), "test_samples": len(test_set),
+        "dataset_fingerprint": getattr(train_set, "fingerprint", None), "epochs": int(cfg.epochs),
+        "lr": float(cfg.lr), "batch_size": int(cfg.batch_size), "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay, "milestones": milestones(cfg.epochs), "lr_decay": 0.1,
+        "seed": cfg.seed, "device": str(dev), "amp": bool(cfg.amp),
         "policy": getattr(train_set.policy, "name", str(train_set.policy)),
     }
     start_epoch, best, scaler_state = 0, None, None
-    if resume is None:
-        run = RunDir.create(out, f"teacher-{arch}-{_data_slug(data)}", config)
+    if run is None:
+        run = RunDir.create(out, f"teacher-{cfg.arch}-{_data_slug(cfg.data)}", config)
     else:
         start_epoch, best, scaler_state = loop.restore_training_state(run, model, optimizer, scheduler, dev)
-    train = loop.place_dataset(train_set, dev, data_path=data_path)
-    test = loop.place_dataset(test_set, dev, data_path=data_path)
+    train = place_dataset(train_set, dev, data_path=data_path, workers=workers)
+    test = place_dataset(test_set, dev, data_path=data_path, workers=workers)
+    source = NoTargets(train_set.policy, getattr(train_set, "image_sizes", None) if not train.resident else None)
     result = loop.fit(
-        model=model, train=train, test=test,
-        fns=loop.StepFns(views=loop.random_views(train_set.policy), loss=loop.ce_loss),
-        policy=train_set.policy, epochs=epochs, batch_size=batch_size,
-        optimizer=optimizer, scheduler=scheduler, run=run, seed=seed, amp=amp,
-        start_epoch=start_epoch, best=best, progress=progress, desc=f"teacher {arch}",
-        num_workers=num_workers, scaler_state=scaler_state,
-    )
-    final = result["final"] or (run.read_metrics()[-1] if run.read_metrics() else {})
-    ckpt = teacher_checkpoint_path(run.path, arch, epochs)
-    save_checkpoint_file(ckpt, {"model": model.state_dict(), "epoch": epochs,
-                                "best_acc": float(final.get("test_top1", float("nan")))})
-    wall = time.perf_counter() - t_start
+        model=model, train=train, test=test, source=source, loss_fn=loop.ce_loss, policy=train_set.policy,
+        epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), optimizer=optimizer, scheduler=scheduler, run=run,
+        seed=cfg.seed, amp=cfg.amp, start_epoch=start_epoch, best=best, progress=progress,
+        desc=f"teacher {cfg.arch}", scaler_state=scaler_state, after_epoch=after_epoch)
+    return _finish(run, model, cfg, result, t_start)
+
+
+def _finish(run, model, cfg: TeacherConfig, result, t_start) -> dict:
     rows = run.read_metrics()
+    final = result["final"] or (rows[-1] if rows else {})
+    ckpt = teacher_checkpoint_path(run.path, cfg.arch, cfg.epochs)
+    save_checkpoint_file(ckpt, {"model": model.state_dict(), "epoch": int(cfg.epochs),
+                                "best_acc": float(final.get("test_top1", float("nan")))})
+    best_row = max(rows, key=lambda r: r.get("test_top1") or 0.0) if rows else {}
     summary = {
-        "stage": "train-teacher",
-        "run_dir": str(run.path),
-        "checkpoint": str(ckpt),
-        "arch": arch,
-        "data": data,
-        "epochs": epochs,
-        "top1": final.get("test_top1"),
-        "top5": final.get("test_top5"),
-        "best_top1": max((r.get("test_top1") or 0.0) for r in rows) if rows else None,
-        "best_epoch": max(rows, key=lambda r: r.get("test_top1") or 0.0)["epoch"] if rows else None,
-        "wall_seconds": wall,
+        "stage": "train-teacher", "run_dir": str(run.path), "checkpoint": str(ckpt), "arch": cfg.arch,
+        "data": cfg.data, "epochs": int(cfg.epochs), "top1": final.get("test_top1"), "top5": final.get("test_top5"),
+        "best_top1": best_row.get("test_top1"), "best_epoch": best_row.get("epoch"),
+        "wall_seconds": time.perf_counter() - t_start,
         "train_seconds": sum(r.get("epoch_seconds") or 0.0 for r in rows),
         "img_per_s": loop.mean_over_epochs(rows, "img_per_s"),
     }

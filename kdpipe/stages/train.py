@@ -1,370 +1,301 @@
 """Stage two: train a student from the store, teacher-free (``kdpipe train-student``).
 
-``train_student(store, targets="default", student=..., method=..., ...)``:
+``train_student(StudentConfig(store=..., student=..., method=...))``:
 
-1. checks first, each failure one sentence (``StoreError`` / ``DataError``): the store is
-   complete; the data set it is trained on has the store's fingerprint, class count and
-   normalisation (``reader.check_dataset``); the method's store artifacts (and the target
-   set) are present;
-2. builds the student (``kdpipe.models.build``) and lets the method install its KD layers
-   (``method.prepare_student``);
-3. hands the shared epoch loop (``kdpipe.stages.loop.fit``) a target source:
-   ``CachedTargets`` (the store; ``views="replay"`` or ``"warp"``) or, with
-   ``online_teacher=CKPT``, ``OnlineTargets`` (the teacher run live on the same augmented
-   batch). The loop cannot tell them apart;
-4. trains with the method's reference recipe (METHODS.md; ``lr``, ``batch_size``, ``epochs``
-   override it), checkpoints every epoch (``resume=RUN`` continues an interrupted run
-   exactly), logs top-1/top-5 each epoch, writes the run directory and its summary.
+1. resolve and check (``resolve_student``), each failure one sentence: the store is complete
+   and undamaged; the data set it is trained on has the store's fingerprint, class count and
+   normalisation; the store was made from a training split; the method's target kinds are in
+   the store (or the target set, for letKD); the recipe (the method's reference recipe, with
+   the config's overrides);
+2. build the student (``kdpipe.models.build``) and let the method install its KD layers;
+3. run the shared epoch loop (``kdpipe.engine.loop.fit``) with a target source: cached
+   (``views="replay"``: a stored view per sample per epoch, exact; ``"warp"``), or with
+   ``online_teacher`` the teacher live on fresh random views (the references' training) or,
+   with ``online_views="replay"``, on the store's views (parity checks);
+4. checkpoint every epoch (``resume=RUN`` continues an interrupted run exactly), write the run
+   directory and its summary.
 
 ``subset_fraction`` trains on ``kdpipe.data.subset_indices(labels, fraction, subset_seed)``
-only (the data-reduction regime where distillation matters); evaluation is always on the
-full test split.
+only (the data-reduction regime); evaluation is always on the full test split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kdpipe.engine import loop
+from kdpipe.engine.device import resolve_device
+from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
+from kdpipe.engine.sources import ONLINE_VIEWS, VIEW_MODES, CachedTargets, NoTargets, OnlineTargets
 from kdpipe.errors import KdpipeError, StoreError
+from kdpipe.pipeline.configs import StudentConfig, differing_fields, from_saved
+from kdpipe.pipeline.paths import absolute_path
 from kdpipe.pipeline.rundir import RunDir
-from kdpipe.stages import loop
 
-VIEW_MODES = ("replay", "warp")
-
-#: Arguments of ``train_student`` recorded in config.json and restored by ``resume``.
-RUN_ARGS = ("store", "targets", "student", "method", "method_options", "epochs", "lr", "batch_size",
-            "views", "seed", "amp", "online_teacher", "data", "subset_fraction", "subset_seed",
-            "momentum", "weight_decay", "nesterov")
-
-
-def _manifest_data_spec(reader) -> tuple[str, str]:
-    """(data spec, split) the store was extracted from, per its manifest."""
-    d = reader.manifest.get("dataset") or {}
-    spec = d.get("spec") or d.get("name")
-    if not spec:
-        raise StoreError(f"The store at {reader.path} does not record its data set; pass --data.")
-    return str(spec), str(d.get("split") or "train")
-
-
-def _target_set_sizes(reader, target_set: str, num_classes: int) -> dict:
-    """K_penult and C*K_inter of a target set, for the letKD student's KD layers."""
-    out = {}
-    try:
-        attrs = reader.target_attrs(target_set)
-    except StoreError:
-        return out
-    name = f"targets/{target_set}/"
-    if reader.has(name + "penult_centers"):
-        out["num_penult_clusters"] = int(reader.array(name + "penult_centers").shape[0])
-    elif attrs.get("K_penult") or attrs.get("k_penult"):
-        out["num_penult_clusters"] = int(attrs.get("K_penult") or attrs.get("k_penult"))
-    if reader.has(name + "subclass_scores"):
-        out["num_subclasses"] = int(reader.array(name + "subclass_scores").shape[0])
-    elif attrs.get("K_inter") or attrs.get("k_inter"):
-        out["num_subclasses"] = int(num_classes) * int(attrs.get("K_inter") or attrs.get("k_inter"))
-    return out
-
-
-def check_store_for_method(reader, method, target_set: str) -> None:
-    """Refuse, in one sentence, a store that lacks what ``method`` needs."""
-    needed = list(method.store_artifacts(target_set))
-    if any(a.startswith("targets/") for a in needed) and target_set not in reader.target_sets():
-        have = ", ".join(reader.target_sets()) or "none"
-        raise StoreError(
-            f"The store at {reader.path} has no complete target set {target_set!r} (it has: {have}), "
-            f"which method {method.name} needs; run `kdpipe cluster {reader.path} --name {target_set}` first.")
-    missing = [a for a in needed if not reader.has(a)]
-    if missing:
-        raise StoreError(
-            f"The store at {reader.path} lacks {', '.join(missing)}, which method {method.name} needs; "
-            f"re-extract the teacher with those artifacts (or choose matching method options).")
+__all__ = ["train_student", "resolve_student", "StudentSetup", "build_method", "build_student_from_config",
+           "student_loss_fn", "make_target_source"]
 
 
 def build_method(method: str, method_options: dict | None, teacher_arch: str | None, student: str):
     from kdpipe.methods import get_method
 
     m = get_method(method, **dict(method_options or {}))
-    if hasattr(m, "bind") and teacher_arch:
+    if teacher_arch:
         m.bind(teacher_arch, student)
     return m
 
 
-def build_student_from_config(cfg: dict):
+def build_student_from_config(saved: dict):
     """The student of a finished run, with the KD layers of its method (for evaluate)."""
+    from kdpipe.artifacts.target_set import TargetSet
     from kdpipe.models import build
 
-    m = build_method(cfg["method"], cfg.get("method_options"), cfg.get("teacher_arch"), cfg["student"])
-    model = build(cfg["student"], num_classes=int(cfg["num_classes"]))
-    m.prepare_student(model, **(cfg.get("kd_layer_sizes") or {}))
+    m = build_method(saved["method"], saved.get("method_options"), saved.get("teacher_arch"), saved["student"])
+    model = build(saved["student"], num_classes=int(saved["num_classes"]))
+    record = saved.get("target_set")
+    ts = TargetSet.from_json(record["name"], record, "the run's config.json") if record else None
+    m.prepare_student(model, ts)
     return model
 
 
-class ReplayViews:
-    """The stored views of a store, drawn as ``CachedTargets`` replay draws them (one
-    stored view per sample per epoch, uniformly, from the loop's generator). Online training
-    with ``views="replay"`` uses it, so the online teacher sees exactly the views cached
-    training replays: the parity the tests check."""
+# ------------------------------------------------------------------------------ resolution
+@dataclass
+class StudentSetup:
+    """A ``StudentConfig`` resolved against its store, data set and method's recipe."""
 
-    def __init__(self, reader):
-        from kdpipe.stages.targets import _np_to_torch
+    cfg: StudentConfig
+    reader: object
+    method: object
+    train_set: object
+    test_set: object
+    teacher_arch: str | None
+    recipe: dict
+    policy: object
+    target_set: object  # TargetSet or None
+    subset: object      # sample indices or None
 
-        self.views = _np_to_torch(reader.array("views")[:]).to(torch.int32)  # [N, V, P]
-        self.num_views = int(self.views.shape[1])
-
-    def __call__(self, indices, epoch, generator):
-        B = int(len(indices))
-        view_idx = torch.randint(0, self.num_views, (B,), generator=generator).to(torch.int64)
-        idx = torch.as_tensor(indices).to("cpu", torch.int64)
-        return view_idx, self.views[idx, view_idx]
-
-
-class OnlineSource:
-    """``OnlineTargets`` with the view draws of ``views`` mode (replay: the store's views)."""
-
-    def __init__(self, online, views_fn):
-        self.online, self._views = online, views_fn
-        self.mode = "online"
-
-    def views_for(self, indices, epoch, generator):
-        return self._views(indices, epoch, generator)
-
-    def targets(self, indices, view_idx, params, images_normalized, labels=None):
-        return self.online.targets(indices, view_idx, params, images_normalized, labels=labels)
+    def resolved(self) -> dict:
+        """The resolved configuration (config.json's keys; ``--print-config``)."""
+        cfg, r = self.cfg, self.recipe
+        return {
+            "stage": "train-student", "config": dataclasses.asdict(cfg),
+            "store": absolute_path(cfg.store), "targets": self.target_set.name if self.target_set else cfg.targets,
+            "student": cfg.student, "method": self.method.name,
+            "method_options": dict(cfg.method_options), "method_resolved": dict(self.method.options),
+            "teacher_arch": self.teacher_arch, **r, "views": cfg.views,
+            "target_source": "online" if cfg.online_teacher else ("cached" if self.method.kinds() else "none"),
+            "online_teacher": absolute_path(cfg.online_teacher), "online_views": cfg.online_views,
+            "resident": cfg.resident, "seed": int(cfg.seed), "amp": bool(cfg.amp),
+            "data": cfg.data, "num_classes": self.train_set.num_classes,
+            "dataset_fingerprint": self.train_set.fingerprint,
+            "pad_mode": getattr(self.policy, "pad_mode", None),
+            "subset_fraction": cfg.subset_fraction, "subset_seed": int(cfg.subset_seed),
+            "train_samples": int(len(self.subset)) if self.subset is not None else len(self.train_set),
+            "test_samples": len(self.test_set),
+            "target_set": self.target_set.to_json() if self.target_set else None,
+        }
 
 
-def _make_target_source(*, reader, method, target_set, device, views, online_teacher, teacher_arch,
-                        num_classes, policy, labels):
-    """CachedTargets (store) or OnlineTargets (live teacher): the same interface for the loop."""
-    from kdpipe.stages import targets as tmod
+def _check_config(cfg: StudentConfig) -> None:
+    if cfg.views not in VIEW_MODES:
+        raise KdpipeError(f"--views must be {' or '.join(VIEW_MODES)}, got {cfg.views!r}.")
+    if cfg.online_views not in ONLINE_VIEWS:
+        raise KdpipeError(f"--online-views must be {' or '.join(ONLINE_VIEWS)}, got {cfg.online_views!r}.")
+    if cfg.subset_fraction is not None and not 0 < float(cfg.subset_fraction) <= 1:
+        raise KdpipeError(f"--subset-fraction must be in (0, 1], got {cfg.subset_fraction}.")
+    if cfg.online_teacher is not None and "://" not in str(cfg.online_teacher) \
+            and not Path(cfg.online_teacher).is_file():
+        raise KdpipeError(f"--online-teacher {cfg.online_teacher} does not exist.")
 
-    if not method.target_keys and not online_teacher:
-        return tmod.NoTargets(policy)
-    if online_teacher:
+
+def _recipe(method, cfg: StudentConfig) -> dict:
+    base = method.recipe(cfg.student)
+    r = {
+        "epochs": int(cfg.epochs if cfg.epochs is not None else base["epochs"]),
+        "lr": float(cfg.lr if cfg.lr is not None else base["lr"]),
+        "batch_size": int(cfg.batch_size if cfg.batch_size is not None else base["batch_size"]),
+        "momentum": float(cfg.momentum if cfg.momentum is not None else base.get("momentum", 0.9)),
+        "weight_decay": float(cfg.weight_decay if cfg.weight_decay is not None else base.get("weight_decay", 5e-4)),
+        "nesterov": bool(cfg.nesterov if cfg.nesterov is not None else base.get("nesterov", False)),
+        "lr_decay": float(base.get("lr_decay", 0.1)),
+    }
+    if r["epochs"] < 1:
+        raise KdpipeError(f"--epochs must be at least 1, got {r['epochs']}.")
+    if r["batch_size"] < 2:
+        raise KdpipeError(f"--batch-size must be at least 2, got {r['batch_size']}.")
+    if not r["lr"] > 0:
+        raise KdpipeError(f"--lr must be positive, got {r['lr']}.")
+    r["milestones"] = milestones(r["epochs"])
+    return r
+
+
+def _open_store(cfg: StudentConfig, method):
+    from kdpipe.artifacts import open_store
+
+    if cfg.store is None:
+        if method.kinds() or cfg.online_teacher:
+            raise StoreError(f"Method {method.name} needs a store (--store).")
+        if cfg.data is None:
+            raise KdpipeError("--data is needed when no --store is given.")
+        return None
+    reader = open_store(cfg.store)
+    split = (reader.manifest.get("dataset") or {}).get("split")
+    if split not in (None, "train"):
+        raise StoreError(f"The store at {reader.path} was made from the {split} split; a student trained on it "
+                         "would be evaluated on the images it trained on. Extract the train split.")
+    return reader
+
+
+def resolve_student(cfg: StudentConfig) -> StudentSetup:
+    """Resolve and check ``cfg`` against its store, data set and recipe (no training)."""
+    from kdpipe.data import load_dataset, subset_indices
+    from kdpipe.engine.sources import resolve_target_set
+    from kdpipe.views import with_pad_mode
+
+    _check_config(cfg)
+    reader = _open_store(cfg, build_method(cfg.method, cfg.method_options, None, cfg.student))
+    split = "train"
+    if reader is not None:
+        d = reader.manifest.get("dataset") or {}
+        cfg = dataclasses.replace(cfg, data=cfg.data or d.get("spec") or d.get("name"))
+    train_set = load_dataset(cfg.data, split)
+    if reader is not None:
+        reader.check_dataset(train_set)
+    teacher_arch = (reader.manifest.get("teacher") or {}).get("arch") if reader is not None else None
+    method = build_method(cfg.method, cfg.method_options, teacher_arch, cfg.student)
+    if cfg.online_teacher is not None and reader is not None:
+        reader.check_teacher(cfg.online_teacher)
+    target_set = None
+    if method.needs_target_set:
+        target_set = reader.target_set(resolve_target_set(reader, cfg.targets))
+    pad_mode = (reader.manifest.get("views") or {}).get("pad_mode") if reader is not None else None
+    subset = None
+    if cfg.subset_fraction is not None:
+        subset = subset_indices(train_set.labels, float(cfg.subset_fraction), int(cfg.subset_seed))
+    return StudentSetup(cfg=cfg, reader=reader, method=method, train_set=train_set,
+                        test_set=load_dataset(cfg.data, "test"), teacher_arch=teacher_arch,
+                        recipe=_recipe(method, cfg), policy=with_pad_mode(train_set.policy, pad_mode),
+                        target_set=target_set, subset=subset)
+
+
+# ------------------------------------------------------------------------------ building
+def make_target_source(setup: StudentSetup, device: torch.device):
+    """Cached targets (store), the online teacher, or none: one interface for the loop."""
+    cfg, method = setup.cfg, setup.method
+    kinds = method.kinds()
+    sizes = getattr(setup.train_set, "image_sizes", None) if getattr(setup.train_set, "images", None) is None \
+        else None
+    if cfg.online_teacher:
         from kdpipe.models import load_teacher
 
-        teacher = load_teacher(teacher_arch, str(online_teacher), num_classes).to(device).eval()
-        online = tmod.OnlineTargets(teacher, method, target_set_reader=reader, policy=policy, device=device,
-                                    target_set=target_set if _uses_target_set(method) else None, labels=labels)
-        if views == "replay" and reader is not None and reader.has("views"):
-            return OnlineSource(online, ReplayViews(reader))
-        return OnlineSource(online, online.views_for)
-    # The store's own view policy (its manifest: padding, pad mode) replays its views.
-    return tmod.CachedTargets(reader, method, target_set if _uses_target_set(method) else None, device, views)
+        teacher = load_teacher(setup.teacher_arch, str(cfg.online_teacher), setup.train_set.num_classes)
+        source = OnlineTargets(teacher, kinds, reader=setup.reader, target_set=cfg.targets if kinds else None,
+                               device=device, policy=setup.policy, views=cfg.online_views)
+    elif not kinds:
+        source = NoTargets(setup.policy)
+    else:
+        source = CachedTargets(setup.reader, kinds, setup.target_set.name if setup.target_set else None,
+                               device=device, mode=cfg.views, policy=setup.policy, resident=cfg.resident)
+    source.image_sizes = sizes
+    return source
 
 
-def _uses_target_set(method) -> bool:
-    return any(a.startswith("targets/") for a in method.store_artifacts("x"))
-
-
-def student_step_loss(model, method, source):
-    """The loss of one student step: targets of the batch's views from ``source``, the student's
-    forward, ``method.loss``. Returns ``fn(model, x, labels, idx, view_idx, params) -> (total,
-    parts, logits)`` for ``loop.StepFns``."""
+def student_loss_fn(model, method):
+    """``loss_fn(model, x, labels, targets) -> (total, parts, logits)`` of the loop."""
     # CE and logit KD need logits only: a plain forward, as plain training of the student does.
-    use_features = len(model.taps) > 0 if hasattr(model, "taps") else True
-    use_features = use_features or any(k != "logits" for k in method.target_keys)
+    needs_features = bool(len(getattr(model, "taps", ()))) or any(
+        key != "logits" for kind in method.kinds() for key in kind.target_keys)
 
-    def step_loss(model, x, labels, idx, view_idx, params):
-        tg = source.targets(idx, view_idx, params, x) if method.target_keys else {}
-        if use_features:
+    def loss_fn(model, x, labels, targets):
+        if needs_features:
             logits, feats = model.forward_features(x)
         else:
             logits, feats = model(x), {}
-        total, parts = method.loss(logits, feats, tg, labels)
+        total, parts = method.loss(logits, feats, targets, labels)
         return total, {k: v for k, v in parts.items() if k != "total"}, logits
 
-    return step_loss
+    return loss_fn
 
 
-def train_student(
-    store: str | Path | None = None,
-    targets: str = "default",
-    student: str = "resnet8x4",
-    method: str = "cat_kd",
-    method_options: dict | None = None,
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    views: str = "replay",
-    seed: int = 0,
-    device: str | None = None,
-    amp: bool = False,
-    resume: str | Path | None = None,
-    online_teacher: str | Path | None = None,
-    data: str | None = None,
-    subset_fraction: float | None = None,
-    subset_seed: int = 0,
-    out: str | Path = "runs",
-    momentum: float | None = None,
-    weight_decay: float | None = None,
-    nesterov: bool | None = None,
-    progress: bool = True,
-    data_path: str = "auto",
-    num_workers: int = 2,
-    run_prefix: str | None = None,
-    plot: bool = True,
-    on_step=None,
-) -> dict:
-    """Train ``student`` with ``method`` from ``store`` (see the module docstring).
+def _resumed_config(resume, given: dict | None) -> tuple[RunDir, StudentConfig]:
+    run = RunDir.open(resume)
+    saved = run.config
+    if saved.get("stage") != "train-student":
+        raise KdpipeError(f"{resume} is not a train-student run directory (its stage is {saved.get('stage')!r}).")
+    cfg = from_saved(StudentConfig, saved.get("config"), f"The run directory {resume}")
+    differ = differing_fields(cfg, dict(given or {}))
+    if differ:
+        raise KdpipeError(f"--resume continues the run as it was configured; these options differ from it: "
+                          f"{', '.join('--' + k.replace('_', '-') for k in differ)} (start a new run to change them).")
+    return run, cfg
+
+
+# ------------------------------------------------------------------------------ the stage
+def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict | None = None,
+                  out="runs", device=None, progress: bool = True, data_path: str = "auto",
+                  workers: int = 0, run_prefix: str | None = None, plot: bool = True, on_step=None,
+                  after_epoch=None) -> dict:
+    """Train a student (see the module docstring). With ``resume`` the run's own config is
+    used; ``given`` holds options the user passed beside it (refused when they differ).
 
     Returns the summary (also in summary.json): run_dir, best_top1, final_top1, final_top5,
     epochs, wall_seconds, img_per_s, ..."""
-    from kdpipe.artifacts import open_store
-    from kdpipe.data import load_dataset, subset_indices
     from kdpipe.models import build
 
     t_start = time.perf_counter()
     run = None
     if resume is not None:
-        run = RunDir.open(resume)
-        cfg = run.config
-        if cfg.get("stage") != "train-student":
-            raise KdpipeError(f"{resume} is not a train-student run directory (its stage is {cfg.get('stage')!r}).")
-        store, targets, student, method = cfg["store"], cfg["targets"], cfg["student"], cfg["method"]
-        method_options, epochs, lr, batch_size = cfg["method_options"], cfg["epochs"], cfg["lr"], cfg["batch_size"]
-        views, seed, amp, online_teacher = cfg["views"], cfg["seed"], cfg["amp"], cfg["online_teacher"]
-        data, subset_fraction, subset_seed = cfg["data"], cfg["subset_fraction"], cfg["subset_seed"]
-        momentum, weight_decay, nesterov = cfg["momentum"], cfg["weight_decay"], cfg["nesterov"]
-    if views not in VIEW_MODES:
-        raise KdpipeError(f"--views must be replay or warp, got {views!r}.")
-    dev = loop.resolve_device(device)
-
-    # ---- checks: store, data set, method artifacts -------------------------------------
-    reader = open_store(store) if store is not None else None
-    m0 = build_method(method, method_options, None, student)  # validates the options early
-    if reader is None:
-        if m0.target_keys or online_teacher:
-            raise StoreError(f"method {m0.name} needs a store (--store).")
-        if data is None:
-            raise KdpipeError("--data is needed when no --store is given.")
-        split = "train"
-    else:
-        spec, split = _manifest_data_spec(reader)
-        data = data or spec
-    train_set = load_dataset(data, split)
-    if reader is not None:
-        reader.check_dataset(train_set)
-    test_set = load_dataset(data, "test")
-    teacher_arch = ((reader.manifest.get("teacher") or {}).get("arch")) if reader is not None else None
-    meth = build_method(method, method_options, teacher_arch, student)
-    if reader is not None:
-        check_store_for_method(reader, meth, targets)
-    if online_teacher is not None:
-        if not Path(online_teacher).is_file():
-            raise KdpipeError(f"--online-teacher {online_teacher} does not exist.")
-        if reader is not None and (reader.manifest.get("teacher") or {}).get("sha256"):
-            reader.check_teacher(online_teacher)
-
-    # ---- recipe ------------------------------------------------------------------------
-    recipe = meth.recipe(student)
-    epochs = int(epochs if epochs is not None else recipe["epochs"])
-    lr = float(lr if lr is not None else recipe["lr"])
-    batch_size = int(batch_size if batch_size is not None else recipe["batch_size"])
-    momentum = float(momentum if momentum is not None else recipe.get("momentum", 0.9))
-    weight_decay = float(weight_decay if weight_decay is not None else recipe.get("weight_decay", 5e-4))
-    nesterov = bool(nesterov if nesterov is not None else recipe.get("nesterov", False))
-    if epochs < 1:
-        raise KdpipeError(f"--epochs must be at least 1, got {epochs}.")
-    if batch_size < 2:
-        raise KdpipeError(f"--batch-size must be at least 2, got {batch_size}.")
-    if not lr > 0:
-        raise KdpipeError(f"--lr must be positive, got {lr}.")
-
-    # ---- student -----------------------------------------------------------------------
-    kd_sizes = _target_set_sizes(reader, targets, train_set.num_classes) if reader is not None else {}
-    torch.manual_seed(seed)
-    model = build(student, num_classes=train_set.num_classes)
-    model = meth.prepare_student(model, **kd_sizes) or model
+        run, cfg = _resumed_config(resume, given)
+    if cfg is None:
+        raise KdpipeError("train_student needs a StudentConfig or a run directory to resume.")
+    setup = resolve_student(cfg)
+    cfg, r = setup.cfg, setup.recipe
+    dev = resolve_device(device)
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.student, num_classes=setup.train_set.num_classes)
+    model = setup.method.prepare_student(model, setup.target_set) or model
     model = model.to(dev)
-    optimizer = loop.make_optimizer(model, lr, momentum, weight_decay, nesterov)
-    scheduler = loop.make_scheduler(optimizer, epochs)
-    source = _make_target_source(reader=reader, method=meth, target_set=targets, device=dev, views=views,
-                                 online_teacher=online_teacher, teacher_arch=teacher_arch,
-                                 num_classes=train_set.num_classes, policy=train_set.policy,
-                                 labels=train_set.labels)
-
-    subset = None
-    if subset_fraction is not None:
-        f = float(subset_fraction)
-        if not 0 < f <= 1:
-            raise KdpipeError(f"--subset-fraction must be in (0, 1], got {subset_fraction}.")
-        subset = subset_indices(train_set.labels, f, int(subset_seed))
-
-    config = {
-        "stage": "train-student",
-        "store": _abs(store),  # absolute, so --resume works from any folder
-        "targets": targets,
-        "student": student,
-        "method": meth.name,
-        "method_options": dict(method_options or {}),
-        "method_resolved": dict(meth.options),
-        "teacher_arch": teacher_arch,
-        "epochs": epochs, "lr": lr, "batch_size": batch_size,
-        "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov,
-        "milestones": loop.milestones(epochs), "lr_decay": 0.1,
-        "views": views, "seed": int(seed), "amp": bool(amp),
-        "online_teacher": _abs(online_teacher),
-        "target_source": type(source).__name__,
-        "data": data, "num_classes": train_set.num_classes,
-        "dataset_fingerprint": train_set.fingerprint,
-        "subset_fraction": subset_fraction, "subset_seed": int(subset_seed),
-        "train_samples": int(len(subset)) if subset is not None else len(train_set),
-        "test_samples": len(test_set),
-        "kd_layer_sizes": kd_sizes,
-        "device": str(dev),
-    }
+    optimizer = make_optimizer(model, r["lr"], r["momentum"], r["weight_decay"], r["nesterov"])
+    scheduler = make_scheduler(optimizer, r["epochs"], gamma=r["lr_decay"])
+    config = dict(setup.resolved(), device=str(dev))
     start_epoch, best, scaler_state = 0, None, None
     if run is None:
-        prefix = run_prefix or f"student-{student}-{meth.name}"
-        run = RunDir.create(out, prefix, config)
+        run = RunDir.create(out, run_prefix or f"student-{cfg.student}-{setup.method.name}", config)
     else:
         start_epoch, best, scaler_state = loop.restore_training_state(run, model, optimizer, scheduler, dev)
+    source = make_target_source(setup, dev)
+    from kdpipe.engine.data import place_dataset
 
-    train = loop.place_dataset(train_set, dev, indices=subset, data_path=data_path)
-    test = loop.place_dataset(test_set, dev, data_path=data_path)
+    train = place_dataset(setup.train_set, dev, indices=setup.subset, data_path=data_path, workers=workers)
+    test = place_dataset(setup.test_set, dev, data_path=data_path, workers=workers)
+    loop.fit(model=model, train=train, test=test, source=source, loss_fn=student_loss_fn(model, setup.method),
+             policy=setup.policy, epochs=r["epochs"], batch_size=r["batch_size"], optimizer=optimizer,
+             scheduler=scheduler, run=run, seed=int(cfg.seed), amp=cfg.amp, start_epoch=start_epoch, best=best,
+             progress=progress, desc=f"{cfg.student} {setup.method.name}", plot=plot, on_step=on_step,
+             after_epoch=after_epoch, scaler_state=scaler_state)
+    return _write_summary(run, setup, config, source, t_start)
 
-    step_loss = student_step_loss(model, meth, source)
 
-    result = loop.fit(
-        model=model, train=train, test=test,
-        fns=loop.StepFns(views=source.views_for, loss=step_loss),
-        policy=getattr(source, "policy", None) or train_set.policy, epochs=epochs, batch_size=batch_size,
-        optimizer=optimizer, scheduler=scheduler, run=run, seed=int(seed), amp=amp,
-        start_epoch=start_epoch, best=best, progress=progress,
-        desc=f"{student} {meth.name}", num_workers=num_workers, scaler_state=scaler_state, plot=plot, on_step=on_step,
-    )
+def _write_summary(run, setup, config, source, t_start) -> dict:
     rows = run.read_metrics()
     final = rows[-1] if rows else {}
-    best_row = max(rows, key=lambda r: r.get("test_top1") or 0.0) if rows else {}
+    best_row = max(rows, key=lambda row: row.get("test_top1") or 0.0) if rows else {}
     summary = {
-        "stage": "train-student",
-        "run_dir": str(run.path),
-        "student": student,
-        "method": meth.name,
-        "method_options": dict(meth.options),
-        "target_source": type(source).__name__,
-        "views": views,
-        "seed": int(seed),
-        "epochs": epochs,
-        "final_top1": final.get("test_top1"),
-        "final_top5": final.get("test_top5"),
-        "best_top1": best_row.get("test_top1"),
-        "best_epoch": best_row.get("epoch"),
+        "stage": "train-student", "run_dir": str(run.path), "student": setup.cfg.student,
+        "method": setup.method.name, "method_options": dict(setup.method.options),
+        "target_source": config["target_source"], "target_tier": getattr(source, "tier", None),
+        "views": setup.cfg.views, "seed": int(setup.cfg.seed), "epochs": setup.recipe["epochs"],
+        "final_top1": final.get("test_top1"), "final_top5": final.get("test_top5"),
+        "best_top1": best_row.get("test_top1"), "best_epoch": best_row.get("epoch"),
         "wall_seconds": time.perf_counter() - t_start,
-        "train_seconds": sum(r.get("epoch_seconds") or 0.0 for r in rows),
-        "img_per_s": loop.mean_over_epochs(rows, "img_per_s"),
-        "train_samples": config["train_samples"],
+        "train_seconds": sum(row.get("epoch_seconds") or 0.0 for row in rows),
+        "img_per_s": loop.mean_over_epochs(rows, "img_per_s"), "train_samples": config["train_samples"],
         "checkpoint": str(run.checkpoint_dir / "latest.pth"),
     }
-    del result
     run.write_summary(summary)
     return summary
-
-
-def _abs(path):
-    if path is None:
-        return None
-    return str(path) if "://" in str(path) else str(Path(path).resolve())

@@ -1,0 +1,145 @@
+"""How close stored targets are to the online teacher, kind by kind (``kdpipe inspect --fidelity``).
+
+``measure_fidelity`` draws ``num_samples`` samples (seeded) and, per sample,
+
+- ``mode="replay"``: one of its stored views; the image gets exactly that view's parameters,
+  and the stored rows of that view are compared as they are: the exact path, whose error is
+  float16 rounding alone;
+- ``mode="warp"`` (stores whose view 0 is the identity view): a fresh random view; the stored
+  identity-view rows are warped to it (``kind.warp``) and compared.
+
+The teacher runs on the augmented, normalised image and each kind computes its online
+targets from those outputs (``kind.online_targets``); ``kind.compare`` says what is compared
+(letKD's top-k: densified distributions over all K). Identity-only arrays (raw features) are
+compared on the identity view in replay mode.
+
+Returns ``{label: {"cosine": mean per-sample cosine similarity, "rel_error":
+||cached - online|| / ||online|| over all samples, "num_samples": n}}``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdpipe.engine.rows import to_torch
+from kdpipe.engine.sources import bind_kinds, kind_context
+from kdpipe.errors import KdpipeError, StoreError
+from kdpipe.targets import Cam, Feature, InterSubclass, Logits, NativeCam, PenultTopk, TeacherOutputs
+
+__all__ = ["store_kinds", "measure_fidelity", "FIDELITY_MODES"]
+
+FIDELITY_MODES = ("replay", "warp")
+
+
+def store_kinds(reader, target_set: str | None = None) -> list:
+    """Every kind the store holds: logits, pooled and native CAMs, raw features, and the
+    letKD targets of ``target_set`` (or of the store's only target set)."""
+    names = set(reader.array_names())
+    kinds: list = [Logits()] if "logits" in names else []
+    kinds += [Cam(int(n[len("cam_r"):])) for n in sorted(names) if n.startswith("cam_r")]
+    if "cam" in names:
+        kinds.append(NativeCam())
+    feature_views = (reader.manifest.get("views") or {}).get("feature_views", "identity")
+    kinds += [Feature(n.split("/", 1)[1], views=feature_views) for n in sorted(names) if n.startswith("feat/")]
+    sets = reader.target_sets()
+    chosen = target_set if target_set is not None else (sets[0] if len(sets) == 1 else None)
+    if chosen is not None:
+        ts = reader.target_set(chosen)
+        if reader.has(ts.array("penult_topk_idx")):
+            kinds.append(PenultTopk())
+        if reader.has(ts.array("subclass_idx")):
+            kinds.append(InterSubclass())
+    return kinds
+
+
+class _Stats:
+    """Per-label running sums: cosine similarities, squared error, squared online norm."""
+
+    def __init__(self):
+        self.cos: dict[str, list] = {}
+        self.se: dict[str, float] = {}
+        self.norm: dict[str, float] = {}
+
+    def add(self, label: str, cached: torch.Tensor, online: torch.Tensor) -> None:
+        a = cached.reshape(cached.shape[0], -1).double()
+        b = online.reshape(online.shape[0], -1).double().to(a.device)
+        self.cos.setdefault(label, []).extend(F.cosine_similarity(a, b, dim=1, eps=1e-12).tolist())
+        self.se[label] = self.se.get(label, 0.0) + float(((a - b) ** 2).sum())
+        self.norm[label] = self.norm.get(label, 0.0) + float((b ** 2).sum())
+
+    def result(self, n: int) -> dict:
+        return {label: {"cosine": float(np.mean(c)) if c else float("nan"),
+                        "rel_error": float(np.sqrt(self.se[label] / self.norm[label]))
+                        if self.norm[label] > 0 else float("nan"),
+                        "num_samples": n}
+                for label, c in self.cos.items()}
+
+
+def _stored_rows(reader, path: str, idx: np.ndarray, view: np.ndarray | None, device) -> torch.Tensor:
+    """Rows of ``idx`` at each sample's ``view`` (or view 0)."""
+    block = np.asarray(reader.array(path).get_orthogonal_selection((idx, slice(None))))
+    picked = block[np.arange(len(idx)), view] if view is not None else block[:, 0]
+    return to_torch(picked).to(device)
+
+
+@torch.no_grad()
+def measure_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int = 0,
+                     mode: str | None = None, target_set: str | None = None, device="cpu",
+                     batch_size: int = 64, policy=None, kinds=None) -> dict:
+    """See the module docstring. ``mode`` None: replay for stores with several views, warp
+    for 1-view stores. ``kinds`` None: every kind the store holds (``store_kinds``)."""
+    from kdpipe.data import normalize
+
+    dev = torch.device(device)
+    mode = mode or ("replay" if reader.num_views > 1 else "warp")
+    if mode not in FIDELITY_MODES:
+        raise KdpipeError(f"Fidelity mode must be replay or warp, not {mode!r}.")
+    if int(num_samples) < 1:
+        raise KdpipeError(f"Fidelity needs at least one sample, not {num_samples}.")
+    teacher = teacher.to(dev).eval()
+    policy = policy if policy is not None else dataset.policy
+    kinds = kinds if kinds is not None else store_kinds(reader, target_set)
+    kinds = bind_kinds(kinds, kind_context(reader, kinds, target_set, dev))
+    views = np.asarray(reader.array("views")[...])
+    ident = np.asarray(policy.identity())
+    rng = np.random.default_rng(seed)
+    n = min(int(num_samples), reader.num_samples)
+    chosen = np.sort(rng.choice(reader.num_samples, size=n, replace=False))
+    if mode == "warp" and not (views[chosen, 0] == ident).all():
+        raise StoreError(f"Warp fidelity needs a store whose view 0 is the identity view (--views 1); "
+                         f"the store at {reader.path} holds other views: use replay.")
+    gen = torch.Generator().manual_seed(int(seed))
+    labels_all = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.int64)
+    stats = _Stats()
+
+    def teacher_on(idx, params):
+        images = policy.apply_images(dataset.get_batch(idx), params)
+        x = normalize(images, dataset.mean, dataset.std).to(dev)
+        return TeacherOutputs.of(teacher, x, labels_all[idx].to(dev))
+
+    for start in range(0, n, batch_size):
+        idx = chosen[start:start + batch_size]
+        if mode == "replay":
+            view = rng.integers(0, views.shape[1], size=len(idx))
+            params = torch.as_tensor(views[idx, view])
+        else:
+            view, params = None, policy.random(gen, len(idx), device="cpu")
+        out, out_identity = teacher_on(idx, params), None
+        for kind in kinds:
+            identity_only = any(s.views == "identity" for s in kind.storage.values())
+            if mode == "replay" and identity_only:
+                if out_identity is None:
+                    out_identity = teacher_on(idx, torch.as_tensor(np.repeat(ident[None], len(idx), 0)))
+                rows = {p: _stored_rows(reader, p, idx, None, dev) for p in kind.arrays()}
+                used = out_identity
+            else:
+                rows = {p: _stored_rows(reader, p, idx, None if identity_only else view, dev)
+                        for p in kind.arrays()}
+                if mode == "warp":
+                    rows = kind.warp(rows, policy, params.to(dev))
+                used = out
+            for label, (cached, online) in kind.compare(kind.targets(rows), kind.online_targets(used)).items():
+                stats.add(label, cached, online)
+    return stats.result(n)

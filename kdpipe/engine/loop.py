@@ -1,0 +1,272 @@
+"""The epoch loop shared by teacher training (``stages.teacher``) and student training
+(``stages.train``).
+
+Every epoch: the target source's plan (``kdpipe.engine.plan``: order, replayed views, view
+parameters; a pure function of seed and epoch), images batch by batch in that order
+(``kdpipe.engine.data``), the batch's targets from the source (``kdpipe.engine.sources``),
+the method's loss, an SGD step. After every epoch: test top-1/top-5, one metrics row, the
+checkpoint. A cached-KD step therefore differs from a CE step only by the method's loss and
+a gather of its targets.
+
+Reproducibility: each epoch's plan and the global torch RNG are seeded from ``(seed, epoch)``,
+so a run resumed at an epoch boundary draws exactly what an unbroken run would; model,
+optimizer, scheduler and RNG states come from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kdpipe.data import normalize
+from kdpipe.engine.device import autocast, make_grad_scaler
+from kdpipe.engine.plan import SALT_TORCH, epoch_seed, steps_per_epoch
+from kdpipe.errors import KdpipeError
+
+#: ``loss_fn(model, images_normalized, labels, targets) -> (total, parts, logits)``
+LossFn = Callable
+
+
+# ----------------------------------------------------------------------------- resume
+def restore_training_state(run, model, optimizer, scheduler, device) -> tuple[int, dict, dict | None]:
+    """Load a run's latest checkpoint into ``model``, ``optimizer``, ``scheduler`` and the RNGs,
+    and drop metric rows past it, so the resumed run continues exactly where it stopped.
+
+    Returns (start_epoch, best {"top1", "epoch"}, grad-scaler state or None)."""
+    from kdpipe.pipeline.rundir import load_scheduler_state, restore_rng_state
+
+    state = run.load_checkpoint(map_location=device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    load_scheduler_state(scheduler, state["scheduler"])
+    restore_rng_state(state.get("rng", {}))
+    start_epoch = int(state["epoch"])
+    best = {"top1": float(state.get("best_top1", -1.0)), "epoch": int(state.get("best_epoch", 0))}
+    run.truncate_metrics(start_epoch)
+    return start_epoch, best, state.get("scaler")
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, data, batch_size: int = 256, amp: bool = False) -> dict:
+    """Top-1 / top-5 (percent) and mean CE on ``data`` (a ``DeviceData``) without augmentation."""
+    was_training = model.training
+    model.eval()
+    device = data.device
+    correct1 = torch.zeros((), dtype=torch.int64, device=device)
+    correct5 = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    for idx, imgs in data.eval_batches(batch_size):
+        labels = data.labels_of(idx)
+        with autocast(device, amp):
+            logits = model(normalize(imgs, data.mean, data.std))
+        logits = logits.float()
+        if logits.shape[1] <= int(labels.max()):
+            raise KdpipeError(f"The model has {logits.shape[1]} outputs but the data set has labels up to "
+                              f"{int(labels.max())}; evaluate it on data with as many classes.")
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top.eq(labels[:, None])
+        correct1 += hit[:, 0].sum()
+        correct5 += hit.any(dim=1).sum()
+        n += int(idx.numel())
+    model.train(was_training)
+    n = max(n, 1)
+    return {"top1": 100.0 * correct1.item() / n, "top5": 100.0 * correct5.item() / n,
+            "loss": loss_sum.item() / n}
+
+
+# ----------------------------------------------------------------------------- training
+class NonFiniteLoss(KdpipeError):
+    """The loss became NaN or infinite."""
+
+
+def train_step(model, loss_fn: LossFn, source, optimizer, scaler, train, batch, images, amp: bool = False):
+    """One step on a batch: normalise the (already augmented) uint8 images, the batch's targets
+    from ``source`` (outside autocast), the loss, backward, SGD step. Returns (loss, parts,
+    logits, labels), nothing synchronised. ``fit`` and benchmarks/train_step.py use it."""
+    device = train.device
+    x = normalize(images, train.mean, train.std)
+    labels = train.labels_of(batch.indices)
+    targets = source.targets(batch, x, labels)
+    with autocast(device, amp):
+        total, parts, logits = loss_fn(model, x, labels, targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return total, parts, logits, labels
+
+
+def fit(
+    *,
+    model: torch.nn.Module,
+    train,
+    test,
+    source,
+    loss_fn: LossFn,
+    policy,
+    epochs: int,
+    batch_size: int,
+    optimizer,
+    scheduler,
+    run,  # kdpipe.pipeline.rundir.RunDir
+    seed: int = 0,
+    amp: bool = False,
+    start_epoch: int = 0,
+    best: dict | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    eval_batch_size: int = 256,
+    plot: bool = True,
+    on_step: Callable | None = None,
+    after_epoch: Callable | None = None,
+    scaler_state: dict | None = None,
+) -> dict:
+    """Train ``model`` from ``start_epoch`` to ``epochs``; after every epoch: test top-1/top-5,
+    one metrics row, ``checkpoints/latest.pth`` (full state) and ``best.pth``; at the end the
+    curves PNG (``plot``). ``on_step(epoch, step, loss, parts)`` sees every step and
+    ``after_epoch(epoch)`` runs after each epoch's checkpoint (tests use both). Returns
+    {"best_top1", "best_epoch", "final": last metrics row, "images", "train_seconds"}."""
+    device = train.device
+    scaler = make_grad_scaler(device, amp)
+    if scaler_state and scaler.is_enabled():
+        scaler.load_state_dict(scaler_state)
+    best = dict(best or {"top1": -1.0, "epoch": 0})
+    images_seen, train_seconds, last_row = 0, 0.0, {}
+    try:
+        for epoch in range(start_epoch, epochs):
+            row, seen, dt = _train_epoch(model, train, source, loss_fn, policy, epoch, epochs, batch_size,
+                                         optimizer, scaler, run, seed, amp, progress, desc, on_step)
+            scheduler.step()
+            train_seconds += dt
+            images_seen += seen
+            if test is not None:
+                ev = evaluate_model(model, test, eval_batch_size, amp)
+                row.update({"test_loss": ev["loss"], "test_top1": ev["top1"], "test_top5": ev["top5"]})
+            row.update({"img_per_s": seen / dt if dt > 0 else float("nan"), "epoch_seconds": dt})
+            best = _log_and_checkpoint(run, model, optimizer, scheduler, scaler, row, best, epoch, test is not None)
+            last_row = row
+            if progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(_epoch_message(desc, epoch, epochs, row))
+            if after_epoch is not None:
+                after_epoch(epoch + 1)
+    finally:
+        source.close()
+    if plot:
+        try:
+            run.plot_curves()
+        except Exception as err:  # noqa: BLE001 - a plot must never lose a finished run
+            print(f"kdpipe: warning: could not draw the curves ({type(err).__name__}: {err})")
+    return {"best_top1": best["top1"] if best["top1"] >= 0 else None, "best_epoch": best["epoch"],
+            "final": last_row, "images": images_seen, "train_seconds": train_seconds}
+
+
+def _train_epoch(model, train, source, loss_fn, policy, epoch, epochs, batch_size, optimizer, scaler, run,
+                 seed, amp, progress, desc, on_step) -> tuple[dict, int, float]:
+    """One epoch's steps: returns (metrics row without the test columns, images, seconds)."""
+    from tqdm.auto import tqdm
+
+    device = train.device
+    model.train()
+    torch.manual_seed(epoch_seed(seed, epoch, SALT_TORCH))
+    plan = source.plan(train.sample_indices, seed, epoch)
+    source.begin_epoch(plan, batch_size)
+    total_steps = steps_per_epoch(plan.num_samples, batch_size)
+    loss_buf = torch.zeros(total_steps, dtype=torch.float32, device=device)
+    part_sums: dict = {}
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen, checked, nsteps = 0, 0, 0
+    lr = optimizer.param_groups[0]["lr"]
+    bar = tqdm(total=plan.num_samples, desc=f"{desc} {epoch + 1}/{epochs}", unit="img", unit_scale=True,
+               disable=not progress, leave=False, dynamic_ncols=True, mininterval=0.5)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for step, (batch, images) in enumerate(train.batches(plan, batch_size, policy)):
+        total, parts, logits, labels = train_step(model, loss_fn, source, optimizer, scaler, train, batch,
+                                                  images, amp)
+        loss_buf[step] = total.detach().float()
+        if on_step is not None:
+            on_step(epoch, step, total.detach(), parts)
+        for k, v in parts.items():
+            part_sums[k] = part_sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
+        correct += logits.detach().argmax(dim=1).eq(labels).sum()
+        seen += batch.size
+        nsteps = step + 1
+        bar.update(batch.size)
+        if nsteps % 25 == 0:  # periodic sync: NaN check and progress display
+            _check_finite(loss_buf, checked, nsteps, epoch, run)
+            checked = nsteps
+            bar.set_postfix(loss=f"{loss_buf[step].item():.4f}", lr=f"{lr:.3g}", refresh=False)
+    _check_finite(loss_buf, checked, nsteps, epoch, run)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    bar.close()
+    row = {"epoch": epoch + 1, "lr": lr,
+           "train_loss": float(loss_buf[:nsteps].mean().item()) if nsteps else float("nan"),
+           "train_top1": 100.0 * correct.item() / max(seen, 1)}
+    for k, v in part_sums.items():
+        if k != "total":
+            row[f"loss_{k}"] = float(v) / max(nsteps, 1)
+    return row, seen, dt
+
+
+def _log_and_checkpoint(run, model, optimizer, scheduler, scaler, row, best, epoch, has_test) -> dict:
+    """Write the epoch's metrics row, then ``best.pth`` (if improved) and ``latest.pth``.
+
+    Metrics first, checkpoint last: a kill in between leaves a row past the checkpoint, which
+    resume drops (``truncate_metrics``) and recomputes; never a missing row."""
+    from kdpipe.pipeline.rundir import BEST, rng_state, scheduler_state
+
+    improved = has_test and row["test_top1"] > best["top1"]
+    if improved:
+        best = {"top1": row["test_top1"], "epoch": epoch + 1}
+    run.log_epoch(row)
+    if improved:
+        run.save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "top1": row["test_top1"]}, BEST)
+    run.save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler_state(scheduler), "scaler": scaler.state_dict(),
+                         "rng": rng_state(), "best_top1": float(best["top1"]), "best_epoch": int(best["epoch"])})
+    return best
+
+
+def _epoch_message(desc, epoch, epochs, row) -> str:
+    msg = f"{desc} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f}"
+    if "test_top1" in row:
+        msg += f", test top-1 {row['test_top1']:.2f}% top-5 {row['test_top5']:.2f}%"
+    return msg + f", {row['img_per_s']:.0f} img/s"
+
+
+def _check_finite(loss_buf: torch.Tensor, lo: int, hi: int, epoch: int, run) -> None:
+    if hi <= lo:
+        return
+    chunk = loss_buf[lo:hi]
+    bad = ~torch.isfinite(chunk)
+    if bool(bad.any()):
+        step = lo + int(bad.nonzero()[0, 0].item())
+        value = chunk[step - lo].item()
+        raise NonFiniteLoss(
+            f"the loss became {value} at epoch {epoch + 1}, step {step + 1} (run {run.path}); "
+            f"check the targets for NaN and try a smaller --beta or --lr."
+        )
+
+
+def ce_loss(model, x, labels, targets):
+    """Plain cross-entropy (teacher training, the CE baseline's loss function)."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, labels)
+    return loss, {"ce": loss.detach()}, logits
+
+
+def mean_over_epochs(rows: list[dict], key: str):
+    """Mean of ``key`` over the metric rows that have it, or None."""
+    values = [r.get(key) for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None

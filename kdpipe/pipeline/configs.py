@@ -1,0 +1,172 @@
+"""Typed configurations of the stages: what a user sets, in one place per stage.
+
+The CLI builds them; a stage function takes one; a run directory stores it (``config.json``
+holds ``{"config": dataclasses.asdict(cfg), ...resolved values}``); resume is
+``Config.from_saved(saved)``; a sweep point is ``dataclasses.replace(cfg, **point)``.
+Runtime switches that do not change what is computed (progress bars, output folders,
+plotting, test hooks) are arguments of the stage functions, not fields here.
+
+Fields left at None take the reference's value when the stage resolves them (the method's
+recipe, the data set's view policy, ...); the resolved values are recorded beside the
+config in the run directory and the store manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdpipe.errors import KdpipeError
+
+__all__ = ["TeacherConfig", "ExtractConfig", "ClusterConfig", "StudentConfig", "from_saved",
+           "differing_fields", "EXECUTORS", "check_executor"]
+
+EXECUTORS = ("ray", "inline")
+
+
+def check_executor(executor: str) -> str:
+    if executor not in EXECUTORS:
+        raise KdpipeError(f"--executor must be ray or inline, not {executor!r}.")
+    return executor
+
+
+def _tupled(value) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+@dataclass
+class TeacherConfig:
+    """``kdpipe train-teacher``: cross-entropy training with the reference recipe."""
+
+    arch: str
+    data: str = "digits"
+    epochs: int = 240
+    lr: float = 0.05
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    amp: bool = False
+
+
+@dataclass
+class ExtractConfig:
+    """``kdpipe extract-teacher``: the teacher pass into a store."""
+
+    teacher: str
+    arch: str
+    data: str
+    out: str
+    split: str = "train"
+    views: str = "auto"                 # auto (every view of a finite policy), all, 1, or K
+    cam_res: tuple = (2,)               # pooled CAM sizes r stored for every view
+    native_cam: bool = False            # also the native CAM (binarised CAT-KD), every view
+    features: tuple = ("penult", "inter")
+    feature_views: str = "identity"     # identity (letKD's fit set) or all
+    pad_mode: str | None = None         # None: the data set's default (zero)
+    shard_size: int | None = None
+    batch_size: int = 256
+    seed: int = 0
+    executor: str = "ray"
+    ray_address: str | None = None
+    num_workers: int | None = None
+    device: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        self.cam_res = _tupled(self.cam_res)
+        self.features = _tupled(self.features)
+
+
+@dataclass
+class ClusterConfig:
+    """``kdpipe cluster``: letKD's fit (LDA, K-means, score matrix) and assignment pass."""
+
+    store: str
+    name: str = "default"
+    k_penult: int = 4096
+    k_inter: int = 8
+    lda_dims: int | None = None         # None: the reference's count (min(60, C-1, D))
+    topk: int = 16                      # the most penultimate probabilities kept per location
+    topk_mass: float = 0.999            # keep the smallest k holding this mass everywhere
+    temperature: float = 1.0
+    student_grid: tuple | None = None
+    max_fit_points: int | None = None   # None: every vector, as the reference
+    fit_views: str = "identity"
+    seed: int = 0
+    niter: int = 20
+    teacher: str | None = None          # None: the checkpoint path the store records
+    data: str | None = None             # None: the data set the store records
+    drop_features: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    batch_size: int = 256
+    executor: str = "ray"
+    ray_address: str | None = None
+    num_workers: int | None = None
+    device: str | None = None
+
+    def __post_init__(self):
+        if self.student_grid is not None and not isinstance(self.student_grid, str):
+            self.student_grid = tuple(self.student_grid)
+
+
+@dataclass
+class StudentConfig:
+    """``kdpipe train-student``: one student run from a store (or the online teacher)."""
+
+    store: str | None = None
+    targets: str = "default"
+    student: str = "resnet8x4"
+    method: str = "cat_kd"
+    method_options: dict = field(default_factory=dict)
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    nesterov: bool | None = None
+    views: str = "replay"               # cached targets: replay (exact) or warp
+    online_teacher: str | None = None   # a checkpoint: the teacher runs live (baseline)
+    online_views: str = "fresh"         # online: fresh random views (references) or replay
+    resident: str = "auto"              # cached targets: auto, device, host, stream
+    seed: int = 0
+    amp: bool = False
+    data: str | None = None
+    subset_fraction: float | None = None
+    subset_seed: int = 0
+
+    def __post_init__(self):
+        self.method_options = dict(self.method_options or {})
+
+
+def from_saved(cls, saved: Any, where: str):
+    """``cls(**saved)`` for a run directory's stored config, one sentence when it is not one."""
+    if not isinstance(saved, dict):
+        raise KdpipeError(f"{where} holds no {cls.__name__} (its config.json is damaged).")
+    known = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in saved.items() if k in known})
+    except TypeError as err:
+        raise KdpipeError(f"{where} holds a damaged {cls.__name__} ({err}).") from None
+
+
+def differing_fields(saved, given: dict) -> list[str]:
+    """The fields of ``given`` (options a user passed with --resume) whose values differ from
+    the saved configuration's."""
+    out = []
+    for key, value in given.items():
+        if value is None or not hasattr(saved, key):
+            continue
+        current = getattr(saved, key)
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if current != value:
+            out.append(key)
+    return out

@@ -1,0 +1,168 @@
+"""The interface every target kind implements, and what the kinds compute from.
+
+A *target kind* is one kind of teacher target a student method consumes: the logits, a CAM
+pooled to r x r, the native CAM, a raw feature map, letKD's penultimate top-k or its
+intermediate sub-class probabilities. Each is written once, as a small class that knows
+
+- ``arrays()``: the per-sample store arrays holding it (paths such as ``"cam_r2"`` or
+  ``"targets/default/subclass_idx"``), each [N, V, ...] with one row per (sample, view);
+- ``storage``: each array's dtype in the store and its meaning (stage one writes them);
+- ``online(out)``: its rows computed from the teacher's outputs on a batch, in stored form
+  (before the float16 cast): stage one writes exactly these rows, and the online teacher
+  source uses them directly, so cached and online targets differ by float16 rounding alone;
+- ``targets(rows)``: stored rows -> the tensors handed to ``Method.loss`` (``target_keys``);
+- ``warp(rows, policy, params)``: identity-view rows moved to another view (ReLabel-style);
+- ``compare(cached, online)``: the tensors fidelity is measured on.
+
+A method declares the kinds it needs (``Method.kinds()``); extraction, cluster's assignment
+pass, the cached and online target sources and ``inspect --fidelity`` are loops over kinds.
+
+Kinds that need fitted parameters (letKD's centres, LDA, score matrix) are bound to a store's
+target set with ``bind(ctx)`` before use; the rest need no binding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdpipe.artifacts.target_set import TargetSet
+from kdpipe.errors import KdpipeError
+
+__all__ = ["TeacherOutputs", "KindContext", "TargetKind", "StoredArray", "pool_to",
+           "warp_channels_last"]
+
+
+@dataclass
+class TeacherOutputs:
+    """The teacher's outputs on one batch of (augmented, normalised) images.
+
+    ``logits`` [B, C]; ``feats`` as ``KDModel.forward_features`` returns them (``"inter"``
+    [B, Di, hi, wi], ``"penult"`` [B, D, h, w], ``"cam"`` [B, C, h, w]); ``labels`` int64 [B]
+    (only letKD's intermediate targets need them: the sub-class is label-constrained).
+    """
+
+    logits: torch.Tensor
+    feats: dict
+    labels: torch.Tensor | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, teacher, images_normalized: torch.Tensor,
+           labels: torch.Tensor | None = None) -> "TeacherOutputs":
+        logits, feats = teacher.forward_features(images_normalized)
+        return cls(logits, feats, labels)
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One per-sample store array of a kind: its dtype in the store and what it holds."""
+
+    dtype: str
+    meaning: str
+    views: str = "all"  # "all": one row per stored view; "identity": the identity view only
+
+
+@dataclass
+class KindContext:
+    """What binding a kind may need: the target set's record, a loader of the store's whole
+    (static) arrays by path, and the device the bound tensors live on."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    target_set: TargetSet | None = None
+    load: Callable[[str], np.ndarray] | None = None
+    available: frozenset = frozenset()  # the store's per-sample array paths, where known
+
+    def tensor(self, path: str) -> torch.Tensor:
+        """A static array as a float32 tensor on the context's device."""
+        if self.load is None:
+            raise KdpipeError(f"Binding needs the store array {path}, but no store is given.")
+        return torch.as_tensor(np.asarray(self.load(path)), dtype=torch.float32).to(self.device)
+
+
+class TargetKind:
+    """Base class of the target kinds (see the module docstring)."""
+
+    #: short identifier (fidelity reports, error messages)
+    name: str = "kind"
+    #: keys this kind adds to the per-batch target dict
+    target_keys: tuple[str, ...] = ()
+    #: who writes its arrays: "extract" (the teacher pass), "cluster" (the assignment pass),
+    #: or None for kinds that exist only online (no store arrays)
+    writer: str | None = "extract"
+    #: whether ``bind`` needs a target set
+    needs_target_set: bool = False
+
+    # ------------------------------------------------------------------ the store side
+    @property
+    def storage(self) -> dict[str, StoredArray]:
+        """Per-sample store arrays of this kind: path -> dtype and meaning."""
+        return {}
+
+    def arrays(self) -> tuple[str, ...]:
+        return tuple(self.storage)
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the kind can be read from a store (kinds without a writer are online only)."""
+        return self.writer is not None
+
+    def bind(self, ctx: KindContext) -> "TargetKind":
+        """Load what ``online``/``targets`` need from the store (default: nothing)."""
+        return self
+
+    # ------------------------------------------------------------------ computations
+    def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
+        """Rows [B, ...] of every array in ``storage`` from the teacher's outputs (float32 or
+        int64, before the store's dtype cast)."""
+        raise NotImplementedError
+
+    def targets(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rows (as stored, or from ``online``) -> ``{key: tensor}`` for ``target_keys``."""
+        raise NotImplementedError
+
+    def online_targets(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
+        """The targets of the online teacher: ``targets(online(out))``."""
+        return self.targets(self.online(out))
+
+    def warp(self, rows: dict[str, torch.Tensor], policy, params: torch.Tensor) -> dict:
+        """Identity-view rows warped to the views ``params`` [B, P] (default: unchanged)."""
+        return rows
+
+    def row_stats(self, rows: dict) -> dict:
+        """Statistics of written rows (numpy, as stored) the pass reports, as
+        ``{name: (min, sum, count)}``; most kinds have none."""
+        return {}
+
+    def compare(self, cached: dict, online: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Fidelity: ``{label: (cached [B, ...], online [B, ...])}`` to compare per sample."""
+        if len(self.target_keys) == 1:
+            key = self.target_keys[0]
+            return {self.name: (cached[key], online[key])}
+        return {f"{self.name}:{k}": (cached[k], online[k]) for k in self.target_keys}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and repr(self) == repr(other)
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+
+# ------------------------------------------------------------------------------ helpers
+def pool_to(x: torch.Tensor, grid) -> torch.Tensor:
+    """Adaptive average pooling of [B, C, h, w] to ``grid`` (h', w'); identity when equal."""
+    grid = (int(grid[0]), int(grid[1]))
+    return x if tuple(x.shape[-2:]) == grid else F.adaptive_avg_pool2d(x, grid)
+
+
+def warp_channels_last(maps: torch.Tensor, policy, params, mode: str) -> torch.Tensor:
+    """Warp [B, h, w, k] maps (channels last) with ``policy.apply_maps``."""
+    moved = maps.permute(0, 3, 1, 2).contiguous()
+    return policy.apply_maps(moved, params, mode=mode).permute(0, 2, 3, 1).contiguous()
