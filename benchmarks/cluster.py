@@ -131,16 +131,25 @@ def bench_lda(sizes, d, c, chunk, seed):
             "peak_ratio_max_over_min": max(peaks) / min(peaks), "bar_met": bool(max(peaks) <= 1.2 * min(peaks))}
 
 
-def bench_stage(k_penults, seed, views="8"):
-    """Whole stage on digits features: extract-teacher (resnet8, random weights: the timing does
-    not depend on them) then cluster with each K_penult; both inline, same threads."""
+def bench_stage(k_penults, seed, views="auto"):
+    """Whole stage on digits: extract-teacher (resnet8, random weights: the timing does not
+    depend on them; every view by default) then cluster with each K_penult (the fit on the
+    identity-view features, then the assignment pass over every view); both inline."""
     import tempfile
 
     import torch
 
     from kdpipe.models import build
-    from kdpipe.stages.cluster import cluster
-    from kdpipe.stages.extract import extract_teacher
+    from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig
+    from kdpipe.stages.cluster import cluster as run_cluster
+    from kdpipe.stages.extract import extract_teacher as run_extract
+
+    def extract_teacher(ckpt, arch, data, out, **kw):
+        return run_extract(ExtractConfig(teacher=ckpt, arch=arch, data=data, out=out, **kw), progress=False,
+                           verbose=False)
+
+    def cluster(store, verbose=False, **kw):
+        return run_cluster(ClusterConfig(store=store, **kw), progress=False, verbose=verbose)
 
     out = {"data": "digits", "teacher": "resnet8", "views": str(views), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +157,7 @@ def bench_stage(k_penults, seed, views="8"):
         torch.save({"model": build("resnet8", num_classes=10).state_dict()}, f"{tmp}/t.pth")
         t = time.perf_counter()
         s = extract_teacher(f"{tmp}/t.pth", "resnet8", "digits", f"{tmp}/d.zarr", views=str(views), cam_res=(2,),
-                            executor="inline", progress=False, verbose=False, device="cpu")
+                            executor="inline", device="cpu")
         out["extract_seconds"] = time.perf_counter() - t
         out["samples"] = int(s.get("samples", 0) or 0) if isinstance(s, dict) else None
         for k in k_penults:
@@ -157,7 +166,7 @@ def bench_stage(k_penults, seed, views="8"):
             secs = time.perf_counter() - t
             out["runs"].append({"k_penult": k, "k_inter": 8, "topk": 16, "seconds": secs,
                                 "extract_seconds": out["extract_seconds"],
-                                "vectors": summ["penult_vectors"], "phases": summ["seconds"],
+                                "vectors": summ["fit_points_penult"], "phases": summ["seconds"],
                                 "kmeans_fit_points": int(summ.get("fit_points_penult") or 0) or None,
                                 "ratio_cluster_over_extract": secs / out["extract_seconds"],
                                 "bar_met": bool(secs < out["extract_seconds"])})

@@ -46,22 +46,7 @@ import time
 import numpy as np
 import torch
 
-
-def calibrated_teacher(model, dataset, batch_size: int, batches: int = 4):
-    """Random weights with BN running statistics measured on the data (a few train-mode
-    forward passes): activations then have the scale of a trained network's instead of
-    growing through every residual block until they leave float16's range."""
-    from kdpipe.data import normalize
-
-    model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average over the calibration batches
-    with torch.no_grad():
-        for b in range(batches):
-            idx = np.arange(b * batch_size, (b + 1) * batch_size) % len(dataset)
-            model(normalize(dataset.get_batch(idx), dataset.mean, dataset.std))
-    return model.eval()
+from common import calibrated_teacher
 
 
 def bare_throughput(model, dataset, table, batch_size: int) -> float:
@@ -103,8 +88,13 @@ def main(argv=None):
     from kdpipe.data import load_dataset
     from kdpipe.models import build, load_teacher
     from kdpipe.pipeline.executor import ray_cluster
-    from kdpipe.stages.extract import extract_teacher
-    from kdpipe.views import view_table
+    from kdpipe.pipeline.configs import ExtractConfig
+    from kdpipe.stages.extract import extract_teacher as run_extract
+    from kdpipe.views import resolve_views, view_table
+
+    def extract_teacher(ckpt, arch, data, out, progress=False, verbose=False, **kw):
+        return run_extract(ExtractConfig(teacher=ckpt, arch=arch, data=data, out=out, **kw), progress=progress,
+                           verbose=verbose)
 
     data = f"synthetic:n={args.n},classes={args.classes},size=32,seed=0"
     work = tempfile.mkdtemp(prefix="kdpipe-bench-extract-")
@@ -115,7 +105,7 @@ def main(argv=None):
         teacher = calibrated_teacher(build(args.arch, args.classes), dataset, args.batch_size)
         torch.save({"model": teacher.state_dict()}, ckpt)
         model = load_teacher(args.arch, ckpt, args.classes)
-        table = view_table(dataset.policy, len(dataset), args.views, seed=0)
+        table = view_table(dataset.policy, len(dataset), resolve_views(dataset.policy, args.views), seed=0)
         images = int(table.shape[0] * table.shape[1])
         threads = torch.get_num_threads()
 
@@ -133,8 +123,12 @@ def main(argv=None):
         torch.set_num_threads(1)
         bare_throughput(model, dataset, table[: max(1, args.batch_size // table.shape[1])], args.batch_size)  # warm-up
         torch.set_num_threads(threads)
-        common = dict(views=args.views, cam_res=args.cam_res, features=args.features, shard_size=args.shard_size,
-                      batch_size=args.batch_size, progress=False, verbose=False, overwrite=True)
+        from kdpipe.stages.extract import parse_cam_res, parse_features
+
+        sizes, native = parse_cam_res(args.cam_res)
+        common = dict(views=args.views, cam_res=sizes, native_cam=native, features=parse_features(args.features),
+                      shard_size=args.shard_size,
+                      batch_size=args.batch_size, overwrite=True)
         inline_runs, ray_runs, ray_start = [], [], None
         ray_ctx = contextlib.nullcontext() if args.skip_ray else ray_cluster(num_cpus=os.cpu_count())
         t0 = time.perf_counter()

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from kdpipe.artifacts import open_store
 from kdpipe.models import load_teacher
-from kdpipe.stages.inspect import _dataset_for
-from kdpipe.stages.targets import warp_fidelity
+from kdpipe.engine.fidelity import measure_fidelity
+from kdpipe.stages.inspect import _dataset_for, _store_policy
 
 
 def main(argv=None):
@@ -41,9 +41,10 @@ def main(argv=None):
         reader.check_teacher(args.teacher)
         t = reader.manifest["teacher"]
         teacher = load_teacher(t["arch"], args.teacher, int(t["num_classes"]))
+        dataset = _dataset_for(reader)
         result[mode] = {"store": str(path), "num_views": reader.num_views,
-                        "artifacts": warp_fidelity(reader, teacher, _dataset_for(reader), args.num_samples,
-                                                   seed=0, mode=mode)}
+                        "artifacts": measure_fidelity(reader, teacher, dataset, args.num_samples, seed=0, mode=mode,
+                                                      policy=_store_policy(reader, dataset))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     names = list(result["replay"]["artifacts"])

@@ -52,8 +52,13 @@ def method_bytes_per_view(C: int, h: int, w: int, D_penult: int, D_inter: int, t
         "cat_kd native cam (binarize)": C * h * w * FLOAT16,
         f"letkd1 (top-{topk} idx+val)": h * w * topk * (INDEX + FLOAT16),
         f"letkd2 (top-{topk} + sub-class idx)": h * w * (topk * (INDEX + FLOAT16) + INDEX),
-        "features penult+inter (stage one only; --drop-features)": (D_penult + D_inter) * h * w * FLOAT16,
+        "features penult+inter, every view (--feature-views all)": (D_penult + D_inter) * h * w * FLOAT16,
     }
+
+
+#: Arrays stored once per sample whatever the view count (the default identity-view features).
+def per_sample_bytes(C: int, h: int, w: int, D_penult: int, D_inter: int, **_) -> dict:
+    return {"features penult+inter, identity view (default; --drop-features)": (D_penult + D_inter) * h * w * FLOAT16}
 
 
 def cifar100_shapes() -> dict:
@@ -68,7 +73,9 @@ def cifar100_shapes() -> dict:
 
 def project(shapes: dict, n: int, view_counts: dict) -> dict:
     per_view = method_bytes_per_view(**shapes)
-    return {mode: {method: per * n * count for method, per in per_view.items()}
+    once = per_sample_bytes(**shapes)
+    return {mode: {**{method: per * n * count for method, per in per_view.items()},
+                   **{name: per * n for name, per in once.items()}}
             for mode, count in view_counts.items()} | {"per_sample_view_bytes": per_view}
 
 

@@ -64,15 +64,18 @@ class ArrayUse:
         return int(array.shape[0]) * per_row * (int(array.shape[1]) if self.per_view else 1)
 
 
-def choose_residency(nbytes: int, device: torch.device, requested: str = "auto") -> str:
-    """``device``, ``host`` or ``stream`` for ``nbytes`` of targets (see the module docstring)."""
+def choose_residency(nbytes: int, device: torch.device, requested: str = "auto",
+                     budget: int | None = None) -> str:
+    """``device``, ``host`` or ``stream`` for ``nbytes`` of targets (see the module docstring).
+    ``budget`` replaces the measured memory budget (benchmarks use it to force the tiers)."""
     if requested not in RESIDENCY:
         raise KdpipeError(f"--resident must be one of {', '.join(RESIDENCY)}, not {requested!r}.")
     if requested != "auto":
         return requested
-    if nbytes <= memory_budget(device):
+    if nbytes <= (memory_budget(device) if budget is None else budget):
         return "device"
-    if device.type == "cuda" and nbytes <= host_available_bytes() // 2:
+    host = host_available_bytes() // 2 if budget is None else budget
+    if device.type == "cuda" and nbytes <= host:
         return "host"
     return "stream"
 
@@ -127,7 +130,7 @@ class MemoryRows:
         return out
 
     def close(self) -> None:
-        self.tensors.clear()
+        """Nothing runs in the background; the loaded rows go with the object."""
 
 
 _END = object()

@@ -119,7 +119,7 @@ class CachedTargets(TargetSource):
 
     def __init__(self, reader, kinds: list[TargetKind], target_set: str | None = None, device="cpu",
                  mode: str = "replay", policy=None, resident: str = "auto", order: str | None = None,
-                 finite_check: bool = True, stream_buffer: int = STREAM_BUFFER):
+                 finite_check: bool = True, stream_buffer: int = STREAM_BUFFER, budget: int | None = None):
         if mode not in VIEW_MODES:
             raise KdpipeError(f"--views must be {' or '.join(VIEW_MODES)}, not {mode!r}.")
         self.reader = reader
@@ -137,7 +137,7 @@ class CachedTargets(TargetSource):
         if mode == "warp":
             self._check_identity_view()
         self.resident_bytes = sum(u.nbytes(reader.array(u.path)) for u in self.uses)
-        self.tier = choose_residency(self.resident_bytes, self.device, resident)
+        self.tier = choose_residency(self.resident_bytes, self.device, resident, budget)
         if order not in (None, "uniform", "blocks"):
             raise KdpipeError(f"The epoch order must be uniform or blocks, not {order!r}.")
         self.order = order or ("blocks" if self.tier == "stream" else "uniform")

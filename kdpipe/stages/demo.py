@@ -24,6 +24,10 @@ from kdpipe.pipeline.report import mean_std
 
 DATA = "digits"
 TARGET_SET = "demo"
+#: The letKD ablation's second target set: the K-means fits on a seeded subsample of the
+#: identity-view vectors instead of every one (the reference fits on every one).
+SUBSAMPLED_SET = "demo-subfit"
+SUBSAMPLED_FIT_POINTS = 8192
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,8 @@ FULL = DemoSettings()
 FAST = DemoSettings(teacher_arch="resnet8", teacher_epochs=10, student_epochs=15, views="auto",
                     k_penult=64, k_inter=2)
 
-# The student runs a table can hold: label -> (method, options, target source, views mode).
+# The student runs a table can hold: label -> (method, options, target source, views mode
+# [, target set]).
 # "cached" reads the store (replay: a stored view per sample per epoch); "online" runs the
 # teacher live on fresh random views (the references' training, the baseline the store
 # replaces); "none" (CE) reads no targets and trains on fresh random views. Warp runs read a
@@ -68,12 +73,28 @@ STUDENT_RUNS = {
     "letkd1_online": ("letkd1", {}, "online", "replay"),
     "letkd2_online": ("letkd2", {}, "online", "replay"),
     "cat_kd_warp": ("cat_kd", {"beta": None}, "cached", "warp"),
+    # letKD ablation (full-views issue): the whole softmax over all K_penult centres online, as
+    # the reference computes it, against the stored top-k; a subsampled fit against the full one.
+    "letkd1_online_full": ("letkd1", {"penult_target": "full"}, "online", "replay"),
+    "letkd2_online_full": ("letkd2", {"penult_target": "full"}, "online", "replay"),
+    "letkd1_subfit": ("letkd1", {}, "cached", "replay", SUBSAMPLED_SET),
+    "letkd2_subfit": ("letkd2", {}, "cached", "replay", SUBSAMPLED_SET),
 }
 ALL_STUDENTS = tuple(STUDENT_RUNS)
+#: The runs of the digits accuracy table (benchmarks/digits_accuracy.py): cached and online.
+TABLE_STUDENTS = ("ce", "kd", "cat_kd", "letkd1", "letkd2", "kd_online", "cat_kd_online", "letkd1_online",
+                  "letkd2_online", "cat_kd_warp")
+ABLATION_STUDENTS = ("letkd1_online_full", "letkd2_online_full", "letkd1_subfit", "letkd2_subfit")
+
+
+def _run_spec(label: str) -> tuple:
+    """(method, options, source, views, target set) of a student run label."""
+    method, options, source, views, *rest = STUDENT_RUNS[label]
+    return method, options, source, views, (rest[0] if rest else TARGET_SET)
 
 
 def _method_options(label: str, settings: DemoSettings) -> dict:
-    _, options, _, _ = STUDENT_RUNS[label]
+    options = _run_spec(label)[1]
     resolved = dict(options)
     if "beta" in resolved:
         resolved["beta"] = settings.cat_beta
@@ -148,22 +169,25 @@ def _store_stage(store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: 
     return store, info
 
 
-def _cluster_stage(store: Path, s: DemoSettings, store_reused: bool, verbose: bool) -> dict:
+def _cluster_stage(store: Path, s: DemoSettings, store_reused: bool, verbose: bool, name: str = TARGET_SET,
+                   max_fit_points: int | None = None) -> dict:
     from kdpipe.artifacts import open_store
     from kdpipe.pipeline.configs import ClusterConfig
     from kdpipe.stages.cluster import cluster
 
     reader = open_store(store)
-    if store_reused and TARGET_SET in reader.target_sets():
-        record = reader.target_set(TARGET_SET)
-        if (record.k_penult, record.k_inter, record.max_fit_points) == (s.k_penult, s.k_inter, s.max_fit_points):
-            _say(f"reusing the target set {TARGET_SET!r} made earlier (K-means, LDA, sub-class scores)", verbose)
+    fit_points = s.max_fit_points if max_fit_points is None else max_fit_points
+    if store_reused and name in reader.target_sets():
+        record = reader.target_set(name)
+        if (record.k_penult, record.k_inter, record.max_fit_points) == (s.k_penult, s.k_inter, fit_points):
+            _say(f"reusing the target set {name!r} made earlier (K-means, LDA, sub-class scores)", verbose)
             return {"reused": True, "cluster_seconds": None}
-    _say(f"cluster: K_penult={s.k_penult}, K_inter={s.k_inter} (faiss K-means, streaming LDA), then the "
-         "assignment pass over every view", verbose)
+    _say(f"cluster {name}: K_penult={s.k_penult}, K_inter={s.k_inter} (faiss K-means, streaming LDA, fit on "
+         f"{'every' if fit_points is None else f'{fit_points} of the'} identity-view vectors), then the assignment "
+         "pass over every view", verbose)
     t0 = time.perf_counter()
-    cluster(ClusterConfig(store=str(store), name=TARGET_SET, k_penult=s.k_penult, k_inter=s.k_inter,
-                          max_fit_points=s.max_fit_points, seed=0, overwrite=True, executor=s.executor),
+    cluster(ClusterConfig(store=str(store), name=name, k_penult=s.k_penult, k_inter=s.k_inter,
+                          max_fit_points=fit_points, seed=0, overwrite=True, executor=s.executor),
             progress=verbose, verbose=verbose)
     return {"reused": False, "cluster_seconds": time.perf_counter() - t0}
 
@@ -174,12 +198,12 @@ def _student_runs(stores: dict, ckpt: Path, out: Path, s: DemoSettings, verbose:
 
     rows = []
     for label in s.students:
-        method, _, source, views = STUDENT_RUNS[label]
+        method, _, source, views, target_set = _run_spec(label)
         online = source == "online"
         for seed in s.seeds:
             _say(f"student {s.student_arch} with {label} (seed {seed}, {s.student_epochs} epochs, "
                  f"{int(s.subset_fraction * 100)}% of the train split)", verbose)
-            cfg = StudentConfig(store=str(stores[views]), targets=TARGET_SET, student=s.student_arch, method=method,
+            cfg = StudentConfig(store=str(stores[views]), targets=target_set, student=s.student_arch, method=method,
                                 method_options=_method_options(label, s), epochs=s.student_epochs,
                                 batch_size=s.batch_size, views=views, seed=seed,
                                 online_teacher=str(ckpt) if online else None, subset_fraction=s.subset_fraction,
@@ -293,7 +317,10 @@ def run_demo(out: str | Path = "kdpipe-demo", fast: bool = False, settings: Demo
     store, store_info = _store_stage(out / "store.zarr", ckpt, s, s.views, verbose)
     cluster_info = _cluster_stage(store, s, store_info["reused"], verbose)
     stores = {"replay": store}
-    if any(STUDENT_RUNS[label][3] == "warp" for label in s.students):
+    if any(_run_spec(label)[4] == SUBSAMPLED_SET for label in s.students):
+        _cluster_stage(store, s, store_info["reused"], verbose, name=SUBSAMPLED_SET,
+                       max_fit_points=SUBSAMPLED_FIT_POINTS)
+    if any(_run_spec(label)[3] == "warp" for label in s.students):
         # Warp draws fresh augmentations and warps the identity view's maps: a 1-view store.
         stores["warp"], _ = _store_stage(out / "store-1view.zarr", ckpt, s, "1", verbose)
     rows = _student_runs(stores, ckpt, out, s, verbose)
