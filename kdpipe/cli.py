@@ -15,7 +15,8 @@ from kdpipe.pipeline.report import format_summary
 
 
 class _Group(click.Group):
-    """Turns user-facing errors into one sentence and exit status 2."""
+    """Turns user-facing errors into one sentence and exit status 2: kdpipe's own, and the
+    file system's (a read-only folder, a full disk, a file where a folder should be)."""
 
     def invoke(self, ctx):
         try:
@@ -23,6 +24,18 @@ class _Group(click.Group):
         except KdpipeError as err:
             click.echo(f"kdpipe: error: {err}", err=True)
             ctx.exit(2)
+        except OSError as err:
+            click.echo(f"kdpipe: error: {os_error_sentence(err)}", err=True)
+            ctx.exit(2)
+
+
+def os_error_sentence(err: OSError) -> str:
+    """One sentence for a file-system error: what failed, where, and that nothing finished
+    was lost (run directories and stores are written atomically and resume)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return (f"A file could not be written or read{where}: {reason}; fix that (free space, a writable "
+            "folder) and run again, with --resume where the command has it.")
 
 
 def given_options(ctx: click.Context, names) -> dict:

@@ -55,4 +55,8 @@ def get_method(name: str, **options) -> Method:
         raise KdpipeError(
             f"Method {key!r} has no option {', '.join(unknown)}; its options are "
             f"{', '.join(accepted) if accepted else 'none'}.")
-    return cls(**fixed, **options)
+    try:
+        return cls(**fixed, **options)
+    except (TypeError, ValueError) as err:  # e.g. beta="a": a value of the wrong type
+        values = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise KdpipeError(f"Method {key!r} cannot take {values} ({err}).") from None

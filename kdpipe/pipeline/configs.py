@@ -19,7 +19,7 @@ from typing import Any
 
 from kdpipe.errors import KdpipeError
 
-__all__ = ["TeacherConfig", "ExtractConfig", "ClusterConfig", "StudentConfig", "from_saved",
+__all__ = ["TeacherConfig", "ExtractConfig", "ClusterConfig", "StudentConfig", "from_saved", "saved_run_config", "resume_run",
            "differing_fields", "EXECUTORS", "check_executor"]
 
 EXECUTORS = ("ray", "inline")
@@ -144,6 +144,34 @@ class StudentConfig:
 
     def __post_init__(self):
         self.method_options = dict(self.method_options or {})
+
+
+def saved_run_config(run, stage: str, cls):
+    """The config a run directory was started with, for --resume: one sentence when the
+    directory is another stage's or its config.json is damaged."""
+    where = f"The run directory {run.path}"
+    try:
+        saved = run.config
+    except (OSError, ValueError) as err:
+        raise KdpipeError(f"{where} has an unreadable config.json ({type(err).__name__}); it cannot be resumed.") from None
+    if not isinstance(saved, dict) or saved.get("stage") != stage:
+        found = saved.get("stage") if isinstance(saved, dict) else None
+        raise KdpipeError(f"{run.path} is not a {stage} run directory (its stage is {found!r}).")
+    return from_saved(cls, saved.get("config"), where)
+
+
+def resume_run(resume, stage: str, cls, given: dict | None = None):
+    """(run directory, its config) for ``--resume``; options the user passed beside it
+    (``given``) that differ from the run's are refused, naming them."""
+    from kdpipe.pipeline.rundir import RunDir
+
+    run = RunDir.open(resume)
+    cfg = saved_run_config(run, stage, cls)
+    differ = differing_fields(cfg, dict(given or {}))
+    if differ:
+        raise KdpipeError(f"--resume continues the run as it was configured; these options differ from it: "
+                          f"{', '.join('--' + k.replace('_', '-') for k in differ)} (start a new run to change them).")
+    return run, cfg
 
 
 def from_saved(cls, saved: Any, where: str):

@@ -296,6 +296,28 @@ def _write_report(report: Path, s: DemoSettings, teacher: dict, teacher_reused: 
     return path
 
 
+def _check_settings(s: DemoSettings, out: Path) -> None:
+    """Refuse, before any work, what would fail later: unknown runs, bad numbers, an --out
+    that is a file."""
+    from kdpipe.data import load_dataset
+    from kdpipe.methods import get_method
+    from kdpipe.views import resolve_views
+
+    unknown = [label for label in s.students if label not in STUDENT_RUNS]
+    if unknown:
+        raise KdpipeError(f"Unknown demo student run {unknown[0]!r}; choose from {', '.join(STUDENT_RUNS)}.")
+    for name in ("teacher_epochs", "student_epochs", "k_penult", "k_inter", "batch_size"):
+        if int(getattr(s, name)) < 1:
+            raise KdpipeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}.")
+    if not s.seeds:
+        raise KdpipeError("--seeds needs at least one seed.")
+    if out.exists() and not out.is_dir():
+        raise KdpipeError(f"--out {out} is a file; the demo needs a folder (it creates it when missing).")
+    resolve_views(load_dataset(DATA, "train").policy, s.views)  # a bad --views is one sentence now
+    for label in s.students:
+        get_method(_run_spec(label)[0], **{k: v for k, v in _run_spec(label)[1].items() if v is not None})
+
+
 def run_demo(out: str | Path = "kdpipe-demo", fast: bool = False, settings: DemoSettings | None = None,
              verbose: bool = True, **overrides) -> dict:
     """Run the demo into ``out``; return a summary with the results table and report paths.
@@ -305,11 +327,9 @@ def run_demo(out: str | Path = "kdpipe-demo", fast: bool = False, settings: Demo
     s = settings or (FAST if fast else FULL)
     if overrides:
         s = replace(s, **overrides)
-    unknown = [label for label in s.students if label not in STUDENT_RUNS]
-    if unknown:
-        raise KdpipeError(f"Unknown demo student run {unknown[0]!r}; choose from {', '.join(STUDENT_RUNS)}.")
-    t0 = time.perf_counter()
     out = Path(out)
+    _check_settings(s, out)
+    t0 = time.perf_counter()
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
 

@@ -30,7 +30,7 @@ from kdpipe.engine.device import resolve_device
 from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
 from kdpipe.engine.sources import NoTargets
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.configs import TeacherConfig, differing_fields, from_saved
+from kdpipe.pipeline.configs import TeacherConfig, resume_run
 from kdpipe.pipeline.rundir import RunDir, save_checkpoint_file
 
 __all__ = ["train_teacher", "teacher_checkpoint_path"]
@@ -55,19 +55,6 @@ def _check(cfg: TeacherConfig) -> None:
         raise KdpipeError(f"--lr must be positive, got {cfg.lr}.")
 
 
-def _resumed(resume, given: dict | None) -> tuple[RunDir, TeacherConfig]:
-    run = RunDir.open(resume)
-    saved = run.config
-    if saved.get("stage") != "train-teacher":
-        raise KdpipeError(f"{resume} is not a train-teacher run directory (its stage is {saved.get('stage')!r}).")
-    cfg = from_saved(TeacherConfig, saved.get("config"), f"The run directory {resume}")
-    differ = differing_fields(cfg, dict(given or {}))
-    if differ:
-        raise KdpipeError(f"--resume continues the run as it was configured; these options differ from it: "
-                          f"{', '.join('--' + k.replace('_', '-') for k in differ)} (start a new run to change them).")
-    return run, cfg
-
-
 def train_teacher(cfg: TeacherConfig | None = None, *, resume=None, given: dict | None = None, out="runs",
                   device=None, progress: bool = True, data_path: str = "auto", workers: int = 0,
                   after_epoch=None) -> dict:
@@ -81,7 +68,7 @@ def train_teacher(cfg: TeacherConfig | None = None, *, resume=None, given: dict 
     t_start = time.perf_counter()
     run = None
     if resume is not None:
-        run, cfg = _resumed(resume, given)
+        run, cfg = resume_run(resume, "train-teacher", TeacherConfig, given)
     if cfg is None:
         raise KdpipeError("train_teacher needs a TeacherConfig or a run directory to resume.")
     _check(cfg)

@@ -33,7 +33,7 @@ from kdpipe.engine.device import resolve_device
 from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
 from kdpipe.engine.sources import ONLINE_VIEWS, VIEW_MODES, CachedTargets, NoTargets, OnlineTargets
 from kdpipe.errors import KdpipeError, StoreError
-from kdpipe.pipeline.configs import StudentConfig, differing_fields, from_saved
+from kdpipe.pipeline.configs import StudentConfig, resume_run
 from kdpipe.pipeline.paths import absolute_path
 from kdpipe.pipeline.rundir import RunDir
 
@@ -222,19 +222,6 @@ def student_loss_fn(model, method):
     return loss_fn
 
 
-def _resumed_config(resume, given: dict | None) -> tuple[RunDir, StudentConfig]:
-    run = RunDir.open(resume)
-    saved = run.config
-    if saved.get("stage") != "train-student":
-        raise KdpipeError(f"{resume} is not a train-student run directory (its stage is {saved.get('stage')!r}).")
-    cfg = from_saved(StudentConfig, saved.get("config"), f"The run directory {resume}")
-    differ = differing_fields(cfg, dict(given or {}))
-    if differ:
-        raise KdpipeError(f"--resume continues the run as it was configured; these options differ from it: "
-                          f"{', '.join('--' + k.replace('_', '-') for k in differ)} (start a new run to change them).")
-    return run, cfg
-
-
 # ------------------------------------------------------------------------------ the stage
 def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict | None = None,
                   out="runs", device=None, progress: bool = True, data_path: str = "auto",
@@ -250,7 +237,7 @@ def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict 
     t_start = time.perf_counter()
     run = None
     if resume is not None:
-        run, cfg = _resumed_config(resume, given)
+        run, cfg = resume_run(resume, "train-student", StudentConfig, given)
     if cfg is None:
         raise KdpipeError("train_student needs a StudentConfig or a run directory to resume.")
     setup = resolve_student(cfg)
