@@ -307,6 +307,40 @@ def _prepare(cfg: ClusterConfig) -> ClusterPlan:
 
 
 # --------------------------------------------------------------------------- the fit
+#: (sample, view) pairs drawn (seeded) to check the top-k width on augmented views.
+PROBE_VIEWS = 1024
+
+
+def _augmented_vectors(plan: ClusterPlan, count: int) -> np.ndarray:
+    """Penultimate location vectors [n, D] of ``count`` seeded random (sample, view) pairs of
+    the store, from the teacher run now (pooled to the target set's grid)."""
+    from kdpipe.data import load_dataset, normalize
+    from kdpipe.models import load_teacher
+    from kdpipe.targets import pool_to
+    from kdpipe.views import with_pad_mode
+
+    r = plan.reader
+    manifest = r.manifest
+    dataset = load_dataset(plan.data, (manifest.get("dataset") or {}).get("split", "train"))
+    policy = with_pad_mode(dataset.policy, (manifest.get("views") or {}).get("pad_mode"))
+    teacher = load_teacher((manifest.get("teacher") or {}).get("arch"), plan.teacher, plan.num_classes).eval()
+    rng = np.random.default_rng(plan.cfg.seed + 2)
+    count = min(int(count), r.num_samples * r.num_views)
+    samples = np.sort(rng.choice(r.num_samples, size=count, replace=count > r.num_samples))
+    views = rng.integers(0, r.num_views, size=count)
+    uniq, inverse = np.unique(samples, return_inverse=True)
+    table = np.asarray(r["views"].get_orthogonal_selection((uniq, slice(None))))
+    out = []
+    with torch.inference_mode():
+        for s in range(0, count, 256):
+            idx = slice(s, s + 256)
+            params = torch.from_numpy(table[inverse[idx], views[idx]])
+            x = normalize(policy.apply_images(dataset.get_batch(samples[idx]), params), dataset.mean, dataset.std)
+            feat = pool_to(teacher.forward_features(x)[1]["penult"].float(), plan.penult_grid)
+            out.append(feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1]).numpy())
+    return np.concatenate(out)
+
+
 def _fit_shards(plan: ClusterPlan) -> list[FitShard]:
     from kdpipe.artifacts.schema import plan_shards
     from kdpipe.methods.clustering import subsample_indices
@@ -350,8 +384,14 @@ def _fit(plan: ClusterPlan, progress: bool) -> dict:
         print(f"cluster: K-means K={cfg.k_penult} on {xp.shape[0]:,} penult vectors of {xp.shape[1]} dims "
               f"({cfg.niter} iterations)...", flush=True)
     km = kmeans(xp, int(cfg.k_penult), niter=cfg.niter, seed=cfg.seed, verbose=progress)
-    topk, k_needed = topk_for_mass(xp, km.centers, cfg.temperature, cfg.topk_mass, plan.topk_cap)
+    _, k_fit = topk_for_mass(xp, km.centers, cfg.temperature, cfg.topk_mass, plan.topk_cap)
     del xp
+    # The fit set holds the identity view only; augmented views can need a wider k, so a
+    # seeded sample of stored views is run through the teacher too before the width is fixed.
+    probe = _augmented_vectors(plan, PROBE_VIEWS)
+    _, k_probe = topk_for_mass(probe, km.centers, cfg.temperature, cfg.topk_mass, plan.topk_cap)
+    k_needed = max(k_fit, k_probe)
+    topk = min(k_needed, plan.topk_cap)
     z = lda_project(xi, scalings, xbar, plan.lda_dims)
     del xi
     centers = per_class_kmeans(z, yi, C, int(cfg.k_inter), niter=cfg.niter, seed=cfg.seed, progress=progress)
@@ -379,7 +419,8 @@ def _fit(plan: ClusterPlan, progress: bool) -> dict:
         empty_subclasses=int(empty.sum()), seed=int(cfg.seed),
         teacher_sha256=(plan.reader.manifest.get("teacher") or {}).get("sha256"),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        extra={"fit_done": True, "k_needed_for_mass": int(k_needed),
+        extra={"fit_done": True, "k_needed_for_mass": int(k_needed), "k_needed_fit_set": int(k_fit),
+               "k_needed_view_probe": int(k_probe), "view_probe_images": PROBE_VIEWS,
                "seconds": {"fit_read": round(t_read - t0, 3), "fit": round(t_fit - t_read, 3)}})
     w.set_target_attrs(name, record.to_json())
     return record.to_json()

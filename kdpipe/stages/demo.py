@@ -183,7 +183,7 @@ def _cluster_stage(store: Path, s: DemoSettings, store_reused: bool, verbose: bo
             _say(f"reusing the target set {name!r} made earlier (K-means, LDA, sub-class scores)", verbose)
             return {"reused": True, "cluster_seconds": None}
     _say(f"cluster {name}: K_penult={s.k_penult}, K_inter={s.k_inter} (faiss K-means, streaming LDA, fit on "
-         f"{'every' if fit_points is None else f'{fit_points} of the'} identity-view vectors), then the assignment "
+         f"{'every identity-view vector' if fit_points is None else f'{fit_points} identity-view vectors'}), then the assignment "
          "pass over every view", verbose)
     t0 = time.perf_counter()
     cluster(ClusterConfig(store=str(store), name=name, k_penult=s.k_penult, k_inter=s.k_inter,
