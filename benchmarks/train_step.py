@@ -96,6 +96,7 @@ def make_store(args, workdir: Path, data: str, num_classes: int) -> dict:
 def build_configs(args, reader, info, ds, dev):
     """name -> {model, opt, scaler, source, loss_fn} (or the teacher for ``teacher_fwd``)."""
     from kdpipe.engine.device import make_grad_scaler
+    from kdpipe.engine.parallel import Forward
     from kdpipe.engine.schedule import make_optimizer
     from kdpipe.engine.sources import CachedTargets, NoTargets, OnlineTargets
     from kdpipe.models import build, load_teacher
@@ -125,7 +126,7 @@ def build_configs(args, reader, info, ds, dev):
                                    budget=None if nbytes is None else nbytes // 2)
             assert source.tier == tier, (name, source.tier)
         opt = make_optimizer(model, 0.01, 0.9, 5e-4, nesterov=m.recipe(args.student).get("nesterov", False))
-        configs[name] = {"model": model, "opt": opt, "scaler": make_grad_scaler(dev, args.amp), "source": source,
+        configs[name] = {"model": model, "net": Forward(model), "opt": opt, "scaler": make_grad_scaler(dev, args.amp), "source": source,
                          "loss_fn": student_loss_fn(model, m), "tier": getattr(source, "tier", None),
                          "target_bytes": getattr(source, "resident_bytes", 0)}
 
@@ -159,7 +160,7 @@ def run_epoch(cfg, train, ds, dev, args, seed, sync) -> tuple[list, float]:
             with torch.no_grad(), autocast(dev, args.amp):
                 cfg["teacher"].forward_features(normalize(imgs, train.mean, train.std))
         else:
-            train_step(cfg["model"], cfg["loss_fn"], source, cfg["opt"], cfg["scaler"], train, batch, imgs,
+            train_step(cfg["net"], cfg["loss_fn"], source, cfg["opt"], cfg["scaler"], train, batch, imgs,
                        args.amp)
         sync()
         t1 = time.perf_counter()

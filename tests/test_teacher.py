@@ -19,7 +19,7 @@ DATA = "synthetic:n=24,classes=4,size=16,seed=0"
 
 
 def train_teacher(arch, data, out, **kw):
-    runtime = {k: kw.pop(k) for k in ("data_path", "workers") if k in kw}
+    runtime = {k: kw.pop(k) for k in ("data_path", "loader_workers") if k in kw}
     return run_teacher(TeacherConfig(arch=arch, data=data, **kw), out=out, progress=False, **runtime)
 
 

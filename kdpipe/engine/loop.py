@@ -23,17 +23,22 @@ import torch.nn.functional as F
 
 from kdpipe.data import normalize
 from kdpipe.engine.device import autocast, make_grad_scaler
+from kdpipe.engine.parallel import Workers, wrap_for_training
 from kdpipe.engine.plan import SALT_TORCH, epoch_seed, steps_per_epoch
 from kdpipe.errors import KdpipeError
 
-#: ``loss_fn(model, images_normalized, labels, targets) -> (total, parts, logits)``
+#: ``loss_fn(net, images_normalized, labels, targets) -> (total, parts, logits)``, ``net`` the
+#: loop's ``kdpipe.engine.parallel.Forward``: ``net(x)`` logits, ``net(x, features=True)``
+#: (logits, feature dict)
 LossFn = Callable
 
 
 # ----------------------------------------------------------------------------- resume
-def restore_training_state(run, model, optimizer, scheduler, device) -> tuple[int, dict, dict | None]:
+def restore_training_state(run, model, optimizer, scheduler, device,
+                           truncate: bool = True) -> tuple[int, dict, dict | None]:
     """Load a run's latest checkpoint into ``model``, ``optimizer``, ``scheduler`` and the RNGs,
-    and drop metric rows past it, so the resumed run continues exactly where it stopped.
+    and (``truncate``: the one process that writes metrics) drop metric rows past it, so the
+    resumed run continues exactly where it stopped.
 
     Returns (start_epoch, best {"top1", "epoch"}, grad-scaler state or None)."""
     from kdpipe.pipeline.rundir import load_scheduler_state, restore_rng_state
@@ -45,7 +50,8 @@ def restore_training_state(run, model, optimizer, scheduler, device) -> tuple[in
     restore_rng_state(state.get("rng", {}))
     start_epoch = int(state["epoch"])
     best = {"top1": float(state.get("best_top1", -1.0)), "epoch": int(state.get("best_epoch", 0))}
-    run.truncate_metrics(start_epoch)
+    if truncate:
+        run.truncate_metrics(start_epoch)
     return start_epoch, best, state.get("scaler")
 
 
@@ -105,6 +111,8 @@ def train_step(model, loss_fn: LossFn, source, optimizer, scaler, train, batch, 
 def fit(
     *,
     model: torch.nn.Module,
+    workers: Workers | None = None,
+    sync_bn: bool = False,
     train,
     test,
     source,
@@ -130,36 +138,44 @@ def fit(
     """Train ``model`` from ``start_epoch`` to ``epochs``; after every epoch: test top-1/top-5,
     one metrics row, ``checkpoints/latest.pth`` (full state) and ``best.pth``; at the end the
     curves PNG (``plot``). ``on_step(epoch, step, loss, parts)`` sees every step and
-    ``after_epoch(epoch)`` runs after each epoch's checkpoint (tests use both). Returns
-    {"best_top1", "best_epoch", "final": last metrics row, "images", "train_seconds"}."""
+    ``after_epoch(epoch)`` runs after each epoch's checkpoint (tests use both). With
+    ``workers`` (data-parallel, ``kdpipe.engine.parallel``) every worker runs this with its
+    share of each batch; rank 0 evaluates, logs and checkpoints. Returns {"best_top1",
+    "best_epoch", "final": last metrics row, "images", "train_seconds"}."""
     device = train.device
+    workers = workers or Workers()
+    net = wrap_for_training(model, workers, device, sync_bn)
     scaler = make_grad_scaler(device, amp)
     if scaler_state and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)
     best = dict(best or {"top1": -1.0, "epoch": 0})
     images_seen, train_seconds, last_row = 0, 0.0, {}
+    progress = progress and workers.is_main
     try:
         for epoch in range(start_epoch, epochs):
-            row, seen, dt = _train_epoch(model, train, source, loss_fn, policy, epoch, epochs, batch_size,
-                                         optimizer, scaler, run, seed, amp, progress, desc, on_step)
+            row, seen, dt = _train_epoch(net, train, source, loss_fn, policy, epoch, epochs, batch_size, optimizer,
+                                         scaler, run, seed, amp, progress, desc, on_step, workers)
             scheduler.step()
             train_seconds += dt
             images_seen += seen
-            if test is not None:
-                ev = evaluate_model(model, test, eval_batch_size, amp)
-                row.update({"test_loss": ev["loss"], "test_top1": ev["top1"], "test_top5": ev["top5"]})
-            row.update({"img_per_s": seen / dt if dt > 0 else float("nan"), "epoch_seconds": dt})
-            best = _log_and_checkpoint(run, model, optimizer, scheduler, scaler, row, best, epoch, test is not None)
-            last_row = row
-            if progress:
-                from tqdm.auto import tqdm
+            if workers.is_main:
+                if test is not None:
+                    ev = evaluate_model(model, test, eval_batch_size, amp)
+                    row.update({"test_loss": ev["loss"], "test_top1": ev["top1"], "test_top5": ev["top5"]})
+                row.update({"img_per_s": seen / dt if dt > 0 else float("nan"), "epoch_seconds": dt})
+                best = _log_and_checkpoint(run, model, optimizer, scheduler, scaler, row, best, epoch,
+                                           test is not None)
+                last_row = row
+                if progress:
+                    from tqdm.auto import tqdm
 
-                tqdm.write(_epoch_message(desc, epoch, epochs, row))
+                    tqdm.write(_epoch_message(desc, epoch, epochs, row))
+            workers.barrier()
             if after_epoch is not None:
                 after_epoch(epoch + 1)
     finally:
         source.close()
-    if plot:
+    if plot and workers.is_main:
         try:
             run.plot_curves()
         except Exception as err:  # noqa: BLE001 - a plot must never lose a finished run
@@ -168,30 +184,30 @@ def fit(
             "final": last_row, "images": images_seen, "train_seconds": train_seconds}
 
 
-def _train_epoch(model, train, source, loss_fn, policy, epoch, epochs, batch_size, optimizer, scaler, run,
-                 seed, amp, progress, desc, on_step) -> tuple[dict, int, float]:
-    """One epoch's steps: returns (metrics row without the test columns, images, seconds)."""
+def _train_epoch(net, train, source, loss_fn, policy, epoch, epochs, batch_size, optimizer, scaler, run, seed,
+                 amp, progress, desc, on_step, workers: Workers) -> tuple[dict, int, float]:
+    """One epoch's steps: returns (metrics row without the test columns, images, seconds),
+    the row summed over the workers."""
     from tqdm.auto import tqdm
 
     device = train.device
-    model.train()
-    torch.manual_seed(epoch_seed(seed, epoch, SALT_TORCH))
-    plan = source.plan(train.sample_indices, seed, epoch)
-    source.begin_epoch(plan, batch_size)
-    total_steps = steps_per_epoch(plan.num_samples, batch_size)
-    loss_buf = torch.zeros(total_steps, dtype=torch.float32, device=device)
+    net.train()
+    torch.manual_seed(epoch_seed(seed, epoch, SALT_TORCH) + workers.rank)
+    plan = source.plan(train.sample_indices, seed, epoch).shard(workers.rank, workers.world_size)
+    local_batch = batch_size // workers.world_size
+    source.begin_epoch(plan, local_batch)
+    loss_buf = torch.zeros(steps_per_epoch(plan.num_samples, local_batch), dtype=torch.float32, device=device)
     part_sums: dict = {}
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen, checked, nsteps = 0, 0, 0
     lr = optimizer.param_groups[0]["lr"]
-    bar = tqdm(total=plan.num_samples, desc=f"{desc} {epoch + 1}/{epochs}", unit="img", unit_scale=True,
-               disable=not progress, leave=False, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(total=plan.num_samples * workers.world_size, desc=f"{desc} {epoch + 1}/{epochs}", unit="img",
+               unit_scale=True, disable=not progress, leave=False, dynamic_ncols=True, mininterval=0.5)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    for step, (batch, images) in enumerate(train.batches(plan, batch_size, policy)):
-        total, parts, logits, labels = train_step(model, loss_fn, source, optimizer, scaler, train, batch,
-                                                  images, amp)
+    for step, (batch, images) in enumerate(train.batches(plan, local_batch, policy)):
+        total, parts, logits, labels = train_step(net, loss_fn, source, optimizer, scaler, train, batch, images, amp)
         loss_buf[step] = total.detach().float()
         if on_step is not None:
             on_step(epoch, step, total.detach(), parts)
@@ -200,7 +216,7 @@ def _train_epoch(model, train, source, loss_fn, policy, epoch, epochs, batch_siz
         correct += logits.detach().argmax(dim=1).eq(labels).sum()
         seen += batch.size
         nsteps = step + 1
-        bar.update(batch.size)
+        bar.update(batch.size * workers.world_size)
         if nsteps % 25 == 0:  # periodic sync: NaN check and progress display
             _check_finite(loss_buf, checked, nsteps, epoch, run)
             checked = nsteps
@@ -210,13 +226,24 @@ def _train_epoch(model, train, source, loss_fn, policy, epoch, epochs, batch_siz
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
     bar.close()
+    return _epoch_row(epoch, lr, loss_buf[:nsteps], part_sums, correct, seen, nsteps, workers), \
+        seen * workers.world_size, dt
+
+
+def _epoch_row(epoch, lr, losses, part_sums, correct, seen, nsteps, workers: Workers) -> dict:
+    """The epoch's training metrics, averaged over every worker's steps."""
+    device = losses.device
+    keys = sorted(k for k in part_sums if k != "total")
+    totals = torch.stack([losses.sum().double(), torch.tensor(float(nsteps), dtype=torch.float64, device=device),
+                          correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]
+                         + [torch.as_tensor(part_sums[k], dtype=torch.float64, device=device) for k in keys])
+    totals = workers.sum(totals).tolist()
+    steps = max(totals[1], 1.0)
     row = {"epoch": epoch + 1, "lr": lr,
-           "train_loss": float(loss_buf[:nsteps].mean().item()) if nsteps else float("nan"),
-           "train_top1": 100.0 * correct.item() / max(seen, 1)}
-    for k, v in part_sums.items():
-        if k != "total":
-            row[f"loss_{k}"] = float(v) / max(nsteps, 1)
-    return row, seen, dt
+           "train_loss": totals[0] / steps if totals[1] else float("nan"),
+           "train_top1": 100.0 * totals[2] / max(totals[3], 1.0)}
+    row.update({f"loss_{k}": v / steps for k, v in zip(keys, totals[4:])})
+    return row
 
 
 def _log_and_checkpoint(run, model, optimizer, scheduler, scaler, row, best, epoch, has_test) -> dict:
@@ -259,9 +286,10 @@ def _check_finite(loss_buf: torch.Tensor, lo: int, hi: int, epoch: int, run) -> 
         )
 
 
-def ce_loss(model, x, labels, targets):
-    """Plain cross-entropy (teacher training, the CE baseline's loss function)."""
-    logits = model(x)
+def ce_loss(net, x, labels, targets):
+    """Plain cross-entropy (teacher training, the CE baseline's loss function); ``net`` is the
+    loop's ``Forward`` (or its DDP wrapper)."""
+    logits = net(x)
     loss = F.cross_entropy(logits, labels)
     return loss, {"ce": loss.detach()}, logits
 

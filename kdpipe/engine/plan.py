@@ -92,10 +92,16 @@ class EpochPlan:
                             self.params[start:stop])
 
     def shard(self, rank: int, world_size: int) -> "EpochPlan":
-        """Every ``world_size``-th position from ``rank``: one data-parallel worker's share."""
-        sel = slice(rank, None, world_size)
-        return EpochPlan(self.order[sel], self.params[sel],
-                         None if self.view_idx is None else self.view_idx[sel])
+        """Every ``world_size``-th position from ``rank``: one data-parallel worker's share.
+        The plan is first cut to a multiple of ``world_size`` positions, so every worker runs
+        the same number of steps; step s of all workers together is step s of the whole plan.
+        Itself when alone."""
+        if world_size == 1:
+            return self
+        usable = self.num_samples - self.num_samples % world_size
+        sel = slice(rank, usable, world_size)
+        return EpochPlan(self.order[sel], self.params[sel], None if self.view_idx is None else self.view_idx[sel],
+                         None if self.block_rank is None else self.block_rank[sel], self.blocks)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -52,6 +52,8 @@ class TeacherConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     amp: bool = False
+    data_parallel: int = 1              # Ray Train workers (--gpus N)
+    sync_bn: bool = False               # SyncBatchNorm across workers (CUDA)
 
 
 @dataclass
@@ -141,9 +143,19 @@ class StudentConfig:
     data: str | None = None
     subset_fraction: float | None = None
     subset_seed: int = 0
+    data_parallel: int = 1              # Ray Train workers (--gpus N); 1 = this process
+    sync_bn: bool = False               # SyncBatchNorm across workers (CUDA); else per worker
 
     def __post_init__(self):
         self.method_options = dict(self.method_options or {})
+
+    def with_absolute_paths(self) -> "StudentConfig":
+        """The store, online teacher and data folder as absolute paths (Ray workers and resumed
+        runs may start in another working directory)."""
+        from kdpipe.pipeline.paths import absolute_path, absolute_spec
+
+        return dataclasses.replace(self, store=absolute_path(self.store),
+                                   online_teacher=absolute_path(self.online_teacher), data=absolute_spec(self.data))
 
 
 def saved_run_config(run, stage: str, cls):

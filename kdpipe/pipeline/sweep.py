@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.paths import absolute_path, absolute_spec
 from kdpipe.pipeline.report import mean_std
 from kdpipe.pipeline.rundir import RunDir, atomic_write_text
 
@@ -102,12 +101,6 @@ def _trial_name(n: int, point: dict) -> str:
     return f"trial-{n:03d}" + ("-" + "-".join(parts) if parts else "")
 
 
-def _absolute_paths(cfg):
-    """store, online_teacher and a data spec's folder as absolute paths (for Ray workers)."""
-    return dataclasses.replace(cfg, store=absolute_path(cfg.store), online_teacher=absolute_path(cfg.online_teacher),
-                               data=absolute_spec(cfg.data))
-
-
 def _run_trial(job: tuple, threads: int | None = None) -> dict:
     """One trial (in a Ray worker or inline): train_student, errors reported not raised."""
     import torch
@@ -142,11 +135,11 @@ def run_sweep(base, grid: dict, executor: str = "ray", out="runs", ray_address: 
     configs = [trial_config(base, p) for p in points]
     for c in configs:
         build_method(c.method, c.method_options, None, c.student)
-    base = _absolute_paths(base)  # Ray workers may not share this process's working directory
+    base = base.with_absolute_paths()  # Ray workers may not share this process's working directory
     sweep = RunDir.create(Path(out).resolve(), f"sweep-{base.student}-{base.method}",
                           {"stage": "sweep", "base": dataclasses.asdict(base), "grid": grid, "executor": executor,
                            "trials": len(points)})
-    jobs = [(_absolute_paths(c), {"out": str(sweep.path), "progress": False, "run_prefix": _trial_name(n, p)})
+    jobs = [(c.with_absolute_paths(), {"out": str(sweep.path), "progress": False, "run_prefix": _trial_name(n, p)})
             for n, (c, p) in enumerate(zip(configs, points))]
 
     results: list[dict] = [None] * len(jobs)  # type: ignore[list-item]

@@ -27,10 +27,12 @@ import torch
 from kdpipe.engine import loop
 from kdpipe.engine.data import place_dataset
 from kdpipe.engine.device import resolve_device
+from kdpipe.engine.parallel import Workers
 from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
 from kdpipe.engine.sources import NoTargets
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline.configs import TeacherConfig, resume_run
+from kdpipe.pipeline.paths import absolute_spec
 from kdpipe.pipeline.rundir import RunDir, save_checkpoint_file
 
 __all__ = ["train_teacher", "teacher_checkpoint_path"]
@@ -53,17 +55,19 @@ def _check(cfg: TeacherConfig) -> None:
         raise KdpipeError(f"--batch-size must be at least 2, got {cfg.batch_size}.")
     if not float(cfg.lr) > 0:
         raise KdpipeError(f"--lr must be positive, got {cfg.lr}.")
+    if int(cfg.data_parallel) < 1 or int(cfg.batch_size) % int(cfg.data_parallel):
+        raise KdpipeError(f"--gpus {cfg.data_parallel} must be at least 1 and divide the batch size {cfg.batch_size}.")
 
 
 def train_teacher(cfg: TeacherConfig | None = None, *, resume=None, given: dict | None = None, out="runs",
-                  device=None, progress: bool = True, data_path: str = "auto", workers: int = 0,
-                  after_epoch=None) -> dict:
-    """Train ``cfg.arch`` on ``cfg.data`` (a ``kdpipe.data.load_dataset`` spec) with cross-entropy.
+                  device=None, progress: bool = True, data_path: str = "auto", loader_workers: int = 0,
+                  after_epoch=None, ray_address: str | None = None) -> dict:
+    """Train ``cfg.arch`` on ``cfg.data`` (a ``kdpipe.data.load_dataset`` spec) with cross-entropy;
+    on ``cfg.data_parallel`` Ray Train workers when it is above 1.
 
     Returns the summary dict (also written to summary.json): run_dir, checkpoint, top1, top5,
     best_top1, epochs, wall_seconds, img_per_s."""
     from kdpipe.data import load_dataset
-    from kdpipe.models import build
 
     t_start = time.perf_counter()
     run = None
@@ -72,44 +76,79 @@ def train_teacher(cfg: TeacherConfig | None = None, *, resume=None, given: dict 
     if cfg is None:
         raise KdpipeError("train_teacher needs a TeacherConfig or a run directory to resume.")
     _check(cfg)
+    cfg = dataclasses.replace(cfg, data=absolute_spec(cfg.data))
     dev = resolve_device(device)
-    train_set = load_dataset(cfg.data, "train")
-    test_set = load_dataset(cfg.data, "test")
-    torch.manual_seed(cfg.seed)
-    model = build(cfg.arch, num_classes=train_set.num_classes).to(dev)
-    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.epochs)
-    config = {
+    train_set, test_set = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
+    if run is None:
+        run = RunDir.create(out, f"teacher-{cfg.arch}-{_data_slug(cfg.data)}", _run_config(cfg, train_set, test_set, dev))
+    runtime = {"progress": progress, "data_path": data_path, "loader_workers": loader_workers}
+    if cfg.data_parallel > 1:
+        from kdpipe.pipeline.data_parallel import run_data_parallel
+
+        payload = {"cfg": dataclasses.asdict(cfg), "run_dir": str(run.path), "resume": resume is not None,
+                   "runtime": runtime}
+        run_data_parallel(_teacher_worker, payload, cfg.data_parallel, str(run.path), device, ray_address)
+    else:
+        _train_here(cfg, train_set, test_set, run, resume is not None, Workers(), dev, after_epoch=after_epoch,
+                    **runtime)
+    return _finish(run, cfg, t_start)
+
+
+def _run_config(cfg: TeacherConfig, train_set, test_set, dev) -> dict:
+    return {
         "stage": "train-teacher", "config": dataclasses.asdict(cfg), "arch": cfg.arch, "data": cfg.data,
         "num_classes": train_set.num_classes, "train_samples": len(train_set), "test_samples": len(test_set),
         "dataset_fingerprint": getattr(train_set, "fingerprint", None), "epochs": int(cfg.epochs),
         "lr": float(cfg.lr), "batch_size": int(cfg.batch_size), "momentum": cfg.momentum,
         "weight_decay": cfg.weight_decay, "milestones": milestones(cfg.epochs), "lr_decay": 0.1,
-        "seed": cfg.seed, "device": str(dev), "amp": bool(cfg.amp),
+        "seed": cfg.seed, "device": str(dev), "amp": bool(cfg.amp), "data_parallel": cfg.data_parallel,
         "policy": getattr(train_set.policy, "name", str(train_set.policy)),
     }
+
+
+def _teacher_worker(payload: dict) -> None:
+    """One Ray Train worker of a data-parallel teacher run."""
+    from kdpipe.data import load_dataset
+    from kdpipe.pipeline.data_parallel import worker_device
+
+    cfg = TeacherConfig(**payload["cfg"])
+    _train_here(cfg, load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test"), RunDir(payload["run_dir"]),
+                payload["resume"], Workers.current(), worker_device(payload["use_gpu"]), **payload["runtime"])
+
+
+def _train_here(cfg: TeacherConfig, train_set, test_set, run, resume: bool, workers: Workers, dev, progress=True,
+                data_path="auto", loader_workers=0, after_epoch=None) -> None:
+    """The epochs of a teacher run in this process (alone, or as one data-parallel worker)."""
+    from kdpipe.models import build
+
+    if int(cfg.batch_size) % workers.world_size:
+        raise KdpipeError(f"The batch size {cfg.batch_size} does not split over {workers.world_size} workers.")
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.arch, num_classes=train_set.num_classes).to(dev)
+    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.epochs)
     start_epoch, best, scaler_state = 0, None, None
-    if run is None:
-        run = RunDir.create(out, f"teacher-{cfg.arch}-{_data_slug(cfg.data)}", config)
-    else:
-        start_epoch, best, scaler_state = loop.restore_training_state(run, model, optimizer, scheduler, dev)
-    train = place_dataset(train_set, dev, data_path=data_path, workers=workers)
-    test = place_dataset(test_set, dev, data_path=data_path, workers=workers)
+    if resume:
+        start_epoch, best, scaler_state = loop.restore_training_state(run, model, optimizer, scheduler, dev,
+                                                                      truncate=workers.is_main)
+    train = place_dataset(train_set, dev, data_path=data_path, workers=loader_workers)
+    test = place_dataset(test_set, dev, data_path=data_path, workers=loader_workers)
     source = NoTargets(train_set.policy, getattr(train_set, "image_sizes", None) if not train.resident else None)
-    result = loop.fit(
-        model=model, train=train, test=test, source=source, loss_fn=loop.ce_loss, policy=train_set.policy,
-        epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), optimizer=optimizer, scheduler=scheduler, run=run,
-        seed=cfg.seed, amp=cfg.amp, start_epoch=start_epoch, best=best, progress=progress,
-        desc=f"teacher {cfg.arch}", scaler_state=scaler_state, after_epoch=after_epoch)
-    return _finish(run, model, cfg, result, t_start)
+    loop.fit(model=model, workers=workers, sync_bn=cfg.sync_bn, train=train, test=test, source=source,
+             loss_fn=loop.ce_loss, policy=train_set.policy, epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
+             optimizer=optimizer, scheduler=scheduler, run=run, seed=cfg.seed, amp=cfg.amp, start_epoch=start_epoch,
+             best=best, progress=progress, desc=f"teacher {cfg.arch}", scaler_state=scaler_state,
+             after_epoch=after_epoch)
+    if workers.is_main:
+        save_checkpoint_file(teacher_checkpoint_path(run.path, cfg.arch, cfg.epochs),
+                             {"model": model.state_dict(), "epoch": int(cfg.epochs),
+                              "best_acc": float((run.read_metrics() or [{}])[-1].get("test_top1", float("nan")))})
 
 
-def _finish(run, model, cfg: TeacherConfig, result, t_start) -> dict:
+def _finish(run, cfg: TeacherConfig, t_start) -> dict:
     rows = run.read_metrics()
-    final = result["final"] or (rows[-1] if rows else {})
+    final = rows[-1] if rows else {}
     ckpt = teacher_checkpoint_path(run.path, cfg.arch, cfg.epochs)
-    save_checkpoint_file(ckpt, {"model": model.state_dict(), "epoch": int(cfg.epochs),
-                                "best_acc": float(final.get("test_top1", float("nan")))})
     best_row = max(rows, key=lambda r: r.get("test_top1") or 0.0) if rows else {}
     summary = {
         "stage": "train-teacher", "run_dir": str(run.path), "checkpoint": str(ckpt), "arch": cfg.arch,
@@ -117,7 +156,7 @@ def _finish(run, model, cfg: TeacherConfig, result, t_start) -> dict:
         "best_top1": best_row.get("test_top1"), "best_epoch": best_row.get("epoch"),
         "wall_seconds": time.perf_counter() - t_start,
         "train_seconds": sum(r.get("epoch_seconds") or 0.0 for r in rows),
-        "img_per_s": loop.mean_over_epochs(rows, "img_per_s"),
+        "img_per_s": loop.mean_over_epochs(rows, "img_per_s"), "data_parallel": cfg.data_parallel,
     }
     run.write_summary(summary)
     return summary

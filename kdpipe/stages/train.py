@@ -30,6 +30,7 @@ import torch
 
 from kdpipe.engine import loop
 from kdpipe.engine.device import resolve_device
+from kdpipe.engine.parallel import Workers
 from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
 from kdpipe.engine.sources import ONLINE_VIEWS, VIEW_MODES, CachedTargets, NoTargets, OnlineTargets
 from kdpipe.errors import KdpipeError, StoreError
@@ -106,6 +107,8 @@ def _check_config(cfg: StudentConfig) -> None:
         raise KdpipeError(f"--views must be {' or '.join(VIEW_MODES)}, got {cfg.views!r}.")
     if cfg.online_views not in ONLINE_VIEWS:
         raise KdpipeError(f"--online-views must be {' or '.join(ONLINE_VIEWS)}, got {cfg.online_views!r}.")
+    if int(cfg.data_parallel) < 1:
+        raise KdpipeError(f"--gpus must be at least 1, got {cfg.data_parallel}.")
     if cfg.subset_fraction is not None and not 0 < float(cfg.subset_fraction) <= 1:
         raise KdpipeError(f"--subset-fraction must be in (0, 1], got {cfg.subset_fraction}.")
     if cfg.online_teacher is not None and "://" not in str(cfg.online_teacher) \
@@ -130,6 +133,9 @@ def _recipe(method, cfg: StudentConfig) -> dict:
         raise KdpipeError(f"--batch-size must be at least 2, got {r['batch_size']}.")
     if not r["lr"] > 0:
         raise KdpipeError(f"--lr must be positive, got {r['lr']}.")
+    if r["batch_size"] % int(cfg.data_parallel):
+        raise KdpipeError(f"The batch size {r['batch_size']} does not split over --gpus {cfg.data_parallel} workers; "
+                          "choose a batch size that is a multiple of it.")
     r["milestones"] = milestones(r["epochs"])
     return r
 
@@ -206,16 +212,17 @@ def make_target_source(setup: StudentSetup, device: torch.device):
 
 
 def student_loss_fn(model, method):
-    """``loss_fn(model, x, labels, targets) -> (total, parts, logits)`` of the loop."""
+    """``loss_fn(net, x, labels, targets) -> (total, parts, logits)`` of the loop (``net``: the
+    loop's ``Forward``, DDP-wrapped when data-parallel)."""
     # CE and logit KD need logits only: a plain forward, as plain training of the student does.
     needs_features = bool(len(getattr(model, "taps", ()))) or any(
         key != "logits" for kind in method.kinds() for key in kind.target_keys)
 
-    def loss_fn(model, x, labels, targets):
+    def loss_fn(net, x, labels, targets):
         if needs_features:
-            logits, feats = model.forward_features(x)
+            logits, feats = net(x, features=True)
         else:
-            logits, feats = model(x), {}
+            logits, feats = net(x), {}
         total, parts = method.loss(logits, feats, targets, labels)
         return total, {k: v for k, v in parts.items() if k != "total"}, logits
 
@@ -223,59 +230,104 @@ def student_loss_fn(model, method):
 
 
 # ------------------------------------------------------------------------------ the stage
+@dataclass
+class Runtime:
+    """Switches of one run that do not change what is computed."""
+
+    device: str | None = None
+    progress: bool = True
+    data_path: str = "auto"
+    loader_workers: int = 0
+    plot: bool = True
+    on_step: object = None
+    after_epoch: object = None
+
+
 def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict | None = None,
                   out="runs", device=None, progress: bool = True, data_path: str = "auto",
-                  workers: int = 0, run_prefix: str | None = None, plot: bool = True, on_step=None,
-                  after_epoch=None) -> dict:
+                  loader_workers: int = 0, run_prefix: str | None = None, plot: bool = True, on_step=None,
+                  after_epoch=None, ray_address: str | None = None) -> dict:
     """Train a student (see the module docstring). With ``resume`` the run's own config is
-    used; ``given`` holds options the user passed beside it (refused when they differ).
+    used; ``given`` holds options the user passed beside it (refused when they differ). With
+    ``cfg.data_parallel`` > 1 the epochs run on that many Ray Train workers
+    (``kdpipe.pipeline.data_parallel``); ``after_epoch`` then runs in every worker (tests use it
+    to kill one) and ``on_step`` is not available.
 
     Returns the summary (also in summary.json): run_dir, best_top1, final_top1, final_top5,
     epochs, wall_seconds, img_per_s, ..."""
-    from kdpipe.models import build
-
     t_start = time.perf_counter()
     run = None
     if resume is not None:
         run, cfg = resume_run(resume, "train-student", StudentConfig, given)
     if cfg is None:
         raise KdpipeError("train_student needs a StudentConfig or a run directory to resume.")
-    setup = resolve_student(cfg)
+    setup = resolve_student(cfg.with_absolute_paths())
+    config = dict(setup.resolved(), device=str(resolve_device(device)))
+    if run is None:
+        run = RunDir.create(out, run_prefix or f"student-{setup.cfg.student}-{setup.method.name}", config)
+    runtime = Runtime(device, progress, data_path, loader_workers, plot, on_step, after_epoch)
+    if setup.cfg.data_parallel > 1:
+        from kdpipe.pipeline.data_parallel import run_data_parallel
+
+        payload = {"cfg": dataclasses.asdict(setup.cfg), "run_dir": str(run.path), "resume": resume is not None,
+                   "runtime": dataclasses.asdict(dataclasses.replace(runtime, on_step=None))}
+        run_data_parallel(_student_worker, payload, setup.cfg.data_parallel, str(run.path), device, ray_address)
+        source_tier = None
+    else:
+        source_tier = _train_here(setup, run, runtime, resume is not None, Workers(), resolve_device(device))
+    return _write_summary(run, setup, config, source_tier, t_start)
+
+
+def _student_worker(payload: dict) -> None:
+    """One Ray Train worker of a data-parallel student run."""
+    from kdpipe.pipeline.data_parallel import worker_device
+
+    setup = resolve_student(StudentConfig(**payload["cfg"]))
+    runtime = Runtime(**payload["runtime"])
+    _train_here(setup, RunDir(payload["run_dir"]), runtime, payload["resume"], Workers.current(),
+                worker_device(payload["use_gpu"]))
+
+
+def _train_here(setup: StudentSetup, run, runtime: Runtime, resume: bool, workers: Workers, dev) -> str | None:
+    """Build the student, its optimiser and its target source on ``dev`` and run the epochs in
+    this process (alone, or as one data-parallel worker). Returns the targets' tier."""
+    from kdpipe.engine.data import place_dataset
+    from kdpipe.models import build
+
     cfg, r = setup.cfg, setup.recipe
-    dev = resolve_device(device)
+    if r["batch_size"] % workers.world_size:
+        raise KdpipeError(f"The batch size {r['batch_size']} does not split over {workers.world_size} workers.")
     torch.manual_seed(cfg.seed)
     model = build(cfg.student, num_classes=setup.train_set.num_classes)
-    model = setup.method.prepare_student(model, setup.target_set) or model
-    model = model.to(dev)
+    model = (setup.method.prepare_student(model, setup.target_set) or model).to(dev)
     optimizer = make_optimizer(model, r["lr"], r["momentum"], r["weight_decay"], r["nesterov"])
     scheduler = make_scheduler(optimizer, r["epochs"], gamma=r["lr_decay"])
-    config = dict(setup.resolved(), device=str(dev))
     start_epoch, best, scaler_state = 0, None, None
-    if run is None:
-        run = RunDir.create(out, run_prefix or f"student-{cfg.student}-{setup.method.name}", config)
-    else:
-        start_epoch, best, scaler_state = loop.restore_training_state(run, model, optimizer, scheduler, dev)
+    if resume:
+        start_epoch, best, scaler_state = loop.restore_training_state(run, model, optimizer, scheduler, dev,
+                                                                      truncate=workers.is_main)
     source = make_target_source(setup, dev)
-    from kdpipe.engine.data import place_dataset
+    train = place_dataset(setup.train_set, dev, indices=setup.subset, data_path=runtime.data_path,
+                          workers=runtime.loader_workers)
+    test = place_dataset(setup.test_set, dev, data_path=runtime.data_path, workers=runtime.loader_workers)
+    loop.fit(model=model, workers=workers, sync_bn=cfg.sync_bn, train=train, test=test, source=source,
+             loss_fn=student_loss_fn(model, setup.method), policy=setup.policy, epochs=r["epochs"],
+             batch_size=r["batch_size"], optimizer=optimizer, scheduler=scheduler, run=run, seed=int(cfg.seed),
+             amp=cfg.amp, start_epoch=start_epoch, best=best, progress=runtime.progress,
+             desc=f"{cfg.student} {setup.method.name}", plot=runtime.plot, on_step=runtime.on_step,
+             after_epoch=runtime.after_epoch, scaler_state=scaler_state)
+    return getattr(source, "tier", None)
 
-    train = place_dataset(setup.train_set, dev, indices=setup.subset, data_path=data_path, workers=workers)
-    test = place_dataset(setup.test_set, dev, data_path=data_path, workers=workers)
-    loop.fit(model=model, train=train, test=test, source=source, loss_fn=student_loss_fn(model, setup.method),
-             policy=setup.policy, epochs=r["epochs"], batch_size=r["batch_size"], optimizer=optimizer,
-             scheduler=scheduler, run=run, seed=int(cfg.seed), amp=cfg.amp, start_epoch=start_epoch, best=best,
-             progress=progress, desc=f"{cfg.student} {setup.method.name}", plot=plot, on_step=on_step,
-             after_epoch=after_epoch, scaler_state=scaler_state)
-    return _write_summary(run, setup, config, source, t_start)
 
-
-def _write_summary(run, setup, config, source, t_start) -> dict:
+def _write_summary(run, setup, config, tier, t_start) -> dict:
     rows = run.read_metrics()
     final = rows[-1] if rows else {}
     best_row = max(rows, key=lambda row: row.get("test_top1") or 0.0) if rows else {}
     summary = {
         "stage": "train-student", "run_dir": str(run.path), "student": setup.cfg.student,
         "method": setup.method.name, "method_options": dict(setup.method.options),
-        "target_source": config["target_source"], "target_tier": getattr(source, "tier", None),
+        "target_source": config["target_source"], "target_tier": tier,
+        "data_parallel": setup.cfg.data_parallel,
         "views": setup.cfg.views, "seed": int(setup.cfg.seed), "epochs": setup.recipe["epochs"],
         "final_top1": final.get("test_top1"), "final_top5": final.get("test_top5"),
         "best_top1": best_row.get("test_top1"), "best_epoch": best_row.get("epoch"),
