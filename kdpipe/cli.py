@@ -309,12 +309,16 @@ def _run_sweep(cfg, sweeps, executor, out, ray_address) -> None:
 @click.option("--teacher", default=None, type=click.Path(), help="Teacher checkpoint for --fidelity.")
 @click.option("--data", default=None, help="Data set spec (default: the one the store names).")
 @click.option("--num-samples", default=256, show_default=True, type=int, help="Samples for --fidelity.")
-def inspect(store, cams, subclasses, target, png, fidelity, teacher, data, num_samples):
-    """Show a store: manifest, arrays, sizes; draw CAMs and sub-class maps."""
+@click.option("--verify", is_flag=True, help="Decode every chunk and report each damaged one (exit 1 if any).")
+def inspect(store, cams, subclasses, target, png, fidelity, teacher, data, num_samples, verify):
+    """Show a store: manifest, arrays, sizes; verify its chunks; draw CAMs and sub-class maps."""
     from kdpipe.stages.inspect import inspect_store
 
-    inspect_store(store, cams=cams, png=png, subclasses=subclasses, target=target, fidelity=fidelity,
-                  teacher=teacher, data=data, num_samples=num_samples)
+    result = inspect_store(store, cams=cams, png=png, subclasses=subclasses, target=target, fidelity=fidelity,
+                           teacher=teacher, data=data, num_samples=num_samples, verify=verify)
+    if result["damage"]:
+        raise KdpipeError(f"{len(result['damage'])} damaged chunk(s) or array(s) in {store} (listed above); "
+                          "re-extract or re-cluster the store.")
 
 
 @cli.command("demo")

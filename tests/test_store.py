@@ -149,6 +149,13 @@ def test_target_sets_and_drop_features(tmp_path):
         t.write_target_array("T", "names", np.array(["a", "b"], dtype=object))
     assert open_store(path).target_sets() == []
     t.finish_target_set("T")
+    # rows 0..7 and 16.. of subclass_idx were never written: refused, never read as zeros
+    with pytest.raises(StoreError, match=r"targets/T/subclass_idx \(chunk 0, samples 0..7\).*missing"):
+        open_store(path)
+    for start in range(0, N, 8):
+        if start != 8:
+            StoreWriter.open(path).write_rows("targets/T/subclass_idx", start,
+                                              np.zeros((min(8, N - start), V, 4, 4), np.int32))
     r = open_store(path)
     assert r.target_sets() == ["T"] and r.target_attrs("T")["K"] == 8
     np.testing.assert_array_equal(r["targets/T/subclass_scores"][:], np.eye(4))

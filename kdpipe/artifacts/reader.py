@@ -14,16 +14,19 @@ from __future__ import annotations
 import numpy as np
 
 from kdpipe.errors import DataError, StoreError
+from kdpipe.artifacts.integrity import CheckedArray, check_store, verify_store
 from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.artifacts.schema import MANIFEST_ATTR, SCHEMA_VERSION, SHARDS_DONE, TARGETS_GROUP
 from kdpipe.artifacts.writer import _open_group, _path, store_exists
 
 
-def open_store(path, allow_incomplete: bool = False) -> "StoreReader":
+def open_store(path, allow_incomplete: bool = False, check: bool = True) -> "StoreReader":
     """Open the store at `path` (local path or fsspec URL) read-only.
 
     Refuses a missing path, a zarr group that is not a kdpipe store, another schema version
     and, unless `allow_incomplete` (inspect uses it), a store whose `complete` flag is unset.
+    A complete store is checked (``check``): every array, chunk and chunk digest present and
+    matching (``kdpipe.artifacts.integrity.check_store``; no decoding, one small read per chunk).
     """
     path = _path(path)
     if not store_exists(path):
@@ -31,7 +34,26 @@ def open_store(path, allow_incomplete: bool = False) -> "StoreReader":
     reader = StoreReader(path, _open_group(path, "r"))
     if not allow_incomplete:
         reader.require_complete()
+        if check:
+            reader.refuse_damage()
     return reader
+
+
+#: Manifest keys readers rely on, and the JSON type each must have.
+_MANIFEST_TYPES = {"teacher": dict, "dataset": dict, "views": dict, "arrays": dict, "targets": dict,
+                   "shard_size": int, "num_shards": int, "complete": bool}
+_DATASET_TYPES = {"num_samples": int, "num_classes": int}
+
+
+def _check_manifest(path: str, m: dict) -> None:
+    for key, kind in _MANIFEST_TYPES.items():
+        if key in m and not isinstance(m[key], kind):
+            raise StoreError(f"The store at {path} has a damaged manifest ({key} is {type(m[key]).__name__}, "
+                             f"not {kind.__name__}); re-extract it.")
+    for key, kind in _DATASET_TYPES.items():
+        value = (m.get("dataset") or {}).get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise StoreError(f"The store at {path} has a damaged manifest (dataset.{key} is {value!r}); re-extract it.")
 
 
 class StoreReader:
@@ -46,6 +68,7 @@ class StoreReader:
         if m.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"The store at {path} has schema version {m.get('schema_version')}, "
                              f"this kdpipe reads version {SCHEMA_VERSION}; re-extract it.")
+        _check_manifest(path, m)
         self.manifest = dict(m)
         self._arrays: dict = {}
 
@@ -55,16 +78,56 @@ class StoreReader:
     # ----- arrays --------------------------------------------------------------------------
 
     def has(self, name: str) -> bool:
-        return name in self.group and hasattr(self.group[name], "shape")
+        try:
+            return name in self.group and hasattr(self.group[name], "shape")
+        except Exception:  # noqa: BLE001 - damaged metadata: refused when the array is read
+            return True
+
+    # ----- integrity -----------------------------------------------------------------------
+
+    def checked_arrays(self) -> list[str]:
+        """Every array integrity covers: the extraction's and the complete target sets'."""
+        names = list((self.manifest.get("arrays") or {}))
+        for target in self.target_sets():
+            for short, entry in ((self.manifest["targets"][target].get("arrays")) or {}).items():
+                if entry.get("checked", True):
+                    names.append(f"{TARGETS_GROUP}/{target}/{short}")
+        return names
+
+    def damage(self, decode: bool = False) -> list:
+        """Damaged arrays and chunks (``kdpipe.artifacts.integrity``); ``decode`` reads every
+        chunk too (``inspect --verify``)."""
+        fn = verify_store if decode else check_store
+        try:
+            return fn(self.group, self.path, self.checked_arrays())
+        except StoreError:
+            raise
+        except Exception as err:  # noqa: BLE001 - damaged metadata of an array
+            raise StoreError(f"The store at {self.path} cannot be checked ({type(err).__name__}: {err}); its "
+                             "metadata is damaged: re-extract it.") from None
+
+    def refuse_damage(self) -> "StoreReader":
+        """One sentence for the first damaged chunk, with the count of all of them."""
+        found = self.damage()
+        if found:
+            more = f" ({len(found)} damaged in all; `kdpipe inspect {self.path} --verify` lists them)" \
+                if len(found) > 1 else ""
+            raise StoreError(found[0].sentence(self.path) + more + "; re-extract or re-cluster it.")
+        return self
 
     def array(self, name: str):
-        """The zarr array `name` (e.g. "logits", "cam_r2", "feat/penult", "targets/T/subclass_scores")."""
+        """The array `name` (e.g. "logits", "cam_r2", "feat/penult", "targets/T/subclass_scores"):
+        a zarr array whose reads turn a damaged chunk into one sentence (``CheckedArray``)."""
         arr = self._arrays.get(name)
         if arr is None:
             if not self.has(name):
                 known = ", ".join(self.array_names()) or "none"
                 raise StoreError(f"The store at {self.path} has no array {name} (it has: {known}).")
-            arr = self.group[name]
+            try:
+                arr = CheckedArray(self.group[name], name, self.path)
+            except Exception as err:  # noqa: BLE001 - a garbage zarr.json of the array
+                raise StoreError(f"The store array {name} at {self.path} cannot be opened ({type(err).__name__}); "
+                                 "its metadata is damaged: re-extract the store.") from None
             self._arrays[name] = arr
         return arr
 

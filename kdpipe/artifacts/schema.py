@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: every view by default, identity-view features [N, 1, ...], typed target sets, chunk
+# checksums and digests (kdpipe.artifacts.integrity).
+SCHEMA_VERSION = 2
 MANIFEST_ATTR = "kdpipe"
 SHARDS_DONE = "shards_done"
 TARGETS_GROUP = "targets"
@@ -55,11 +57,12 @@ MEANINGS = {
 
 
 def compressors(dtype) -> list:
-    """The zarr v3 compressor list for an array of `dtype`: Blosc zstd with byte shuffle."""
-    from zarr.codecs import BloscCodec
+    """The zarr v3 compressor list for an array of `dtype`: Blosc zstd with byte shuffle, then
+    a crc32c checksum of the encoded chunk (``kdpipe.artifacts.integrity``)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
     return [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle="shuffle",
-                       typesize=np.dtype(dtype).itemsize)]
+                       typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
 
 
 def chunk_rows(shard_size: int, row_bytes: int, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> int:

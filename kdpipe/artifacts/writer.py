@@ -41,6 +41,7 @@ import shutil
 import numpy as np
 
 from kdpipe.errors import StoreError
+from kdpipe.artifacts.integrity import ARRAY_CONFIG, digest_name, num_chunks, record_digests
 from kdpipe.artifacts.schema import (
     MANIFEST_ATTR, SCHEMA_VERSION, SHARDS_DONE, TARGETS_GROUP, ArraySpec, compressors, same_plan,
 )
@@ -111,6 +112,28 @@ def remove_store(path) -> None:
         shutil.rmtree(path)
 
 
+def _empty_folder(path: str) -> bool:
+    return "://" not in path and os.path.isdir(path) and not os.listdir(path)
+
+
+def existing_store(path) -> bool:
+    """True when a kdpipe store is at ``path``; False when nothing or an empty folder is; a
+    file, or a folder holding something else, is one sentence (never a store to write over)."""
+    path = _path(path)
+    if not store_exists(path) or _empty_folder(path):
+        return False
+    if read_manifest(path) is not None:
+        return True
+    if "://" not in path and os.path.isfile(path):
+        raise StoreError(f"{path} is a file, not a store; choose another --out.")
+    raise StoreError(f"{path} is a folder with other contents, not a kdpipe store; choose another --out "
+                     "(kdpipe never deletes what it did not write).")
+
+
+def _refuse_foreign(path: str) -> None:
+    existing_store(path)
+
+
 def _check_numeric(name: str, data: np.ndarray) -> np.ndarray:
     data = np.asarray(data)
     if data.dtype.kind not in "biuf":
@@ -123,6 +146,12 @@ def _check_json(what: str, obj) -> None:
         json.dumps(obj, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise StoreError(f"{what} must be plain JSON (no NaN, no objects): {err}.") from None
+
+
+def _create_digests(group, name: str, arr) -> None:
+    """The digest array of ``name``: one int64 per chunk, -1 until the chunk is written."""
+    group.create_array(digest_name(name), shape=(num_chunks(arr),), chunks=(1,), dtype="int64", fill_value=-1,
+                       compressors=None, overwrite=True)
 
 
 class StoreWriter:
@@ -141,7 +170,8 @@ class StoreWriter:
         import zarr
 
         path = _path(path)
-        if store_exists(path):
+        _refuse_foreign(path)
+        if store_exists(path) and not _empty_folder(path):
             if not overwrite:
                 raise StoreError(f"A store already exists at {path}; pass --overwrite to replace it "
                                  "or --resume to continue it.")
@@ -150,8 +180,10 @@ class StoreWriter:
         for spec in specs:
             if not spec.chunks:
                 raise ValueError(f"array spec {spec.name} has no chunks")
-            group.create_array(spec.name, shape=tuple(spec.shape), chunks=tuple(spec.chunks),
-                               dtype=spec.dtype, compressors=compressors(spec.dtype), fill_value=0)
+            arr = group.create_array(spec.name, shape=tuple(spec.shape), chunks=tuple(spec.chunks),
+                                     dtype=spec.dtype, compressors=compressors(spec.dtype), fill_value=0,
+                                     config=ARRAY_CONFIG)
+            _create_digests(group, spec.name, arr)
         n_shards = int(manifest["num_shards"])
         group.create_array(SHARDS_DONE, shape=(n_shards,), chunks=(1,), dtype="uint8",
                            compressors=None, fill_value=0)
@@ -216,17 +248,23 @@ class StoreWriter:
         arr = self._arrays.get(name)
         if arr is None:
             try:
-                arr = self.group[name]
+                # zarr does not persist write_empty_chunks: ask for it on every handle that writes
+                arr = self.group[name].with_config(ARRAY_CONFIG)
             except KeyError:
                 raise StoreError(f"The store at {self.path} has no array {name}.") from None
             self._arrays[name] = arr
         return arr
 
     def write_rows(self, name: str, start: int, data) -> None:
-        """Write `data` into rows [start, start + len(data)) of array `name` (chunk-aligned)."""
+        """Write `data` into rows [start, start + len(data)) of array `name` (chunk-aligned) and
+        record the digests of the chunks written (``kdpipe.artifacts.integrity``)."""
         data = _check_numeric(name, data)
         arr = self.array(name)
-        arr[start:start + data.shape[0]] = data.astype(arr.dtype, copy=False)
+        stop = start + data.shape[0]
+        arr[start:stop] = data.astype(arr.dtype, copy=False)
+        if digest_name(name) in self.group and stop > start:
+            rows = int(arr.chunks[0])
+            record_digests(self.group, self.path, name, start // rows, (stop - 1) // rows)
 
     def mark_shard_done(self, shard_id: int, array: str = SHARDS_DONE) -> None:
         """Mark shard ``shard_id`` written in the done array (extraction's ``shards_done``, or a
@@ -259,8 +297,9 @@ class StoreWriter:
         return targets.setdefault(target, {"arrays": {}, "attrs": {}, "complete": False})
 
     def create_target_array(self, target: str, name: str, shape, dtype, chunk_rows: int | None = None,
-                            meaning: str = ""):
-        """Create an empty array targets/<target>/<name> (chunked along axis 0) for row writes."""
+                            meaning: str = "", checked: bool = True):
+        """Create an empty array targets/<target>/<name> (chunked along axis 0) for row writes;
+        ``checked`` arrays get chunk digests (control arrays such as shards_done do not)."""
         dtype = np.dtype(dtype)
         if dtype.kind not in "biuf":
             raise StoreError(f"Target array {name} must be numeric, not {dtype}.")
@@ -270,12 +309,16 @@ class StoreWriter:
         full = f"{TARGETS_GROUP}/{target}/{name}"
         m = self.manifest
         entry = self._target_entry(m, target)
-        if full in self.group:
-            del self.group[full]
+        for old in (full, digest_name(full)):
+            if old in self.group:
+                del self.group[old]
         arr = self.group.create_array(full, shape=shape, chunks=chunks or None, dtype=dtype,
-                                      compressors=compressors(dtype), fill_value=0)
+                                      compressors=compressors(dtype), fill_value=0, config=ARRAY_CONFIG)
+        if checked:
+            _create_digests(self.group, full, arr)
+        arr = arr.with_config(ARRAY_CONFIG)
         entry["arrays"][name] = {"shape": list(shape), "dtype": dtype.name, "meaning": meaning,
-                                 "chunks": list(chunks)}
+                                 "chunks": list(chunks), "checked": bool(checked)}
         entry["complete"] = False
         self.update_manifest(targets=m["targets"])
         self._arrays[full] = arr
@@ -286,7 +329,7 @@ class StoreWriter:
         """Write a whole array targets/<target>/<name> (replacing one of that name)."""
         data = _check_numeric(name, data)
         arr = self.create_target_array(target, name, data.shape, data.dtype, chunk_rows, meaning)
-        arr[...] = data
+        self.write_rows(f"{TARGETS_GROUP}/{target}/{name}", 0, data.reshape(data.shape or (1,)))
         return arr
 
     def set_target_attrs(self, target: str, attrs: dict) -> None:
@@ -310,8 +353,9 @@ class StoreWriter:
     def delete_target_set(self, target: str) -> None:
         m = self.manifest
         full = f"{TARGETS_GROUP}/{target}"
-        if full in self.group:
-            del self.group[full]
+        for old in (full, digest_name(full)):
+            if old in self.group:
+                del self.group[old]
         m.setdefault("targets", {}).pop(target, None)
         self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(full + "/")}
         self.update_manifest(targets=m["targets"])
@@ -323,8 +367,9 @@ class StoreWriter:
         for name in names:
             if name == SHARDS_DONE or name.startswith(TARGETS_GROUP + "/"):
                 raise StoreError(f"{name} cannot be dropped with delete_arrays.")
-            if name in self.group:
-                del self.group[name]
+            for old in (name, digest_name(name)):
+                if old in self.group:
+                    del self.group[old]
             if m["arrays"].pop(name, None) is not None:
                 dropped.append(name)
             if name.startswith("feat/"):

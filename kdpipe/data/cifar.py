@@ -67,10 +67,34 @@ def _expectation(kind: str) -> str:
             "(the python version from the CIFAR page)")
 
 
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle named a global that CIFAR files never use."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR's python pickles and nothing else: a pickle may name any importable global,
+    and loading calls it, so only the few globals the format uses (numpy arrays and their
+    dtypes; dicts, lists, bytes, str and int need none) are admitted."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # protocol 2 pickles spell bytes this way
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise ForbiddenGlobal(f"it names {module}.{name}, which a CIFAR file never does (refused, not run)")
+
+
 def _read_pickle(kind: str, path: str) -> dict:
     try:
         with open(path, "rb") as handle:
-            content = pickle.load(handle, encoding="bytes")
+            content = CifarUnpickler(handle, encoding="bytes").load()
+    except ForbiddenGlobal as error:
+        raise DataError(f"{_expectation(kind)}; {path} is not a CIFAR pickle: {error}.") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             ImportError, IndexError, KeyError, UnicodeDecodeError) as error:
         raise DataError(f"{_expectation(kind)}; {path} is not a readable CIFAR pickle "

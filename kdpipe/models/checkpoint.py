@@ -43,8 +43,8 @@ def _first_line(exc: BaseException) -> str:
     """The informative line of an exception message, without terminal colour codes."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
     lines = [line for line in lines if line]
-    for line in lines:  # torch's weights-only refusal puts the reason on this line
-        if line.startswith("WeightsUnpickler error:"):
+    for line in lines:  # torch's weights-only refusal names the forbidden global on one of these
+        if line.startswith("WeightsUnpickler error:") or "GLOBAL" in line:
             return line
     return lines[0] if lines else ""
 

@@ -447,7 +447,8 @@ def _assign_arrays(plan: ClusterPlan, record: TargetSet) -> None:
             shape = (n, v, hp, wp, k) if short.startswith("penult") else (n, v, hi, wi)
             w.create_target_array(name, short, shape, stored.dtype, rows_p if short.startswith("penult") else rows_i,
                                   stored.meaning)
-    w.create_target_array(name, "shards_done", (num_shards,), "uint8", 1, "assignment pass: shards finished")
+    w.create_target_array(name, "shards_done", (num_shards,), "uint8", 1, "assignment pass: shards finished",
+                          checked=False)
     w.create_target_array(name, "retained_mass", (num_shards, 3), "float64", 1,
                           "per shard: min, sum and count of the retained top-k mass")
 

@@ -70,7 +70,14 @@ def _from_run_dir(path: Path, arch, data, load_dataset):
     from kdpipe.pipeline.rundir import RunDir
 
     run = RunDir.open(path)
-    cfg = run.config
+    try:
+        cfg = run.config
+    except ValueError:
+        raise CheckpointError(f"The run directory {path} has a damaged config.json; pass a .pth with --arch and "
+                              "--data.") from None
+    own = cfg.get("arch") if cfg.get("stage") == "train-teacher" else cfg.get("student")
+    if arch is not None and own is not None and str(arch) != str(own):
+        raise CheckpointError(f"The run directory {path} holds a {own}, not a {arch}; drop --arch or name the run's.")
     if cfg.get("stage") == "train-teacher":
         from kdpipe.stages.teacher import teacher_checkpoint_path
 

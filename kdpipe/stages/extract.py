@@ -111,7 +111,7 @@ def auto_shard_size(bytes_per_sample: int, num_samples: int) -> int:
 
 
 def _check_arguments(cfg: ExtractConfig) -> ExtractConfig:
-    from kdpipe.artifacts import store_exists
+    from kdpipe.artifacts import existing_store
 
     cfg.features = parse_features(cfg.features)
     sizes, native = parse_cam_res(cfg.cam_res)
@@ -124,7 +124,7 @@ def _check_arguments(cfg: ExtractConfig) -> ExtractConfig:
     if int(cfg.batch_size) < 1:
         raise KdpipeError(f"--batch-size must be at least 1, not {cfg.batch_size}.")
     cfg.out = os.fspath(cfg.out)
-    exists = store_exists(cfg.out)
+    exists = existing_store(cfg.out)
     if exists and not (cfg.overwrite or cfg.resume):
         raise StoreError(f"A store already exists at {cfg.out}; pass --overwrite to replace it or --resume "
                          "to continue it.")

@@ -182,9 +182,44 @@ def _store_policy(reader, dataset):
     return with_pad_mode(dataset.policy, (reader.manifest.get("views") or {}).get("pad_mode"))
 
 
+def picture_path(png) -> str:
+    """Where a picture goes: the path as given (its folder made when missing), ``.png`` added
+    when it has no extension; an extension matplotlib cannot write is one sentence."""
+    import os
+
+    from matplotlib.figure import Figure
+
+    path = os.fspath(png)
+    root, ext = os.path.splitext(path)
+    formats = Figure().canvas.get_supported_filetypes()
+    if not ext:
+        path = root + ".png"
+    elif ext[1:].lower() not in formats:
+        raise KdpipeError(f"--png {png}: matplotlib cannot write .{ext[1:]} pictures; use one of "
+                          f"{', '.join(sorted(formats))}.")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise KdpipeError(f"--png {png}: the folder {folder} cannot be made ({err.strerror}).") from None
+    return path
+
+
+def verify_report(reader, verbose: bool = True) -> list:
+    """Decode every chunk of every array; print and return each damaged one."""
+    damage = reader.damage(decode=True)
+    if verbose:
+        if not damage:
+            print(f"verify      every chunk of {len(reader.checked_arrays())} arrays is present, in place and decodes")
+        for d in damage:
+            where = f"chunk {d.chunk} (samples {d.first}..{d.last})" if d.chunk is not None else "whole array"
+            print(f"DAMAGED     {d.array} {where}: {d.what}")
+    return damage
+
+
 def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: str | None = None,
                   fidelity: bool = False, teacher=None, data=None, num_samples: int = 256, device=None,
-                  verbose: bool = True) -> dict:
+                  verify: bool = False, verbose: bool = True) -> dict:
     """Print the store's description; optionally draw CAMs / sub-classes or measure the fidelity
     of its targets (warp for a 1-view store, replay otherwise) against the online teacher.
 
@@ -192,8 +227,14 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
     """
     from kdpipe.artifacts import open_store
 
+    for value, option in ((cams, "--cams"), (subclasses, "--subclasses")):
+        if value is not None and int(value) < 0:
+            raise KdpipeError(f"{option} takes a number of images (0 or more), not {value}.")
+    if fidelity and int(num_samples) < 1:
+        raise KdpipeError(f"--num-samples must be at least 1, not {num_samples}.")
     if (cams or subclasses) and not png:
         raise KdpipeError("--cams and --subclasses draw a picture: pass --png PATH for it.")
+    png = picture_path(png) if png else None
     if cams and subclasses:
         raise KdpipeError("Pass either --cams or --subclasses, one picture per call.")
     if fidelity and not teacher:
@@ -202,7 +243,9 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
     text = describe(reader)
     if verbose:
         print(text)
-    result = {"text": text, "png": None, "fidelity": None}
+    result = {"text": text, "png": None, "fidelity": None, "damage": None}
+    if verify:
+        result["damage"] = verify_report(reader, verbose)
     if (cams or subclasses or fidelity) and not reader.is_complete():
         reader.require_complete()
     if cams:
