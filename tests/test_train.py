@@ -93,7 +93,8 @@ def test_subset_fraction_trains_on_a_stratified_subset(store, tmp_path):
 def _losses(store, tmp_path, method, online):
     seen = []
     opts = {"beta": 1.0} if method == "cat_kd" else {}
-    train_student(store["path"], tmp_path, method=method, method_options=opts,
+    # the linear head: the CAM head's larger initial CAMs make this toy chaotic within 4 steps
+    train_student(store["path"], tmp_path, method=method, method_options=opts, head="linear",
                   online_teacher=store["teacher"] if online else None, online_views="replay",
                   on_step=lambda e, i, loss, parts: seen.append(float(loss)), epochs=5, batch_size=8, lr=0.002)
     return np.array(seen[:20])

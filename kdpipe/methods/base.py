@@ -25,7 +25,8 @@ import torch
 
 from kdpipe.errors import KdpipeError
 
-__all__ = ["Method", "DEFAULT_TARGET_SET", "reference_recipe", "is_light_student", "loss_parts"]
+__all__ = ["Method", "DEFAULT_TARGET_SET", "reference_recipe", "is_light_student", "loss_parts",
+           "dataset_family", "RECIPE_DATASETS"]
 
 #: Name of the store's target set (``targets/<name>/``) used when none is given.
 DEFAULT_TARGET_SET = "default"
@@ -38,12 +39,31 @@ def is_light_student(student_arch: str) -> bool:
     return bool(_LIGHT.search(str(student_arch)))
 
 
-def reference_recipe(student_arch: str, nesterov: bool = False) -> dict:
-    """CIFAR-100 reference schedule of METHODS.md (CAT-KD / mdistiller and letKD alike).
+#: The data-set families whose reference recipes differ.
+RECIPE_DATASETS = ("cifar", "imagenet", "tinyimagenet")
 
-    SGD, momentum 0.9, weight decay 5e-4, batch 64, 240 epochs, lr x0.1 at 150/180/210;
-    lr 0.05, or 0.01 for ShuffleNet/MobileNet students; Nesterov momentum for letKD.
+
+def dataset_family(data_spec: str | None) -> str:
+    """"imagenet" for ImageFolder data, "cifar" for CIFAR, digits and synthetic (32x32)."""
+    return "imagenet" if str(data_spec or "").split(":", 1)[0].strip().lower() == "imagefolder" else "cifar"
+
+
+def reference_recipe(student_arch: str, nesterov: bool = False, dataset: str = "cifar") -> dict:
+    """The references' schedules (docs/METHODS.md).
+
+    CIFAR-100 (mdistiller configs/cifar100/*.yaml, CAT-KD configs/cifar100/CAT_KD/*.yaml,
+    letKD supplement "Training details"): SGD, momentum 0.9, weight decay 5e-4, batch 64, 240
+    epochs, lr x0.1 at 150/180/210; lr 0.05, or 0.01 for ShuffleNet/MobileNet students;
+    Nesterov momentum for letKD. ImageNet (mdistiller configs/imagenet/r34_r18/kd.yaml and
+    CAT-KD configs/imagenet/CAT-KD/r50_mv2.yaml): batch 512, lr 0.2, weight decay 1e-4, 100
+    epochs, lr x0.1 at 30/60/90. Tiny-ImageNet trains as CIFAR-100 does (letKD supplement:
+    "For CIFAR-100 and Tiny-ImageNet, we trained for 240 epochs ...").
     """
+    if dataset not in RECIPE_DATASETS:
+        raise KdpipeError(f"The recipe must be one of {', '.join(RECIPE_DATASETS)}, not {dataset!r}.")
+    if dataset == "imagenet":
+        return {"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": bool(nesterov), "weight_decay": 1e-4,
+                "batch_size": 512, "epochs": 100, "milestones": [30, 60, 90], "lr_decay": 0.1}
     return {
         "optimizer": "sgd",
         "lr": 0.01 if is_light_student(student_arch) else 0.05,
@@ -70,6 +90,7 @@ class Method:
 
     def __init__(self, **options):
         self.options = dict(options)
+        self.dataset = "cifar"  # the data-set family the recipe and pair defaults follow
 
     def _bad_option(self, option: str, value, expected: str):
         raise KdpipeError(
@@ -92,9 +113,11 @@ class Method:
     def needs_target_set(self) -> bool:
         return any(k.needs_target_set for k in self.kinds())
 
-    def bind(self, teacher_arch: str | None = None, student_arch: str | None = None):
-        """Tell the method the teacher and student architectures (options that depend on
-        the pair, e.g. CAT-KD's normalisation rule, resolve here). Returns self."""
+    def bind(self, teacher_arch: str | None = None, student_arch: str | None = None, dataset: str = "cifar"):
+        """Tell the method the teacher and student architectures and the data-set family
+        (options that depend on them, e.g. CAT-KD's normalisation rule, resolve here). Returns
+        self."""
+        self.dataset = dataset
         return self
 
     def prepare_student(self, student, target_set=None):
@@ -106,4 +129,4 @@ class Method:
         raise NotImplementedError
 
     def recipe(self, student_arch: str) -> dict:
-        return reference_recipe(student_arch, nesterov=False)
+        return reference_recipe(student_arch, nesterov=False, dataset=self.dataset)

@@ -152,28 +152,47 @@ def should_normalize(teacher_arch: str, student_arch: str) -> bool:
     return arch_family(teacher_arch) != arch_family(student_arch)
 
 
-# Beta of the reference's CIFAR-100 configs (teacher, student) -> beta; resolution is the
-# configs' CAM_RESOLUTION (2 unless listed).
-_REFERENCE_BETA = {
-    ("resnet110", "resnet32"): 1.8, ("resnet56", "resnet20"): 0.7,
-    ("resnet32x4", "resnet8x4"): 15.0, ("resnet32x4", "ShuffleV1"): 600.0,
-    ("resnet32x4", "ShuffleV2"): 600.0, ("ResNet50", "MobileNetV2"): 40.0,
-    ("vgg13", "MobileNetV2"): 15.0, ("vgg13", "vgg8"): 4.5,
-    ("wrn_40_2", "ShuffleV1"): 80.0, ("wrn_40_2", "wrn_16_2"): 12.0,
-    ("wrn_40_2", "wrn_40_1"): 1.5,
+# (teacher, student) -> (beta, CAM resolution) of the reference's CIFAR-100 configs
+# (GzyAftermath/CAT-KD configs/cifar100/CAT_KD/<file>); normalisation follows the rule above,
+# which every one of these files obeys (IF_NORMALIZE).
+_CIFAR_PAIRS = {
+    ("resnet110", "resnet32"): (1.8, 2),      # res110_res32.yaml
+    ("resnet56", "resnet20"): (0.7, 2),       # res56_res20.yaml
+    ("resnet32x4", "resnet8x4"): (15.0, 2),   # res32x4_res8x4.yaml
+    ("resnet32x4", "ShuffleV1"): (600.0, 4),  # res32x4_shuv1.yaml
+    ("resnet32x4", "ShuffleV2"): (600.0, 4),  # res32x4_shuv2.yaml
+    ("ResNet50", "MobileNetV2"): (40.0, 2),   # res50_mv2.yaml
+    ("vgg13", "MobileNetV2"): (15.0, 2),      # vgg13_mv2.yaml
+    ("vgg13", "vgg8"): (4.5, 2),              # vgg13_vgg8.yaml
+    ("wrn_40_2", "ShuffleV1"): (80.0, 4),     # wrn40_2_shuv1.yaml
+    ("wrn_40_2", "wrn_16_2"): (12.0, 2),      # wrn_40_2_wrn_16_2.yaml
+    ("wrn_40_2", "wrn_40_1"): (1.5, 2),       # wrn_40_2_wrn_40_1.yaml
 }
-_REFERENCE_RESOLUTION = {
-    ("resnet32x4", "ShuffleV1"): 4, ("resnet32x4", "ShuffleV2"): 4, ("wrn_40_2", "ShuffleV1"): 4,
+# ImageNet (configs/imagenet/CAT-KD/r34_r18.yaml, r50_mv2.yaml), kdpipe's torchvision names.
+_IMAGENET_PAIRS = {
+    ("imagenet_resnet34", "imagenet_resnet18"): (0.5, 4),
+    ("imagenet_resnet50", "imagenet_mobilenet_v2"): (10.0, 2),
 }
+#: beta when no reference config exists for the pair (RN32x4 -> RN8x4's; tune it so the CAT
+#: loss sits near 1..50 after the first epoch, as the authors advise).
 DEFAULT_BETA = 15.0
+#: CAT without CE (the appendix's CAT experiments, configs/cifar100/CAT/**): CAMs normalised,
+#: beta 50 (CAT/res32x4_res32x4.yaml, CAT_Dataset_Reduction) or 300 with binarisation or a
+#: class selection (CAT_Binarization, CAT_Only_Transfer_Certain_Classes).
+CAT_ONLY_BETA = 50.0
+CAT_ONLY_BETA_MASKED = 300.0
 
 
-def reference_settings(teacher_arch: str, student_arch: str) -> dict:
-    """beta, resolution and normalize of the reference's config for this pair (CIFAR-100);
-    beta is None for a pair the reference has no config for."""
+def reference_settings(teacher_arch: str, student_arch: str, dataset: str = "cifar", cat_only: bool = False,
+                       masked: bool = False) -> dict:
+    """beta, resolution and normalize of the reference's config for this setting: the pair's
+    CAT-KD config, or the CAT (no CE) rules; beta None where the reference has no config."""
     pair = (str(teacher_arch), str(student_arch))
-    return {"beta": _REFERENCE_BETA.get(pair), "resolution": _REFERENCE_RESOLUTION.get(pair, 2),
-            "normalize": should_normalize(*pair)}
+    if cat_only:
+        return {"beta": CAT_ONLY_BETA_MASKED if masked else CAT_ONLY_BETA, "resolution": 2, "normalize": True}
+    table = _IMAGENET_PAIRS if dataset == "imagenet" else _CIFAR_PAIRS
+    beta, resolution = table.get(pair, (None, 2))
+    return {"beta": beta, "resolution": resolution, "normalize": should_normalize(*pair)}
 
 
 # --------------------------------------------------------------------------- method
@@ -182,10 +201,11 @@ class CatKD(Method):
 
     Options:
         beta: CAT weight. None: the reference config's beta for the bound pair (``bind``),
-            else ``DEFAULT_BETA`` (15, RN32x4->RN8x4).
-        resolution: r (default 2; the reference's ShuffleNet configs use 4).
-        normalize: True / False, or None for the architecture rule (``should_normalize``),
-            resolved by ``bind(teacher_arch, student_arch)``.
+            CAT-only's 50 / 300 with ``ce_weight`` 0, else ``DEFAULT_BETA`` (15).
+        resolution: r. None: the pair's reference resolution (4 for the ShuffleNet pairs and
+            ResNet34 -> ResNet18 on ImageNet), else 2.
+        normalize: True / False, or None: the architecture rule (``should_normalize``) for
+            CAT-KD, always for CAT only (``ce_weight`` 0), as the reference configs do.
         ce_weight: 1.0; 0 means "CAT only" (CE not computed).
         binarize: binarise the teacher CAM before pooling (needs the native ``cam``).
         top_n / bottom_n: transfer only the CAMs of the teacher's n top / bottom classes
@@ -194,7 +214,7 @@ class CatKD(Method):
 
     name = "cat_kd"
 
-    def __init__(self, beta: float | None = None, resolution: int = 2,
+    def __init__(self, beta: float | None = None, resolution: int | None = None,
                  normalize: bool | None = None, ce_weight: float = 1.0,
                  binarize: bool = False, top_n: int | None = None,
                  bottom_n: int | None = None, teacher_arch: str | None = None,
@@ -202,7 +222,7 @@ class CatKD(Method):
         super().__init__()
         if beta is not None and not float(beta) >= 0:
             self._bad_option("beta", beta, "a non-negative number")
-        if int(resolution) < 1 or int(resolution) != float(resolution):
+        if resolution is not None and (int(resolution) < 1 or int(resolution) != float(resolution)):
             self._bad_option("resolution", resolution, "a positive integer")
         if float(ce_weight) < 0:
             self._bad_option("ce_weight", ce_weight, "a non-negative number")
@@ -213,7 +233,7 @@ class CatKD(Method):
                 self._bad_option(opt, v, "a positive integer")
         self.options = {
             "beta": None if beta is None else float(beta),
-            "resolution": int(resolution),
+            "resolution": None if resolution is None else int(resolution),
             "normalize": None if normalize is None else bool(normalize),
             "ce_weight": float(ce_weight),
             "binarize": bool(binarize),
@@ -226,20 +246,32 @@ class CatKD(Method):
             self.bind(teacher_arch, student_arch)
 
     # --------------------------------------------------------------- resolution
-    def bind(self, teacher_arch: str | None = None, student_arch: str | None = None):
-        """Resolve the options that depend on the pair (normalize None, beta None)."""
+    def bind(self, teacher_arch: str | None = None, student_arch: str | None = None, dataset: str = "cifar"):
+        """Resolve the options left None from the reference's config for the pair (or the
+        CAT-only rules): normalize, beta, resolution."""
+        self.dataset = dataset
         o = self.options
         if teacher_arch is not None:
             o["teacher_arch"] = str(teacher_arch)
         if student_arch is not None:
             o["student_arch"] = str(student_arch)
+        cat_only = o["ce_weight"] == 0
         if o["teacher_arch"] is not None and o["student_arch"] is not None:
-            ref = reference_settings(o["teacher_arch"], o["student_arch"])
-            if o["normalize"] is None:
-                o["normalize"] = ref["normalize"]
+            ref = reference_settings(o["teacher_arch"], o["student_arch"], dataset, cat_only,
+                                     masked=bool(o["binarize"] or self.selection))
+            for key in ("normalize", "resolution"):
+                if o[key] is None:
+                    o[key] = ref[key]
             if o["beta"] is None:
                 o["beta"] = ref["beta"] if ref["beta"] is not None else DEFAULT_BETA
+        elif cat_only and o["normalize"] is None:
+            o["normalize"] = True
         return self
+
+    @property
+    def resolution(self) -> int:
+        """r: the option, or 2 until a pair is bound."""
+        return self.options["resolution"] if self.options["resolution"] is not None else 2
 
     @property
     def selection(self) -> tuple[str, int] | None:
@@ -253,7 +285,7 @@ class CatKD(Method):
     def kinds(self) -> list:
         """The CAM pooled to r (native when binarising: the threshold is over the native
         cells), plus the logits when only the teacher's top-n / bottom-n classes transfer."""
-        cam = NativeCam() if self.options["binarize"] else Cam(self.options["resolution"])
+        cam = NativeCam() if self.options["binarize"] else Cam(self.resolution)
         return [cam, Logits()] if self.selection else [cam]
 
     # --------------------------------------------------------------------- loss
@@ -274,7 +306,7 @@ class CatKD(Method):
             mask = select_classes(targets["logits"], sel[1], sel[0])
             teacher_cam = gather_classes(teacher_cam, mask)
             student_cam = gather_classes(student_cam, mask)
-        cat = cat_loss(student_cam, teacher_cam, o["resolution"], normalize)
+        cat = cat_loss(student_cam, teacher_cam, self.resolution, normalize)
         total = beta * cat
         if o["ce_weight"] > 0:
             ce = F.cross_entropy(logits, labels)
@@ -283,4 +315,4 @@ class CatKD(Method):
         return total, loss_parts(cat=cat, total=total)
 
     def recipe(self, student_arch: str) -> dict:
-        return reference_recipe(student_arch, nesterov=False)
+        return reference_recipe(student_arch, nesterov=False, dataset=self.dataset)

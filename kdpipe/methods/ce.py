@@ -22,4 +22,4 @@ class CE(Method):
         return ce, loss_parts(ce=ce, total=ce)
 
     def recipe(self, student_arch: str) -> dict:
-        return reference_recipe(student_arch, nesterov=False)
+        return reference_recipe(student_arch, nesterov=False, dataset=self.dataset)

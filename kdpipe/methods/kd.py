@@ -45,19 +45,29 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 class KD(Method):
     """CE on labels plus Hinton KD on the teacher's logits.
 
-    Options (mdistiller's defaults): ``temperature`` 4, ``ce_weight`` 0.1, ``kd_weight`` 0.9.
+    Options left None take mdistiller's values for the data set when bound: CIFAR-100
+    (mdistiller/engine/cfg.py CFG.KD) ``temperature`` 4, ``ce_weight`` 0.1, ``kd_weight`` 0.9;
+    ImageNet (configs/imagenet/r34_r18/kd.yaml) 1, 0.5, 0.5.
     Total = ce_weight * CE + kd_weight * kd_loss.
     """
 
     name = "kd"
+    REFERENCE = {"cifar": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
+                 "imagenet": {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5}}
 
-    def __init__(self, temperature: float = 4.0, ce_weight: float = 0.1,
-                 kd_weight: float = 0.9):
-        temperature = float(temperature)
-        if not temperature > 0:
+    def __init__(self, temperature: float | None = None, ce_weight: float | None = None,
+                 kd_weight: float | None = None):
+        if temperature is not None and not float(temperature) > 0:
             self._bad_option("temperature", temperature, "a positive number")
-        super().__init__(temperature=temperature, ce_weight=float(ce_weight),
-                         kd_weight=float(kd_weight))
+        given = {"temperature": temperature, "ce_weight": ce_weight, "kd_weight": kd_weight}
+        self._given = {k: float(v) for k, v in given.items() if v is not None}
+        super().__init__(**{**self.REFERENCE["cifar"], **self._given})
+
+    def bind(self, teacher_arch=None, student_arch=None, dataset: str = "cifar"):
+        """The data set's reference values for the options not given."""
+        self.dataset = dataset
+        self.options = {**self.REFERENCE[dataset], **self._given}
+        return self
 
     def kinds(self) -> list:
         return [Logits()]
@@ -70,4 +80,4 @@ class KD(Method):
         return total, loss_parts(ce=ce, kd=kd, total=total)
 
     def recipe(self, student_arch: str) -> dict:
-        return reference_recipe(student_arch, nesterov=False)
+        return reference_recipe(student_arch, nesterov=False, dataset=self.dataset)

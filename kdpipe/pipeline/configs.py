@@ -145,9 +145,18 @@ class StudentConfig:
     subset_seed: int = 0
     data_parallel: int = 1              # Ray Train workers (--gpus N); 1 = this process
     sync_bn: bool = False               # SyncBatchNorm across workers (CUDA); else per worker
+    head: str | None = None             # linear or cam; None: cam for cat_kd (the reference), else linear
+    milestones: list | None = None      # lr steps; None: the recipe's (scaled to the epochs)
+    lr_decay: float | None = None       # lr factor at each step; None: the recipe's (0.1)
+    recipe: str | None = None           # cifar, imagenet or tinyimagenet; None: from the data set
+    reserved_classes: int | None = None  # train on the first N classes only (CAT data reduction)
+    reserved_rate: float = 1.0          # ... and on this share of each class's samples
+    teacher_arch: str | None = None     # the teacher, where no store names it (--print-config)
 
     def __post_init__(self):
         self.method_options = dict(self.method_options or {})
+        if self.milestones is not None:
+            self.milestones = [int(m) for m in self.milestones]
 
     def with_absolute_paths(self) -> "StudentConfig":
         """The store, online teacher and data folder as absolute paths (Ray workers and resumed

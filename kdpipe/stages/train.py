@@ -38,17 +38,29 @@ from kdpipe.pipeline.configs import StudentConfig, resume_run
 from kdpipe.pipeline.paths import absolute_path
 from kdpipe.pipeline.rundir import RunDir
 
-__all__ = ["train_student", "resolve_student", "StudentSetup", "build_method", "build_student_from_config",
+__all__ = ["train_student", "resolve_student", "resolve_offline", "StudentSetup", "build_method", "build_student_from_config",
            "student_loss_fn", "make_target_source"]
 
 
-def build_method(method: str, method_options: dict | None, teacher_arch: str | None, student: str):
+def build_method(method: str, method_options: dict | None, teacher_arch: str | None, student: str,
+                 dataset: str = "cifar"):
     from kdpipe.methods import get_method
 
     m = get_method(method, **dict(method_options or {}))
+    m.dataset = dataset
     if teacher_arch:
-        m.bind(teacher_arch, student)
+        m.bind(teacher_arch, student, dataset)
     return m
+
+
+def resolved_head(cfg: StudentConfig, method) -> str:
+    """The student's classifier: the config's, else the CAT-KD reference's CAM head for cat_kd
+    (logits = GAP of a bias-free 1x1 conv, CAT-KD tools/train.py if_test) and mdistiller's
+    linear head otherwise."""
+    head = cfg.head or ("cam" if method.name == "cat_kd" else "linear")
+    if head not in ("linear", "cam"):
+        raise KdpipeError(f"--head must be linear or cam, not {head!r}.")
+    return head
 
 
 def build_student_from_config(saved: dict):
@@ -56,8 +68,9 @@ def build_student_from_config(saved: dict):
     from kdpipe.artifacts.target_set import TargetSet
     from kdpipe.models import build
 
-    m = build_method(saved["method"], saved.get("method_options"), saved.get("teacher_arch"), saved["student"])
-    model = build(saved["student"], num_classes=int(saved["num_classes"]))
+    m = build_method(saved["method"], saved.get("method_options"), saved.get("teacher_arch"), saved["student"],
+                     saved.get("recipe") or "cifar")
+    model = build(saved["student"], num_classes=int(saved["num_classes"]), head=saved.get("head") or "linear")
     record = saved.get("target_set")
     ts = TargetSet.from_json(record["name"], record, "the run's config.json") if record else None
     m.prepare_student(model, ts)
@@ -95,6 +108,8 @@ class StudentSetup:
             "data": cfg.data, "num_classes": self.train_set.num_classes,
             "dataset_fingerprint": self.train_set.fingerprint,
             "pad_mode": getattr(self.policy, "pad_mode", None),
+            "head": resolved_head(cfg, self.method), "recipe": recipe_family(cfg),
+            "reserved_classes": cfg.reserved_classes, "reserved_rate": cfg.reserved_rate,
             "subset_fraction": cfg.subset_fraction, "subset_seed": int(cfg.subset_seed),
             "train_samples": int(len(self.subset)) if self.subset is not None else len(self.train_set),
             "test_samples": len(self.test_set),
@@ -107,6 +122,10 @@ def _check_config(cfg: StudentConfig) -> None:
         raise KdpipeError(f"--views must be {' or '.join(VIEW_MODES)}, got {cfg.views!r}.")
     if cfg.online_views not in ONLINE_VIEWS:
         raise KdpipeError(f"--online-views must be {' or '.join(ONLINE_VIEWS)}, got {cfg.online_views!r}.")
+    if cfg.subset_fraction is not None and cfg.reserved_classes is not None:
+        raise KdpipeError("--subset-fraction and the reserved-classes reduction exclude each other.")
+    if cfg.reserved_classes is not None and (int(cfg.reserved_classes) < 1 or not 0 < float(cfg.reserved_rate) <= 1):
+        raise KdpipeError("The reserved-classes reduction needs at least 1 class and a rate in (0, 1].")
     if int(cfg.data_parallel) < 1:
         raise KdpipeError(f"--gpus must be at least 1, got {cfg.data_parallel}.")
     if cfg.subset_fraction is not None and not 0 < float(cfg.subset_fraction) <= 1:
@@ -118,6 +137,7 @@ def _check_config(cfg: StudentConfig) -> None:
 
 def _recipe(method, cfg: StudentConfig) -> dict:
     base = method.recipe(cfg.student)
+    base_milestones = [int(m) for m in base.get("milestones", (150, 180, 210))]
     r = {
         "epochs": int(cfg.epochs if cfg.epochs is not None else base["epochs"]),
         "lr": float(cfg.lr if cfg.lr is not None else base["lr"]),
@@ -125,7 +145,7 @@ def _recipe(method, cfg: StudentConfig) -> dict:
         "momentum": float(cfg.momentum if cfg.momentum is not None else base.get("momentum", 0.9)),
         "weight_decay": float(cfg.weight_decay if cfg.weight_decay is not None else base.get("weight_decay", 5e-4)),
         "nesterov": bool(cfg.nesterov if cfg.nesterov is not None else base.get("nesterov", False)),
-        "lr_decay": float(base.get("lr_decay", 0.1)),
+        "lr_decay": float(cfg.lr_decay if cfg.lr_decay is not None else base.get("lr_decay", 0.1)),
     }
     if r["epochs"] < 1:
         raise KdpipeError(f"--epochs must be at least 1, got {r['epochs']}.")
@@ -136,7 +156,8 @@ def _recipe(method, cfg: StudentConfig) -> dict:
     if r["batch_size"] % int(cfg.data_parallel):
         raise KdpipeError(f"The batch size {r['batch_size']} does not split over --gpus {cfg.data_parallel} workers; "
                           "choose a batch size that is a multiple of it.")
-    r["milestones"] = milestones(r["epochs"])
+    r["milestones"] = list(cfg.milestones) if cfg.milestones is not None else \
+        milestones(r["epochs"], base_milestones, int(base["epochs"]))
     return r
 
 
@@ -157,6 +178,41 @@ def _open_store(cfg: StudentConfig, method):
     return reader
 
 
+def recipe_family(cfg: StudentConfig) -> str:
+    from kdpipe.methods.base import dataset_family
+
+    return cfg.recipe or dataset_family(cfg.data)
+
+
+def reserved_subset(labels, classes: int, rate: float = 1.0):
+    """CAT-KD's data-reduction experiment (mdistiller/dataset/cifar100.py ``reduce``): the first
+    ``classes`` classes, the first ``rate`` share of each class's samples in index order (the
+    reference orders samples with numpy's unstable argsort; kdpipe keeps the stable order)."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    keep = []
+    for c in range(classes):
+        members = np.flatnonzero(labels == c)
+        keep.append(members[:int(len(members) * rate)])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def resolve_offline(cfg: StudentConfig) -> dict:
+    """The resolved settings of ``cfg`` from the config alone (no store, no data): the method
+    bound to ``cfg.teacher_arch`` and the student, and the recipe (``--print-config``)."""
+    _check_config(cfg)
+    method = build_method(cfg.method, cfg.method_options, cfg.teacher_arch, cfg.student, recipe_family(cfg))
+    r = _recipe(method, cfg)
+    return {"stage": "train-student", "config": dataclasses.asdict(cfg), "store": absolute_path(cfg.store),
+            "targets": cfg.targets, "teacher_arch": cfg.teacher_arch, "student": cfg.student,
+            "method": method.name, "method_options": dict(cfg.method_options),
+            "method_resolved": dict(method.options), **r, "views": cfg.views, "head": resolved_head(cfg, method),
+            "recipe": recipe_family(cfg), "data": cfg.data, "seed": int(cfg.seed),
+            "reserved_classes": cfg.reserved_classes, "reserved_rate": cfg.reserved_rate,
+            "subset_fraction": cfg.subset_fraction}
+
+
 def resolve_student(cfg: StudentConfig) -> StudentSetup:
     """Resolve and check ``cfg`` against its store, data set and recipe (no training)."""
     from kdpipe.data import load_dataset, subset_indices
@@ -172,8 +228,11 @@ def resolve_student(cfg: StudentConfig) -> StudentSetup:
     train_set = load_dataset(cfg.data, split)
     if reader is not None:
         reader.check_dataset(train_set)
-    teacher_arch = (reader.manifest.get("teacher") or {}).get("arch") if reader is not None else None
-    method = build_method(cfg.method, cfg.method_options, teacher_arch, cfg.student)
+    teacher_arch = (reader.manifest.get("teacher") or {}).get("arch") if reader is not None else cfg.teacher_arch
+    if reader is not None and cfg.teacher_arch not in (None, teacher_arch):
+        raise KdpipeError(f"The config names teacher {cfg.teacher_arch}, but the store at {reader.path} holds a "
+                          f"{teacher_arch}.")
+    method = build_method(cfg.method, cfg.method_options, teacher_arch, cfg.student, recipe_family(cfg))
     if cfg.online_teacher is not None and reader is not None:
         reader.check_teacher(cfg.online_teacher)
     target_set = None
@@ -183,6 +242,8 @@ def resolve_student(cfg: StudentConfig) -> StudentSetup:
     subset = None
     if cfg.subset_fraction is not None:
         subset = subset_indices(train_set.labels, float(cfg.subset_fraction), int(cfg.subset_seed))
+    if cfg.reserved_classes is not None:
+        subset = reserved_subset(train_set.labels, int(cfg.reserved_classes), float(cfg.reserved_rate))
     return StudentSetup(cfg=cfg, reader=reader, method=method, train_set=train_set,
                         test_set=load_dataset(cfg.data, "test"), teacher_arch=teacher_arch,
                         recipe=_recipe(method, cfg), policy=with_pad_mode(train_set.policy, pad_mode),
@@ -298,7 +359,7 @@ def _train_here(setup: StudentSetup, run, runtime: Runtime, resume: bool, worker
     if r["batch_size"] % workers.world_size:
         raise KdpipeError(f"The batch size {r['batch_size']} does not split over {workers.world_size} workers.")
     torch.manual_seed(cfg.seed)
-    model = build(cfg.student, num_classes=setup.train_set.num_classes)
+    model = build(cfg.student, num_classes=setup.train_set.num_classes, head=resolved_head(cfg, setup.method))
     model = (setup.method.prepare_student(model, setup.target_set) or model).to(dev)
     optimizer = make_optimizer(model, r["lr"], r["momentum"], r["weight_decay"], r["nesterov"])
     scheduler = make_scheduler(optimizer, r["epochs"], gamma=r["lr_decay"])
