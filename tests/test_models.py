@@ -5,6 +5,7 @@ Models are built once per session (the big ones dominate) and run on batches of 
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -361,3 +362,137 @@ def test_identify_architecture_from_listing():
     with torch.device("meta"):
         listing = models.state_listing(models.build("wrn_40_2", 10))
     assert models.identify_architecture(listing) == ("wrn_40_2", 10)
+
+
+# -- the CAT-KD reference student head (head="cam") ----------------------------------------
+
+CAM_LISTINGS = Path(__file__).parent / "data" / "catkd_cam_state_dicts.json"
+# one model per CIFAR family -> the reference's initialisation of its conv_test
+# (CAT-KD mdistiller/models/cifar/*.py, the *_test classes; see each family file)
+CAM_FAMILIES = {
+    "resnet8": "he_normal_fan_out", "ResNet18": "he_normal_fan_out", "wrn_16_1": "he_normal_fan_out",
+    "MobileNetV2": "he_normal_fan_out", "vgg8": "torch_default", "ShuffleV1": "torch_default",
+    "ShuffleV2": "torch_default",
+}
+_built_cam: dict[str, models.KDModel] = {}
+
+
+def cam_model(name: str) -> models.KDModel:
+    """The session's eval-mode head="cam" instance of `name`, BN statistics randomised."""
+    if name not in _built_cam:
+        torch.manual_seed(0)
+        model = models.build(name, NUM_CLASSES, head="cam")
+        _randomize_batchnorm(model)
+        _built_cam[name] = model.eval()
+    return _built_cam[name]
+
+
+@pytest.mark.parametrize("name", list(CAM_FAMILIES))
+def test_cam_head_logits_are_gap_of_the_bias_free_cam(name):
+    model = cam_model(name)
+    x = _images()
+    with torch.no_grad():
+        logits = model(x)
+        logits_ff, feats = model.forward_features(x)
+        independent = F.conv2d(feats["penult"], model.conv_test.weight).mean(dim=(2, 3))
+    assert model.head_kind == "cam"
+    assert set(feats) == {"inter", "penult", "cam"}
+    assert feats["cam"].shape == (2, NUM_CLASSES, *feats["penult"].shape[-2:])
+    torch.testing.assert_close(logits_ff, logits)
+    torch.testing.assert_close(feats["cam"].mean(dim=(2, 3)), logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(independent, logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CAM_FAMILIES))
+def test_cam_head_replaces_the_linear_layer(name):
+    with torch.device("meta"):
+        linear = models.build(name, NUM_CLASSES)
+        cam = models.build(name, NUM_CLASSES, head="cam")
+    head = cam.head()
+    assert isinstance(head, nn.Conv2d) and head is cam.conv_test
+    assert head.bias is None and head.kernel_size == (1, 1)
+    assert tuple(head.weight.shape) == (NUM_CLASSES, cam.penult_channels, 1, 1)
+    assert not any(isinstance(m, nn.Linear) for m in cam.modules())
+    head_name = next(n for n, m in linear.named_modules() if m is linear.head())
+    linear_keys = {f"{head_name}.weight", f"{head_name}.bias"}
+    expected = {k: s for k, s in models.state_listing(linear).items() if k not in linear_keys}
+    expected["conv_test.weight"] = (NUM_CLASSES, cam.penult_channels, 1, 1)
+    assert models.state_listing(cam) == expected
+    assert linear.head_kind == "linear" and isinstance(linear.head(), nn.Linear)
+
+
+@pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "vgg8", "MobileNetV2", "ShuffleV2"])
+def test_cam_head_state_dict_equals_catkd_reference(name):
+    reference = dict((k, tuple(s)) for k, s in json.loads(CAM_LISTINGS.read_text())["models"][name])
+    if name == "MobileNetV2":
+        # the reference's MobileNetV2_test keeps its unused nn.Linear ("classifier.0");
+        # kdpipe's CAM-head model has no linear layer
+        reference = {k: s for k, s in reference.items() if not k.startswith("classifier.")}
+    with torch.device("meta"):
+        model = models.build(name, NUM_CLASSES, head="cam")
+    assert models.state_listing(model) == reference
+
+
+@pytest.mark.parametrize("name,rule", list(CAM_FAMILIES.items()))
+def test_cam_head_initialisation_follows_the_reference(name, rule):
+    torch.manual_seed(1)
+    model = models.build(name, NUM_CLASSES, head="cam")
+    assert model.cam_head_init == rule
+    weight = model.conv_test.weight.detach().double()
+    fan_in = model.penult_channels
+    if rule == "he_normal_fan_out":      # N(0, 2 / fan_out), fan_out = C * 1 * 1
+        std = math.sqrt(2.0 / NUM_CLASSES)
+        assert weight.std().item() == pytest.approx(std, rel=0.05)
+        assert weight.abs().max().item() > 3 * std  # a normal, not a bounded uniform
+    else:                                # PyTorch's Conv2d default: U(-1/sqrt(D), 1/sqrt(D))
+        bound = 1.0 / math.sqrt(fan_in)
+        assert weight.abs().max().item() <= bound
+        assert weight.abs().max().item() > 0.95 * bound
+        assert weight.std().item() == pytest.approx(bound / math.sqrt(3.0), rel=0.05)
+    assert abs(weight.mean().item()) < 0.05 * weight.std().item() + 1e-3
+
+
+def test_cam_head_with_taps_larger_inputs_and_training():
+    model = cam_model("resnet8")
+    with torch.no_grad():
+        model.set_tap("penult", ScoringTap())
+        try:
+            logits, feats = model.forward_features(_images(batch=1))
+            forward_logits = model(_images(batch=1))
+        finally:
+            model.set_tap("penult", None)
+        torch.testing.assert_close(forward_logits, logits)
+        torch.testing.assert_close(feats["cam"].mean(dim=(2, 3)), logits, atol=1e-5, rtol=1e-5)
+        logits, feats = cam_model("wrn_16_1").forward_features(_images(side=64, batch=1))
+        assert feats["cam"].shape[-2:] == (16, 16)
+        torch.testing.assert_close(feats["cam"].mean(dim=(2, 3)), logits, atol=1e-5, rtol=1e-5)
+    student = models.build("resnet8", 10, head="cam").train()
+    logits, feats = student.forward_features(_images())
+    (F.cross_entropy(logits, torch.tensor([1, 2])) + feats["cam"].pow(2).mean()).backward()
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_head_option_is_checked_and_linear_stays_the_default():
+    with pytest.raises(KdpipeError, match="head must be one of linear, cam, got 'conv'"):
+        models.build("resnet8", 10, head="conv")
+    with torch.device("meta"):
+        default, linear = models.build("resnet8x4", 10), models.build("resnet8x4", 10, head="linear")
+    assert default.head_kind == linear.head_kind == "linear"
+    assert models.state_listing(default) == models.state_listing(linear)
+    model = models.build("resnet8", 10, head="cam")
+    before = model.conv_test
+    model.use_cam_head()                 # already a CAM head: unchanged
+    assert model.conv_test is before
+
+
+@pytest.mark.skipif(not _torchvision_imports(), reason="torchvision does not import here")
+@pytest.mark.parametrize("name,rule", [("imagenet_resnet18", "he_normal_fan_out"),
+                                       ("imagenet_mobilenet_v2", "torch_default")])
+def test_imagenet_cam_head(name, rule):
+    torch.manual_seed(0)
+    model = models.build(name, 10, head="cam").eval()
+    assert model.cam_head_init == rule and model.head().bias is None
+    assert not any(isinstance(m, (nn.Linear, nn.Dropout)) for m in model.modules())
+    with torch.no_grad():
+        logits, feats = model.forward_features(_images(side=64, batch=1))
+    torch.testing.assert_close(feats["cam"].mean(dim=(2, 3)), logits, atol=1e-5, rtol=1e-5)

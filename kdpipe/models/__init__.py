@@ -1,7 +1,7 @@
 """The model zoo: mdistiller's CIFAR models (same names, same state-dict keys and shapes)
 and torchvision's ImageNet models, all in the feature interface of `kdpipe.models.base`.
 
-    build(name, num_classes=100) -> KDModel
+    build(name, num_classes=100, head="linear") -> KDModel   (head "cam": CAT-KD's student head)
     available() -> list[str]
     load_teacher(name, path, num_classes) -> KDModel (eval mode)
 
@@ -14,11 +14,12 @@ imagenet_resnet34, imagenet_resnet50, imagenet_mobilenet_v2.
 
 # Importing the family modules runs their @register_model decorators.
 from kdpipe.models import imagenet, mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401
-from kdpipe.models.base import TAP_POINTS, KDModel
+from kdpipe.models.base import HEAD_KINDS, TAP_POINTS, KDModel
 from kdpipe.models.checkpoint import identify_architecture, load_teacher, state_listing
 from kdpipe.models.registry import available, build, register_model
 
 __all__ = [
+    "HEAD_KINDS",
     "KDModel",
     "TAP_POINTS",
     "available",

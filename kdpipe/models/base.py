@@ -11,7 +11,17 @@ A model is split at two points that distillation methods need:
                                                             pooling (after the model's own
                                                             final BN/ReLU, if it has one)
       -> tap "penult" (optional)
-      -> global average pool -> head() (nn.Linear)  -> logits [B, C]
+      -> classifier                                 -> logits [B, C]
+
+The classifier is one of two heads (``model.head_kind``):
+
+- ``"linear"`` (the default): global average pooling, then the family's ``nn.Linear`` with
+  bias (``linear_head()``), initialised as mdistiller initialises it;
+- ``"cam"``: the CAT-KD reference student's head: a bias-free 1x1 convolution
+  ``conv_test`` (the reference's attribute name, so its student checkpoints' keys match) on
+  the penult map gives the CAM [B, C, h, w], and logits = GAP(CAM). It replaces the linear
+  layer (which leaves the state dict), initialised as the reference initialises its
+  ``conv_test`` for that family (``cam_head_init``; see ``use_cam_head``).
 
 Taps live in `self.taps`, an `nn.ModuleDict` that is empty unless a method adds a tap, so a
 plain model's state-dict keys are exactly mdistiller's (or torchvision's).
@@ -23,7 +33,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdpipe.errors import KdpipeError
+
 TAP_POINTS = ("inter", "penult")
+HEAD_KINDS = ("linear", "cam")
+
+#: CAM-head initialisations of the CAT-KD reference's ``*_test`` students:
+#: He-normal for ReLU, fan_out: N(0, 2 / C) for a [C, D, 1, 1] weight (the families whose
+#: init loop runs after ``conv_test`` exists: kaiming_normal_ fan_out or its hand-written
+#: twin normal_(0, sqrt(2 / (k * k * out_channels))));
+CAM_INIT_HE_FAN_OUT = "he_normal_fan_out"
+#: PyTorch's own Conv2d initialisation, U(-1/sqrt(D), 1/sqrt(D)) (families that create
+#: ``conv_test`` after their init loop, or have none).
+CAM_INIT_TORCH_DEFAULT = "torch_default"
 
 
 def built_on_meta(module: nn.Module) -> bool:
@@ -64,6 +86,11 @@ class KDModel(nn.Module):
     inter_channels: int
     #: channels of the "penult" map (D); set by each subclass's constructor
     penult_channels: int
+    #: how the CAT-KD reference initialises this family's CAM classifier (CAM_INIT_*);
+    #: None where the family has no reference CAM head
+    cam_head_init: str | None = None
+    #: "linear" or "cam" (see the module docstring); ``use_cam_head`` switches it
+    head_kind: str = "linear"
 
     def __init__(self) -> None:
         super().__init__()
@@ -79,14 +106,47 @@ class KDModel(nn.Module):
         """inter map [B, Di, hi, wi] -> last feature map before pooling [B, D, h, w]."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward_penult")
 
-    def head(self) -> nn.Linear:
-        """The classifier (weight [C, D], bias [C])."""
-        raise NotImplementedError(f"{type(self).__name__} must implement head")
+    def linear_head(self) -> nn.Linear:
+        """The family's linear classifier (weight [C, D], bias [C])."""
+        raise NotImplementedError(f"{type(self).__name__} must implement linear_head")
 
     def classify_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Pooled features [B, D] -> logits [B, C]. Families whose classifier holds more than
-        the linear layer (torchvision's MobileNetV2 has a dropout before it) override this."""
-        return self.head()(pooled)
+        """Pooled features [B, D] -> logits [B, C] by the linear head. Families whose
+        classifier holds more than the linear layer (torchvision's MobileNetV2 has a dropout
+        before it) override this."""
+        return self.linear_head()(pooled)
+
+    # -- the classifier head ---------------------------------------------------------------
+
+    def head(self) -> nn.Linear | nn.Conv2d:
+        """The classifier in use: the ``nn.Linear`` (head_kind "linear": weight [C, D], bias
+        [C]) or the bias-free 1x1 ``nn.Conv2d`` (head_kind "cam": weight [C, D, 1, 1])."""
+        return self.conv_test if self.head_kind == "cam" else self.linear_head()
+
+    def use_cam_head(self) -> None:
+        """Replace the linear head by the CAT-KD reference student's CAM head: a bias-free 1x1
+        convolution D -> C named ``conv_test``, initialised by the family's
+        ``cam_head_init`` (skipped on the meta device). The linear layer (with whatever
+        module holds it, e.g. a Sequential with a dropout) leaves the model."""
+        if self.head_kind == "cam":
+            return
+        if self.cam_head_init is None:
+            raise KdpipeError(f"{type(self).__name__} has no reference CAM head (head='cam').")
+        linear = self.linear_head()
+        conv = nn.Conv2d(linear.in_features, linear.out_features, kernel_size=1, bias=False,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        if not built_on_meta(conv):
+            init_cam_head(conv, self.cam_head_init)
+        delattr(self, self._child_holding(linear))
+        self.conv_test = conv
+        self.head_kind = "cam"
+
+    def _child_holding(self, module: nn.Module) -> str:
+        """Name of the direct child that is, or contains, `module`."""
+        for name, child in self.named_children():
+            if any(m is module for m in child.modules()):
+                return name
+        raise ValueError(f"{type(self).__name__}: the linear head is not one of its modules")
 
     # -- the shared interface --------------------------------------------------------------
 
@@ -128,19 +188,21 @@ class KDModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 3, H, W] -> logits [B, C]. Taps run (a student keeps its KD layers at
-        inference); their scores are dropped and no CAM is computed."""
+        inference); their scores are dropped and, with the linear head, no CAM is computed."""
         inter = self._apply_tap("inter", self.forward_inter(x), None)
         penult = self._apply_tap("penult", self.forward_penult(inter), None)
-        pooled = F.adaptive_avg_pool2d(penult, 1).flatten(1)
-        return self.classify_pooled(pooled)
+        if self.head_kind == "cam":
+            return _global_pool(self.conv_test(penult))
+        return self.classify_pooled(_global_pool(penult))
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x [B, 3, H, W] -> (logits [B, C], feats).
 
         feats: "inter" [B, Di, hi, wi] and "penult" [B, D, h, w] as the network produced
-        them (before their taps); "cam" [B, C, h, w], the classifier weight applied as a 1x1
-        convolution without bias to the penult map after its tap, so that in eval mode
-        GAP(cam) + bias == logits; and "<point>_scores" for each tap returning a pair.
+        them (before their taps); "cam" [B, C, h, w] on the penult map after its tap: with
+        the linear head, its weight applied as a 1x1 convolution without bias, so that in
+        eval mode GAP(cam) + bias == logits; with the CAM head, the head's own output, and
+        logits == GAP(cam); and "<point>_scores" for each tap returning a pair.
         """
         feats: dict[str, torch.Tensor] = {}
         inter = self.forward_inter(x)
@@ -149,8 +211,26 @@ class KDModel(nn.Module):
         penult = self.forward_penult(inter)
         feats["penult"] = penult
         penult = self._apply_tap("penult", penult, feats)
-        pooled = F.adaptive_avg_pool2d(penult, 1).flatten(1)
-        logits = self.classify_pooled(pooled)
-        weight = self.head().weight
+        if self.head_kind == "cam":
+            feats["cam"] = self.conv_test(penult)
+            return _global_pool(feats["cam"]), feats
+        logits = self.classify_pooled(_global_pool(penult))
+        weight = self.linear_head().weight
         feats["cam"] = F.conv2d(penult, weight.reshape(weight.shape[0], weight.shape[1], 1, 1))
         return logits, feats
+
+
+def _global_pool(maps: torch.Tensor) -> torch.Tensor:
+    """[B, K, h, w] -> [B, K]: the mean over the h*w cells. The references pool with fixed
+    kernels (AvgPool2d(8) and the like) sized to their standard inputs, where they equal this."""
+    return F.adaptive_avg_pool2d(maps, 1).flatten(1)
+
+
+def init_cam_head(conv: nn.Conv2d, rule: str) -> None:
+    """Initialise a CAM head's weight [C, D, 1, 1] by `rule` (CAM_INIT_*)."""
+    if rule == CAM_INIT_HE_FAN_OUT:
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    elif rule == CAM_INIT_TORCH_DEFAULT:
+        conv.reset_parameters()
+    else:
+        raise ValueError(f"unknown CAM head initialisation {rule!r}")

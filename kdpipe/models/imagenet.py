@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from kdpipe.errors import KdpipeError
-from kdpipe.models.base import KDModel
+from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, CAM_INIT_TORCH_DEFAULT, KDModel
 from kdpipe.models.registry import register_model
 
 
@@ -37,6 +37,10 @@ def _torchvision_models():
 
 class TorchvisionResNet(KDModel):
     """torchvision ResNet (conv1-bn1-relu-maxpool, layer1..layer4, fc)."""
+
+    # CAT-KD mdistiller/models/imagenet/resnet.py ResNet_test: conv_test is created
+    # before the normal_(0, sqrt(2 / (k * k * out_channels))) loop.
+    cam_head_init = CAM_INIT_HE_FAN_OUT
 
     def __init__(self, arch: str, num_classes: int) -> None:
         super().__init__()
@@ -62,7 +66,7 @@ class TorchvisionResNet(KDModel):
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
         return self.layer4[1:](inter)
 
-    def head(self) -> nn.Linear:
+    def linear_head(self) -> nn.Linear:
         return self.fc
 
 
@@ -73,6 +77,11 @@ _MBV2_LAST_STAGE = 14
 
 class TorchvisionMobileNetV2(KDModel):
     """torchvision MobileNetV2 (`features`, then `classifier` = Dropout + Linear)."""
+
+    # CAT-KD mdistiller/models/imagenet/mobilenetv2.py MobileNetV2_test (a MobileNetV1,
+    # not this torchvision MobileNetV2): no init loop. With the CAM head this wrapper has no
+    # dropout (the reference student has none).
+    cam_head_init = CAM_INIT_TORCH_DEFAULT
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -88,7 +97,7 @@ class TorchvisionMobileNetV2(KDModel):
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
         return self.features[_MBV2_LAST_STAGE + 1:](inter)
 
-    def head(self) -> nn.Linear:
+    def linear_head(self) -> nn.Linear:
         return self.classifier[1]
 
     def classify_pooled(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kdpipe.models.base import KDModel, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 # (expansion, output channels at width 1, units, first unit's stride) per group; expansion
@@ -72,6 +72,10 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(KDModel):
     """MobileNetV2 with expansion `expansion` and width multiplier `width_mult`."""
 
+    # CAT-KD mdistiller/models/cifar/mobilenetv2.py MobileNetV2_test: conv_test is created
+    # before _initialize_weights (normal_(0, sqrt(2 / (k * k * out_channels)))).
+    cam_head_init = CAM_INIT_HE_FAN_OUT
+
     def __init__(self, expansion: int, width_mult: float, num_classes: int) -> None:
         super().__init__()
         in_channels = int(32 * width_mult)
@@ -110,7 +114,7 @@ class MobileNetV2(KDModel):
             x = group(x)
         return self.conv2(x)
 
-    def head(self) -> nn.Linear:
+    def linear_head(self) -> nn.Linear:
         return self.classifier[0]
 
 

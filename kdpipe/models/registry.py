@@ -15,7 +15,7 @@ import difflib
 from typing import Callable
 
 from kdpipe.errors import KdpipeError
-from kdpipe.models.base import KDModel
+from kdpipe.models.base import HEAD_KINDS, KDModel
 
 Builder = Callable[..., KDModel]
 
@@ -69,9 +69,20 @@ def resolve_builder(name: str) -> Builder:
     raise KdpipeError(f"unknown architecture {name!r}{hint}")
 
 
-def build(name: str, num_classes: int = 100) -> KDModel:
+def build(name: str, num_classes: int = 100, head: str = "linear") -> KDModel:
     """Build the registered model `name` with a `num_classes`-way classifier, randomly
-    initialised as its reference implementation does."""
+    initialised as its reference implementation does.
+
+    head: "linear" (mdistiller's / torchvision's linear classifier; state dict exactly
+    theirs) or "cam" (the CAT-KD reference student's bias-free 1x1 convolution on the last
+    feature map, logits = GAP(CAM); see ``kdpipe.models.base``). The model records it as
+    ``model.head_kind``.
+    """
     if int(num_classes) < 1:
         raise KdpipeError(f"num_classes must be a positive integer, got {num_classes!r}.")
-    return resolve_builder(name)(num_classes=int(num_classes))
+    if head not in HEAD_KINDS:
+        raise KdpipeError(f"head must be one of {', '.join(HEAD_KINDS)}, got {head!r}.")
+    model = resolve_builder(name)(num_classes=int(num_classes))
+    if head == "cam":
+        model.use_cam_head()
+    return model

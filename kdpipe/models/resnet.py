@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import KDModel, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 
@@ -51,6 +51,10 @@ class CifarResNet(KDModel):
     """3x3 stem (stride 1) and three stages of `blocks_per_stage` BasicBlocks each, strides
     1/2/2. depth = 6 * blocks_per_stage + 2."""
 
+    # CAT-KD mdistiller/models/cifar/resnet.py ResNet_test: conv_test is created before
+    # the kaiming_normal_(fan_out) loop.
+    cam_head_init = CAM_INIT_HE_FAN_OUT
+
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
@@ -82,7 +86,7 @@ class CifarResNet(KDModel):
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
         return self.layer3[1:](inter)
 
-    def head(self) -> nn.Linear:
+    def linear_head(self) -> nn.Linear:
         return self.fc
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import KDModel, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 
@@ -72,6 +72,10 @@ class CifarResNetV2(KDModel):
     """Stem conv3x3(64)+BN+ReLU, stages of widths 64/128/256/512 (x expansion), strides
     1/2/2/2, global pooling, linear classifier `linear`."""
 
+    # CAT-KD mdistiller/models/cifar/resnetv2.py ResNet_test (ResNet50_test): conv_test is
+    # created before the kaiming_normal_(fan_out) loop.
+    cam_head_init = CAM_INIT_HE_FAN_OUT
+
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], stage_blocks: tuple[int, int, int, int],
                  num_classes: int) -> None:
         super().__init__()
@@ -100,7 +104,7 @@ class CifarResNetV2(KDModel):
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
         return self.layer4[1:](inter)
 
-    def head(self) -> nn.Linear:
+    def linear_head(self) -> nn.Linear:
         return self.linear
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import KDModel
+from kdpipe.models.base import CAM_INIT_TORCH_DEFAULT, KDModel
 from kdpipe.models.registry import register_model
 
 
@@ -79,6 +79,9 @@ class ShuffleNetV1(KDModel):
     """1x1 stem to 24 channels (no downsampling: CIFAR), three stages whose first unit has
     stride 2, global pooling, linear classifier."""
 
+    # CAT-KD mdistiller/models/cifar/ShuffleNetv1.py ShuffleNet_test: no init loop.
+    cam_head_init = CAM_INIT_TORCH_DEFAULT
+
     def __init__(self, stage_planes: tuple[int, int, int], stage_units: tuple[int, int, int], groups: int,
                  num_classes: int) -> None:
         super().__init__()
@@ -105,7 +108,7 @@ class ShuffleNetV1(KDModel):
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
         return self.layer3[1:](inter)
 
-    def head(self) -> nn.Linear:
+    def linear_head(self) -> nn.Linear:
         return self.linear
 
 

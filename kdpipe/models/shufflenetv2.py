@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import KDModel
+from kdpipe.models.base import CAM_INIT_TORCH_DEFAULT, KDModel
 from kdpipe.models.registry import register_model
 from kdpipe.models.shufflenetv1 import ChannelShuffle
 
@@ -77,6 +77,9 @@ class ShuffleNetV2(KDModel):
     """1x1 stem to 24 channels, three stages (a DownUnit then BasicUnits), a final 1x1 conv
     with BN and ReLU, global pooling, linear classifier."""
 
+    # CAT-KD mdistiller/models/cifar/ShuffleNetv2.py ShuffleNetV2_test: no init loop.
+    cam_head_init = CAM_INIT_TORCH_DEFAULT
+
     def __init__(self, stage_channels: tuple[int, int, int], final_channels: int,
                  stage_units: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
@@ -103,7 +106,7 @@ class ShuffleNetV2(KDModel):
         x = self.layer3[1:](inter)
         return F.relu(self.bn2(self.conv2(x)))
 
-    def head(self) -> nn.Linear:
+    def linear_head(self) -> nn.Linear:
         return self.linear
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import KDModel, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_TORCH_DEFAULT, KDModel, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 # Conv widths of each of the five groups, per mdistiller configuration letter.
@@ -48,6 +48,10 @@ def _conv_group(widths: list[int], in_channels: int) -> nn.Sequential:
 
 class VGG(KDModel):
     """VGG-BN for CIFAR; see the module docstring for its layout and feature points."""
+
+    # CAT-KD mdistiller/models/cifar/vgg.py VGG_test: conv_test is created after
+    # _initialize_weights, so it keeps PyTorch's default.
+    cam_head_init = CAM_INIT_TORCH_DEFAULT
 
     def __init__(self, config: list[list[int]], num_classes: int) -> None:
         super().__init__()
@@ -78,7 +82,7 @@ class VGG(KDModel):
         x = self.pool3(inter) if inter.shape[-2] >= 8 else inter
         return F.relu(self.block4(x))
 
-    def head(self) -> nn.Linear:
+    def linear_head(self) -> nn.Linear:
         return self.classifier
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import KDModel, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 
@@ -71,6 +71,10 @@ class WideResNet(KDModel):
     """WRN-depth-k: 3x3 stem, three stages of (depth-4)/6 blocks (widths 16k, 32k, 64k,
     strides 1/2/2), final BN-ReLU, global pooling, linear classifier."""
 
+    # CAT-KD mdistiller/models/cifar/wrn.py WideResNet_test: conv_test is created before
+    # the normal_(0, sqrt(2 / (k * k * out_channels))) loop.
+    cam_head_init = CAM_INIT_HE_FAN_OUT
+
     def __init__(self, depth: int, widen_factor: int, num_classes: int, drop_rate: float = 0.0) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
@@ -97,7 +101,7 @@ class WideResNet(KDModel):
         x = self.block3.layer[1:](inter)
         return self.relu(self.bn1(x))
 
-    def head(self) -> nn.Linear:
+    def linear_head(self) -> nn.Linear:
         return self.fc
 
 

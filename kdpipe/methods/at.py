@@ -1,0 +1,152 @@
+"""Attention Transfer (AT, Zagoruyko & Komodakis, ICLR 2017) as mdistiller computes it: pure
+losses on lists of stage feature maps, and the attention maps a store can hold instead of the
+teacher's features.
+
+Per matched stage (mdistiller ``mdistiller/distillers/AT.py``):
+
+1. spatial sizes: the larger of the student's and the teacher's feature maps is adaptive-
+   average-pooled to the smaller one's size (the *feature*, before its attention map);
+2. attention map of a feature f [B, D, h, w]: ``f.pow(p)`` averaged over the D channels,
+   flattened to [B, h*w] and l2-normalised per sample (``F.normalize``: divided by
+   max(norm, 1e-12)). mdistiller raises f to the power p without an absolute value; with its
+   p = 2 (every config) that equals the paper's |f|^p;
+3. stage loss: the mean over the B * h * w elements of the squared difference of the two
+   maps.
+
+The AT loss is the sum of the stage losses; mdistiller's training loss is
+``ce_weight * CE + feat_weight * at_loss``.
+
+Matched stages: mdistiller passes ``feats["feats"][1:]`` of student and teacher, i.e. every
+stage output its models list except the first entry (the stem), and ``zip`` pairs them in
+order, so when one network lists more stages its extra last ones are dropped. Per family
+(mdistiller/models/cifar/*.py, imagenet/*.py), the stages are:
+
+==================  =========================================================================
+resnet (CIFAR)      outputs of layer1, layer2, layer3 (after their ReLU)
+wrn                 outputs of block1, block2, block3 (block3 before the final BN + ReLU)
+vgg                 ReLU of block1, block2, block3, block4
+ShuffleV1 / V2      outputs of layer1, layer2, layer3 (ShuffleV2: before its conv2)
+MobileNetV2 (CIFAR) outputs of blocks[1], blocks[2], blocks[4], blocks[6]
+ResNet18/50 (CIFAR) outputs of layer1 ... layer4
+ImageNet ResNet     ReLU of layer1 ... layer4
+ImageNet MobileNetV1  its 2nd, 3rd and 4th listed features (its list has no stem entry)
+==================  =========================================================================
+
+Cached teacher (``attention_map`` / ``at_loss_from_maps``): the store holds the teacher's
+attention map per stage, [B, h, w], instead of its feature [B, D, h, w]. Pooling a map is
+not pooling a feature (the power is not linear), so where the student's stage is smaller
+than the teacher's, the stored map must come from the teacher's feature pooled to the
+student's size (``attention_map(feat, p, size=student_side)``), as mdistiller pools it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention_map", "at_loss", "at_loss_from_maps", "ATSettings", "REFERENCE_AT",
+           "DEFAULT_AT"]
+
+
+def attention_map(feat: torch.Tensor, p: float = 2.0, size: int | None = None) -> torch.Tensor:
+    """Attention map of one stage: [B, D, h, w] -> [B, h, w], l2-normalised over h*w.
+
+    ``size``: where it differs from the feature's height h, adaptive-average-pool the
+    feature to size x size first (mdistiller compares heights and pools to squares; its maps
+    are square). Pooling goes down only: the map of a feature never grows.
+    """
+    if feat.dim() != 4:
+        raise ValueError(f"attention_map expects a feature map [B, D, h, w]; got {tuple(feat.shape)}")
+    if size is not None and int(size) != feat.shape[2]:
+        if int(size) > feat.shape[2]:
+            raise ValueError(
+                f"attention_map pools features down only: feature side {feat.shape[2]}, "
+                f"asked {size}")
+        feat = F.adaptive_avg_pool2d(feat, (int(size), int(size)))
+    batch, _, h, w = feat.shape
+    amap = feat.pow(p).mean(dim=1).reshape(batch, h * w)
+    return F.normalize(amap, p=2.0, dim=1).reshape(batch, h, w)
+
+
+def _stage_loss_from_map(student_feat: torch.Tensor, teacher_map: torch.Tensor,
+                         p: float) -> torch.Tensor:
+    """One stage: the student's feature [B, D, h, w] against the teacher's map [B, h', w']."""
+    student_side, teacher_side = student_feat.shape[2], teacher_map.shape[1]
+    if student_side < teacher_side:
+        raise ValueError(
+            f"teacher attention map {teacher_side}x{teacher_map.shape[2]} is larger than the "
+            f"student's feature ({student_side}x{student_feat.shape[3]}); compute it with "
+            f"attention_map(teacher_feat, p, size={student_side}) as mdistiller pools the "
+            f"teacher's feature")
+    student_map = attention_map(student_feat, p, size=teacher_side)
+    return (student_map - teacher_map.to(student_map.dtype)).pow(2).mean()
+
+
+def at_loss_from_maps(student_feats: Sequence[torch.Tensor], teacher_maps: Sequence[torch.Tensor],
+                      p: float = 2.0) -> torch.Tensor:
+    """AT loss of student stage features against the teacher's stored attention maps.
+
+    Args:
+        student_feats: per matched stage, the student's feature [B, D_i, h_i, w_i].
+        teacher_maps: per matched stage, the teacher's ``attention_map`` [B, h_i', w_i'],
+            taken at the student's size where the student's stage is smaller (see the
+            module docstring).
+        p: the power of the attention map.
+
+    Returns:
+        scalar: sum over stages of the mean squared difference of the maps; equal to
+        ``at_loss(student_feats, teacher_feats, p)`` when the maps are the teacher's.
+    """
+    if len(student_feats) != len(teacher_maps) or not student_feats:
+        raise ValueError(
+            f"AT needs one teacher map per student stage; got {len(student_feats)} student "
+            f"features and {len(teacher_maps)} teacher maps")
+    return sum(_stage_loss_from_map(f, m, p) for f, m in zip(student_feats, teacher_maps))
+
+
+def at_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
+            p: float = 2.0) -> torch.Tensor:
+    """AT loss on stage features of both networks (mdistiller's ``at_loss``).
+
+    Args:
+        student_feats / teacher_feats: per matched stage, [B, D_i, h_i, w_i] and
+            [B, D_i', h_i', w_i'] (channel counts may differ; the larger map is pooled to
+            the smaller's size). Both lists must have the same length (select the matched
+            stages first; mdistiller's ``zip`` would drop the extra ones silently).
+        p: the power of the attention map.
+
+    Returns:
+        scalar: sum over stages of mean_{b, cells} (map_s - map_t)^2.
+    """
+    if len(student_feats) != len(teacher_feats):
+        raise ValueError(
+            f"AT matches stages pairwise; got {len(student_feats)} student and "
+            f"{len(teacher_feats)} teacher features")
+    maps = [attention_map(t, p, size=min(t.shape[2], s.shape[2]))
+            for s, t in zip(student_feats, teacher_feats)]
+    return at_loss_from_maps(student_feats, maps, p)
+
+
+@dataclass(frozen=True)
+class ATSettings:
+    """One reference configuration of AT: total = ce_weight * CE + feat_weight * at_loss."""
+
+    p: float
+    feat_weight: float
+    ce_weight: float
+
+
+# mdistiller/engine/cfg.py: CFG.AT.P 2, CFG.AT.LOSS.FEAT_WEIGHT 1000.0, CE_WEIGHT 1.0; no
+# config overrides them.
+DEFAULT_AT = ATSettings(p=2.0, feat_weight=1000.0, ce_weight=1.0)
+
+# (teacher, student) -> settings of the mdistiller config named beside (all cfg.py defaults).
+REFERENCE_AT: dict[tuple[str, str], ATSettings] = {
+    ("resnet32x4", "resnet8x4"): DEFAULT_AT,                  # configs/cifar100/at.yaml
+    ("imagenet_resnet34", "imagenet_resnet18"): DEFAULT_AT,   # configs/imagenet/r34_r18/at.yaml
+    # configs/imagenet/r50_mv1/at.yaml: mdistiller's MobileNetV1 (not in kdpipe's zoo)
+    ("imagenet_resnet50", "MobileNetV1"): DEFAULT_AT,
+}

@@ -1,0 +1,158 @@
+"""Decoupled Knowledge Distillation (DKD, Zhao et al., CVPR 2022): pure losses and the
+reference hyper-parameters of mdistiller (megvii-research/mdistiller, the DKD authors' code).
+
+With p = softmax(z / T) over the C classes and g the label of a sample:
+
+- TCKD (target-class KD) compares the binary distributions b = (p_g, 1 - p_g):
+  ``KL(b_teacher || b_student)``;
+- NCKD (non-target-class KD) compares the distributions over the C - 1 other classes,
+  renormalised: ``p~_j = p_j / (1 - p_g)``, j != g: ``KL(p~_teacher || p~_student)``.
+
+Each is summed over its categories, averaged over the batch and multiplied by T^2, and
+
+    DKD = alpha * TCKD + beta * NCKD.
+
+mdistiller's training loss is ``ce_weight * CE + min(epoch / warmup, 1) * DKD`` with its
+1-based epoch counter (``dkd_warmup_factor``).
+
+Numerics: kdpipe computes both terms in log space (log-sum-exp over the target class, the
+other classes and all classes; NCKD on the C - 1 gathered non-target logits). mdistiller
+takes ``log`` of summed softmax probabilities and masks the target class by subtracting
+1000 from its scaled logit; the two agree to float rounding (tests/test_losses_extra.py
+checks it against values mdistiller produced) except where mdistiller's probabilities
+underflow to 0, where it returns inf or nan and kdpipe stays finite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["dkd_loss", "dkd_terms", "dkd_warmup_factor", "DKDSettings", "REFERENCE_DKD",
+           "DEFAULT_DKD"]
+
+
+def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  labels: torch.Tensor) -> None:
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"DKD expects student and teacher logits of the same shape [B, C]; got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.shape[1] < 2:
+        raise ValueError("DKD needs at least two classes (it splits target and non-target).")
+    if labels.shape != student_logits.shape[:1]:
+        raise ValueError(
+            f"DKD expects labels [B] = [{student_logits.shape[0]}]; got {tuple(labels.shape)}")
+
+
+def _binary_log_probs(scaled: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """[B, C] scaled logits -> [B, 2] log (p_target, p_other), in log space."""
+    log_all = torch.logsumexp(scaled, dim=1)
+    log_target = scaled.masked_fill(~target_mask, float("-inf")).logsumexp(dim=1)
+    log_other = scaled.masked_fill(target_mask, float("-inf")).logsumexp(dim=1)
+    return torch.stack([log_target - log_all, log_other - log_all], dim=1)
+
+
+def _non_target(scaled: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """[B, C] -> [B, C - 1]: each row without its target class, other classes in order."""
+    batch, classes = scaled.shape
+    return scaled[~target_mask].view(batch, classes - 1)
+
+
+def _kl_log(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tensor:
+    """sum over categories of p_t (log p_t - log p_s), averaged over the batch."""
+    per_element = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True)
+    return per_element.sum(dim=1).mean()
+
+
+def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(TCKD, NCKD), each a scalar already multiplied by T^2 (see the module docstring).
+
+    Args:
+        student_logits: [B, C] raw student logits.
+        teacher_logits: [B, C] raw teacher logits (no gradient needed through them).
+        labels: [B] int64 class indices in [0, C).
+        temperature: T > 0.
+    """
+    _check_logits(student_logits, teacher_logits, labels)
+    t = float(temperature)
+    s = student_logits / t
+    tt = teacher_logits.to(s.dtype) / t
+    target_mask = F.one_hot(labels.long(), s.shape[1]).bool()
+    tckd = _kl_log(_binary_log_probs(s, target_mask), _binary_log_probs(tt, target_mask))
+    nckd = _kl_log(F.log_softmax(_non_target(s, target_mask), dim=1),
+                   F.log_softmax(_non_target(tt, target_mask), dim=1))
+    return tckd * (t * t), nckd * (t * t)
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+             alpha: float, beta: float, temperature: float) -> torch.Tensor:
+    """DKD = alpha * TCKD + beta * NCKD (scalar), as mdistiller's ``dkd_loss`` computes it.
+
+    Args:
+        student_logits: [B, C] raw student logits.
+        teacher_logits: [B, C] raw teacher logits.
+        labels: [B] int64 class indices.
+        alpha: weight of TCKD; beta: weight of NCKD; temperature: T > 0.
+    """
+    tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature)
+    return alpha * tckd + beta * nckd
+
+
+def dkd_warmup_factor(epoch: int, warmup: int) -> float:
+    """mdistiller's ramp of the DKD loss: ``min(epoch / warmup, 1.0)``.
+
+    ``epoch`` counts from 1 as mdistiller's trainer does (its first epoch gets 1 / warmup,
+    never 0): a loop counting from 0 passes ``epoch + 1``. ``warmup`` must be positive
+    (mdistiller divides by it).
+    """
+    if int(warmup) < 1:
+        raise ValueError(f"DKD warmup must be a positive number of epochs, got {warmup!r}")
+    if int(epoch) < 1:
+        raise ValueError(f"DKD epochs count from 1 (mdistiller's trainer), got {epoch!r}")
+    return min(int(epoch) / int(warmup), 1.0)
+
+
+@dataclass(frozen=True)
+class DKDSettings:
+    """One reference configuration of DKD."""
+
+    alpha: float
+    beta: float
+    temperature: float
+    warmup: int
+    ce_weight: float
+
+
+# mdistiller/engine/cfg.py: CFG.DKD (CE_WEIGHT 1.0, ALPHA 1.0, BETA 8.0, T 4.0, WARMUP 20);
+# the CIFAR-100 configs override BETA only, the ImageNet ones BETA, T, WARMUP and CE_WEIGHT.
+DEFAULT_DKD = DKDSettings(alpha=1.0, beta=8.0, temperature=4.0, warmup=20, ce_weight=1.0)
+
+
+def _cifar(beta: float) -> DKDSettings:
+    return DKDSettings(alpha=1.0, beta=beta, temperature=4.0, warmup=20, ce_weight=1.0)
+
+
+# (teacher, student) in kdpipe's names -> DKD settings of the mdistiller config named beside.
+# The CAT-KD repository's configs/cifar100/dkd/*.yaml are copies (same DKD values).
+REFERENCE_DKD: dict[tuple[str, str], DKDSettings] = {
+    ("resnet56", "resnet20"): _cifar(2.0),      # configs/cifar100/dkd/res56_res20.yaml
+    ("resnet110", "resnet32"): _cifar(2.0),     # configs/cifar100/dkd/res110_res32.yaml
+    ("resnet32x4", "resnet8x4"): _cifar(8.0),   # configs/cifar100/dkd/res32x4_res8x4.yaml
+    ("wrn_40_2", "wrn_16_2"): _cifar(6.0),      # configs/cifar100/dkd/wrn40_2_wrn_16_2.yaml
+    ("wrn_40_2", "wrn_40_1"): _cifar(6.0),      # configs/cifar100/dkd/wrn40_2_wrn_40_1.yaml
+    ("vgg13", "vgg8"): _cifar(6.0),             # configs/cifar100/dkd/vgg13_vgg8.yaml
+    ("vgg13", "MobileNetV2"): _cifar(6.0),      # configs/cifar100/dkd/vgg13_mv2.yaml
+    ("ResNet50", "MobileNetV2"): _cifar(8.0),   # configs/cifar100/dkd/res50_mv2.yaml
+    ("resnet32x4", "ShuffleV1"): _cifar(8.0),   # configs/cifar100/dkd/res32x4_shuv1.yaml
+    ("resnet32x4", "ShuffleV2"): _cifar(8.0),   # configs/cifar100/dkd/res32x4_shuv2.yaml
+    ("wrn_40_2", "ShuffleV1"): _cifar(8.0),     # configs/cifar100/dkd/wrn40_2_shuv1.yaml
+    # configs/imagenet/r34_r18/dkd.yaml (ALPHA left at 1.0)
+    ("imagenet_resnet34", "imagenet_resnet18"): DKDSettings(1.0, 0.5, 1.0, 1, 1.0),
+    # configs/imagenet/r50_mv1/dkd.yaml: mdistiller's student is its MobileNetV1, which
+    # kdpipe's zoo does not have (imagenet_mobilenet_v2 is torchvision's MobileNetV2).
+    ("imagenet_resnet50", "MobileNetV1"): DKDSettings(1.0, 2.0, 1.0, 1, 1.0),
+}

@@ -1,0 +1,146 @@
+"""SimKD (Chen et al., "Knowledge Distillation with the Reused Teacher Classifier", CVPR
+2022): a projector maps the student's last feature map to the teacher's width, trained by
+mean squared error to the teacher's last feature map; at inference the teacher's own
+classifier classifies the projected student features.
+
+Facts from the authors' code (github.com/DefangChen/SimKD, commit 2b389c3:
+``models/util.py`` class ``SimKD``, ``helper/loops.py``, ``train_student.py``,
+``scripts/run_distill.sh``); mdistiller has no SimKD.
+
+- Features: ``feat[-2]`` of both networks, the last feature map before global pooling
+  ([B, Ds, hs, ws] and [B, Dt, ht, wt]). For the CIFAR ResNets, VGG, ShuffleV1 and the
+  ImageNet ResNets that is kdpipe's "penult" map. For ShuffleV2 and MobileNetV2 students it
+  is the last stage's output *before* their final 1x1 conv + BN + ReLU (ShuffleV2 layer3,
+  464 channels; MobileNetV2 blocks[6], 160 channels at width 0.5), which is neither of
+  kdpipe's tap points: feeding kdpipe's "penult" there is not reference-exact.
+- Spatial alignment: if hs > ht the student map is adaptive-average-pooled to ht x ht
+  before the projector; otherwise the teacher map is pooled to hs x hs (square sizes, as
+  the reference).
+- Projector (``SimKDHead.projector``), all convolutions bias-free, factor f (default 2):
+  1x1 conv Ds -> Dt/f, BN, ReLU; 3x3 conv (padding 1) Dt/f -> Dt/f, BN, ReLU; 1x1 conv
+  Dt/f -> Dt, BN, ReLU. PyTorch's default initialisation (the reference sets none).
+- Loss: ``nn.MSELoss()`` (mean over B * Dt * h * w) between the projected student map and
+  the (aligned) teacher map: feature maps, not pooled vectors. The reference's command
+  (``-c 0 -d 0 -b 1``) trains with this loss alone: no CE, no KD term.
+- Logits, in training and at test time: global average pooling of the projected map, then
+  the teacher's classifier (weight and bias, frozen: not in the reference's optimizer).
+
+kdpipe keeps the teacher's classifier as buffers of ``SimKDHead`` (saved with the student,
+never trained), and the teacher's spatial side as an attribute, so the student classifies
+without the teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdpipe.errors import KdpipeError
+
+__all__ = ["SimKDHead", "simkd_loss", "SimKDSettings", "DEFAULT_SIMKD"]
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+
+
+class SimKDHead(nn.Module):
+    """The student-side SimKD module: projector plus the teacher's frozen classifier.
+
+    Args:
+        student_channels: Ds of the student's feature map.
+        teacher_channels: Dt of the teacher's feature map (the classifier's input width).
+        teacher_classifier_weight: [C, Dt], the teacher's linear classifier weight.
+        teacher_classifier_bias: [C] (or None for a bias-free classifier).
+        factor: bottleneck factor f of the projector (the reference's default 2).
+        teacher_side: the teacher map's spatial side ht; a larger student map is pooled to
+            it before projection. None: never pool the student.
+
+    ``forward(student_feat)`` -> (projected [B, Dt, h, w], logits [B, C]).
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int,
+                 teacher_classifier_weight: torch.Tensor,
+                 teacher_classifier_bias: torch.Tensor | None,
+                 factor: int = 2, teacher_side: int | None = None) -> None:
+        super().__init__()
+        student_channels, teacher_channels, factor = int(student_channels), int(teacher_channels), int(factor)
+        if factor < 1 or teacher_channels % factor:
+            raise KdpipeError(
+                f"SimKD's factor must be a positive divisor of the teacher's width "
+                f"{teacher_channels}, got {factor}.")
+        weight = teacher_classifier_weight.detach()
+        if weight.dim() != 2 or weight.shape[1] != teacher_channels:
+            raise ValueError(
+                f"teacher classifier weight must be [C, {teacher_channels}]; got {tuple(weight.shape)}")
+        bias = (torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                if teacher_classifier_bias is None else teacher_classifier_bias.detach())
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"teacher classifier bias must be [{weight.shape[0]}]; got {tuple(bias.shape)}")
+        hidden = teacher_channels // factor
+        self.projector = nn.Sequential(
+            *_conv_bn_relu(student_channels, hidden, 1),
+            *_conv_bn_relu(hidden, hidden, 3),
+            *_conv_bn_relu(hidden, teacher_channels, 1),
+        )
+        # Buffers, not parameters: the teacher's classifier is reused, never trained.
+        self.register_buffer("teacher_weight", weight.clone())
+        self.register_buffer("teacher_bias", bias.clone())
+        self.teacher_side = None if teacher_side is None else int(teacher_side)
+
+    def align(self, student_feat: torch.Tensor) -> torch.Tensor:
+        """The student map pooled to the teacher's side where it is larger (else unchanged)."""
+        side = self.teacher_side
+        if side is not None and student_feat.shape[2] > side:
+            return F.adaptive_avg_pool2d(student_feat, (side, side))
+        return student_feat
+
+    def classify(self, projected: torch.Tensor) -> torch.Tensor:
+        """Projected map [B, Dt, h, w] -> logits [B, C] by the teacher's classifier."""
+        pooled = F.adaptive_avg_pool2d(projected, 1).flatten(1)
+        return F.linear(pooled, self.teacher_weight.to(pooled.dtype), self.teacher_bias.to(pooled.dtype))
+
+    def forward(self, student_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        projected = self.projector(self.align(student_feat))
+        return projected, self.classify(projected)
+
+
+def simkd_loss(projected_student: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """MSE (mean over all elements) between the projected student map [B, Dt, h, w] and the
+    teacher's map [B, Dt, h', w'], the teacher's pooled to h x w where it is larger (the
+    reference). A teacher map smaller than the projected one means the student was not
+    aligned first (``SimKDHead(teacher_side=...)``): ValueError.
+    """
+    if projected_student.dim() != 4 or teacher_feat.dim() != 4 or \
+            projected_student.shape[:2] != teacher_feat.shape[:2]:
+        raise ValueError(
+            f"simkd_loss expects maps [B, Dt, h, w] with the same B and Dt; got "
+            f"{tuple(projected_student.shape)} and {tuple(teacher_feat.shape)}")
+    side, teacher_side = projected_student.shape[2], teacher_feat.shape[2]
+    if teacher_side < side:
+        raise ValueError(
+            f"teacher map {teacher_side}x{teacher_side} is smaller than the projected student "
+            f"map {side}x{side}; pool the student first (SimKDHead's teacher_side)")
+    if teacher_side > side:
+        teacher_feat = F.adaptive_avg_pool2d(teacher_feat, (side, side))
+    return F.mse_loss(projected_student, teacher_feat.to(projected_student.dtype))
+
+
+@dataclass(frozen=True)
+class SimKDSettings:
+    """Reference settings: total = ce_weight * CE + kd_weight * KD + feat_weight * simkd_loss."""
+
+    factor: int
+    feat_weight: float
+    ce_weight: float
+    kd_weight: float
+
+
+# DefangChen/SimKD README.md and scripts/run_distill.sh: `--distill simkd -c 0 -d 0 -b 1`,
+# factor `-f` default 2 (train_student.py), for CIFAR-100 (resnet32x4 -> resnet8x4) and
+# ImageNet (ResNet50 -> ResNet18) alike.
+DEFAULT_SIMKD = SimKDSettings(factor=2, feat_weight=1.0, ce_weight=0.0, kd_weight=0.0)
