@@ -5,6 +5,7 @@ Logic lives in kdpipe/stages/. A KdpipeError becomes one sentence on stderr and 
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -246,16 +247,22 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 @click.option("--ray-address", default=None, help="Sweeps and --gpus: join this Ray cluster instead of a local one.")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Parent folder of the run (or sweep) directory.")
+@click.option("--head", type=click.Choice(["linear", "cam"]), default=None,
+              help="Student classifier: cam (CAT-KD's bias-free 1x1 conv, the default for cat_kd) or linear.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A kdpipe config file (configs/) or a mdistiller / CAT-KD YAML file; options given here win.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="With --config: override a value of the file.")
+@click.option("--print-config", is_flag=True, help="Print the resolved run configuration as JSON and exit.")
 @click.pass_context
 def train_student(ctx, store, targets, student, method, beta, resolution, normalize, ce_weight, binarize, top_n,
                   bottom_n, temperature, alpha_penult, alpha_inter, epochs, lr, batch_size, views, resident,
                   penult_target, seed, device, amp, resume, online_teacher, online_views, data, subset_fraction,
-                  subset_seed, sweeps, executor, data_parallel, sync_bn, ray_address, out):
+                  subset_seed, sweeps, executor, data_parallel, sync_bn, ray_address, out, head, config_file, sets,
+                  print_config):
     """Stage two: train a student from the store, teacher-free.
 
-    --store, --student and --method are required, except with --resume RUN (which reuses the
-    run's configuration)."""
-    from kdpipe.pipeline.configs import StudentConfig
+    --store, --student and --method are required, except with --config FILE (which gives
+    them) or --resume RUN (which reuses the run's configuration)."""
     from kdpipe.stages.train import train_student as run_stage
 
     options = {"beta": beta, "resolution": resolution, "normalize": normalize, "ce_weight": ce_weight,
@@ -266,7 +273,7 @@ def train_student(ctx, store, targets, student, method, beta, resolution, normal
                   batch_size=batch_size, views=views, resident=resident, seed=seed, amp=amp,
                   online_teacher=online_teacher, online_views=online_views, data=data,
                   subset_fraction=subset_fraction, subset_seed=subset_seed, data_parallel=data_parallel,
-                  sync_bn=sync_bn)
+                  sync_bn=sync_bn, head=head)
     if resume is not None:
         if sweeps:
             raise KdpipeError("--resume and --sweep cannot be combined; resume each trial's run directory.")
@@ -275,18 +282,40 @@ def train_student(ctx, store, targets, student, method, beta, resolution, normal
             given["method_options"] = fields["method_options"]
         s = run_stage(resume=resume, given=given, device=device, ray_address=ray_address)
     else:
-        missing = [n for n, v in (("--store", store), ("--student", student), ("--method", method)) if not v]
-        if missing:
-            raise KdpipeError(f"train-student needs {', '.join(missing)} (or --resume RUN).")
-        cfg = StudentConfig(**fields)
+        cfg, record = _student_config(ctx, fields, options, config_file, sets, print_config)
+        if print_config:
+            from kdpipe.stages.train import print_config as resolved
+
+            click.echo(json.dumps(resolved(cfg, record), indent=2, sort_keys=True, default=str))
+            return
         if sweeps:
             _run_sweep(cfg, sweeps, executor, out, ray_address)
             return
-        s = run_stage(cfg, out=out, device=device, ray_address=ray_address)
+        s = run_stage(cfg, out=out, device=device, ray_address=ray_address, source=record)
     click.echo(format_summary(f"train-student: {s['student']} with {s['method']} ({s['target_source']}) done", {
         "final top-1 (%)": s["final_top1"], "final top-5 (%)": s["final_top5"],
         "best top-1 (%)": s["best_top1"], "best epoch": s["best_epoch"], "epochs": s["epochs"],
         "wall time (s)": s["wall_seconds"], "img/s (train)": s["img_per_s"], "run directory": s["run_dir"]}))
+
+
+def _student_config(ctx, fields: dict, options: dict, config_file, sets, print_config: bool):
+    """The StudentConfig of the command line, or of --config FILE with the typed options on top."""
+    from kdpipe.pipeline.configs import StudentConfig
+
+    if config_file is None:
+        if sets:
+            raise KdpipeError("--set changes a config file's values: pass --config FILE with it.")
+        needed = (("--student", "student"), ("--method", "method")) + (() if print_config else (("--store", "store"),))
+        missing = [flag for flag, key in needed if not fields[key]]
+        if missing:
+            raise KdpipeError(f"train-student needs {', '.join(missing)} (or --config FILE, or --resume RUN).")
+        return StudentConfig(**fields), None
+    from kdpipe.pipeline.config_files import student_from_file
+
+    overrides = given_options(ctx, [k for k in fields if k != "method_options"])
+    if any(v is not None for v in options.values()):
+        overrides["method_options"] = fields["method_options"]
+    return student_from_file(config_file, sets, overrides)
 
 
 def _run_sweep(cfg, sweeps, executor, out, ray_address) -> None:
@@ -297,6 +326,24 @@ def _run_sweep(cfg, sweeps, executor, out, ray_address) -> None:
     click.echo(format_summary("train-student sweep: done", {
         "trials": len(r["rows"]), "finished": sum(x["status"] == "ok" for x in r["rows"]),
         "results (CSV)": r["results_csv"], "results (Markdown)": r["results_md"]}))
+
+
+@cli.command("run")
+@click.argument("configs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a value in every config (e.g. student.epochs=2, seeds=[0,1,2]).")
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of the student run directories and the results table.")
+@click.option("--stores", default="stores", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of the stores, shared by every config with the same teacher and data.")
+@click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
+              help="Stage one on a local Ray cluster or in-process.")
+def run(configs, sets, out, stores, executor):
+    """Whole paper rows from config files: stores (shared), target sets, students, one table."""
+    from kdpipe.stages.run import run_configs
+
+    result = run_configs(configs, sets=sets, out=out, stores=stores, executor=executor)
+    click.echo(open(result["results_md"]).read().rstrip())
 
 
 @cli.command("inspect")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method, loss_parts, reference_recipe
-from kdpipe.targets import Cam, Logits, NativeCam
+from kdpipe.targets import Cam, NativeCam
 
 __all__ = [
     "cat_loss", "binarize_teacher_cam", "select_classes", "gather_classes",
@@ -209,7 +209,8 @@ class CatKD(Method):
         ce_weight: 1.0; 0 means "CAT only" (CE not computed).
         binarize: binarise the teacher CAM before pooling (needs the native ``cam``).
         top_n / bottom_n: transfer only the CAMs of the teacher's n top / bottom classes
-            (needs the teacher ``logits`` too); at most one of them.
+            ranked by the bias-free teacher logits (the CAM's average, as the reference's
+            converted teacher has no bias); at most one of them.
     """
 
     name = "cat_kd"
@@ -284,9 +285,10 @@ class CatKD(Method):
 
     def kinds(self) -> list:
         """The CAM pooled to r (native when binarising: the threshold is over the native
-        cells), plus the logits when only the teacher's top-n / bottom-n classes transfer."""
-        cam = NativeCam() if self.options["binarize"] else Cam(self.resolution)
-        return [cam, Logits()] if self.selection else [cam]
+        cells). The class selection needs no logits: the reference's converted teacher has no
+        classifier bias, so its logits are the CAM's average (CAT-KD tools/train.py), which the
+        pooled CAM gives exactly when r divides the native grid."""
+        return [NativeCam() if self.options["binarize"] else Cam(self.resolution)]
 
     # --------------------------------------------------------------------- loss
     def loss(self, logits, feats, targets, labels):
@@ -299,11 +301,12 @@ class CatKD(Method):
         beta = o["beta"] if o["beta"] is not None else DEFAULT_BETA
         student_cam = feats["cam"]
         teacher_cam = targets["cam"].to(student_cam.dtype)
+        teacher_scores = teacher_cam.mean(dim=(2, 3))  # bias-free teacher logits, before binarising
         if o["binarize"]:
             teacher_cam = binarize_teacher_cam(teacher_cam)
         sel = self.selection
         if sel is not None:
-            mask = select_classes(targets["logits"], sel[1], sel[0])
+            mask = select_classes(teacher_scores, sel[1], sel[0])
             teacher_cam = gather_classes(teacher_cam, mask)
             student_cam = gather_classes(student_cam, mask)
         cat = cat_loss(student_cam, teacher_cam, self.resolution, normalize)

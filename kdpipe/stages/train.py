@@ -213,6 +213,15 @@ def resolve_offline(cfg: StudentConfig) -> dict:
             "subset_fraction": cfg.subset_fraction}
 
 
+def print_config(cfg: StudentConfig, source: dict | None = None) -> dict:
+    """``--print-config``: the resolved configuration, from the store when one is named, else
+    from the config alone."""
+    resolved = resolve_student(cfg.with_absolute_paths()).resolved() if cfg.store else resolve_offline(cfg)
+    if source is not None:
+        resolved["config_file"] = source
+    return resolved
+
+
 def resolve_student(cfg: StudentConfig) -> StudentSetup:
     """Resolve and check ``cfg`` against its store, data set and recipe (no training)."""
     from kdpipe.data import load_dataset, subset_indices
@@ -307,7 +316,7 @@ class Runtime:
 def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict | None = None,
                   out="runs", device=None, progress: bool = True, data_path: str = "auto",
                   loader_workers: int = 0, run_prefix: str | None = None, plot: bool = True, on_step=None,
-                  after_epoch=None, ray_address: str | None = None) -> dict:
+                  after_epoch=None, ray_address: str | None = None, source: dict | None = None) -> dict:
     """Train a student (see the module docstring). With ``resume`` the run's own config is
     used; ``given`` holds options the user passed beside it (refused when they differ). With
     ``cfg.data_parallel`` > 1 the epochs run on that many Ray Train workers
@@ -324,6 +333,8 @@ def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict 
         raise KdpipeError("train_student needs a StudentConfig or a run directory to resume.")
     setup = resolve_student(cfg.with_absolute_paths())
     config = dict(setup.resolved(), device=str(resolve_device(device)))
+    if source is not None:  # the config file it came from (--config), as that file said it
+        config["config_file"] = source
     if run is None:
         run = RunDir.create(out, run_prefix or f"student-{setup.cfg.student}-{setup.method.name}", config)
     runtime = Runtime(device, progress, data_path, loader_workers, plot, on_step, after_epoch)

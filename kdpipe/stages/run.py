@@ -1,0 +1,217 @@
+"""``kdpipe run CONFIG...``: whole paper rows from config files, sharing teacher passes.
+
+For every config file (``kdpipe.pipeline.config_files``): a store for its teacher and data,
+its letKD target set when it has a ``cluster`` section, then its student for every seed.
+
+- **Stores are shared**: configs with the same teacher checkpoint (sha256), data set, views,
+  feature views and padding share one store, extracted once with the union of their CAM
+  sizes and feature maps. Its path under ``--stores`` names those settings
+  (``<arch>-<sha8>-<data>-<settings hash>.zarr``), so a later call finds it; a complete store
+  is reused, an interrupted one resumed.
+- **Target sets are shared** the same way (named by a hash of their settings).
+- **Students resume**: each (config, seed) has one run directory ``<out>/<name>-s<seed>-*``;
+  a finished one (summary.json) is skipped, an interrupted one resumed.
+- The end: ``<out>/results.md`` and ``results.csv``, one line per config (mean and sample
+  std of the final and best top-1 over its seeds, beside the paper's number).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdpipe.errors import KdpipeError
+from kdpipe.pipeline.config_files import RowConfig, load_row
+from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig
+
+__all__ = ["run_configs", "store_key"]
+
+
+def _short_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class StorePlan:
+    """One store shared by the rows whose teacher, data and view settings agree."""
+
+    key: tuple
+    rows: list = field(default_factory=list)
+    cam_res: set = field(default_factory=set)
+    native_cam: bool = False
+    features: set = field(default_factory=set)
+    path: str = ""
+
+
+def store_key(row: RowConfig, sha: str) -> tuple:
+    e = row.extract
+    return (sha, row.data, str(e.get("views", "auto")), e.get("feature_views", "identity"), e.get("pad_mode"),
+            e.get("split", "train"), int(e.get("seed", 0)))
+
+
+def _plan_stores(rows: list[RowConfig], stores_dir: Path) -> dict:
+    from kdpipe.artifacts import sha256_file
+    from kdpipe.stages.extract import parse_cam_res, parse_features
+
+    plans: dict = {}
+    shas: dict = {}
+    for row in rows:
+        path = Path(row.teacher_checkpoint)
+        if not path.is_file():
+            raise KdpipeError(f"The teacher checkpoint {path} of {row.path} does not exist.")
+        sha = shas.setdefault(str(path), sha256_file(path))
+        plan = plans.setdefault(store_key(row, sha), StorePlan(store_key(row, sha)))
+        plan.rows.append(row)
+        sizes, native = parse_cam_res(row.extract.get("cam_res", (2,)))
+        plan.cam_res.update(sizes)
+        plan.native_cam |= bool(row.extract.get("native_cam", False) or native)
+        plan.features.update(parse_features(row.extract.get("features", ("penult", "inter"))))
+    for plan in plans.values():
+        row = plan.rows[0]
+        settings = [plan.key[1:], sorted(plan.cam_res), plan.native_cam, sorted(plan.features)]
+        data_name = row.data.split(":", 1)[0]
+        plan.path = str(stores_dir / f"{row.teacher_arch}-{plan.key[0][:8]}-{data_name}-{_short_hash(settings)}.zarr")
+    return plans
+
+
+def _ensure_store(plan: StorePlan, executor: str, say) -> dict:
+    from kdpipe.artifacts import existing_store, open_store
+    from kdpipe.errors import StoreError
+    from kdpipe.stages.extract import extract_teacher
+
+    row = plan.rows[0]
+    resume = False
+    if existing_store(plan.path):
+        try:
+            open_store(plan.path)
+            say(f"store {plan.path}: reused (its teacher pass is not run again)")
+            return {"path": plan.path, "built": False}
+        except StoreError as err:
+            say(f"store {plan.path}: resuming ({err})")
+            resume = True
+    extract = {k: v for k, v in row.extract.items() if k not in ("cam_res", "native_cam", "features")}
+    cfg = ExtractConfig(teacher=row.teacher_checkpoint, arch=row.teacher_arch, data=row.data, out=plan.path,
+                        cam_res=tuple(sorted(plan.cam_res)), native_cam=plan.native_cam,
+                        features=tuple(sorted(plan.features)), resume=resume, **{**extract, "executor": executor})
+    say(f"store {plan.path}: extracting {row.teacher_arch} over {row.data}")
+    extract_teacher(cfg, progress=True, verbose=False)
+    return {"path": plan.path, "built": True}
+
+
+def _ensure_target_set(row: RowConfig, store: str, executor: str, say) -> str | None:
+    from kdpipe.artifacts import open_store
+    from kdpipe.stages.cluster import cluster
+
+    if row.cluster is None:
+        return None
+    name = "ts-" + _short_hash(row.cluster)
+    reader = open_store(store)
+    if name in reader.target_sets():
+        say(f"target set {name} of {store}: reused")
+        return name
+    entry = (reader.manifest.get("targets") or {}).get(name) or {}
+    resume = bool((entry.get("attrs") or {}).get("extra", {}).get("fit_done"))
+    say(f"target set {name} of {store}: {'resuming' if resume else 'fitting'}")
+    cluster(ClusterConfig(store=store, name=name, teacher=row.teacher_checkpoint, resume=resume,
+                          **{**row.cluster, "executor": executor}), progress=True, verbose=False)
+    return name
+
+
+def _run_dir_of(out: Path, prefix: str) -> Path | None:
+    found = sorted(p for p in out.glob(f"{prefix}-*") if (p / "config.json").is_file()) if out.exists() else []
+    return found[-1] if found else None
+
+
+def _train_row(row: RowConfig, store: str, target_set: str | None, out: Path, say) -> list[dict]:
+    from kdpipe.stages.train import train_student
+
+    results = []
+    for seed in row.seeds:
+        prefix = f"{row.name}-s{seed}"
+        existing = _run_dir_of(out, prefix)
+        if existing is not None and (existing / "summary.json").is_file():
+            say(f"{prefix}: done earlier ({existing})")
+            results.append(json.loads((existing / "summary.json").read_text()))
+            continue
+        if existing is not None and (existing / "checkpoints" / "latest.pth").is_file():
+            say(f"{prefix}: resuming {existing}")
+            results.append(train_student(resume=str(existing)))
+            continue
+        cfg = dataclasses.replace(row.student, store=store, seed=int(seed),
+                                  targets=target_set or row.student.targets)
+        say(f"{prefix}: training {cfg.student} with {cfg.method}")
+        results.append(train_student(cfg, out=out, run_prefix=prefix))
+    return results
+
+
+def run_configs(paths, sets=(), out="runs", stores="stores", executor: str = "ray", verbose: bool = True) -> dict:
+    """Run every config (see the module docstring); return the results table and its files."""
+    from kdpipe.pipeline.report import mean_std
+    from kdpipe.pipeline.rundir import atomic_write_text
+
+    def say(msg):
+        if verbose:
+            print(f"[run] {msg}", flush=True)
+
+    t0 = time.perf_counter()
+    rows = [load_row(p, sets) for p in paths]
+    names = [r.name for r in rows]
+    if len(set(names)) != len(names):
+        raise KdpipeError(f"Two configs share the name {max(set(names), key=names.count)!r}; names must differ.")
+    out, stores_dir = Path(out), Path(stores)
+    plans = _plan_stores(rows, stores_dir)
+    built, table = 0, []
+    for plan in plans.values():
+        store = _ensure_store(plan, executor, say)
+        built += int(store["built"])
+        for row in plan.rows:
+            summaries = _train_row(row, store["path"], _ensure_target_set(row, store["path"], executor, say), out, say)
+            table.append(_table_row(row, summaries, mean_std))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.md", _markdown(table))
+    atomic_write_text(out / "results.csv", _csv(table))
+    say(f"{len(rows)} config(s), {len(plans)} store(s) ({built} built now) in {time.perf_counter() - t0:.0f} s; "
+        f"results in {out / 'results.md'}")
+    return {"rows": table, "stores": [p.path for p in plans.values()], "stores_built": built,
+            "results_md": str(out / "results.md"), "results_csv": str(out / "results.csv")}
+
+
+def _table_row(row: RowConfig, summaries: list, mean_std) -> dict:
+    final = mean_std([s.get("final_top1") for s in summaries])
+    best = mean_std([s.get("best_top1") for s in summaries])
+    return {"config": row.name, "teacher": row.teacher_arch, "student": row.student.student,
+            "method": row.student.method, "seeds": len(summaries), "final_top1_mean": final[0],
+            "final_top1_std": final[1], "best_top1_mean": best[0], "best_top1_std": best[1],
+            "paper_top1": row.paper.get("top1"), "run_dirs": [s.get("run_dir") for s in summaries]}
+
+
+def _fmt(mean, std) -> str:
+    return "-" if mean != mean else f"{mean:.2f} ± {std:.2f}"
+
+
+def _markdown(table: list) -> str:
+    lines = ["# kdpipe run: results", "",
+             "Top-1 (%) on the test split, mean ± sample std over seeds; best = best epoch (the papers report it).",
+             "", "| config | teacher | student | method | seeds | final top-1 | best top-1 | paper |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in table:
+        lines.append(f"| {r['config']} | {r['teacher']} | {r['student']} | {r['method']} | {r['seeds']} | "
+                     f"{_fmt(r['final_top1_mean'], r['final_top1_std'])} | "
+                     f"{_fmt(r['best_top1_mean'], r['best_top1_std'])} | {r['paper_top1'] or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(table: list) -> str:
+    buf = io.StringIO()
+    keys = [k for k in table[0] if k != "run_dirs"] if table else []
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    for r in table:
+        writer.writerow(r)
+    return buf.getvalue()
