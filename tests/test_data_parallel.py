@@ -35,12 +35,13 @@ def _expected_first_step(cfg):
     from kdpipe.engine.parallel import Forward
     from kdpipe.engine.schedule import make_optimizer
     from kdpipe.models import build
-    from kdpipe.stages.train import make_target_source, resolve_student, student_loss_fn
+    from kdpipe.stages.train import make_target_source, resolve_student, resolved_head, student_loss_fn
 
     setup = resolve_student(cfg.with_absolute_paths())
     r = setup.recipe
     torch.manual_seed(cfg.seed)
-    model = setup.method.prepare_student(build(cfg.student, setup.train_set.num_classes), setup.target_set)
+    head = resolved_head(cfg, setup.method)
+    model = setup.method.prepare_student(build(cfg.student, setup.train_set.num_classes, head=head), setup.target_set)
     net = Forward(model).train()
     opt = make_optimizer(model, r["lr"], r["momentum"], r["weight_decay"], r["nesterov"])
     source = make_target_source(setup, torch.device("cpu"))
