@@ -429,24 +429,33 @@ def random_resized_crop_boxes(seed: int, samples: np.ndarray, views: np.ndarray,
     `hash_uniform` feed try a.
     """
     shape = np.broadcast(samples, views).shape
-    height = np.broadcast_to(np.asarray(heights, dtype=np.int64), shape)
-    width = np.broadcast_to(np.asarray(widths, dtype=np.int64), shape)
-    area = (height * width).astype(np.float64)
-    box = np.zeros(shape + (4,), dtype=np.int64)
-    found = np.zeros(shape, dtype=bool)
+    height = np.broadcast_to(np.asarray(heights, dtype=np.int64), shape).reshape(-1)
+    width = np.broadcast_to(np.asarray(widths, dtype=np.int64), shape).reshape(-1)
+    flat_samples = np.broadcast_to(samples, shape).reshape(-1)
+    flat_views = np.broadcast_to(views, shape).reshape(-1)
+    box = np.zeros((height.size, 4), dtype=np.int64)
+    found = np.zeros(height.size, dtype=bool)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    # Each try draws only for the boxes still pending (most fit at the first try): the
+    # values are those of drawing everything, at a fraction of the hashing.
+    pending = np.arange(height.size)
     for attempt in range(attempts):
+        if not pending.size:
+            break
         draw = 4 * attempt
-        target_area = area * (scale[0] + (scale[1] - scale[0])
-                              * hash_uniform(seed, samples, views, draw))
-        aspect = np.exp(log_lo + (log_hi - log_lo) * hash_uniform(seed, samples, views, draw + 1))
+        s, v, ph, pw = flat_samples[pending], flat_views[pending], height[pending], width[pending]
+        target_area = (ph * pw) * (scale[0] + (scale[1] - scale[0]) * hash_uniform(seed, s, v, draw))
+        aspect = np.exp(log_lo + (log_hi - log_lo) * hash_uniform(seed, s, v, draw + 1))
         w = np.rint(np.sqrt(target_area * aspect)).astype(np.int64)
         h = np.rint(np.sqrt(target_area / aspect)).astype(np.int64)
-        fits = (~found) & (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        y = np.floor(hash_uniform(seed, samples, views, draw + 2) * (height - h + 1))
-        x = np.floor(hash_uniform(seed, samples, views, draw + 3) * (width - w + 1))
-        box[fits] = np.stack([y, x, h, w], axis=-1).astype(np.int64)[fits]
-        found |= fits
+        fits = (w > 0) & (w <= pw) & (h > 0) & (h <= ph)
+        s, v, h, w, ph, pw = s[fits], v[fits], h[fits], w[fits], ph[fits], pw[fits]
+        y = np.floor(hash_uniform(seed, s, v, draw + 2) * (ph - h + 1)).astype(np.int64)
+        x = np.floor(hash_uniform(seed, s, v, draw + 3) * (pw - w + 1)).astype(np.int64)
+        chosen = pending[fits]
+        box[chosen] = np.stack([y, x, h, w], axis=-1)
+        found[chosen] = True
+        pending = pending[~fits]
     # Fallback: torchvision's central crop, the whole image clamped to the ratio range.
     in_ratio = width / height
     tall, wide = in_ratio < min(ratio), in_ratio > max(ratio)
@@ -454,7 +463,7 @@ def random_resized_crop_boxes(seed: int, samples: np.ndarray, views: np.ndarray,
     fallback_h = np.where(tall, np.rint(width / min(ratio)), height).astype(np.int64)
     fallback = np.stack([(height - fallback_h) // 2, (width - fallback_w) // 2,
                          fallback_h, fallback_w], axis=-1)
-    return np.where(found[..., None], box, fallback)
+    return np.where(found[:, None], box, fallback).reshape(shape + (4,))
 
 
 class ImageNetPolicy(Policy):
