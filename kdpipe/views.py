@@ -13,9 +13,11 @@ Policies (all params int32):
   identity (p, p, 0); (2p+1)^2 * 2 views (162 for 32x32, p = 4).
 - ``digits``: (dx, dy). The same crop, never flipped (a flipped digit is another digit or
   none); (2p+1)^2 views (81 for 32x32).
-- ``imagenet``: (y0, x0, h, w, flip). torchvision's RandomResizedCrop box on the source image
-  (scale (0.08, 1), ratio (3/4, 4/3), ten tries then a centre crop) + flip; the box is resized
-  back to the image size. Infinitely many views; identity is the whole image, unflipped.
+- ``imagenet``: (y0, x0, h, w, flip). torchvision's RandomResizedCrop box in the original
+  image's pixels (scale (0.08, 1), ratio (3/4, 4/3), ten tries then a centre crop) + flip;
+  the box is resized to the output size (224). The boxes depend on each image's size, so
+  `sample`/`random` take `sizes` [N, 2]. Infinitely many views; identity is the whole
+  image, unflipped.
 
 The padding defaults to max(1, min(H, W) // 8): 4 for 32x32, as the references use.
 
@@ -47,6 +49,7 @@ __all__ = [
     "with_pad_mode",
     "DEFAULT_INFINITE_VIEWS",
     "hash_uniform",
+    "random_resized_crop_boxes",
 ]
 
 PAD_MODES = ("zero", "reflect")
@@ -99,6 +102,15 @@ def _hash_int(seed, sample_idx, view_idx, draw, high: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def _view_counters(sample_idx, num_views) -> tuple[np.ndarray, np.ndarray]:
+    """The counters of `Policy.sample`: samples int64 [N, 1] and views int64 [1, K]."""
+    sample_idx = np.asarray(sample_idx, dtype=np.int64).reshape(-1)
+    num_views = int(num_views)
+    if num_views < 1:
+        raise KdpipeError(f"the number of views must be at least 1, got {num_views}.")
+    return sample_idx[:, None], np.arange(num_views, dtype=np.int64)[None, :]
+
+
 def _as_params(params, device) -> torch.Tensor:
     """View parameters (numpy or torch, [B, P]) as an int64 tensor on `device`."""
     return torch.as_tensor(np.asarray(params) if not torch.is_tensor(params) else params,
@@ -143,33 +155,30 @@ class Policy:
             "use views=1 or views=K."
         )
 
-    def sample(self, seed: int, sample_idx, num_views: int) -> np.ndarray:
+    def sample(self, seed: int, sample_idx, num_views: int, sizes=None) -> np.ndarray:
         """K seeded views per sample: int32 [N, K, P], a pure function of (seed, sample, view).
 
         sample_idx: int [N] (global sample indices, so a shard gets the same views as the
-        whole data set would).
+        whole data set would). sizes: int [N, 2], each sample's source image (H, W), for
+        policies whose views depend on it (`ImageNetPolicy`); the others ignore it.
         """
-        sample_idx = np.asarray(sample_idx, dtype=np.int64).reshape(-1)
-        num_views = int(num_views)
-        if num_views < 1:
-            raise KdpipeError(f"the number of views must be at least 1, got {num_views}.")
-        samples = sample_idx[:, None]
-        views = np.arange(num_views, dtype=np.int64)[None, :]
+        samples, views = _view_counters(sample_idx, num_views)
         return self._sample_table(int(seed), samples, views).astype(np.int32)
 
     def _sample_table(self, seed: int, samples: np.ndarray, views: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def random(self, generator: torch.Generator | None, batch_size: int,
-               device=None) -> torch.Tensor:
+               device=None, sizes=None) -> torch.Tensor:
         """B fresh random views: torch.int32 [B, P] on `device` (default: the generator's).
 
-        One 62-bit seed is drawn from `generator`; the views are then `sample(seed, 0..B-1, 1)`,
-        so a seeded generator gives reproducible views and the global RNG is untouched.
+        One 62-bit seed is drawn from `generator`; the views are then
+        `sample(seed, 0..B-1, 1, sizes)`, so a seeded generator gives reproducible views and
+        the global RNG is untouched. sizes: int [B, 2] (H, W) as in `sample`.
         """
         gen_device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
-        table = self.sample(seed, np.arange(batch_size), 1)[:, 0]
+        table = self.sample(seed, np.arange(batch_size), 1, sizes=sizes)[:, 0]
         return torch.from_numpy(table).to(device if device is not None else gen_device)
 
     # --- application ----------------------------------------------------------------------
@@ -188,7 +197,8 @@ class Policy:
         """
         raise NotImplementedError
 
-    def apply_maps(self, maps: torch.Tensor, params, mode: str = "bilinear") -> torch.Tensor:
+    def apply_maps(self, maps: torch.Tensor, params, mode: str = "bilinear",
+                   sizes=None) -> torch.Tensor:
         """Warp target maps of the identity view to the view `params` (ReLabel-style).
 
         maps: [B, C, h, w] covering the un-padded source image (h, w may differ from the
@@ -200,6 +210,9 @@ class Policy:
         image (the zero- or reflect-padded margin of a crop), the map is extended with its
         border cells (padding_mode="border"): a teacher's map there is unknown, and the
         nearest real cell is a better guess than zero. The flip is applied last.
+
+        sizes: int [B, 2], each sample's source image (H, W), for policies whose params are
+        in the source image's pixels (`ImageNetPolicy`); the others ignore it.
 
         Returns [B, C, h, w] of the maps' dtype (integer maps need mode="nearest" and keep
         their values and dtype exactly).
@@ -225,7 +238,8 @@ class Policy:
             work_dtype = torch.float32
         else:
             work_dtype = maps.dtype
-        theta = self._map_theta(params).to(work_dtype)
+        theta = (self._map_theta(params) if sizes is None
+                 else self._map_theta(params, sizes=sizes)).to(work_dtype)
         grid = F.affine_grid(theta, list(maps.shape), align_corners=False)
         out = F.grid_sample(maps.to(work_dtype), grid, mode=mode, padding_mode="border",
                             align_corners=False)
@@ -388,11 +402,90 @@ class DigitsPolicy(CropFlipPolicy):
         super().__init__("digits", image_size, padding, flip=False, pad_mode=pad_mode)
 
 
-class ImageNetPolicy(Policy):
-    """RandomResizedCrop(image size, scale, ratio) + horizontal flip on the stored image.
+def _as_sizes(sizes, count: int) -> np.ndarray:
+    """Source image sizes as int64 [count, 2] (H, W), every side at least 1."""
+    array = np.asarray(sizes, dtype=np.int64)
+    if array.shape != (count, 2):
+        raise ValueError(f"sizes must be [N, 2] (H, W) with N = {count}, got {array.shape}")
+    if count and array.min() < 1:
+        raise ValueError("sizes must be positive (H, W) pairs")
+    return array
 
-    Params (y0, x0, h, w, flip): the crop box in the source image's pixels; the box is resized
-    (bilinear, antialias off) back to the image size. Infinitely many views.
+
+def random_resized_crop_boxes(seed: int, samples: np.ndarray, views: np.ndarray,
+                              heights, widths, scale=(0.08, 1.0),
+                              ratio=(3.0 / 4.0, 4.0 / 3.0), attempts: int = 10) -> np.ndarray:
+    """torchvision's `RandomResizedCrop.get_params`, vectorised over all (sample, view) pairs.
+
+    samples [N, 1], views [1, K] (counters for `hash_uniform`); heights, widths: each
+    sample's source image size, broadcastable to [N, K]. Returns int64 [N, K, 4]
+    (y0, x0, h, w) in that image's pixels.
+
+    As torchvision: each of `attempts` tries draws an area uniform in scale * H * W and an
+    aspect ratio log-uniform in `ratio`, w = round(sqrt(area * r)), h = round(sqrt(area / r))
+    (round half to even, as Python's round); the first try with 0 < w <= W and 0 < h <= H
+    wins, its corner uniform over the positions that keep the box inside. If none fits,
+    the centre crop of the whole image clamped to the ratio range. Draws 4a..4a+3 of
+    `hash_uniform` feed try a.
+    """
+    shape = np.broadcast(samples, views).shape
+    height = np.broadcast_to(np.asarray(heights, dtype=np.int64), shape).reshape(-1)
+    width = np.broadcast_to(np.asarray(widths, dtype=np.int64), shape).reshape(-1)
+    flat_samples = np.broadcast_to(samples, shape).reshape(-1)
+    flat_views = np.broadcast_to(views, shape).reshape(-1)
+    box = np.zeros((height.size, 4), dtype=np.int64)
+    found = np.zeros(height.size, dtype=bool)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    # Each try draws only for the boxes still pending (most fit at the first try): the
+    # values are those of drawing everything, at a fraction of the hashing.
+    pending = np.arange(height.size)
+    for attempt in range(attempts):
+        if not pending.size:
+            break
+        draw = 4 * attempt
+        s, v, ph, pw = flat_samples[pending], flat_views[pending], height[pending], width[pending]
+        target_area = (ph * pw) * (scale[0] + (scale[1] - scale[0]) * hash_uniform(seed, s, v, draw))
+        aspect = np.exp(log_lo + (log_hi - log_lo) * hash_uniform(seed, s, v, draw + 1))
+        w = np.rint(np.sqrt(target_area * aspect)).astype(np.int64)
+        h = np.rint(np.sqrt(target_area / aspect)).astype(np.int64)
+        fits = (w > 0) & (w <= pw) & (h > 0) & (h <= ph)
+        s, v, h, w, ph, pw = s[fits], v[fits], h[fits], w[fits], ph[fits], pw[fits]
+        y = np.floor(hash_uniform(seed, s, v, draw + 2) * (ph - h + 1)).astype(np.int64)
+        x = np.floor(hash_uniform(seed, s, v, draw + 3) * (pw - w + 1)).astype(np.int64)
+        chosen = pending[fits]
+        box[chosen] = np.stack([y, x, h, w], axis=-1)
+        found[chosen] = True
+        pending = pending[~fits]
+    # Fallback: torchvision's central crop, the whole image clamped to the ratio range.
+    in_ratio = width / height
+    tall, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fallback_w = np.where(wide, np.rint(height * max(ratio)), width).astype(np.int64)
+    fallback_h = np.where(tall, np.rint(width / min(ratio)), height).astype(np.int64)
+    fallback = np.stack([(height - fallback_h) // 2, (width - fallback_w) // 2,
+                         fallback_h, fallback_w], axis=-1)
+    return np.where(found[:, None], box, fallback).reshape(shape + (4,))
+
+
+class ImageNetPolicy(Policy):
+    """RandomResizedCrop(image size, scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip.
+
+    The ImageNet training recipe of torchvision's references and of mdistiller/CAT-KD
+    (mdistiller/dataset/imagenet.py: RandomResizedCrop(224) + RandomHorizontalFlip).
+
+    Params int32 (y0, x0, h, w, flip): the crop box in the ORIGINAL (decoded, full
+    resolution) image's pixels, drawn as torchvision's `RandomResizedCrop.get_params` draws
+    it from that image's own height and width; the box is resized to `image_size` and
+    flipped where flip == 1. An ImageFolder store keeps these boxes, so stage two replays
+    exactly the view the teacher saw (`ImageFolderDataset.get_views` decodes them with PIL).
+
+    Because the box depends on each image's size, `sample`, `random` and `identity` take the
+    source sizes (`sizes` int [N, 2] (H, W), `size` (H, W)). Without them every source image
+    is taken to be `image_size` (the behaviour for batches of equal-size tensors, e.g.
+    `apply_images` on a resident data set).
+
+    Identity: the whole image, unflipped, (0, 0, H, W, 0): for ImageNet that is the full
+    image resized (anisotropically) to image_size, not the test view (Resize + CenterCrop).
+    Infinitely many views.
     """
 
     name = "imagenet"
@@ -406,60 +499,53 @@ class ImageNetPolicy(Policy):
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.attempts = int(attempts)
 
-    def identity(self) -> np.ndarray:
-        height, width = self.image_size
+    def identity(self, size=None) -> np.ndarray:
+        """The whole source image, unflipped: int32 (0, 0, H, W, 0); size (H, W) defaults
+        to `image_size`."""
+        height, width = self.image_size if size is None else (int(size[0]), int(size[1]))
         return np.array([0, 0, height, width, 0], dtype=np.int32)
 
-    def _sample_table(self, seed, samples, views):
-        """torchvision's RandomResizedCrop.get_params, vectorised over all (sample, view).
+    def identity_rows(self, sizes) -> np.ndarray:
+        """`identity` for every sample: int32 [N, 5] from sizes int [N, 2] (H, W)."""
+        sizes = np.asarray(sizes, dtype=np.int64)
+        sizes = _as_sizes(sizes, len(sizes))
+        rows = np.zeros((len(sizes), 5), dtype=np.int32)
+        rows[:, 2:4] = sizes
+        return rows
 
-        Each of `attempts` tries draws an area and a log-uniform aspect ratio; the first try
-        whose box fits is taken; if none fits, the whole image clamped to the ratio range,
-        centred (torchvision's fallback).
+    def sample(self, seed: int, sample_idx, num_views: int, sizes=None) -> np.ndarray:
+        """K seeded boxes per sample: int32 [N, K, 5], a pure function of (seed, sample
+        index, view index, that sample's size).
+
+        sizes: int [N, 2] (H, W) of each sample's original image (the data set's
+        `image_sizes[sample_idx]`); None takes every image to be `image_size`.
         """
-        height, width = self.image_size
-        area = height * width
-        shape = np.broadcast(samples, views).shape
-        box_h = np.full(shape, -1, dtype=np.int64)
-        box_w = np.full(shape, -1, dtype=np.int64)
-        box_y = np.zeros(shape, dtype=np.int64)
-        box_x = np.zeros(shape, dtype=np.int64)
-        found = np.zeros(shape, dtype=bool)
-        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        for attempt in range(self.attempts):
-            draw = 4 * attempt
-            target_area = area * (self.scale[0] + (self.scale[1] - self.scale[0])
-                                  * hash_uniform(seed, samples, views, draw))
-            aspect = np.exp(log_lo + (log_hi - log_lo) * hash_uniform(seed, samples, views, draw + 1))
-            w = np.rint(np.sqrt(target_area * aspect)).astype(np.int64)
-            h = np.rint(np.sqrt(target_area / aspect)).astype(np.int64)
-            fits = (~found) & (w > 0) & (w <= width) & (h > 0) & (h <= height)
-            y = np.floor(hash_uniform(seed, samples, views, draw + 2) * (height - h + 1))
-            x = np.floor(hash_uniform(seed, samples, views, draw + 3) * (width - w + 1))
-            box_h = np.where(fits, h, box_h)
-            box_w = np.where(fits, w, box_w)
-            box_y = np.where(fits, y.astype(np.int64), box_y)
-            box_x = np.where(fits, x.astype(np.int64), box_x)
-            found |= fits
-        in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            fallback_w, fallback_h = width, int(round(width / self.ratio[0]))
-        elif in_ratio > self.ratio[1]:
-            fallback_h, fallback_w = height, int(round(height * self.ratio[1]))
+        samples, views = _view_counters(sample_idx, num_views)
+        if sizes is None:
+            heights, widths = self.image_size
         else:
-            fallback_h, fallback_w = height, width
-        box_h = np.where(found, box_h, fallback_h)
-        box_w = np.where(found, box_w, fallback_w)
-        box_y = np.where(found, box_y, (height - fallback_h) // 2)
-        box_x = np.where(found, box_x, (width - fallback_w) // 2)
+            sizes = _as_sizes(sizes, samples.shape[0])
+            heights, widths = sizes[:, 0:1], sizes[:, 1:2]
+        return self._table(int(seed), samples, views, heights, widths).astype(np.int32)
+
+    def _sample_table(self, seed, samples, views):
+        return self._table(seed, samples, views, *self.image_size)
+
+    def _table(self, seed, samples, views, heights, widths) -> np.ndarray:
+        boxes = random_resized_crop_boxes(seed, samples, views, heights, widths,
+                                          self.scale, self.ratio, self.attempts)
         flip = _hash_int(seed, samples, views, 4 * self.attempts, 2)
-        return np.stack([box_y, box_x, box_h, box_w, np.broadcast_to(flip, shape)], axis=-1)
+        flip = np.broadcast_to(flip, boxes.shape[:-1])[..., None]
+        return np.concatenate([boxes, flip], axis=-1)
 
     def apply_images(self, images: torch.Tensor, params) -> torch.Tensor:
         """Crop each box and resize it to the image size (bilinear, antialias off), then flip.
 
-        One interpolate per sample: boxes differ in size, and ImageNet batches are small next
-        to the network's cost. uint8 images are resized in float32 and rounded back.
+        The tensor path, for batches of equal-size images whose boxes are in those images'
+        pixels. ImageFolder data never come here: `ImageFolderDataset.get_views` decodes each
+        original image and resizes with PIL (antialiased, as torchvision does for PIL).
+        One interpolate per sample: boxes differ in size. uint8 images are resized in
+        float32 and rounded back.
         """
         params = _as_params(params, images.device)
         _check_images(images, params, self.param_dim)
@@ -478,9 +564,20 @@ class ImageNetPolicy(Policy):
             outputs.append(crop)
         return torch.stack(outputs).contiguous()
 
-    def _map_theta(self, params):
-        height, width = self.image_size
+    def _map_theta(self, params, sizes=None):
+        """Box -> affine over maps that cover the whole source image (the identity view).
+
+        sizes: int [B, 2] (H, W) of each source image; None takes `image_size`.
+        """
         dtype = torch.float64
+        if sizes is None:
+            height = torch.full((params.shape[0],), float(self.image_size[0]), dtype=dtype,
+                                device=params.device)
+            width = torch.full_like(height, float(self.image_size[1]))
+        else:
+            size_t = torch.as_tensor(_as_sizes(sizes, params.shape[0]), dtype=dtype,
+                                     device=params.device)
+            height, width = size_t[:, 0], size_t[:, 1]
         y0, x0, h, w, flip = (params[:, i].to(dtype) for i in range(5))
         # Box [x0, x0 + w] in pixels -> centre and half-width in normalised units.
         centre_x = (2 * x0 + w) / width - 1.0

@@ -16,7 +16,7 @@ from kdpipe.data import (
 )
 from kdpipe.data.base import compute_fingerprint
 from kdpipe.errors import DataError
-from kdpipe.views import CifarPolicy, DigitsPolicy, ImageNetPolicy
+from kdpipe.views import CifarPolicy, DigitsPolicy
 
 
 # --- digits -------------------------------------------------------------------------------
@@ -186,52 +186,6 @@ def test_cifar_malformed_pickle(cifar10_folder):
     _write_pickle(cifar10_folder / "test_batch", {b"images": 1})
     with pytest.raises(DataError, match="lacks b'data'"):
         load_dataset(f"cifar10:{cifar10_folder}", "test")
-
-
-# --- ImageFolder --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def image_folder(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(2)
-    for split, per_class in (("train", 2), ("val", 1)):
-        for cls in ("cat", "ant"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)  # H=12, W=20
-                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
-    (tmp_path / "train" / "ant" / "notes.txt").write_text("not an image")
-    return tmp_path
-
-
-def test_imagefolder_lazy_loading(image_folder):
-    train = load_dataset(f"imagefolder:{image_folder}?size=8", "train")
-    assert train.images is None and len(train) == 4 and train.num_classes == 2
-    assert train.class_names == ["ant", "cat"]  # sorted, like torchvision
-    assert train.labels.tolist() == [0, 0, 1, 1]
-    assert isinstance(train.policy, ImageNetPolicy) and train.policy.num_views is None
-    assert train.mean == (0.485, 0.456, 0.406)
-    batch = train.get_batch([3, 0])
-    assert batch.dtype == torch.uint8 and batch.shape == (2, 3, 8, 8)
-    assert train.fingerprint == load_dataset(f"imagefolder:{image_folder}?size=8", "train").fingerprint
-    val = load_dataset(f"imagefolder:{image_folder}", "val")
-    assert val.split == "test" and len(val) == 2 and val.image_size == (64, 64)
-    assert val.get_batch([1]).shape == (1, 3, 64, 64)
-    assert "loaded lazily" in val.describe()
-
-
-def test_imagefolder_errors(image_folder, tmp_path):
-    with pytest.raises(DataError, match="has no folder 'train'"):
-        load_dataset(f"imagefolder:{image_folder / 'train'}", "train")
-    (image_folder / "val" / "zebra").mkdir()
-    with pytest.raises(DataError, match="zebra"):
-        load_dataset(f"imagefolder:{image_folder}", "test")
-    (image_folder / "train" / "cat" / "2.png").write_bytes(b"broken")
-    broken = load_dataset(f"imagefolder:{image_folder}?size=8", "train")
-    with pytest.raises(DataError, match="could not read the image"):
-        broken.get_batch([4])  # cat/2.png sorts after cat/0.png, cat/1.png
 
 
 # --- synthetic, specs, helpers ------------------------------------------------------------

@@ -4,7 +4,7 @@
 
 - ``digits``: scikit-learn's bundled 8x8 digits upscaled to 32x32 RGB (no files needed).
 - ``cifar10:/path/to/cifar-10-batches-py``, ``cifar100:/path/to/cifar-100-python``.
-- ``imagefolder:/path[?size=64]``: /path/train/<class>/*, /path/val/<class>/*.
+- ``imagefolder:/path[?size=224&resize=256]``: /path/train/<class>/*, /path/val/<class>/*.
 - ``synthetic[:n=256,classes=10,size=32,seed=0]``: generated, learnable patterns.
 
 split is "train" or "test" ("val" is accepted for "test").
