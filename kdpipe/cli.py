@@ -70,12 +70,14 @@ def cli():
 @click.option("--gpus", "data_parallel", default=1, show_default=True, type=int,
               help="Data-parallel workers on Ray Train (one per GPU; CPU workers with gloo where there is no GPU).")
 @click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
+@click.option("--workers", "loader_workers", default=None, type=click.IntRange(min=0),
+              help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).")
 @click.option("--ray-address", default=None, help="With --gpus: join this Ray cluster instead of a local one.")
 @click.option("--resume", default=None, type=click.Path(exists=True, file_okay=False),
               help="Continue an interrupted teacher run directory from its last epoch (its config is reused).")
 @click.pass_context
 def train_teacher(ctx, arch, data, epochs, lr, batch_size, seed, device, amp, out, data_parallel, sync_bn,
-                  ray_address, resume):
+                  loader_workers, ray_address, resume):
     """Train a teacher with cross-entropy (reference recipe) into a run directory."""
     from kdpipe.pipeline.configs import TeacherConfig
     from kdpipe.stages.teacher import train_teacher as run_stage
@@ -83,13 +85,14 @@ def train_teacher(ctx, arch, data, epochs, lr, batch_size, seed, device, amp, ou
     if resume:
         given = given_options(ctx, ("arch", "data", "epochs", "lr", "batch_size", "seed", "amp", "data_parallel",
                                     "sync_bn"))
-        s = run_stage(resume=resume, given=given, device=device, ray_address=ray_address)
+        s = run_stage(resume=resume, given=given, device=device, ray_address=ray_address,
+                      loader_workers=loader_workers)
     else:
         if not arch:
             raise KdpipeError("train-teacher needs --arch (or --resume RUN).")
         s = run_stage(TeacherConfig(arch=arch, data=data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                     amp=amp, data_parallel=data_parallel, sync_bn=sync_bn), out=out, device=device,
-                      ray_address=ray_address)
+                      ray_address=ray_address, loader_workers=loader_workers)
     click.echo(format_summary("train-teacher: done", {
         "test top-1 (%)": s["top1"], "test top-5 (%)": s["top5"], "best top-1 (%)": s["best_top1"],
         "epochs": s["epochs"], "wall time (s)": s["wall_seconds"], "img/s (train)": s["img_per_s"],
@@ -244,6 +247,8 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 @click.option("--gpus", "data_parallel", default=1, show_default=True, type=int,
               help="Data-parallel workers on Ray Train (one per GPU; CPU workers with gloo where there is no GPU).")
 @click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
+@click.option("--workers", "loader_workers", default=None, type=click.IntRange(min=0),
+              help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).")
 @click.option("--ray-address", default=None, help="Sweeps and --gpus: join this Ray cluster instead of a local one.")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Parent folder of the run (or sweep) directory.")
@@ -257,8 +262,8 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 def train_student(ctx, store, targets, student, method, beta, resolution, normalize, ce_weight, binarize, top_n,
                   bottom_n, temperature, alpha_penult, alpha_inter, epochs, lr, batch_size, views, resident,
                   penult_target, seed, device, amp, resume, online_teacher, online_views, data, subset_fraction,
-                  subset_seed, sweeps, executor, data_parallel, sync_bn, ray_address, out, head, config_file, sets,
-                  print_config):
+                  subset_seed, sweeps, executor, data_parallel, sync_bn, loader_workers, ray_address, out, head,
+                  config_file, sets, print_config):
     """Stage two: train a student from the store, teacher-free.
 
     --store, --student and --method are required, except with --config FILE (which gives
@@ -280,7 +285,8 @@ def train_student(ctx, store, targets, student, method, beta, resolution, normal
         given = given_options(ctx, [k for k in fields if k != "method_options"])
         if any(v is not None for v in options.values()):
             given["method_options"] = fields["method_options"]
-        s = run_stage(resume=resume, given=given, device=device, ray_address=ray_address)
+        s = run_stage(resume=resume, given=given, device=device, ray_address=ray_address,
+                      loader_workers=loader_workers)
     else:
         cfg, record = _student_config(ctx, fields, options, config_file, sets, print_config)
         if print_config:
@@ -291,7 +297,8 @@ def train_student(ctx, store, targets, student, method, beta, resolution, normal
         if sweeps:
             _run_sweep(cfg, sweeps, executor, out, ray_address)
             return
-        s = run_stage(cfg, out=out, device=device, ray_address=ray_address, source=record)
+        s = run_stage(cfg, out=out, device=device, ray_address=ray_address, source=record,
+                      loader_workers=loader_workers)
     click.echo(format_summary(f"train-student: {s['student']} with {s['method']} ({s['target_source']}) done", {
         "final top-1 (%)": s["final_top1"], "final top-5 (%)": s["final_top5"],
         "best top-1 (%)": s["best_top1"], "best epoch": s["best_epoch"], "epochs": s["epochs"],

@@ -442,3 +442,16 @@ def test_loader_arguments():
         loader.test_batches(digits, [0], batch_size=0, workers=0)
     with pytest.raises(KdpipeError, match="workers"):
         loader.test_batches(digits, [0], batch_size=1, workers=-1)
+
+
+def test_place_dataset_decodes_with_default_workers_unless_given(image_folder):
+    from kdpipe.data.loader import default_workers
+    from kdpipe.engine.data import place_dataset
+    from kdpipe.errors import KdpipeError
+
+    train = _train(image_folder[0])
+    cpu = torch.device("cpu")
+    assert place_dataset(train, cpu, data_path="stream").workers == default_workers()
+    assert place_dataset(train, cpu, data_path="stream", workers=0).workers == 0
+    with pytest.raises(KdpipeError, match="--workers"):
+        place_dataset(train, cpu, data_path="stream", workers=-1)

@@ -99,9 +99,17 @@ class DeviceData:
 
 
 def place_dataset(dataset, device: torch.device, indices=None, data_path: str = "auto",
-                  workers: int = 0) -> DeviceData:
+                  workers: int | None = None) -> DeviceData:
     """Put ``dataset`` on ``device`` when it fits the measured budget (``data_path`` "auto"),
-    or force "resident"/"stream". ``indices`` (sample indices) restricts training to a subset."""
+    or force "resident"/"stream". ``indices`` (sample indices) restricts training to a subset.
+    ``workers``: DataLoader workers that decode a data set read per batch (None: one per
+    usable CPU but one, at most 8: ``kdpipe.data.loader.default_workers``)."""
+    if workers is None:
+        from kdpipe.data.loader import default_workers
+
+        workers = default_workers()
+    if int(workers) < 0:
+        raise KdpipeError(f"--workers must be 0 or more, got {workers}.")
     if data_path not in DATA_PATHS:
         raise KdpipeError(f"data_path must be one of {', '.join(DATA_PATHS)}, got {data_path!r}.")
     labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.int64).to(device)

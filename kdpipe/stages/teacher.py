@@ -60,7 +60,7 @@ def _check(cfg: TeacherConfig) -> None:
 
 
 def train_teacher(cfg: TeacherConfig | None = None, *, resume=None, given: dict | None = None, out="runs",
-                  device=None, progress: bool = True, data_path: str = "auto", loader_workers: int = 0,
+                  device=None, progress: bool = True, data_path: str = "auto", loader_workers: int | None = None,
                   after_epoch=None, ray_address: str | None = None) -> dict:
     """Train ``cfg.arch`` on ``cfg.data`` (a ``kdpipe.data.load_dataset`` spec) with cross-entropy;
     on ``cfg.data_parallel`` Ray Train workers when it is above 1.
@@ -117,7 +117,7 @@ def _teacher_worker(payload: dict) -> None:
 
 
 def _train_here(cfg: TeacherConfig, train_set, test_set, run, resume: bool, workers: Workers, dev, progress=True,
-                data_path="auto", loader_workers=0, after_epoch=None) -> None:
+                data_path="auto", loader_workers=None, after_epoch=None) -> None:
     """The epochs of a teacher run in this process (alone, or as one data-parallel worker)."""
     from kdpipe.models import build
 

@@ -307,7 +307,7 @@ class Runtime:
     device: str | None = None
     progress: bool = True
     data_path: str = "auto"
-    loader_workers: int = 0
+    loader_workers: int | None = None   # DataLoader workers for decoded data (None: default_workers())
     plot: bool = True
     on_step: object = None
     after_epoch: object = None
@@ -315,7 +315,7 @@ class Runtime:
 
 def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict | None = None,
                   out="runs", device=None, progress: bool = True, data_path: str = "auto",
-                  loader_workers: int = 0, run_prefix: str | None = None, plot: bool = True, on_step=None,
+                  loader_workers: int | None = None, run_prefix: str | None = None, plot: bool = True, on_step=None,
                   after_epoch=None, ray_address: str | None = None, source: dict | None = None) -> dict:
     """Train a student (see the module docstring). With ``resume`` the run's own config is
     used; ``given`` holds options the user passed beside it (refused when they differ). With
