@@ -374,3 +374,16 @@ def test_recipes():
     assert get_method("letkd2").recipe("MobileNetV2")["lr"] == 0.01
     assert get_method("kd").recipe("mobile_half")["lr"] == 0.01
     assert get_method("letkd1").recipe("resnet8x4")["nesterov"] is True
+
+
+def test_reference_pairs_are_found_under_model_aliases():
+    # The references' own spellings (mdistiller vgg13_bn / mobile_half) name the same pair as
+    # kdpipe's canonical names, so the per-pair defaults must not depend on the spelling.
+    from kdpipe.methods import get_method
+    from kdpipe.methods.cat_kd import reference_settings
+
+    assert reference_settings("vgg13_bn", "mobile_half") == reference_settings("vgg13", "MobileNetV2")
+    assert reference_settings("vgg13_bn", "mobile_half")["beta"] == 15.0
+    assert reference_settings("vgg13_bn", "vgg8_bn") == {"beta": 4.5, "resolution": 2, "normalize": False}
+    letkd = get_method("letkd2").bind("ResNet50", "mobile_half", "cifar")
+    assert (letkd.options["alpha_penult"], letkd.options["alpha_inter"]) == (0.1, 0.2)

@@ -187,7 +187,9 @@ def reference_settings(teacher_arch: str, student_arch: str, dataset: str = "cif
                        masked: bool = False) -> dict:
     """beta, resolution and normalize of the reference's config for this setting: the pair's
     CAT-KD config, or the CAT (no CE) rules; beta None where the reference has no config."""
-    pair = (str(teacher_arch), str(student_arch))
+    from kdpipe.models.registry import canonical_or_same
+
+    pair = (canonical_or_same(teacher_arch), canonical_or_same(student_arch))
     if cat_only:
         return {"beta": CAT_ONLY_BETA_MASKED if masked else CAT_ONLY_BETA, "resolution": 2, "normalize": True}
     table = _IMAGENET_PAIRS if dataset == "imagenet" else _CIFAR_PAIRS

@@ -379,7 +379,9 @@ class LetKD(Method):
 
     def bind(self, teacher_arch: str | None = None, student_arch: str | None = None, dataset: str = "cifar"):
         self.dataset = dataset
-        key = (str(teacher_arch).lower(), str(student_arch).lower(), dataset)
+        from kdpipe.models.registry import canonical_or_same
+
+        key = (canonical_or_same(teacher_arch).lower(), canonical_or_same(student_arch).lower(), dataset)
         ref = self._REFERENCE_ALPHAS.get(key, {})
         for key in ("alpha_penult", "alpha_inter"):
             if key in self.options and self.options[key] is None:

@@ -51,6 +51,13 @@ def canonical_names() -> list[str]:
     return list(dict.fromkeys(_CANONICAL.values()))
 
 
+def canonical_or_same(name: str) -> str:
+    """The canonical name of a registered name or alias (``vgg13_bn`` -> ``vgg13``,
+    ``mobile_half`` -> ``MobileNetV2``); an unregistered name unchanged, so per-pair reference
+    tables find a pair however the user spelled it."""
+    return _CANONICAL.get(str(name), str(name))
+
+
 def canonical_name(name: str) -> str:
     """The canonical name of a registered name or alias (resolve_builder checks it exists)."""
     resolve_builder(name)
