@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-__all__ = ["plot_subclass_maps"]
+from kdpipe.errors import KdpipeError
+
+__all__ = ["plot_subclass_maps", "draw_cam_grid", "plot_student_curves", "picture_path"]
 
 
 def plot_subclass_maps(reader, record, num_images: int, png_path, dataset) -> str:
@@ -21,69 +25,175 @@ def plot_subclass_maps(reader, record, num_images: int, png_path, dataset) -> st
 
     K = int(record.k_inter)
     S = np.asarray(reader[record.array("subclass_scores")][...])
-    M = S.shape[0]
-    C = M // K
     labels = np.asarray(dataset.labels, dtype=np.int64)
-    # one image per class in turn, first occurrences
-    picks: list[int] = []
-    for rnd in range(len(labels)):
-        for c in range(C):
-            where = np.flatnonzero(labels == c)
-            if rnd < len(where):
-                picks.append(int(where[rnd]))
-            if len(picks) >= num_images:
-                break
-        if len(picks) >= num_images or rnd > len(labels):
-            break
-    picks = picks[:max(1, int(num_images))]
+    picks = _one_image_per_class(labels, S.shape[0] // K, num_images)
     cmap = plt.get_cmap("tab10" if K <= 10 else "tab20")
     fig, axes = plt.subplots(len(picks) + 1, 2, figsize=(10, 2.6 * (len(picks) + 1)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 3]})
     for row, i in enumerate(picks):
-        img = dataset.get_batch(np.array([i]))
-        if reader.has("views"):
-            try:
-                params = torch.as_tensor(np.asarray(reader["views"][i:i + 1, 0]))
-                img = dataset.policy.apply_images(img, params)
-            except Exception:  # noqa: BLE001 - drawing only; fall back to the raw image
-                pass
-        img = img[0].permute(1, 2, 0).numpy()
-        ids = np.asarray(reader[record.array("subclass_idx")][i, 0]).astype(np.int64)
         c = int(labels[i])
-        h, w = ids.shape
-        H, W = img.shape[:2]
-        ax = axes[row, 0]
-        ax.imshow(img if img.shape[2] == 3 else img[..., 0], cmap=None if img.shape[2] == 3 else "gray")
-        ys = (np.arange(h) + 0.5) * H / h - 0.5
-        xs = (np.arange(w) + 0.5) * W / w - 0.5
-        gx, gy = np.meshgrid(xs, ys)
-        ax.scatter(gx.ravel(), gy.ravel(), c=[cmap(int(k) % cmap.N) for k in (ids.ravel() % K)], s=40,
-                   edgecolors="white", linewidths=0.5)
-        ax.set_title(f"#{i} class {c}", fontsize=8)
-        ax.axis("off")
-        ax = axes[row, 1]
-        ax.imshow(S[c * K:(c + 1) * K], aspect="auto", cmap="viridis", interpolation="nearest",
-                  vmin=0, vmax=max(float(S[c * K:(c + 1) * K].max()), 1e-9))
-        for b in range(1, C):
-            ax.axvline(b * K - 0.5, color="white", lw=0.4)
-        ax.add_patch(plt.Rectangle((c * K - 0.5, -0.5), K, K, fill=False, ec="red", lw=1.2))
-        ax.set_yticks(np.arange(K))
-        ax.set_yticklabels([str(k) for k in range(K)], fontsize=6)
-        for k, tick in enumerate(ax.get_yticklabels()):
-            tick.set_color(cmap(k % cmap.N))
-        step = max(1, C // 20)
-        ax.set_xticks(np.arange(0, M, K * step) + (K - 1) / 2)
-        ax.set_xticklabels([str(j) for j in range(0, C, step)], fontsize=6)
-        ax.set_xlabel("target class block of S (columns c*K..c*K+K-1)", fontsize=7)
-        ax.set_title(f"S rows of class {c}'s sub-classes (dot colours = row labels)", fontsize=8)
+        ids = np.asarray(reader[record.array("subclass_idx")][i, 0]).astype(np.int64)
+        _draw_subclass_dots(axes[row, 0], _stored_view(reader, dataset, i), ids % K, cmap, f"#{i} class {c}")
+        _draw_score_rows(axes[row, 1], S, c, K, cmap)
     gs = axes[-1, 0].get_gridspec()
     for ax in axes[-1]:
         ax.remove()
-    ax = fig.add_subplot(gs[-1, :])
-    im = ax.imshow(S, cmap="viridis", aspect="auto", interpolation="nearest")
-    ax.set_title(f"score matrix S ({M} x {M} sub-classes, {C} classes x {K})", fontsize=8)
-    fig.colorbar(im, ax=ax, fraction=0.03)
+    _draw_score_matrix(fig, fig.add_subplot(gs[-1, :]), S, K)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return str(png_path)
+
+
+def _one_image_per_class(labels: np.ndarray, num_classes: int, num_images: int) -> list[int]:
+    """Sample indices taking each class in turn (its first, then second, ... occurrence)."""
+    members = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    picks: list[int] = []
+    for rank in range(max((len(m) for m in members), default=0)):
+        picks.extend(int(m[rank]) for m in members if rank < len(m))
+        if len(picks) >= num_images:
+            break
+    return picks[:max(1, int(num_images))]
+
+
+def _stored_view(reader, dataset, index: int) -> np.ndarray:
+    """Image ``index`` as its first stored view [H, W, 3] (the raw image where views cannot be
+    applied: drawing only)."""
+    img = dataset.get_batch(np.array([index]))
+    if reader.has("views"):
+        try:
+            img = dataset.policy.apply_images(img, torch.as_tensor(np.asarray(reader["views"][index:index + 1, 0])))
+        except Exception:  # noqa: BLE001 - drawing only; fall back to the raw image
+            pass
+    return img[0].permute(1, 2, 0).numpy()
+
+
+def _draw_subclass_dots(ax, img: np.ndarray, subclass: np.ndarray, cmap, title: str) -> None:
+    """The image with one dot per feature location, coloured by its sub-class k [h, w]."""
+    h, w = subclass.shape
+    H, W = img.shape[:2]
+    ax.imshow(img if img.shape[2] == 3 else img[..., 0], cmap=None if img.shape[2] == 3 else "gray")
+    gx, gy = np.meshgrid((np.arange(w) + 0.5) * W / w - 0.5, (np.arange(h) + 0.5) * H / h - 0.5)
+    ax.scatter(gx.ravel(), gy.ravel(), c=[cmap(int(k) % cmap.N) for k in subclass.ravel()], s=40,
+               edgecolors="white", linewidths=0.5)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def _draw_score_rows(ax, S: np.ndarray, c: int, K: int, cmap) -> None:
+    """Rows S[c*K:(c+1)*K] (class c's sub-classes) over every target class block."""
+    import matplotlib.pyplot as plt
+
+    M = S.shape[0]
+    C = M // K
+    rows = S[c * K:(c + 1) * K]
+    ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=max(float(rows.max()), 1e-9))
+    for b in range(1, C):
+        ax.axvline(b * K - 0.5, color="white", lw=0.4)
+    ax.add_patch(plt.Rectangle((c * K - 0.5, -0.5), K, K, fill=False, ec="red", lw=1.2))
+    ax.set_yticks(np.arange(K))
+    ax.set_yticklabels([str(k) for k in range(K)], fontsize=6)
+    for k, tick in enumerate(ax.get_yticklabels()):
+        tick.set_color(cmap(k % cmap.N))
+    step = max(1, C // 20)
+    ax.set_xticks(np.arange(0, M, K * step) + (K - 1) / 2)
+    ax.set_xticklabels([str(j) for j in range(0, C, step)], fontsize=6)
+    ax.set_xlabel("target class block of S (columns c*K..c*K+K-1)", fontsize=7)
+    ax.set_title(f"S rows of class {c}'s sub-classes (dot colours = row labels)", fontsize=8)
+
+
+def _draw_score_matrix(fig, ax, S: np.ndarray, K: int) -> None:
+    M = S.shape[0]
+    im = ax.imshow(S, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.set_title(f"score matrix S ({M} x {M} sub-classes, {M // K} classes x {K})", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+
+
+def draw_cam_grid(images: torch.Tensor, cams: np.ndarray, logits: np.ndarray, names: list, captions: list,
+                  title: str, png_path, top: int) -> str:
+    """One row per image: the image, then the CAMs of its ``top`` classes (by ``logits``)
+    upsampled bilinearly and overlaid, each titled with its class and softmax probability.
+
+    Args:
+        images: [k, 3, H, W] in [0, 1]; cams: [k, C, h, w]; logits: [k, C];
+        names: class names; captions: one title per image.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+
+    k = images.shape[0]
+    h, w = images.shape[-2:]
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    fig, axes = plt.subplots(k, top + 1, figsize=(2.2 * (top + 1), 2.3 * k), squeeze=False)
+    for r in range(k):
+        img = images[r].permute(1, 2, 0).numpy()
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_title(captions[r], fontsize=8)
+        for j, c in enumerate(np.argsort(-logits[r])[:top]):
+            cam = F.interpolate(torch.from_numpy(cams[r, c])[None, None], size=(h, w), mode="bilinear",
+                                align_corners=False)[0, 0].numpy()
+            ax = axes[r, j + 1]
+            ax.imshow(img)
+            ax.imshow(cam, cmap="jet", alpha=0.5)
+            ax.set_title(f"{names[int(c)]} p={probs[r, c]:.2f}", fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    # Leave a band at the top for the title: tight_layout alone lays the panels over it.
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.3 * k)))
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return str(png_path)
+
+
+def plot_student_curves(curves_by_label: dict, png) -> Path:
+    """Test top-1 per epoch: one colour per student label, the mean over its runs (seeds) with
+    a band from the lowest to the highest. ``curves_by_label``: label -> [per-run top-1 lists]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for label, curves in curves_by_label.items():
+        length = min(len(c) for c in curves)
+        top1 = np.array([c[:length] for c in curves], dtype=float)
+        epochs = np.arange(1, length + 1)
+        (line,) = ax.plot(epochs, top1.mean(0), label=f"{label} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(epochs, top1.min(0), top1.max(0), color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Students on 10% of digits: test top-1 per epoch (mean over seeds, min-max band)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return Path(png)
+
+
+def picture_path(png) -> str:
+    """Where a picture goes: the path as given (its folder made when missing), ``.png`` added
+    when it has no extension; an extension matplotlib cannot write is one sentence."""
+    import os
+
+    from matplotlib.figure import Figure
+
+    path = os.fspath(png)
+    root, ext = os.path.splitext(path)
+    formats = Figure().canvas.get_supported_filetypes()
+    if not ext:
+        path = root + ".png"
+    elif ext[1:].lower() not in formats:
+        raise KdpipeError(f"--png {png}: matplotlib cannot write .{ext[1:]} pictures; use one of "
+                          f"{', '.join(sorted(formats))}.")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise KdpipeError(f"--png {png}: the folder {folder} cannot be made ({err.strerror}).") from None
+    return path

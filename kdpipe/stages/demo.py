@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from kdpipe.errors import KdpipeError
+from kdpipe.pipeline.plots import plot_student_curves
 from kdpipe.pipeline.report import mean_std
 
 DATA = "digits"
@@ -222,36 +223,14 @@ def _store_bytes(store: Path) -> int:
     return sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
 
 
-def _plot_student_curves(rows: list[dict], png: Path) -> Path:
-    """Test top-1 per epoch: one colour per student run, the mean over seeds with a band from
-    the lowest to the highest seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+def _curves_by_label(rows: list[dict]) -> dict:
+    """Test top-1 per epoch of every run, grouped by student label (one list per seed)."""
     from kdpipe.pipeline.rundir import RunDir
 
-    fig, ax = plt.subplots(figsize=(8.5, 4.5))
-    for label in dict.fromkeys(r["label"] for r in rows):
-        curves = [[m["test_top1"] for m in RunDir.open(r["run_dir"]).read_metrics()]
-                  for r in rows if r["label"] == label]
-        length = min(len(c) for c in curves)
-        top1 = np.array([c[:length] for c in curves], dtype=float)
-        epochs = np.arange(1, length + 1)
-        (line,) = ax.plot(epochs, top1.mean(0), label=f"{label} (n={len(curves)})")
-        if len(curves) > 1:
-            ax.fill_between(epochs, top1.min(0), top1.max(0), color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Students on 10% of digits: test top-1 per epoch (mean over seeds, min-max band)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    curves: dict = {}
+    for r in rows:
+        curves.setdefault(r["label"], []).append([m["test_top1"] for m in RunDir.open(r["run_dir"]).read_metrics()])
+    return curves
 
 
 def results_table(rows: list[dict]) -> list[dict]:
@@ -356,7 +335,7 @@ def run_demo(out: str | Path = "kdpipe-demo", fast: bool = False, settings: Demo
     train_set = load_dataset(DATA, "train")
     teacher_model = load_teacher(s.teacher_arch, str(ckpt), train_set.num_classes)
     pictures = {
-        "curves": str(_plot_student_curves(rows, report / "curves.png")),
+        "curves": str(plot_student_curves(_curves_by_label(rows), report / "curves.png")),
         "cams": str(plot_cams(reader, train_set, 8, report / "cams.png", teacher=teacher_model)),
         "subclasses": str(plot_subclasses(reader, TARGET_SET, 6, report / "subclasses.png", train_set)),
     }

@@ -16,16 +16,10 @@ import textwrap
 import numpy as np
 
 from kdpipe.errors import KdpipeError, StoreError
+from kdpipe.pipeline.plots import picture_path
+from kdpipe.pipeline.report import human_bytes
 
 TOP_CLASSES = 3
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _ranges(ids: list[int]) -> str:
@@ -71,12 +65,12 @@ def describe(reader) -> str:
     lines.append(f"  {'name':<{w}}  {'shape':<24} {'dtype':<8} {'chunks':<22} {'stored':>10} {'raw':>10} ratio")
     for a in info:
         lines.append(f"  {a['name']:<{w}}  {str(list(a['shape'])):<24} {a['dtype']:<8} "
-                     f"{str(list(a['chunks'])):<22} {_human(a['stored_bytes']):>10} {_human(a['bytes']):>10} "
+                     f"{str(list(a['chunks'])):<22} {human_bytes(a['stored_bytes']):>10} {human_bytes(a['bytes']):>10} "
                      f"{a['ratio']:.2f}x")
     raw = sum(a["bytes"] for a in info)
     stored = sum(a["stored_bytes"] for a in info)
     if stored:
-        lines.append(f"  {'total':<{w}}  {'':<24} {'':<8} {'':<22} {_human(stored):>10} {_human(raw):>10} "
+        lines.append(f"  {'total':<{w}}  {'':<24} {'':<8} {'':<22} {human_bytes(stored):>10} {human_bytes(raw):>10} "
                      f"{raw / stored:.2f}x")
     sets = m.get("targets") or {}
     if sets:
@@ -133,12 +127,9 @@ def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES
     """A grid: for `num_images` samples (seeded pick), view 0 of the image, then the CAMs of the
     teacher's `top` classes (by stored logits) upsampled and overlaid: the native CAM where the
     store holds it or ``teacher`` is given, else the largest pooled CAM. Writes `png_path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
-    import torch.nn.functional as F
+
+    from kdpipe.pipeline.plots import draw_cam_grid
 
     n_total = reader.num_samples
     k = max(1, min(int(num_images), n_total))
@@ -147,32 +138,11 @@ def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES
     logits = np.asarray(reader["logits"].get_orthogonal_selection((idx, 0))).astype(np.float32)
     cams, kind = _cams_of(reader, dataset, idx, views, teacher)
     images = dataset.policy.apply_images(dataset.get_batch(idx), torch.from_numpy(views))
-    h, w = dataset.image_size
     names = dataset.class_names or [str(c) for c in range(dataset.num_classes)]
+    captions = [f"#{i} label {names[int(dataset.labels[i])]}" for i in idx]
     top = max(1, min(int(top), logits.shape[1]))
-    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-    fig, axes = plt.subplots(k, top + 1, figsize=(2.2 * (top + 1), 2.3 * k), squeeze=False)
-    for r, i in enumerate(idx):
-        img = images[r].permute(1, 2, 0).numpy()
-        axes[r, 0].imshow(img)
-        axes[r, 0].set_title(f"#{i} label {names[int(dataset.labels[i])]}", fontsize=8)
-        order = np.argsort(-logits[r])[:top]
-        for j, c in enumerate(order):
-            cam = F.interpolate(torch.from_numpy(cams[r, c])[None, None], size=(h, w), mode="bilinear",
-                                align_corners=False)[0, 0].numpy()
-            ax = axes[r, j + 1]
-            ax.imshow(img)
-            ax.imshow(cam, cmap="jet", alpha=0.5)
-            ax.set_title(f"{names[int(c)]} p={probs[r, c]:.2f}", fontsize=8)
-    for ax in axes.ravel():
-        ax.axis("off")
-    fig.suptitle(f"teacher CAMs ({kind}) of the top-{top} classes ({reader.manifest['teacher'].get('arch')})",
-                 fontsize=9)
-    # Leave a band at the top for the title: tight_layout alone lays the panels over it.
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.3 * k)))
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)
-    return str(png_path)
+    title = f"teacher CAMs ({kind}) of the top-{top} classes ({reader.manifest['teacher'].get('arch')})"
+    return draw_cam_grid(images, cams, logits, names, captions, title, png_path, top)
 
 
 def _store_policy(reader, dataset):
@@ -180,29 +150,6 @@ def _store_policy(reader, dataset):
     from kdpipe.views import with_pad_mode
 
     return with_pad_mode(dataset.policy, (reader.manifest.get("views") or {}).get("pad_mode"))
-
-
-def picture_path(png) -> str:
-    """Where a picture goes: the path as given (its folder made when missing), ``.png`` added
-    when it has no extension; an extension matplotlib cannot write is one sentence."""
-    import os
-
-    from matplotlib.figure import Figure
-
-    path = os.fspath(png)
-    root, ext = os.path.splitext(path)
-    formats = Figure().canvas.get_supported_filetypes()
-    if not ext:
-        path = root + ".png"
-    elif ext[1:].lower() not in formats:
-        raise KdpipeError(f"--png {png}: matplotlib cannot write .{ext[1:]} pictures; use one of "
-                          f"{', '.join(sorted(formats))}.")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise KdpipeError(f"--png {png}: the folder {folder} cannot be made ({err.strerror}).") from None
-    return path
 
 
 def verify_report(reader, verbose: bool = True) -> list:
@@ -234,7 +181,7 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
         raise KdpipeError(f"--num-samples must be at least 1, not {num_samples}.")
     if (cams or subclasses) and not png:
         raise KdpipeError("--cams and --subclasses draw a picture: pass --png PATH for it.")
-    png = picture_path(png) if png else None
+    png = picture_path(png) if png else None  # checked before any work
     if cams and subclasses:
         raise KdpipeError("Pass either --cams or --subclasses, one picture per call.")
     if fidelity and not teacher:
