@@ -8,10 +8,29 @@ import numpy as np
 import pytest
 
 from kdpipe.artifacts import StoreWriter, open_store, sha256_file
-from kdpipe.artifacts.schema import build_manifest, chunk_rows, extraction_specs, plan_shards
+from kdpipe.artifacts.schema import MEANINGS, ArraySpec, build_manifest, chunk_rows, plan_shards
 from kdpipe.errors import CheckpointError, DataError, StoreError
 
 N, V, P, C = 20, 2, 3, 5
+
+
+def extraction_specs(num_samples: int, num_views: int, param_dim: int, num_classes: int,
+                     cam_hw: tuple, cam_res=(), features: dict | None = None) -> list[ArraySpec]:
+    """Array specs of an extraction-shaped store: `features` maps layer name -> (D, h, w)."""
+    n, v, c = int(num_samples), int(num_views), int(num_classes)
+    h, w = map(int, cam_hw)
+    specs = [
+        ArraySpec("views", (n, v, int(param_dim)), "int32", MEANINGS["views"]),
+        ArraySpec("logits", (n, v, c), "float16", MEANINGS["logits"]),
+        ArraySpec("cam", (n, v, c, h, w), "float16", MEANINGS["cam"]),
+    ]
+    for r in cam_res:
+        r = int(r)
+        specs.append(ArraySpec(f"cam_r{r}", (n, v, c, r, r), "float16", MEANINGS["cam_r"].format(R=r)))
+    for layer, shape in (features or {}).items():
+        specs.append(ArraySpec(f"feat/{layer}", (n, v) + tuple(map(int, shape)), "float16",
+                               MEANINGS["feat"].format(layer=layer)))
+    return specs
 
 
 def _dataset(**over):
@@ -157,7 +176,7 @@ def test_target_sets_and_drop_features(tmp_path):
             StoreWriter.open(path).write_rows("targets/T/subclass_idx", start,
                                               np.zeros((min(8, N - start), V, 4, 4), np.int32))
     r = open_store(path)
-    assert r.target_sets() == ["T"] and r.target_attrs("T")["K"] == 8
+    assert r.target_sets() == ["T"] and r.manifest["targets"]["T"]["attrs"]["K"] == 8
     np.testing.assert_array_equal(r["targets/T/subclass_scores"][:], np.eye(4))
     assert r["targets/T/subclass_idx"][:8].sum() == 0 and r["targets/T/subclass_idx"][8:16].min() == 1
     assert arr.chunks[0] == 8

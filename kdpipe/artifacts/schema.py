@@ -100,25 +100,6 @@ class ArraySpec:
                 "chunks": list(map(int, self.chunks))}
 
 
-def extraction_specs(num_samples: int, num_views: int, param_dim: int, num_classes: int,
-                     cam_hw: tuple, cam_res=(), features: dict | None = None) -> list[ArraySpec]:
-    """Array specs of an extraction: `features` maps layer name -> (D, h, w)."""
-    n, v, c = int(num_samples), int(num_views), int(num_classes)
-    h, w = map(int, cam_hw)
-    specs = [
-        ArraySpec("views", (n, v, int(param_dim)), "int32", MEANINGS["views"]),
-        ArraySpec("logits", (n, v, c), "float16", MEANINGS["logits"]),
-        ArraySpec("cam", (n, v, c, h, w), "float16", MEANINGS["cam"]),
-    ]
-    for r in cam_res:
-        r = int(r)
-        specs.append(ArraySpec(f"cam_r{r}", (n, v, c, r, r), "float16", MEANINGS["cam_r"].format(R=r)))
-    for layer, shape in (features or {}).items():
-        specs.append(ArraySpec(f"feat/{layer}", (n, v) + tuple(map(int, shape)), "float16",
-                               MEANINGS["feat"].format(layer=layer)))
-    return specs
-
-
 def plan_shards(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
     """Contiguous sample ranges [start, stop) of shard_size samples (the last may be shorter)."""
     return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]

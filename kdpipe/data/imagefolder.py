@@ -217,14 +217,6 @@ def crop_view(image, params, size: int) -> np.ndarray:
     return pixels
 
 
-def load_image(path: str, size: int, resize: int | None = None) -> np.ndarray:
-    """One image file's test view: uint8 [3, size, size] (Resize(resize) + CenterCrop(size));
-    resize defaults to round(size * 256 / 224)."""
-    if resize is None:
-        resize = int(round(size * DEFAULT_RESIZE / DEFAULT_IMAGE_SIZE))
-    return center_view(open_rgb(path), size, resize)
-
-
 # --- the data set ---------------------------------------------------------------------------
 
 
