@@ -46,7 +46,7 @@ def _l2_normalize_maps(cam: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 def cat_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, resolution: int,
              normalize: bool) -> torch.Tensor:
-    """The CAT loss of METHODS.md, without beta.
+    """The CAT loss of docs/METHODS.md, without beta.
 
     Args:
         student_cam: [B, C, h, w] student CAMs.

@@ -1,6 +1,6 @@
 """letKD: the knowledge-distillation layer that lets the student decide (BMVC 2023).
 
-Pieces (METHODS.md, "letKD"):
+Pieces (docs/METHODS.md, "letKD"):
 
 - ``CosConv``: 1x1 convolution with l2-normalised kernels on l2-normalised input vectors,
   times a learnable scalar scale; no bias. Kernels start N(0, 2 / in_channels), as in the
