@@ -18,7 +18,7 @@ efficiency).
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import shutil
 import sys
 import time
@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--workdir", default="bench-out/stage_one")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
+    p.add_argument("--reuse", action="store_true",
+                   help="continue an interrupted run in --workdir: keep its complete store (and the extraction "
+                        "time it recorded) and resume the cluster stage's assignment pass (implies --keep)")
     p.add_argument("--out", default="bench-out/stage_one.json")
     return p.parse_args(argv)
 
@@ -107,21 +110,30 @@ def main(argv=None):
     from kdpipe.stages.extract import extract_teacher
 
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     data = f"synthetic:n={args.n},classes=100,size=32,seed=0"
-    dataset = load_dataset(data, "train")
-    torch.manual_seed(0)
-    ckpt = work / "teacher.pth"
-    torch.save({"model": calibrated_teacher(build(args.arch, 100), dataset).state_dict()}, ckpt)
-    store = work / "store.zarr"
-    t0 = time.perf_counter()
-    ex = extract_teacher(ExtractConfig(teacher=str(ckpt), arch=args.arch, data=data, out=str(store), views=args.views,
-                                       cam_res=(2,), batch_size=args.batch_size, executor=args.executor),
-                         progress=True, verbose=True)
-    t_extract = time.perf_counter() - t0
-    mem_extract = peak_rss_bytes()
-    cl = cluster(ClusterConfig(store=str(store), k_penult=args.k_penult, k_inter=args.k_inter,
+    store, ckpt, record = work / "store.zarr", work / "teacher.pth", work / "extract_record.json"
+    reused = args.reuse and record.exists()
+    if reused:
+        extracted = json.loads(record.read_text())
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        dataset = load_dataset(data, "train")
+        torch.manual_seed(0)
+        torch.save({"model": calibrated_teacher(build(args.arch, 100), dataset).state_dict()}, ckpt)
+        t0 = time.perf_counter()
+        ex = extract_teacher(ExtractConfig(teacher=str(ckpt), arch=args.arch, data=data, out=str(store),
+                                           views=args.views, cam_res=(2,), batch_size=args.batch_size,
+                                           executor=args.executor), progress=True, verbose=True)
+        extracted = {"seconds": time.perf_counter() - t0, "img_per_s": ex["img_per_s"],
+                     "peak_rss_bytes": peak_rss_bytes()}
+        record.write_text(json.dumps(extracted))
+    t_extract, mem_extract = extracted["seconds"], extracted["peak_rss_bytes"]
+    reader = open_store(str(store))
+    finished = "default" in reader.target_sets()  # a finished cluster stage is measured again
+    resume = reused and not finished and "default" in reader.target_sets(include_incomplete=True)
+    cl = cluster(ClusterConfig(store=str(store), k_penult=args.k_penult, k_inter=args.k_inter, resume=resume,
+                               overwrite=reused and finished,
                                batch_size=args.batch_size, executor=args.executor), progress=True, verbose=True)
     mem_cluster = peak_rss_bytes()
     reader = open_store(str(store))
@@ -133,7 +145,8 @@ def main(argv=None):
         "benchmark": "stage_one", "machine": machine(), "data": data, "teacher": args.arch,
         "samples": args.n, "views": reader.num_views, "images": args.n * reader.num_views,
         "k_penult": args.k_penult, "k_inter": args.k_inter, "executor": args.executor,
-        "seconds": seconds, "img_per_s": {"extract": ex["img_per_s"], "assign": cl["assign"]["img_per_s"]},
+        "seconds": seconds, "img_per_s": {"extract": extracted["img_per_s"], "assign": cl["assign"]["img_per_s"]},
+        "resumed": {"extraction_reused": reused, "assignment_resumed": resume},
         "peak_rss_bytes": {"after_extract": mem_extract, "after_cluster": mem_cluster},
         "arrays": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in a.items()} for a in info],
         "raw_total_bytes": sum(a["bytes"] for a in info), "stored_total_bytes": sum(a["stored_bytes"] for a in info),
@@ -143,7 +156,7 @@ def main(argv=None):
     path = write_json(args.out, result, argv, "stage_one.py")
     print(f"[stage_one] extract {t_extract:.0f} s, fit {seconds['fit_read'] + seconds['fit']:.0f} s, assignment pass "
           f"{seconds['assign']:.0f} s; stored {result['stored_total_bytes'] / 2**30:.2f} GiB; wrote {path}")
-    if not args.keep:
+    if not (args.keep or args.reuse):
         shutil.rmtree(work, ignore_errors=True)
 
 
