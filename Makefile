@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdpipe-installed
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup demo demo-fast test test-fast bench clean
+.PHONY: setup demo demo-fast test test-fast lint format bench clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@# A bare `torch` requirement would pull several GB of CUDA packages: install the CPU
 	@# wheel first where no torch is present (machines with a CUDA torch keep theirs).
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -e ".[test,faiss-cpu]"
+	$(PY) -m pip install -q -e ".[test,lint,faiss-cpu]"
 	@touch $(STAMP)
 
 demo: setup
@@ -29,6 +29,16 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# ruff (lint and format check) and mypy over the package, tests and benchmarks, as CI runs them.
+lint: setup
+	$(VENV)/bin/ruff check kdpipe tests benchmarks
+	$(VENV)/bin/ruff format --check kdpipe tests benchmarks
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff check --fix kdpipe tests benchmarks
+	$(VENV)/bin/ruff format kdpipe tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/train_step.py
