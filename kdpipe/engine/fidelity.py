@@ -84,21 +84,66 @@ def _stored_rows(reader, path: str, idx: np.ndarray, view: np.ndarray | None, de
     return to_torch(picked).to(device)
 
 
+class _TeacherOn:
+    """The teacher's outputs on given samples of the data set under given view parameters."""
+
+    def __init__(self, teacher, dataset, policy, device):
+        self.teacher, self.dataset, self.policy, self.device = teacher, dataset, policy, device
+        self.labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.int64)
+
+    def __call__(self, idx: np.ndarray, params: torch.Tensor) -> TeacherOutputs:
+        from kdpipe.data import normalize
+
+        images = self.policy.apply_images(self.dataset.get_batch(idx), params)
+        x = normalize(images, self.dataset.mean, self.dataset.std).to(self.device)
+        return TeacherOutputs.of(self.teacher, x, self.labels[idx].to(self.device))
+
+
+def _check_mode(mode: str, num_samples: int) -> None:
+    if mode not in FIDELITY_MODES:
+        raise KdpipeError(f"Fidelity mode must be replay or warp, not {mode!r}.")
+    if int(num_samples) < 1:
+        raise KdpipeError(f"Fidelity needs at least one sample, not {num_samples}.")
+
+
+class _Once:
+    """A zero-argument function evaluated on the first call only (the identity-view teacher
+    pass, needed by identity-only kinds alone)."""
+
+    def __init__(self, compute):
+        self.compute, self.value = compute, None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self.compute()
+        return self.value
+
+
+def _compare_kind(kind, reader, stats: _Stats, idx, view, params, mode: str, out, identity_out, policy) -> None:
+    """Add one kind's cached-vs-online rows of one batch to ``stats``. Identity-only arrays
+    (raw features) are compared on the identity view in replay mode (``identity_out()``)."""
+    dev = out.logits.device
+    identity_only = any(s.views == "identity" for s in kind.storage.values())
+    if mode == "replay" and identity_only:
+        rows = {p: _stored_rows(reader, p, idx, None, dev) for p in kind.arrays()}
+        out = identity_out()
+    else:
+        rows = {p: _stored_rows(reader, p, idx, None if identity_only else view, dev) for p in kind.arrays()}
+        if mode == "warp":
+            rows = kind.warp(rows, policy, params.to(dev))
+    for label, (cached, online) in kind.compare(kind.targets(rows), kind.online_targets(out)).items():
+        stats.add(label, cached, online)
+
+
 @torch.no_grad()
 def measure_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int = 0,
                      mode: str | None = None, target_set: str | None = None, device="cpu",
                      batch_size: int = 64, policy=None, kinds=None) -> dict:
     """See the module docstring. ``mode`` None: replay for stores with several views, warp
     for 1-view stores. ``kinds`` None: every kind the store holds (``store_kinds``)."""
-    from kdpipe.data import normalize
-
     dev = torch.device(device)
     mode = mode or ("replay" if reader.num_views > 1 else "warp")
-    if mode not in FIDELITY_MODES:
-        raise KdpipeError(f"Fidelity mode must be replay or warp, not {mode!r}.")
-    if int(num_samples) < 1:
-        raise KdpipeError(f"Fidelity needs at least one sample, not {num_samples}.")
-    teacher = teacher.to(dev).eval()
+    _check_mode(mode, num_samples)
     policy = policy if policy is not None else dataset.policy
     kinds = kinds if kinds is not None else store_kinds(reader, target_set)
     kinds = bind_kinds(kinds, kind_context(reader, kinds, target_set, dev))
@@ -111,14 +156,8 @@ def measure_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int
         raise StoreError(f"Warp fidelity needs a store whose view 0 is the identity view (--views 1); "
                          f"the store at {reader.path} holds other views: use replay.")
     gen = torch.Generator().manual_seed(int(seed))
-    labels_all = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.int64)
+    teacher_on = _TeacherOn(teacher.to(dev).eval(), dataset, policy, dev)
     stats = _Stats()
-
-    def teacher_on(idx, params):
-        images = policy.apply_images(dataset.get_batch(idx), params)
-        x = normalize(images, dataset.mean, dataset.std).to(dev)
-        return TeacherOutputs.of(teacher, x, labels_all[idx].to(dev))
-
     for start in range(0, n, batch_size):
         idx = chosen[start:start + batch_size]
         if mode == "replay":
@@ -126,20 +165,8 @@ def measure_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int
             params = torch.as_tensor(views[idx, view])
         else:
             view, params = None, policy.random(gen, len(idx), device="cpu")
-        out, out_identity = teacher_on(idx, params), None
+        out = teacher_on(idx, params)
+        identity = _Once(lambda idx=idx: teacher_on(idx, torch.as_tensor(np.repeat(ident[None], len(idx), 0))))
         for kind in kinds:
-            identity_only = any(s.views == "identity" for s in kind.storage.values())
-            if mode == "replay" and identity_only:
-                if out_identity is None:
-                    out_identity = teacher_on(idx, torch.as_tensor(np.repeat(ident[None], len(idx), 0)))
-                rows = {p: _stored_rows(reader, p, idx, None, dev) for p in kind.arrays()}
-                used = out_identity
-            else:
-                rows = {p: _stored_rows(reader, p, idx, None if identity_only else view, dev)
-                        for p in kind.arrays()}
-                if mode == "warp":
-                    rows = kind.warp(rows, policy, params.to(dev))
-                used = out
-            for label, (cached, online) in kind.compare(kind.targets(rows), kind.online_targets(used)).items():
-                stats.add(label, cached, online)
+            _compare_kind(kind, reader, stats, idx, view, params, mode, out, identity, policy)
     return stats.result(n)

@@ -164,16 +164,8 @@ def verify_report(reader, verbose: bool = True) -> list:
     return damage
 
 
-def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: str | None = None,
-                  fidelity: bool = False, teacher=None, data=None, num_samples: int = 256, device=None,
-                  verify: bool = False, verbose: bool = True) -> dict:
-    """Print the store's description; optionally draw CAMs / sub-classes or measure the fidelity
-    of its targets (warp for a 1-view store, replay otherwise) against the online teacher.
-
-    Returns {"text": ..., "png": path or None, "fidelity": dict or None}.
-    """
-    from kdpipe.artifacts import open_store
-
+def _check_options(cams, subclasses, png, fidelity, teacher, num_samples) -> None:
+    """Refuse bad combinations before any store is opened."""
     for value, option in ((cams, "--cams"), (subclasses, "--subclasses")):
         if value is not None and int(value) < 0:
             raise KdpipeError(f"{option} takes a number of images (0 or more), not {value}.")
@@ -181,11 +173,63 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
         raise KdpipeError(f"--num-samples must be at least 1, not {num_samples}.")
     if (cams or subclasses) and not png:
         raise KdpipeError("--cams and --subclasses draw a picture: pass --png PATH for it.")
-    png = picture_path(png) if png else None  # checked before any work
     if cams and subclasses:
         raise KdpipeError("Pass either --cams or --subclasses, one picture per call.")
     if fidelity and not teacher:
         raise KdpipeError("--fidelity runs the teacher online: pass --teacher CKPT.")
+
+
+def _only_target_set(reader, target: str | None) -> str:
+    """The named target set, or the store's only one."""
+    if target:
+        return target
+    sets = reader.target_sets()
+    if not sets:
+        raise StoreError(f"The store at {reader.path} has no target set yet; run `kdpipe cluster` first.")
+    if len(sets) > 1:
+        raise StoreError(f"The store at {reader.path} has target sets {', '.join(sets)}; name one with --target.")
+    return sets[0]
+
+
+def _draw_subclasses(reader, target, subclasses, png, data):
+    from kdpipe.stages.cluster import plot_subclasses
+
+    name = _only_target_set(reader, target)
+    return plot_subclasses(reader, name, subclasses, png, _dataset_for(reader, data))
+
+
+def _measure_fidelity(reader, teacher, data, num_samples, target, device, verbose) -> tuple[dict, str]:
+    """Cached targets against the online teacher on random views; (per-target rows, mode)."""
+    from kdpipe.engine.fidelity import measure_fidelity
+    from kdpipe.models import load_teacher
+
+    reader.check_teacher(teacher)
+    dataset = _dataset_for(reader, data)
+    t = reader.manifest["teacher"]
+    model = load_teacher(t["arch"], teacher, int(t["num_classes"]))
+    # A 1-view store is trained with warp; a multi-view store replays its stored views.
+    mode = "warp" if reader.num_views == 1 else "replay"
+    fid = measure_fidelity(reader, model, dataset, num_samples=num_samples, target_set=target,
+                           device=device or "cpu", mode=mode, policy=_store_policy(reader, dataset))
+    if verbose:
+        print(f"{mode} fidelity on {num_samples} random views (cosine, relative error vs. online teacher):")
+        for name, row in fid.items():
+            print(f"  {name:<24} cosine {row['cosine']:.4f}  rel_error {row['rel_error']:.4f}")
+    return fid, mode
+
+
+def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: str | None = None,
+                  fidelity: bool = False, teacher=None, data=None, num_samples: int = 256, device=None,
+                  verify: bool = False, verbose: bool = True) -> dict:
+    """Print the store's description; optionally draw CAMs / sub-classes or measure the fidelity
+    of its targets (warp for a 1-view store, replay otherwise) against the online teacher.
+
+    Returns {"text": ..., "png": path or None, "fidelity": dict or None, "damage": list or None}.
+    """
+    from kdpipe.artifacts import open_store
+
+    _check_options(cams, subclasses, png, fidelity, teacher, num_samples)
+    png = picture_path(png) if png else None  # checked before any work
     reader = open_store(store, allow_incomplete=True)
     text = describe(reader)
     if verbose:
@@ -193,42 +237,15 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
     result = {"text": text, "png": None, "fidelity": None, "damage": None}
     if verify:
         result["damage"] = verify_report(reader, verbose)
-    if (cams or subclasses or fidelity) and not reader.is_complete():
+    if cams or subclasses or fidelity:
         reader.require_complete()
     if cams:
-        dataset = _dataset_for(reader, data)
-        result["png"] = plot_cams(reader, dataset, cams, png)
-        if verbose:
-            print(f"wrote {result['png']}")
-    if subclasses:
-        from kdpipe.stages.cluster import plot_subclasses
-
-        sets = reader.target_sets()
-        name = target or (sets[0] if len(sets) == 1 else None)
-        if name is None and not sets:
-            raise StoreError(f"The store at {reader.path} has no target set yet; run `kdpipe cluster` first.")
-        if name is None:
-            raise StoreError(f"The store at {reader.path} has target sets {', '.join(sets)}; name one with --target.")
-        dataset = _dataset_for(reader, data)
-        result["png"] = plot_subclasses(reader, name, subclasses, png, dataset)
-        if verbose:
-            print(f"wrote {result['png']}")
+        result["png"] = plot_cams(reader, _dataset_for(reader, data), cams, png)
+    elif subclasses:
+        result["png"] = _draw_subclasses(reader, target, subclasses, png, data)
+    if result["png"] and verbose:
+        print(f"wrote {result['png']}")
     if fidelity:
-        from kdpipe.engine.fidelity import measure_fidelity
-        from kdpipe.models import load_teacher
-
-        reader.check_teacher(teacher)
-        dataset = _dataset_for(reader, data)
-        t = reader.manifest["teacher"]
-        model = load_teacher(t["arch"], teacher, int(t["num_classes"]))
-        # A 1-view store is trained with warp; a multi-view store replays its stored views.
-        mode = "warp" if reader.num_views == 1 else "replay"
-        fid = measure_fidelity(reader, model, dataset, num_samples=num_samples, target_set=target,
-                               device=device or "cpu", mode=mode, policy=_store_policy(reader, dataset))
-        result["fidelity"] = fid
-        result["fidelity_mode"] = mode
-        if verbose:
-            print(f"{mode} fidelity on {num_samples} random views (cosine, relative error vs. online teacher):")
-            for name, row in fid.items():
-                print(f"  {name:<24} cosine {row['cosine']:.4f}  rel_error {row['rel_error']:.4f}")
+        result["fidelity"], result["fidelity_mode"] = _measure_fidelity(
+            reader, teacher, data, num_samples, target, device, verbose)
     return result
