@@ -51,6 +51,8 @@ Seeds: faiss K-means uses ``seed``, class c's ``seed + c``; subsamples (only wit
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import datetime as _dt
 import os
@@ -66,6 +68,10 @@ from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.pipeline.configs import ClusterConfig, check_executor
 from kdpipe.pipeline.paths import absolute_path
 from kdpipe.targets import InterSubclass, KindContext, PenultTopk
+
+if TYPE_CHECKING:
+    from kdpipe.artifacts import StoreReader, StoreWriter
+    from kdpipe.methods.lda import LDAStats
 
 __all__ = ["cluster", "plot_subclasses", "parse_grid", "reference_lda_dims", "REFERENCE_LDA_DIMS"]
 
@@ -172,8 +178,8 @@ class ClusterPlan:
     """Everything the fit and the assignment pass need, checked up front."""
 
     cfg: ClusterConfig
-    writer: object
-    reader: object
+    writer: StoreWriter
+    reader: StoreReader
     labels: np.ndarray
     num_classes: int
     grid: tuple | None
@@ -298,6 +304,8 @@ def _prepare(cfg: ClusterConfig) -> ClusterPlan:
                           f"feature size), got {cfg.lda_dims}.")
     teacher = _teacher_path(cfg, reader)
     data = cfg.data or (reader.manifest.get("dataset") or {}).get("spec")
+    if not data:
+        raise StoreError(f"The store at {reader.path} does not record its data set; pass --data.")
     resume = _existing_set(cfg, writer, reader)
     return ClusterPlan(cfg=cfg, writer=writer, reader=open_store(writer.path), labels=labels,
                        num_classes=num_classes, grid=grid, penult_grid=tuple(penult_grid),
@@ -323,7 +331,7 @@ def _augmented_vectors(plan: ClusterPlan, count: int) -> np.ndarray:
     manifest = r.manifest
     dataset = load_dataset(plan.data, (manifest.get("dataset") or {}).get("split", "train"))
     policy = with_pad_mode(dataset.policy, (manifest.get("views") or {}).get("pad_mode"))
-    teacher = load_teacher((manifest.get("teacher") or {}).get("arch"), plan.teacher, plan.num_classes).eval()
+    teacher = load_teacher(str((manifest.get("teacher") or {}).get("arch")), plan.teacher, plan.num_classes).eval()
     rng = np.random.default_rng(plan.cfg.seed + 2)
     count = min(int(count), r.num_samples * r.num_views)
     samples = np.sort(rng.choice(r.num_samples, size=count, replace=count > r.num_samples))
@@ -357,15 +365,35 @@ def _fit_shards(plan: ClusterPlan) -> list[FitShard]:
             for i, (a, b) in enumerate(shards)]
 
 
-def _fit(plan: ClusterPlan, progress: bool) -> dict:
-    """LDA, K-means, sub-classes, S and the top-k width; writes the fitted arrays and the record."""
-    from kdpipe.methods.clustering import constrained_nearest, kmeans, per_class_kmeans, subclass_prototypes
-    from kdpipe.methods.lda import LDAStats, lda_project
-    from kdpipe.methods.letkd import subclass_score_matrix, topk_for_mass
+@dataclass
+class _FitVectors:
+    """What the fit's map step gathered: merged LDA statistics, penult and inter vectors."""
+
+    lda_stats: LDAStats
+    penult_x: np.ndarray
+    inter_x: np.ndarray
+    inter_y: np.ndarray
+
+
+@dataclass
+class _Subclasses:
+    """letKD's intermediate fit: LDA, per-class centres, prototypes and the score matrix S."""
+
+    scalings: np.ndarray
+    xbar: np.ndarray
+    lda_ridge: float
+    centers: np.ndarray
+    prototypes: np.ndarray
+    scores: np.ndarray
+    empty: np.ndarray
+    num_points: int
+
+
+def _read_fit_vectors(plan: ClusterPlan, progress: bool) -> _FitVectors:
+    from kdpipe.methods.lda import LDAStats
     from kdpipe.pipeline.executor import run_shards
 
     cfg, C = plan.cfg, plan.num_classes
-    t0 = time.perf_counter()
     parts = run_shards(FitWorker, dict(path=plan.path, labels=plan.labels, grid=plan.grid, num_classes=C,
                                        views=plan.fit_views), _fit_shards(plan), executor=cfg.executor,
                        ray_address=cfg.ray_address, num_workers=cfg.num_workers,
@@ -373,56 +401,87 @@ def _fit(plan: ClusterPlan, progress: bool) -> dict:
     stats = LDAStats(C, int(plan.reader[INTER].shape[2]))
     for p in parts:
         stats.merge(LDAStats.from_arrays(p["lda"]))
-    xp = np.concatenate([p["penult_x"] for p in parts])
-    xi = np.concatenate([p["inter_x"] for p in parts])
-    yi = np.concatenate([p["inter_y"] for p in parts])
-    del parts
-    t_read = time.perf_counter()
-    lda = stats.fit(n_components=plan.lda_dims)
-    scalings, xbar = lda.scalings.astype(np.float32), lda.xbar.astype(np.float32)
+    return _FitVectors(stats, np.concatenate([p["penult_x"] for p in parts]),
+                       np.concatenate([p["inter_x"] for p in parts]), np.concatenate([p["inter_y"] for p in parts]))
+
+
+def _fit_penult(plan: ClusterPlan, xp: np.ndarray, progress: bool):
+    """K-means of the penult vectors and the top-k width; (kmeans result, k for the fit set,
+    k for a probe of augmented views)."""
+    from kdpipe.methods.clustering import kmeans
+    from kdpipe.methods.letkd import topk_for_mass
+
+    cfg = plan.cfg
     if progress:
         print(f"cluster: K-means K={cfg.k_penult} on {xp.shape[0]:,} penult vectors of {xp.shape[1]} dims "
               f"({cfg.niter} iterations)...", flush=True)
     km = kmeans(xp, int(cfg.k_penult), niter=cfg.niter, seed=cfg.seed, verbose=progress)
     _, k_fit = topk_for_mass(xp, km.centers, cfg.temperature, cfg.topk_mass, plan.topk_cap)
-    del xp
     # The fit set holds the identity view only; augmented views can need a wider k, so a
     # seeded sample of stored views is run through the teacher too before the width is fixed.
     probe = _augmented_vectors(plan, PROBE_VIEWS)
     _, k_probe = topk_for_mass(probe, km.centers, cfg.temperature, cfg.topk_mass, plan.topk_cap)
-    k_needed = max(k_fit, k_probe)
-    topk = min(k_needed, plan.topk_cap)
-    z = lda_project(xi, scalings, xbar, plan.lda_dims)
-    del xi
+    return km, int(k_fit), int(k_probe)
+
+
+def _fit_subclasses(plan: ClusterPlan, vectors: _FitVectors, progress: bool) -> _Subclasses:
+    from kdpipe.methods.clustering import constrained_nearest, per_class_kmeans, subclass_prototypes
+    from kdpipe.methods.lda import lda_project
+    from kdpipe.methods.letkd import subclass_score_matrix
+
+    cfg, C = plan.cfg, plan.num_classes
+    lda = vectors.lda_stats.fit(n_components=plan.lda_dims)
+    scalings, xbar = lda.scalings.astype(np.float32), lda.xbar.astype(np.float32)
+    z = lda_project(vectors.inter_x, scalings, xbar, plan.lda_dims)
+    yi = vectors.inter_y
     centers = per_class_kmeans(z, yi, C, int(cfg.k_inter), niter=cfg.niter, seed=cfg.seed, progress=progress)
     ids = constrained_nearest(z, yi, centers, int(cfg.k_inter))
     M = C * int(cfg.k_inter)
     scores = subclass_score_matrix(z, ids, M).astype(np.float32)
     protos = subclass_prototypes(z, ids, M)
     empty = np.isnan(protos).any(1)
-    protos[empty] = centers[empty]
+    protos[empty] = centers[empty]  # an empty sub-class keeps its K-means centre
+    return _Subclasses(scalings, xbar, float(lda.ridge), centers, protos, scores, empty, int(z.shape[0]))
+
+
+def _write_fitted(plan: ClusterPlan, km, sub: _Subclasses) -> None:
     name, w = plan.name, plan.writer
     w.write_target_array(name, "penult_centers", km.centers, "K-means centres of the penult vectors [K, D]")
-    w.write_target_array(name, "lda_scalings", scalings, "sklearn LDA scalings_ [D, D] (eigen solver)")
-    w.write_target_array(name, "lda_xbar", xbar, "sklearn LDA xbar_ [D]")
-    w.write_target_array(name, "subclass_centers", centers, "per-class K-means centres of the projected inter "
-                                                            "vectors [C*K, d]")
-    w.write_target_array(name, "subclass_prototypes", protos, "mean projected vector of each sub-class [C*K, d]")
-    w.write_target_array(name, "subclass_scores", scores, "sub-class score matrix S [C*K, C*K], rows sum to 1")
+    w.write_target_array(name, "lda_scalings", sub.scalings, "sklearn LDA scalings_ [D, D] (eigen solver)")
+    w.write_target_array(name, "lda_xbar", sub.xbar, "sklearn LDA xbar_ [D]")
+    w.write_target_array(name, "subclass_centers", sub.centers, "per-class K-means centres of the projected "
+                                                                "inter vectors [C*K, d]")
+    w.write_target_array(name, "subclass_prototypes", sub.prototypes,
+                         "mean projected vector of each sub-class [C*K, d]")
+    w.write_target_array(name, "subclass_scores", sub.scores, "sub-class score matrix S [C*K, C*K], rows sum to 1")
+
+
+def _fit(plan: ClusterPlan, progress: bool) -> dict:
+    """LDA, K-means, sub-classes, S and the top-k width; writes the fitted arrays and the record."""
+    cfg = plan.cfg
+    t0 = time.perf_counter()
+    vectors = _read_fit_vectors(plan, progress)
+    t_read = time.perf_counter()
+    km, k_fit, k_probe = _fit_penult(plan, vectors.penult_x, progress)
+    vectors.penult_x = np.empty((0, 0), np.float32)  # freed before the inter fit
+    sub = _fit_subclasses(plan, vectors, progress)
+    _write_fitted(plan, km, sub)
     t_fit = time.perf_counter()
+    k_needed = max(k_fit, k_probe)
     record = TargetSet(
-        name=name, num_classes=C, k_penult=int(cfg.k_penult), k_inter=int(cfg.k_inter), lda_dims=plan.lda_dims,
-        topk=int(topk), topk_cap=plan.topk_cap, topk_mass=float(cfg.topk_mass), temperature=float(cfg.temperature),
+        name=plan.name, num_classes=plan.num_classes, k_penult=int(cfg.k_penult), k_inter=int(cfg.k_inter),
+        lda_dims=plan.lda_dims, topk=int(min(k_needed, plan.topk_cap)), topk_cap=plan.topk_cap,
+        topk_mass=float(cfg.topk_mass), temperature=float(cfg.temperature),
         penult_grid=plan.penult_grid, inter_grid=plan.inter_grid, student_grid=plan.grid, fit_views=cfg.fit_views,
-        fit_points_penult=int(km.num_fit), fit_points_inter=int(z.shape[0]), max_fit_points=cfg.max_fit_points,
-        kmeans_niter=int(cfg.niter), kmeans_objective_penult=float(km.objective), lda_ridge=float(lda.ridge),
-        empty_subclasses=int(empty.sum()), seed=int(cfg.seed),
+        fit_points_penult=int(km.num_fit), fit_points_inter=sub.num_points, max_fit_points=cfg.max_fit_points,
+        kmeans_niter=int(cfg.niter), kmeans_objective_penult=float(km.objective), lda_ridge=sub.lda_ridge,
+        empty_subclasses=int(sub.empty.sum()), seed=int(cfg.seed),
         teacher_sha256=(plan.reader.manifest.get("teacher") or {}).get("sha256"),
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"fit_done": True, "k_needed_for_mass": int(k_needed), "k_needed_fit_set": int(k_fit),
                "k_needed_view_probe": int(k_probe), "view_probe_images": PROBE_VIEWS,
                "seconds": {"fit_read": round(t_read - t0, 3), "fit": round(t_fit - t_read, 3)}})
-    w.set_target_attrs(name, record.to_json())
+    plan.writer.set_target_attrs(plan.name, record.to_json())
     return record.to_json()
 
 
@@ -466,7 +525,7 @@ def _assign(plan: ClusterPlan, record: TargetSet, progress: bool) -> dict:
     done = w.done_shards(done_array)
     todo = [s for s in shards if s.shard_id not in done]
     teacher_meta = r.manifest.get("teacher") or {}
-    spec = PassSpec(store=plan.path, teacher=plan.teacher, arch=teacher_meta.get("arch"),
+    spec = PassSpec(store=plan.path, teacher=plan.teacher, arch=str(teacher_meta.get("arch")),
                     data=absolute_spec(plan.data), split=(r.manifest.get("dataset") or {}).get("split", "train"),
                     num_classes=plan.num_classes, kinds=[PenultTopk(), InterSubclass()],
                     batch_size=int(plan.cfg.batch_size), device=plan.cfg.device,
