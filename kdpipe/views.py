@@ -190,10 +190,13 @@ class Policy:
         """
         raise NotImplementedError
 
-    def _map_theta(self, params: torch.Tensor) -> torch.Tensor:
+    def _map_theta(self, params: torch.Tensor,
+                   sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Affine [B, 2, 3] taking view-output coordinates to source-image coordinates.
 
         Both in grid_sample's normalised [-1, 1] units (align_corners=False), x first.
+        sizes: int [B, 2] source (H, W), used only by policies whose params are in the
+        source image's pixels (`ImageNetPolicy`); the others ignore it.
         """
         raise NotImplementedError
 
@@ -238,8 +241,7 @@ class Policy:
             work_dtype = torch.float32
         else:
             work_dtype = maps.dtype
-        theta = (self._map_theta(params) if sizes is None
-                 else self._map_theta(params, sizes=sizes)).to(work_dtype)
+        theta = self._map_theta(params, sizes=sizes).to(work_dtype)
         grid = F.affine_grid(theta, list(maps.shape), align_corners=False)
         out = F.grid_sample(maps.to(work_dtype), grid, mode=mode, padding_mode="border",
                             align_corners=False)
@@ -368,7 +370,8 @@ class CropFlipPolicy(Policy):
         flat_index = flat_index.reshape(batch, 1, plane).expand(batch, channels, plane)
         return source.gather(2, flat_index).reshape(batch, channels, height, width)
 
-    def _map_theta(self, params):
+    def _map_theta(self, params, sizes=None):
+        # Params are in the (fixed) image_size pixels; per-sample sizes do not apply here.
         height, width = self.image_size
         dtype = torch.float64
         shift_x = (params[:, 0].to(dtype) - self.padding) * (2.0 / width)

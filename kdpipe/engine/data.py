@@ -15,14 +15,20 @@ targets are looked up by each sample's original index (also when training on a s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kdpipe.engine.device import memory_budget
 from kdpipe.errors import KdpipeError
+
+if TYPE_CHECKING:
+    from kdpipe.data.base import Dataset
+    from kdpipe.engine.plan import EpochPlan, PlanBatch
+    from kdpipe.views import Policy
 
 __all__ = ["DeviceData", "place_dataset", "DATA_PATHS"]
 
@@ -33,17 +39,18 @@ DATA_PATHS = ("auto", "resident", "stream")
 class DeviceData:
     """A data set's images (uint8, resident on ``device`` or decoded per batch) and labels."""
 
-    dataset: object
+    dataset: Dataset
     device: torch.device
     resident: bool
     images: torch.Tensor | None = None   # uint8 [N, 3, H, W] on the device when resident
     labels: torch.Tensor | None = None   # int64 [N] on the device
     indices: torch.Tensor | None = None  # int64 [n] (CPU): the samples trained on, or all
     workers: int = 0
-    mean: torch.Tensor = field(default=None)
-    std: torch.Tensor = field(default=None)
+    # The data set's per-channel statistics on the device, set in __post_init__.
+    mean: torch.Tensor = field(init=False)
+    std: torch.Tensor = field(init=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.mean = torch.as_tensor(self.dataset.mean, dtype=torch.float32).to(self.device)
         self.std = torch.as_tensor(self.dataset.std, dtype=torch.float32).to(self.device)
 
@@ -62,15 +69,27 @@ class DeviceData:
         """Original image sizes [N, 2] where the views depend on them (ImageFolder), else None."""
         return getattr(self.dataset, "image_sizes", None) if not self.resident else None
 
+    def _device_labels(self) -> torch.Tensor:
+        if self.labels is None:
+            raise KdpipeError("DeviceData has no labels; build it with place_dataset.")
+        return self.labels
+
+    def _resident_images(self) -> torch.Tensor:
+        if self.images is None:
+            raise KdpipeError("resident DeviceData has no images; build it with place_dataset.")
+        return self.images
+
     def labels_of(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.labels.index_select(0, indices.to(self.device, non_blocking=True))
+        return self._device_labels().index_select(0, indices.to(self.device, non_blocking=True))
 
     # ------------------------------------------------------------------ training batches
-    def batches(self, plan, batch_size: int, policy) -> Iterator[tuple[object, torch.Tensor]]:
+    def batches(self, plan: EpochPlan, batch_size: int,
+                policy: Policy) -> Iterator[tuple[PlanBatch, torch.Tensor]]:
         """(PlanBatch, augmented uint8 images [B, 3, H, W] on the device) for one epoch."""
         if self.resident:
+            images = self._resident_images()
             for batch in plan.batches(batch_size):
-                imgs = self.images.index_select(0, batch.indices.to(self.device, non_blocking=True))
+                imgs = images.index_select(0, batch.indices.to(self.device, non_blocking=True))
                 yield batch, policy.apply_images(imgs, batch.params.to(self.device, non_blocking=True))
             return
         if hasattr(self.dataset, "get_views"):
@@ -93,12 +112,12 @@ class DeviceData:
         for start in range(0, int(idx_all.numel()), batch_size):
             idx = idx_all[start:start + batch_size]
             if self.resident:
-                yield idx, self.images.index_select(0, idx.to(self.device))
+                yield idx, self._resident_images().index_select(0, idx.to(self.device))
             else:
                 yield idx, self.dataset.get_batch(idx.numpy()).to(self.device, non_blocking=True)
 
 
-def place_dataset(dataset, device: torch.device, indices=None, data_path: str = "auto",
+def place_dataset(dataset: Dataset, device: torch.device, indices=None, data_path: str = "auto",
                   workers: int | None = None) -> DeviceData:
     """Put ``dataset`` on ``device`` when it fits the measured budget (``data_path`` "auto"),
     or force "resident"/"stream". ``indices`` (sample indices) restricts training to a subset.

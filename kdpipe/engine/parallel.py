@@ -13,6 +13,7 @@ computes them) unless ``sync_bn`` converts the model to ``SyncBatchNorm`` (CUDA 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 import torch.nn as nn
@@ -38,7 +39,7 @@ class Workers:
         return self.world_size > 1
 
     @classmethod
-    def current(cls) -> "Workers":
+    def current(cls) -> Workers:
         """The process group torch.distributed is in (Ray Train sets it up), else alone."""
         import torch.distributed as dist
 
@@ -61,6 +62,12 @@ class Workers:
             dist.barrier()
 
 
+class FeatureModel(Protocol):
+    """What distillation needs of a model besides its logits (``KDModel`` provides it)."""
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
 class Forward(nn.Module):
     """The model's two forwards behind one ``forward``: DDP only sees ``forward`` calls, and
     distillation needs ``forward_features`` (CAMs, feature maps, KD-layer scores) too."""
@@ -70,7 +77,11 @@ class Forward(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, features: bool = False):
-        return self.model.forward_features(x) if features else self.model(x)
+        if not features:
+            return self.model(x)
+        # torch's stubs type a sub-module attribute as ``Tensor | Module``; the model trained
+        # here is a KDModel (or a test double) that has ``forward_features``.
+        return cast(FeatureModel, self.model).forward_features(x)
 
 
 def wrap_for_training(model: nn.Module, workers: Workers, device: torch.device, sync_bn: bool = False) -> nn.Module:

@@ -81,7 +81,7 @@ def choose_residency(nbytes: int, device: torch.device, requested: str = "auto",
 
 
 def _refuse_nonfinite(path: str, where: str, lo: int | None = None, hi: int | None = None):
-    span = f" (samples {lo}..{hi - 1})" if lo is not None else ""
+    span = f" (samples {lo}..{hi - 1})" if lo is not None and hi is not None else ""
     raise StoreError(f"The store array {path}{span} at {where} holds NaN or infinite values; "
                      "re-extract or re-cluster it.")
 
@@ -226,6 +226,8 @@ class StreamRows:
 
     def close(self) -> None:
         if self._thread is not None:
+            if self._queue is None:  # begin_epoch sets both together
+                raise KdpipeError("The target stream has a producer thread but no queue.")
             self._stop.set()
             while self._thread.is_alive():
                 try:  # unblock a producer waiting on a full queue

@@ -31,8 +31,7 @@ import numpy as np
 import torch
 
 from kdpipe.engine import plan as plans
-from kdpipe.engine.rows import (STREAM_BUFFER, ArrayUse, MemoryRows, StreamRows, choose_residency,
-                                to_torch)
+from kdpipe.engine.rows import STREAM_BUFFER, ArrayUse, MemoryRows, StreamRows, choose_residency, to_torch
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.targets.base import KindContext, TargetKind, TeacherOutputs
 
@@ -109,9 +108,10 @@ class NoTargets(TargetSource):
 
 
 def _replay_plan(views_table: torch.Tensor, order: torch.Tensor, seed: int, epoch: int,
-                 **blocks) -> plans.EpochPlan:
+                 blocks: list | None = None, block_rank: np.ndarray | None = None) -> plans.EpochPlan:
     view_idx = plans.draw_views(order, views_table.shape[1], seed, epoch)
-    return plans.EpochPlan(order, views_table[order, view_idx], view_idx, **blocks)
+    return plans.EpochPlan(order, views_table[order, view_idx], view_idx,
+                           block_rank=block_rank, blocks=blocks)
 
 
 class CachedTargets(TargetSource):
@@ -143,6 +143,7 @@ class CachedTargets(TargetSource):
         self.order = order or ("blocks" if self.tier == "stream" else "uniform")
         self.block_rows = self._block_rows()
         self.stream_buffer = int(stream_buffer)
+        self.rows_source: StreamRows | MemoryRows
         if self.tier == "stream":
             self.rows_source = StreamRows(reader, self.uses, self.device, self.block_rows, finite_check)
         else:
@@ -183,15 +184,16 @@ class CachedTargets(TargetSource):
 
     # ------------------------------------------------------------------ interface
     def plan(self, indices, seed, epoch):
+        blocks: list | None = None
+        ranks: np.ndarray | None = None
         if self.order == "blocks":
             order, blocks, ranks = plans.block_order(indices, self.block_rows, self.stream_buffer, seed, epoch)
-            extra = {"blocks": blocks, "block_rank": ranks}
         else:
-            order, extra = plans.uniform_order(indices, seed, epoch), {}
+            order = plans.uniform_order(indices, seed, epoch)
         if self.mode == "replay":
-            return _replay_plan(self.views_table, order, seed, epoch, **extra)
+            return _replay_plan(self.views_table, order, seed, epoch, blocks=blocks, block_rank=ranks)
         params = plans.fresh_params(self.policy, order, seed, epoch, self.image_sizes)
-        return plans.EpochPlan(order, params, None, **extra)
+        return plans.EpochPlan(order, params, None, block_rank=ranks, blocks=blocks)
 
     def begin_epoch(self, plan, batch_size):
         self.rows_source.begin_epoch(plan, batch_size)
@@ -236,6 +238,8 @@ class OnlineTargets(TargetSource):
 
     def plan(self, indices, seed, epoch):
         if self.views == "replay":
+            if self.views_table is None:  # set in __init__ whenever views == "replay"
+                raise KdpipeError("Replayed views need the store's view table; none was read.")
             return _replay_plan(self.views_table, plans.uniform_order(indices, seed, epoch), seed, epoch)
         return super().plan(indices, seed, epoch)
 
