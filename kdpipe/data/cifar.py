@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,37 +34,56 @@ CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where one CIFAR variant keeps its files and what its pickles hold."""
+
+    folder: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    label_key: bytes
+    meta: str
+    names_key: bytes
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def files(self, split: str) -> tuple[str, ...]:
+        """The batch files of ``split`` ("train" or "test")."""
+        return {"train": self.train, "test": self.test}[split]
+
+
 _LAYOUTS = {
-    "cifar10": {
-        "folder": "cifar-10-batches-py",
-        "train": [f"data_batch_{i}" for i in range(1, 6)],
-        "test": ["test_batch"],
-        "label_key": b"labels",
-        "meta": "batches.meta",
-        "names_key": b"label_names",
-        "num_classes": 10,
-        "mean": CIFAR10_MEAN,
-        "std": CIFAR10_STD,
-    },
-    "cifar100": {
-        "folder": "cifar-100-python",
-        "train": ["train"],
-        "test": ["test"],
-        "label_key": b"fine_labels",
-        "meta": "meta",
-        "names_key": b"fine_label_names",
-        "num_classes": 100,
-        "mean": CIFAR100_MEAN,
-        "std": CIFAR100_STD,
-    },
+    "cifar10": _Layout(
+        folder="cifar-10-batches-py",
+        train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test=("test_batch",),
+        label_key=b"labels",
+        meta="batches.meta",
+        names_key=b"label_names",
+        num_classes=10,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+    ),
+    "cifar100": _Layout(
+        folder="cifar-100-python",
+        train=("train",),
+        test=("test",),
+        label_key=b"fine_labels",
+        meta="meta",
+        names_key=b"fine_label_names",
+        num_classes=100,
+        mean=CIFAR100_MEAN,
+        std=CIFAR100_STD,
+    ),
 }
 
 
 def _expectation(kind: str) -> str:
     layout = _LAYOUTS[kind]
-    files = layout["train"] + layout["test"]
+    files = layout.train + layout.test
     listed = ("data_batch_1..5 and test_batch" if kind == "cifar10" else " and ".join(files))
-    return (f"{kind} expects the folder '{layout['folder']}' with files {listed} "
+    return (f"{kind} expects the folder '{layout.folder}' with files {listed} "
             "(the python version from the CIFAR page)")
 
 
@@ -111,7 +131,7 @@ def _read_batch(kind: str, path: str) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR batch file -> (uint8 [N, 3, 32, 32], int64 [N])."""
     layout = _LAYOUTS[kind]
     content = _read_pickle(kind, path)
-    label_key = layout["label_key"]
+    label_key = layout.label_key
     if b"data" not in content or label_key not in content:
         found = ", ".join(repr(k) for k in list(content)[:6]) or "nothing"
         raise DataError(f"{_expectation(kind)}; {path} lacks b'data' or {label_key!r} "
@@ -124,21 +144,21 @@ def _read_batch(kind: str, path: str) -> tuple[np.ndarray, np.ndarray]:
     if len(labels) != len(data):
         raise DataError(f"{_expectation(kind)}; {path} has {len(data)} images but "
                         f"{len(labels)} labels.")
-    if len(labels) and (labels.min() < 0 or labels.max() >= layout["num_classes"]):
+    if len(labels) and (labels.min() < 0 or labels.max() >= layout.num_classes):
         raise DataError(f"{_expectation(kind)}; {path} has labels outside "
-                        f"0..{layout['num_classes'] - 1}.")
+                        f"0..{layout.num_classes - 1}.")
     return data.reshape(-1, 3, 32, 32), labels
 
 
 def _read_class_names(kind: str, folder: str) -> list[str] | None:
     """Class names from the meta file, or None when it is absent (it is not needed)."""
     layout = _LAYOUTS[kind]
-    path = os.path.join(folder, layout["meta"])
+    path = os.path.join(folder, layout.meta)
     if not os.path.isfile(path):
         return None
     content = _read_pickle(kind, path)
-    names = content.get(layout["names_key"])
-    if names is None or len(names) != layout["num_classes"]:
+    names = content.get(layout.names_key)
+    if names is None or len(names) != layout.num_classes:
         return None
     return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
 
@@ -148,18 +168,18 @@ def load_cifar(kind: str, folder: str, split: str, spec: str | None = None) -> D
     layout = _LAYOUTS[kind]
     folder = os.path.expanduser(folder)
     if not folder:
-        raise DataError(f"{_expectation(kind)}; give its path as {kind}:/path/to/{layout['folder']}.")
+        raise DataError(f"{_expectation(kind)}; give its path as {kind}:/path/to/{layout.folder}.")
     if not os.path.isdir(folder):
         raise DataError(f"{_expectation(kind)}; {folder} is not a folder.")
-    for name in layout[split]:
+    for name in layout.files(split):
         if not os.path.isfile(os.path.join(folder, name)):
             raise DataError(f"{_expectation(kind)}; {folder} has no file '{name}'.")
-    parts = [_read_batch(kind, os.path.join(folder, name)) for name in layout[split]]
+    parts = [_read_batch(kind, os.path.join(folder, name)) for name in layout.files(split)]
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     return Dataset(
-        name=kind, split=split, num_classes=layout["num_classes"], labels=labels,
-        image_size=CIFAR_IMAGE_SIZE, mean=layout["mean"], std=layout["std"],
+        name=kind, split=split, num_classes=layout.num_classes, labels=labels,
+        image_size=CIFAR_IMAGE_SIZE, mean=layout.mean, std=layout.std,
         policy=CifarPolicy(image_size=CIFAR_IMAGE_SIZE),
         images=torch.from_numpy(np.ascontiguousarray(images)),
         class_names=_read_class_names(kind, folder), spec=spec or f"{kind}:{folder}",

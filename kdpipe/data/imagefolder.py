@@ -99,7 +99,7 @@ def _scan(split_folder: str, classes: list[str]) -> tuple[list[str], np.ndarray]
         class_folder = os.path.join(split_folder, name)
         if not os.path.isdir(class_folder):
             continue
-        found = []
+        found: list[str] = []
         for root, _, files in os.walk(class_folder, followlinks=True):
             found.extend(os.path.join(root, f) for f in files
                          if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -171,7 +171,9 @@ def resized_crop(image, box, size: int):
     crop = image.crop((x0, y0, x0 + w, y0 + h))
     if crop.size == (size, size):
         return crop
-    return crop.resize((size, size), Image.BILINEAR)
+    # Pillow sets its module-level filter names through globals(), out of its type hints'
+    # sight; Image.Resampling would need Pillow 9.1 and kdpipe allows 9.0.
+    return crop.resize((size, size), Image.BILINEAR)  # type: ignore[attr-defined]
 
 
 def resize_shorter(image, resize: int):
@@ -185,7 +187,7 @@ def resize_shorter(image, resize: int):
     new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
     if (new_w, new_h) == (width, height):
         return image
-    return image.resize((new_w, new_h), Image.BILINEAR)
+    return image.resize((new_w, new_h), Image.BILINEAR)  # type: ignore[attr-defined]  # as above
 
 
 def center_crop(image, size: int):

@@ -18,7 +18,8 @@ not as a worker traceback.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,6 +98,7 @@ def _decoded(jobs: _BatchJobs, workers: int, pin_memory: bool,
     if workers < 0:
         raise KdpipeError(f"the number of data loading workers must be 0 or more; got {workers}.")
     pin_memory = bool(pin_memory) and torch.cuda.is_available()
+    items: Iterable[Any]  # decoded uint8 batches, or a _DecodeFailure in their place
     if workers == 0:
         items = (jobs[b] for b in range(len(jobs)))
     else:
@@ -155,4 +157,5 @@ def test_batches(dataset, indices, batch_size: int, workers: int, pin_memory: bo
 
 
 # The name is the engine's contract; keep pytest from taking it for a test where imported.
-test_batches.__test__ = False
+# (mypy does not model attributes set on a function object.)
+test_batches.__test__ = False  # type: ignore[attr-defined]
