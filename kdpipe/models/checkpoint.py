@@ -8,6 +8,7 @@ leaves `module.` prefixes. All three load here, with `weights_only=True` (no pic
 from __future__ import annotations
 
 import functools
+import importlib
 import pickle
 import re
 from collections.abc import Mapping
@@ -32,10 +33,12 @@ def _numpy_scalar_globals() -> list:
     import numpy as np
 
     try:
-        from numpy._core.multiarray import scalar
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
-    dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    scalar = multiarray.scalar
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25
+    dtype_classes = [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")] if dtypes is not None else []
     return [scalar, np.dtype, *dtype_classes]
 
 
@@ -105,7 +108,7 @@ def state_listing(model: torch.nn.Module) -> StateListing:
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _registered_layout(name: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], str, str] | None:
     """(state listing with a 1-class head, head weight key, head bias key) of registered
     model `name`, built once on the meta device (no memory, no initialisation cost); None
@@ -153,7 +156,8 @@ def identify_architecture(found: StateListing) -> tuple[str, int] | None:
         if layout is None or layout[1] not in found:
             continue
         num_classes = found[layout[1]][0]
-        if _listing_matches(registered_listing(name, num_classes), found):
+        expected = registered_listing(name, num_classes)
+        if expected is not None and _listing_matches(expected, found):
             return name, num_classes
     return None
 

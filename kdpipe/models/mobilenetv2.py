@@ -15,6 +15,7 @@ Feature points (32x32 input, width 0.5):
 
 from __future__ import annotations
 
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -106,16 +107,21 @@ class MobileNetV2(KDModel):
         x = self.conv1(x)
         for group in self.blocks[:_LAST_STAGE]:
             x = group(x)
-        return self.blocks[_LAST_STAGE][0](x)
+        return self._last_stage()[0](x)
 
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
-        x = self.blocks[_LAST_STAGE][1:](inter)
+        x = self._last_stage()[1:](inter)
         for group in self.blocks[_LAST_STAGE + 1:]:
             x = group(x)
         return self.conv2(x)
 
+    def _last_stage(self) -> nn.Sequential:
+        # ModuleList's stub types its items as Module; each is the nn.Sequential built above.
+        return cast(nn.Sequential, self.blocks[_LAST_STAGE])
+
     def linear_head(self) -> nn.Linear:
-        return self.classifier[0]
+        # nn.Sequential's stub types its items as Module; item 0 is the nn.Linear built above.
+        return cast(nn.Linear, self.classifier[0])
 
 
 @register_model("MobileNetV2", "mobile_half")

@@ -12,7 +12,7 @@ one); the others are aliases that build the same model.
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
 from kdpipe.errors import KdpipeError
 from kdpipe.models.base import HEAD_KINDS, KDModel

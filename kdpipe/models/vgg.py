@@ -18,7 +18,6 @@ Feature points (32x32 input):
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,7 +40,8 @@ def _conv_group(widths: list[int], in_channels: int) -> nn.Sequential:
     the group's pre-activation output stays reachable, as in mdistiller)."""
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Conv2d(in_channels, width, kernel_size=3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        conv = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
+        layers += [conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
         in_channels = width
     return nn.Sequential(*layers[:-1])
 

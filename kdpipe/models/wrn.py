@@ -9,7 +9,6 @@ Feature points (32x32 input):
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ class WideBasicBlock(nn.Module):
         activated = self.relu1(self.bn1(x))
         # When the width changes, the shortcut projects the *activated* input (as in
         # mdistiller and the original WRN code); otherwise it is the raw input.
-        shortcut = x if self.equal_in_out else self.convShortcut(activated)
+        shortcut = x if self.convShortcut is None else self.convShortcut(activated)
         out = self.relu2(self.bn2(self.conv1(activated)))
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
