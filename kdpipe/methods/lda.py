@@ -102,7 +102,7 @@ class LDAStats:
     #: rows per float64 block in ``update`` (a block's float64 copy is block x D x 8 bytes)
     block_rows = 32768
 
-    def update(self, x, y) -> "LDAStats":
+    def update(self, x, y) -> LDAStats:
         """Add a chunk of vectors ``x`` [n, D] with class labels ``y`` [n].
 
         The chunk is taken in blocks of ``block_rows`` rows, each cast to float64 once (no sort,
@@ -138,7 +138,7 @@ class LDAStats:
             self.merge(other)
         return self
 
-    def merge(self, other: "LDAStats") -> "LDAStats":
+    def merge(self, other: LDAStats) -> LDAStats:
         """Fold ``other`` into ``self`` (in place) and return ``self``."""
         if other.num_classes != self.num_classes or other.dim != self.dim:
             raise ValueError("cannot merge LDA statistics of different shapes")
@@ -161,7 +161,7 @@ class LDAStats:
         return {"counts": self.counts, "sums": self.sums, "within": self.within}
 
     @classmethod
-    def from_arrays(cls, arrays: dict) -> "LDAStats":
+    def from_arrays(cls, arrays: dict) -> LDAStats:
         counts = np.asarray(arrays["counts"], dtype=np.int64)
         sums = np.asarray(arrays["sums"], dtype=np.float64)
         s = cls(counts.shape[0], sums.shape[1])

@@ -377,12 +377,19 @@ class LetKD(Method):
         ("resnet50", "mobilenetv2", "tinyimagenet"): {"alpha_penult": 0.5, "alpha_inter": 1.0},
     }
 
-    def bind(self, teacher_arch: str | None = None, student_arch: str | None = None, dataset: str = "cifar"):
-        self.dataset = dataset
+    def _reference_alphas(self, teacher_arch: str | None, student_arch: str | None,
+                          dataset: str) -> dict[str, float]:
+        """The supplement's per-pair alphas; none where either architecture is unknown."""
         from kdpipe.models.registry import canonical_or_same
 
-        key = (canonical_or_same(teacher_arch).lower(), canonical_or_same(student_arch).lower(), dataset)
-        ref = self._REFERENCE_ALPHAS.get(key, {})
+        if teacher_arch is None or student_arch is None:
+            return {}
+        pair = (canonical_or_same(teacher_arch).lower(), canonical_or_same(student_arch).lower(), dataset)
+        return self._REFERENCE_ALPHAS.get(pair, {})
+
+    def bind(self, teacher_arch: str | None = None, student_arch: str | None = None, dataset: str = "cifar"):
+        self.dataset = dataset
+        ref = self._reference_alphas(teacher_arch, student_arch, dataset)
         for key in ("alpha_penult", "alpha_inter"):
             if key in self.options and self.options[key] is None:
                 self.options[key] = float(ref.get(key, 1.0))

@@ -23,8 +23,8 @@ target set with ``bind(ctx)`` before use; the rest need no binding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class TeacherOutputs:
     @classmethod
     @torch.no_grad()
     def of(cls, teacher, images_normalized: torch.Tensor,
-           labels: torch.Tensor | None = None) -> "TeacherOutputs":
+           labels: torch.Tensor | None = None) -> TeacherOutputs:
         logits, feats = teacher.forward_features(images_normalized)
         return cls(logits, feats, labels)
 
@@ -87,15 +87,23 @@ class KindContext:
 class TargetKind:
     """Base class of the target kinds (see the module docstring)."""
 
-    #: short identifier (fidelity reports, error messages)
-    name: str = "kind"
-    #: keys this kind adds to the per-batch target dict
-    target_keys: tuple[str, ...] = ()
     #: who writes its arrays: "extract" (the teacher pass), "cluster" (the assignment pass),
     #: or None for kinds that exist only online (no store arrays)
     writer: str | None = "extract"
     #: whether ``bind`` needs a target set
     needs_target_set: bool = False
+
+    # Read-only here: a kind gives them as class attributes, or as properties where they
+    # depend on its parameters (Feature's layer, Cam's r).
+    @property
+    def name(self) -> str:
+        """Short identifier (fidelity reports, error messages)."""
+        return "kind"
+
+    @property
+    def target_keys(self) -> tuple[str, ...]:
+        """Keys this kind adds to the per-batch target dict."""
+        return ()
 
     # ------------------------------------------------------------------ the store side
     @property
@@ -111,7 +119,7 @@ class TargetKind:
         """Whether the kind can be read from a store (kinds without a writer are online only)."""
         return self.writer is not None
 
-    def bind(self, ctx: KindContext) -> "TargetKind":
+    def bind(self, ctx: KindContext) -> TargetKind:
         """Load what ``online``/``targets`` need from the store (default: nothing)."""
         return self
 

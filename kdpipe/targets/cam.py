@@ -48,7 +48,7 @@ class Cam(TargetKind):
         return {self.name: StoredArray("float16", f"class activation map adaptive-average-pooled "
                                                   f"to {self.r}x{self.r}")}
 
-    def bind(self, ctx: KindContext) -> "Cam":
+    def bind(self, ctx: KindContext) -> Cam:
         self.from_native = bool(ctx.available) and self.name not in ctx.available \
             and NATIVE in ctx.available
         return self

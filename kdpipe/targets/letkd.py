@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.errors import KdpipeError
-from kdpipe.targets.base import (KindContext, StoredArray, TargetKind, TeacherOutputs, pool_to,
-                                 warp_channels_last)
+from kdpipe.targets.base import KindContext, StoredArray, TargetKind, TeacherOutputs, pool_to, warp_channels_last
 
 
 def index_dtype(num_values: int) -> str:
@@ -32,7 +32,7 @@ def index_dtype(num_values: int) -> str:
 class _TargetSetKind(TargetKind):
     """Shared binding: the target set record and lazily loaded static arrays."""
 
-    writer = "cluster"
+    writer: str | None = "cluster"
     needs_target_set = True
 
     def __init__(self):
@@ -46,16 +46,22 @@ class _TargetSetKind(TargetKind):
         self._static = {}
         return self
 
-    @property
-    def ts(self):
+    def _bound(self) -> KindContext:
         if self.ctx is None:
             raise KdpipeError(f"{type(self).__name__} is not bound to a target set.")
-        return self.ctx.target_set
+        return self.ctx
+
+    @property
+    def ts(self) -> TargetSet:
+        target_set = self._bound().target_set
+        if target_set is None:  # bind refuses a context without one
+            raise KdpipeError(f"{type(self).__name__} is bound to a context without a target set.")
+        return target_set
 
     def static(self, short_name: str) -> torch.Tensor:
         """A whole array of the target set (centres, LDA, S) as float32 on the device."""
         if short_name not in self._static:
-            self._static[short_name] = self.ctx.tensor(self.ts.array(short_name))
+            self._static[short_name] = self._bound().tensor(self.ts.array(short_name))
         return self._static[short_name]
 
     def __repr__(self) -> str:
