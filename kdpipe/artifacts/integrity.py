@@ -22,10 +22,14 @@ missing chunk file always means damage.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kdpipe.errors import StoreError
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
 
 __all__ = ["DIGESTS", "digest_name", "num_chunks", "record_digests", "check_store", "verify_store",
            "CheckedArray", "Damage", "ARRAY_CONFIG"]
@@ -33,7 +37,7 @@ __all__ = ["DIGESTS", "digest_name", "num_chunks", "record_digests", "check_stor
 #: The group of the per-chunk digest arrays.
 DIGESTS = "integrity"
 #: zarr array config: write every chunk, also one equal to the fill value.
-ARRAY_CONFIG = {"write_empty_chunks": True}
+ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 def digest_name(array: str) -> str:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdpipe.errors import DataError, StoreError
 from kdpipe.artifacts.integrity import CheckedArray, check_store, verify_store
-from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.artifacts.schema import MANIFEST_ATTR, SCHEMA_VERSION, SHARDS_DONE, TARGETS_GROUP
+from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.artifacts.writer import _open_group, _path, store_exists
+from kdpipe.errors import DataError, StoreError
 
 
-def open_store(path, allow_incomplete: bool = False, check: bool = True) -> "StoreReader":
+def open_store(path, allow_incomplete: bool = False, check: bool = True) -> StoreReader:
     """Open the store at `path` (local path or fsspec URL) read-only.
 
     Refuses a missing path, a zarr group that is not a kdpipe store, another schema version
@@ -87,7 +87,7 @@ class StoreReader:
 
     def checked_arrays(self) -> list[str]:
         """Every array integrity covers: the extraction's and the complete target sets'."""
-        names = list((self.manifest.get("arrays") or {}))
+        names = list(self.manifest.get("arrays") or {})
         for target in self.target_sets():
             for short, entry in ((self.manifest["targets"][target].get("arrays")) or {}).items():
                 if entry.get("checked", True):
@@ -106,7 +106,7 @@ class StoreReader:
             raise StoreError(f"The store at {self.path} cannot be checked ({type(err).__name__}: {err}); its "
                              "metadata is damaged: re-extract it.") from None
 
-    def refuse_damage(self) -> "StoreReader":
+    def refuse_damage(self) -> StoreReader:
         """One sentence for the first damaged chunk, with the count of all of them."""
         found = self.damage()
         if found:
@@ -178,7 +178,7 @@ class StoreReader:
     def is_complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
-    def require_complete(self) -> "StoreReader":
+    def require_complete(self) -> StoreReader:
         if not self.is_complete():
             done, total = len(self.done_shards()), self.manifest.get("num_shards", "?")
             raise StoreError(f"The store at {self.path} is incomplete ({done} of {total} shards written); "
@@ -187,7 +187,7 @@ class StoreReader:
 
     # ----- checks --------------------------------------------------------------------------
 
-    def check_dataset(self, dataset) -> "StoreReader":
+    def check_dataset(self, dataset) -> StoreReader:
         """Refuse a data set other than the one the store was made from."""
         d = self.manifest.get("dataset") or {}
         name = getattr(dataset, "name", "?")
@@ -210,7 +210,7 @@ class StoreReader:
                                 f"the data set {name} uses {list(b)}.")
         return self
 
-    def check_teacher(self, ckpt_path) -> "StoreReader":
+    def check_teacher(self, ckpt_path) -> StoreReader:
         """Refuse when the checkpoint file's sha256 differs from the one the store was made with."""
         from kdpipe.artifacts.fingerprint import sha256_file
 

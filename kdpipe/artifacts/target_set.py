@@ -78,7 +78,7 @@ class TargetSet:
         return out
 
     @classmethod
-    def from_json(cls, name: str, record: dict, where: str = "the store") -> "TargetSet":
+    def from_json(cls, name: str, record: dict | None, where: str = "the store") -> TargetSet:
         if not isinstance(record, dict):
             raise StoreError(f"Target set {name!r} of {where} has no settings record; re-run "
                              "`kdpipe cluster` for it.")

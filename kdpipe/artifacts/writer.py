@@ -37,14 +37,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import Literal
 
 import numpy as np
 
-from kdpipe.errors import StoreError
 from kdpipe.artifacts.integrity import ARRAY_CONFIG, digest_name, num_chunks, record_digests
 from kdpipe.artifacts.schema import (
-    MANIFEST_ATTR, SCHEMA_VERSION, SHARDS_DONE, TARGETS_GROUP, ArraySpec, compressors, same_plan,
+    MANIFEST_ATTR,
+    SCHEMA_VERSION,
+    SHARDS_DONE,
+    TARGETS_GROUP,
+    ArraySpec,
+    compressors,
+    same_plan,
 )
+from kdpipe.errors import StoreError
+
+#: The modes ``zarr.open_group`` accepts.
+ZarrMode = Literal["r", "r+", "a", "w", "w-"]
 
 
 def _path(path) -> str:
@@ -69,7 +79,7 @@ def store_exists(path) -> bool:
     return fs.exists(p)
 
 
-def _open_group(path: str, mode: str):
+def _open_group(path: str, mode: ZarrMode):
     import zarr
 
     try:
@@ -165,7 +175,7 @@ class StoreWriter:
     # ----- opening -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path, manifest: dict, specs: list[ArraySpec], overwrite: bool = False) -> "StoreWriter":
+    def create(cls, path, manifest: dict, specs: list[ArraySpec], overwrite: bool = False) -> StoreWriter:
         """Create a new store with empty arrays (chunks from `specs`) and an incomplete manifest."""
         import zarr
 
@@ -195,7 +205,7 @@ class StoreWriter:
         return cls(path, group)
 
     @classmethod
-    def open(cls, path) -> "StoreWriter":
+    def open(cls, path) -> StoreWriter:
         """Open an existing store read-write (workers writing their shards use this)."""
         path = _path(path)
         if not store_exists(path):
@@ -206,7 +216,7 @@ class StoreWriter:
         return cls(path, group)
 
     @classmethod
-    def open_for_resume(cls, path, manifest: dict) -> "StoreWriter":
+    def open_for_resume(cls, path, manifest: dict) -> StoreWriter:
         """Open a store to continue an interrupted extraction with the same inputs and layout."""
         w = cls.open(path)
         old = w.manifest
@@ -217,7 +227,7 @@ class StoreWriter:
         return w
 
     @classmethod
-    def open_for_targets(cls, path) -> "StoreWriter":
+    def open_for_targets(cls, path) -> StoreWriter:
         """Open a complete store to add, replace or drop target sets and arrays (`kdpipe cluster`)."""
         w = cls.open(path)
         if w.manifest.get("schema_version") != SCHEMA_VERSION:
