@@ -19,8 +19,8 @@ from typing import Any
 
 from kdpipe.errors import KdpipeError
 
-__all__ = ["TeacherConfig", "ExtractConfig", "ClusterConfig", "StudentConfig", "from_saved", "saved_run_config", "resume_run",
-           "differing_fields", "EXECUTORS", "check_executor"]
+__all__ = ["TeacherConfig", "ExtractConfig", "ClusterConfig", "StudentConfig", "from_saved", "saved_run_config",
+           "resume_run", "differing_fields", "EXECUTORS", "check_executor"]
 
 EXECUTORS = ("ray", "inline")
 
@@ -158,7 +158,7 @@ class StudentConfig:
         if self.milestones is not None:
             self.milestones = [int(m) for m in self.milestones]
 
-    def with_absolute_paths(self) -> "StudentConfig":
+    def with_absolute_paths(self) -> StudentConfig:
         """The store, online teacher and data folder as absolute paths (Ray workers and resumed
         runs may start in another working directory)."""
         from kdpipe.pipeline.paths import absolute_path, absolute_spec
@@ -174,7 +174,8 @@ def saved_run_config(run, stage: str, cls):
     try:
         saved = run.config
     except (OSError, ValueError) as err:
-        raise KdpipeError(f"{where} has an unreadable config.json ({type(err).__name__}); it cannot be resumed.") from None
+        raise KdpipeError(f"{where} has an unreadable config.json ({type(err).__name__}); "
+                          "it cannot be resumed.") from None
     if not isinstance(saved, dict) or saved.get("stage") != stage:
         found = saved.get("stage") if isinstance(saved, dict) else None
         raise KdpipeError(f"{run.path} is not a {stage} run directory (its stage is {found!r}).")

@@ -144,7 +144,7 @@ def _store_stage(store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: 
     from kdpipe.stages.extract import extract_teacher
     from kdpipe.views import resolve_views
 
-    info = {"reused": False, "extract_seconds": None}
+    info: dict[str, bool | float | None] = {"reused": False, "extract_seconds": None}
     if store_exists(store):
         try:
             reader = open_store(store)
@@ -183,9 +183,9 @@ def _cluster_stage(store: Path, s: DemoSettings, store_reused: bool, verbose: bo
         if (record.k_penult, record.k_inter, record.max_fit_points) == (s.k_penult, s.k_inter, fit_points):
             _say(f"reusing the target set {name!r} made earlier (K-means, LDA, sub-class scores)", verbose)
             return {"reused": True, "cluster_seconds": None}
+    fit_on = "every identity-view vector" if fit_points is None else f"{fit_points} identity-view vectors"
     _say(f"cluster {name}: K_penult={s.k_penult}, K_inter={s.k_inter} (faiss K-means, streaming LDA, fit on "
-         f"{'every identity-view vector' if fit_points is None else f'{fit_points} identity-view vectors'}), then the assignment "
-         "pass over every view", verbose)
+         f"{fit_on}), then the assignment pass over every view", verbose)
     t0 = time.perf_counter()
     cluster(ClusterConfig(store=str(store), name=name, k_penult=s.k_penult, k_inter=s.k_inter,
                           max_fit_points=fit_points, seed=0, overwrite=True, executor=s.executor),
@@ -326,10 +326,9 @@ def run_demo(out: str | Path = "kdpipe-demo", fast: bool = False, settings: Demo
 
     from kdpipe.artifacts import open_store
     from kdpipe.data import load_dataset
+    from kdpipe.models import load_teacher
     from kdpipe.stages.cluster import plot_subclasses
     from kdpipe.stages.inspect import plot_cams
-
-    from kdpipe.models import load_teacher
 
     reader = open_store(store)
     train_set = load_dataset(DATA, "train")

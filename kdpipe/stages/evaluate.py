@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from kdpipe.errors import CheckpointError
 from kdpipe.engine import loop
 from kdpipe.engine.data import place_dataset
 from kdpipe.engine.device import resolve_device
+from kdpipe.errors import CheckpointError
 
 
 def evaluate(

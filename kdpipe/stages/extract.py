@@ -33,8 +33,8 @@ import torch
 
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.pipeline.configs import ExtractConfig, check_executor
-from kdpipe.pipeline.report import human_bytes
 from kdpipe.pipeline.paths import absolute_path, absolute_spec
+from kdpipe.pipeline.report import human_bytes
 from kdpipe.pipeline.teacher_pass import PassSpec, TeacherPassWorker, identity_column, probe_rows
 from kdpipe.targets import Cam, Feature, Logits, NativeCam, TargetKind
 

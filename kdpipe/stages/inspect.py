@@ -12,6 +12,7 @@ looked at before it is resumed; drawing needs a complete one.
 from __future__ import annotations
 
 import textwrap
+from typing import Any
 
 import numpy as np
 
@@ -234,7 +235,7 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
     text = describe(reader)
     if verbose:
         print(text)
-    result = {"text": text, "png": None, "fidelity": None, "damage": None}
+    result: dict[str, Any] = {"text": text, "png": None, "fidelity": None, "damage": None}
     if verify:
         result["damage"] = verify_report(reader, verbose)
     if cams or subclasses or fidelity:

@@ -80,7 +80,8 @@ def train_teacher(cfg: TeacherConfig | None = None, *, resume=None, given: dict 
     dev = resolve_device(device)
     train_set, test_set = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
     if run is None:
-        run = RunDir.create(out, f"teacher-{cfg.arch}-{_data_slug(cfg.data)}", _run_config(cfg, train_set, test_set, dev))
+        run_config = _run_config(cfg, train_set, test_set, dev)
+        run = RunDir.create(out, f"teacher-{cfg.arch}-{_data_slug(cfg.data)}", run_config)
     runtime = {"progress": progress, "data_path": data_path, "loader_workers": loader_workers}
     if cfg.data_parallel > 1:
         from kdpipe.pipeline.data_parallel import run_data_parallel

@@ -57,6 +57,11 @@ class TeacherOutputs:
         logits, feats = teacher.forward_features(images_normalized)
         return cls(logits, feats, labels)
 
+    def select(self, keep: torch.Tensor) -> TeacherOutputs:
+        """The outputs of the samples where ``keep`` (bool [B]) is true."""
+        return TeacherOutputs(self.logits[keep], {k: t[keep] for k, t in self.feats.items()},
+                              None if self.labels is None else self.labels[keep])
+
 
 @dataclass(frozen=True)
 class StoredArray:
