@@ -356,7 +356,7 @@ def _resume_sweep(resume, sweeps, given: dict, sweep_options) -> bool:
 
 
 def _echo_sweep(r: dict) -> None:
-    click.echo(open(r["results_md"]).read().rstrip())
+    click.echo(r["markdown"].rstrip())
     items = {"trials": len(r["rows"]), "finished": sum(x["status"] == "ok" for x in r["rows"]),
              "reused (finished before)": sum(bool(x.get("reused")) for x in r["rows"]),
              "results (CSV)": r["results_csv"], "results (Markdown)": r["results_md"]}

@@ -48,7 +48,7 @@ import time
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline.paths import absolute_path, is_url
 from kdpipe.pipeline.report import mean_std
-from kdpipe.pipeline.rundir import CHECKPOINTS, LATEST, SUMMARY, RunDir, atomic_write_text
+from kdpipe.pipeline.rundir import CHECKPOINTS, CONFIG, LATEST, SUMMARY, RunDir, atomic_write_text
 
 RESULT_METRICS = ("final_top1", "best_top1", "final_top5", "wall_seconds", "img_per_s")
 SWEEP_STAGE = "sweep"
@@ -152,6 +152,28 @@ def _join(root: str, *parts: str) -> str:
     return posixpath.join(root, *parts) if is_url(root) else os.path.join(root, *parts)
 
 
+def read_json(target: str) -> dict:
+    """A JSON file at a local path or URL (FileNotFoundError when absent)."""
+    import fsspec
+
+    with fsspec.open(target, "r") as fh:
+        return json.load(fh)
+
+
+def write_text(sweep_dir: str, name: str, text: str) -> str:
+    """A small file of the sweep directory written whole: locally through a temporary file and
+    os.replace, at a URL as one object (object stores replace objects atomically)."""
+    target = _join(sweep_dir, name)
+    if is_url(sweep_dir):
+        import fsspec
+
+        with fsspec.open(target, "w") as fh:
+            fh.write(text)
+    else:
+        atomic_write_text(target, text)
+    return target
+
+
 def find_trial_run(sweep_dir: str, n: int) -> PriorRun | None:
     """The most advanced run directory of trial ``n`` in ``sweep_dir`` (finished before
     resumable before started), or None. Works on local paths and fsspec URLs."""
@@ -220,7 +242,7 @@ def run_sweep(base, grid: dict, out="runs", options: SweepOptions | None = None)
     """Run every grid point of ``grid`` (``trial_config(base, point)``) into a new sweep
     directory under ``out``; see the module docstring.
 
-    Returns {"sweep_dir", "results_csv", "results_md", "rows", "table"}. Raises KdpipeError
+    Returns {"sweep_dir", "results_csv", "results_md", "markdown", "rows", "table", "unfinished"}. Raises KdpipeError
     when every trial failed (with the first trial's sentence)."""
     options = options or SweepOptions()
     _check_options(options)
@@ -230,13 +252,15 @@ def run_sweep(base, grid: dict, out="runs", options: SweepOptions | None = None)
               "executor": options.executor, "gpus_per_trial": options.gpus_per_trial,
               "cpus_per_trial": options.cpus_per_trial}
     sweep = RunDir.create(absolute_path(out), f"sweep-{base.student}-{base.method}", record)
-    return _execute(str(sweep.path), base, grid, options, restore=False)
+    # Where RunDir takes URLs, ``location`` is the URL (``path`` then is a local staging folder,
+    # which the trials on other nodes could not reach); for a local run directory both agree.
+    return _execute(str(getattr(sweep, "location", sweep.path)), base, grid, options, restore=False)
 
 
 def is_sweep_dir(path) -> bool:
     """Whether ``path`` is a sweep directory (its config.json says stage "sweep")."""
     try:
-        return RunDir.open(path).config.get("stage") == SWEEP_STAGE
+        return read_json(_join(str(path), CONFIG)).get("stage") == SWEEP_STAGE
     except (KdpipeError, OSError, ValueError):
         return False
 
@@ -249,7 +273,11 @@ def resume_sweep(sweep_dir, options: SweepOptions | None = None, given: dict | N
 
     options = options or SweepOptions()
     _check_options(options)
-    saved = RunDir.open(sweep_dir).config
+    sweep_dir = absolute_path(sweep_dir)
+    try:
+        saved = read_json(_join(sweep_dir, CONFIG))
+    except FileNotFoundError:
+        raise KdpipeError(f"{sweep_dir} is not a kdpipe sweep directory (no {CONFIG} in it).") from None
     if saved.get("stage") != SWEEP_STAGE:
         raise KdpipeError(f"{sweep_dir} is not a sweep directory (its config.json is of stage {saved.get('stage')}).")
     base = from_saved(StudentConfig, saved.get("base"), str(sweep_dir))
@@ -259,7 +287,7 @@ def resume_sweep(sweep_dir, options: SweepOptions | None = None, given: dict | N
                           f"{', '.join('--' + k.replace('_', '-') for k in differ)} (start a new sweep to change them).")
     grid = saved.get("grid") or {}
     _trial_configs(base, grid)
-    return _execute(absolute_path(sweep_dir), base, grid, options, restore=True)
+    return _execute(sweep_dir, base, grid, options, restore=True)
 
 
 def _check_options(options: SweepOptions) -> None:
@@ -318,23 +346,21 @@ def write_results(sweep_dir: str, base, grid: dict, points: list[dict], results:
     w = csv.DictWriter(buf, fieldnames=keys + list(RESULT_METRICS) + ["run_dir", "status", "reused"])
     w.writeheader()
     w.writerows(rows)
-    sweep = RunDir(sweep_dir)
-    results_csv = sweep.path / "results.csv"
-    atomic_write_text(results_csv, buf.getvalue())
+    results_csv = write_text(sweep_dir, "results.csv", buf.getvalue())
     group = [k for k in keys if k != "seed"]
     table = aggregate(rows, group)
-    results_md = sweep.path / "results.md"
-    atomic_write_text(results_md, markdown_table(table, group, dataclasses.asdict(base), grid))
+    markdown = markdown_table(table, group, dataclasses.asdict(base), grid)
+    results_md = write_text(sweep_dir, "results.md", markdown)
     ok = [r for r in rows if r["status"] == "ok"]
     unfinished = sum(r["status"] == "unfinished" for r in rows)
-    sweep.write_summary({"trials": len(rows), "ok": len(ok), "unfinished": unfinished, "reused":
-                         sum(r["reused"] for r in rows), "results_csv": str(results_csv),
-                         "results_md": str(results_md)})
+    write_text(sweep_dir, SUMMARY, json.dumps({
+        "trials": len(rows), "ok": len(ok), "unfinished": unfinished, "reused": sum(r["reused"] for r in rows),
+        "results_csv": results_csv, "results_md": results_md}, indent=2, sort_keys=True) + "\n")
     if not ok:
         first = rows[0]["status"].removeprefix("error: ") if rows else "no trials"
         raise KdpipeError(f"No trial of the sweep in {sweep_dir} finished; the first: {first}")
-    return {"sweep_dir": sweep_dir, "results_csv": str(results_csv), "results_md": str(results_md),
-            "rows": rows, "table": table, "unfinished": unfinished}
+    return {"sweep_dir": sweep_dir, "results_csv": results_csv, "results_md": results_md,
+            "markdown": markdown, "rows": rows, "table": table, "unfinished": unfinished}
 
 
 def _mean_std(values):
