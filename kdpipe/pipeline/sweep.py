@@ -44,6 +44,7 @@ import math
 import os
 import posixpath
 import time
+from pathlib import Path
 
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline.paths import absolute_path, is_url
@@ -144,8 +145,7 @@ class PriorRun:
     """A run directory an earlier attempt of this trial left in the sweep directory."""
 
     path: str
-    summary: dict | None      # summary.json: the trial finished
-    resumable: bool           # checkpoints/latest.pth: it can continue from its last epoch
+    summary: dict | None  # its summary.json: the trial finished; None: it has a checkpoint to continue from
 
 
 def _join(root: str, *parts: str) -> str:
@@ -170,13 +170,14 @@ def write_text(sweep_dir: str, name: str, text: str) -> str:
         with fsspec.open(target, "w") as fh:
             fh.write(text)
     else:
-        atomic_write_text(target, text)
+        atomic_write_text(Path(target), text)
     return target
 
 
 def find_trial_run(sweep_dir: str, n: int) -> PriorRun | None:
-    """The most advanced run directory of trial ``n`` in ``sweep_dir`` (finished before
-    resumable before started), or None. Works on local paths and fsspec URLs."""
+    """The run directory of trial ``n`` in ``sweep_dir`` to carry on from: a finished one, else
+    the latest with a checkpoint, else None (a run killed before its first checkpoint starts
+    again). Works on local paths and fsspec URLs."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(sweep_dir)
@@ -188,14 +189,14 @@ def find_trial_run(sweep_dir: str, n: int) -> PriorRun | None:
     names = sorted(e["name"] for e in entries
                    if e.get("type") == "directory" and posixpath.basename(e["name"].rstrip("/")).startswith(prefix))
     best = None
-    for name in names:  # sorted by timestamp: a later attempt wins among equals
+    for name in names:  # in timestamp order
         path = fs.unstrip_protocol(name) if is_url(sweep_dir) else name
         summary_path = posixpath.join(name, SUMMARY)
         if fs.exists(summary_path):
             with fs.open(summary_path, "r") as fh:
-                return PriorRun(path, json.load(fh), True)
+                return PriorRun(path, json.load(fh))
         if fs.exists(posixpath.join(name, CHECKPOINTS, LATEST)):
-            best = PriorRun(path, None, True)
+            best = PriorRun(path, None)
     return best
 
 
@@ -242,8 +243,8 @@ def run_sweep(base, grid: dict, out="runs", options: SweepOptions | None = None)
     """Run every grid point of ``grid`` (``trial_config(base, point)``) into a new sweep
     directory under ``out``; see the module docstring.
 
-    Returns {"sweep_dir", "results_csv", "results_md", "markdown", "rows", "table", "unfinished"}. Raises KdpipeError
-    when every trial failed (with the first trial's sentence)."""
+    Returns {"sweep_dir", "results_csv", "results_md", "markdown", "rows", "table",
+    "unfinished"}. Raises KdpipeError when no trial finished (with the first trial's sentence)."""
     options = options or SweepOptions()
     _check_options(options)
     configs = _trial_configs(base, grid)
@@ -283,8 +284,9 @@ def resume_sweep(sweep_dir, options: SweepOptions | None = None, given: dict | N
     base = from_saved(StudentConfig, saved.get("base"), str(sweep_dir))
     differ = differing_fields(base, dict(given or {}))
     if differ:
+        flags = ", ".join("--" + k.replace("_", "-") for k in differ)
         raise KdpipeError(f"--resume continues the sweep as it was configured; these options differ from it: "
-                          f"{', '.join('--' + k.replace('_', '-') for k in differ)} (start a new sweep to change them).")
+                          f"{flags} (start a new sweep to change them).")
     grid = saved.get("grid") or {}
     _trial_configs(base, grid)
     return _execute(sweep_dir, base, grid, options, restore=True)
@@ -311,6 +313,7 @@ def _trial_configs(base, grid: dict) -> list:
 
 def _execute(sweep_dir: str, base, grid: dict, options: SweepOptions, restore: bool) -> dict:
     points = expand_grid(grid)
+    results: list[dict | None]
     if options.executor == "inline":
         results = _run_inline(sweep_dir, base, points, options)
     else:
@@ -320,11 +323,11 @@ def _execute(sweep_dir: str, base, grid: dict, options: SweepOptions, restore: b
     return write_results(sweep_dir, base, grid, points, results)
 
 
-def _run_inline(sweep_dir: str, base, points: list[dict], options: SweepOptions) -> list[dict]:
+def _run_inline(sweep_dir: str, base, points: list[dict], options: SweepOptions) -> list[dict | None]:
     """The trials one after another in this process (tests; a machine without Ray)."""
     from tqdm.auto import tqdm
 
-    results = []
+    results: list[dict | None] = []
     with tqdm(total=len(points), desc="sweep", unit="trial", disable=not options.progress) as bar:
         for n, point in enumerate(points):
             results.append(run_trial(sweep_dir, n, point, trial_config(base, point), options.device))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 
 from ray import tune
 
@@ -62,7 +63,8 @@ def trial_resources(cluster: dict, gpus_per_trial: float | None = None, cpus_per
         raise KdpipeError(f"--gpus-per-trial {gpu:g} needs GPUs, but the Ray cluster has none; "
                           "use --gpus-per-trial 0 to train the trials on CPUs.")
     if gpu == 0 and device is not None and str(device).startswith("cuda"):
-        raise KdpipeError("--device cuda needs GPUs for the trials: the Ray cluster has none, or --gpus-per-trial is 0.")
+        raise KdpipeError("--device cuda needs GPUs for the trials: the Ray cluster has none, "
+                          "or --gpus-per-trial is 0.")
     if not 0 < cpu <= max(cpus, 1.0):
         raise KdpipeError(f"--cpus-per-trial must be more than 0 and at most the Ray cluster's {cpus:g} CPUs, "
                           f"got {cpu:g}.")
@@ -139,8 +141,10 @@ def _first_line(err: BaseException) -> str:
     return text[-1] if text else type(cause).__name__
 
 
-def collect(result_grid, points: list[dict]) -> list[dict | None]:
-    """The row of each grid point from Tune's results (None for a trial that never reported)."""
+def collect(result_grid, points: list[dict], started: float = 0.0) -> list[dict | None]:
+    """The row of each grid point from Tune's results (None for a trial that never reported).
+    A result reported before ``started`` comes from an earlier run of the sweep (a trial Tune
+    restored as finished): it is marked reused, as a trial that found its finished run is."""
     results: list[dict | None] = [None] * len(points)
     keys = list(points[0])
     for r in result_grid:
@@ -150,7 +154,9 @@ def collect(result_grid, points: list[dict]) -> list[dict | None]:
         n = points.index({k: config[k] for k in keys})
         metrics = r.metrics or {}
         if metrics.get("status"):
-            results[n] = {k: v for k, v in metrics.items() if k != "trial"}
+            row = {k: v for k, v in metrics.items() if k != "trial"}
+            row["reused"] = bool(row.get("reused")) or float(metrics.get("timestamp") or started) < started
+            results[n] = row
         elif r.error is not None:
             results[n] = {"status": f"error: {_first_line(r.error)}", "run_dir": None}
     return results
@@ -160,13 +166,14 @@ def run_tune(sweep_dir: str, base, grid: dict, points: list[dict], options: Swee
              restore: bool = False) -> list[dict | None]:
     """Run the sweep's trials as a Tune grid on Ray (joining ``options.ray_address``, or a local
     loopback-only Ray); the rows in the order of ``points``."""
+    started = int(time.time())  # Tune's "timestamp" of a result is in whole seconds
     with ray_cluster(options.ray_address, options.num_cpus) as ray:
         resources = trial_resources(ray.cluster_resources(), options.gpus_per_trial, options.cpus_per_trial,
                                     options.device)
         trainable = make_trainable(base, points, sweep_dir, resources)
         with _quiet_tune():
             tuner = make_tuner(trainable, grid, sweep_dir, len(points), options.progress, restore)
-            return collect(tuner.fit(), points)
+            return collect(tuner.fit(), points, started)
 
 
 @contextlib.contextmanager
