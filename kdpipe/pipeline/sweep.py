@@ -22,7 +22,9 @@ process) and writes, in ``<out>/sweep-<student>-<method>-<timestamp>/``:
 a ``summary.json`` is finished and never run again (its summary is read back); one with a
 checkpoint continues from its last epoch (``train_student(resume=...)``); the others start.
 This check is kdpipe's own, made by each trial on the shared storage, because Tune's saved
-experiment state can lag behind the trials (it is written periodically, not per trial).
+experiment state can lag behind the trials (it is written periodically, not per trial). A
+trial that ended in a kdpipe error (one sentence in its row) has no summary.json and is run
+again, except under Tune when Tune's saved state already records it as ended.
 
 A sweep key is either a field of ``StudentConfig`` (``seed``, ``lr``, ``epochs``,
 ``batch_size``, ``student``, ``method``, ``views``, ``subset_fraction``, ...) or a method option
