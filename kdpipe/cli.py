@@ -231,7 +231,8 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--amp", is_flag=True, help="Mixed precision (torch.autocast; float16 on CUDA).")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Continue an interrupted run directory from its last epoch (its config is reused).")
+              help="Continue an interrupted run directory from its last epoch (its config is reused), or an "
+                   "interrupted sweep directory (finished trials are not run again).")
 @click.option("--online-teacher", type=click.Path(), default=None,
               help="Run this teacher checkpoint live instead of reading cached targets (the references' baseline).")
 @click.option("--online-views", type=click.Choice(["fresh", "replay"]), default="fresh", show_default=True,
@@ -243,7 +244,12 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
               help="Run a grid (repeatable): e.g. --sweep beta=10,50,100 --sweep seed=0,1.")
 @click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
-              help="Sweeps: parallel Ray trials, or one after another in this process.")
+              help="Sweeps: a Ray Tune grid (parallel trials), or one trial after another in this process.")
+@click.option("--gpus-per-trial", type=float, default=None,
+              help="Sweeps on Ray: each trial's share of a GPU (0.25 packs four students on one GPU; "
+                   "default: 1 where the Ray cluster has GPUs, else 0).")
+@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True,
+              help="Sweeps on Ray: CPUs reserved for each trial (also its torch threads).")
 @click.option("--gpus", "data_parallel", default=1, show_default=True, type=int,
               help="Data-parallel workers on Ray Train (one per GPU; CPU workers with gloo where there is no GPU).")
 @click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
@@ -262,8 +268,8 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 def train_student(ctx, store, targets, student, method, beta, resolution, normalize, ce_weight, binarize, top_n,
                   bottom_n, temperature, alpha_penult, alpha_inter, epochs, lr, batch_size, views, resident,
                   penult_target, seed, device, amp, resume, online_teacher, online_views, data, subset_fraction,
-                  subset_seed, sweeps, executor, data_parallel, sync_bn, loader_workers, ray_address, out, head,
-                  config_file, sets, print_config):
+                  subset_seed, sweeps, executor, gpus_per_trial, cpus_per_trial, data_parallel, sync_bn,
+                  loader_workers, ray_address, out, head, config_file, sets, print_config):
     """Stage two: train a student from the store, teacher-free.
 
     --store, --student and --method are required, except with --config FILE (which gives
@@ -279,12 +285,13 @@ def train_student(ctx, store, targets, student, method, beta, resolution, normal
                   online_teacher=online_teacher, online_views=online_views, data=data,
                   subset_fraction=subset_fraction, subset_seed=subset_seed, data_parallel=data_parallel,
                   sync_bn=sync_bn, head=head)
+    sweep_options = _sweep_options(executor, ray_address, gpus_per_trial, cpus_per_trial, device)
     if resume is not None:
-        if sweeps:
-            raise KdpipeError("--resume and --sweep cannot be combined; resume each trial's run directory.")
         given = given_options(ctx, [k for k in fields if k != "method_options"])
         if any(v is not None for v in options.values()):
             given["method_options"] = fields["method_options"]
+        if _resume_sweep(resume, sweeps, given, sweep_options):
+            return
         s = run_stage(resume=resume, given=given, device=device, ray_address=ray_address,
                       loader_workers=loader_workers)
     else:
@@ -295,7 +302,9 @@ def train_student(ctx, store, targets, student, method, beta, resolution, normal
             click.echo(json.dumps(resolved(cfg, record), indent=2, sort_keys=True, default=str))
             return
         if sweeps:
-            _run_sweep(cfg, sweeps, executor, out, ray_address)
+            from kdpipe.pipeline.sweep import parse_sweep, run_sweep
+
+            _echo_sweep(run_sweep(cfg, parse_sweep(sweeps), out=out, options=sweep_options))
             return
         s = run_stage(cfg, out=out, device=device, ray_address=ray_address, source=record,
                       loader_workers=loader_workers)
@@ -325,14 +334,35 @@ def _student_config(ctx, fields: dict, options: dict, config_file, sets, print_c
     return student_from_file(config_file, sets, overrides)
 
 
-def _run_sweep(cfg, sweeps, executor, out, ray_address) -> None:
-    from kdpipe.pipeline.sweep import parse_sweep, run_sweep
+def _sweep_options(executor, ray_address, gpus_per_trial, cpus_per_trial, device):
+    from kdpipe.pipeline.sweep import SweepOptions
 
-    r = run_sweep(cfg, parse_sweep(sweeps), executor=executor, out=out, ray_address=ray_address)
-    click.echo(open(r["results_md"]).read().rstrip())
-    click.echo(format_summary("train-student sweep: done", {
-        "trials": len(r["rows"]), "finished": sum(x["status"] == "ok" for x in r["rows"]),
-        "results (CSV)": r["results_csv"], "results (Markdown)": r["results_md"]}))
+    return SweepOptions(executor=executor, ray_address=ray_address, gpus_per_trial=gpus_per_trial,
+                        cpus_per_trial=cpus_per_trial, device=device)
+
+
+def _resume_sweep(resume, sweeps, given: dict, sweep_options) -> bool:
+    """--resume SWEEP_DIR: continue the sweep (True), or False when RUN is a single run."""
+    from kdpipe.pipeline.sweep import is_sweep_dir, resume_sweep
+
+    if not is_sweep_dir(resume):
+        if sweeps:
+            raise KdpipeError("--resume RUN continues one run; --sweep cannot be added to it.")
+        return False
+    if sweeps:
+        raise KdpipeError("--resume SWEEP_DIR continues the sweep with its own grid; leave out --sweep.")
+    _echo_sweep(resume_sweep(resume, sweep_options, given))
+    return True
+
+
+def _echo_sweep(r: dict) -> None:
+    click.echo(r["markdown"].rstrip())
+    items = {"trials": len(r["rows"]), "finished": sum(x["status"] == "ok" for x in r["rows"]),
+             "reused (finished before)": sum(bool(x.get("reused")) for x in r["rows"]),
+             "results (CSV)": r["results_csv"], "results (Markdown)": r["results_md"]}
+    if r.get("unfinished"):
+        items["unfinished (continue with)"] = f"--resume {r['sweep_dir']}"
+    click.echo(format_summary("train-student sweep: done", items))
 
 
 @cli.command("run")

@@ -1,42 +1,61 @@
-"""Sweeps: a grid of student runs that all read the same store, as parallel Ray trials.
+"""Sweeps: a grid of student runs that all read the same store, as Ray Tune trials.
 
     kdpipe train-student --store S --student resnet8 --method cat_kd \\
-        --sweep beta=10,50,100 --sweep seed=0,1
+        --sweep beta=10,50,100 --sweep seed=0,1 [--gpus-per-trial 0.25] [--out SHARED]
+    kdpipe train-student --resume SHARED/sweep-resnet8-cat_kd-<timestamp>
 
 ``parse_sweep(["beta=10,50,100", "seed=0,1"])`` -> {"beta": [10, 50, 100], "seed": [0, 1]};
-``expand_grid`` gives the 6 trials; ``run_sweep`` runs them (Ray tasks with one CPU each, or
-one GPU each on CUDA; ``executor="inline"`` runs them one after another in this process) and
-writes, in ``<out>/sweep-<student>-<method>-<timestamp>/``:
+``expand_grid`` gives the 6 trials; ``run_sweep`` runs them (a Ray Tune grid,
+``kdpipe.pipeline.sweep_tune``; ``executor="inline"`` runs them one after another in this
+process) and writes, in ``<out>/sweep-<student>-<method>-<timestamp>/``:
 
-- ``config.json``: the base arguments and the grid;
-- one run directory per trial (``trial-<n>-<key>=<value>...``);
+- ``config.json``: the base arguments, the grid and the per-trial resources asked for;
+- one kdpipe run directory per trial (``trial-<n>-<key>=<value>...-<timestamp>``), written by
+  the trial itself straight into this folder (a shared path or URL on a cluster);
+- ``tune/``: Ray Tune's experiment (what ``Tuner.restore`` reads);
 - ``results.csv``: one row per trial (swept values, final/best top-1, top-5, wall time, img/s,
-  run directory, status);
+  run directory, status, whether a finished run was reused);
 - ``results.md``: one row per configuration (the swept values other than ``seed``) with the
   mean and standard deviation (sample std, n-1) of top-1 over seeds.
 
-A sweep key is either an argument of ``kdpipe.stages.train.train_student`` (``seed``, ``lr``,
-``epochs``, ``batch_size``, ``student``, ``method``, ``views``, ``subset_fraction``, ...) or a
-method option (``beta``, ``resolution``, ``ce_weight``, ``temperature``, ``alpha_penult``,
-...), with ``-`` and ``_`` interchangeable.
-"""
+``resume_sweep(SWEEP_DIR)`` continues an interrupted sweep: a trial whose run directory holds
+a ``summary.json`` is finished and never run again (its summary is read back); one with a
+checkpoint continues from its last epoch (``train_student(resume=...)``); the others start.
+This check is kdpipe's own, made by each trial on the shared storage, because Tune's saved
+experiment state can lag behind the trials (it is written periodically, not per trial). A
+trial that ended in a kdpipe error (one sentence in its row) has no summary.json and is run
+again, except under Tune when Tune's saved state already records it as ended.
 
+A sweep key is either a field of ``StudentConfig`` (``seed``, ``lr``, ``epochs``,
+``batch_size``, ``student``, ``method``, ``views``, ``subset_fraction``, ...) or a method option
+(``beta``, ``resolution``, ``ce_weight``, ``temperature``, ``alpha_penult``, ...), with ``-``
+and ``_`` interchangeable; ``trial_config`` is the one place a trial's config is built.
+
+Test hook (for fault tests only, not a feature): the environment variable
+``KDPIPE_FAULT_SWEEP_STOP_AFTER=<n>``, read by the driver as trials finish, stops the sweep
+abruptly (``SweepKilled``, a BaseException as a kill would be) once ``n`` trials finished.
+"""
 from __future__ import annotations
 
 import csv
 import dataclasses
 import io
 import itertools
+import json
 import math
 import os
+import posixpath
 import time
 from pathlib import Path
 
 from kdpipe.errors import KdpipeError
+from kdpipe.pipeline.paths import absolute_path, is_url
 from kdpipe.pipeline.report import mean_std
-from kdpipe.pipeline.rundir import RunDir, atomic_write_text
+from kdpipe.pipeline.rundir import CHECKPOINTS, CONFIG, LATEST, SUMMARY, RunDir, atomic_write_text
 
 RESULT_METRICS = ("final_top1", "best_top1", "final_top5", "wall_seconds", "img_per_s")
+SWEEP_STAGE = "sweep"
+FAULT_ENV = "KDPIPE_FAULT_SWEEP_STOP_AFTER"
 
 
 def _parse_value(text: str):
@@ -69,6 +88,9 @@ def parse_sweep(items) -> dict:
             raise KdpipeError(f"--sweep takes key=v1,v2,... (e.g. beta=10,50,100), got {item!r}.")
         if key in grid:
             raise KdpipeError(f"--sweep names {key} twice; give all its values in one --sweep {key}=...")
+        repeated = [v for i, v in enumerate(vals) if v in vals[:i]]
+        if repeated:  # a trial is found again (on --resume) by its values: they must be distinct
+            raise KdpipeError(f"--sweep {key} lists {repeated[0]} twice; give each value once.")
         grid[key] = vals
     return grid
 
@@ -96,109 +118,254 @@ def trial_config(base, point: dict):
     return dataclasses.replace(base, **direct, method_options=opts)
 
 
-def _trial_name(n: int, point: dict) -> str:
+def trial_name(n: int, point: dict) -> str:
+    """The run-directory prefix of trial ``n``: ``trial-<n>-<key>=<value>...``."""
     parts = [f"{k}={v}" for k, v in point.items()]
     return f"trial-{n:03d}" + ("-" + "-".join(parts) if parts else "")
 
 
-def _run_trial(job: tuple, threads: int | None = None) -> dict:
-    """One trial (in a Ray worker or inline): train_student, errors reported not raised."""
-    import torch
+class SweepKilled(BaseException):
+    """Raised by the fault hook: a BaseException, so that nothing on the way catches it as a
+    trial error and the sweep stops as abruptly as a killed driver."""
 
-    if threads:
-        torch.set_num_threads(threads)
+
+def fault_stop_after() -> int | None:
+    raw = os.environ.get(FAULT_ENV)
+    return int(raw) if raw else None
+
+
+def check_fault(finished: int) -> None:
+    """The test hook: stop the sweep once ``finished`` reaches the hook's count."""
+    limit = fault_stop_after()
+    if limit is not None and finished >= limit:
+        raise SweepKilled(f"{FAULT_ENV}={limit}: sweep stopped after {finished} finished trials")
+
+
+# ------------------------------------------------------------------------------ one trial
+@dataclasses.dataclass
+class PriorRun:
+    """A run directory an earlier attempt of this trial left in the sweep directory."""
+
+    path: str
+    summary: dict | None  # its summary.json: the trial finished; None: it has a checkpoint to continue from
+
+
+def _join(root: str, *parts: str) -> str:
+    return posixpath.join(root, *parts) if is_url(root) else os.path.join(root, *parts)
+
+
+def read_json(target: str) -> dict:
+    """A JSON file at a local path or URL (FileNotFoundError when absent)."""
+    import fsspec
+
+    with fsspec.open(target, "r") as fh:
+        return json.load(fh)
+
+
+def write_text(sweep_dir: str, name: str, text: str) -> str:
+    """A small file of the sweep directory written whole: locally through a temporary file and
+    os.replace, at a URL as one object (object stores replace objects atomically)."""
+    target = _join(sweep_dir, name)
+    if is_url(sweep_dir):
+        import fsspec
+
+        with fsspec.open(target, "w") as fh:
+            fh.write(text)
+    else:
+        atomic_write_text(Path(target), text)
+    return target
+
+
+def find_trial_run(sweep_dir: str, n: int) -> PriorRun | None:
+    """The run directory of trial ``n`` in ``sweep_dir`` to carry on from: a finished one, else
+    the latest with a checkpoint, else None (a run killed before its first checkpoint starts
+    again). Works on local paths and fsspec URLs."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(sweep_dir)
+    prefix = f"trial-{n:03d}-"
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return None
+    names = sorted(e["name"] for e in entries
+                   if e.get("type") == "directory" and posixpath.basename(e["name"].rstrip("/")).startswith(prefix))
+    best = None
+    for name in names:  # in timestamp order
+        path = fs.unstrip_protocol(name) if is_url(sweep_dir) else name
+        summary_path = posixpath.join(name, SUMMARY)
+        if fs.exists(summary_path):
+            with fs.open(summary_path, "r") as fh:
+                return PriorRun(path, json.load(fh))
+        if fs.exists(posixpath.join(name, CHECKPOINTS, LATEST)):
+            best = PriorRun(path, None)
+    return best
+
+
+def _row(summary: dict, reused: bool) -> dict:
+    return {"status": "ok", **{k: summary.get(k) for k in RESULT_METRICS}, "run_dir": summary.get("run_dir"),
+            "reused": reused}
+
+
+def run_trial(sweep_dir: str, n: int, point: dict, cfg, device: str | None = None) -> dict:
+    """Trial ``n`` of a sweep, wherever it runs (a Tune trial or this process): a finished run
+    of it is read back, an interrupted one continued, else a new run directory is made under
+    ``sweep_dir``. A KdpipeError becomes the row's status (one sentence), not an exception."""
     from kdpipe.stages.train import train_student
 
-    cfg, runtime = job
+    prior = find_trial_run(sweep_dir, n)
+    if prior is not None and prior.summary is not None:
+        return _row(prior.summary, reused=True)
     t0 = time.perf_counter()
     try:
-        s = train_student(cfg, **runtime)
-        return {"status": "ok", **{k: s.get(k) for k in RESULT_METRICS}, "run_dir": s.get("run_dir")}
+        if prior is not None:
+            summary = train_student(resume=prior.path, device=device, progress=False)
+        else:
+            summary = train_student(cfg, out=sweep_dir, device=device, progress=False, run_prefix=trial_name(n, point))
+        return _row(summary, reused=False)
     except KdpipeError as err:
-        return {"status": f"error: {err}", "wall_seconds": time.perf_counter() - t0, "run_dir": None}
+        return {"status": f"error: {err}", "wall_seconds": time.perf_counter() - t0, "run_dir": None, "reused": False}
 
 
-def run_sweep(base, grid: dict, executor: str = "ray", out="runs", ray_address: str | None = None,
-              num_cpus: int | None = None, progress: bool = True) -> dict:
-    """Run every grid point of ``grid``: ``train_student(trial_config(base, point))``.
+# ------------------------------------------------------------------------------ the sweep
+@dataclasses.dataclass(frozen=True)
+class SweepOptions:
+    """How a sweep runs (not what it computes): executor, cluster, per-trial resources."""
 
-    Returns {"sweep_dir", "results_csv", "results_md", "rows", "table"}. Raises KdpipeError
-    when every trial failed (with the first trial's sentence)."""
-    from tqdm.auto import tqdm
+    executor: str = "ray"
+    ray_address: str | None = None
+    num_cpus: int | None = None          # CPUs of a local Ray started for the sweep (None: all)
+    gpus_per_trial: float | None = None  # None: 1 where the Ray cluster has GPUs, else 0
+    cpus_per_trial: float = 1.0
+    device: str | None = None            # "cpu" keeps trials off GPUs
+    progress: bool = True
 
-    if executor not in ("ray", "inline"):
-        raise KdpipeError(f"--executor must be ray or inline, got {executor!r}.")
-    points = expand_grid(grid)
-    # Fail fast, before starting any trial, on options no trial could accept.
+
+def run_sweep(base, grid: dict, out="runs", options: SweepOptions | None = None) -> dict:
+    """Run every grid point of ``grid`` (``trial_config(base, point)``) into a new sweep
+    directory under ``out``; see the module docstring.
+
+    Returns {"sweep_dir", "results_csv", "results_md", "markdown", "rows", "table",
+    "unfinished"}. Raises KdpipeError when no trial finished (with the first trial's sentence)."""
+    options = options or SweepOptions()
+    _check_options(options)
+    configs = _trial_configs(base, grid)
+    base = base.with_absolute_paths()  # Ray workers may not share this process's working directory
+    record = {"stage": SWEEP_STAGE, "base": dataclasses.asdict(base), "grid": grid, "trials": len(configs),
+              "executor": options.executor, "gpus_per_trial": options.gpus_per_trial,
+              "cpus_per_trial": options.cpus_per_trial}
+    sweep = RunDir.create(absolute_path(out), f"sweep-{base.student}-{base.method}", record)
+    # Where RunDir takes URLs, ``location`` is the URL (``path`` then is a local staging folder,
+    # which the trials on other nodes could not reach); for a local run directory both agree.
+    return _execute(str(getattr(sweep, "location", sweep.path)), base, grid, options, restore=False)
+
+
+def is_sweep_dir(path) -> bool:
+    """Whether ``path`` is a sweep directory (its config.json says stage "sweep")."""
+    try:
+        return read_json(_join(str(path), CONFIG)).get("stage") == SWEEP_STAGE
+    except (KdpipeError, OSError, ValueError):
+        return False
+
+
+def resume_sweep(sweep_dir, options: SweepOptions | None = None, given: dict | None = None) -> dict:
+    """Continue the sweep in ``sweep_dir`` with its own base config and grid; finished trials
+    are not run again. ``given``: config options passed beside --resume (refused when they
+    differ from the sweep's)."""
+    from kdpipe.pipeline.configs import StudentConfig, differing_fields, from_saved
+
+    options = options or SweepOptions()
+    _check_options(options)
+    sweep_dir = absolute_path(sweep_dir)
+    try:
+        saved = read_json(_join(sweep_dir, CONFIG))
+    except FileNotFoundError:
+        raise KdpipeError(f"{sweep_dir} is not a kdpipe sweep directory (no {CONFIG} in it).") from None
+    if saved.get("stage") != SWEEP_STAGE:
+        raise KdpipeError(f"{sweep_dir} is not a sweep directory (its config.json is of stage {saved.get('stage')}).")
+    base = from_saved(StudentConfig, saved.get("base"), str(sweep_dir))
+    differ = differing_fields(base, dict(given or {}))
+    if differ:
+        flags = ", ".join("--" + k.replace("_", "-") for k in differ)
+        raise KdpipeError(f"--resume continues the sweep as it was configured; these options differ from it: "
+                          f"{flags} (start a new sweep to change them).")
+    grid = saved.get("grid") or {}
+    _trial_configs(base, grid)
+    return _execute(sweep_dir, base, grid, options, restore=True)
+
+
+def _check_options(options: SweepOptions) -> None:
+    if options.executor not in ("ray", "inline"):
+        raise KdpipeError(f"--executor must be ray or inline, got {options.executor!r}.")
+
+
+def _trial_configs(base, grid: dict) -> list:
+    """Every trial's StudentConfig, checked before any trial starts: options no trial could
+    accept fail here, once, rather than in every trial."""
     from kdpipe.stages.train import build_method
 
-    configs = [trial_config(base, p) for p in points]
+    configs = [trial_config(base, p) for p in expand_grid(grid)]
     for c in configs:
         build_method(c.method, c.method_options, None, c.student)
-    base = base.with_absolute_paths()  # Ray workers may not share this process's working directory
-    sweep = RunDir.create(Path(out).resolve(), f"sweep-{base.student}-{base.method}",
-                          {"stage": "sweep", "base": dataclasses.asdict(base), "grid": grid, "executor": executor,
-                           "trials": len(points)})
-    jobs = [(c.with_absolute_paths(), {"out": str(sweep.path), "progress": False, "run_prefix": _trial_name(n, p)})
-            for n, (c, p) in enumerate(zip(configs, points))]
+        if int(c.data_parallel) > 1:
+            raise KdpipeError("A sweep trains each trial on one device; leave out --gpus "
+                              "(use --gpus-per-trial for the trials' share of a GPU).")
+    return configs
 
-    results: list[dict] = [None] * len(jobs)  # type: ignore[list-item]
-    bar = tqdm(total=len(jobs), desc="sweep", unit="trial", disable=not progress)
-    if executor == "inline":
-        for i, kw in enumerate(jobs):
-            results[i] = _run_trial(kw)
-            bar.update(1)
+
+def _execute(sweep_dir: str, base, grid: dict, options: SweepOptions, restore: bool) -> dict:
+    points = expand_grid(grid)
+    results: list[dict | None]
+    if options.executor == "inline":
+        results = _run_inline(sweep_dir, base, points, options)
     else:
-        from kdpipe.pipeline.executor import ray_cluster
+        from kdpipe.pipeline.sweep_tune import run_tune
 
-        import torch
+        results = run_tune(sweep_dir, base, grid, points, options, restore=restore)
+    return write_results(sweep_dir, base, grid, points, results)
 
-        cuda = torch.cuda.is_available()
-        with ray_cluster(ray_address, num_cpus=num_cpus) as ray:
-            opts = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_cpus": 1}
-            remote = ray.remote(**opts)(_run_trial)
-            refs = {remote.remote(kw, None if cuda else 1): i for i, kw in enumerate(jobs)}
-            pending = list(refs)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    i = refs[ref]
-                    try:
-                        results[i] = ray.get(ref)
-                    except Exception as err:  # a crashed worker: record it, keep the others
-                        results[i] = {"status": f"error: {type(err).__name__}: {err}".splitlines()[0],
-                                      "run_dir": None}
-                    bar.update(1)
-    bar.close()
 
+def _run_inline(sweep_dir: str, base, points: list[dict], options: SweepOptions) -> list[dict | None]:
+    """The trials one after another in this process (tests; a machine without Ray)."""
+    from tqdm.auto import tqdm
+
+    results: list[dict | None] = []
+    with tqdm(total=len(points), desc="sweep", unit="trial", disable=not options.progress) as bar:
+        for n, point in enumerate(points):
+            results.append(run_trial(sweep_dir, n, point, trial_config(base, point), options.device))
+            bar.update(1)
+            check_fault(n + 1)
+    return results
+
+
+def write_results(sweep_dir: str, base, grid: dict, points: list[dict], results: list[dict | None]) -> dict:
+    """results.csv (one row per trial), results.md (mean ± std over seeds) and the sweep's
+    summary.json; raises when no trial finished."""
     rows = []
     for p, r in zip(points, results):
-        row = dict(p)
-        for k in RESULT_METRICS:
-            row[k] = r.get(k)
-        row["run_dir"] = r.get("run_dir")
-        row["status"] = r.get("status")
-        rows.append(row)
+        r = r or {"status": "unfinished"}
+        rows.append({**p, **{k: r.get(k) for k in RESULT_METRICS}, "run_dir": r.get("run_dir"),
+                     "status": r.get("status"), "reused": bool(r.get("reused"))})
     keys = list(grid)
-    columns = keys + list(RESULT_METRICS) + ["run_dir", "status"]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns)
+    w = csv.DictWriter(buf, fieldnames=keys + list(RESULT_METRICS) + ["run_dir", "status", "reused"])
     w.writeheader()
-    for row in rows:
-        w.writerow(row)
-    results_csv = sweep.path / "results.csv"
-    atomic_write_text(results_csv, buf.getvalue())
-    table = aggregate(rows, [k for k in keys if k != "seed"])
-    results_md = sweep.path / "results.md"
-    atomic_write_text(results_md, markdown_table(table, [k for k in keys if k != "seed"],
-                                                 dataclasses.asdict(base), grid))
+    w.writerows(rows)
+    results_csv = write_text(sweep_dir, "results.csv", buf.getvalue())
+    group = [k for k in keys if k != "seed"]
+    table = aggregate(rows, group)
+    markdown = markdown_table(table, group, dataclasses.asdict(base), grid)
+    results_md = write_text(sweep_dir, "results.md", markdown)
     ok = [r for r in rows if r["status"] == "ok"]
-    sweep.write_summary({"trials": len(rows), "ok": len(ok), "results_csv": str(results_csv),
-                         "results_md": str(results_md)})
+    unfinished = sum(r["status"] == "unfinished" for r in rows)
+    write_text(sweep_dir, SUMMARY, json.dumps({
+        "trials": len(rows), "ok": len(ok), "unfinished": unfinished, "reused": sum(r["reused"] for r in rows),
+        "results_csv": results_csv, "results_md": results_md}, indent=2, sort_keys=True) + "\n")
     if not ok:
-        raise KdpipeError(f"every trial of the sweep failed; the first: {rows[0]['status'].removeprefix('error: ')}")
-    return {"sweep_dir": str(sweep.path), "results_csv": str(results_csv), "results_md": str(results_md),
-            "rows": rows, "table": table}
+        first = rows[0]["status"].removeprefix("error: ") if rows else "no trials"
+        raise KdpipeError(f"No trial of the sweep in {sweep_dir} finished; the first: {first}")
+    return {"sweep_dir": sweep_dir, "results_csv": results_csv, "results_md": results_md,
+            "markdown": markdown, "rows": rows, "table": table, "unfinished": unfinished}
 
 
 def _mean_std(values):
@@ -248,6 +415,3 @@ def markdown_table(table: list[dict], group_keys: list[str], base: dict, grid: d
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
-
-def default_num_cpus() -> int:
-    return os.cpu_count() or 1
