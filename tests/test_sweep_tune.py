@@ -16,8 +16,7 @@ import torch
 from kdpipe.cli import cli
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline.configs import StudentConfig
-from kdpipe.pipeline.sweep import (FAULT_ENV, SweepKilled, SweepOptions, parse_sweep, resume_sweep, run_sweep,
-                                   run_trial)
+from kdpipe.pipeline.sweep import SweepKilled, SweepOptions, parse_sweep, resume_sweep, run_sweep, run_trial
 
 GRID = ["beta=1,2", "seed=0,1"]
 
@@ -115,11 +114,9 @@ def test_sweep_refuses_repeated_values_and_data_parallel(tiny_store, tmp_path):
 
 # ------------------------------------------------------------------------------ inline executor
 def test_inline_sweep_resumes_without_rerunning_finished_trials(monkeypatch, tiny_store, tmp_path):
-    monkeypatch.setenv(FAULT_ENV, "1")
     with pytest.raises(SweepKilled):
-        run_sweep(_base(tiny_store), {"seed": [0, 1]}, out=tmp_path, options=SweepOptions(executor="inline",
-                                                                                         progress=False))
-    monkeypatch.delenv(FAULT_ENV)
+        run_sweep(_base(tiny_store), {"seed": [0, 1]}, out=tmp_path,
+                  options=SweepOptions(executor="inline", progress=False, stop_after=1))
     (sweep_dir,) = tmp_path.iterdir()
     (first,) = _trial_dirs(sweep_dir)[0]
     before = _stamps(first)
@@ -154,10 +151,9 @@ def test_an_interrupted_trial_continues_from_its_last_epoch(tiny_store, tmp_path
 def test_tune_sweep_killed_after_a_trial_resumes_without_rerunning_it(monkeypatch, cli_runner, tiny_store,
                                                                       tmp_path):
     out = tmp_path / "shared"
-    monkeypatch.setenv(FAULT_ENV, "1")  # the driver stops abruptly once one trial finished
-    with pytest.raises(SweepKilled):
-        run_sweep(_base(tiny_store), parse_sweep(GRID), out=out, options=SweepOptions(num_cpus=2, progress=False))
-    monkeypatch.delenv(FAULT_ENV)
+    with pytest.raises(SweepKilled):  # the driver stops abruptly once one trial finished
+        run_sweep(_base(tiny_store), parse_sweep(GRID), out=out,
+                  options=SweepOptions(num_cpus=2, progress=False, stop_after=1))
     (sweep_dir,) = out.iterdir()
     assert (sweep_dir / "tune").is_dir()  # Tune's experiment, on the same storage
     finished = {n: dirs[-1] for n, dirs in _trial_dirs(sweep_dir).items() if (dirs[-1] / "summary.json").is_file()}

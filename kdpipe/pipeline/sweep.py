@@ -31,9 +31,8 @@ A sweep key is either a field of ``StudentConfig`` (``seed``, ``lr``, ``epochs``
 (``beta``, ``resolution``, ``ce_weight``, ``temperature``, ``alpha_penult``, ...), with ``-``
 and ``_`` interchangeable; ``trial_config`` is the one place a trial's config is built.
 
-Test hook (for fault tests only, not a feature): the environment variable
-``KDPIPE_FAULT_SWEEP_STOP_AFTER=<n>``, read by the driver as trials finish, stops the sweep
-abruptly (``SweepKilled``, a BaseException as a kill would be) once ``n`` trials finished.
+Fault injection (tests): ``SweepOptions(stop_after=n)`` stops the sweep abruptly
+(``SweepKilled``, a BaseException as a kill would be) once ``n`` trials finished.
 """
 from __future__ import annotations
 
@@ -55,7 +54,6 @@ from kdpipe.pipeline.rundir import CHECKPOINTS, CONFIG, LATEST, SUMMARY, RunDir,
 
 RESULT_METRICS = ("final_top1", "best_top1", "final_top5", "wall_seconds", "img_per_s")
 SWEEP_STAGE = "sweep"
-FAULT_ENV = "KDPIPE_FAULT_SWEEP_STOP_AFTER"
 
 
 def _parse_value(text: str):
@@ -129,16 +127,10 @@ class SweepKilled(BaseException):
     trial error and the sweep stops as abruptly as a killed driver."""
 
 
-def fault_stop_after() -> int | None:
-    raw = os.environ.get(FAULT_ENV)
-    return int(raw) if raw else None
-
-
-def check_fault(finished: int) -> None:
-    """The test hook: stop the sweep once ``finished`` reaches the hook's count."""
-    limit = fault_stop_after()
-    if limit is not None and finished >= limit:
-        raise SweepKilled(f"{FAULT_ENV}={limit}: sweep stopped after {finished} finished trials")
+def check_fault(finished: int, stop_after: int | None) -> None:
+    """Fault injection: stop the sweep once ``finished`` reaches ``stop_after`` (None: never)."""
+    if stop_after is not None and finished >= stop_after:
+        raise SweepKilled(f"sweep stopped after {finished} finished trials (stop_after={stop_after})")
 
 
 # ------------------------------------------------------------------------------ one trial
@@ -239,6 +231,7 @@ class SweepOptions:
     cpus_per_trial: float = 1.0
     device: str | None = None            # "cpu" keeps trials off GPUs
     progress: bool = True
+    stop_after: int | None = None        # fault injection (tests): stop abruptly after this many trials
 
 
 def run_sweep(base, grid: dict, out="runs", options: SweepOptions | None = None) -> dict:
@@ -334,7 +327,7 @@ def _run_inline(sweep_dir: str, base, points: list[dict], options: SweepOptions)
         for n, point in enumerate(points):
             results.append(run_trial(sweep_dir, n, point, trial_config(base, point), options.device))
             bar.update(1)
-            check_fault(n + 1)
+            check_fault(n + 1, options.stop_after)
     return results
 
 

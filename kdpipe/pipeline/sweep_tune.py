@@ -95,8 +95,9 @@ def make_trainable(base, points: list[dict], sweep_dir: str, resources: dict):
 class SweepCallback(tune.Callback):
     """The driver's progress bar over finished trials, and the fault hook of the tests."""
 
-    def __init__(self, total: int, progress: bool):
+    def __init__(self, total: int, progress: bool, stop_after: int | None = None):
         self.total, self.progress, self.finished, self.bar = total, progress, 0, None
+        self.stop_after = stop_after
 
     def setup(self, **info):
         from tqdm.auto import tqdm
@@ -115,7 +116,7 @@ class SweepCallback(tune.Callback):
         if self.bar is not None:  # counted from Tune's trials: a restored sweep starts with some done
             self.bar.n = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
             self.bar.refresh()
-        check_fault(self.finished)
+        check_fault(self.finished, self.stop_after)
 
     def on_experiment_end(self, trials, **info):
         if self.bar is not None:
@@ -125,14 +126,15 @@ class SweepCallback(tune.Callback):
         return dict(self.__dict__, bar=None)
 
 
-def make_tuner(trainable, grid: dict, sweep_dir: str, total: int, progress: bool, restore: bool):
+def make_tuner(trainable, grid: dict, sweep_dir: str, total: int, progress: bool, restore: bool,
+               stop_after: int | None = None):
     """A new Tuner over the grid, or the sweep's saved one (``restore``) when Tune saved it."""
     path = sweep_dir.rstrip("/") + "/" + TUNE_NAME
     if restore and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_errored=True)
     return tune.Tuner(trainable, param_space={k: tune.grid_search(list(v)) for k, v in grid.items()},
                       run_config=tune.RunConfig(name=TUNE_NAME, storage_path=sweep_dir, verbose=0,
-                                                callbacks=[SweepCallback(total, progress)]))
+                                                callbacks=[SweepCallback(total, progress, stop_after)]))
 
 
 def _first_line(err: BaseException) -> str:
@@ -172,7 +174,8 @@ def run_tune(sweep_dir: str, base, grid: dict, points: list[dict], options: Swee
                                     options.device)
         trainable = make_trainable(base, points, sweep_dir, resources)
         with _quiet_tune():
-            tuner = make_tuner(trainable, grid, sweep_dir, len(points), options.progress, restore)
+            tuner = make_tuner(trainable, grid, sweep_dir, len(points), options.progress, restore,
+                               options.stop_after)
             return collect(tuner.fit(), points, started)
 
 
