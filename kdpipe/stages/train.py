@@ -24,10 +24,10 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from kdpipe import storage
 from kdpipe.engine import loop
 from kdpipe.engine.device import resolve_device
 from kdpipe.engine.parallel import Workers
@@ -130,8 +130,7 @@ def _check_config(cfg: StudentConfig) -> None:
         raise KdpipeError(f"--gpus must be at least 1, got {cfg.data_parallel}.")
     if cfg.subset_fraction is not None and not 0 < float(cfg.subset_fraction) <= 1:
         raise KdpipeError(f"--subset-fraction must be in (0, 1], got {cfg.subset_fraction}.")
-    if cfg.online_teacher is not None and "://" not in str(cfg.online_teacher) \
-            and not Path(cfg.online_teacher).is_file():
+    if cfg.online_teacher is not None and not storage.isfile(cfg.online_teacher):
         raise KdpipeError(f"--online-teacher {cfg.online_teacher} does not exist.")
 
 

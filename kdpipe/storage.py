@@ -1,0 +1,156 @@
+"""Paths and URLs: one place that opens "a local path or an fsspec URL".
+
+Checkpoints (``--teacher``), data folders (``cifar100:<folder>``, ``imagefolder:<folder>``),
+stores (``--out``) and run directories take either a local path or a URL of any fsspec
+file system: ``s3://bucket/key`` (s3fs, kdpipe's ``s3`` extra), ``gs://bucket/key`` (gcsfs,
+the ``gcs`` extra), ``file:///abs/path``, ``memory://name`` (one process only: tests).
+
+``file://`` URLs become plain local paths (``normalize``), so everything local keeps its
+atomic renames. Every other URL goes through fsspec. A URL whose backend is not installed is
+one sentence naming the extra to install (``filesystem``).
+
+Options of a file system (an endpoint, credentials, a region) are fsspec's own configuration,
+``fsspec.config.conf``: fsspec fills it from ``FSSPEC_<PROTOCOL>_<KEY>`` environment variables
+(e.g. ``FSSPEC_S3_ENDPOINT_URL``) and ``~/.config/fsspec/*.json`` and applies it to every file
+system it creates (zarr's included). Ray workers on other nodes do not see the driver's
+environment, so work that travels to them carries ``options()`` and the worker calls
+``apply_options`` first.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import posixpath
+from contextlib import contextmanager
+from typing import IO, Iterator
+
+from kdpipe.errors import KdpipeError
+
+__all__ = ["is_url", "normalize", "filesystem", "open_file", "read_bytes", "exists", "isfile", "isdir",
+           "join", "basename", "options", "apply_options", "EXTRAS"]
+
+#: protocol -> (package, kdpipe extra that installs it)
+EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+
+
+def is_url(path) -> bool:
+    """True for ``<protocol>://...`` (any URL, file:// included)."""
+    return "://" in os.fspath(path) if isinstance(path, (str, os.PathLike)) else False
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0].lower()
+
+
+def normalize(path) -> str:
+    """A path as kdpipe records it: local paths absolute (``~`` expanded), ``file://`` URLs as
+    local absolute paths, other URLs unchanged but for a trailing ``/``."""
+    path = os.fspath(path)
+    if is_url(path):
+        if _protocol(path) in ("file", "local"):
+            return os.path.abspath(path.split("://", 1)[1] or "/")
+        return path.rstrip("/")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _missing_backend(url: str, err: ImportError) -> KdpipeError:
+    protocol = _protocol(url)
+    if protocol in EXTRAS:
+        package, extra = EXTRAS[protocol]
+        return KdpipeError(f"{url} needs the {package} package, which is not installed; install kdpipe's "
+                           f"{extra} extra (pip install 'kdpipe[{extra}]').")
+    return KdpipeError(f"{url} needs an fsspec back end that is not installed ({err}).")
+
+
+def filesystem(path):
+    """(fsspec file system, path inside it) for a local path or URL; one sentence when the
+    URL's back end is missing or its protocol unknown."""
+    import fsspec.core
+
+    path = normalize(path)
+    try:
+        return fsspec.core.url_to_fs(path)
+    except ImportError as err:
+        raise _missing_backend(path, err) from None
+    except ValueError as err:
+        if "Protocol not known" in str(err):
+            raise KdpipeError(f"{path} is not a path or a URL of a storage protocol fsspec knows "
+                              f"({_protocol(path)}://).") from None
+        raise
+
+
+@contextmanager
+def open_file(path, mode: str = "rb") -> Iterator[IO]:
+    """A file object for a local path or URL (a plain ``open`` for local paths)."""
+    path = normalize(path)
+    if not is_url(path):
+        with open(path, mode) as fh:
+            yield fh
+        return
+    fs, inner = filesystem(path)
+    with fs.open(inner, mode) as fh:
+        yield fh
+
+
+def read_bytes(path) -> bytes:
+    with open_file(path, "rb") as fh:
+        return fh.read()
+
+
+def exists(path) -> bool:
+    path = normalize(path)
+    if not is_url(path):
+        return os.path.exists(path)
+    fs, inner = filesystem(path)
+    return fs.exists(inner)
+
+
+def isfile(path) -> bool:
+    path = normalize(path)
+    if not is_url(path):
+        return os.path.isfile(path)
+    fs, inner = filesystem(path)
+    return fs.isfile(inner)
+
+
+def isdir(path) -> bool:
+    path = normalize(path)
+    if not is_url(path):
+        return os.path.isdir(path)
+    fs, inner = filesystem(path)
+    return fs.isdir(inner)
+
+
+def join(base, *parts: str) -> str:
+    """``base/part/...`` for a local path (os.path.join) or a URL ('/'-joined)."""
+    base = os.fspath(base)
+    if is_url(base):
+        return "/".join([base.rstrip("/")] + [str(p).strip("/") for p in parts])
+    return os.path.join(base, *map(str, parts))
+
+
+def basename(path) -> str:
+    path = os.fspath(path)
+    return posixpath.basename(path.rstrip("/")) if is_url(path) else os.path.basename(path.rstrip(os.sep))
+
+
+def options() -> dict:
+    """A copy of fsspec's configuration (per-protocol options): what a Ray worker needs to
+    reach the same URLs as the driver."""
+    import fsspec.config
+
+    return copy.deepcopy(dict(fsspec.config.conf))
+
+
+def apply_options(snapshot: dict | None) -> None:
+    """Merge a driver's ``options()`` into this process's fsspec configuration (a worker's own
+    settings for a protocol are kept where the driver has none)."""
+    if not snapshot:
+        return
+    import fsspec.config
+
+    for protocol, values in snapshot.items():
+        merged = dict(fsspec.config.conf.get(protocol) or {})
+        merged.update(values or {})
+        fsspec.config.conf[protocol] = merged
