@@ -28,7 +28,7 @@ from typing import IO, Iterator
 from kdpipe.errors import KdpipeError
 
 __all__ = ["is_url", "normalize", "filesystem", "open_file", "read_bytes", "exists", "isfile", "isdir",
-           "join", "basename", "options", "apply_options", "EXTRAS"]
+           "subfolders", "files_under", "join", "basename", "options", "apply_options", "EXTRAS"]
 
 #: protocol -> (package, kdpipe extra that installs it)
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
@@ -120,6 +120,27 @@ def isdir(path) -> bool:
         return os.path.isdir(path)
     fs, inner = filesystem(path)
     return fs.isdir(inner)
+
+
+def subfolders(path) -> list[str]:
+    """Names of the folders directly in ``path`` (hidden ones left out), sorted."""
+    path = normalize(path)
+    if not is_url(path):
+        return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    fs, inner = filesystem(path)
+    names = (posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(inner, detail=True)
+             if e.get("type") == "directory")
+    return sorted(n for n in names if n and not n.startswith("."))
+
+
+def files_under(path) -> list[str]:
+    """Every file below ``path`` (recursively, following links locally), as paths or URLs
+    of the same kind as ``path``, sorted."""
+    path = normalize(path)
+    if not is_url(path):
+        return sorted(os.path.join(root, f) for root, _, files in os.walk(path, followlinks=True) for f in files)
+    fs, inner = filesystem(path)
+    return sorted(fs.unstrip_protocol(p) for p in fs.find(inner))
 
 
 def join(base, *parts: str) -> str:
