@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from kdpipe.data import normalize
 from kdpipe.engine.device import autocast, make_grad_scaler
+from kdpipe.engine.loggers import EpochLoggers
 from kdpipe.engine.parallel import Workers, wrap_for_training
 from kdpipe.engine.plan import SALT_TORCH, epoch_seed, steps_per_epoch
 from kdpipe.errors import KdpipeError
@@ -134,10 +135,11 @@ def fit(
     on_step: Callable | None = None,
     after_epoch: Callable | None = None,
     scaler_state: dict | None = None,
+    wandb: str | None = None,
 ) -> dict:
     """Train ``model`` from ``start_epoch`` to ``epochs``; after every epoch: test top-1/top-5,
-    one metrics row, ``checkpoints/latest.pth`` (full state) and ``best.pth``; at the end the
-    curves PNG (``plot``). ``on_step(epoch, step, loss, parts)`` sees every step and
+    one metrics row (metrics.csv, TensorBoard, W&B project ``wandb``: ``kdpipe.engine.loggers``),
+    ``checkpoints/latest.pth`` (full state) and ``best.pth``; at the end the curves PNG (``plot``). ``on_step(epoch, step, loss, parts)`` sees every step and
     ``after_epoch(epoch)`` runs after each epoch's checkpoint (tests use both). With
     ``workers`` (data-parallel, ``kdpipe.engine.parallel``) every worker runs this with its
     share of each batch; rank 0 evaluates, logs and checkpoints. Returns {"best_top1",
@@ -151,6 +153,7 @@ def fit(
     best = dict(best or {"top1": -1.0, "epoch": 0})
     images_seen, train_seconds, last_row = 0, 0.0, {}
     progress = progress and workers.is_main
+    loggers = EpochLoggers.for_run(run, start_epoch, wandb) if workers.is_main else None
     try:
         for epoch in range(start_epoch, epochs):
             row, seen, dt = _train_epoch(net, train, source, loss_fn, policy, epoch, epochs, batch_size, optimizer,
@@ -163,7 +166,7 @@ def fit(
                     ev = evaluate_model(model, test, eval_batch_size, amp)
                     row.update({"test_loss": ev["loss"], "test_top1": ev["top1"], "test_top5": ev["top5"]})
                 row.update({"img_per_s": seen / dt if dt > 0 else float("nan"), "epoch_seconds": dt})
-                best = _log_and_checkpoint(run, model, optimizer, scheduler, scaler, row, best, epoch,
+                best = _log_and_checkpoint(run, loggers, model, optimizer, scheduler, scaler, row, best, epoch,
                                            test is not None)
                 last_row = row
                 if progress:
@@ -175,6 +178,8 @@ def fit(
                 after_epoch(epoch + 1)
     finally:
         source.close()
+        if loggers is not None:
+            loggers.close()
     if plot and workers.is_main:
         try:
             run.plot_curves()
@@ -246,8 +251,8 @@ def _epoch_row(epoch, lr, losses, part_sums, correct, seen, nsteps, workers: Wor
     return row
 
 
-def _log_and_checkpoint(run, model, optimizer, scheduler, scaler, row, best, epoch, has_test) -> dict:
-    """Write the epoch's metrics row, then ``best.pth`` (if improved) and ``latest.pth``.
+def _log_and_checkpoint(run, loggers, model, optimizer, scheduler, scaler, row, best, epoch, has_test) -> dict:
+    """Log the epoch's metrics row (``loggers``: metrics.csv first), then ``best.pth`` (if improved) and ``latest.pth``.
 
     Metrics first, checkpoint last: a kill in between leaves a row past the checkpoint, which
     resume drops (``truncate_metrics``) and recomputes; never a missing row."""
@@ -256,7 +261,7 @@ def _log_and_checkpoint(run, model, optimizer, scheduler, scaler, row, best, epo
     improved = has_test and row["test_top1"] > best["top1"]
     if improved:
         best = {"top1": row["test_top1"], "epoch": epoch + 1}
-    run.log_epoch(row)
+    loggers.log(row)
     if improved:
         run.save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "top1": row["test_top1"]}, BEST)
     run.save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
@@ -281,7 +286,7 @@ def _check_finite(loss_buf: torch.Tensor, lo: int, hi: int, epoch: int, run) -> 
         step = lo + int(bad.nonzero()[0, 0].item())
         value = chunk[step - lo].item()
         raise NonFiniteLoss(
-            f"the loss became {value} at epoch {epoch + 1}, step {step + 1} (run {run.path}); "
+            f"the loss became {value} at epoch {epoch + 1}, step {step + 1} (run {run.location}); "
             f"check the targets for NaN and try a smaller --beta or --lr."
         )
 

@@ -30,6 +30,7 @@ import torch
 from kdpipe import storage
 from kdpipe.engine import loop
 from kdpipe.engine.device import resolve_device
+from kdpipe.engine.loggers import require_wandb
 from kdpipe.engine.parallel import Workers
 from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
 from kdpipe.engine.sources import ONLINE_VIEWS, VIEW_MODES, CachedTargets, NoTargets, OnlineTargets
@@ -310,17 +311,20 @@ class Runtime:
     plot: bool = True
     on_step: object = None
     after_epoch: object = None
+    wandb: str | None = None  # a Weights & Biases project to log to (kdpipe.engine.loggers)
 
 
 def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict | None = None,
                   out="runs", device=None, progress: bool = True, data_path: str = "auto",
                   loader_workers: int | None = None, run_prefix: str | None = None, plot: bool = True, on_step=None,
-                  after_epoch=None, ray_address: str | None = None, source: dict | None = None) -> dict:
-    """Train a student (see the module docstring). With ``resume`` the run's own config is
-    used; ``given`` holds options the user passed beside it (refused when they differ). With
-    ``cfg.data_parallel`` > 1 the epochs run on that many Ray Train workers
-    (``kdpipe.pipeline.data_parallel``); ``after_epoch`` then runs in every worker (tests use it
-    to kill one) and ``on_step`` is not available.
+                  after_epoch=None, ray_address: str | None = None, source: dict | None = None,
+                  wandb: str | None = None) -> dict:
+    """Train a student (see the module docstring). ``out`` (and ``resume``) may be a URL
+    (``kdpipe.pipeline.rundir``); ``wandb`` names a Weights & Biases project to log to. With
+    ``resume`` the run's own config is used; ``given`` holds options the user passed beside it
+    (refused when they differ). With ``cfg.data_parallel`` > 1 the epochs run on that many Ray
+    Train workers (``kdpipe.pipeline.data_parallel``); ``after_epoch`` then runs in every worker
+    (tests use it to kill one) and ``on_step`` is not available.
 
     Returns the summary (also in summary.json): run_dir, best_top1, final_top1, final_top5,
     epochs, wall_seconds, img_per_s, ..."""
@@ -330,19 +334,23 @@ def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict 
         run, cfg = resume_run(resume, "train-student", StudentConfig, given)
     if cfg is None:
         raise KdpipeError("train_student needs a StudentConfig or a run directory to resume.")
+    if wandb:
+        require_wandb()  # before any work: one sentence when it is missing
     setup = resolve_student(cfg.with_absolute_paths())
     config = dict(setup.resolved(), device=str(resolve_device(device)))
     if source is not None:  # the config file it came from (--config), as that file said it
         config["config_file"] = source
     if run is None:
         run = RunDir.create(out, run_prefix or f"student-{setup.cfg.student}-{setup.method.name}", config)
-    runtime = Runtime(device, progress, data_path, loader_workers, plot, on_step, after_epoch)
+    runtime = Runtime(device, progress, data_path, loader_workers, plot, on_step, after_epoch, wandb)
     if setup.cfg.data_parallel > 1:
         from kdpipe.pipeline.data_parallel import run_data_parallel
 
-        payload = {"cfg": dataclasses.asdict(setup.cfg), "run_dir": str(run.path), "resume": resume is not None,
-                   "runtime": dataclasses.asdict(dataclasses.replace(runtime, on_step=None))}
+        payload = {"cfg": dataclasses.asdict(setup.cfg), "run_dir": run.location, "resume": resume is not None,
+                   "runtime": dataclasses.asdict(dataclasses.replace(runtime, on_step=None)),
+                   "storage": storage.options()}
         run_data_parallel(_student_worker, payload, setup.cfg.data_parallel, str(run.path), device, ray_address)
+        run.refresh()  # rank 0 wrote the run (through the URL, for a remote one)
         source_tier = None
     else:
         source_tier = _train_here(setup, run, runtime, resume is not None, Workers(), resolve_device(device))
@@ -353,6 +361,7 @@ def _student_worker(payload: dict) -> None:
     """One Ray Train worker of a data-parallel student run."""
     from kdpipe.pipeline.data_parallel import worker_device
 
+    storage.apply_options(payload.get("storage"))
     setup = resolve_student(StudentConfig(**payload["cfg"]))
     runtime = Runtime(**payload["runtime"])
     _train_here(setup, RunDir(payload["run_dir"]), runtime, payload["resume"], Workers.current(),
@@ -386,7 +395,7 @@ def _train_here(setup: StudentSetup, run, runtime: Runtime, resume: bool, worker
              batch_size=r["batch_size"], optimizer=optimizer, scheduler=scheduler, run=run, seed=int(cfg.seed),
              amp=cfg.amp, start_epoch=start_epoch, best=best, progress=runtime.progress,
              desc=f"{cfg.student} {setup.method.name}", plot=runtime.plot, on_step=runtime.on_step,
-             after_epoch=runtime.after_epoch, scaler_state=scaler_state)
+             after_epoch=runtime.after_epoch, scaler_state=scaler_state, wandb=runtime.wandb)
     return getattr(source, "tier", None)
 
 
@@ -395,7 +404,7 @@ def _write_summary(run, setup, config, tier, t_start) -> dict:
     final = rows[-1] if rows else {}
     best_row = max(rows, key=lambda row: row.get("test_top1") or 0.0) if rows else {}
     summary = {
-        "stage": "train-student", "run_dir": str(run.path), "student": setup.cfg.student,
+        "stage": "train-student", "run_dir": run.location, "student": setup.cfg.student,
         "method": setup.method.name, "method_options": dict(setup.method.options),
         "target_source": config["target_source"], "target_tier": tier,
         "data_parallel": setup.cfg.data_parallel,
@@ -405,7 +414,7 @@ def _write_summary(run, setup, config, tier, t_start) -> dict:
         "wall_seconds": time.perf_counter() - t_start,
         "train_seconds": sum(row.get("epoch_seconds") or 0.0 for row in rows),
         "img_per_s": loop.mean_over_epochs(rows, "img_per_s"), "train_samples": config["train_samples"],
-        "checkpoint": str(run.checkpoint_dir / "latest.pth"),
+        "checkpoint": run.url("checkpoints", "latest.pth"),
     }
     run.write_summary(summary)
     return summary
