@@ -181,6 +181,22 @@ def test_memory_store_and_run_directory_end_to_end(memory_root, tiny_store):
     assert s["run_dir"] == location and s["epochs"] == 2
     _assert_complete_run(location, epochs=2)
     assert RunDir.open(location).summary["run_dir"] == location
+    from kdpipe.stages.evaluate import evaluate
+
+    assert evaluate(location)["top1"] == pytest.approx(s["best_top1"])
+
+
+def test_teacher_run_directory_at_a_url(memory_root):
+    from kdpipe.pipeline.configs import TeacherConfig
+    from kdpipe.stages.evaluate import evaluate
+    from kdpipe.stages.teacher import train_teacher
+
+    s = train_teacher(TeacherConfig(arch="resnet8", data=TINY_DATA, epochs=1, batch_size=16),
+                      out=f"{memory_root}/runs", device="cpu", progress=False)
+    assert s["checkpoint"] == f"{s['run_dir']}/resnet8_vanilla/ckpt_epoch_1.pth"
+    assert storage.isfile(s["checkpoint"])
+    _assert_complete_run(s["run_dir"], epochs=1)
+    assert evaluate(s["run_dir"])["top1"] == pytest.approx(s["top1"])
 
 
 def test_file_urls_through_the_cli(tmp_path, tiny_store, cli_runner):

@@ -81,11 +81,12 @@ def _from_run_dir(path: str, arch, data, load_dataset):
     if arch is not None and own is not None and str(arch) != str(own):
         raise CheckpointError(f"The run directory {path} holds a {own}, not a {arch}; drop --arch or name the run's.")
     if cfg.get("stage") == "train-teacher":
-        from kdpipe.stages.teacher import teacher_checkpoint_path
+        from kdpipe.stages.teacher import teacher_checkpoint_name
 
         arch = arch or cfg["arch"]
         data = data or cfg["data"]
-        return None, arch, data, teacher_checkpoint_path(run.path, cfg["arch"], cfg["epochs"])
+        # the run's own location: a URL run's staging folder goes when ``run`` does
+        return None, arch, data, run.url(teacher_checkpoint_name(cfg["arch"], cfg["epochs"]))
     # a student run: rebuild the student with its method's taps, then load best.pth
     from kdpipe.stages.train import build_student_from_config
 
@@ -95,4 +96,4 @@ def _from_run_dir(path: str, arch, data, load_dataset):
     model = build_student_from_config(cfg)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
-    return model, arch or cfg["student"], data or cfg["data"], ckpt
+    return model, arch or cfg["student"], data or cfg["data"], run.url("checkpoints", ckpt.name)
