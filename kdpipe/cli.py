@@ -349,17 +349,19 @@ def _run_sweep(cfg, sweeps, executor, out, ray_address) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a value in every config (e.g. student.epochs=2, seeds=[0,1,2]).")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="Folder of the student run directories and the results table.")
+              help="Folder of the student run directories and the results table (a path or URL).")
 @click.option("--stores", default="stores", show_default=True, type=click.Path(file_okay=False),
-              help="Folder of the stores, shared by every config with the same teacher and data.")
+              help="Folder of the stores, shared by every config with the same teacher and data (a path or URL).")
 @click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
               help="Stage one on a local Ray cluster or in-process.")
 def run(configs, sets, out, stores, executor):
     """Whole paper rows from config files: stores (shared), target sets, students, one table."""
     from kdpipe.stages.run import run_configs
 
+    from kdpipe import storage
+
     result = run_configs(configs, sets=sets, out=out, stores=stores, executor=executor)
-    click.echo(open(result["results_md"]).read().rstrip())
+    click.echo(storage.read_bytes(result["results_md"]).decode("utf-8").rstrip())
 
 
 @cli.command("inspect")

@@ -27,7 +27,8 @@ from typing import IO, Iterator
 
 from kdpipe.errors import KdpipeError
 
-__all__ = ["is_url", "normalize", "filesystem", "open_file", "read_bytes", "exists", "isfile", "isdir",
+__all__ = ["is_url", "normalize", "filesystem", "open_file", "read_bytes", "write_bytes", "atomic_write_bytes",
+           "exists", "isfile", "isdir",
            "subfolders", "files_under", "join", "basename", "options", "apply_options", "EXTRAS"]
 
 #: protocol -> (package, kdpipe extra that installs it)
@@ -96,6 +97,36 @@ def open_file(path, mode: str = "rb") -> Iterator[IO]:
 def read_bytes(path) -> bytes:
     with open_file(path, "rb") as fh:
         return fh.read()
+
+
+def atomic_write_bytes(path, write) -> None:
+    """Write a local file through a temporary sibling (``write(fh)``, fsync) and ``os.replace``:
+    a reader, or a process killed midway, sees the old file or the new one, never a torn one."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_bytes(path, data: bytes) -> None:
+    """A whole file at a local path (atomically) or a URL (one object, one PUT)."""
+    path = normalize(path)
+    if not is_url(path):
+        atomic_write_bytes(path, lambda fh: fh.write(data))
+        return
+    fs, inner = filesystem(path)
+    fs.pipe_file(inner, data)
 
 
 def exists(path) -> bool:

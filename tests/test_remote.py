@@ -275,3 +275,27 @@ def test_s3_store_written_by_ray_workers(s3, tiny_store):
         summary = _extract(teacher, store, executor="ray", num_workers=1)
     assert summary["shards_run"] == 4
     assert open_store(store).manifest["complete"]
+
+
+def test_run_command_with_stores_and_runs_at_urls(memory_root, tiny_store, tmp_path):
+    """``kdpipe run``: the teacher, the stores folder and the runs folder at URLs; a second
+    call reuses the store and the finished run."""
+    from kdpipe.stages.run import run_configs
+
+    teacher = f"{memory_root}/teacher.pth"
+    _put(teacher, _teacher_bytes(tiny_store))
+    row = tmp_path / "kd.yaml"
+    row.write_text(f"""
+name: tiny-kd
+teacher: {{arch: resnet8, checkpoint: "{teacher}"}}
+data: "{TINY_DATA}"
+extract: {{views: "4", cam_res: [2], features: [], shard_size: 16}}
+student: {{student: resnet8, method: kd, method_options: {{}}, epochs: 1, batch_size: 16}}
+seeds: [0]
+""")
+    kwargs = dict(out=f"{memory_root}/runs", stores=f"{memory_root}/stores", executor="inline", verbose=False)
+    first = run_configs([str(row)], **kwargs)
+    assert first["stores_built"] == 1 and first["stores"][0].startswith(f"{memory_root}/stores/")
+    second = run_configs([str(row)], **kwargs)
+    assert second["stores_built"] == 0 and second["rows"][0]["run_dirs"] == first["rows"][0]["run_dirs"]
+    assert "| tiny-kd | resnet8 | resnet8 | kd | 1 |" in storage.read_bytes(second["results_md"]).decode()

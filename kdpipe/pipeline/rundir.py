@@ -49,6 +49,7 @@ import torch
 
 from kdpipe import storage
 from kdpipe.errors import KdpipeError
+from kdpipe.storage import atomic_write_bytes
 
 CONFIG = "config.json"
 METRICS_CSV = "metrics.csv"
@@ -79,25 +80,6 @@ def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write ``path`` through a temporary sibling and ``os.replace``: never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
