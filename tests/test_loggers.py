@@ -107,3 +107,17 @@ def test_wandb_missing_in_the_stage(monkeypatch, tiny_store, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(KdpipeError, match="--wandb needs the wandb package"):
         train_teacher(TeacherConfig(arch="resnet8", data=TINY_DATA, epochs=1), out=tmp_path, wandb="p")
+
+
+def test_resumed_run_continues_its_tensorboard_curves(tiny_store, tmp_path):
+    def stop_after_first(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _student(tiny_store, tmp_path, after_epoch=stop_after_first)
+    (run,) = tmp_path.iterdir()
+    s = train_student(resume=str(run), progress=False, plot=False)
+    events = _events(s["run_dir"])
+    assert [step for step, _ in events["test/top1"]] == [1, 2]
+    assert [v for _, v in events["test/top1"]] == pytest.approx([r["test_top1"] for r in _rows(run)])

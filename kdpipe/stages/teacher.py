@@ -5,10 +5,10 @@ batch 64, lr x0.1 at 150/180/210 of 240 epochs scaled to ``epochs``, random crop
 the data set's policy flips) applied on the device, top-1/top-5 on the test split after every
 epoch.
 
-The run directory (``<out>/teacher-<arch>-<data>-<timestamp>``) holds config.json,
-metrics.csv/.jsonl, curves.png, summary.json, ``checkpoints/latest.pth`` (full state, for
-``resume``), ``checkpoints/best.pth``, and the teacher checkpoint itself in mdistiller's
-layout and format::
+The run directory (``<out>/teacher-<arch>-<data>-<timestamp>``; ``out`` a path or a URL,
+``kdpipe.pipeline.rundir``) holds config.json, metrics.csv/.jsonl, tensorboard/, curves.png,
+summary.json, ``checkpoints/latest.pth`` (full state, for ``resume``), ``checkpoints/best.pth``,
+and the teacher checkpoint itself in mdistiller's layout and format::
 
     <run>/<arch>_vanilla/ckpt_epoch_<E>.pth      {"model": state_dict, "epoch": E, "best_acc": top1}
 
