@@ -299,3 +299,28 @@ seeds: [0]
     second = run_configs([str(row)], **kwargs)
     assert second["stores_built"] == 0 and second["rows"][0]["run_dirs"] == first["rows"][0]["run_dirs"]
     assert "| tiny-kd | resnet8 | resnet8 | kd | 1 |" in storage.read_bytes(second["results_md"]).decode()
+
+
+def test_url_run_directory_uploads_checkpoints_last(memory_root, monkeypatch):
+    """Changed files go up whole, metrics first and checkpoints/latest.pth last; a file removed
+    locally (truncated metrics) is removed at the URL; reopening downloads the run."""
+    run = RunDir.create(f"{memory_root}/runs", "r", {"stage": "test"})
+    assert run.remote and run.location.startswith(f"{memory_root}/runs/r-")
+    sent = []
+    real = run._mirror.fs.put_file
+    monkeypatch.setattr(run._mirror.fs, "put_file", lambda lpath, rpath, **kw: (sent.append(rpath), real(lpath, rpath)))
+    for name in ("checkpoints/latest.pth", "checkpoints/best.pth", "metrics.jsonl", "tensorboard/events"):
+        (run.path / name).parent.mkdir(parents=True, exist_ok=True)
+        (run.path / name).write_bytes(b"x")
+    run.sync()
+    assert [p.split(run._mirror.root + "/")[1] for p in sent] == [
+        "metrics.jsonl", "tensorboard/events", "checkpoints/best.pth", "checkpoints/latest.pth"]
+    sent.clear()
+    run.sync()
+    assert sent == []  # nothing changed, nothing uploaded
+    (run.path / "metrics.jsonl").unlink()
+    run.sync()
+    assert not storage.exists(run.url("metrics.jsonl"))
+    again = RunDir.open(run.location)
+    assert again.path != run.path and (again.path / "checkpoints" / "latest.pth").read_bytes() == b"x"
+    assert again.config == {"stage": "test"}

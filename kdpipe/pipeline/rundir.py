@@ -139,13 +139,15 @@ class _Mirror:
         self.url = url
         self.local = local
         self.fs, self.root = storage.filesystem(url)
-        self.sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) uploaded
+        # relative path -> (inode, size, mtime_ns) when uploaded: an atomic rewrite is a new inode,
+        # an append a new size, whatever the clock's granularity
+        self.sent: dict[str, tuple[int, int, int]] = {}
 
     def _order(self, rel: str) -> tuple:
         # checkpoints last, latest.pth very last: a remote checkpoint never runs ahead of its metrics
         return (rel == f"{CHECKPOINTS}/{LATEST}", rel.startswith(CHECKPOINTS + "/"), rel)
 
-    def _local_files(self) -> dict[str, tuple[int, int]]:
+    def _local_files(self) -> dict[str, tuple[int, int, int]]:
         out = {}
         for root, _, files in os.walk(self.local):
             for name in files:
@@ -153,7 +155,7 @@ class _Mirror:
                     continue
                 full = os.path.join(root, name)
                 st = os.stat(full)
-                out[os.path.relpath(full, self.local).replace(os.sep, "/")] = (st.st_size, st.st_mtime_ns)
+                out[os.path.relpath(full, self.local).replace(os.sep, "/")] = (st.st_ino, st.st_size, st.st_mtime_ns)
         return out
 
     def sync(self) -> None:
