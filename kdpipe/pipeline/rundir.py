@@ -346,7 +346,8 @@ class RunDir:
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:
-            raise KdpipeError(f"checkpoint {self.url(CHECKPOINTS, name)} could not be read ({type(err).__name__}).") from None
+            raise KdpipeError(f"checkpoint {self.url(CHECKPOINTS, name)} could not be read "
+                              f"({type(err).__name__}).") from None
 
     # -- plots and summary ----------------------------------------------------------------
     def plot_curves(self, path: str | Path | None = None) -> Path | None:
