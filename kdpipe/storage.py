@@ -14,7 +14,9 @@ Options of a file system (an endpoint, credentials, a region) are fsspec's own c
 (e.g. ``FSSPEC_S3_ENDPOINT_URL``) and ``~/.config/fsspec/*.json`` and applies it to every file
 system it creates (zarr's included). Ray workers on other nodes do not see the driver's
 environment, so work that travels to them carries ``options()`` and the worker calls
-``apply_options`` first.
+``apply_options`` first. Only fsspec's configuration travels (keys put there included);
+credentials a back end finds by itself (AWS_* variables, ~/.aws, instance roles) must be
+present on every node.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from typing import IO, Iterator
 from kdpipe.errors import KdpipeError
 
 __all__ = ["is_url", "normalize", "filesystem", "open_file", "read_bytes", "write_bytes", "atomic_write_bytes",
-           "exists", "isfile", "isdir",
-           "subfolders", "files_under", "join", "basename", "options", "apply_options", "EXTRAS"]
+           "exists", "isfile", "isdir", "subfolders", "files_under", "join", "basename", "options",
+           "apply_options", "EXTRAS"]
 
 #: protocol -> (package, kdpipe extra that installs it)
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
