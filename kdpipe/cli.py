@@ -54,6 +54,10 @@ def cli():
     (extract-teacher, cluster), then any number of teacher-free student runs (train-student)."""
 
 
+_WANDB_HELP = ("Also log every epoch to this Weights & Biases project (needs wandb; WANDB_MODE=offline "
+               "keeps it on disk). TensorBoard event files are always written to <run>/tensorboard.")
+
+
 @cli.command("train-teacher")
 @click.option("--arch", default=None, help="Model name as in mdistiller (resnet8, resnet32x4, wrn_40_2, ...).")
 @click.option("--data", default="digits", show_default=True,
@@ -66,18 +70,20 @@ def cli():
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--amp", is_flag=True, help="Mixed precision (torch.autocast; float16 on CUDA).")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="Parent folder of the run directory.")
+              help="Parent folder of the run directory (a local path or a URL: s3://bucket/runs).")
 @click.option("--gpus", "data_parallel", default=1, show_default=True, type=int,
               help="Data-parallel workers on Ray Train (one per GPU; CPU workers with gloo where there is no GPU).")
 @click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
 @click.option("--workers", "loader_workers", default=None, type=click.IntRange(min=0),
               help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).")
 @click.option("--ray-address", default=None, help="With --gpus: join this Ray cluster instead of a local one.")
-@click.option("--resume", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Continue an interrupted teacher run directory from its last epoch (its config is reused).")
+@click.option("--resume", default=None, metavar="RUN",
+              help="Continue an interrupted teacher run directory (a path or URL) from its last epoch (its config "
+                   "is reused).")
+@click.option("--wandb", default=None, metavar="PROJECT", help=_WANDB_HELP)
 @click.pass_context
 def train_teacher(ctx, arch, data, epochs, lr, batch_size, seed, device, amp, out, data_parallel, sync_bn,
-                  loader_workers, ray_address, resume):
+                  loader_workers, ray_address, resume, wandb):
     """Train a teacher with cross-entropy (reference recipe) into a run directory."""
     from kdpipe.pipeline.configs import TeacherConfig
     from kdpipe.stages.teacher import train_teacher as run_stage
@@ -86,13 +92,13 @@ def train_teacher(ctx, arch, data, epochs, lr, batch_size, seed, device, amp, ou
         given = given_options(ctx, ("arch", "data", "epochs", "lr", "batch_size", "seed", "amp", "data_parallel",
                                     "sync_bn"))
         s = run_stage(resume=resume, given=given, device=device, ray_address=ray_address,
-                      loader_workers=loader_workers)
+                      loader_workers=loader_workers, wandb=wandb)
     else:
         if not arch:
             raise KdpipeError("train-teacher needs --arch (or --resume RUN).")
         s = run_stage(TeacherConfig(arch=arch, data=data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                     amp=amp, data_parallel=data_parallel, sync_bn=sync_bn), out=out, device=device,
-                      ray_address=ray_address, loader_workers=loader_workers)
+                      ray_address=ray_address, loader_workers=loader_workers, wandb=wandb)
     click.echo(format_summary("train-teacher: done", {
         "test top-1 (%)": s["top1"], "test top-5 (%)": s["top5"], "best top-1 (%)": s["best_top1"],
         "epochs": s["epochs"], "wall time (s)": s["wall_seconds"], "img/s (train)": s["img_per_s"],
@@ -100,8 +106,8 @@ def train_teacher(ctx, arch, data, epochs, lr, batch_size, seed, device, amp, ou
 
 
 @cli.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(exists=True),
-              help="A .pth checkpoint ({'model': state_dict} or bare), or a kdpipe run directory.")
+@click.option("--checkpoint", required=True,
+              help="A .pth checkpoint ({'model': state_dict} or bare), or a kdpipe run directory (a path or URL).")
 @click.option("--arch", default=None, help="Its architecture (read from the run directory when omitted).")
 @click.option("--data", default=None, help="Data set spec (read from the run directory when omitted).")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
@@ -118,11 +124,13 @@ def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
 
 
 @cli.command("extract-teacher")
-@click.option("--teacher", required=True, type=click.Path(), help="Teacher checkpoint ({'model': sd} or a state dict).")
+@click.option("--teacher", required=True, type=click.Path(),
+              help="Teacher checkpoint ({'model': sd} or a state dict; a local path or a URL: s3://bucket/t.pth).")
 @click.option("--arch", required=True, help="Teacher architecture (mdistiller name, e.g. resnet32x4).")
 @click.option("--data", required=True, help="Data set spec, e.g. cifar100:/path/to/cifar-100-python.")
 @click.option("--split", default="train", show_default=True, help="Data set split to run over.")
-@click.option("--out", required=True, type=click.Path(), help="Store path (a local path or an fsspec URL).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Store path (a local path or a URL: s3://bucket/store.zarr, gs://..., file:///...).")
 @click.option("--views", default="auto", show_default=True,
               help="auto (every view of CIFAR/digits, 8 seeded views of ImageFolder), all, 1, or K seeded views.")
 @click.option("--cam-res", default="2", show_default=True,
@@ -230,9 +238,9 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--amp", is_flag=True, help="Mixed precision (torch.autocast; float16 on CUDA).")
-@click.option("--resume", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Continue an interrupted run directory from its last epoch (its config is reused), or an "
-                   "interrupted sweep directory (finished trials are not run again).")
+@click.option("--resume", default=None, metavar="RUN",
+              help="Continue an interrupted run directory (a path or URL) from its last epoch (its config is reused), "
+                   "or an interrupted sweep directory (finished trials are not run again).")
 @click.option("--online-teacher", type=click.Path(), default=None,
               help="Run this teacher checkpoint live instead of reading cached targets (the references' baseline).")
 @click.option("--online-views", type=click.Choice(["fresh", "replay"]), default="fresh", show_default=True,
@@ -257,19 +265,20 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
               help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).")
 @click.option("--ray-address", default=None, help="Sweeps and --gpus: join this Ray cluster instead of a local one.")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="Parent folder of the run (or sweep) directory.")
+              help="Parent folder of the run (or sweep) directory (a local path or a URL: s3://bucket/runs).")
 @click.option("--head", type=click.Choice(["linear", "cam"]), default=None,
               help="Student classifier: cam (CAT-KD's bias-free 1x1 conv, the default for cat_kd) or linear.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A kdpipe config file (configs/) or a mdistiller / CAT-KD YAML file; options given here win.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="With --config: override a value of the file.")
 @click.option("--print-config", is_flag=True, help="Print the resolved run configuration as JSON and exit.")
+@click.option("--wandb", default=None, metavar="PROJECT", help=_WANDB_HELP)
 @click.pass_context
 def train_student(ctx, store, targets, student, method, beta, resolution, normalize, ce_weight, binarize, top_n,
                   bottom_n, temperature, alpha_penult, alpha_inter, epochs, lr, batch_size, views, resident,
                   penult_target, seed, device, amp, resume, online_teacher, online_views, data, subset_fraction,
                   subset_seed, sweeps, executor, gpus_per_trial, cpus_per_trial, data_parallel, sync_bn,
-                  loader_workers, ray_address, out, head, config_file, sets, print_config):
+                  loader_workers, ray_address, out, head, config_file, sets, print_config, wandb):
     """Stage two: train a student from the store, teacher-free.
 
     --store, --student and --method are required, except with --config FILE (which gives
@@ -293,7 +302,7 @@ def train_student(ctx, store, targets, student, method, beta, resolution, normal
         if _resume_sweep(resume, sweeps, given, sweep_options):
             return
         s = run_stage(resume=resume, given=given, device=device, ray_address=ray_address,
-                      loader_workers=loader_workers)
+                      loader_workers=loader_workers, wandb=wandb)
     else:
         cfg, record = _student_config(ctx, fields, options, config_file, sets, print_config)
         if print_config:
@@ -307,7 +316,7 @@ def train_student(ctx, store, targets, student, method, beta, resolution, normal
             _echo_sweep(run_sweep(cfg, parse_sweep(sweeps), out=out, options=sweep_options))
             return
         s = run_stage(cfg, out=out, device=device, ray_address=ray_address, source=record,
-                      loader_workers=loader_workers)
+                      loader_workers=loader_workers, wandb=wandb)
     click.echo(format_summary(f"train-student: {s['student']} with {s['method']} ({s['target_source']}) done", {
         "final top-1 (%)": s["final_top1"], "final top-5 (%)": s["final_top5"],
         "best top-1 (%)": s["best_top1"], "best epoch": s["best_epoch"], "epochs": s["epochs"],
@@ -370,17 +379,19 @@ def _echo_sweep(r: dict) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a value in every config (e.g. student.epochs=2, seeds=[0,1,2]).")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="Folder of the student run directories and the results table.")
+              help="Folder of the student run directories and the results table (a path or URL).")
 @click.option("--stores", default="stores", show_default=True, type=click.Path(file_okay=False),
-              help="Folder of the stores, shared by every config with the same teacher and data.")
+              help="Folder of the stores, shared by every config with the same teacher and data (a path or URL).")
 @click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
               help="Stage one on a local Ray cluster or in-process.")
 def run(configs, sets, out, stores, executor):
     """Whole paper rows from config files: stores (shared), target sets, students, one table."""
     from kdpipe.stages.run import run_configs
 
+    from kdpipe import storage
+
     result = run_configs(configs, sets=sets, out=out, stores=stores, executor=executor)
-    click.echo(open(result["results_md"]).read().rstrip())
+    click.echo(storage.read_bytes(result["results_md"]).decode("utf-8").rstrip())
 
 
 @cli.command("inspect")

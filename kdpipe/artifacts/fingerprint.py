@@ -17,16 +17,12 @@ _CHUNK = 4 << 20  # 4 MiB
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
     """Hex sha256 of a file (a local path or any fsspec URL), read `chunk_size` bytes at a time."""
+    from kdpipe.storage import open_file
+
     path = os.fspath(path)
     h = hashlib.sha256()
     try:
-        if "://" in path:
-            import fsspec
-
-            opener = fsspec.open(path, "rb")
-        else:
-            opener = open(path, "rb")
-        with opener as f:
+        with open_file(path, "rb") as f:
             while True:
                 block = f.read(chunk_size)
                 if not block:

@@ -50,9 +50,9 @@ def num_chunks(array) -> int:
 
 
 def _fs(root: str):
-    import fsspec.core
+    from kdpipe.storage import filesystem
 
-    return fsspec.core.url_to_fs(root)
+    return filesystem(root)
 
 
 def _chunk_key(root_path: str, array: str, index: int, ndim: int) -> str:

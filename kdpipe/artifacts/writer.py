@@ -41,6 +41,7 @@ from typing import Literal
 
 import numpy as np
 
+from kdpipe import storage
 from kdpipe.artifacts.integrity import ARRAY_CONFIG, digest_name, num_chunks, record_digests
 from kdpipe.artifacts.schema import (
     MANIFEST_ATTR,
@@ -58,25 +59,17 @@ ZarrMode = Literal["r", "r+", "a", "w", "w-"]
 
 
 def _path(path) -> str:
-    path = os.fspath(path)
-    if "://" in path:
-        return path.rstrip("/")
-    return os.path.abspath(path)
+    """Local paths absolute, ``file://`` URLs local, other URLs as given (``kdpipe.storage``)."""
+    return storage.normalize(path)
 
 
 def _fs(path: str):
-    import fsspec.core
-
-    return fsspec.core.url_to_fs(path)
+    return storage.filesystem(path)
 
 
 def store_exists(path) -> bool:
     """True when anything exists at `path` (a local path or fsspec URL)."""
-    path = _path(path)
-    if "://" not in path:
-        return os.path.exists(path)
-    fs, p = _fs(path)
-    return fs.exists(p)
+    return storage.exists(path)
 
 
 def _open_group(path: str, mode: ZarrMode):
@@ -111,11 +104,11 @@ def remove_store(path) -> None:
     if not store_exists(path):
         return
     if read_manifest(path) is None:
-        if "://" not in path and os.path.isdir(path) and not os.listdir(path):
+        if not storage.is_url(path) and os.path.isdir(path) and not os.listdir(path):
             os.rmdir(path)
             return
         raise StoreError(f"{path} exists and is not a kdpipe store; refusing to overwrite it.")
-    if "://" in path:
+    if storage.is_url(path):
         fs, p = _fs(path)
         fs.rm(p, recursive=True)
     else:
@@ -123,7 +116,7 @@ def remove_store(path) -> None:
 
 
 def _empty_folder(path: str) -> bool:
-    return "://" not in path and os.path.isdir(path) and not os.listdir(path)
+    return not storage.is_url(path) and os.path.isdir(path) and not os.listdir(path)
 
 
 def existing_store(path) -> bool:
@@ -134,7 +127,7 @@ def existing_store(path) -> bool:
         return False
     if read_manifest(path) is not None:
         return True
-    if "://" not in path and os.path.isfile(path):
+    if not storage.is_url(path) and os.path.isfile(path):
         raise StoreError(f"{path} is a file, not a store; choose another --out.")
     raise StoreError(f"{path} is a folder with other contents, not a kdpipe store; choose another --out "
                      "(kdpipe never deletes what it did not write).")

@@ -14,13 +14,13 @@ pickle (encoding="bytes"), as the CIFAR page prescribes.
 
 from __future__ import annotations
 
-import os
 import pickle
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kdpipe import storage
 from kdpipe.data.base import Dataset
 from kdpipe.errors import DataError
 from kdpipe.views import CifarPolicy
@@ -111,7 +111,7 @@ class CifarUnpickler(pickle.Unpickler):
 
 def _read_pickle(kind: str, path: str) -> dict:
     try:
-        with open(path, "rb") as handle:
+        with storage.open_file(path, "rb") as handle:
             content = CifarUnpickler(handle, encoding="bytes").load()
     except ForbiddenGlobal as error:
         raise DataError(f"{_expectation(kind)}; {path} is not a CIFAR pickle: {error}.") from None
@@ -153,8 +153,8 @@ def _read_batch(kind: str, path: str) -> tuple[np.ndarray, np.ndarray]:
 def _read_class_names(kind: str, folder: str) -> list[str] | None:
     """Class names from the meta file, or None when it is absent (it is not needed)."""
     layout = _LAYOUTS[kind]
-    path = os.path.join(folder, layout.meta)
-    if not os.path.isfile(path):
+    path = storage.join(folder, layout.meta)
+    if not storage.isfile(path):
         return None
     content = _read_pickle(kind, path)
     names = content.get(layout.names_key)
@@ -166,15 +166,15 @@ def _read_class_names(kind: str, folder: str) -> list[str] | None:
 def load_cifar(kind: str, folder: str, split: str, spec: str | None = None) -> Dataset:
     """CIFAR-10 ("cifar10") or CIFAR-100 ("cifar100") `split` from `folder`, resident."""
     layout = _LAYOUTS[kind]
-    folder = os.path.expanduser(folder)
     if not folder:
         raise DataError(f"{_expectation(kind)}; give its path as {kind}:/path/to/{layout.folder}.")
-    if not os.path.isdir(folder):
+    folder = storage.normalize(folder)  # a local path or a URL (s3://...: kdpipe.storage)
+    if not storage.isdir(folder):
         raise DataError(f"{_expectation(kind)}; {folder} is not a folder.")
     for name in layout.files(split):
-        if not os.path.isfile(os.path.join(folder, name)):
+        if not storage.isfile(storage.join(folder, name)):
             raise DataError(f"{_expectation(kind)}; {folder} has no file '{name}'.")
-    parts = [_read_batch(kind, os.path.join(folder, name)) for name in layout.files(split)]
+    parts = [_read_batch(kind, storage.join(folder, name)) for name in layout.files(split)]
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     return Dataset(
@@ -183,5 +183,5 @@ def load_cifar(kind: str, folder: str, split: str, spec: str | None = None) -> D
         policy=CifarPolicy(image_size=CIFAR_IMAGE_SIZE),
         images=torch.from_numpy(np.ascontiguousarray(images)),
         class_names=_read_class_names(kind, folder), spec=spec or f"{kind}:{folder}",
-        source=os.path.abspath(folder),
+        source=folder,
     )

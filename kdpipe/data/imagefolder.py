@@ -1,6 +1,7 @@
 """ImageFolder data sets (ImageNet layout) read with PIL, lazily, without torchvision.
 
-Spec: ``imagefolder:/path[?size=224&resize=256]``. /path holds train/ and val/, each with one
+Spec: ``imagefolder:/path[?size=224&resize=256]``; /path may be a URL (``s3://bucket/imagenet``,
+``kdpipe.storage``: images are then read over the network every epoch). /path holds train/ and val/, each with one
 folder per class (the same class folders on both sides; val may lack some). Classes are the
 sorted folder names of train/, as torchvision's ImageFolder orders them; files are those
 with the extensions torchvision accepts, sorted.
@@ -22,12 +23,12 @@ alone gets resize = round(size * 256 / 224), the same crop fraction.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from kdpipe import storage
 from kdpipe.data.base import Dataset, _as_index_array
 from kdpipe.errors import DataError
 from kdpipe.views import ImageNetPolicy
@@ -84,26 +85,21 @@ def parse_imagefolder_spec(rest: str) -> ImageFolderSpec:
     if resize < size:
         raise DataError(f"imagefolder resize ({resize}) must be at least size ({size}): the test "
                         f"view is a size x size centre crop of the image resized to resize.")
-    return ImageFolderSpec(os.path.expanduser(path), size, resize)
+    return ImageFolderSpec(storage.normalize(path) if path else "", size, resize)
 
 
 def _class_folders(folder: str) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(folder)
-                  if entry.is_dir() and not entry.name.startswith("."))
+    return storage.subfolders(folder)
 
 
 def _scan(split_folder: str, classes: list[str]) -> tuple[list[str], np.ndarray]:
     """Image paths and labels under split_folder/<class>/ (walked recursively, sorted)."""
     paths, labels = [], []
     for label, name in enumerate(classes):
-        class_folder = os.path.join(split_folder, name)
-        if not os.path.isdir(class_folder):
+        class_folder = storage.join(split_folder, name)
+        if not storage.isdir(class_folder):
             continue
-        found: list[str] = []
-        for root, _, files in os.walk(class_folder, followlinks=True):
-            found.extend(os.path.join(root, f) for f in files
-                         if f.lower().endswith(IMAGE_EXTENSIONS))
-        found.sort()
+        found = [f for f in storage.files_under(class_folder) if f.lower().endswith(IMAGE_EXTENSIONS)]
         paths.extend(found)
         labels.extend([label] * len(found))
     return paths, np.asarray(labels, dtype=np.int64)
@@ -121,7 +117,7 @@ def read_image_size(path: str) -> tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with storage.open_file(path) as fh, Image.open(fh) as image:
             width, height = image.size
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise _unreadable(path, error) from None
@@ -155,7 +151,7 @@ def open_rgb(path: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with storage.open_file(path) as fh, Image.open(fh) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise _unreadable(path, error) from None
@@ -309,14 +305,14 @@ def load_imagefolder(rest: str, split: str, spec: str | None = None) -> Dataset:
     root, size, resize = parse_imagefolder_spec(rest)
     if not root:
         raise DataError(f"{_expectation()}; give its path as imagefolder:/path/to/folder.")
-    if not os.path.isdir(root):
+    if not storage.isdir(root):
         raise DataError(f"{_expectation()}; {root} is not a folder.")
-    train_folder = os.path.join(root, "train")
-    split_folder = os.path.join(root, _SPLIT_FOLDERS[split])
+    train_folder = storage.join(root, "train")
+    split_folder = storage.join(root, _SPLIT_FOLDERS[split])
     for needed in (train_folder, split_folder):
-        if not os.path.isdir(needed):
+        if not storage.isdir(needed):
             raise DataError(f"{_expectation()}; {root} has no folder "
-                            f"'{os.path.basename(needed)}'.")
+                            f"'{storage.basename(needed)}'.")
     classes = _class_folders(train_folder)
     if not classes:
         raise DataError(f"{_expectation()}; {train_folder} has no class folders.")
@@ -334,5 +330,5 @@ def load_imagefolder(rest: str, split: str, spec: str | None = None) -> Dataset:
         num_classes=len(classes), labels=labels, image_size=(size, size), mean=IMAGENET_MEAN,
         std=IMAGENET_STD, policy=ImageNetPolicy(image_size=(size, size)), class_names=classes,
         spec=spec or f"imagefolder:{root}?size={size}&resize={resize}",
-        source=os.path.abspath(root),
+        source=root,
     )

@@ -16,13 +16,14 @@ optimizer, scheduler and RNG states come from the checkpoint.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from kdpipe.data import normalize
 from kdpipe.engine.device import autocast, make_grad_scaler
+from kdpipe.engine.loggers import EpochLoggers
 from kdpipe.engine.parallel import Workers, wrap_for_training
 from kdpipe.engine.plan import SALT_TORCH, epoch_seed, steps_per_epoch
 from kdpipe.errors import KdpipeError
@@ -108,6 +109,8 @@ def train_step(model, loss_fn: LossFn, source, optimizer, scaler, train, batch, 
     return total, parts, logits, labels
 
 
+# fit's length is its keyword-only signature (one argument a line, shared by teacher, student
+# and data-parallel training) and docstring; its body is about 30 lines.
 def fit(
     *,
     model: torch.nn.Module,
@@ -134,10 +137,12 @@ def fit(
     on_step: Callable | None = None,
     after_epoch: Callable | None = None,
     scaler_state: dict | None = None,
+    wandb: str | None = None,
 ) -> dict:
     """Train ``model`` from ``start_epoch`` to ``epochs``; after every epoch: test top-1/top-5,
-    one metrics row, ``checkpoints/latest.pth`` (full state) and ``best.pth``; at the end the
-    curves PNG (``plot``). ``on_step(epoch, step, loss, parts)`` sees every step and
+    one metrics row (metrics.csv, TensorBoard, W&B project ``wandb``: ``kdpipe.engine.loggers``),
+    ``checkpoints/latest.pth`` (full state) and ``best.pth``; at the end the curves PNG
+    (``plot``). ``on_step(epoch, step, loss, parts)`` sees every step and
     ``after_epoch(epoch)`` runs after each epoch's checkpoint (tests use both). With
     ``workers`` (data-parallel, ``kdpipe.engine.parallel``) every worker runs this with its
     share of each batch; rank 0 evaluates, logs and checkpoints. Returns {"best_top1",
@@ -151,6 +156,7 @@ def fit(
     best = dict(best or {"top1": -1.0, "epoch": 0})
     images_seen, train_seconds, last_row = 0, 0.0, {}
     progress = progress and workers.is_main
+    loggers = EpochLoggers.for_run(run, start_epoch, wandb) if workers.is_main else None
     try:
         for epoch in range(start_epoch, epochs):
             row, seen, dt = _train_epoch(net, train, source, loss_fn, policy, epoch, epochs, batch_size, optimizer,
@@ -159,29 +165,43 @@ def fit(
             train_seconds += dt
             images_seen += seen
             if workers.is_main:
-                if test is not None:
-                    ev = evaluate_model(model, test, eval_batch_size, amp)
-                    row.update({"test_loss": ev["loss"], "test_top1": ev["top1"], "test_top5": ev["top5"]})
                 row.update({"img_per_s": seen / dt if dt > 0 else float("nan"), "epoch_seconds": dt})
-                best = _log_and_checkpoint(run, model, optimizer, scheduler, scaler, row, best, epoch,
-                                           test is not None)
+                best = _finish_epoch(model, test, eval_batch_size, amp, row, best, epoch, epochs, desc, progress,
+                                     (run, loggers, optimizer, scheduler, scaler))
                 last_row = row
-                if progress:
-                    from tqdm.auto import tqdm
-
-                    tqdm.write(_epoch_message(desc, epoch, epochs, row))
             workers.barrier()
             if after_epoch is not None:
                 after_epoch(epoch + 1)
     finally:
         source.close()
+        if loggers is not None:
+            loggers.close()
     if plot and workers.is_main:
-        try:
-            run.plot_curves()
-        except Exception as err:  # noqa: BLE001 - a plot must never lose a finished run
-            print(f"kdpipe: warning: could not draw the curves ({type(err).__name__}: {err})")
+        _plot_curves(run)
     return {"best_top1": best["top1"] if best["top1"] >= 0 else None, "best_epoch": best["epoch"],
             "final": last_row, "images": images_seen, "train_seconds": train_seconds}
+
+
+def _finish_epoch(model, test, eval_batch_size, amp, row, best, epoch, epochs, desc, progress, saving) -> dict:
+    """Rank 0 after an epoch: test metrics into ``row``, the row logged, checkpoints written
+    (``saving`` = run, loggers, optimizer, scheduler, scaler), the epoch line; returns best."""
+    run, loggers, optimizer, scheduler, scaler = saving
+    if test is not None:
+        ev = evaluate_model(model, test, eval_batch_size, amp)
+        row.update({"test_loss": ev["loss"], "test_top1": ev["top1"], "test_top5": ev["top5"]})
+    best = _log_and_checkpoint(run, loggers, model, optimizer, scheduler, scaler, row, best, epoch, test is not None)
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(_epoch_message(desc, epoch, epochs, row))
+    return best
+
+
+def _plot_curves(run) -> None:
+    try:
+        run.plot_curves()
+    except Exception as err:  # noqa: BLE001 - a plot must never lose a finished run
+        print(f"kdpipe: warning: could not draw the curves ({type(err).__name__}: {err})")
 
 
 def _train_epoch(net, train, source, loss_fn, policy, epoch, epochs, batch_size, optimizer, scaler, run, seed,
@@ -234,10 +254,10 @@ def _epoch_row(epoch, lr, losses, part_sums, correct, seen, nsteps, workers: Wor
     """The epoch's training metrics, averaged over every worker's steps."""
     device = losses.device
     keys = sorted(k for k in part_sums if k != "total")
-    totals = torch.stack([losses.sum().double(), torch.tensor(float(nsteps), dtype=torch.float64, device=device),
+    stacked = torch.stack([losses.sum().double(), torch.tensor(float(nsteps), dtype=torch.float64, device=device),
                           correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]
                          + [torch.as_tensor(part_sums[k], dtype=torch.float64, device=device) for k in keys])
-    totals = workers.sum(totals).tolist()
+    totals: list[float] = workers.sum(stacked).tolist()
     steps = max(totals[1], 1.0)
     row = {"epoch": epoch + 1, "lr": lr,
            "train_loss": totals[0] / steps if totals[1] else float("nan"),
@@ -246,8 +266,8 @@ def _epoch_row(epoch, lr, losses, part_sums, correct, seen, nsteps, workers: Wor
     return row
 
 
-def _log_and_checkpoint(run, model, optimizer, scheduler, scaler, row, best, epoch, has_test) -> dict:
-    """Write the epoch's metrics row, then ``best.pth`` (if improved) and ``latest.pth``.
+def _log_and_checkpoint(run, loggers, model, optimizer, scheduler, scaler, row, best, epoch, has_test) -> dict:
+    """Log the epoch's metrics row (``loggers``: metrics.csv first), then ``best.pth`` (if improved) and ``latest.pth``.
 
     Metrics first, checkpoint last: a kill in between leaves a row past the checkpoint, which
     resume drops (``truncate_metrics``) and recomputes; never a missing row."""
@@ -256,7 +276,7 @@ def _log_and_checkpoint(run, model, optimizer, scheduler, scaler, row, best, epo
     improved = has_test and row["test_top1"] > best["top1"]
     if improved:
         best = {"top1": row["test_top1"], "epoch": epoch + 1}
-    run.log_epoch(row)
+    loggers.log(row)
     if improved:
         run.save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "top1": row["test_top1"]}, BEST)
     run.save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
@@ -281,7 +301,7 @@ def _check_finite(loss_buf: torch.Tensor, lo: int, hi: int, epoch: int, run) -> 
         step = lo + int(bad.nonzero()[0, 0].item())
         value = chunk[step - lo].item()
         raise NonFiniteLoss(
-            f"the loss became {value} at epoch {epoch + 1}, step {step + 1} (run {run.path}); "
+            f"the loss became {value} at epoch {epoch + 1}, step {step + 1} (run {run.location}); "
             f"check the targets for NaN and try a smaller --beta or --lr."
         )
 
@@ -296,5 +316,5 @@ def ce_loss(net, x, labels, targets):
 
 def mean_over_epochs(rows: list[dict], key: str):
     """Mean of ``key`` over the metric rows that have it, or None."""
-    values = [r.get(key) for r in rows if r.get(key) is not None]
+    values = [float(r[key]) for r in rows if r.get(key) is not None]
     return sum(values) / len(values) if values else None

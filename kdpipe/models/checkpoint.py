@@ -2,13 +2,15 @@
 
 mdistiller publishes CIFAR teachers as `<arch>_vanilla/ckpt_epoch_240.pth` holding
 `{"model": state_dict}`; torchvision publishes bare state dicts; DataParallel training
-leaves `module.` prefixes. All three load here, with `weights_only=True` (no pickled code).
+leaves `module.` prefixes. All three load here, with `weights_only=True` (no pickled code), from a
+local path or an fsspec URL (``s3://...``; ``kdpipe.storage``).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import io
 import pickle
 import re
 from collections.abc import Mapping
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from kdpipe import storage
 from kdpipe.errors import CheckpointError, KdpipeError
 from kdpipe.models.base import KDModel
 from kdpipe.models.registry import build, canonical_names, resolve_builder
@@ -52,17 +55,23 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else ""
 
 
-def _load_weights_only(path: Path) -> object:
+def _load_weights_only(path: str | Path) -> object:
     """torch.load(path, weights_only=True) on the CPU, also accepting numpy scalars; any
-    failure becomes a CheckpointError."""
+    failure becomes a CheckpointError. A URL's bytes are read through fsspec first
+    (``kdpipe.storage``): torch.load needs a seekable file."""
     try:
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5
                 raise
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
             with torch.serialization.safe_globals(_numpy_scalar_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(source, map_location="cpu", weights_only=True)
+    except KdpipeError:
+        raise
     except Exception as exc:  # corrupt zip, truncated file, pickled code, ...
         raise CheckpointError(
             f"checkpoint {path} could not be read by torch.load(weights_only=True) "
@@ -189,8 +198,8 @@ def load_teacher(name: str, path: str | Path, num_classes: int) -> KDModel:
     like, where a registered model matches); KdpipeError for an unknown `name`.
     """
     resolve_builder(name)  # unknown names fail before any file is touched
-    path = Path(path)
-    if not path.is_file():
+    path = storage.normalize(path)
+    if not storage.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file).")
     payload = _load_weights_only(path)
     state = extract_state_dict(payload, path)

@@ -149,6 +149,43 @@ def draw_cam_grid(images: torch.Tensor, cams: np.ndarray, logits: np.ndarray, na
     return str(png_path)
 
 
+def _series(rows: list[dict], key: str) -> list:
+    return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
+
+
+def _curve_panel(ax, rows: list[dict], lines, title: str, ylabel: str, dashed=()) -> None:
+    epochs = [r.get("epoch") for r in rows]
+    for key, label in lines:
+        if any(key in r for r in rows):
+            ax.plot(epochs, _series(rows, key), marker=".", label=label)
+    for key in dashed:
+        ax.plot(epochs, _series(rows, key), linestyle="--", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def draw_run_curves(rows: list[dict], title: str, fh) -> None:
+    """One run's loss (and its parts) and top-1/top-5 against epoch, as a PNG into ``fh``
+    (matplotlib Agg; no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=80)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    part_keys = sorted({k for r in rows for k in r if k.startswith("loss_")})
+    _curve_panel(ax1, rows, (("train_loss", "train loss"), ("test_loss", "test loss (CE)")), "loss", "loss",
+                 dashed=part_keys)
+    _curve_panel(ax2, rows, (("train_top1", "train top-1"), ("test_top1", "test top-1"), ("test_top5", "test top-5")),
+                 "accuracy", "accuracy (%)")
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.88, wspace=0.22)  # (tight_layout is slow)
+    fig.savefig(fh, format="png")
+
+
 def plot_student_curves(curves_by_label: dict, png) -> Path:
     """Test top-1 per epoch: one colour per student label, the mean over its runs (seeds) with
     a band from the lowest to the highest. ``curves_by_label``: label -> [per-run top-1 lists]."""

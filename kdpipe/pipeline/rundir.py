@@ -13,9 +13,22 @@ Layout of a run directory (``RunDir.create(root, prefix, config)``)::
                              scheduler, RNG states, epoch): what ``--resume`` reads
             best.pth         {"model": state_dict, "epoch", "top1"} of the best test top-1
 
+        tensorboard/         TensorBoard event files (``kdpipe.engine.loggers``)
+
 Checkpoints are written atomically (temporary file in the same folder, fsync, ``os.replace``),
 so a run killed at any moment leaves either the previous file or the new one, never a torn one.
 Everything in a checkpoint loads with ``torch.load(..., weights_only=True)``.
+
+**Run directories at a URL** (``--out s3://bucket/runs``, ``--resume s3://bucket/runs/x``;
+``kdpipe.storage``): the run is written to a local staging folder (``RunDir.path``, a temporary
+folder removed when the process ends) exactly as a local one, and every write is followed by
+``sync()``, which uploads each file changed since the last upload as one whole object, in a
+fixed order: the metrics and everything else first, ``checkpoints/best.pth`` next,
+``checkpoints/latest.pth`` last. Object stores replace an object atomically (S3, GCS), so the
+remote run never holds a torn file, and a kill between two uploads leaves at most a metrics
+row past the checkpoint, which ``--resume`` drops, as locally. Opening a URL run directory
+(``--resume``, data-parallel workers) downloads it into a fresh staging folder first.
+``RunDir.location`` is what the user named (the URL), ``RunDir.path`` the local folder.
 """
 
 from __future__ import annotations
@@ -24,14 +37,19 @@ import csv
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
+from kdpipe import storage
 from kdpipe.errors import KdpipeError
+from kdpipe.storage import atomic_write_bytes
 
 CONFIG = "config.json"
 METRICS_CSV = "metrics.csv"
@@ -41,6 +59,7 @@ CURVES = "curves.png"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pth"
 BEST = "best.pth"
+TENSORBOARD = "tensorboard"
 
 
 def _jsonable(obj: Any):
@@ -61,25 +80,6 @@ def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write ``path`` through a temporary sibling and ``os.replace``: never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -111,7 +111,7 @@ def load_scheduler_state(scheduler, sd: dict) -> None:
 
 def rng_state(generator: torch.Generator | None = None) -> dict:
     """The RNG states a run depends on (global torch CPU/CUDA and an optional generator)."""
-    state = {"torch": torch.get_rng_state()}
+    state: dict[str, object] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if generator is not None:
@@ -131,44 +131,128 @@ def restore_rng_state(state: dict, generator: torch.Generator | None = None) -> 
         generator.set_state(state["generator"])
 
 
+class _Mirror:
+    """Uploads a local staging folder to a URL, file by file, each changed file whole; downloads
+    the URL's files into the staging folder (see the module docstring)."""
+
+    def __init__(self, url: str, local: Path):
+        self.url = url
+        self.local = local
+        self.fs, self.root = storage.filesystem(url)
+        # relative path -> (inode, size, mtime_ns) when uploaded: an atomic rewrite is a new inode,
+        # an append a new size, whatever the clock's granularity
+        self.sent: dict[str, tuple[int, int, int]] = {}
+
+    def _order(self, rel: str) -> tuple:
+        # checkpoints last, latest.pth very last: a remote checkpoint never runs ahead of its metrics
+        return (rel == f"{CHECKPOINTS}/{LATEST}", rel.startswith(CHECKPOINTS + "/"), rel)
+
+    def _local_files(self) -> dict[str, tuple[int, int, int]]:
+        out = {}
+        for root, _, files in os.walk(self.local):
+            for name in files:
+                if name.startswith(".") and ".tmp-" in name:  # an atomic write in progress
+                    continue
+                full = os.path.join(root, name)
+                st = os.stat(full)
+                out[os.path.relpath(full, self.local).replace(os.sep, "/")] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        return out
+
+    def sync(self) -> None:
+        files = self._local_files()
+        for rel in sorted((r for r in files if self.sent.get(r) != files[r]), key=self._order):
+            self.fs.put_file(str(self.local / rel), f"{self.root}/{rel}")
+            self.sent[rel] = files[rel]
+        for rel in [r for r in self.sent if r not in files]:  # removed locally (truncated metrics)
+            self.fs.rm_file(f"{self.root}/{rel}")
+            del self.sent[rel]
+
+    def pull(self) -> None:
+        if not self.fs.exists(self.root):
+            return
+        for remote in self.fs.find(self.root):
+            rel = remote[len(self.root):].lstrip("/")
+            target = self.local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(remote, str(target))
+        self.sent = self._local_files()
+
+
 class RunDir:
-    """One run's folder. Create with ``RunDir.create``; reopen (for --resume) with ``RunDir.open``."""
+    """One run's folder. Create with ``RunDir.create``; reopen (for --resume) with ``RunDir.open``.
+
+    ``path`` is the local folder written to; ``location`` the run directory as the user named
+    it (the same path, or a URL whose files ``path`` stages and ``sync`` uploads)."""
 
     def __init__(self, path):
-        self.path = Path(path)
+        self.location = storage.normalize(path)
+        self._mirror: _Mirror | None = None
+        if storage.is_url(self.location):
+            staging = tempfile.mkdtemp(prefix="kdpipe-run-")
+            weakref.finalize(self, shutil.rmtree, staging, True)
+            self.path = Path(staging)
+            self._mirror = _Mirror(self.location, self.path)
+            self._mirror.pull()
+        else:
+            self.path = Path(self.location)
+
+    @property
+    def remote(self) -> bool:
+        return self._mirror is not None
+
+    def sync(self) -> None:
+        """Upload what changed to the URL (a no-op for a local run directory)."""
+        if self._mirror is not None:
+            self._mirror.sync()
+
+    def refresh(self) -> None:
+        """Download the URL's files again (after other processes wrote to it); local: no-op."""
+        if self._mirror is not None:
+            self._mirror.pull()
+
+    def url(self, *parts: str) -> str:
+        """A file of the run as the user reaches it: ``location/part/...``."""
+        return storage.join(self.location, *parts)
 
     # -- creation -------------------------------------------------------------------------
     @classmethod
-    def create(cls, root, prefix: str, config: dict) -> "RunDir":
+    def create(cls, root, prefix: str, config: dict) -> RunDir:
         """A new, unique ``<root>/<prefix>-<timestamp>[-n]`` with ``config.json`` written."""
-        root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
+        root = storage.normalize(root)
+        remote = storage.is_url(root)
+        if not remote:
+            Path(root).mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         safe = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in str(prefix)) or "run"
         for n in range(1, 10_000):
             name = f"{safe}-{stamp}" if n == 1 else f"{safe}-{stamp}-{n}"
-            path = root / name
-            try:
-                path.mkdir()
-            except FileExistsError:
-                continue
+            path = storage.join(root, name)
+            if remote:
+                if storage.exists(path):
+                    continue
+            else:
+                try:
+                    Path(path).mkdir()
+                except FileExistsError:
+                    continue
             run = cls(path)
-            (path / CHECKPOINTS).mkdir()
+            (run.path / CHECKPOINTS).mkdir(exist_ok=True)
             run.write_config(config)
             return run
         raise KdpipeError(f"could not create a new run directory under {root}.")  # pragma: no cover
 
     @classmethod
-    def open(cls, path) -> "RunDir":
+    def open(cls, path) -> RunDir:
         """An existing run directory (for --resume); one sentence if it is not one."""
-        path = Path(path)
-        if not (path / CONFIG).is_file():
-            raise KdpipeError(f"{path} is not a kdpipe run directory (no {CONFIG} in it).")
-        return cls(path)
+        location = storage.normalize(path)
+        if not storage.isfile(storage.join(location, CONFIG)):
+            raise KdpipeError(f"{location} is not a kdpipe run directory (no {CONFIG} in it).")
+        return cls(location)
 
     # -- config ---------------------------------------------------------------------------
     def write_config(self, config: dict) -> None:
         atomic_write_text(self.path / CONFIG, json.dumps(config, indent=2, sort_keys=True, default=_jsonable) + "\n")
+        self.sync()
 
     @property
     def config(self) -> dict:
@@ -200,6 +284,7 @@ class RunDir:
                 writer.writerow(row)
         with open(self.metrics_jsonl, "a") as fh:
             fh.write(json.dumps(row, default=_jsonable) + "\n")
+        self.sync()
 
     def read_metrics(self) -> list[dict]:
         """All rows logged so far (from metrics.jsonl)."""
@@ -236,6 +321,7 @@ class RunDir:
             atomic_write_text(self.metrics_csv, buf.getvalue())
         elif self.metrics_csv.exists():
             self.metrics_csv.unlink()
+        self.sync()
 
     # -- checkpoints ----------------------------------------------------------------------
     @property
@@ -245,63 +331,42 @@ class RunDir:
     def save_checkpoint(self, state: dict, name: str = LATEST) -> Path:
         """Write ``state`` (mdistiller layout: {"model": state_dict, "epoch", "optimizer",
         "scheduler", "rng", ...}) to checkpoints/<name>, atomically."""
-        return save_checkpoint_file(self.checkpoint_dir / name, state)
+        return self.save_state(f"{CHECKPOINTS}/{name}", state)
+
+    def save_state(self, relative: str, state: dict) -> Path:
+        """``torch.save(state)`` to ``<run>/<relative>`` atomically (and uploaded, for a URL)."""
+        path = save_checkpoint_file(self.path / relative, state)
+        self.sync()
+        return path
 
     def load_checkpoint(self, name: str = LATEST, map_location="cpu") -> dict:
         path = self.checkpoint_dir / name
         if not path.is_file():
-            raise KdpipeError(f"run directory {self.path} has no checkpoint {CHECKPOINTS}/{name} to resume from.")
+            raise KdpipeError(f"run directory {self.location} has no checkpoint {CHECKPOINTS}/{name} to resume from.")
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:
-            raise KdpipeError(f"checkpoint {path} could not be read ({type(err).__name__}).") from None
+            raise KdpipeError(f"checkpoint {self.url(CHECKPOINTS, name)} could not be read "
+                              f"({type(err).__name__}).") from None
 
     # -- plots and summary ----------------------------------------------------------------
     def plot_curves(self, path: str | Path | None = None) -> Path | None:
-        """Loss and top-1 against epoch as a PNG (matplotlib Agg; no display needed)."""
+        """Loss and top-1 against epoch as a PNG (``kdpipe.pipeline.plots.draw_run_curves``)."""
+        from kdpipe.pipeline.plots import draw_run_curves
+
         rows = self.read_metrics()
         if not rows:
             return None
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        epochs = [r.get("epoch") for r in rows]
-
-        def series(key):
-            return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
-
-        fig = Figure(figsize=(10, 4), dpi=80)
-        FigureCanvasAgg(fig)
-        ax1, ax2 = fig.subplots(1, 2)
-        for key, label in (("train_loss", "train loss"), ("test_loss", "test loss (CE)")):
-            if any(key in r for r in rows):
-                ax1.plot(epochs, series(key), marker=".", label=label)
-        part_keys = sorted({k for r in rows for k in r if k.startswith("loss_")})
-        for key in part_keys:
-            ax1.plot(epochs, series(key), linestyle="--", label=key)
-        ax1.set_xlabel("epoch")
-        ax1.set_ylabel("loss")
-        ax1.set_title("loss")
-        ax1.grid(True, alpha=0.3)
-        ax1.legend(fontsize=8)
-        for key, label in (("train_top1", "train top-1"), ("test_top1", "test top-1"), ("test_top5", "test top-5")):
-            if any(key in r for r in rows):
-                ax2.plot(epochs, series(key), marker=".", label=label)
-        ax2.set_xlabel("epoch")
-        ax2.set_ylabel("accuracy (%)")
-        ax2.set_title("accuracy")
-        ax2.grid(True, alpha=0.3)
-        ax2.legend(fontsize=8)
-        fig.suptitle(self.path.name, fontsize=9)
-        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.88, wspace=0.22)  # (tight_layout is slow)
         out = Path(path) if path else self.path / CURVES
-        atomic_write_bytes(out, lambda fh: fig.savefig(fh, format="png"))
+        atomic_write_bytes(out, lambda fh: draw_run_curves(rows, storage.basename(self.location), fh))
+        self.sync()
         return out
 
     def write_summary(self, summary: dict) -> Path:
         summary = {k: _clean(v) for k, v in summary.items()}
         out = self.path / SUMMARY
         atomic_write_text(out, json.dumps(summary, indent=2, sort_keys=True, default=_jsonable) + "\n")
+        self.sync()
         return out
 
     @property
@@ -310,7 +375,7 @@ class RunDir:
         return json.loads(p.read_text()) if p.is_file() else None
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
+        return f"RunDir({self.location!r})"
 
     def __fspath__(self) -> str:
         return str(self.path)

@@ -99,7 +99,7 @@ class SweepCallback(tune.Callback):
         self.total, self.progress, self.finished, self.bar = total, progress, 0, None
         self.stop_after = stop_after
 
-    def setup(self, **info):
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
         from tqdm.auto import tqdm
 
         self.finished = 0
@@ -122,8 +122,10 @@ class SweepCallback(tune.Callback):
         if self.bar is not None:
             self.bar.close()
 
-    def __getstate__(self):  # Tune pickles its callbacks with the experiment; a bar does not pickle
-        return dict(self.__dict__, bar=None)
+    def __getstate__(self):
+        # Tune pickles its callbacks with the experiment (Tuner.restore brings them back): a bar
+        # does not pickle, and an injected fault belongs to the run that asked for it alone.
+        return dict(self.__dict__, bar=None, stop_after=None)
 
 
 def make_tuner(trainable, grid: dict, sweep_dir: str, total: int, progress: bool, restore: bool,

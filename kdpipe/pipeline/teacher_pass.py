@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kdpipe import storage
 from kdpipe.errors import DataError, KdpipeError
 from kdpipe.pipeline.paths import absolute_spec
 from kdpipe.targets.base import KindContext, TargetKind, TeacherOutputs
@@ -74,6 +75,9 @@ class PassSpec:
     done_array: str = "shards_done"
     target_set: str | None = None
     extra: dict = field(default_factory=dict)
+    #: the driver's fsspec options (endpoints, credentials): a worker on another node reaches
+    #: the same s3:// or gs:// URLs with them (``kdpipe.storage.options``)
+    storage_options: dict = field(default_factory=storage.options)
 
 
 class TeacherPassWorker:
@@ -86,6 +90,7 @@ class TeacherPassWorker:
         from kdpipe.models import load_teacher
         from kdpipe.views import with_pad_mode
 
+        storage.apply_options(spec.storage_options)
         self.spec = spec
         self.device = resolve_device(spec.device)
         self.model = load_teacher(spec.arch, spec.teacher, spec.num_classes).to(self.device).eval()

@@ -55,7 +55,6 @@ from typing import TYPE_CHECKING
 
 import contextlib
 import datetime as _dt
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -63,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdpipe import storage
 from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.pipeline.configs import ClusterConfig, check_executor
@@ -147,9 +147,10 @@ class FitShard:
 class FitWorker:
     """LDA statistics of a shard's inter vectors, and its fit vectors (penult and inter)."""
 
-    def __init__(self, path, labels, grid, num_classes, views):
+    def __init__(self, path, labels, grid, num_classes, views, storage_options=None):
         from kdpipe.artifacts import open_store
 
+        storage.apply_options(storage_options)  # the driver's fsspec options (s3:// endpoints, ...)
         self.reader = open_store(path)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.grid = grid
@@ -264,7 +265,7 @@ def _teacher_path(cfg, reader) -> str:
     path = cfg.teacher or (reader.manifest.get("teacher") or {}).get("path")
     if not path:
         raise StoreError(f"The store at {reader.path} records no teacher checkpoint path; pass --teacher.")
-    if "://" not in str(path) and not os.path.isfile(path):
+    if not storage.isfile(path):
         raise KdpipeError(f"The teacher checkpoint {path} does not exist; pass --teacher with the checkpoint the "
                           "store was made with.")
     reader.check_teacher(path)
@@ -394,8 +395,9 @@ def _read_fit_vectors(plan: ClusterPlan, progress: bool) -> _FitVectors:
     from kdpipe.pipeline.executor import run_shards
 
     cfg, C = plan.cfg, plan.num_classes
-    parts = run_shards(FitWorker, dict(path=plan.path, labels=plan.labels, grid=plan.grid, num_classes=C,
-                                       views=plan.fit_views), _fit_shards(plan), executor=cfg.executor,
+    worker_kwargs = dict(path=plan.path, labels=plan.labels, grid=plan.grid, num_classes=C, views=plan.fit_views,
+                         storage_options=storage.options())
+    parts = run_shards(FitWorker, worker_kwargs, _fit_shards(plan), executor=cfg.executor,
                        ray_address=cfg.ray_address, num_workers=cfg.num_workers,
                        desc="cluster: read fit vectors", progress=progress)
     stats = LDAStats(C, int(plan.reader[INTER].shape[2]))

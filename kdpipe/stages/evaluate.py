@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from kdpipe import storage
+from kdpipe.errors import CheckpointError
 from kdpipe.engine import loop
 from kdpipe.engine.data import place_dataset
 from kdpipe.engine.device import resolve_device
@@ -37,13 +39,13 @@ def evaluate(
     from kdpipe.models import load_teacher
 
     t0 = time.perf_counter()
-    path = Path(checkpoint)
+    path = storage.normalize(checkpoint)  # a local path or a URL (kdpipe.storage)
     model = None
-    if path.is_dir():
+    if storage.isdir(path):
         model, arch, data, path = _from_run_dir(path, arch, data, load_dataset)
     if arch is None or data is None:
         raise CheckpointError("evaluate needs --arch and --data unless --checkpoint is a kdpipe run directory.")
-    if not path.is_file():
+    if not storage.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist.")
     dev = resolve_device(device)
     dataset = load_dataset(data, split)
@@ -65,8 +67,9 @@ def evaluate(
     }
 
 
-def _from_run_dir(path: Path, arch, data, load_dataset):
-    """Model, arch, data and checkpoint path from a kdpipe run directory."""
+def _from_run_dir(path: str, arch, data, load_dataset):
+    """Model, arch, data and checkpoint path from a kdpipe run directory (a URL one is
+    downloaded to a local staging folder first: ``RunDir``)."""
     from kdpipe.pipeline.rundir import RunDir
 
     run = RunDir.open(path)
@@ -79,11 +82,12 @@ def _from_run_dir(path: Path, arch, data, load_dataset):
     if arch is not None and own is not None and str(arch) != str(own):
         raise CheckpointError(f"The run directory {path} holds a {own}, not a {arch}; drop --arch or name the run's.")
     if cfg.get("stage") == "train-teacher":
-        from kdpipe.stages.teacher import teacher_checkpoint_path
+        from kdpipe.stages.teacher import teacher_checkpoint_name
 
         arch = arch or cfg["arch"]
         data = data or cfg["data"]
-        return None, arch, data, teacher_checkpoint_path(path, cfg["arch"], cfg["epochs"])
+        # the run's own location: a URL run's staging folder goes when ``run`` does
+        return None, arch, data, run.url(teacher_checkpoint_name(cfg["arch"], cfg["epochs"]))
     # a student run: rebuild the student with its method's taps, then load best.pth
     from kdpipe.stages.train import build_student_from_config
 
@@ -93,4 +97,4 @@ def _from_run_dir(path: Path, arch, data, load_dataset):
     model = build_student_from_config(cfg)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
-    return model, arch or cfg["student"], data or cfg["data"], ckpt
+    return model, arch or cfg["student"], data or cfg["data"], run.url("checkpoints", ckpt.name)

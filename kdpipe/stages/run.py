@@ -24,8 +24,7 @@ import io
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-
+from kdpipe import storage
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline.config_files import RowConfig, load_row
 from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig
@@ -55,17 +54,17 @@ def store_key(row: RowConfig, sha: str) -> tuple:
             e.get("split", "train"), int(e.get("seed", 0)))
 
 
-def _plan_stores(rows: list[RowConfig], stores_dir: Path) -> dict:
+def _plan_stores(rows: list[RowConfig], stores_dir: str) -> dict:
     from kdpipe.artifacts import sha256_file
     from kdpipe.stages.extract import parse_cam_res, parse_features
 
     plans: dict = {}
     shas: dict = {}
     for row in rows:
-        path = Path(row.teacher_checkpoint)
-        if not path.is_file():
+        path = storage.normalize(row.teacher_checkpoint)
+        if not storage.isfile(path):
             raise KdpipeError(f"The teacher checkpoint {path} of {row.path} does not exist.")
-        sha = shas.setdefault(str(path), sha256_file(path))
+        sha = shas.setdefault(path, sha256_file(path))
         plan = plans.setdefault(store_key(row, sha), StorePlan(store_key(row, sha)))
         plan.rows.append(row)
         sizes, native = parse_cam_res(row.extract.get("cam_res", (2,)))
@@ -76,7 +75,8 @@ def _plan_stores(rows: list[RowConfig], stores_dir: Path) -> dict:
         row = plan.rows[0]
         settings = [plan.key[1:], sorted(plan.cam_res), plan.native_cam, sorted(plan.features)]
         data_name = row.data.split(":", 1)[0]
-        plan.path = str(stores_dir / f"{row.teacher_arch}-{plan.key[0][:8]}-{data_name}-{_short_hash(settings)}.zarr")
+        plan.path = storage.join(stores_dir, f"{row.teacher_arch}-{plan.key[0][:8]}-{data_name}-"
+                                             f"{_short_hash(settings)}.zarr")
     return plans
 
 
@@ -123,25 +123,29 @@ def _ensure_target_set(row: RowConfig, store: str, executor: str, say) -> str | 
     return name
 
 
-def _run_dir_of(out: Path, prefix: str) -> Path | None:
-    found = sorted(p for p in out.glob(f"{prefix}-*") if (p / "config.json").is_file()) if out.exists() else []
+def _run_dir_of(out: str, prefix: str) -> str | None:
+    """The latest run directory ``<out>/<prefix>-*`` (a path or URL), or None."""
+    if not storage.isdir(out):
+        return None
+    found = [storage.join(out, name) for name in storage.subfolders(out) if name.startswith(f"{prefix}-")]
+    found = [p for p in found if storage.isfile(storage.join(p, "config.json"))]
     return found[-1] if found else None
 
 
-def _train_row(row: RowConfig, store: str, target_set: str | None, out: Path, say) -> list[dict]:
+def _train_row(row: RowConfig, store: str, target_set: str | None, out: str, say) -> list[dict]:
     from kdpipe.stages.train import train_student
 
     results = []
     for seed in row.seeds:
         prefix = f"{row.name}-s{seed}"
         existing = _run_dir_of(out, prefix)
-        if existing is not None and (existing / "summary.json").is_file():
+        if existing is not None and storage.isfile(storage.join(existing, "summary.json")):
             say(f"{prefix}: done earlier ({existing})")
-            results.append(json.loads((existing / "summary.json").read_text()))
+            results.append(json.loads(storage.read_bytes(storage.join(existing, "summary.json"))))
             continue
-        if existing is not None and (existing / "checkpoints" / "latest.pth").is_file():
+        if existing is not None and storage.isfile(storage.join(existing, "checkpoints", "latest.pth")):
             say(f"{prefix}: resuming {existing}")
-            results.append(train_student(resume=str(existing)))
+            results.append(train_student(resume=existing))
             continue
         cfg = dataclasses.replace(row.student, store=store, seed=int(seed),
                                   targets=target_set or row.student.targets)
@@ -153,7 +157,6 @@ def _train_row(row: RowConfig, store: str, target_set: str | None, out: Path, sa
 def run_configs(paths, sets=(), out="runs", stores="stores", executor: str = "ray", verbose: bool = True) -> dict:
     """Run every config (see the module docstring); return the results table and its files."""
     from kdpipe.pipeline.report import mean_std
-    from kdpipe.pipeline.rundir import atomic_write_text
 
     def say(msg):
         if verbose:
@@ -164,7 +167,7 @@ def run_configs(paths, sets=(), out="runs", stores="stores", executor: str = "ra
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise KdpipeError(f"Two configs share the name {max(set(names), key=names.count)!r}; names must differ.")
-    out, stores_dir = Path(out), Path(stores)
+    out, stores_dir = storage.normalize(out), storage.normalize(stores)  # paths or URLs
     plans = _plan_stores(rows, stores_dir)
     built, table = 0, []
     for plan in plans.values():
@@ -173,13 +176,13 @@ def run_configs(paths, sets=(), out="runs", stores="stores", executor: str = "ra
         for row in plan.rows:
             summaries = _train_row(row, store["path"], _ensure_target_set(row, store["path"], executor, say), out, say)
             table.append(_table_row(row, summaries, mean_std))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.md", _markdown(table))
-    atomic_write_text(out / "results.csv", _csv(table))
+    results_md, results_csv = storage.join(out, "results.md"), storage.join(out, "results.csv")
+    storage.write_bytes(results_md, _markdown(table).encode("utf-8"))
+    storage.write_bytes(results_csv, _csv(table).encode("utf-8"))
     say(f"{len(rows)} config(s), {len(plans)} store(s) ({built} built now) in {time.perf_counter() - t0:.0f} s; "
-        f"results in {out / 'results.md'}")
+        f"results in {results_md}")
     return {"rows": table, "stores": [p.path for p in plans.values()], "stores_built": built,
-            "results_md": str(out / "results.md"), "results_csv": str(out / "results.csv")}
+            "results_md": results_md, "results_csv": results_csv}
 
 
 def _table_row(row: RowConfig, summaries: list, mean_std) -> dict:

@@ -5,10 +5,10 @@ batch 64, lr x0.1 at 150/180/210 of 240 epochs scaled to ``epochs``, random crop
 the data set's policy flips) applied on the device, top-1/top-5 on the test split after every
 epoch.
 
-The run directory (``<out>/teacher-<arch>-<data>-<timestamp>``) holds config.json,
-metrics.csv/.jsonl, curves.png, summary.json, ``checkpoints/latest.pth`` (full state, for
-``resume``), ``checkpoints/best.pth``, and the teacher checkpoint itself in mdistiller's
-layout and format::
+The run directory (``<out>/teacher-<arch>-<data>-<timestamp>``; ``out`` a path or a URL,
+``kdpipe.pipeline.rundir``) holds config.json, metrics.csv/.jsonl, tensorboard/, curves.png,
+summary.json, ``checkpoints/latest.pth`` (full state, for ``resume``), ``checkpoints/best.pth``,
+and the teacher checkpoint itself in mdistiller's layout and format::
 
     <run>/<arch>_vanilla/ckpt_epoch_<E>.pth      {"model": state_dict, "epoch": E, "best_acc": top1}
 
@@ -24,23 +24,30 @@ from pathlib import Path
 
 import torch
 
+from kdpipe import storage
 from kdpipe.engine import loop
 from kdpipe.engine.data import place_dataset
 from kdpipe.engine.device import resolve_device
+from kdpipe.engine.loggers import require_wandb
 from kdpipe.engine.parallel import Workers
 from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
 from kdpipe.engine.sources import NoTargets
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline.configs import TeacherConfig, resume_run
 from kdpipe.pipeline.paths import absolute_spec
-from kdpipe.pipeline.rundir import RunDir, save_checkpoint_file
+from kdpipe.pipeline.rundir import RunDir
 
-__all__ = ["train_teacher", "teacher_checkpoint_path"]
+__all__ = ["train_teacher", "teacher_checkpoint_name", "teacher_checkpoint_path"]
+
+
+def teacher_checkpoint_name(arch: str, epochs: int) -> str:
+    """The teacher checkpoint's path inside its run directory: ``<arch>_vanilla/ckpt_epoch_<E>.pth``."""
+    return f"{arch}_vanilla/ckpt_epoch_{int(epochs)}.pth"
 
 
 def teacher_checkpoint_path(run_path, arch: str, epochs: int) -> Path:
-    """Where ``train_teacher`` writes the teacher: ``<run>/<arch>_vanilla/ckpt_epoch_<E>.pth``."""
-    return Path(run_path) / f"{arch}_vanilla" / f"ckpt_epoch_{int(epochs)}.pth"
+    """Where ``train_teacher`` writes the teacher in a local run directory (``run_path``)."""
+    return Path(run_path) / teacher_checkpoint_name(arch, epochs)
 
 
 def _data_slug(spec: str) -> str:
@@ -61,9 +68,10 @@ def _check(cfg: TeacherConfig) -> None:
 
 def train_teacher(cfg: TeacherConfig | None = None, *, resume=None, given: dict | None = None, out="runs",
                   device=None, progress: bool = True, data_path: str = "auto", loader_workers: int | None = None,
-                  after_epoch=None, ray_address: str | None = None) -> dict:
+                  after_epoch=None, ray_address: str | None = None, wandb: str | None = None) -> dict:
     """Train ``cfg.arch`` on ``cfg.data`` (a ``kdpipe.data.load_dataset`` spec) with cross-entropy;
-    on ``cfg.data_parallel`` Ray Train workers when it is above 1.
+    on ``cfg.data_parallel`` Ray Train workers when it is above 1. ``out`` (and ``resume``) may
+    be a URL (``kdpipe.pipeline.rundir``); ``wandb`` names a Weights & Biases project to log to.
 
     Returns the summary dict (also written to summary.json): run_dir, checkpoint, top1, top5,
     best_top1, epochs, wall_seconds, img_per_s."""
@@ -76,19 +84,22 @@ def train_teacher(cfg: TeacherConfig | None = None, *, resume=None, given: dict 
     if cfg is None:
         raise KdpipeError("train_teacher needs a TeacherConfig or a run directory to resume.")
     _check(cfg)
+    if wandb:
+        require_wandb()  # before any work: one sentence when it is missing
     cfg = dataclasses.replace(cfg, data=absolute_spec(cfg.data))
     dev = resolve_device(device)
     train_set, test_set = load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test")
     if run is None:
         run_config = _run_config(cfg, train_set, test_set, dev)
         run = RunDir.create(out, f"teacher-{cfg.arch}-{_data_slug(cfg.data)}", run_config)
-    runtime = {"progress": progress, "data_path": data_path, "loader_workers": loader_workers}
+    runtime = {"progress": progress, "data_path": data_path, "loader_workers": loader_workers, "wandb": wandb}
     if cfg.data_parallel > 1:
         from kdpipe.pipeline.data_parallel import run_data_parallel
 
-        payload = {"cfg": dataclasses.asdict(cfg), "run_dir": str(run.path), "resume": resume is not None,
-                   "runtime": runtime}
+        payload = {"cfg": dataclasses.asdict(cfg), "run_dir": run.location, "resume": resume is not None,
+                   "runtime": runtime, "storage": storage.options()}
         run_data_parallel(_teacher_worker, payload, cfg.data_parallel, str(run.path), device, ray_address)
+        run.refresh()  # rank 0 wrote the run (through the URL, for a remote one)
     else:
         _train_here(cfg, train_set, test_set, run, resume is not None, Workers(), dev, after_epoch=after_epoch,
                     **runtime)
@@ -112,13 +123,14 @@ def _teacher_worker(payload: dict) -> None:
     from kdpipe.data import load_dataset
     from kdpipe.pipeline.data_parallel import worker_device
 
+    storage.apply_options(payload.get("storage"))
     cfg = TeacherConfig(**payload["cfg"])
     _train_here(cfg, load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test"), RunDir(payload["run_dir"]),
                 payload["resume"], Workers.current(), worker_device(payload["use_gpu"]), **payload["runtime"])
 
 
 def _train_here(cfg: TeacherConfig, train_set, test_set, run, resume: bool, workers: Workers, dev, progress=True,
-                data_path="auto", loader_workers=None, after_epoch=None) -> None:
+                data_path="auto", loader_workers=None, after_epoch=None, wandb=None) -> None:
     """The epochs of a teacher run in this process (alone, or as one data-parallel worker)."""
     from kdpipe.models import build
 
@@ -139,20 +151,20 @@ def _train_here(cfg: TeacherConfig, train_set, test_set, run, resume: bool, work
              loss_fn=loop.ce_loss, policy=train_set.policy, epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
              optimizer=optimizer, scheduler=scheduler, run=run, seed=cfg.seed, amp=cfg.amp, start_epoch=start_epoch,
              best=best, progress=progress, desc=f"teacher {cfg.arch}", scaler_state=scaler_state,
-             after_epoch=after_epoch)
+             after_epoch=after_epoch, wandb=wandb)
     if workers.is_main:
-        save_checkpoint_file(teacher_checkpoint_path(run.path, cfg.arch, cfg.epochs),
-                             {"model": model.state_dict(), "epoch": int(cfg.epochs),
-                              "best_acc": float((run.read_metrics() or [{}])[-1].get("test_top1", float("nan")))})
+        run.save_state(teacher_checkpoint_name(cfg.arch, cfg.epochs),
+                       {"model": model.state_dict(), "epoch": int(cfg.epochs),
+                        "best_acc": float((run.read_metrics() or [{}])[-1].get("test_top1", float("nan")))})
 
 
 def _finish(run, cfg: TeacherConfig, t_start) -> dict:
     rows = run.read_metrics()
     final = rows[-1] if rows else {}
-    ckpt = teacher_checkpoint_path(run.path, cfg.arch, cfg.epochs)
+    ckpt = run.url(teacher_checkpoint_name(cfg.arch, cfg.epochs))
     best_row = max(rows, key=lambda r: r.get("test_top1") or 0.0) if rows else {}
     summary = {
-        "stage": "train-teacher", "run_dir": str(run.path), "checkpoint": str(ckpt), "arch": cfg.arch,
+        "stage": "train-teacher", "run_dir": run.location, "checkpoint": ckpt, "arch": cfg.arch,
         "data": cfg.data, "epochs": int(cfg.epochs), "top1": final.get("test_top1"), "top5": final.get("test_top5"),
         "best_top1": best_row.get("test_top1"), "best_epoch": best_row.get("epoch"),
         "wall_seconds": time.perf_counter() - t_start,

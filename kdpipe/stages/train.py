@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kdpipe import storage
 from kdpipe.engine import loop
 from kdpipe.engine.device import resolve_device
+from kdpipe.engine.loggers import require_wandb
 from kdpipe.engine.parallel import Workers
 from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
 from kdpipe.engine.sources import ONLINE_VIEWS, VIEW_MODES, CachedTargets, NoTargets, OnlineTargets
@@ -38,8 +41,17 @@ from kdpipe.pipeline.configs import StudentConfig, resume_run
 from kdpipe.pipeline.paths import absolute_path
 from kdpipe.pipeline.rundir import RunDir
 
-__all__ = ["train_student", "resolve_student", "resolve_offline", "StudentSetup", "build_method", "build_student_from_config",
-           "student_loss_fn", "make_target_source"]
+if TYPE_CHECKING:
+    import numpy as np
+
+    from kdpipe.artifacts import StoreReader
+    from kdpipe.artifacts.target_set import TargetSet
+    from kdpipe.data.base import Dataset
+    from kdpipe.methods.base import Method
+    from kdpipe.views import Policy
+
+__all__ = ["train_student", "resolve_student", "resolve_offline", "StudentSetup", "build_method",
+           "build_student_from_config", "student_loss_fn", "make_target_source"]
 
 
 def build_method(method: str, method_options: dict | None, teacher_arch: str | None, student: str,
@@ -83,15 +95,15 @@ class StudentSetup:
     """A ``StudentConfig`` resolved against its store, data set and method's recipe."""
 
     cfg: StudentConfig
-    reader: object
-    method: object
-    train_set: object
-    test_set: object
+    reader: StoreReader | None  # None: CE without a store
+    method: Method
+    train_set: Dataset
+    test_set: Dataset
     teacher_arch: str | None
     recipe: dict
-    policy: object
-    target_set: object  # TargetSet or None
-    subset: object      # sample indices or None
+    policy: Policy
+    target_set: TargetSet | None
+    subset: np.ndarray | None  # sample indices of --subset-fraction
 
     def resolved(self) -> dict:
         """The resolved configuration (config.json's keys; ``--print-config``)."""
@@ -130,15 +142,14 @@ def _check_config(cfg: StudentConfig) -> None:
         raise KdpipeError(f"--gpus must be at least 1, got {cfg.data_parallel}.")
     if cfg.subset_fraction is not None and not 0 < float(cfg.subset_fraction) <= 1:
         raise KdpipeError(f"--subset-fraction must be in (0, 1], got {cfg.subset_fraction}.")
-    if cfg.online_teacher is not None and "://" not in str(cfg.online_teacher) \
-            and not Path(cfg.online_teacher).is_file():
+    if cfg.online_teacher is not None and not storage.isfile(cfg.online_teacher):
         raise KdpipeError(f"--online-teacher {cfg.online_teacher} does not exist.")
 
 
 def _recipe(method, cfg: StudentConfig) -> dict:
     base = method.recipe(cfg.student)
     base_milestones = [int(m) for m in base.get("milestones", (150, 180, 210))]
-    r = {
+    r: dict[str, Any] = {
         "epochs": int(cfg.epochs if cfg.epochs is not None else base["epochs"]),
         "lr": float(cfg.lr if cfg.lr is not None else base["lr"]),
         "batch_size": int(cfg.batch_size if cfg.batch_size is not None else base["batch_size"]),
@@ -234,6 +245,8 @@ def resolve_student(cfg: StudentConfig) -> StudentSetup:
     if reader is not None:
         d = reader.manifest.get("dataset") or {}
         cfg = dataclasses.replace(cfg, data=cfg.data or d.get("spec") or d.get("name"))
+    if not cfg.data:
+        raise KdpipeError("No data set: pass --data (a student without a store needs one).")
     train_set = load_dataset(cfg.data, split)
     if reader is not None:
         reader.check_dataset(train_set)
@@ -264,11 +277,15 @@ def make_target_source(setup: StudentSetup, device: torch.device):
     """Cached targets (store), the online teacher, or none: one interface for the loop."""
     cfg, method = setup.cfg, setup.method
     kinds = method.kinds()
+    source: OnlineTargets | NoTargets | CachedTargets
     sizes = getattr(setup.train_set, "image_sizes", None) if getattr(setup.train_set, "images", None) is None \
         else None
     if cfg.online_teacher:
         from kdpipe.models import load_teacher
 
+        if setup.teacher_arch is None:
+            raise KdpipeError("--online-teacher without --store needs the teacher's architecture "
+                              "(teacher_arch in a config file).")
         teacher = load_teacher(setup.teacher_arch, str(cfg.online_teacher), setup.train_set.num_classes)
         source = OnlineTargets(teacher, kinds, reader=setup.reader, target_set=cfg.targets if kinds else None,
                                device=device, policy=setup.policy, views=cfg.online_views)
@@ -309,19 +326,22 @@ class Runtime:
     data_path: str = "auto"
     loader_workers: int | None = None   # DataLoader workers for decoded data (None: default_workers())
     plot: bool = True
-    on_step: object = None
-    after_epoch: object = None
+    on_step: Callable[..., Any] | None = None      # called after every step (tests, benchmarks)
+    after_epoch: Callable[..., Any] | None = None  # called after every epoch (fault tests)
+    wandb: str | None = None  # a Weights & Biases project to log to (kdpipe.engine.loggers)
 
 
 def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict | None = None,
                   out="runs", device=None, progress: bool = True, data_path: str = "auto",
                   loader_workers: int | None = None, run_prefix: str | None = None, plot: bool = True, on_step=None,
-                  after_epoch=None, ray_address: str | None = None, source: dict | None = None) -> dict:
-    """Train a student (see the module docstring). With ``resume`` the run's own config is
-    used; ``given`` holds options the user passed beside it (refused when they differ). With
-    ``cfg.data_parallel`` > 1 the epochs run on that many Ray Train workers
-    (``kdpipe.pipeline.data_parallel``); ``after_epoch`` then runs in every worker (tests use it
-    to kill one) and ``on_step`` is not available.
+                  after_epoch=None, ray_address: str | None = None, source: dict | None = None,
+                  wandb: str | None = None) -> dict:
+    """Train a student (see the module docstring). ``out`` (and ``resume``) may be a URL
+    (``kdpipe.pipeline.rundir``); ``wandb`` names a Weights & Biases project to log to. With
+    ``resume`` the run's own config is used; ``given`` holds options the user passed beside it
+    (refused when they differ). With ``cfg.data_parallel`` > 1 the epochs run on that many Ray
+    Train workers (``kdpipe.pipeline.data_parallel``); ``after_epoch`` then runs in every worker
+    (tests use it to kill one) and ``on_step`` is not available.
 
     Returns the summary (also in summary.json): run_dir, best_top1, final_top1, final_top5,
     epochs, wall_seconds, img_per_s, ..."""
@@ -331,19 +351,23 @@ def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict 
         run, cfg = resume_run(resume, "train-student", StudentConfig, given)
     if cfg is None:
         raise KdpipeError("train_student needs a StudentConfig or a run directory to resume.")
+    if wandb:
+        require_wandb()  # before any work: one sentence when it is missing
     setup = resolve_student(cfg.with_absolute_paths())
     config = dict(setup.resolved(), device=str(resolve_device(device)))
     if source is not None:  # the config file it came from (--config), as that file said it
         config["config_file"] = source
     if run is None:
         run = RunDir.create(out, run_prefix or f"student-{setup.cfg.student}-{setup.method.name}", config)
-    runtime = Runtime(device, progress, data_path, loader_workers, plot, on_step, after_epoch)
+    runtime = Runtime(device, progress, data_path, loader_workers, plot, on_step, after_epoch, wandb)
     if setup.cfg.data_parallel > 1:
         from kdpipe.pipeline.data_parallel import run_data_parallel
 
-        payload = {"cfg": dataclasses.asdict(setup.cfg), "run_dir": str(run.path), "resume": resume is not None,
-                   "runtime": dataclasses.asdict(dataclasses.replace(runtime, on_step=None))}
+        payload = {"cfg": dataclasses.asdict(setup.cfg), "run_dir": run.location, "resume": resume is not None,
+                   "runtime": dataclasses.asdict(dataclasses.replace(runtime, on_step=None)),
+                   "storage": storage.options()}
         run_data_parallel(_student_worker, payload, setup.cfg.data_parallel, str(run.path), device, ray_address)
+        run.refresh()  # rank 0 wrote the run (through the URL, for a remote one)
         source_tier = None
     else:
         source_tier = _train_here(setup, run, runtime, resume is not None, Workers(), resolve_device(device))
@@ -354,6 +378,7 @@ def _student_worker(payload: dict) -> None:
     """One Ray Train worker of a data-parallel student run."""
     from kdpipe.pipeline.data_parallel import worker_device
 
+    storage.apply_options(payload.get("storage"))
     setup = resolve_student(StudentConfig(**payload["cfg"]))
     runtime = Runtime(**payload["runtime"])
     _train_here(setup, RunDir(payload["run_dir"]), runtime, payload["resume"], Workers.current(),
@@ -387,7 +412,7 @@ def _train_here(setup: StudentSetup, run, runtime: Runtime, resume: bool, worker
              batch_size=r["batch_size"], optimizer=optimizer, scheduler=scheduler, run=run, seed=int(cfg.seed),
              amp=cfg.amp, start_epoch=start_epoch, best=best, progress=runtime.progress,
              desc=f"{cfg.student} {setup.method.name}", plot=runtime.plot, on_step=runtime.on_step,
-             after_epoch=runtime.after_epoch, scaler_state=scaler_state)
+             after_epoch=runtime.after_epoch, scaler_state=scaler_state, wandb=runtime.wandb)
     return getattr(source, "tier", None)
 
 
@@ -396,7 +421,7 @@ def _write_summary(run, setup, config, tier, t_start) -> dict:
     final = rows[-1] if rows else {}
     best_row = max(rows, key=lambda row: row.get("test_top1") or 0.0) if rows else {}
     summary = {
-        "stage": "train-student", "run_dir": str(run.path), "student": setup.cfg.student,
+        "stage": "train-student", "run_dir": run.location, "student": setup.cfg.student,
         "method": setup.method.name, "method_options": dict(setup.method.options),
         "target_source": config["target_source"], "target_tier": tier,
         "data_parallel": setup.cfg.data_parallel,
@@ -406,7 +431,7 @@ def _write_summary(run, setup, config, tier, t_start) -> dict:
         "wall_seconds": time.perf_counter() - t_start,
         "train_seconds": sum(row.get("epoch_seconds") or 0.0 for row in rows),
         "img_per_s": loop.mean_over_epochs(rows, "img_per_s"), "train_samples": config["train_samples"],
-        "checkpoint": str(run.checkpoint_dir / "latest.pth"),
+        "checkpoint": run.url("checkpoints", "latest.pth"),
     }
     run.write_summary(summary)
     return summary
