@@ -178,6 +178,8 @@ def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, f
 @click.option("--data", default=None, help="Data set spec (default: the one the store records).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--niter", default=20, show_default=True, type=int, help="K-means iterations.")
+@click.option("--kmeans-backend", default="auto", show_default=True, type=click.Choice(["auto", "faiss", "torch"]),
+              help="K-means by faiss or by torch; auto: faiss-gpu if faiss sees a GPU, else torch on CUDA, else faiss-cpu.")
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Images per teacher forward pass.")
 @click.option("--drop-features", is_flag=True, help="Delete feat/* once the targets are written.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing target set of the same name.")
@@ -187,8 +189,8 @@ def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, f
 @click.option("--num-workers", default=None, type=int, help="Ray actors (default: one per GPU, else per CPU).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperature, student_grid, max_fit_points,
-            fit_views, teacher, data, seed, niter, batch_size, drop_features, overwrite, resume, executor,
-            ray_address, num_workers, device):
+            fit_views, teacher, data, seed, niter, kmeans_backend, batch_size, drop_features, overwrite, resume,
+            executor, ray_address, num_workers, device):
     """Stage one: letKD's fit (LDA, K-means, sub-class scores), then the targets of every view."""
     from kdpipe.pipeline.configs import ClusterConfig
     from kdpipe.stages.cluster import cluster as run_stage
@@ -196,9 +198,9 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
     run_stage(ClusterConfig(store=store, name=name, k_penult=k_penult, k_inter=k_inter, lda_dims=lda_dims,
                             topk=topk, topk_mass=topk_mass, temperature=temperature, student_grid=student_grid,
                             max_fit_points=max_fit_points, fit_views=fit_views, seed=seed, niter=niter,
-                            teacher=teacher, data=data, drop_features=drop_features, overwrite=overwrite,
-                            resume=resume, batch_size=batch_size, executor=executor, ray_address=ray_address,
-                            num_workers=num_workers, device=device))
+                            kmeans_backend=kmeans_backend, teacher=teacher, data=data, drop_features=drop_features,
+                            overwrite=overwrite, resume=resume, batch_size=batch_size, executor=executor,
+                            ray_address=ray_address, num_workers=num_workers, device=device))
 
 
 @cli.command("train-student")
