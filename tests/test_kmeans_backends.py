@@ -9,9 +9,7 @@ from click.testing import CliRunner
 
 from kdpipe.errors import KdpipeError
 from kdpipe.methods import clustering
-from kdpipe.methods.clustering import (
-    _split_empty, kmeans, kmeans_objective, resolve_kmeans_backend, torch_kmeans,
-)
+from kdpipe.methods.clustering import _split_empty, kmeans, kmeans_objective, resolve_kmeans_backend, torch_kmeans
 
 torch.set_num_threads(1)
 
@@ -34,6 +32,17 @@ def test_torch_objective_close_to_faiss():
     f = np.mean([kmeans(x, 32, seed=s, backend="faiss").objective for s in range(3)])
     t = np.mean([kmeans(x, 32, seed=s, backend="torch").objective for s in range(3)])
     assert abs(t - f) / f < 0.05, (t, f)
+
+
+def test_same_start_same_result_as_faiss(blobs):
+    # from the same initial centres the two backends run the same algorithm: same objective
+    faiss = pytest.importorskip("faiss")
+    faiss.omp_set_num_threads(1)
+    init = clustering.initial_centers(blobs, 32, seed=2)
+    f = kmeans(blobs, 32, backend="faiss", init=init)
+    t = kmeans(blobs, 32, backend="torch", init=init)
+    assert abs(t.objective - f.objective) / f.objective < 1e-3, (t.objective, f.objective)
+    np.testing.assert_allclose(np.sort(t.centers, 0), np.sort(f.centers, 0), atol=1e-2)
 
 
 def test_torch_kmeans_seeded_and_lloyd(blobs):

@@ -62,6 +62,7 @@ __all__ = [
     "faiss_installed",
     "faiss_gpu_available",
     "resolve_kmeans_backend",
+    "initial_centers",
     "torch_kmeans",
     "subsample_indices",
     "KMeansResult",
@@ -157,9 +158,11 @@ def kmeans(
     verbose: bool = False,
     backend: str = "auto",
     device: str | None = None,
+    init=None,
 ) -> KMeansResult:
     """K-means on ``x`` [n, D] (subsampled to ``max_fit_points`` with ``seed``) by ``backend``
-    (``resolve_kmeans_backend``; ``gpu`` forces faiss's GPU use on or off)."""
+    (``resolve_kmeans_backend``; ``gpu`` forces faiss's GPU use on or off). ``init`` [k, D]:
+    initial centres for either backend (default: each backend's seeded sample)."""
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     if x.ndim != 2:
         raise ValueError(f"kmeans expects [n, D] vectors, got shape {x.shape}")
@@ -171,19 +174,20 @@ def kmeans(
         raise KdpipeError(f"K-means with K={k} needs at least {k} vectors, found {n}.")
     name, dev = resolve_kmeans_backend(backend, device)
     if name == "torch":
-        centers, obj = torch_kmeans(x, int(k), niter=niter, seed=seed, device=dev, verbose=verbose)
+        centers, obj = torch_kmeans(x, int(k), niter=niter, seed=seed, device=dev, init=init, verbose=verbose)
         return KMeansResult(centers, obj / n, n, f"torch-{torch.device(dev).type}")
     use_gpu = dev != "cpu" if gpu is None else bool(gpu)
-    centers, obj = _faiss_kmeans(x, int(k), niter, seed, use_gpu, verbose)
+    centers, obj = _faiss_kmeans(x, int(k), niter, seed, use_gpu, verbose, init)
     return KMeansResult(centers, obj / n, n, "faiss-gpu" if use_gpu else "faiss-cpu")
 
 
-def _faiss_kmeans(x: np.ndarray, k: int, niter: int, seed: int, gpu: bool, verbose: bool) -> tuple[np.ndarray, float]:
+def _faiss_kmeans(x: np.ndarray, k: int, niter: int, seed: int, gpu: bool, verbose: bool,
+                  init=None) -> tuple[np.ndarray, float]:
     """faiss K-means without faiss's sub-sampling; (centres, last iteration's objective sum)."""
     faiss = import_faiss()
     km = faiss.Kmeans(x.shape[1], k, niter=int(niter), seed=int(seed), gpu=gpu, verbose=verbose,
                       max_points_per_centroid=_NO_SUBSAMPLE, min_points_per_centroid=1)
-    km.train(x)
+    km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
     centers = np.ascontiguousarray(km.centroids, dtype=np.float32)
     # faiss's objective of the last iteration (sum of squared distances of the assignment that
     # produced these centres); no extra search pass
@@ -246,20 +250,28 @@ def _split_empty(centers: np.ndarray, counts: np.ndarray, rng: np.random.Generat
     return len(empty)
 
 
-def torch_kmeans(x, k: int, niter: int = 20, seed: int = 0, device: str = "cpu",
+def initial_centers(x, k: int, seed: int = 0) -> np.ndarray:
+    """faiss's initialisation: the first ``k`` entries of a seeded random permutation of the
+    vectors (faiss draws its permutation with its own generator, so the sample differs)."""
+    x = np.asarray(x)
+    return np.ascontiguousarray(x[np.random.default_rng(seed).permutation(x.shape[0])[:k]], dtype=np.float32)
+
+
+def torch_kmeans(x, k: int, niter: int = 20, seed: int = 0, device: str = "cpu", init=None,
                  max_batch_elems: int = 1 << 24, verbose: bool = False) -> tuple[np.ndarray, float]:
     """Lloyd K-means in torch, faiss's algorithm (module docstring): returns the centres
     [k, D] float32 and the last iteration's objective (sum of squared distances of the
     assignment the final centres were computed from, as faiss's ``obj[-1]``).
 
+    ``init`` [k, D]: start from these centres instead of ``initial_centers(x, k, seed)``.
     ``max_batch_elems`` bounds the [rows, k] distance block (float32): 2^24 = 64 MiB."""
     xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     n = xt.shape[0]
     if n < k:
         raise KdpipeError(f"K-means with K={k} needs at least {k} vectors, found {n}.")
-    rng = np.random.default_rng(seed)
-    # faiss's init: the first k entries of a seeded random permutation of the vectors
-    c = xt[torch.from_numpy(rng.permutation(n)[:k])].clone()
+    c = torch.as_tensor(initial_centers(x, k, seed) if init is None else np.asarray(init, dtype=np.float32))
+    c = c.to(xt.device).clone()
+    rng = np.random.default_rng((seed, 1))  # draws which cluster an empty one splits
     x2 = (xt * xt).sum(1)
     rows = _batch_rows(k, max_batch_elems)
     obj = 0.0
