@@ -39,6 +39,16 @@ def os_error_sentence(err: OSError) -> str:
             "folder) and run again, with --resume where the command has it.")
 
 
+def _probe_ray_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--ray-address: a cluster that cannot be reached is one sentence now, not after the
+    stage's preparations and minutes of Ray's connection retries."""
+    if value:
+        from kdpipe.pipeline.executor import check_ray_address
+
+        check_ray_address(value)
+    return value
+
+
 def given_options(ctx: click.Context, names) -> dict:
     """The options among ``names`` the user typed (not click defaults): what --resume compares."""
     from click.core import ParameterSource
@@ -72,7 +82,8 @@ def cli():
 @click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
 @click.option("--workers", "loader_workers", default=None, type=click.IntRange(min=0),
               help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).")
-@click.option("--ray-address", default=None, help="With --gpus: join this Ray cluster instead of a local one.")
+@click.option("--ray-address", default=None, callback=_probe_ray_address,
+              help="With --gpus: join this Ray cluster instead of a local one.")
 @click.option("--resume", default=None, type=click.Path(exists=True, file_okay=False),
               help="Continue an interrupted teacher run directory from its last epoch (its config is reused).")
 @click.pass_context
@@ -137,7 +148,8 @@ def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Images per teacher forward pass.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the view parameters (views=K).")
 @click.option("--executor", default="ray", show_default=True, type=click.Choice(["ray", "inline"]))
-@click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
+@click.option("--ray-address", default=None, callback=_probe_ray_address,
+              help="Join this Ray cluster instead of starting a local one.")
 @click.option("--num-workers", default=None, type=int, help="Ray actors (default: one per GPU, else per CPU).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted store: skip the shards already done.")
@@ -185,7 +197,8 @@ def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, f
 @click.option("--overwrite", is_flag=True, help="Replace an existing target set of the same name.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted assignment pass (its fit is kept).")
 @click.option("--executor", default="ray", show_default=True, type=click.Choice(["ray", "inline"]))
-@click.option("--ray-address", default=None, help="Join this Ray cluster instead of a local one.")
+@click.option("--ray-address", default=None, callback=_probe_ray_address,
+              help="Join this Ray cluster instead of a local one.")
 @click.option("--num-workers", default=None, type=int, help="Ray actors (default: one per GPU, else per CPU).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperature, student_grid, max_fit_points,
@@ -251,7 +264,8 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 @click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
 @click.option("--workers", "loader_workers", default=None, type=click.IntRange(min=0),
               help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).")
-@click.option("--ray-address", default=None, help="Sweeps and --gpus: join this Ray cluster instead of a local one.")
+@click.option("--ray-address", default=None, callback=_probe_ray_address,
+              help="Sweeps and --gpus: join this Ray cluster instead of a local one.")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Parent folder of the run (or sweep) directory.")
 @click.option("--head", type=click.Choice(["linear", "cam"]), default=None,
