@@ -55,7 +55,7 @@ def bench_kmeans(n, d, k, niter, seed, repeats):
     out = {"n": n, "d": d, "k": k, "niter": niter, "repeats": repeats, "faiss": [], "sklearn": []}
     for r in range(repeats):
         t = time.perf_counter()
-        res = kmeans(x, k, niter=niter, seed=seed + r)
+        res = kmeans(x, k, niter=niter, seed=seed + r, backend="faiss")
         out["faiss"].append({"seconds": time.perf_counter() - t, "objective": _objective(x, res.centers)})
         t = time.perf_counter()
         km = KMeans(n_clusters=k, n_init=1, init="random", max_iter=niter, tol=0.0,

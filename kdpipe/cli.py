@@ -39,6 +39,16 @@ def os_error_sentence(err: OSError) -> str:
             "folder) and run again, with --resume where the command has it.")
 
 
+def _probe_ray_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--ray-address: a cluster that cannot be reached is one sentence now, not after the
+    stage's preparations and minutes of Ray's connection retries."""
+    if value:
+        from kdpipe.pipeline.executor import check_ray_address
+
+        check_ray_address(value)
+    return value
+
+
 def given_options(ctx: click.Context, names) -> dict:
     """The options among ``names`` the user typed (not click defaults): what --resume compares."""
     from click.core import ParameterSource
@@ -76,7 +86,8 @@ _WANDB_HELP = ("Also log every epoch to this Weights & Biases project (needs wan
 @click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
 @click.option("--workers", "loader_workers", default=None, type=click.IntRange(min=0),
               help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).")
-@click.option("--ray-address", default=None, help="With --gpus: join this Ray cluster instead of a local one.")
+@click.option("--ray-address", default=None, callback=_probe_ray_address,
+              help="With --gpus: join this Ray cluster instead of a local one.")
 @click.option("--resume", default=None, metavar="RUN",
               help="Continue an interrupted teacher run directory (a path or URL) from its last epoch (its config "
                    "is reused).")
@@ -145,7 +156,8 @@ def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Images per teacher forward pass.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the view parameters (views=K).")
 @click.option("--executor", default="ray", show_default=True, type=click.Choice(["ray", "inline"]))
-@click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
+@click.option("--ray-address", default=None, callback=_probe_ray_address,
+              help="Join this Ray cluster instead of starting a local one.")
 @click.option("--num-workers", default=None, type=int, help="Ray actors (default: one per GPU, else per CPU).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted store: skip the shards already done.")
@@ -186,17 +198,20 @@ def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, f
 @click.option("--data", default=None, help="Data set spec (default: the one the store records).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--niter", default=20, show_default=True, type=int, help="K-means iterations.")
+@click.option("--kmeans-backend", default="auto", show_default=True, type=click.Choice(["auto", "faiss", "torch"]),
+              help="K-means by faiss or by torch; auto: faiss-gpu if faiss sees a GPU, else torch on CUDA, else faiss-cpu.")
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Images per teacher forward pass.")
 @click.option("--drop-features", is_flag=True, help="Delete feat/* once the targets are written.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing target set of the same name.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted assignment pass (its fit is kept).")
 @click.option("--executor", default="ray", show_default=True, type=click.Choice(["ray", "inline"]))
-@click.option("--ray-address", default=None, help="Join this Ray cluster instead of a local one.")
+@click.option("--ray-address", default=None, callback=_probe_ray_address,
+              help="Join this Ray cluster instead of a local one.")
 @click.option("--num-workers", default=None, type=int, help="Ray actors (default: one per GPU, else per CPU).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperature, student_grid, max_fit_points,
-            fit_views, teacher, data, seed, niter, batch_size, drop_features, overwrite, resume, executor,
-            ray_address, num_workers, device):
+            fit_views, teacher, data, seed, niter, kmeans_backend, batch_size, drop_features, overwrite, resume,
+            executor, ray_address, num_workers, device):
     """Stage one: letKD's fit (LDA, K-means, sub-class scores), then the targets of every view."""
     from kdpipe.pipeline.configs import ClusterConfig
     from kdpipe.stages.cluster import cluster as run_stage
@@ -204,9 +219,9 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
     run_stage(ClusterConfig(store=store, name=name, k_penult=k_penult, k_inter=k_inter, lda_dims=lda_dims,
                             topk=topk, topk_mass=topk_mass, temperature=temperature, student_grid=student_grid,
                             max_fit_points=max_fit_points, fit_views=fit_views, seed=seed, niter=niter,
-                            teacher=teacher, data=data, drop_features=drop_features, overwrite=overwrite,
-                            resume=resume, batch_size=batch_size, executor=executor, ray_address=ray_address,
-                            num_workers=num_workers, device=device))
+                            kmeans_backend=kmeans_backend, teacher=teacher, data=data, drop_features=drop_features,
+                            overwrite=overwrite, resume=resume, batch_size=batch_size, executor=executor,
+                            ray_address=ray_address, num_workers=num_workers, device=device))
 
 
 @cli.command("train-student")
@@ -263,7 +278,8 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 @click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
 @click.option("--workers", "loader_workers", default=None, type=click.IntRange(min=0),
               help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).")
-@click.option("--ray-address", default=None, help="Sweeps and --gpus: join this Ray cluster instead of a local one.")
+@click.option("--ray-address", default=None, callback=_probe_ray_address,
+              help="Sweeps and --gpus: join this Ray cluster instead of a local one.")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Parent folder of the run (or sweep) directory (a local path or a URL: s3://bucket/runs).")
 @click.option("--head", type=click.Choice(["linear", "cam"]), default=None,

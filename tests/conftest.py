@@ -5,6 +5,10 @@ import os
 import pytest
 import torch
 
+# Ray decides when it is first imported whether a local cluster may bind to 127.0.0.1 only
+# (kdpipe.pipeline.executor.init_local_ray); tests import ray in many places, so say it first.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 # Tests run on 2 CPU cores next to each other; keep torch from oversubscribing them.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

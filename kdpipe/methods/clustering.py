@@ -1,7 +1,13 @@
-"""K-means and nearest-centre assignment for letKD (faiss; GPU when faiss sees one).
+"""K-means and nearest-centre assignment for letKD (faiss or torch; GPU where there is one).
 
-* ``kmeans(x, k, niter=20, seed=0, max_fit_points=None)``: faiss K-means, as the letKD
-  reference runs it (``faiss.Clustering``, 20 iterations, L2). faiss's own sub-sampling is
+* ``kmeans(x, k, niter=20, seed=0, max_fit_points=None, backend="auto")``: K-means as the
+  letKD reference runs it (``faiss.Clustering``, 20 iterations, L2), by one of two backends
+  (``resolve_kmeans_backend``): faiss (CPU, or GPU where the installed faiss build sees one),
+  or Lloyd iterations in torch (``torch_kmeans``) on CUDA or the CPU, for machines with a CUDA
+  torch and no faiss GPU build. ``"auto"``: faiss-gpu when faiss sees a GPU, else torch on
+  CUDA when torch sees one, else faiss-cpu (torch on the CPU where faiss is not installed).
+  faiss is imported only when used; a missing faiss is one sentence naming the extra.
+  faiss's own sub-sampling is
   switched off (``max_points_per_centroid`` huge, like the reference, whose ``run_kmeans``
   sets it to 10,000,000; faiss's defaults, ``faiss.ClusteringParameters()`` in faiss 1.15.1,
   are ``max_points_per_centroid=256``, ``min_points_per_centroid=39``, ``niter=25``,
@@ -11,6 +17,13 @@
   num_fit)``, ``objective`` = faiss's objective of the last iteration divided by the number
   of fitted vectors (mean squared distance to the centre each was assigned to in that
   iteration; ``kmeans_objective`` gives it for the final centres).
+* ``torch_kmeans``: faiss's algorithm in torch: the initial centres are ``k`` distinct vectors
+  of a seeded random permutation (faiss: ``rand_perm`` with the clustering seed), then
+  ``niter`` rounds of assign (squared distances as ``|x|^2 - 2 x.c + |c|^2``, one matmul per
+  batch of rows, so 3.2M x 256 vectors against 4,096 centres fit a GPU) and update (the mean
+  of each cluster, summed in float64); an empty cluster takes half of a cluster drawn with
+  probability proportional to its size - 1, both centres nudged apart by 1/1024 in opposite
+  directions per dimension (faiss ``Clustering.cpp`` ``split_clusters``).
 * ``TopkAssigner(centers, k, temperature, search="auto")``: for vectors ``x`` [n, D] returns
   the ``k`` nearest centres and their probabilities under
   ``p_j = softmax_j(-T * ||x - c_j||^2)`` over *all* K centres. The log-normaliser is a
@@ -35,16 +48,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
 from kdpipe.errors import KdpipeError
 
 __all__ = [
+    "KMEANS_BACKENDS",
+    "import_faiss",
+    "faiss_installed",
     "faiss_gpu_available",
+    "resolve_kmeans_backend",
+    "initial_centers",
+    "torch_kmeans",
     "subsample_indices",
     "KMeansResult",
     "kmeans",
@@ -57,15 +76,59 @@ __all__ = [
 ]
 
 _NO_SUBSAMPLE = 1 << 30
+KMEANS_BACKENDS = ("auto", "faiss", "torch")
+# faiss Clustering.cpp: an empty cluster's new centre and the one it splits are moved apart by
+# this relative amount, alternating direction per dimension
+_SPLIT_EPS = 1.0 / 1024.0
+
+
+def import_faiss():
+    """The faiss module, or one sentence naming the extras that install it."""
+    try:
+        import faiss
+    except ImportError:
+        raise KdpipeError("faiss is not installed: install kdpipe's faiss-cpu extra (pip install "
+                          "'kdpipe[faiss-cpu]'), or its gpu extra on a CUDA machine, or use "
+                          "--kmeans-backend torch.") from None
+    return faiss
+
+
+def faiss_installed() -> bool:
+    """True when a faiss module can be imported (without importing it)."""
+    return importlib.util.find_spec("faiss") is not None
 
 
 def faiss_gpu_available() -> bool:
-    """True when this faiss build sees at least one GPU."""
-    get = getattr(faiss, "get_num_gpus", None)
+    """True when faiss is installed and its build sees at least one GPU."""
+    if not faiss_installed():
+        return False
+    get = getattr(import_faiss(), "get_num_gpus", None)
     try:
         return bool(get and get() > 0)
     except Exception:  # pragma: no cover - broken CUDA runtime
         return False
+
+
+def resolve_kmeans_backend(backend: str = "auto", device: str | None = None) -> tuple[str, str]:
+    """``(backend, device)`` K-means runs on: ``("faiss" | "torch", "cpu" | "cuda[:i]")``.
+
+    ``device`` (None, "cpu", "cuda") limits the choice: "cpu" keeps K-means off the GPU.
+    ``"auto"``: faiss on the GPU when faiss sees one and torch sees CUDA, else torch on CUDA,
+    else faiss on the CPU, else (faiss not installed) torch on the CPU."""
+    if backend not in KMEANS_BACKENDS:
+        raise KdpipeError(f"The K-means backend must be one of {', '.join(KMEANS_BACKENDS)}, not {backend!r}.")
+    want_cpu = device is not None and torch.device(device).type == "cpu"
+    cuda = not want_cpu and torch.cuda.is_available()
+    if backend == "faiss":
+        import_faiss()  # one sentence now, not a traceback later
+        return "faiss", "cuda" if cuda and faiss_gpu_available() else "cpu"
+    if backend == "torch":
+        return "torch", (device or "cuda") if cuda else "cpu"
+    if cuda and faiss_gpu_available():
+        return "faiss", "cuda"
+    if cuda:
+        return "torch", device or "cuda"
+    return ("faiss" if faiss_installed() else "torch"), "cpu"
 
 
 def subsample_indices(n: int, max_points: int | None, seed: int) -> np.ndarray | None:
@@ -80,8 +143,9 @@ def subsample_indices(n: int, max_points: int | None, seed: int) -> np.ndarray |
 @dataclass
 class KMeansResult:
     centers: np.ndarray  # [k, D] float32
-    objective: float  # faiss's last-iteration objective / num_fit
+    objective: float  # the last iteration's objective / num_fit (faiss's definition)
     num_fit: int  # vectors the centres were fitted on
+    backend: str = "faiss-cpu"  # which backend fitted them: faiss-cpu, faiss-gpu, torch-cpu, torch-cuda
 
 
 def kmeans(
@@ -92,37 +156,138 @@ def kmeans(
     max_fit_points: int | None = None,
     gpu: bool | None = None,
     verbose: bool = False,
+    backend: str = "auto",
+    device: str | None = None,
+    init=None,
 ) -> KMeansResult:
-    """faiss K-means on ``x`` [n, D] (subsampled to ``max_fit_points`` with ``seed``)."""
+    """K-means on ``x`` [n, D] (subsampled to ``max_fit_points`` with ``seed``) by ``backend``
+    (``resolve_kmeans_backend``; ``gpu`` forces faiss's GPU use on or off). ``init`` [k, D]:
+    initial centres for either backend (default: each backend's seeded sample)."""
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     if x.ndim != 2:
         raise ValueError(f"kmeans expects [n, D] vectors, got shape {x.shape}")
     idx = subsample_indices(x.shape[0], max_fit_points, seed)
     if idx is not None:
         x = np.ascontiguousarray(x[idx])
-    n, d = x.shape
+    n = x.shape[0]
     if n < k:
         raise KdpipeError(f"K-means with K={k} needs at least {k} vectors, found {n}.")
-    use_gpu = faiss_gpu_available() if gpu is None else bool(gpu)
-    km = faiss.Kmeans(
-        d,
-        int(k),
-        niter=int(niter),
-        seed=int(seed),
-        gpu=use_gpu,
-        verbose=verbose,
-        max_points_per_centroid=_NO_SUBSAMPLE,
-        min_points_per_centroid=1,
-    )
-    km.train(x)
+    name, dev = resolve_kmeans_backend(backend, device)
+    if name == "torch":
+        centers, obj = torch_kmeans(x, int(k), niter=niter, seed=seed, device=dev, init=init, verbose=verbose)
+        return KMeansResult(centers, obj / n, n, f"torch-{torch.device(dev).type}")
+    use_gpu = dev != "cpu" if gpu is None else bool(gpu)
+    centers, obj = _faiss_kmeans(x, int(k), niter, seed, use_gpu, verbose, init)
+    return KMeansResult(centers, obj / n, n, "faiss-gpu" if use_gpu else "faiss-cpu")
+
+
+def _faiss_kmeans(x: np.ndarray, k: int, niter: int, seed: int, gpu: bool, verbose: bool,
+                  init=None) -> tuple[np.ndarray, float]:
+    """faiss K-means without faiss's sub-sampling; (centres, last iteration's objective sum)."""
+    faiss = import_faiss()
+    km = faiss.Kmeans(x.shape[1], k, niter=int(niter), seed=int(seed), gpu=gpu, verbose=verbose,
+                      max_points_per_centroid=_NO_SUBSAMPLE, min_points_per_centroid=1)
+    km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
     centers = np.ascontiguousarray(km.centroids, dtype=np.float32)
     # faiss's objective of the last iteration (sum of squared distances of the assignment that
     # produced these centres); no extra search pass
-    obj = float(km.obj[-1]) / n if len(km.obj) else kmeans_objective(x, centers, gpu=use_gpu)
-    return KMeansResult(centers=centers, objective=obj, num_fit=n)
+    obj = float(km.obj[-1]) if len(km.obj) else kmeans_objective(x, centers) * x.shape[0]
+    return centers, obj
+
+
+def _batch_rows(k: int, max_batch_elems: int) -> int:
+    """Rows per distance block so that a [rows, k] float32 block holds ``max_batch_elems``."""
+    return max(1, int(max_batch_elems) // max(int(k), 1))
+
+
+def _assign(xb: torch.Tensor, c: torch.Tensor, c2: torch.Tensor, x2b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centre and squared distance of each row of ``xb`` (one matmul for the block)."""
+    dist = torch.addmm(c2[None, :], xb, c.T, beta=1.0, alpha=-2.0)
+    val, ids = dist.min(dim=1)
+    return ids, (val + x2b).clamp_(min=0)
+
+
+def _add_to_clusters(sums: torch.Tensor, ids: torch.Tensor, xb: torch.Tensor) -> None:
+    """sums[ids[i]] += xb[i] in float64. On CUDA a one-hot matmul: index_add_ there uses
+    atomics whose order (so the last bits of the sums) changes from run to run."""
+    if xb.is_cuda:
+        onehot = torch.zeros(ids.shape[0], sums.shape[0], device=xb.device, dtype=xb.dtype)
+        onehot[torch.arange(ids.shape[0], device=xb.device), ids] = 1
+        sums += (onehot.T @ xb).double()
+    else:
+        sums.index_add_(0, ids, xb.double())
+
+
+def _lloyd_step(xt: torch.Tensor, x2: torch.Tensor, c: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One assign pass: per-cluster float64 sums, counts, and the objective (sum of squared distances)."""
+    k = c.shape[0]
+    c2 = (c * c).sum(1)
+    sums = torch.zeros(k, xt.shape[1], dtype=torch.float64, device=xt.device)
+    counts = torch.zeros(k, dtype=torch.int64, device=xt.device)
+    obj = torch.zeros((), dtype=torch.float64, device=xt.device)
+    for s in range(0, xt.shape[0], rows):
+        xb = xt[s : s + rows]
+        ids, d = _assign(xb, c, c2, x2[s : s + rows])
+        obj += d.double().sum()
+        counts += torch.bincount(ids, minlength=k)
+        _add_to_clusters(sums, ids, xb)
+    return sums, counts, float(obj)
+
+
+def _split_empty(centers: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
+    """faiss's empty-cluster rule, in place: each empty cluster takes a copy of a cluster drawn
+    with probability proportional to (its size - 1); the two centres move apart by _SPLIT_EPS."""
+    d = centers.shape[1]
+    sign = np.where(np.arange(d) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    empty = np.flatnonzero(counts == 0)
+    for ci in empty:
+        weight = np.maximum(counts - 1, 0).astype(np.float64)
+        cj = int(rng.choice(len(counts), p=weight / weight.sum()))
+        centers[ci] = centers[cj] * (1 + _SPLIT_EPS * sign)
+        centers[cj] = centers[cj] * (1 - _SPLIT_EPS * sign)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+    return len(empty)
+
+
+def initial_centers(x, k: int, seed: int = 0) -> np.ndarray:
+    """faiss's initialisation: the first ``k`` entries of a seeded random permutation of the
+    vectors (faiss draws its permutation with its own generator, so the sample differs)."""
+    x = np.asarray(x)
+    return np.ascontiguousarray(x[np.random.default_rng(seed).permutation(x.shape[0])[:k]], dtype=np.float32)
+
+
+def torch_kmeans(x, k: int, niter: int = 20, seed: int = 0, device: str = "cpu", init=None,
+                 max_batch_elems: int = 1 << 24, verbose: bool = False) -> tuple[np.ndarray, float]:
+    """Lloyd K-means in torch, faiss's algorithm (module docstring): returns the centres
+    [k, D] float32 and the last iteration's objective (sum of squared distances of the
+    assignment the final centres were computed from, as faiss's ``obj[-1]``).
+
+    ``init`` [k, D]: start from these centres instead of ``initial_centers(x, k, seed)``.
+    ``max_batch_elems`` bounds the [rows, k] distance block (float32): 2^24 = 64 MiB."""
+    xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    n = xt.shape[0]
+    if n < k:
+        raise KdpipeError(f"K-means with K={k} needs at least {k} vectors, found {n}.")
+    c = torch.as_tensor(initial_centers(x, k, seed) if init is None else np.asarray(init, dtype=np.float32))
+    c = c.to(xt.device).clone()
+    rng = np.random.default_rng((seed, 1))  # draws which cluster an empty one splits
+    x2 = (xt * xt).sum(1)
+    rows = _batch_rows(k, max_batch_elems)
+    obj = 0.0
+    for it in range(int(niter)):
+        sums, counts, obj = _lloyd_step(xt, x2, c, rows)
+        cnt = counts.cpu().numpy()
+        centers = (sums / counts.clamp(min=1)[:, None].double()).float().cpu().numpy()
+        split = _split_empty(centers, cnt, rng) if (cnt == 0).any() else 0
+        c = torch.from_numpy(centers).to(xt.device)
+        if verbose:
+            print(f"torch K-means iteration {it}: objective {obj:.6g}, {split} empty cluster(s) split", flush=True)
+    return c.cpu().numpy(), obj
 
 
 def _flat_index(centers: np.ndarray, gpu: bool):
+    faiss = import_faiss()
     index = faiss.IndexFlatL2(centers.shape[1])
     if gpu:
         res = faiss.StandardGpuResources()
@@ -132,15 +297,16 @@ def _flat_index(centers: np.ndarray, gpu: bool):
     return index
 
 
-def kmeans_objective(x, centers, gpu: bool | None = None, batch: int = 65536) -> float:
-    """Mean squared L2 distance of each vector to its nearest centre."""
-    x = np.asarray(x, dtype=np.float32)
-    centers = np.ascontiguousarray(centers, dtype=np.float32)
-    index = _flat_index(centers, faiss_gpu_available() if gpu is None else gpu)
+def kmeans_objective(x, centers, batch: int = 65536, device: str = "cpu") -> float:
+    """Mean squared L2 distance of each vector to its nearest centre (torch, float64 sum)."""
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    c = torch.as_tensor(np.ascontiguousarray(centers, dtype=np.float32)).to(device)
+    c2 = (c * c).sum(1)
     total = 0.0
     for s in range(0, x.shape[0], batch):
-        dist, _ = index.search(np.ascontiguousarray(x[s : s + batch]), 1)
-        total += float(np.maximum(dist, 0).astype(np.float64).sum())
+        xb = torch.from_numpy(x[s : s + batch]).to(device)
+        _, d = _assign(xb, c, c2, (xb * xb).sum(1))
+        total += float(d.double().sum())
     return total / max(x.shape[0], 1)
 
 
@@ -217,9 +383,11 @@ def per_class_kmeans(
     seed: int = 0,
     gpu: bool | None = None,
     progress: bool = False,
+    backend: str = "auto",
+    device: str | None = None,
 ) -> np.ndarray:
     """K-means with ``k`` centres on each class's vectors; returns centres [C*k, d] float32,
-    rows ``c*k .. c*k + k - 1`` for class ``c`` (fitted with seed ``seed + c``)."""
+    rows ``c*k .. c*k + k - 1`` for class ``c`` (fitted with seed ``seed + c``, by ``backend``)."""
     from tqdm.auto import tqdm
 
     z = np.asarray(z, dtype=np.float32)
@@ -233,7 +401,8 @@ def per_class_kmeans(
                 f"class {c} has {zc.shape[0]} vectors to fit, fewer than its {k} sub-classes "
                 "(lower --k-inter or raise --max-fit-points)."
             )
-        out[c * k : (c + 1) * k] = kmeans(zc, k, niter=niter, seed=seed + c, gpu=gpu).centers
+        out[c * k : (c + 1) * k] = kmeans(zc, k, niter=niter, seed=seed + c, gpu=gpu, backend=backend,
+                                             device=device).centers
     return out
 
 

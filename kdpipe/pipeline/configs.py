@@ -103,6 +103,7 @@ class ClusterConfig:
     fit_views: str = "identity"
     seed: int = 0
     niter: int = 20
+    kmeans_backend: str = "auto"        # faiss, torch, or auto (kdpipe.methods.clustering.resolve_kmeans_backend)
     teacher: str | None = None          # None: the checkpoint path the store records
     data: str | None = None             # None: the data set the store records
     drop_features: bool = False

@@ -51,6 +51,9 @@ def run_data_parallel(entry: Callable, payload: dict, workers: int, run_dir: str
                       ray_address: str | None = None) -> None:
     """Run ``entry(payload)`` on ``workers`` Ray Train workers (DDP); raises one sentence
     when a worker fails, saying how to resume."""
+    from kdpipe.pipeline.executor import prepare_ray_import, ray_cluster
+
+    prepare_ray_import(ray_address)  # before Ray's first import: a local Ray binds to loopback only
     try:
         import ray.train  # noqa: F401 - the extra ray[train] must be installed
         from ray.train import RunConfig, ScalingConfig
@@ -58,7 +61,6 @@ def run_data_parallel(entry: Callable, payload: dict, workers: int, run_dir: str
     except ImportError:
         raise KdpipeError("--gpus needs Ray Train: pip install 'ray[train]' (kdpipe's default install has it).") \
             from None
-    from kdpipe.pipeline.executor import ray_cluster
 
     with ray_cluster(ray_address) as ray:
         use_gpu = _use_gpus(ray, workers, device)

@@ -20,8 +20,12 @@
   not retried: it is re-raised in the driver as itself (a KdpipeError stays one sentence).
 - Without `ray_address` and without a running Ray, a local Ray is started for the call and
   shut down after: `num_cpus` = the CPU count, no dashboard, every server bound to
-  127.0.0.1 (see `init_local_ray`), so nothing listens on a non-loopback interface. With
-  `ray_address` ("auto", "ray://host:10001", "host:6379") it joins that cluster. When Ray is
+  127.0.0.1 (see `init_local_ray`), so nothing listens on a non-loopback interface. A reaper
+  process (`kdpipe.pipeline.ray_reaper`) stops that session's Ray processes, agents included,
+  when the driver exits or is killed (SIGKILL too). With `ray_address` ("auto",
+  "ray://host:10001", "host:6379") it joins that cluster, after a probe of the address
+  (`check_ray_address`: a TCP connect and an HTTP/2 greeting, 5 s each at most) so that a wrong
+  address is one sentence within seconds instead of Ray's minutes of retries. When Ray is
   already initialised (e.g. inside `ray_cluster()` or a test fixture), it is used as it is.
 - A tqdm bar over units (images) shows throughput and ETA.
 
@@ -37,6 +41,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import subprocess
+import sys
 from collections import deque
 from dataclasses import dataclass
 
@@ -113,43 +120,123 @@ class _WorkerHost:
 
 
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_LOOPBACK_IPS = ("127.0.0.1", "::1")
+_REAPERS: list[subprocess.Popen] = []  # one per local Ray this process started and has not shut down
 
 
 def init_local_ray(num_cpus: int | None = None) -> None:
-    """Start a single-node Ray whose every server binds to 127.0.0.1 and no dashboard.
+    """Start a single-node Ray whose every server binds to 127.0.0.1, with no dashboard, and a
+    reaper process that stops it once this driver is gone (``kdpipe.pipeline.ray_reaper``).
 
-    On Linux, Ray 2.x rewrites `_node_ip_address="127.0.0.1"` to the machine's routable address
-    unless its "cluster mode" is off (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the mode Ray uses on
-    laptops). That switch is set only while the GCS and raylet start (they and the workers they
-    spawn inherit it) and restored afterwards.
+    On Linux, Ray binds its servers to the machine's routable address unless its "cluster mode"
+    is off, the mode Ray uses on laptops: the documented variable
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which Ray reads when it is first imported. kdpipe
+    sets it before that import when Ray is not imported yet; where Ray was imported with cluster
+    mode on, a local Ray would listen on every interface, so that is refused in one sentence.
     """
+    prepare_ray_import(None)
     import ray
-    from ray._private import ray_constants
 
-    old_env, old_const = os.environ.get(_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[_LOOPBACK_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    if ray.util.get_node_ip_address() not in _LOOPBACK_IPS:
+        raise KdpipeError(f"Ray was imported before kdpipe could keep its local cluster on 127.0.0.1; set "
+                          f"{_LOOPBACK_ENV}=0 before importing ray, or pass --ray-address to join a cluster.")
+    ctx = ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                   _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
+    _REAPERS.append(_start_reaper(os.path.basename(ctx.address_info["session_dir"])))
+
+
+def prepare_ray_import(ray_address: str | None) -> None:
+    """Call before the first ``import ray`` of a process that may start a local Ray (no
+    ``ray_address``): Ray decides at import whether its servers may bind to loopback only."""
+    if ray_address or "ray" in sys.modules:
+        return
+    old = os.environ.get(_LOOPBACK_ENV)
+    os.environ.setdefault(_LOOPBACK_ENV, "0")
+    import ray  # noqa: F401 - reads the variable now
+
+    if old is None:
+        os.environ.pop(_LOOPBACK_ENV, None)  # Ray has read it; its child processes need not see it
+
+
+def _start_reaper(session_name: str) -> subprocess.Popen:
+    """The watchdog that stops this session's Ray processes when the driver exits or is killed:
+    its own session (a signal to the driver's group spares it), our pipe as its stdin."""
+    from kdpipe.pipeline import ray_reaper
+
+    return subprocess.Popen([sys.executable, ray_reaper.__file__, str(os.getpid()), session_name],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
+
+
+def _release_reapers() -> None:
+    """After ray.shutdown(): let each reaper sweep what the shutdown left (agents) and exit."""
+    while _REAPERS:
+        reaper = _REAPERS.pop()
+        with contextlib.suppress(OSError):
+            reaper.stdin.close()
+
+
+# Ray's default ports: the head's GCS (`ray start --head`) and the Ray Client server (`ray://`)
+_DEFAULT_GCS_PORT, _DEFAULT_CLIENT_PORT = 6379, 10001
+PROBE_TIMEOUT_S = 5.0
+# An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (the GCS, the Ray Client
+# server) answers with its own SETTINGS frame (RFC 9113, section 3.4)
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def parse_ray_address(address: str) -> tuple[str, int] | None:
+    """``host:port``, ``ray://host[:port]``, ``[v6]:port`` -> (host, port); None for ``auto`` /
+    ``local`` (Ray finds those itself)."""
+    if address in ("auto", "local"):
+        return None
+    rest, default = (address[len("ray://"):], _DEFAULT_CLIENT_PORT) if address.startswith("ray://") \
+        else (address, _DEFAULT_GCS_PORT)
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or host.endswith(":"):  # no port, or a bare IPv6 address
+        host, port = rest.rstrip("/"), str(default)
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise KdpipeError(f"A Ray address is host:port or ray://host:port, not {address!r}.")
+    return host, int(port)
+
+
+def check_ray_address(address: str | None, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """One sentence, within ``timeout`` seconds or two, when nothing that speaks gRPC answers at
+    ``address`` (Ray itself retries a missing GCS for minutes); nothing when it answers."""
+    target = parse_ray_address(address) if address else None
+    if target is None:
+        return
     try:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = old_const
-        if old_env is None:
-            os.environ.pop(_LOOPBACK_ENV, None)
-        else:
-            os.environ[_LOOPBACK_ENV] = old_env
+        sock = socket.create_connection(target, timeout=timeout)
+    except OSError as err:
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise KdpipeError(f"Cannot reach the Ray cluster at {address} ({reason.rstrip('.').lower()}); start its "
+                          "head (`ray start --head`) or correct --ray-address.") from None
+    with sock:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # a TLS handshake would come first: the connection is what can be checked
+        try:
+            sock.sendall(_H2_PREFACE)
+            reply = sock.recv(9)
+        except OSError:  # a timeout or a reset: not a gRPC server
+            reply = b""
+    if len(reply) < 9 or reply[3] != 4:
+        raise KdpipeError(f"{address} accepts connections but does not answer as a Ray head (no gRPC reply); "
+                          "correct --ray-address (the head's GCS port, 6379 unless changed).")
 
 
 @contextlib.contextmanager
 def ray_cluster(ray_address: str | None = None, num_cpus: int | None = None):
     """Use Ray for the duration of the block: join `ray_address`, reuse a running Ray, or start a
-    local loopback-only one (shut down on exit). Wrap several run_shards calls in one of these to
-    start Ray once."""
+    local loopback-only one (shut down on exit, and by its reaper if this process is killed).
+    Wrap several run_shards calls in one of these to start Ray once."""
+    prepare_ray_import(ray_address)
     import ray
 
     started = False
     if not ray.is_initialized():
         if ray_address:
+            check_ray_address(ray_address)
             try:
                 ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
             except Exception as err:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, ...
@@ -163,6 +250,7 @@ def ray_cluster(ray_address: str | None = None, num_cpus: int | None = None):
     finally:
         if started:
             ray.shutdown()
+            _release_reapers()
 
 
 def _unwrap(err: BaseException) -> BaseException:

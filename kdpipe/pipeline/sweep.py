@@ -312,6 +312,9 @@ def _execute(sweep_dir: str, base, grid: dict, options: SweepOptions, restore: b
     if options.executor == "inline":
         results = _run_inline(sweep_dir, base, points, options)
     else:
+        from kdpipe.pipeline.executor import prepare_ray_import
+
+        prepare_ray_import(options.ray_address)  # before ray.tune's import: a local Ray stays on loopback
         from kdpipe.pipeline.sweep_tune import run_tune
 
         results = run_tune(sweep_dir, base, grid, points, options, restore=restore)

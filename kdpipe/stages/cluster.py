@@ -45,8 +45,10 @@ retained_mass         [S, 3]                  float64   per shard: min, sum and 
 
 ``*`` int16 when the index range fits, else int32.
 
-Seeds: faiss K-means uses ``seed``, class c's ``seed + c``; subsamples (only with
-``max_fit_points``) ``seed`` and ``seed + 1``. Same store and settings -> identical arrays.
+K-means runs on faiss or torch (``kmeans_backend``, ``--kmeans-backend``; the one used is
+recorded in the target set's ``extra.kmeans_backend``). Seeds: K-means uses ``seed``, class
+c's ``seed + c``; subsamples (only with ``max_fit_points``) ``seed`` and ``seed + 1``. Same
+store and settings -> identical arrays.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ import torch.nn.functional as F
 from kdpipe import storage
 from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.errors import KdpipeError, StoreError
+from kdpipe.methods.clustering import resolve_kmeans_backend
 from kdpipe.pipeline.configs import ClusterConfig, check_executor
 from kdpipe.pipeline.paths import absolute_path
 from kdpipe.targets import InterSubclass, KindContext, PenultTopk
@@ -218,6 +221,7 @@ def _check_options(cfg: ClusterConfig) -> None:
         raise KdpipeError(f"--max-fit-points must be at least 1, got {cfg.max_fit_points}.")
     if cfg.fit_views not in ("identity", "all"):
         raise KdpipeError(f"--fit-views must be identity or all, not {cfg.fit_views!r}.")
+    resolve_kmeans_backend(cfg.kmeans_backend, cfg.device)  # a bad name or a missing faiss: one sentence
     if cfg.resume and cfg.overwrite:
         raise KdpipeError("--resume and --overwrite exclude each other: continue the target set or replace it.")
     check_executor(cfg.executor)
@@ -417,7 +421,8 @@ def _fit_penult(plan: ClusterPlan, xp: np.ndarray, progress: bool):
     if progress:
         print(f"cluster: K-means K={cfg.k_penult} on {xp.shape[0]:,} penult vectors of {xp.shape[1]} dims "
               f"({cfg.niter} iterations)...", flush=True)
-    km = kmeans(xp, int(cfg.k_penult), niter=cfg.niter, seed=cfg.seed, verbose=progress)
+    km = kmeans(xp, int(cfg.k_penult), niter=cfg.niter, seed=cfg.seed, verbose=progress,
+                backend=cfg.kmeans_backend, device=cfg.device)
     _, k_fit = topk_for_mass(xp, km.centers, cfg.temperature, cfg.topk_mass, plan.topk_cap)
     # The fit set holds the identity view only; augmented views can need a wider k, so a
     # seeded sample of stored views is run through the teacher too before the width is fixed.
@@ -436,7 +441,8 @@ def _fit_subclasses(plan: ClusterPlan, vectors: _FitVectors, progress: bool) -> 
     scalings, xbar = lda.scalings.astype(np.float32), lda.xbar.astype(np.float32)
     z = lda_project(vectors.inter_x, scalings, xbar, plan.lda_dims)
     yi = vectors.inter_y
-    centers = per_class_kmeans(z, yi, C, int(cfg.k_inter), niter=cfg.niter, seed=cfg.seed, progress=progress)
+    centers = per_class_kmeans(z, yi, C, int(cfg.k_inter), niter=cfg.niter, seed=cfg.seed, progress=progress,
+                               backend=cfg.kmeans_backend, device=cfg.device)
     ids = constrained_nearest(z, yi, centers, int(cfg.k_inter))
     M = C * int(cfg.k_inter)
     scores = subclass_score_matrix(z, ids, M).astype(np.float32)
@@ -481,7 +487,7 @@ def _fit(plan: ClusterPlan, progress: bool) -> dict:
         teacher_sha256=(plan.reader.manifest.get("teacher") or {}).get("sha256"),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={"fit_done": True, "k_needed_for_mass": int(k_needed), "k_needed_fit_set": int(k_fit),
-               "k_needed_view_probe": int(k_probe), "view_probe_images": PROBE_VIEWS,
+               "k_needed_view_probe": int(k_probe), "view_probe_images": PROBE_VIEWS, "kmeans_backend": km.backend,
                "seconds": {"fit_read": round(t_read - t0, 3), "fit": round(t_fit - t_read, 3)}})
     plan.writer.set_target_attrs(plan.name, record.to_json())
     return record.to_json()
