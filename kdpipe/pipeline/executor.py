@@ -14,7 +14,8 @@
   one per CPU slot (`num_cpus=1`; with fewer workers than CPUs each actor gets an equal
   share). Each actor sets `torch.set_num_threads` to its CPU share: torch's default (all
   cores, per process) oversubscribes a machine shared by several actors, and OpenMP threads
-  waiting on a busy core can make a forward pass many times slower. Shards go to whichever actor is free. Actors are created
+  waiting on a busy core can make a forward pass many times slower. Shards go to whichever actor
+  is free. Actors are created
   with `max_restarts` and `max_task_retries` = `max_retries`: a worker process that dies is
   restarted (its worker rebuilt) and its shard retried. An exception raised by a worker is
   not retried: it is re-raised in the driver as itself (a KdpipeError stays one sentence).
@@ -142,7 +143,9 @@ def init_local_ray(num_cpus: int | None = None) -> None:
                           f"{_LOOPBACK_ENV}=0 before importing ray, or pass --ray-address to join a cluster.")
     ctx = ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                    _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
-    _REAPERS.append(_start_reaper(os.path.basename(ctx.address_info["session_dir"])))
+    # ray.init returns a RayContext (typed as its BaseContext base), which has address_info.
+    session_dir = ctx.address_info["session_dir"]  # type: ignore[attr-defined]
+    _REAPERS.append(_start_reaper(os.path.basename(session_dir)))
 
 
 def prepare_ray_import(ray_address: str | None) -> None:
@@ -172,8 +175,9 @@ def _release_reapers() -> None:
     """After ray.shutdown(): let each reaper sweep what the shutdown left (agents) and exit."""
     while _REAPERS:
         reaper = _REAPERS.pop()
-        with contextlib.suppress(OSError):
-            reaper.stdin.close()
+        if reaper.stdin is not None:  # always a pipe (_start_reaper)
+            with contextlib.suppress(OSError):
+                reaper.stdin.close()
 
 
 # Ray's default ports: the head's GCS (`ray start --head`) and the Ray Client server (`ray://`)
@@ -342,4 +346,5 @@ def _run_ray(worker_cls, worker_kwargs, shards, num_workers, max_retries, fault,
     finally:
         for actor in actors:
             with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
+                # an actor handle; Ray's stub types the list as holding the class
+                ray.kill(actor, no_restart=True)  # type: ignore[arg-type]
