@@ -16,7 +16,7 @@ from kdpipe.data import load_dataset, normalize
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.models import build, load_teacher
 from kdpipe.pipeline.configs import ExtractConfig
-from kdpipe.pipeline.executor import FAULT_ENV
+from kdpipe.pipeline.executor import KillWorkerOnce
 from kdpipe.stages.extract import extract_teacher as run_extract
 from kdpipe.views import view_table
 
@@ -26,10 +26,10 @@ ARRAYS = ["views", "labels", "logits", "cam", "cam_r2", "cam_r4", "feat/penult",
 OPTS = dict(views="2", cam_res=(2, 4), native_cam=True, shard_size=16, batch_size=32, seed=5)
 
 
-def extract_teacher(teacher, arch, data, out, **kw):
+def extract_teacher(teacher, arch, data, out, fault=None, **kw):
     """The stage with this module's defaults: a config from keyword arguments, quiet."""
     return run_extract(ExtractConfig(teacher=str(teacher), arch=arch, data=data, out=str(out), **kw),
-                       progress=False, verbose=False)
+                       progress=False, verbose=False, fault=fault)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -115,10 +115,10 @@ def test_resume_after_the_driver_is_killed(ckpt, reference, tmp_path):
     out = str(tmp_path / "s.zarr")
     marker = tmp_path / "killed"
     code = (f"from kdpipe.stages.extract import extract_teacher; from kdpipe.pipeline.configs import ExtractConfig; "
+            f"from kdpipe.pipeline.executor import KillWorkerOnce; "
             f"import torch; torch.set_num_threads(1); extract_teacher(ExtractConfig({ckpt!r}, {ARCH!r}, {DATA!r}, "
-            f"{out!r}, executor='inline', **{OPTS!r}), progress=False)")
-    env = dict(os.environ, **{FAULT_ENV: f"2:{marker}"})
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+            f"{out!r}, executor='inline', **{OPTS!r}), progress=False, fault=KillWorkerOnce(2, {str(marker)!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and marker.exists(), proc.stderr[-2000:]  # died at shard 2
     with pytest.raises(StoreError, match=r"incomplete \(2 of 3 shards"):
         open_store(out)
@@ -241,9 +241,9 @@ def test_ray_with_a_killed_worker_equals_inline(ckpt, reference, tmp_path, monke
 
     out = str(tmp_path / "ray.zarr")
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, f"1:{marker}")
     with ray_cluster(num_cpus=2) as ray:
-        summary = extract_teacher(ckpt, ARCH, DATA, out, executor="ray", num_workers=2, **OPTS)
+        summary = extract_teacher(ckpt, ARCH, DATA, out, executor="ray", num_workers=2,
+                                  fault=KillWorkerOnce(1, str(marker)), **OPTS)
         # the local cluster listens on loopback only
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
         assert ray.util.get_node_ip_address() == "127.0.0.1"

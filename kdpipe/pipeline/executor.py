@@ -15,9 +15,8 @@
   share). Each actor sets `torch.set_num_threads` to its CPU share: torch's default (all
   cores, per process) oversubscribes a machine shared by several actors, and OpenMP threads
   waiting on a busy core can make a forward pass many times slower. Shards go to whichever actor
-  is free. Actors are created
-  with `max_restarts` and `max_task_retries` = `max_retries`: a worker process that dies is
-  restarted (its worker rebuilt) and its shard retried. An exception raised by a worker is
+  is free. Actors are created with `max_restarts` and `max_task_retries` = `max_retries`: a
+  worker process that dies is restarted (its worker rebuilt) and its shard retried. An exception raised by a worker is
   not retried: it is re-raised in the driver as itself (a KdpipeError stays one sentence).
 - Without `ray_address` and without a running Ray, a local Ray is started for the call and
   shut down after: `num_cpus` = the CPU count, no dashboard, every server bound to
@@ -30,11 +29,10 @@
   already initialised (e.g. inside `ray_cluster()` or a test fixture), it is used as it is.
 - A tqdm bar over units (images) shows throughput and ETA.
 
-Test hook (for fault tests only, not a feature): the environment variable
-``KDPIPE_FAULT_KILL_SHARD="<shard_id>:<marker_file>"``, read by the driver when run_shards is
-called, makes the worker process `os._exit(1)` the first time it starts that shard; the marker
-file records that it happened, so the retried task runs normally. It applies to both
-executors (inline: the whole process dies, which is how a killed driver is simulated).
+Fault injection (tests): ``run_shards(..., fault=KillWorkerOnce(shard_id, marker))`` makes the
+worker process `os._exit(1)` the first time it starts that shard; the marker file records that
+it happened, so the retried task runs normally. It applies to both executors (inline: the
+whole process dies, which is how a killed driver is simulated).
 """
 
 from __future__ import annotations
@@ -51,8 +49,6 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from kdpipe.errors import KdpipeError
-
-FAULT_ENV = "KDPIPE_FAULT_KILL_SHARD"
 
 
 class WorkerLost(KdpipeError):
@@ -82,18 +78,28 @@ def plan(num_samples: int, shard_size: int) -> list[Shard]:
             for i, s in enumerate(range(0, num_samples, shard_size))]
 
 
-def _fault_spec() -> tuple[int, str] | None:
-    raw = os.environ.get(FAULT_ENV)
-    if not raw:
-        return None
-    sid, _, marker = raw.partition(":")
-    return int(sid), marker
+@dataclass(frozen=True)
+class KillWorkerOnce:
+    """Fault injection: the worker process exits the first time it starts shard ``shard_id``
+    (its position when shards carry no id); the file ``marker`` records that it did."""
+
+    shard_id: int
+    marker: str
+
+    def strike(self, shard_id: int) -> None:
+        if shard_id != self.shard_id or os.path.exists(self.marker):
+            return
+        with open(self.marker, "w") as f:
+            f.write(f"killed at shard {shard_id} in pid {os.getpid()}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os._exit(1)
 
 
 class _WorkerHost:
     """Holds one worker; identical in-process and inside a Ray actor."""
 
-    def __init__(self, worker_cls, worker_kwargs, fault=None, threads=None):
+    def __init__(self, worker_cls, worker_kwargs, fault: KillWorkerOnce | None = None, threads=None):
         if threads:
             try:
                 import torch
@@ -106,13 +112,7 @@ class _WorkerHost:
 
     def run(self, shard, index=0):
         if self.fault is not None:
-            sid, marker = self.fault
-            if getattr(shard, "shard_id", index) == sid and not os.path.exists(marker):
-                with open(marker, "w") as f:
-                    f.write(f"killed at shard {sid} in pid {os.getpid()}\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os._exit(1)
+            self.fault.strike(getattr(shard, "shard_id", index))
         fn = getattr(self.worker, "run", None) or self.worker
         return fn(shard)
 
@@ -264,11 +264,13 @@ def _unwrap(err: BaseException) -> BaseException:
 
 def run_shards(worker_cls, worker_kwargs, shards, executor: str = "ray", num_workers: int | None = None,
                ray_address: str | None = None, max_retries: int = 3, desc: str = "shards",
-               unit: str = "img", on_result=None, progress: bool = True, unit_scale: float = 1) -> list:
+               unit: str = "img", on_result=None, progress: bool = True, unit_scale: float = 1,
+               fault: KillWorkerOnce | None = None) -> list:
     """Run `worker.run(shard)` for every shard; return the results in the order of `shards`.
 
     `on_result(shard, result)` is called in the driver as each shard finishes. The bar counts
-    `shard.size` x `unit_scale` units (e.g. samples x views = images).
+    `shard.size` x `unit_scale` units (e.g. samples x views = images). ``fault``: fault
+    injection for tests (``KillWorkerOnce``).
     """
     shards = list(shards)
     if executor not in ("ray", "inline"):
@@ -278,7 +280,6 @@ def run_shards(worker_cls, worker_kwargs, shards, executor: str = "ray", num_wor
                dynamic_ncols=True,
                disable=not progress, smoothing=0.1)
     results: list = [None] * len(shards)
-    fault = _fault_spec()
 
     def done(i, result):
         results[i] = result

@@ -33,6 +33,7 @@ import torch
 
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.pipeline.configs import ExtractConfig, check_executor
+from kdpipe.pipeline.executor import KillWorkerOnce
 from kdpipe.pipeline.paths import absolute_path, absolute_spec
 from kdpipe.pipeline.report import human_bytes
 from kdpipe.pipeline.teacher_pass import PassSpec, TeacherPassWorker, identity_column, probe_rows
@@ -201,8 +202,10 @@ def _open_store(cfg, layout):
 
 
 # ------------------------------------------------------------------------------ the stage
-def extract_teacher(cfg: ExtractConfig, progress: bool = True, verbose: bool = True) -> dict:
-    """Run the teacher over the data set into the store at ``cfg.out``; return the summary."""
+def extract_teacher(cfg: ExtractConfig, progress: bool = True, verbose: bool = True,
+                    fault: KillWorkerOnce | None = None) -> dict:
+    """Run the teacher over the data set into the store at ``cfg.out``; return the summary.
+    ``fault``: fault injection for tests (``kdpipe.pipeline.executor.KillWorkerOnce``)."""
     from kdpipe.data import load_dataset
     from kdpipe.models import load_teacher
     from kdpipe.views import with_pad_mode
@@ -230,7 +233,7 @@ def extract_teacher(cfg: ExtractConfig, progress: bool = True, verbose: bool = T
         writer.write_rows("views", 0, layout["table"])
         writer.write_rows("labels", 0, dataset.labels.astype(np.int32))
     results, seconds = run_pass(writer, spec, todo, cfg, desc=f"extract {cfg.arch}",
-                                unit_scale=layout["num_views"], progress=progress)
+                                unit_scale=layout["num_views"], progress=progress, fault=fault)
     writer.finalize()
     run_summary = pass_summary(results, seconds, cfg.executor)
     writer.update_manifest(extraction=run_summary)
@@ -241,7 +244,7 @@ def extract_teacher(cfg: ExtractConfig, progress: bool = True, verbose: bool = T
 
 
 def run_pass(writer, spec: PassSpec, todo, cfg, desc: str, unit_scale: int, progress: bool,
-             on_result=None) -> tuple[list, float]:
+             on_result=None, fault: KillWorkerOnce | None = None) -> tuple[list, float]:
     """Run the teacher pass over the shards ``todo``; on failure leave the store resumable and
     say so in one sentence. Returns (per-shard results, seconds)."""
     from kdpipe.pipeline.executor import run_shards
@@ -250,7 +253,7 @@ def run_pass(writer, spec: PassSpec, todo, cfg, desc: str, unit_scale: int, prog
     try:
         results = run_shards(TeacherPassWorker, {"spec": spec}, todo, executor=cfg.executor,
                              num_workers=cfg.num_workers, ray_address=cfg.ray_address, desc=desc, unit="img",
-                             progress=progress, unit_scale=unit_scale, on_result=on_result)
+                             progress=progress, unit_scale=unit_scale, on_result=on_result, fault=fault)
     except BaseException as err:
         _fail_resumable(writer, spec, err)
         raise
