@@ -114,6 +114,10 @@ class MobileNetV2(KDModel):
             x = group(x)
         return self.conv2(x)
 
+    def stage_points(self) -> list[tuple[nn.Module, bool]]:
+        # mdistiller mobilenetv2.py feats[1:]: the outputs of blocks[1], blocks[2], blocks[4], blocks[6]
+        return [(self.blocks[i][-1], False) for i in (1, 2, 4, 6)]
+
     def linear_head(self) -> nn.Linear:
         return self.classifier[0]
 
