@@ -27,10 +27,22 @@ from kdpipe.engine.rows import to_torch
 from kdpipe.engine.sources import bind_kinds, kind_context
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.targets import Cam, Feature, InterSubclass, Logits, NativeCam, PenultTopk, TeacherOutputs
+from kdpipe.targets.base import needs_stages
 
 __all__ = ["store_kinds", "measure_fidelity", "FIDELITY_MODES"]
 
 FIDELITY_MODES = ("replay", "warp")
+
+
+def comparison_kinds(names) -> list:
+    """The AT, FitNet and SimKD kinds whose arrays are among ``names``."""
+    from kdpipe.targets import AttentionMaps, HintFeature, PenultMap
+
+    kinds: list = []
+    for p in sorted({n.split("/", 1)[0] for n in names if n.startswith("at_p") and "/stage" in n}):
+        kinds.append(AttentionMaps(float(p[len("at_p"):])))
+    kinds += [HintFeature(int(n[len("hint/feats"):])) for n in sorted(names) if n.startswith("hint/feats")]
+    return kinds + ([PenultMap()] if "penult_map" in names else [])
 
 
 def store_kinds(reader, target_set: str | None = None) -> list:
@@ -43,6 +55,7 @@ def store_kinds(reader, target_set: str | None = None) -> list:
         kinds.append(NativeCam())
     feature_views = (reader.manifest.get("views") or {}).get("feature_views", "identity")
     kinds += [Feature(n.split("/", 1)[1], views=feature_views) for n in sorted(names) if n.startswith("feat/")]
+    kinds += comparison_kinds(names)
     sets = reader.target_sets()
     chosen = target_set if target_set is not None else (sets[0] if len(sets) == 1 else None)
     if chosen is not None:
@@ -117,7 +130,7 @@ def measure_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int
     def teacher_on(idx, params):
         images = policy.apply_images(dataset.get_batch(idx), params)
         x = normalize(images, dataset.mean, dataset.std).to(dev)
-        return TeacherOutputs.of(teacher, x, labels_all[idx].to(dev))
+        return TeacherOutputs.of(teacher, x, labels_all[idx].to(dev), stages=needs_stages(kinds))
 
     for start in range(0, n, batch_size):
         idx = chosen[start:start + batch_size]

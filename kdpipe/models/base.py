@@ -138,6 +138,20 @@ class KDModel(nn.Module):
         return [module.register_forward_hook(hook_for(i, relu))
                 for i, (module, relu) in enumerate(self.stage_points())]
 
+    @property
+    def reused_head(self) -> nn.Module | None:
+        """SimKD's head (projector + the teacher's classifier), where a method installed one as
+        ``reused_head``: it then classifies the penult map instead of the model's own head, and
+        forward_features gives its projected map as feats["projected"] (no "cam")."""
+        return self._modules.get("simkd_head")
+
+    def set_reused_head(self, module: nn.Module | None) -> None:
+        """Install (or with None remove) the module ``penult -> (projected, logits)``."""
+        if module is None:
+            self._modules.pop("simkd_head", None)
+        else:
+            self.simkd_head = module
+
     # -- the classifier head ---------------------------------------------------------------
 
     def head(self) -> nn.Linear | nn.Conv2d:
@@ -213,6 +227,8 @@ class KDModel(nn.Module):
         inference); their scores are dropped and, with the linear head, no CAM is computed."""
         inter = self._apply_tap("inter", self.forward_inter(x), None)
         penult = self._apply_tap("penult", self.forward_penult(inter), None)
+        if self.reused_head is not None:
+            return self.reused_head(penult)[1]
         if self.head_kind == "cam":
             return _global_pool(self.conv_test(penult))
         return self.classify_pooled(_global_pool(penult))
@@ -221,7 +237,8 @@ class KDModel(nn.Module):
         """x [B, 3, H, W] -> (logits [B, C], feats).
 
         feats: "inter" [B, Di, hi, wi] and "penult" [B, D, h, w] as the network produced
-        them (before their taps); "cam" [B, C, h, w] on the penult map after its tap: with
+        them (before their taps); with a reused head (SimKD), "projected" and no "cam"; else
+        "cam" [B, C, h, w] on the penult map after its tap: with
         the linear head, its weight applied as a 1x1 convolution without bias, so that in
         eval mode GAP(cam) + bias == logits; with the CAM head, the head's own output, and
         logits == GAP(cam); "<point>_scores" for each tap returning a pair; with ``stages``
@@ -244,6 +261,9 @@ class KDModel(nn.Module):
         penult = self.forward_penult(inter)
         feats["penult"] = penult
         penult = self._apply_tap("penult", penult, feats)
+        if self.reused_head is not None:
+            feats["projected"], logits = self.reused_head(penult)
+            return logits, feats
         if self.head_kind == "cam":
             feats["cam"] = self.conv_test(penult)
             return _global_pool(feats["cam"]), feats

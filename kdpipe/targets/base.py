@@ -34,7 +34,7 @@ from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.errors import KdpipeError
 
 __all__ = ["TeacherOutputs", "KindContext", "TargetKind", "StoredArray", "pool_to",
-           "warp_channels_last"]
+           "warp_channels_last", "needs_stages"]
 
 
 @dataclass
@@ -52,9 +52,10 @@ class TeacherOutputs:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, teacher, images_normalized: torch.Tensor,
-           labels: torch.Tensor | None = None) -> "TeacherOutputs":
-        logits, feats = teacher.forward_features(images_normalized)
+    def of(cls, teacher, images_normalized: torch.Tensor, labels: torch.Tensor | None = None,
+           stages: bool = False) -> "TeacherOutputs":
+        """``stages``: also the stage outputs, ``feats["stages"]`` (kinds with ``needs_stages``)."""
+        logits, feats = teacher.forward_features(images_normalized, stages=stages)
         return cls(logits, feats, labels)
 
 
@@ -96,6 +97,8 @@ class TargetKind:
     writer: str | None = "extract"
     #: whether ``bind`` needs a target set
     needs_target_set: bool = False
+    #: whether ``online`` reads the teacher's stage outputs (``feats["stages"]``: AT, FitNet)
+    needs_stages: bool = False
 
     # ------------------------------------------------------------------ the store side
     @property
@@ -114,6 +117,11 @@ class TargetKind:
     def bind(self, ctx: KindContext) -> "TargetKind":
         """Load what ``online``/``targets`` need from the store (default: nothing)."""
         return self
+
+    def static(self, teacher, out: TeacherOutputs) -> dict[str, tuple[np.ndarray, str]]:
+        """Whole arrays extraction writes once (``static/<name>``), from the teacher model and
+        its outputs on a probe batch: ``{name: (array, meaning)}``; most kinds have none."""
+        return {}
 
     # ------------------------------------------------------------------ computations
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
@@ -156,6 +164,11 @@ class TargetKind:
 
 
 # ------------------------------------------------------------------------------ helpers
+def needs_stages(kinds) -> bool:
+    """Whether any of ``kinds`` reads the teacher's stage outputs (``TeacherOutputs.of(stages=)``)."""
+    return any(getattr(k, "needs_stages", False) for k in kinds)
+
+
 def pool_to(x: torch.Tensor, grid) -> torch.Tensor:
     """Adaptive average pooling of [B, C, h, w] to ``grid`` (h', w'); identity when equal."""
     grid = (int(grid[0]), int(grid[1]))
