@@ -142,7 +142,13 @@ class FitNet(Method):
             student_hint_shape=_shape(student_hint_shape, "student_hint_shape"),
             teacher_hint_shape=_shape(teacher_hint_shape, "teacher_hint_shape"))
         self._image_size = (32, 32)
+        self._student_arch: str | None = None
         self._regressor: HintRegressor | None = None
+
+    def bind(self, teacher_arch=None, student_arch=None, dataset: str = "cifar"):
+        self.dataset = dataset
+        self._student_arch = student_arch
+        return self
 
     def kinds(self) -> list:
         from kdpipe.targets import HintFeature
@@ -154,6 +160,11 @@ class FitNet(Method):
         shape = info.shapes.get(self.kinds()[0].name)
         if shape is not None:
             self.options["teacher_hint_shape"] = [int(s) for s in shape]
+        if self.options["student_hint_shape"] is None and self._student_arch is not None:
+            # found now, so that the run's config records it (evaluate rebuilds the regressor)
+            from kdpipe.models import build
+
+            self.options["student_hint_shape"] = self._student_hint_shape(build(self._student_arch, num_classes=10))
 
     def _student_hint_shape(self, student) -> list[int]:
         """[D, h, w] of the student's hint, from one forward of a zero image (eval mode)."""
