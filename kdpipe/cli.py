@@ -403,7 +403,7 @@ def inspect(store, cams, subclasses, target, png, fidelity, teacher, data, num_s
 @click.option("--k-penult", default=None, type=int, help="Override the preset's penultimate K-means centres.")
 @click.option("--students", default=None,
               help="Student runs, comma-separated, or 'all' (ce, kd, cat_kd, letkd1, letkd2, cat_kd_online, "
-                   "letkd2_online, cat_kd_warp). Default: the first six.")
+                   "letkd2_online, cat_kd_warp, dkd, at, fitnet, simkd and their _online runs). Default: the first six.")
 def demo(out, fast, executor, seeds, teacher_epochs, student_epochs, views, k_penult, students):
     """The whole pipeline on the embedded digits data set: teacher, store, students, report.
 

@@ -139,8 +139,7 @@ class TeacherPassWorker:
                 pos = torch.arange(rows.start, rows.stop)
                 keep = (pos % v) == j
                 if bool(keep.any()):
-                    picked = TeacherOutputs(teacher_out.logits[keep], {k: t[keep] for k, t in teacher_out.feats.items()},
-                                            teacher_out.labels[keep])
+                    picked = teacher_out.select(keep)
                     samples = (pos[keep] // v)
                     self._collect(picked, identity, ident_out, slice(int(samples[0]), int(samples[-1]) + 1), b)
         if identity and j is None:

@@ -58,6 +58,11 @@ class TeacherOutputs:
         logits, feats = teacher.forward_features(images_normalized, stages=stages)
         return cls(logits, feats, labels)
 
+    def select(self, keep: torch.Tensor) -> "TeacherOutputs":
+        """The rows ``keep`` (a boolean or index tensor) of every output (lists: of each entry)."""
+        feats = {k: [t[keep] for t in v] if isinstance(v, list) else v[keep] for k, v in self.feats.items()}
+        return TeacherOutputs(self.logits[keep], feats, None if self.labels is None else self.labels[keep])
+
 
 @dataclass(frozen=True)
 class StoredArray:
