@@ -82,6 +82,7 @@ def _plan_stores(rows: list[RowConfig], stores_dir: Path) -> dict:
         plan.cam_res.update(sizes)
         plan.native_cam |= bool(row.extract.get("native_cam", False) or native)
         plan.features.update(parse_features(row.extract.get("features", ("penult", "inter"))))
+        plan.methods.update(row.extract.get("methods") or ())  # named in the extract section
         if adds_arrays(row.student.method):
             plan.methods.add(row.student.method)
     for plan in plans.values():
