@@ -8,11 +8,16 @@ letkd2 with the online teacher on fresh random views (the references' training),
 a 1-view store with warp; mean and std over seeds. Bar: each cached method within noise of
 its online counterpart (mean difference below the larger std, or below 1 point).
 
+The comparison methods of both papers (dkd, at, fitnet, simkd; ``COMPARISON_STUDENTS``) run
+cached and online too, with their references' default settings; ``--students`` picks the
+runs (default: every table, ablation and comparison run).
+
 letKD ablation (same seeds): the stored top-k against the whole softmax over all K_penult
 centres computed online (``penult_target="full"``, as the reference computes it), and the
 reference-exact fit (every identity-view vector) against a subsampled one.
 
     .venv/bin/python benchmarks/digits_accuracy.py --seeds 0,1,2 --out bench-out/digits_accuracy.json
+    .venv/bin/python benchmarks/digits_accuracy.py --students comparison --seeds 0   # only the comparison runs
 
 It is `kdpipe demo` with every student run and several seeds, so a re-run reuses the teacher
 and the stores in --work.
@@ -31,11 +36,28 @@ from pathlib import Path
 import torch
 
 from kdpipe.pipeline.report import mean_std
-from kdpipe.stages.demo import ABLATION_STUDENTS, FULL, TABLE_STUDENTS, run_demo
+from kdpipe.stages.demo import ABLATION_STUDENTS, COMPARISON_STUDENTS, FULL, STUDENT_RUNS, TABLE_STUDENTS, run_demo
 
 #: (cached, online) pairs of the bar; (stored top-k, variant) pairs of the ablation.
 PAIRS = (("kd", "kd_online"), ("cat_kd", "cat_kd_online"), ("letkd1", "letkd1_online"),
-         ("letkd2", "letkd2_online"))
+         ("letkd2", "letkd2_online"), ("dkd", "dkd_online"), ("at", "at_online"), ("fitnet", "fitnet_online"),
+         ("simkd", "simkd_online"))
+#: --students groups: each a tuple of demo student runs
+GROUPS = {"table": TABLE_STUDENTS, "ablation": ABLATION_STUDENTS, "comparison": COMPARISON_STUDENTS,
+          "all": TABLE_STUDENTS + ABLATION_STUDENTS + COMPARISON_STUDENTS}
+
+
+def parse_students(text: str) -> tuple:
+    """Comma-separated run labels and group names (table, ablation, comparison, all), in order."""
+    chosen: list = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        for label in GROUPS.get(item, (item,)):
+            if label not in STUDENT_RUNS:
+                raise SystemExit(f"unknown student run {label!r}; choose from {', '.join(GROUPS)} or "
+                                 f"{', '.join(STUDENT_RUNS)}")
+            if label not in chosen:
+                chosen.append(label)
+    return tuple(chosen)
 ABLATION = (("letkd1_online", "letkd1_online_full"), ("letkd2_online", "letkd2_online_full"),
             ("letkd1", "letkd1_subfit"), ("letkd2", "letkd2_subfit"))
 
@@ -53,6 +75,11 @@ def compare(rows: list, pairs) -> list:
     return out
 
 
+def _present(pairs, students) -> tuple:
+    """The pairs whose two runs were both run."""
+    return tuple((a, b) for a, b in pairs if a in students and b in students)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -61,11 +88,14 @@ def main(argv=None):
     parser.add_argument("--executor", default="ray", choices=["ray", "inline"])
     parser.add_argument("--work", default="bench-out/digits")
     parser.add_argument("--out", default="bench-out/digits_accuracy.json")
+    parser.add_argument("--students", default="all",
+                        help="runs, comma-separated: labels or groups (table, ablation, comparison, all)")
     args = parser.parse_args(argv)
+    students = parse_students(args.students)
 
     seeds = tuple(int(x) for x in args.seeds.split(","))
     t0 = time.perf_counter()
-    summary = run_demo(out=args.work, students=TABLE_STUDENTS + ABLATION_STUDENTS, seeds=seeds, executor=args.executor,
+    summary = run_demo(out=args.work, students=students, seeds=seeds, executor=args.executor,
                        student_epochs=args.student_epochs, teacher_epochs=args.teacher_epochs)
     result = {
         "benchmark": "digits_accuracy",
@@ -76,8 +106,8 @@ def main(argv=None):
         "settings": summary["settings"],
         "teacher": summary["teacher"],
         "table": summary["table"],
-        "cached_vs_online": compare(summary["runs"], PAIRS),
-        "letkd_ablation": compare(summary["runs"], ABLATION),
+        "cached_vs_online": compare(summary["runs"], _present(PAIRS, students)),
+        "letkd_ablation": compare(summary["runs"], _present(ABLATION, students)),
         "runs": summary["runs"],
         "store_bytes": summary["store_bytes"],
         "wall_seconds": time.perf_counter() - t0,

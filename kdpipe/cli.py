@@ -150,6 +150,8 @@ def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
               help="Raw feature maps for cluster (penult, inter, none).")
 @click.option("--feature-views", type=click.Choice(["identity", "all"]), default="identity", show_default=True,
               help="Store the raw features of the identity view only (letKD's fit set) or of every view.")
+@click.option("--methods", default="", help="Also store what these methods read, comma-separated: at (attention "
+                                            "maps), fitnet (hint features), simkd (last map and classifier).")
 @click.option("--pad-mode", type=click.Choice(["zero", "reflect"]), default=None,
               help="Crop padding of the views (default: the data set's, zero; letKD's reference uses reflect).")
 @click.option("--shard-size", default=None, type=int, help="Samples per shard (default: about 128 MB of output).")
@@ -162,8 +164,8 @@ def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted store: skip the shards already done.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, feature_views, pad_mode, shard_size,
-                    batch_size, seed, executor, ray_address, num_workers, device, resume, overwrite):
+def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, feature_views, methods, pad_mode,
+                    shard_size, batch_size, seed, executor, ray_address, num_workers, device, resume, overwrite):
     """Stage one: run the teacher once over the data set into a Zarr store."""
     from kdpipe.pipeline.configs import ExtractConfig
     from kdpipe.stages.extract import extract_teacher as run_stage
@@ -172,6 +174,7 @@ def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, f
     sizes, native = parse_cam_res(cam_res)
     run_stage(ExtractConfig(teacher=teacher, arch=arch, data=data, out=out, split=split, views=views, cam_res=sizes,
                             native_cam=native, features=parse_features(features), feature_views=feature_views,
+                            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                             pad_mode=pad_mode, shard_size=shard_size, batch_size=batch_size, seed=seed,
                             executor=executor, ray_address=ray_address, num_workers=num_workers, device=device,
                             resume=resume, overwrite=overwrite))
@@ -228,16 +231,26 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 @click.option("--store", default=None, type=click.Path(), help="The teacher-artifact store (extract-teacher).")
 @click.option("--targets", default="default", show_default=True, help="Target set of the store (cluster --name).")
 @click.option("--student", default=None, help="Student architecture (resnet8x4, ShuffleV1, ...).")
-@click.option("--method", default=None, help="ce, kd, cat_kd, letkd1 or letkd2.")
-@click.option("--beta", type=float, default=None, help="cat_kd: CAT weight (default: the reference pair's, else 15).")
+@click.option("--method", default=None, help="ce, kd, cat_kd, letkd1, letkd2, dkd, at, fitnet or simkd.")
+@click.option("--beta", type=float, default=None,
+              help="cat_kd: CAT weight (default: the reference pair's, else 15); dkd: NCKD weight (the pair's, else 8).")
+@click.option("--alpha", type=float, default=None, help="dkd: TCKD weight (default 1).")
+@click.option("--warmup", type=int, default=None, help="dkd: epochs of the DKD loss's linear warm-up (default 20).")
+@click.option("--feat-weight", type=float, default=None,
+              help="at / fitnet / simkd: weight of the feature loss (default 1000 / 100 / 1).")
+@click.option("--p", "at_p", type=float, default=None, help="at: power p of the attention maps (default 2).")
+@click.option("--hint-layer", type=int, default=None, help="fitnet: the hint stage, mdistiller's feats index (2).")
+@click.option("--factor", type=int, default=None, help="simkd: the projector's bottleneck factor (default 2).")
+@click.option("--kd-weight", type=float, default=None, help="kd / simkd: weight of the KD term.")
 @click.option("--resolution", type=int, default=None, help="cat_kd: CAM pooling size r (default 2).")
 @click.option("--normalize/--no-normalize", default=None,
               help="cat_kd: l2-normalise pooled CAMs (default: the architecture rule).")
-@click.option("--ce-weight", type=float, default=None, help="cat_kd/kd: weight of CE (0 = CAT only).")
+@click.option("--ce-weight", type=float, default=None,
+              help="cat_kd/kd/dkd/at/fitnet/simkd: weight of CE (cat_kd: 0 = CAT only).")
 @click.option("--binarize", is_flag=True, default=None, help="cat_kd: binarise the teacher CAM before pooling.")
 @click.option("--top-n", type=int, default=None, help="cat_kd: transfer only the teacher's top-n classes' CAMs.")
 @click.option("--bottom-n", type=int, default=None, help="cat_kd: transfer only the bottom-n classes' CAMs.")
-@click.option("--temperature", type=float, default=None, help="kd: temperature T (default 4).")
+@click.option("--temperature", type=float, default=None, help="kd / dkd: temperature T (default 4).")
 @click.option("--alpha-penult", type=float, default=None, help="letkd: alpha of the penultimate KD layer.")
 @click.option("--alpha-inter", type=float, default=None, help="letkd2: alpha of the intermediate KD layer.")
 @click.option("--epochs", type=int, default=None, help="Epochs (default: the recipe's 240; lr steps scale with it).")
@@ -290,8 +303,8 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 @click.option("--print-config", is_flag=True, help="Print the resolved run configuration as JSON and exit.")
 @click.option("--wandb", default=None, metavar="PROJECT", help=_WANDB_HELP)
 @click.pass_context
-def train_student(ctx, store, targets, student, method, beta, resolution, normalize, ce_weight, binarize, top_n,
-                  bottom_n, temperature, alpha_penult, alpha_inter, epochs, lr, batch_size, views, resident,
+def train_student(ctx, store, targets, student, method, beta, alpha, warmup, feat_weight, at_p, hint_layer, factor,
+                  kd_weight, resolution, normalize, ce_weight, binarize, top_n, bottom_n, temperature, alpha_penult, alpha_inter, epochs, lr, batch_size, views, resident,
                   penult_target, seed, device, amp, resume, online_teacher, online_views, data, subset_fraction,
                   subset_seed, sweeps, executor, gpus_per_trial, cpus_per_trial, data_parallel, sync_bn,
                   loader_workers, ray_address, out, head, config_file, sets, print_config, wandb):
@@ -303,7 +316,9 @@ def train_student(ctx, store, targets, student, method, beta, resolution, normal
 
     options = {"beta": beta, "resolution": resolution, "normalize": normalize, "ce_weight": ce_weight,
                "binarize": binarize, "top_n": top_n, "bottom_n": bottom_n, "temperature": temperature,
-               "alpha_penult": alpha_penult, "alpha_inter": alpha_inter, "penult_target": penult_target}
+               "alpha_penult": alpha_penult, "alpha_inter": alpha_inter, "penult_target": penult_target,
+               "alpha": alpha, "warmup": warmup, "feat_weight": feat_weight, "p": at_p, "hint_layer": hint_layer,
+               "factor": factor, "kd_weight": kd_weight}
     fields = dict(store=store, targets=targets, student=student, method=method,
                   method_options={k: v for k, v in options.items() if v is not None}, epochs=epochs, lr=lr,
                   batch_size=batch_size, views=views, resident=resident, seed=seed, amp=amp,
@@ -445,7 +460,7 @@ def inspect(store, cams, subclasses, target, png, fidelity, teacher, data, num_s
 @click.option("--k-penult", default=None, type=int, help="Override the preset's penultimate K-means centres.")
 @click.option("--students", default=None,
               help="Student runs, comma-separated, or 'all' (ce, kd, cat_kd, letkd1, letkd2, cat_kd_online, "
-                   "letkd2_online, cat_kd_warp). Default: the first six.")
+                   "letkd2_online, cat_kd_warp, dkd, at, fitnet, simkd and their _online runs). Default: the first six.")
 def demo(out, fast, executor, seeds, teacher_epochs, student_epochs, views, k_penult, students):
     """The whole pipeline on the embedded digits data set: teacher, store, students, report.
 

@@ -324,9 +324,9 @@ def test_method_totals():
 
 
 def test_get_method_options_and_errors():
-    assert available() == ["ce", "kd", "cat_kd", "letkd1", "letkd2"]
+    assert available() == ["ce", "kd", "cat_kd", "letkd1", "letkd2", "dkd", "at", "fitnet", "simkd"]
     with pytest.raises(KdpipeError) as e:
-        get_method("fitnet")
+        get_method("crd")
     assert all(n in str(e.value) for n in available())
     with pytest.raises(KdpipeError):
         get_method("kd", beta=1.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdpipe.artifacts.integrity import CheckedArray, check_store, verify_store
-from kdpipe.artifacts.schema import MANIFEST_ATTR, SCHEMA_VERSION, SHARDS_DONE, TARGETS_GROUP
+from kdpipe.artifacts.schema import MANIFEST_ATTR, SCHEMA_VERSION, SHARDS_DONE, STATIC_GROUP, TARGETS_GROUP
 from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.artifacts.writer import _open_group, _path, store_exists
 from kdpipe.errors import DataError, StoreError
@@ -88,6 +88,7 @@ class StoreReader:
     def checked_arrays(self) -> list[str]:
         """Every array integrity covers: the extraction's and the complete target sets'."""
         names = list(self.manifest.get("arrays") or {})
+        names += [f"{STATIC_GROUP}/{name}" for name in (self.manifest.get("static") or {})]
         for target in self.target_sets():
             for short, entry in ((self.manifest["targets"][target].get("arrays")) or {}).items():
                 if entry.get("checked", True):
@@ -136,6 +137,17 @@ class StoreReader:
     def array_names(self) -> list[str]:
         """Per-sample arrays of the extraction, as recorded in the manifest."""
         return [n for n in self.manifest.get("arrays", {}) if n in self.group]
+
+    def static_names(self) -> list[str]:
+        """The whole arrays extraction wrote once (``static/<name>``), e.g. the teacher's classifier."""
+        return sorted(self.manifest.get("static") or {})
+
+    def static(self, name: str) -> np.ndarray:
+        """The whole array static/<name> as numpy (checked as every array is)."""
+        if name not in (self.manifest.get("static") or {}):
+            raise StoreError(f"The store at {self.path} has no static array {name} (it has: "
+                             f"{', '.join(self.static_names()) or 'none'}); re-extract it with the method named.")
+        return np.asarray(self.array(f"{STATIC_GROUP}/{name}")[...])
 
     def target_sets(self, include_incomplete: bool = False) -> list[str]:
         """Names of the target sets under targets/ (complete ones unless include_incomplete)."""

@@ -32,6 +32,9 @@ SCHEMA_VERSION = 2
 MANIFEST_ATTR = "kdpipe"
 SHARDS_DONE = "shards_done"
 TARGETS_GROUP = "targets"
+#: Group of the whole (not per-sample) arrays extraction writes once, e.g. the teacher's
+#: classifier for SimKD (``static/teacher/classifier_weight``); listed in manifest["static"].
+STATIC_GROUP = "static"
 
 # The upper bound on the uncompressed size of one chunk: chunk_rows is the largest divisor of
 # the shard size whose chunk stays below it (at least one sample per chunk).

@@ -47,6 +47,7 @@ from kdpipe.artifacts.schema import (
     MANIFEST_ATTR,
     SCHEMA_VERSION,
     SHARDS_DONE,
+    STATIC_GROUP,
     TARGETS_GROUP,
     ArraySpec,
     compressors,
@@ -290,6 +291,26 @@ class StoreWriter:
     def mark_incomplete(self) -> dict:
         """Driver, after a failure: record the shards done so far and leave complete false."""
         return self.update_manifest(shards_done=sorted(self.done_shards()), complete=False)
+
+    # ----- whole arrays (extraction) -------------------------------------------------------
+
+    def write_static(self, name: str, data, meaning: str = "") -> None:
+        """Write (or replace) the whole array static/<name>, with chunk digests, and record it
+        in manifest["static"] (driver only; idempotent, so a resume rewrites it)."""
+        data = _check_numeric(name, np.asarray(data))
+        full = f"{STATIC_GROUP}/{name}"
+        for old in (full, digest_name(full)):
+            if old in self.group:
+                del self.group[old]
+        shape = data.shape or (1,)
+        arr = self.group.create_array(full, shape=shape, chunks=shape, dtype=data.dtype,
+                                      compressors=compressors(data.dtype), fill_value=0, config=ARRAY_CONFIG)
+        _create_digests(self.group, full, arr)
+        self._arrays.pop(full, None)
+        self.write_rows(full, 0, data.reshape(shape))
+        m = self.manifest
+        m.setdefault("static", {})[name] = {"shape": list(shape), "dtype": data.dtype.name, "meaning": meaning}
+        self.update_manifest(static=m["static"])
 
     # ----- target sets (kdpipe cluster) ----------------------------------------------------
 

@@ -27,10 +27,22 @@ from kdpipe.engine.rows import to_torch
 from kdpipe.engine.sources import bind_kinds, kind_context
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.targets import Cam, Feature, InterSubclass, Logits, NativeCam, PenultTopk, TeacherOutputs
+from kdpipe.targets.base import needs_stages
 
 __all__ = ["store_kinds", "measure_fidelity", "FIDELITY_MODES"]
 
 FIDELITY_MODES = ("replay", "warp")
+
+
+def comparison_kinds(names) -> list:
+    """The AT, FitNet and SimKD kinds whose arrays are among ``names``."""
+    from kdpipe.targets import AttentionMaps, HintFeature, PenultMap
+
+    kinds: list = []
+    for p in sorted({n.split("/", 1)[0] for n in names if n.startswith("at_p") and "/stage" in n}):
+        kinds.append(AttentionMaps(float(p[len("at_p"):])))
+    kinds += [HintFeature(int(n[len("hint/feats"):])) for n in sorted(names) if n.startswith("hint/feats")]
+    return kinds + ([PenultMap()] if "penult_map" in names else [])
 
 
 def store_kinds(reader, target_set: str | None = None) -> list:
@@ -43,6 +55,7 @@ def store_kinds(reader, target_set: str | None = None) -> list:
         kinds.append(NativeCam())
     feature_views = (reader.manifest.get("views") or {}).get("feature_views", "identity")
     kinds += [Feature(n.split("/", 1)[1], views=feature_views) for n in sorted(names) if n.startswith("feat/")]
+    kinds += comparison_kinds(names)
     sets = reader.target_sets()
     chosen = target_set if target_set is not None else (sets[0] if len(sets) == 1 else None)
     if chosen is not None:
@@ -87,8 +100,9 @@ def _stored_rows(reader, path: str, idx: np.ndarray, view: np.ndarray | None, de
 class _TeacherOn:
     """The teacher's outputs on given samples of the data set under given view parameters."""
 
-    def __init__(self, teacher, dataset, policy, device):
+    def __init__(self, teacher, dataset, policy, device, stages: bool = False):
         self.teacher, self.dataset, self.policy, self.device = teacher, dataset, policy, device
+        self.stages = stages  # also the stage outputs (AT, FitNet kinds)
         self.labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.int64)
 
     def __call__(self, idx: np.ndarray, params: torch.Tensor) -> TeacherOutputs:
@@ -96,7 +110,7 @@ class _TeacherOn:
 
         images = self.policy.apply_images(self.dataset.get_batch(idx), params)
         x = normalize(images, self.dataset.mean, self.dataset.std).to(self.device)
-        return TeacherOutputs.of(self.teacher, x, self.labels[idx].to(self.device))
+        return TeacherOutputs.of(self.teacher, x, self.labels[idx].to(self.device), stages=self.stages)
 
 
 def _check_mode(mode: str, num_samples: int) -> None:
@@ -156,7 +170,7 @@ def measure_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int
         raise StoreError(f"Warp fidelity needs a store whose view 0 is the identity view (--views 1); "
                          f"the store at {reader.path} holds other views: use replay.")
     gen = torch.Generator().manual_seed(int(seed))
-    teacher_on = _TeacherOn(teacher.to(dev).eval(), dataset, policy, dev)
+    teacher_on = _TeacherOn(teacher.to(dev).eval(), dataset, policy, dev, stages=needs_stages(kinds))
     stats = _Stats()
     for start in range(0, n, batch_size):
         idx = chosen[start:start + batch_size]

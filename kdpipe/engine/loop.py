@@ -216,6 +216,9 @@ def _train_epoch(net, train, source, loss_fn, policy, epoch, epochs, batch_size,
     plan = source.plan(train.sample_indices, seed, epoch).shard(workers.rank, workers.world_size)
     local_batch = batch_size // workers.world_size
     source.begin_epoch(plan, local_batch)
+    begin = getattr(loss_fn, "begin_epoch", None)  # the method's epoch hook (DKD's warm-up)
+    if begin is not None:
+        begin(epoch)
     loss_buf = torch.zeros(steps_per_epoch(plan.num_samples, local_batch), dtype=torch.float32, device=device)
     part_sums: dict = {}
     correct = torch.zeros((), dtype=torch.int64, device=device)

@@ -33,7 +33,7 @@ import torch
 from kdpipe.engine import plan as plans
 from kdpipe.engine.rows import STREAM_BUFFER, ArrayUse, MemoryRows, StreamRows, choose_residency, to_torch
 from kdpipe.errors import KdpipeError, StoreError
-from kdpipe.targets.base import KindContext, TargetKind, TeacherOutputs
+from kdpipe.targets.base import KindContext, TargetKind, TeacherOutputs, needs_stages
 
 __all__ = ["TargetSource", "NoTargets", "CachedTargets", "OnlineTargets", "VIEW_MODES",
            "ONLINE_VIEWS", "resolve_target_set", "bind_kinds", "kind_context"]
@@ -245,7 +245,8 @@ class OnlineTargets(TargetSource):
 
     @torch.no_grad()
     def targets(self, batch, images_normalized, labels=None) -> dict:
-        out = TeacherOutputs.of(self.teacher, images_normalized.to(self.device), labels)
+        out = TeacherOutputs.of(self.teacher, images_normalized.to(self.device), labels,
+                                stages=needs_stages(self.kinds))
         result: dict = {}
         for kind in self.kinds:
             result.update(kind.online_targets(out))

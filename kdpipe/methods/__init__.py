@@ -1,7 +1,7 @@
 """Distillation methods: pure losses, KD layers, and the `Method` objects behind them.
 
 ``get_method(name, **options)`` builds one of ``ce``, ``kd``, ``cat_kd``, ``letkd1``,
-``letkd2``; see ``kdpipe.methods.base.Method`` for the interface.
+``letkd2`` and the comparison methods ``dkd``, ``at``, ``fitnet``, ``simkd``; see ``kdpipe.methods.base.Method`` for the interface.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ __all__ = ["get_method", "available", "Method"]
 
 
 def _registry():
+    from kdpipe.methods.at import AT
     from kdpipe.methods.cat_kd import CatKD
     from kdpipe.methods.ce import CE
+    from kdpipe.methods.dkd import DKD
+    from kdpipe.methods.fitnet import FitNet
     from kdpipe.methods.kd import KD
     from kdpipe.methods.letkd import LetKD
+    from kdpipe.methods.simkd import SimKD
 
     return {
         "ce": (CE, {}),
@@ -26,6 +30,10 @@ def _registry():
         "cat_kd": (CatKD, {}),
         "letkd1": (LetKD, {"level": 1}),
         "letkd2": (LetKD, {"level": 2}),
+        "dkd": (DKD, {}),
+        "at": (AT, {}),
+        "fitnet": (FitNet, {}),
+        "simkd": (SimKD, {}),
     }
 
 

@@ -47,8 +47,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kdpipe.errors import KdpipeError
+from kdpipe.methods.base import Method, loss_parts
+
 __all__ = ["attention_map", "at_loss", "at_loss_from_maps", "ATSettings", "REFERENCE_AT",
-           "DEFAULT_AT"]
+           "DEFAULT_AT", "AT"]
 
 
 def attention_map(feat: torch.Tensor, p: float = 2.0, size: int | None = None) -> torch.Tensor:
@@ -150,3 +153,55 @@ REFERENCE_AT: dict[tuple[str, str], ATSettings] = {
     # configs/imagenet/r50_mv1/at.yaml: mdistiller's MobileNetV1 (not in kdpipe's zoo)
     ("imagenet_resnet50", "MobileNetV1"): DEFAULT_AT,
 }
+
+
+# --------------------------------------------------------------------------- method
+def _teacher_map(targets: dict, stage: int, student_side: int) -> torch.Tensor:
+    """The stored teacher map of ``stage`` (1-based) that mdistiller's pooling rule asks for:
+    the native map where the student's side is at least the teacher's, the half-side map where
+    it is half; any other ratio is one sentence."""
+    native = targets[f"at_stage{stage}"]
+    if student_side >= native.shape[1]:
+        return native
+    half = targets[f"at_stage{stage}_half"]
+    if student_side == half.shape[1]:
+        return half
+    raise KdpipeError(f"AT stage {stage}: the student's map is {student_side} wide, the teacher's "
+                      f"{native.shape[1]}; the store holds the teacher's maps at its side and at half of it only.")
+
+
+class AT(Method):
+    """AT: total = ce_weight * CE + feat_weight * at_loss over the matched stages.
+
+    Options left None take mdistiller/engine/cfg.py's CFG.AT (``DEFAULT_AT``: p 2, feat_weight
+    1000, ce_weight 1). Stages are matched in order as mdistiller's ``zip`` does (the extra
+    stages of the deeper list are dropped)."""
+
+    name = "at"
+
+    def __init__(self, p: float | None = None, feat_weight: float | None = None, ce_weight: float | None = None):
+        if p is not None and not float(p) > 0:
+            self._bad_option("p", p, "a positive number")
+        given = {"p": p, "feat_weight": feat_weight, "ce_weight": ce_weight}
+        ref = {"p": DEFAULT_AT.p, "feat_weight": DEFAULT_AT.feat_weight, "ce_weight": DEFAULT_AT.ce_weight}
+        super().__init__(**{**ref, **{k: float(v) for k, v in given.items() if v is not None}})
+
+    def kinds(self) -> list:
+        from kdpipe.targets import AttentionMaps
+
+        return [AttentionMaps(self.options["p"])]
+
+    def prepare_student(self, student, target_set=None):
+        student.collect_stages = True
+        return student
+
+    def loss(self, logits, feats, targets, labels):
+        o = self.options
+        student = feats["stages"]
+        count = sum(1 for key in targets if key.startswith("at_stage") and not key.endswith("_half"))
+        pairs = min(len(student), count)
+        maps = [_teacher_map(targets, i + 1, student[i].shape[2]) for i in range(pairs)]
+        at = at_loss_from_maps(student[:pairs], maps, o["p"])
+        ce = F.cross_entropy(logits, labels)
+        total = o["ce_weight"] * ce + o["feat_weight"] * at
+        return total, loss_parts(ce=ce, at=at, total=total)

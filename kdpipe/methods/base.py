@@ -12,7 +12,11 @@ A method is a small object the training loop and the target sources talk to:
   (``target_set``: the store's ``kdpipe.artifacts.target_set.TargetSet`` or None);
 - ``loss(logits, feats, targets, labels) -> (total, parts)``: ``total`` a scalar tensor,
   ``parts`` a dict of detached scalar tensors (for metrics; no device sync per step);
-- ``recipe(student_arch)``: the reference training settings (docs/METHODS.md).
+- ``recipe(student_arch)``: the reference training settings (docs/METHODS.md);
+- ``begin_epoch(epoch)``: the loop's 0-based epoch before its steps (DKD's warm-up);
+- ``attach_teacher(info)``: what the store (or the online teacher) says about the teacher's
+  targets before the student is built: array row shapes, whole arrays (SimKD's classifier),
+  the image size (``TeacherInfo``).
 
 The target dict holds the keys of the method's kinds (shapes in ``kdpipe.targets``).
 """
@@ -20,12 +24,13 @@ The target dict holds the keys of the method's kinds (shapes in ``kdpipe.targets
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import torch
 
 from kdpipe.errors import KdpipeError
 
-__all__ = ["Method", "DEFAULT_TARGET_SET", "reference_recipe", "is_light_student", "loss_parts",
+__all__ = ["Method", "TeacherInfo", "DEFAULT_TARGET_SET", "reference_recipe", "is_light_student", "loss_parts",
            "dataset_family", "RECIPE_DATASETS"]
 
 #: Name of the store's target set (``targets/<name>/``) used when none is given.
@@ -83,6 +88,19 @@ def loss_parts(**terms: torch.Tensor) -> dict:
     return {name: t.detach().float().reshape(()) for name, t in terms.items()}
 
 
+@dataclass
+class TeacherInfo:
+    """The teacher's side of a student run, known before the student is built.
+
+    ``shapes``: row shape (without the sample and view axes) of each of the method's arrays;
+    ``static``: the whole arrays its kinds write once (``static/<name>``), as numpy;
+    ``image_size``: (H, W) of the training images."""
+
+    shapes: dict = field(default_factory=dict)
+    static: dict = field(default_factory=dict)
+    image_size: tuple = (32, 32)
+
+
 class Method:
     """Base class: subclasses override what they use."""
 
@@ -123,6 +141,12 @@ class Method:
     def prepare_student(self, student, target_set=None):
         """Install taps on ``student`` (a KDModel); the default installs nothing."""
         return student
+
+    def attach_teacher(self, info: TeacherInfo) -> None:
+        """Take what the method needs to know of the teacher's targets (default: nothing)."""
+
+    def begin_epoch(self, epoch: int) -> None:
+        """The loop starts 0-based ``epoch`` (default: nothing to do)."""
 
     def loss(self, logits: torch.Tensor, feats: dict, targets: dict,
              labels: torch.Tensor) -> tuple[torch.Tensor, dict]:

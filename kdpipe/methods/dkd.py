@@ -30,8 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kdpipe.methods.base import Method, loss_parts, reference_recipe
+from kdpipe.targets import Logits
+
 __all__ = ["dkd_loss", "dkd_terms", "dkd_warmup_factor", "DKDSettings", "REFERENCE_DKD",
-           "DEFAULT_DKD"]
+           "DEFAULT_DKD", "DKD"]
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -156,3 +159,56 @@ REFERENCE_DKD: dict[tuple[str, str], DKDSettings] = {
     # kdpipe's zoo does not have (imagenet_mobilenet_v2 is torchvision's MobileNetV2).
     ("imagenet_resnet50", "MobileNetV1"): DKDSettings(1.0, 2.0, 1.0, 1, 1.0),
 }
+
+
+# --------------------------------------------------------------------------- method
+class DKD(Method):
+    """DKD: total = ce_weight * CE + min(epoch / warmup, 1) * (alpha * TCKD + beta * NCKD).
+
+    Options left None take the bound pair's mdistiller config (``REFERENCE_DKD``), else
+    mdistiller/engine/cfg.py's CFG.DKD (``DEFAULT_DKD``). The epoch is mdistiller's 1-based
+    one: the loop's ``begin_epoch(e)`` sets e + 1.
+    """
+
+    name = "dkd"
+    _FIELDS = ("alpha", "beta", "temperature", "warmup", "ce_weight")
+
+    def __init__(self, alpha: float | None = None, beta: float | None = None, temperature: float | None = None,
+                 warmup: int | None = None, ce_weight: float | None = None):
+        if temperature is not None and not float(temperature) > 0:
+            self._bad_option("temperature", temperature, "a positive number")
+        if warmup is not None and (int(warmup) != float(warmup) or int(warmup) < 1):
+            self._bad_option("warmup", warmup, "a positive number of epochs")
+        given = {"alpha": alpha, "beta": beta, "temperature": temperature, "warmup": warmup, "ce_weight": ce_weight}
+        self._given = {k: (int(v) if k == "warmup" else float(v)) for k, v in given.items() if v is not None}
+        super().__init__(**self._settings(DEFAULT_DKD))
+        self._epoch = 1
+
+    def _settings(self, ref: DKDSettings) -> dict:
+        return {**{k: getattr(ref, k) for k in self._FIELDS}, **self._given}
+
+    def bind(self, teacher_arch=None, student_arch=None, dataset: str = "cifar"):
+        from kdpipe.models.registry import canonical_or_same
+
+        self.dataset = dataset
+        pair = (canonical_or_same(teacher_arch), canonical_or_same(student_arch)) if teacher_arch else None
+        self.options = self._settings(REFERENCE_DKD.get(pair, DEFAULT_DKD))
+        return self
+
+    def kinds(self) -> list:
+        return [Logits()]
+
+    def begin_epoch(self, epoch: int) -> None:
+        self._epoch = int(epoch) + 1
+
+    def loss(self, logits, feats, targets, labels):
+        o = self.options
+        ce = F.cross_entropy(logits, labels)
+        tckd, nckd = dkd_terms(logits, targets["logits"].to(logits.dtype), labels, o["temperature"])
+        dkd = o["alpha"] * tckd + o["beta"] * nckd
+        total = o["ce_weight"] * ce + dkd_warmup_factor(self._epoch, o["warmup"]) * dkd
+        return total, loss_parts(ce=ce, tckd=tckd, nckd=nckd, total=total)
+
+    def recipe(self, student_arch: str) -> dict:
+        # mdistiller configs/cifar100/dkd/*.yaml and configs/imagenet/*/dkd.yaml: its usual schedules
+        return reference_recipe(student_arch, nesterov=False, dataset=self.dataset)

@@ -33,8 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
+from kdpipe.methods.base import Method, loss_parts
 
-__all__ = ["HintRegressor", "fitnet_loss", "FitNetSettings", "DEFAULT_FITNET", "REFERENCE_FITNET"]
+__all__ = ["HintRegressor", "fitnet_loss", "FitNetSettings", "DEFAULT_FITNET", "REFERENCE_FITNET", "FitNet"]
 
 
 def _regression_conv(student_channels: int, teacher_channels: int,
@@ -105,3 +106,97 @@ DEFAULT_FITNET = FitNetSettings(hint_layer=2, feat_weight=100.0, ce_weight=1.0)
 REFERENCE_FITNET: dict[tuple[str, str], FitNetSettings] = {
     ("resnet32x4", "resnet8x4"): DEFAULT_FITNET,   # configs/cifar100/fitnet.yaml
 }
+
+
+# --------------------------------------------------------------------------- method
+def _shape(value, what: str) -> list[int] | None:
+    if value is None:
+        return None
+    shape = [int(v) for v in value]
+    if len(shape) != 3 or min(shape) < 1:
+        raise KdpipeError(f"Method 'fitnet': {what} must be [channels, height, width], got {value!r}.")
+    return shape
+
+
+class FitNet(Method):
+    """FitNet: total = ce_weight * CE + feat_weight * MSE(regressor(student hint), teacher hint).
+
+    Options left None take mdistiller/engine/cfg.py's CFG.FITNET (``DEFAULT_FITNET``:
+    hint_layer 2, feat_weight 100, ce_weight 1). ``student_hint_shape`` and
+    ``teacher_hint_shape`` ([D, h, w]) size the regressor; they are found from the store (or
+    the online teacher) and a probe of the student, and recorded so that evaluate rebuilds it.
+    The regressor is the student's submodule ``fitnet_regressor`` (trained with it, unused at
+    inference, as mdistiller's ``conv_reg``).
+    """
+
+    name = "fitnet"
+
+    def __init__(self, hint_layer: int | None = None, feat_weight: float | None = None,
+                 ce_weight: float | None = None, student_hint_shape=None, teacher_hint_shape=None):
+        if hint_layer is not None and (int(hint_layer) != float(hint_layer) or int(hint_layer) < 1):
+            self._bad_option("hint_layer", hint_layer, "a stage number (1 or more)")
+        super().__init__(
+            hint_layer=DEFAULT_FITNET.hint_layer if hint_layer is None else int(hint_layer),
+            feat_weight=DEFAULT_FITNET.feat_weight if feat_weight is None else float(feat_weight),
+            ce_weight=DEFAULT_FITNET.ce_weight if ce_weight is None else float(ce_weight),
+            student_hint_shape=_shape(student_hint_shape, "student_hint_shape"),
+            teacher_hint_shape=_shape(teacher_hint_shape, "teacher_hint_shape"))
+        self._image_size = (32, 32)
+        self._student_arch: str | None = None
+        self._regressor: HintRegressor | None = None
+
+    def bind(self, teacher_arch=None, student_arch=None, dataset: str = "cifar"):
+        self.dataset = dataset
+        self._student_arch = student_arch
+        return self
+
+    def kinds(self) -> list:
+        from kdpipe.targets import HintFeature
+
+        return [HintFeature(self.options["hint_layer"])]
+
+    def attach_teacher(self, info) -> None:
+        self._image_size = tuple(info.image_size)
+        shape = info.shapes.get(self.kinds()[0].name)
+        if shape is not None:
+            self.options["teacher_hint_shape"] = [int(s) for s in shape]
+        if self.options["student_hint_shape"] is None and self._student_arch is not None:
+            # found now, so that the run's config records it (evaluate rebuilds the regressor)
+            from kdpipe.models import build
+
+            self.options["student_hint_shape"] = self._student_hint_shape(build(self._student_arch, num_classes=10))
+
+    def _student_hint_shape(self, student) -> list[int]:
+        """[D, h, w] of the student's hint, from one forward of a zero image (eval mode)."""
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            stages = student.forward_features(torch.zeros(1, 3, *self._image_size), stages=True)[1]["stages"]
+        student.train(was_training)
+        layer = self.options["hint_layer"]
+        if layer > len(stages):
+            raise KdpipeError(f"FitNet's hint layer {layer} is past the student's {len(stages)} stages.")
+        return [int(s) for s in stages[layer - 1].shape[1:]]
+
+    def prepare_student(self, student, target_set=None):
+        o = self.options
+        if o["teacher_hint_shape"] is None:
+            raise KdpipeError("Method 'fitnet' needs the teacher's hint shape: train from a store extracted with "
+                              "--methods fitnet, or with --online-teacher.")
+        if o["student_hint_shape"] is None:
+            o["student_hint_shape"] = self._student_hint_shape(student)
+        (ds, hs, ws), (dt, ht, wt) = o["student_hint_shape"], o["teacher_hint_shape"]
+        self._regressor = HintRegressor(ds, dt, (hs, ws), (ht, wt))
+        student.fitnet_regressor = self._regressor
+        student.collect_stages = True
+        return student
+
+    def loss(self, logits, feats, targets, labels):
+        o = self.options
+        if self._regressor is None:
+            raise KdpipeError("Method 'fitnet': prepare_student must install the regressor before training.")
+        hint = feats["stages"][o["hint_layer"] - 1]
+        fit = fitnet_loss(self._regressor(hint), targets["hint"])
+        ce = F.cross_entropy(logits, labels)
+        total = o["ce_weight"] * ce + o["feat_weight"] * fit
+        return total, loss_parts(ce=ce, hint=fit, total=total)

@@ -34,13 +34,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
+from kdpipe.methods.base import Method, loss_parts
 
-__all__ = ["SimKDHead", "simkd_loss", "SimKDSettings", "DEFAULT_SIMKD"]
+__all__ = ["SimKDHead", "simkd_loss", "SimKDSettings", "DEFAULT_SIMKD", "SimKD"]
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list[nn.Module]:
@@ -144,3 +146,90 @@ class SimKDSettings:
 # factor `-f` default 2 (train_student.py), for CIFAR-100 (resnet32x4 -> resnet8x4) and
 # ImageNet (ResNet50 -> ResNet18) alike.
 DEFAULT_SIMKD = SimKDSettings(factor=2, feat_weight=1.0, ce_weight=0.0, kd_weight=0.0)
+
+
+# --------------------------------------------------------------------------- method
+class SimKD(Method):
+    """SimKD: total = feat_weight * simkd_loss (+ ce_weight * CE + kd_weight * KD on the SimKD
+    logits, both 0 in the reference's command). The student's penult map goes through the
+    projector and the teacher's classifier (``SimKDHead``, the student's ``simkd_head``), at
+    training and at inference.
+
+    The teacher's classifier and its map's side come from the store's static arrays (or the
+    online teacher) through ``attach_teacher``; ``teacher_channels`` and ``teacher_side`` are
+    recorded so that evaluate rebuilds the head (its weights then come from the checkpoint).
+    """
+
+    name = "simkd"
+
+    def __init__(self, factor: int | None = None, feat_weight: float | None = None, ce_weight: float | None = None,
+                 kd_weight: float | None = None, temperature: float = 4.0, teacher_channels: int | None = None,
+                 teacher_side: int | None = None):
+        if factor is not None and (int(factor) != float(factor) or int(factor) < 1):
+            self._bad_option("factor", factor, "a positive integer")
+        super().__init__(
+            factor=DEFAULT_SIMKD.factor if factor is None else int(factor),
+            feat_weight=DEFAULT_SIMKD.feat_weight if feat_weight is None else float(feat_weight),
+            ce_weight=DEFAULT_SIMKD.ce_weight if ce_weight is None else float(ce_weight),
+            kd_weight=DEFAULT_SIMKD.kd_weight if kd_weight is None else float(kd_weight),
+            # SimKD train_student.py --kd_T default 4, used only by a KD term (kd_weight > 0)
+            temperature=float(temperature),
+            teacher_channels=None if teacher_channels is None else int(teacher_channels),
+            teacher_side=None if teacher_side is None else int(teacher_side))
+        self._classifier: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def kinds(self) -> list:
+        from kdpipe.targets import Logits, PenultMap
+
+        return [PenultMap()] + ([Logits()] if self.options["kd_weight"] > 0 else [])
+
+    def attach_teacher(self, info) -> None:
+        from kdpipe.targets.stages import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, PENULT_SIDE
+
+        missing = [n for n in (CLASSIFIER_WEIGHT, CLASSIFIER_BIAS, PENULT_SIDE) if n not in info.static]
+        if missing:
+            raise KdpipeError(f"Method 'simkd' needs the teacher's classifier ({', '.join(missing)} missing): "
+                              "extract the store with --methods simkd, or train with --online-teacher.")
+        weight = torch.as_tensor(info.static[CLASSIFIER_WEIGHT], dtype=torch.float32)
+        self._classifier = (weight, torch.as_tensor(info.static[CLASSIFIER_BIAS], dtype=torch.float32))
+        self.options["teacher_channels"] = int(weight.shape[1])
+        self.options["teacher_side"] = int(np.asarray(info.static[PENULT_SIDE]).reshape(-1)[0])
+
+    def prepare_student(self, student, target_set=None):
+        o = self.options
+        if self._classifier is None:
+            if o["teacher_channels"] is None:
+                raise KdpipeError("Method 'simkd' needs the teacher's classifier: train from a store extracted "
+                                  "with --methods simkd, or with --online-teacher.")
+            # evaluate's rebuild: the checkpoint brings the classifier's values
+            classes = int(student.head().weight.shape[0])
+            self._classifier = (torch.zeros(classes, o["teacher_channels"]), torch.zeros(classes))
+        weight, bias = self._classifier
+        student.set_reused_head(SimKDHead(student.feature_channels()["penult"], weight.shape[1], weight, bias,
+                                          factor=o["factor"], teacher_side=o["teacher_side"]))
+        return student
+
+    def loss(self, logits, feats, targets, labels):
+        from kdpipe.methods.kd import kd_loss
+
+        o = self.options
+        feat = simkd_loss(feats["projected"], targets["penult_map"])
+        total = o["feat_weight"] * feat
+        parts = {"simkd": feat}
+        if o["ce_weight"] > 0:
+            parts["ce"] = F.cross_entropy(logits, labels)
+            total = total + o["ce_weight"] * parts["ce"]
+        if o["kd_weight"] > 0:
+            parts["kd"] = kd_loss(logits, targets["logits"].to(logits.dtype), o["temperature"])
+            total = total + o["kd_weight"] * parts["kd"]
+        return total, loss_parts(**parts, total=total)
+
+    def recipe(self, student_arch: str) -> dict:
+        from kdpipe.methods.base import reference_recipe
+
+        recipe = reference_recipe(student_arch, nesterov=False, dataset=self.dataset)
+        if self.dataset == "imagenet":
+            # DefangChen/SimKD scripts/run_distill.sh (ImageNet): batch 256, 120 epochs, lr 0.1 x0.1 at
+            # 30/60/90, weight decay 1e-4
+            recipe.update(batch_size=256, epochs=120, lr=0.1, milestones=[30, 60, 90], weight_decay=1e-4)
+        return recipe

@@ -25,6 +25,12 @@ The classifier is one of two heads (``model.head_kind``):
 
 Taps live in `self.taps`, an `nn.ModuleDict` that is empty unless a method adds a tap, so a
 plain model's state-dict keys are exactly mdistiller's (or torchvision's).
+
+Stage outputs (AT, FitNet): ``stage_points()`` lists, per family, the modules whose outputs
+are mdistiller's ``feats["feats"][1:]`` (every stage output but the stem's), with whether a
+ReLU follows outside the module (VGG). ``forward_features(x, stages=True)`` (or a model whose
+``collect_stages`` is True) adds them as ``feats["stages"]``, a list, read by forward hooks
+so the families' forwards stay as they are.
 """
 
 from __future__ import annotations
@@ -91,6 +97,8 @@ class KDModel(nn.Module):
     cam_head_init: str | None = None
     #: "linear" or "cam" (see the module docstring); ``use_cam_head`` switches it
     head_kind: str = "linear"
+    #: forward_features adds feats["stages"] by default (methods set it on their student)
+    collect_stages: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,6 +123,34 @@ class KDModel(nn.Module):
         classifier holds more than the linear layer (torchvision's MobileNetV2 has a dropout
         before it) override this."""
         return self.linear_head()(pooled)
+
+    def stage_points(self) -> list[tuple[nn.Module, bool]]:
+        """(module, relu_after) per stage: mdistiller's ``feats["feats"][1:]`` are these
+        modules' outputs (after a ReLU where relu_after). Families override it."""
+        raise KdpipeError(f"{type(self).__name__} does not list its stage outputs (AT, FitNet need them).")
+
+    def _stage_hooks(self, found: dict) -> list:
+        """Forward hooks that put stage i's output in ``found[i]`` (the last call wins)."""
+        def hook_for(index: int, relu: bool):
+            def hook(module, inputs, output):
+                found[index] = F.relu(output) if relu else output
+            return hook
+        return [module.register_forward_hook(hook_for(i, relu))
+                for i, (module, relu) in enumerate(self.stage_points())]
+
+    @property
+    def reused_head(self) -> nn.Module | None:
+        """SimKD's head (projector + the teacher's classifier), where a method installed one as
+        ``reused_head``: it then classifies the penult map instead of the model's own head, and
+        forward_features gives its projected map as feats["projected"] (no "cam")."""
+        return self._modules.get("simkd_head")
+
+    def set_reused_head(self, module: nn.Module | None) -> None:
+        """Install (or with None remove) the module ``penult -> (projected, logits)``."""
+        if module is None:
+            self._modules.pop("simkd_head", None)
+        else:
+            self.simkd_head = module
 
     # -- the classifier head ---------------------------------------------------------------
 
@@ -191,19 +227,33 @@ class KDModel(nn.Module):
         inference); their scores are dropped and, with the linear head, no CAM is computed."""
         inter = self._apply_tap("inter", self.forward_inter(x), None)
         penult = self._apply_tap("penult", self.forward_penult(inter), None)
+        if self.reused_head is not None:
+            return self.reused_head(penult)[1]
         if self.head_kind == "cam":
             return _global_pool(self.conv_test(penult))
         return self.classify_pooled(_global_pool(penult))
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_features(self, x: torch.Tensor, stages: bool | None = None) -> tuple[torch.Tensor, dict]:
         """x [B, 3, H, W] -> (logits [B, C], feats).
 
         feats: "inter" [B, Di, hi, wi] and "penult" [B, D, h, w] as the network produced
-        them (before their taps); "cam" [B, C, h, w] on the penult map after its tap: with
+        them (before their taps); with a reused head (SimKD), "projected" and no "cam"; else
+        "cam" [B, C, h, w] on the penult map after its tap: with
         the linear head, its weight applied as a 1x1 convolution without bias, so that in
         eval mode GAP(cam) + bias == logits; with the CAM head, the head's own output, and
-        logits == GAP(cam); and "<point>_scores" for each tap returning a pair.
+        logits == GAP(cam); "<point>_scores" for each tap returning a pair; with ``stages``
+        (default: ``collect_stages``) "stages", the list of stage outputs (``stage_points``).
         """
+        if stages if stages is not None else self.collect_stages:
+            found: dict = {}
+            hooks = self._stage_hooks(found)
+            try:
+                logits, feats = self.forward_features(x, stages=False)
+            finally:
+                for h in hooks:
+                    h.remove()
+            feats["stages"] = [found[i] for i in sorted(found)]
+            return logits, feats
         feats: dict[str, torch.Tensor] = {}
         inter = self.forward_inter(x)
         feats["inter"] = inter
@@ -211,6 +261,9 @@ class KDModel(nn.Module):
         penult = self.forward_penult(inter)
         feats["penult"] = penult
         penult = self._apply_tap("penult", penult, feats)
+        if self.reused_head is not None:
+            feats["projected"], logits = self.reused_head(penult)
+            return logits, feats
         if self.head_kind == "cam":
             feats["cam"] = self.conv_test(penult)
             return _global_pool(feats["cam"]), feats

@@ -66,6 +66,10 @@ class TorchvisionResNet(KDModel):
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
         return self.layer4[1:](inter)
 
+    def stage_points(self) -> list[tuple[nn.Module, bool]]:
+        # mdistiller imagenet/resnet.py feats[1:]: the (ReLU'd) outputs of layer1 ... layer4
+        return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3, self.layer4)]
+
     def linear_head(self) -> nn.Linear:
         return self.fc
 
@@ -96,6 +100,12 @@ class TorchvisionMobileNetV2(KDModel):
 
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
         return self.features[_MBV2_LAST_STAGE + 1:](inter)
+
+    def stage_points(self) -> list[tuple[nn.Module, bool]]:
+        # No reference lists torchvision MobileNetV2's stages (mdistiller's ImageNet student is a
+        # MobileNetV1); as its CIFAR MobileNetV2 does, the last block of the 24-, 32-, 96- and
+        # 320-channel groups: features[3], [6], [13], [17].
+        return [(self.features[i], False) for i in (3, 6, 13, 17)]
 
     def linear_head(self) -> nn.Linear:
         return self.classifier[1]

@@ -119,6 +119,10 @@ class MobileNetV2(KDModel):
         # ModuleList's stub types its items as Module; each is the nn.Sequential built above.
         return cast(nn.Sequential, self.blocks[_LAST_STAGE])
 
+    def stage_points(self) -> list[tuple[nn.Module, bool]]:
+        # mdistiller mobilenetv2.py feats[1:]: the outputs of blocks[1], blocks[2], blocks[4], blocks[6]
+        return [(self.blocks[i][-1], False) for i in (1, 2, 4, 6)]
+
     def linear_head(self) -> nn.Linear:
         # nn.Sequential's stub types its items as Module; item 0 is the nn.Linear built above.
         return cast(nn.Linear, self.classifier[0])

@@ -86,6 +86,10 @@ class CifarResNet(KDModel):
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
         return self.layer3[1:](inter)
 
+    def stage_points(self) -> list[tuple[nn.Module, bool]]:
+        # mdistiller resnet.py feats[1:]: the outputs of layer1, layer2, layer3 (post-ReLU)
+        return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3)]
+
     def linear_head(self) -> nn.Linear:
         return self.fc
 

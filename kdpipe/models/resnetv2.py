@@ -104,6 +104,10 @@ class CifarResNetV2(KDModel):
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
         return self.layer4[1:](inter)
 
+    def stage_points(self) -> list[tuple[nn.Module, bool]]:
+        # mdistiller resnetv2.py feats[1:]: the outputs of layer1 ... layer4
+        return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3, self.layer4)]
+
     def linear_head(self) -> nn.Linear:
         return self.linear
 

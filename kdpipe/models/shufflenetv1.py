@@ -108,6 +108,10 @@ class ShuffleNetV1(KDModel):
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
         return self.layer3[1:](inter)
 
+    def stage_points(self) -> list[tuple[nn.Module, bool]]:
+        # mdistiller ShuffleNetv1/v2.py feats[1:]: the outputs of layer1, layer2, layer3
+        return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3)]
+
     def linear_head(self) -> nn.Linear:
         return self.linear
 

@@ -82,6 +82,10 @@ class VGG(KDModel):
         x = self.pool3(inter) if inter.shape[-2] >= 8 else inter
         return F.relu(self.block4(x))
 
+    def stage_points(self) -> list[tuple[nn.Module, bool]]:
+        # mdistiller vgg.py feats[1:]: F.relu of block1 ... block4 (the ReLU is outside the blocks)
+        return [(block, True) for block in (self.block1, self.block2, self.block3, self.block4)]
+
     def linear_head(self) -> nn.Linear:
         return self.classifier
 

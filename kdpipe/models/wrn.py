@@ -100,6 +100,10 @@ class WideResNet(KDModel):
         x = self.block3.layer[1:](inter)
         return self.relu(self.bn1(x))
 
+    def stage_points(self) -> list[tuple[nn.Module, bool]]:
+        # mdistiller wrn.py feats[1:]: the outputs of block1, block2, block3 (before bn1 + ReLU)
+        return [(block.layer[-1], False) for block in (self.block1, self.block2, self.block3)]
+
     def linear_head(self) -> nn.Linear:
         return self.fc
 

@@ -193,14 +193,19 @@ REFERENCE_DEFAULTS = {
     "KD.TEMPERATURE": 4, "KD.LOSS.CE_WEIGHT": 0.1, "KD.LOSS.KD_WEIGHT": 0.9,
     # mdistiller configs/cifar100/dkd/*.yaml and mdistiller/engine/cfg.py CFG.DKD
     "DKD.CE_WEIGHT": 1.0, "DKD.ALPHA": 1.0, "DKD.BETA": 8.0, "DKD.T": 4.0, "DKD.WARMUP": 20,
+    # mdistiller/engine/cfg.py CFG.AT and CFG.FITNET (configs/cifar100/at.yaml, fitnet.yaml keep them)
+    "AT.P": 2, "AT.LOSS.CE_WEIGHT": 1.0, "AT.LOSS.FEAT_WEIGHT": 1000.0,
+    "FITNET.HINT_LAYER": 2, "FITNET.INPUT_SIZE": [32, 32], "FITNET.LOSS.CE_WEIGHT": 1.0,
+    "FITNET.LOSS.FEAT_WEIGHT": 100.0,
     "device": 0, "if_test": False, "if_Augment": False, "if_useFactor": False, "if_self_train": False,
 }
 #: Keys that only steer the reference's logging, devices and bookkeeping: recorded only.
 RECORDED_ONLY = {"EXPERIMENT.PROJECT", "EXPERIMENT.NAME", "EXPERIMENT.TAG", "DATASET.NUM_WORKERS",
                  "DATASET.TEST.BATCH_SIZE", "SOLVER.TRAINER", "LOG.TENSORBOARD_FREQ", "LOG.SAVE_CHECKPOINT_FREQ",
                  "LOG.PREFIX", "LOG.WANDB", "CAT_KD.teacher_dir", "CAT_KD.student_dir", "device", "if_test",
-                 "if_useFactor", "if_self_train"}
-_METHODS = {"CAT_KD": "cat_kd", "CAT-KD": "cat_kd", "KD": "kd", "NONE": "ce", "DKD": "dkd"}
+                 "if_useFactor", "if_self_train", "FITNET.INPUT_SIZE"}
+_METHODS = {"CAT_KD": "cat_kd", "CAT-KD": "cat_kd", "KD": "kd", "NONE": "ce", "DKD": "dkd", "AT": "at",
+            "FITNET": "fitnet"}
 # The references' ImageNet model names -> kdpipe's torchvision models. The references'
 # ImageNet "MobileNetV2" is a MobileNet-V1 (1024-channel conv_dw stack); kdpipe trains
 # torchvision's MobileNetV2 there, which the run records.
@@ -225,7 +230,7 @@ def reference_student(doc: dict, where: str) -> tuple[dict, dict]:
     unknown = sorted(set(given) - set(REFERENCE_DEFAULTS))
     if unknown:
         raise KdpipeError(f"{where} has the key {unknown[0]} that kdpipe does not know (it reads the CAT-KD / "
-                          "mdistiller keys of mdistiller/engine/cfg.py for CAT_KD, KD, DKD and the baseline).")
+                          "mdistiller keys of mdistiller/engine/cfg.py for CAT_KD, KD, DKD, AT, FITNET and the baseline).")
     v = {**REFERENCE_DEFAULTS, **given}
     if v["if_Augment"]:
         raise KdpipeError(f"{where} sets if_Augment (TrivialAugment), which kdpipe's stores do not replay.")
@@ -272,6 +277,12 @@ def _method_options(method: str, v: dict) -> dict:
     if method == "dkd":
         return {"alpha": float(v["DKD.ALPHA"]), "beta": float(v["DKD.BETA"]), "temperature": float(v["DKD.T"]),
                 "warmup": int(v["DKD.WARMUP"]), "ce_weight": float(v["DKD.CE_WEIGHT"])}
+    if method == "at":
+        return {"p": float(v["AT.P"]), "feat_weight": float(v["AT.LOSS.FEAT_WEIGHT"]),
+                "ce_weight": float(v["AT.LOSS.CE_WEIGHT"])}
+    if method == "fitnet":  # FITNET.INPUT_SIZE only sized mdistiller's regressor: kdpipe probes the images
+        return {"hint_layer": int(v["FITNET.HINT_LAYER"]), "feat_weight": float(v["FITNET.LOSS.FEAT_WEIGHT"]),
+                "ce_weight": float(v["FITNET.LOSS.CE_WEIGHT"])}
     return {}
 
 

@@ -70,6 +70,7 @@ class ExtractConfig:
     native_cam: bool = False            # also the native CAM (binarised CAT-KD), every view
     features: tuple = ("penult", "inter")
     feature_views: str = "identity"     # identity (letKD's fit set) or all
+    methods: tuple = ()                 # methods whose teacher arrays to add (at, fitnet, simkd, ...)
     pad_mode: str | None = None         # None: the data set's default (zero)
     shard_size: int | None = None
     batch_size: int = 256
@@ -84,6 +85,7 @@ class ExtractConfig:
     def __post_init__(self):
         self.cam_res = _tupled(self.cam_res)
         self.features = _tupled(self.features)
+        self.methods = _tupled(self.methods)
 
 
 @dataclass

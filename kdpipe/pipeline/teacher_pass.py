@@ -25,7 +25,7 @@ import torch
 from kdpipe import storage
 from kdpipe.errors import DataError, KdpipeError
 from kdpipe.pipeline.paths import absolute_spec
-from kdpipe.targets.base import KindContext, TargetKind, TeacherOutputs
+from kdpipe.targets.base import KindContext, TargetKind, TeacherOutputs, needs_stages
 
 __all__ = ["PassSpec", "TeacherPassWorker", "rows_to_storage", "identity_column", "absolute_spec",
            "probe_rows"]
@@ -52,7 +52,7 @@ def rows_to_storage(path: str, rows: torch.Tensor, dtype: str) -> np.ndarray:
 def probe_rows(kinds, teacher, images_normalized, labels) -> dict[str, tuple]:
     """Row shapes ``{path: shape}`` of the kinds' arrays, from the teacher on a few images."""
     with torch.inference_mode():
-        out = TeacherOutputs.of(teacher, images_normalized, labels)
+        out = TeacherOutputs.of(teacher, images_normalized, labels, stages=needs_stages(kinds))
         return {p: tuple(int(s) for s in r.shape[1:]) for k in kinds for p, r in k.online(out).items()}
 
 
@@ -114,7 +114,7 @@ class TeacherPassWorker:
         from kdpipe.data import normalize
 
         x = normalize(x, self.dataset.mean, self.dataset.std)
-        return TeacherOutputs.of(self.model, x, labels.to(self.device))
+        return TeacherOutputs.of(self.model, x, labels.to(self.device), stages=needs_stages(self.kinds))
 
     def _collect(self, out: TeacherOutputs, kinds, into: dict, rows: slice, total: int) -> None:
         for kind in kinds:

@@ -80,12 +80,41 @@ STUDENT_RUNS = {
     "letkd2_online_full": ("letkd2", {"penult_target": "full"}, "online", "replay"),
     "letkd1_subfit": ("letkd1", {}, "cached", "replay", SUBSAMPLED_SET),
     "letkd2_subfit": ("letkd2", {}, "cached", "replay", SUBSAMPLED_SET),
+    # The comparison methods of both papers, with their references' default settings
+    # (mdistiller/engine/cfg.py; SimKD's command), cached and online.
+    "dkd": ("dkd", {}, "cached", "replay"),
+    "at": ("at", {}, "cached", "replay"),
+    "fitnet": ("fitnet", {}, "cached", "replay"),
+    "simkd": ("simkd", {}, "cached", "replay"),
+    "dkd_online": ("dkd", {}, "online", "replay"),
+    "at_online": ("at", {}, "online", "replay"),
+    "fitnet_online": ("fitnet", {}, "online", "replay"),
+    "simkd_online": ("simkd", {}, "online", "replay"),
 }
 ALL_STUDENTS = tuple(STUDENT_RUNS)
 #: The runs of the digits accuracy table (benchmarks/digits_accuracy.py): cached and online.
 TABLE_STUDENTS = ("ce", "kd", "cat_kd", "letkd1", "letkd2", "kd_online", "cat_kd_online", "letkd1_online",
                   "letkd2_online", "cat_kd_warp")
 ABLATION_STUDENTS = ("letkd1_online_full", "letkd2_online_full", "letkd1_subfit", "letkd2_subfit")
+#: The comparison methods' runs of the digits table, cached and online.
+COMPARISON_STUDENTS = ("dkd", "at", "fitnet", "simkd", "dkd_online", "at_online", "fitnet_online", "simkd_online")
+
+
+def store_methods(students) -> tuple[str, ...]:
+    """The methods of ``students`` whose teacher arrays extraction must add (at, fitnet, simkd)."""
+    from kdpipe.stages.run import adds_arrays
+
+    return tuple(sorted({_run_spec(label)[0] for label in students if adds_arrays(_run_spec(label)[0])}))
+
+
+def _holds_method_arrays(reader, methods) -> bool:
+    """Whether a store holds every array the named methods' kinds read."""
+    from kdpipe.stages.extract import method_kinds
+    from kdpipe.targets.base import KindContext
+
+    names = frozenset(reader.array_names())
+    kinds = [k.bind(KindContext(available=names)) for k in method_kinds(methods)]
+    return all(k.arrays() and set(k.arrays()) <= names for k in kinds)
 
 
 def _run_spec(label: str) -> tuple:
@@ -136,7 +165,8 @@ def _teacher_stage(out: Path, s: DemoSettings, verbose: bool) -> tuple[Path, dic
     return Path(summary["checkpoint"]), record, False
 
 
-def _store_stage(store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: bool) -> tuple[Path, dict]:
+def _store_stage(store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: bool,
+                 methods: tuple = ()) -> tuple[Path, dict]:
     """Extract the teacher into the store, or reuse a complete store of this very teacher."""
     from kdpipe.artifacts import open_store, store_exists
     from kdpipe.errors import StoreError
@@ -153,19 +183,22 @@ def _store_stage(store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: 
             stored = reader.manifest.get("views", {})
             from kdpipe.data import load_dataset
 
-            if str(stored.get("mode")) == resolve_views(load_dataset(DATA, "train").policy, views):
+            same_views = str(stored.get("mode")) == resolve_views(load_dataset(DATA, "train").policy, views)
+            if same_views and _holds_method_arrays(reader, methods):
                 _say(f"reusing the store made earlier: {store} (the teacher is not run again)", verbose)
                 info["reused"] = True
                 return store, info
-            _say(f"the store at {store} holds views={stored.get('mode')}, not {views}: re-extracting", verbose)
+            why = f"views={stored.get('mode')}, not {views}" if not same_views else \
+                f"not every array of {', '.join(methods)}"
+            _say(f"the store at {store} holds {why}: re-extracting", verbose)
         except StoreError as err:
             _say(f"not reusing {store}: {err} Re-extracting.", verbose)
     _say(f"extract-teacher: {s.teacher_arch} over the {DATA} train split, views={views}, "
          f"executor={s.executor}", verbose)
     t0 = time.perf_counter()
     extract_teacher(ExtractConfig(teacher=str(ckpt), arch=s.teacher_arch, data=DATA, out=str(store), views=views,
-                                  cam_res=s.cam_res, features=("penult", "inter"), executor=s.executor,
-                                  overwrite=True), progress=verbose, verbose=verbose)
+                                  cam_res=s.cam_res, features=("penult", "inter"), methods=methods,
+                                  executor=s.executor, overwrite=True), progress=verbose, verbose=verbose)
     info["extract_seconds"] = time.perf_counter() - t0
     return store, info
 
@@ -313,7 +346,7 @@ def run_demo(out: str | Path = "kdpipe-demo", fast: bool = False, settings: Demo
     report.mkdir(parents=True, exist_ok=True)
 
     ckpt, teacher, teacher_reused = _teacher_stage(out, s, verbose)
-    store, store_info = _store_stage(out / "store.zarr", ckpt, s, s.views, verbose)
+    store, store_info = _store_stage(out / "store.zarr", ckpt, s, s.views, verbose, store_methods(s.students))
     cluster_info = _cluster_stage(store, s, store_info["reused"], verbose)
     stores = {"replay": store}
     if any(_run_spec(label)[4] == SUBSAMPLED_SET for label in s.students):

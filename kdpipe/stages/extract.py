@@ -91,14 +91,37 @@ def parse_cam_res(cam_res) -> tuple[tuple[int, ...], bool]:
     return tuple(sizes), native
 
 
+def method_kinds(methods, teacher_arch: str | None = None) -> list[TargetKind]:
+    """The kinds the teacher pass writes for the named methods (their kinds that extraction
+    writes; letKD's come from ``cluster``), each method bound to the teacher."""
+    from kdpipe.methods import get_method
+
+    kinds: list[TargetKind] = []
+    for name in methods:
+        method = get_method(name)
+        if teacher_arch is not None:
+            method.bind(teacher_arch, None)
+        kinds += [k for k in method.kinds() if k.writer == "extract" and k not in kinds]
+    return kinds
+
+
 def extraction_kinds(cfg: ExtractConfig) -> list[TargetKind]:
-    """What the teacher pass writes: logits, pooled (and native) CAMs, raw features."""
+    """What the teacher pass writes: logits, pooled (and native) CAMs, raw features, and the
+    kinds of the named methods (``--methods``) not among those."""
     kinds: list[TargetKind] = [Logits()]
     kinds += [Cam(r) for r in cfg.cam_res]
     if cfg.native_cam:
         kinds.append(NativeCam())
     kinds += [Feature(layer, views=cfg.feature_views) for layer in cfg.features]
-    return kinds
+    return kinds + [k for k in method_kinds(cfg.methods) if k not in kinds]
+
+
+def static_arrays(kinds, teacher, probe, labels) -> dict:
+    """The kinds' whole arrays (``TargetKind.static``: SimKD's teacher classifier), from the probe."""
+    from kdpipe.targets.base import TeacherOutputs, needs_stages
+
+    out = TeacherOutputs.of(teacher, probe, labels, stages=needs_stages(kinds))
+    return {name: value for kind in kinds for name, value in kind.static(teacher, out).items()}
 
 
 def auto_shard_size(bytes_per_sample: int, num_samples: int) -> int:
@@ -118,6 +141,7 @@ def _check_arguments(cfg: ExtractConfig) -> ExtractConfig:
     sizes, native = parse_cam_res(cfg.cam_res)
     cfg.cam_res, cfg.native_cam = sizes, bool(cfg.native_cam or native)
     check_executor(cfg.executor)
+    method_kinds(cfg.methods)  # an unknown method name is one sentence now
     if cfg.resume and cfg.overwrite:
         raise KdpipeError("--resume and --overwrite exclude each other: continue the store or replace it.")
     if cfg.shard_size is not None and int(cfg.shard_size) < 1:
@@ -162,6 +186,7 @@ def _store_layout(cfg, dataset, policy, teacher) -> dict:
         for path, stored in kind.storage.items():
             v = num_views if stored.views == "all" else 1
             specs.append(ArraySpec(path, (n, v) + shapes[path], stored.dtype, stored.meaning))
+    static = static_arrays(kinds, teacher, probe, labels)
     shard_size = cfg.shard_size
     if shard_size is None and cfg.resume:
         shard_size = (read_manifest(cfg.out) or {}).get("shard_size")  # continue with the store's own
@@ -183,6 +208,7 @@ def _store_layout(cfg, dataset, policy, teacher) -> dict:
                  "image_size": list(dataset.image_size)},
         views=views_entry, layers=list(cfg.features), specs=specs, shard_size=shard_size, num_samples=n)
     return {"table": table, "kinds": kinds, "specs": specs, "manifest": manifest, "shard_size": shard_size,
+            "static": static,
             "num_views": num_views, "num_classes": num_classes, "identity_index": views_entry["identity_index"]}
 
 
@@ -232,6 +258,8 @@ def extract_teacher(cfg: ExtractConfig, progress: bool = True, verbose: bool = T
         # views and labels are written by the driver (idempotent, so a resume rewrites them)
         writer.write_rows("views", 0, layout["table"])
         writer.write_rows("labels", 0, dataset.labels.astype(np.int32))
+        for name, (array, meaning) in layout["static"].items():
+            writer.write_static(name, array, meaning)
     results, seconds = run_pass(writer, spec, todo, cfg, desc=f"extract {cfg.arch}",
                                 unit_scale=layout["num_views"], progress=progress, fault=fault)
     writer.finalize()

@@ -45,7 +45,17 @@ class StorePlan:
     cam_res: set = field(default_factory=set)
     native_cam: bool = False
     features: set = field(default_factory=set)
+    methods: set = field(default_factory=set)   # the rows' methods that add arrays (at, fitnet, simkd)
     path: str = ""
+
+
+def adds_arrays(method: str) -> bool:
+    """Whether ``method`` reads teacher arrays beyond the logits, CAMs and raw features that the
+    extract section names (AT's maps, FitNet's hints, SimKD's last map)."""
+    from kdpipe.stages.extract import method_kinds
+    from kdpipe.targets import Cam, Feature, Logits, NativeCam
+
+    return any(not isinstance(k, (Logits, Cam, NativeCam, Feature)) for k in method_kinds([method]))
 
 
 def store_key(row: RowConfig, sha: str) -> tuple:
@@ -71,9 +81,14 @@ def _plan_stores(rows: list[RowConfig], stores_dir: str) -> dict:
         plan.cam_res.update(sizes)
         plan.native_cam |= bool(row.extract.get("native_cam", False) or native)
         plan.features.update(parse_features(row.extract.get("features", ("penult", "inter"))))
+        plan.methods.update(row.extract.get("methods") or ())  # named in the extract section
+        if adds_arrays(row.student.method):
+            plan.methods.add(row.student.method)
     for plan in plans.values():
         row = plan.rows[0]
         settings = [plan.key[1:], sorted(plan.cam_res), plan.native_cam, sorted(plan.features)]
+        if plan.methods:  # only then: the stores of the other rows keep their names
+            settings.append(sorted(plan.methods))
         data_name = row.data.split(":", 1)[0]
         plan.path = storage.join(stores_dir, f"{row.teacher_arch}-{plan.key[0][:8]}-{data_name}-"
                                              f"{_short_hash(settings)}.zarr")
@@ -95,10 +110,11 @@ def _ensure_store(plan: StorePlan, executor: str, say) -> dict:
         except StoreError as err:
             say(f"store {plan.path}: resuming ({err})")
             resume = True
-    extract = {k: v for k, v in row.extract.items() if k not in ("cam_res", "native_cam", "features")}
+    extract = {k: v for k, v in row.extract.items() if k not in ("cam_res", "native_cam", "features", "methods")}
     cfg = ExtractConfig(teacher=row.teacher_checkpoint, arch=row.teacher_arch, data=row.data, out=plan.path,
                         cam_res=tuple(sorted(plan.cam_res)), native_cam=plan.native_cam,
-                        features=tuple(sorted(plan.features)), resume=resume, **{**extract, "executor": executor})
+                        features=tuple(sorted(plan.features)), methods=tuple(sorted(plan.methods)), resume=resume,
+                        **{**extract, "executor": executor})
     say(f"store {plan.path}: extracting {row.teacher_arch} over {row.data}")
     extract_teacher(cfg, progress=True, verbose=False)
     return {"path": plan.path, "built": True}

@@ -40,6 +40,7 @@ from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.pipeline.configs import StudentConfig, resume_run
 from kdpipe.pipeline.paths import absolute_path
 from kdpipe.pipeline.rundir import RunDir
+from kdpipe.targets.base import KindContext
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,12 +76,19 @@ def resolved_head(cfg: StudentConfig, method) -> str:
     return head
 
 
+#: resolved method options that size a student's KD modules (recorded in config.json)
+RECORDED_SHAPES = ("student_hint_shape", "teacher_hint_shape", "teacher_channels", "teacher_side")
+
+
 def build_student_from_config(saved: dict):
     """The student of a finished run, with the KD layers of its method (for evaluate)."""
     from kdpipe.artifacts.target_set import TargetSet
     from kdpipe.models import build
 
-    m = build_method(saved["method"], saved.get("method_options"), saved.get("teacher_arch"), saved["student"],
+    options = dict(saved.get("method_options") or {})
+    # what the run learnt of the teacher to size its KD modules (FitNet's regressor, SimKD's head)
+    options.update({k: v for k, v in (saved.get("method_resolved") or {}).items() if k in RECORDED_SHAPES})
+    m = build_method(saved["method"], options, saved.get("teacher_arch"), saved["student"],
                      saved.get("recipe") or "cifar")
     model = build(saved["student"], num_classes=int(saved["num_classes"]), head=saved.get("head") or "linear")
     record = saved.get("target_set")
@@ -260,6 +268,8 @@ def resolve_student(cfg: StudentConfig) -> StudentSetup:
     target_set = None
     if method.needs_target_set:
         target_set = reader.target_set(resolve_target_set(reader, cfg.targets))
+    if method.kinds():
+        method.attach_teacher(teacher_info(method, reader, cfg, train_set, teacher_arch))
     pad_mode = (reader.manifest.get("views") or {}).get("pad_mode") if reader is not None else None
     subset = None
     if cfg.subset_fraction is not None:
@@ -270,6 +280,47 @@ def resolve_student(cfg: StudentConfig) -> StudentSetup:
                         test_set=load_dataset(cfg.data, "test"), teacher_arch=teacher_arch,
                         recipe=_recipe(method, cfg), policy=with_pad_mode(train_set.policy, pad_mode),
                         target_set=target_set, subset=subset)
+
+
+def teacher_info(method, reader, cfg: StudentConfig, train_set, teacher_arch: str | None):
+    """What ``method`` knows of the teacher before the student is built (``TeacherInfo``): from
+    the store when it holds the method's arrays, else from the online teacher on one image."""
+    from kdpipe.methods.base import TeacherInfo
+
+    kinds = [k for k in method.kinds() if k.cacheable and not k.needs_target_set]
+    if reader is not None:
+        arrays = reader.manifest.get("arrays") or {}
+        ctx = KindContext(available=frozenset(reader.array_names()))
+        paths = [p for k in kinds for p in k.bind(ctx).arrays()]
+        if paths and all(p in arrays for p in paths):
+            return TeacherInfo(shapes={p: tuple(arrays[p]["shape"][2:]) for p in paths},
+                               static={n: reader.static(n) for n in reader.static_names()},
+                               image_size=train_set.image_size)
+    if cfg.online_teacher is None:
+        return TeacherInfo(image_size=train_set.image_size)  # the cached source names what is missing
+    return _probe_teacher_info(kinds, cfg, train_set, teacher_arch)
+
+
+def _probe_teacher_info(kinds, cfg: StudentConfig, train_set, teacher_arch: str):
+    """``TeacherInfo`` from the online teacher on the first training image (identity view)."""
+    import numpy as np
+
+    from kdpipe.data import normalize
+    from kdpipe.methods.base import TeacherInfo
+    from kdpipe.models import load_teacher
+    from kdpipe.pipeline.teacher_pass import probe_rows
+    from kdpipe.targets.base import TeacherOutputs, needs_stages
+
+    teacher = load_teacher(teacher_arch, str(cfg.online_teacher), train_set.num_classes).eval()
+    policy = train_set.policy
+    images = policy.apply_images(train_set.get_batch(np.arange(1)), torch.from_numpy(policy.identity()[None]))
+    x = normalize(images, train_set.mean, train_set.std)
+    labels = torch.as_tensor(np.asarray(train_set.labels[:1]), dtype=torch.int64)
+    shapes = probe_rows(kinds, teacher, x, labels)
+    with torch.inference_mode():
+        out = TeacherOutputs.of(teacher, x, labels, stages=needs_stages(kinds))
+        static = {n: a for k in kinds for n, (a, _) in k.static(teacher, out).items()}
+    return TeacherInfo(shapes=shapes, static=static, image_size=train_set.image_size)
 
 
 # ------------------------------------------------------------------------------ building
@@ -302,8 +353,9 @@ def student_loss_fn(model, method):
     """``loss_fn(net, x, labels, targets) -> (total, parts, logits)`` of the loop (``net``: the
     loop's ``Forward``, DDP-wrapped when data-parallel)."""
     # CE and logit KD need logits only: a plain forward, as plain training of the student does.
-    needs_features = bool(len(getattr(model, "taps", ()))) or any(
-        key != "logits" for kind in method.kinds() for key in kind.target_keys)
+    needs_features = bool(len(getattr(model, "taps", ()))) or getattr(model, "collect_stages", False) or \
+        getattr(model, "reused_head", None) is not None or any(
+            key != "logits" for kind in method.kinds() for key in kind.target_keys)
 
     def loss_fn(net, x, labels, targets):
         if needs_features:
@@ -313,6 +365,7 @@ def student_loss_fn(model, method):
         total, parts = method.loss(logits, feats, targets, labels)
         return total, {k: v for k, v in parts.items() if k != "total"}, logits
 
+    loss_fn.begin_epoch = method.begin_epoch
     return loss_fn
 
 

@@ -34,7 +34,7 @@ from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.errors import KdpipeError
 
 __all__ = ["TeacherOutputs", "KindContext", "TargetKind", "StoredArray", "pool_to",
-           "warp_channels_last"]
+           "warp_channels_last", "needs_stages"]
 
 
 @dataclass
@@ -52,15 +52,16 @@ class TeacherOutputs:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, teacher, images_normalized: torch.Tensor,
-           labels: torch.Tensor | None = None) -> TeacherOutputs:
-        logits, feats = teacher.forward_features(images_normalized)
+    def of(cls, teacher, images_normalized: torch.Tensor, labels: torch.Tensor | None = None,
+           stages: bool = False) -> TeacherOutputs:
+        """``stages``: also the stage outputs, ``feats["stages"]`` (kinds with ``needs_stages``)."""
+        logits, feats = teacher.forward_features(images_normalized, stages=stages)
         return cls(logits, feats, labels)
 
     def select(self, keep: torch.Tensor) -> TeacherOutputs:
-        """The outputs of the samples where ``keep`` (bool [B]) is true."""
-        return TeacherOutputs(self.logits[keep], {k: t[keep] for k, t in self.feats.items()},
-                              None if self.labels is None else self.labels[keep])
+        """The rows ``keep`` (a boolean or index tensor) of every output (lists: of each entry)."""
+        feats = {k: [t[keep] for t in v] if isinstance(v, list) else v[keep] for k, v in self.feats.items()}
+        return TeacherOutputs(self.logits[keep], feats, None if self.labels is None else self.labels[keep])
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class TargetKind:
     writer: str | None = "extract"
     #: whether ``bind`` needs a target set
     needs_target_set: bool = False
+    #: whether ``online`` reads the teacher's stage outputs (``feats["stages"]``: AT, FitNet)
+    needs_stages: bool = False
 
     # Read-only here: a kind gives them as class attributes, or as properties where they
     # depend on its parameters (Feature's layer, Cam's r).
@@ -127,6 +130,11 @@ class TargetKind:
     def bind(self, ctx: KindContext) -> TargetKind:
         """Load what ``online``/``targets`` need from the store (default: nothing)."""
         return self
+
+    def static(self, teacher, out: TeacherOutputs) -> dict[str, tuple[np.ndarray, str]]:
+        """Whole arrays extraction writes once (``static/<name>``), from the teacher model and
+        its outputs on a probe batch: ``{name: (array, meaning)}``; most kinds have none."""
+        return {}
 
     # ------------------------------------------------------------------ computations
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
@@ -169,6 +177,11 @@ class TargetKind:
 
 
 # ------------------------------------------------------------------------------ helpers
+def needs_stages(kinds) -> bool:
+    """Whether any of ``kinds`` reads the teacher's stage outputs (``TeacherOutputs.of(stages=)``)."""
+    return any(getattr(k, "needs_stages", False) for k in kinds)
+
+
 def pool_to(x: torch.Tensor, grid) -> torch.Tensor:
     """Adaptive average pooling of [B, C, h, w] to ``grid`` (h', w'); identity when equal."""
     grid = (int(grid[0]), int(grid[1]))
