@@ -58,18 +58,29 @@ def bench_kmeans(n, d, k, niter, seed, repeats):
         res = kmeans(x, k, niter=niter, seed=seed + r, backend="faiss")
         out["faiss"].append({"seconds": time.perf_counter() - t, "objective": _objective(x, res.centers)})
         t = time.perf_counter()
-        km = KMeans(n_clusters=k, n_init=1, init="random", max_iter=niter, tol=0.0,
-                    random_state=seed + r, algorithm="lloyd").fit(x)
-        out["sklearn"].append({"seconds": time.perf_counter() - t,
-                               "objective": _objective(x, km.cluster_centers_.astype(np.float32)),
-                               "iterations": int(km.n_iter_)})
+        km = KMeans(
+            n_clusters=k, n_init=1, init="random", max_iter=niter, tol=0.0, random_state=seed + r, algorithm="lloyd"
+        ).fit(x)
+        out["sklearn"].append(
+            {
+                "seconds": time.perf_counter() - t,
+                "objective": _objective(x, km.cluster_centers_.astype(np.float32)),
+                "iterations": int(km.n_iter_),
+            }
+        )
     f_t = float(np.median([e["seconds"] for e in out["faiss"]]))
     s_t = float(np.median([e["seconds"] for e in out["sklearn"]]))
     f_o = float(np.mean([e["objective"] for e in out["faiss"]]))
     s_o = float(np.mean([e["objective"] for e in out["sklearn"]]))
-    out.update(faiss_seconds=f_t, sklearn_seconds=s_t, speedup_faiss_over_sklearn=s_t / f_t,
-               faiss_objective=f_o, sklearn_objective=s_o, objective_ratio_faiss_over_sklearn=f_o / s_o,
-               bar_met=bool(f_t <= s_t and f_o <= s_o * 1.01))
+    out.update(
+        faiss_seconds=f_t,
+        sklearn_seconds=s_t,
+        speedup_faiss_over_sklearn=s_t / f_t,
+        faiss_objective=f_o,
+        sklearn_objective=s_o,
+        objective_ratio_faiss_over_sklearn=f_o / s_o,
+        bar_met=bool(f_t <= s_t and f_o <= s_o * 1.01),
+    )
     return out
 
 
@@ -95,13 +106,21 @@ def bench_topk(n, d, k_centers, topk, seed):
     ti, tv = penult_topk_targets(feat, torch.from_numpy(centers), 1.0, topk)
     t_torch = time.perf_counter() - t
     agree = float((ti.reshape(n, topk).numpy() == idx).mean())
-    return {"n": n, "d": d, "centers": k_centers, "topk": topk, "gpu": assigner.gpu,
-            "seconds": t_kd, "vectors_per_s": n / t_kd,
-            "torch_search_vectors_per_s": n / t_tsearch,
-            "torch_full_softmax_seconds": t_torch, "torch_full_softmax_vectors_per_s": n / t_torch,
-            "index_agreement_with_torch": agree,
-            "max_abs_prob_diff_vs_torch": float(np.abs(tv.reshape(n, topk).numpy() - val).max()),
-            "retained_mass_mean": float(val.sum(1).mean())}
+    return {
+        "n": n,
+        "d": d,
+        "centers": k_centers,
+        "topk": topk,
+        "gpu": assigner.gpu,
+        "seconds": t_kd,
+        "vectors_per_s": n / t_kd,
+        "torch_search_vectors_per_s": n / t_tsearch,
+        "torch_full_softmax_seconds": t_torch,
+        "torch_full_softmax_vectors_per_s": n / t_torch,
+        "index_agreement_with_torch": agree,
+        "max_abs_prob_diff_vs_torch": float(np.abs(tv.reshape(n, topk).numpy() - val).max()),
+        "retained_mass_mean": float(val.sum(1).mean()),
+    }
 
 
 def bench_lda(sizes, d, c, chunk, seed):
@@ -124,11 +143,25 @@ def bench_lda(sizes, d, c, chunk, seed):
         secs = time.perf_counter() - t
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        rows.append({"n": n, "seconds": secs, "peak_bytes": int(peak), "vectors_per_s": n / secs,
-                     "components": int(res.max_components)})
+        rows.append(
+            {
+                "n": n,
+                "seconds": secs,
+                "peak_bytes": int(peak),
+                "vectors_per_s": n / secs,
+                "components": int(res.max_components),
+            }
+        )
     peaks = [r["peak_bytes"] for r in rows]
-    return {"d": d, "classes": c, "chunk": chunk, "runs": rows, "growth": sizes[-1] / sizes[0],
-            "peak_ratio_max_over_min": max(peaks) / min(peaks), "bar_met": bool(max(peaks) <= 1.2 * min(peaks))}
+    return {
+        "d": d,
+        "classes": c,
+        "chunk": chunk,
+        "runs": rows,
+        "growth": sizes[-1] / sizes[0],
+        "peak_ratio_max_over_min": max(peaks) / min(peaks),
+        "bar_met": bool(max(peaks) <= 1.2 * min(peaks)),
+    }
 
 
 def bench_stage(k_penults, seed, views="auto"):
@@ -145,8 +178,9 @@ def bench_stage(k_penults, seed, views="auto"):
     from kdpipe.stages.extract import extract_teacher as run_extract
 
     def extract_teacher(ckpt, arch, data, out, **kw):
-        return run_extract(ExtractConfig(teacher=ckpt, arch=arch, data=data, out=out, **kw), progress=False,
-                           verbose=False)
+        return run_extract(
+            ExtractConfig(teacher=ckpt, arch=arch, data=data, out=out, **kw), progress=False, verbose=False
+        )
 
     def cluster(store, verbose=False, **kw):
         return run_cluster(ClusterConfig(store=store, **kw), progress=False, verbose=verbose)
@@ -156,20 +190,36 @@ def bench_stage(k_penults, seed, views="auto"):
         torch.manual_seed(seed)
         torch.save({"model": build("resnet8", num_classes=10).state_dict()}, f"{tmp}/t.pth")
         t = time.perf_counter()
-        s = extract_teacher(f"{tmp}/t.pth", "resnet8", "digits", f"{tmp}/d.zarr", views=str(views), cam_res=(2,),
-                            executor="inline", device="cpu")
+        s = extract_teacher(
+            f"{tmp}/t.pth",
+            "resnet8",
+            "digits",
+            f"{tmp}/d.zarr",
+            views=str(views),
+            cam_res=(2,),
+            executor="inline",
+            device="cpu",
+        )
         out["extract_seconds"] = time.perf_counter() - t
         out["samples"] = int(s.get("samples", 0) or 0) if isinstance(s, dict) else None
         for k in k_penults:
             t = time.perf_counter()
             summ = cluster(f"{tmp}/d.zarr", name=f"k{k}", k_penult=k, executor="inline", verbose=False, seed=seed)
             secs = time.perf_counter() - t
-            out["runs"].append({"k_penult": k, "k_inter": 8, "topk": 16, "seconds": secs,
-                                "extract_seconds": out["extract_seconds"],
-                                "vectors": summ["fit_points_penult"], "phases": summ["seconds"],
-                                "kmeans_fit_points": int(summ.get("fit_points_penult") or 0) or None,
-                                "ratio_cluster_over_extract": secs / out["extract_seconds"],
-                                "bar_met": bool(secs < out["extract_seconds"])})
+            out["runs"].append(
+                {
+                    "k_penult": k,
+                    "k_inter": 8,
+                    "topk": 16,
+                    "seconds": secs,
+                    "extract_seconds": out["extract_seconds"],
+                    "vectors": summ["fit_points_penult"],
+                    "phases": summ["seconds"],
+                    "kmeans_fit_points": int(summ.get("fit_points_penult") or 0) or None,
+                    "ratio_cluster_over_extract": secs / out["extract_seconds"],
+                    "bar_met": bool(secs < out["extract_seconds"]),
+                }
+            )
     return out
 
 
@@ -186,12 +236,17 @@ def main(argv=None):
     ap.add_argument("--topk-d", type=int, default=256)
     ap.add_argument("--lda-n", type=int, default=50000, help="smallest N; runs N, 2N, 4N, 8N")
     ap.add_argument("--lda-d", type=int, default=64)
-    ap.add_argument("--stage-k", default="4096,256",
-                    help="K_penult values for the whole-stage timing on digits ('' to skip)")
+    ap.add_argument(
+        "--stage-k", default="4096,256", help="K_penult values for the whole-stage timing on digits ('' to skip)"
+    )
     ap.add_argument("--stage-views", default="8", help="views per sample of the digits store")
-    ap.add_argument("--stage-threads", type=int, default=0,
-                    help="threads for the whole-stage part (0, default: the library defaults, as "
-                         "`kdpipe extract-teacher` and `kdpipe cluster` run)")
+    ap.add_argument(
+        "--stage-threads",
+        type=int,
+        default=0,
+        help="threads for the whole-stage part (0, default: the library defaults, as "
+        "`kdpipe extract-teacher` and `kdpipe cluster` run)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
@@ -204,17 +259,26 @@ def main(argv=None):
     t0 = time.perf_counter()
     with threadpool_limits(a.threads):
         km = bench_kmeans(a.kmeans_n, a.kmeans_d, a.kmeans_k, a.niter, a.seed, a.repeats)
-        print(f"kmeans  n={km['n']} d={km['d']} K={km['k']} {km['niter']} it: faiss {km['faiss_seconds']:.2f} s "
-              f"obj {km['faiss_objective']:.4f} | sklearn {km['sklearn_seconds']:.2f} s obj {km['sklearn_objective']:.4f}"
-              f" -> faiss x{km['speedup_faiss_over_sklearn']:.2f}, bar {'met' if km['bar_met'] else 'NOT met'}")
+        print(
+            f"kmeans  n={km['n']} d={km['d']} K={km['k']} {km['niter']} it: faiss {km['faiss_seconds']:.2f} s "
+            f"obj {km['faiss_objective']:.4f} | sklearn {km['sklearn_seconds']:.2f} s obj {km['sklearn_objective']:.4f}"
+            f" -> faiss x{km['speedup_faiss_over_sklearn']:.2f}, bar {'met' if km['bar_met'] else 'NOT met'}"
+        )
         tk = bench_topk(a.topk_n, a.topk_d, 4096, 16, a.seed)
-        print(f"top-16 over 4096 centres, d={tk['d']}: {tk['vectors_per_s']:.0f} vectors/s "
-              f"(search='torch' {tk['torch_search_vectors_per_s']:.0f}/s; letkd full softmax {tk['torch_full_softmax_vectors_per_s']:.0f}/s; agreement {tk['index_agreement_with_torch']:.4f})")
+        print(
+            f"top-16 over 4096 centres, d={tk['d']}: {tk['vectors_per_s']:.0f} vectors/s "
+            f"(search='torch' {tk['torch_search_vectors_per_s']:.0f}/s; "
+            f"letkd full softmax {tk['torch_full_softmax_vectors_per_s']:.0f}/s; "
+            f"agreement {tk['index_agreement_with_torch']:.4f})"
+        )
         sizes = [a.lda_n * m for m in (1, 2, 4, 8)]
         ld = bench_lda(sizes, a.lda_d, 10, 4096, a.seed)
         for r in ld["runs"]:
             print(f"LDA n={r['n']:>8}: {r['seconds']:.2f} s, peak {r['peak_bytes'] / 2**20:.2f} MiB")
-        print(f"LDA peak max/min over 8x N: {ld['peak_ratio_max_over_min']:.3f}, bar {'met' if ld['bar_met'] else 'NOT met'}")
+        print(
+            f"LDA peak max/min over 8x N: {ld['peak_ratio_max_over_min']:.3f}, "
+            f"bar {'met' if ld['bar_met'] else 'NOT met'}"
+        )
     st = None
     ks = [int(k) for k in a.stage_k.split(",") if k.strip()]
     if ks:
@@ -224,18 +288,31 @@ def main(argv=None):
         with threadpool_limits(sth or None):
             st = bench_stage(ks, a.seed, a.stage_views)
         st["threads"] = sth or "library defaults"
-        print(f"digits extract (resnet8, {st['views']} views, {st.get('samples')} samples): "
-              f"{st['extract_seconds']:.2f} s")
+        print(
+            f"digits extract (resnet8, {st['views']} views, {st.get('samples')} samples): {st['extract_seconds']:.2f} s"
+        )
         for r in st["runs"]:
-            print(f"  cluster K_penult={r['k_penult']}: {r['seconds']:.2f} s "
-                  f"(x{r['ratio_cluster_over_extract']:.2f} of extract; bar {'met' if r['bar_met'] else 'NOT met'}); "
-                  f"phases " + ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items()))
+            print(
+                f"  cluster K_penult={r['k_penult']}: {r['seconds']:.2f} s "
+                f"(x{r['ratio_cluster_over_extract']:.2f} of extract; bar {'met' if r['bar_met'] else 'NOT met'}); "
+                f"phases " + ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
+            )
     out = {
-        "benchmark": "cluster", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "threads": a.threads, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                                          "python": platform.python_version(), "faiss": faiss.__version__,
-                                          "torch": torch.__version__},
-        "kmeans": km, "topk": tk, "lda": ld, "stage_digits": st, "total_seconds": time.perf_counter() - t0,
+        "benchmark": "cluster",
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "threads": a.threads,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "faiss": faiss.__version__,
+            "torch": torch.__version__,
+        },
+        "kmeans": km,
+        "topk": tk,
+        "lda": ld,
+        "stage_digits": st,
+        "total_seconds": time.perf_counter() - t0,
     }
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:

@@ -60,9 +60,14 @@ def peak_rss_bytes() -> dict:
 
 
 def machine() -> dict:
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
 
 
 def write_json(path, result: dict, argv=None, script: str = "") -> Path:

@@ -39,12 +39,23 @@ from kdpipe.pipeline.report import mean_std
 from kdpipe.stages.demo import ABLATION_STUDENTS, COMPARISON_STUDENTS, FULL, STUDENT_RUNS, TABLE_STUDENTS, run_demo
 
 #: (cached, online) pairs of the bar; (stored top-k, variant) pairs of the ablation.
-PAIRS = (("kd", "kd_online"), ("cat_kd", "cat_kd_online"), ("letkd1", "letkd1_online"),
-         ("letkd2", "letkd2_online"), ("dkd", "dkd_online"), ("at", "at_online"), ("fitnet", "fitnet_online"),
-         ("simkd", "simkd_online"))
+PAIRS = (
+    ("kd", "kd_online"),
+    ("cat_kd", "cat_kd_online"),
+    ("letkd1", "letkd1_online"),
+    ("letkd2", "letkd2_online"),
+    ("dkd", "dkd_online"),
+    ("at", "at_online"),
+    ("fitnet", "fitnet_online"),
+    ("simkd", "simkd_online"),
+)
 #: --students groups: each a tuple of demo student runs
-GROUPS = {"table": TABLE_STUDENTS, "ablation": ABLATION_STUDENTS, "comparison": COMPARISON_STUDENTS,
-          "all": TABLE_STUDENTS + ABLATION_STUDENTS + COMPARISON_STUDENTS}
+GROUPS = {
+    "table": TABLE_STUDENTS,
+    "ablation": ABLATION_STUDENTS,
+    "comparison": COMPARISON_STUDENTS,
+    "all": TABLE_STUDENTS + ABLATION_STUDENTS + COMPARISON_STUDENTS,
+}
 
 
 def parse_students(text: str) -> tuple:
@@ -53,13 +64,20 @@ def parse_students(text: str) -> tuple:
     for item in (x.strip() for x in text.split(",") if x.strip()):
         for label in GROUPS.get(item, (item,)):
             if label not in STUDENT_RUNS:
-                raise SystemExit(f"unknown student run {label!r}; choose from {', '.join(GROUPS)} or "
-                                 f"{', '.join(STUDENT_RUNS)}")
+                raise SystemExit(
+                    f"unknown student run {label!r}; choose from {', '.join(GROUPS)} or {', '.join(STUDENT_RUNS)}"
+                )
             if label not in chosen:
                 chosen.append(label)
     return tuple(chosen)
-ABLATION = (("letkd1_online", "letkd1_online_full"), ("letkd2_online", "letkd2_online_full"),
-            ("letkd1", "letkd1_subfit"), ("letkd2", "letkd2_subfit"))
+
+
+ABLATION = (
+    ("letkd1_online", "letkd1_online_full"),
+    ("letkd2_online", "letkd2_online_full"),
+    ("letkd1", "letkd1_subfit"),
+    ("letkd2", "letkd2_subfit"),
+)
 
 
 def compare(rows: list, pairs) -> list:
@@ -70,8 +88,18 @@ def compare(rows: list, pairs) -> list:
         ma, sa = mean_std([r["final_top1"] for r in rows if r["label"] == a])
         mb, sb = mean_std([r["final_top1"] for r in rows if r["label"] == b])
         diff = ma - mb
-        out.append({"a": a, "b": b, "a_mean": ma, "a_std": sa, "b_mean": mb, "b_std": sb, "difference": diff,
-                    "within_noise": bool(abs(diff) < max(sa, sb) or abs(diff) < 1.0)})
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "a_mean": ma,
+                "a_std": sa,
+                "b_mean": mb,
+                "b_std": sb,
+                "difference": diff,
+                "within_noise": bool(abs(diff) < max(sa, sb) or abs(diff) < 1.0),
+            }
+        )
     return out
 
 
@@ -88,21 +116,32 @@ def main(argv=None):
     parser.add_argument("--executor", default="ray", choices=["ray", "inline"])
     parser.add_argument("--work", default="bench-out/digits")
     parser.add_argument("--out", default="bench-out/digits_accuracy.json")
-    parser.add_argument("--students", default="all",
-                        help="runs, comma-separated: labels or groups (table, ablation, comparison, all)")
+    parser.add_argument(
+        "--students", default="all", help="runs, comma-separated: labels or groups (table, ablation, comparison, all)"
+    )
     args = parser.parse_args(argv)
     students = parse_students(args.students)
 
     seeds = tuple(int(x) for x in args.seeds.split(","))
     t0 = time.perf_counter()
-    summary = run_demo(out=args.work, students=students, seeds=seeds, executor=args.executor,
-                       student_epochs=args.student_epochs, teacher_epochs=args.teacher_epochs)
+    summary = run_demo(
+        out=args.work,
+        students=students,
+        seeds=seeds,
+        executor=args.executor,
+        student_epochs=args.student_epochs,
+        teacher_epochs=args.teacher_epochs,
+    )
     result = {
         "benchmark": "digits_accuracy",
         "command": "python benchmarks/digits_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "device": "cpu"},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "device": "cpu",
+        },
         "settings": summary["settings"],
         "teacher": summary["teacher"],
         "table": summary["table"],

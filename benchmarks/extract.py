@@ -45,7 +45,6 @@ import time
 
 import numpy as np
 import torch
-
 from common import calibrated_teacher
 
 
@@ -77,8 +76,12 @@ def main(argv=None):
     p.add_argument("--cam-res", default="2")
     p.add_argument("--features", default="penult,inter")
     p.add_argument("--out", default="bench-out/extract.json")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of this process (bare and inline); default: torch's own choice")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of this process (bare and inline); default: torch's own choice",
+    )
     p.add_argument("--repeats", type=int, default=2, help="rounds of bare / inline / Ray, alternating")
     p.add_argument("--skip-ray", action="store_true")
     args = p.parse_args(argv)
@@ -87,14 +90,15 @@ def main(argv=None):
 
     from kdpipe.data import load_dataset
     from kdpipe.models import build, load_teacher
-    from kdpipe.pipeline.executor import ray_cluster
     from kdpipe.pipeline.configs import ExtractConfig
+    from kdpipe.pipeline.executor import ray_cluster
     from kdpipe.stages.extract import extract_teacher as run_extract
     from kdpipe.views import resolve_views, view_table
 
     def extract_teacher(ckpt, arch, data, out, progress=False, verbose=False, **kw):
-        return run_extract(ExtractConfig(teacher=ckpt, arch=arch, data=data, out=out, **kw), progress=progress,
-                           verbose=verbose)
+        return run_extract(
+            ExtractConfig(teacher=ckpt, arch=arch, data=data, out=out, **kw), progress=progress, verbose=verbose
+        )
 
     data = f"synthetic:n={args.n},classes={args.classes},size=32,seed=0"
     work = tempfile.mkdtemp(prefix="kdpipe-bench-extract-")
@@ -126,9 +130,15 @@ def main(argv=None):
         from kdpipe.stages.extract import parse_cam_res, parse_features
 
         sizes, native = parse_cam_res(args.cam_res)
-        common = dict(views=args.views, cam_res=sizes, native_cam=native, features=parse_features(args.features),
-                      shard_size=args.shard_size,
-                      batch_size=args.batch_size, overwrite=True)
+        common = dict(
+            views=args.views,
+            cam_res=sizes,
+            native_cam=native,
+            features=parse_features(args.features),
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            overwrite=True,
+        )
         inline_runs, ray_runs, ray_start = [], [], None
         ray_ctx = contextlib.nullcontext() if args.skip_ray else ray_cluster(num_cpus=os.cpu_count())
         t0 = time.perf_counter()
@@ -137,20 +147,32 @@ def main(argv=None):
             for rnd in range(args.repeats):
                 # alternate bare / inline / Ray so a change in machine load hits all of them
                 measure_bare(f"round {rnd + 1}")
-                inline = extract_teacher(ckpt, args.arch, data, os.path.join(work, "inline.zarr"),
-                                         executor="inline", **common)
+                inline = extract_teacher(
+                    ckpt, args.arch, data, os.path.join(work, "inline.zarr"), executor="inline", **common
+                )
                 inline_runs.append(inline)
-                print(f"inline {inline['img_per_s']:8.1f} img/s  ({threads} torch threads; store "
-                      f"{inline['bytes_stored'] / 2**20:.1f} MiB, compression {inline['compression_ratio']:.2f}x; "
-                      f"compute {inline['compute_s']:.1f} s, write {inline['write_s']:.1f} s of "
-                      f"{inline['shard_seconds']:.1f} s)")
+                print(
+                    f"inline {inline['img_per_s']:8.1f} img/s  ({threads} torch threads; store "
+                    f"{inline['bytes_stored'] / 2**20:.1f} MiB, compression {inline['compression_ratio']:.2f}x; "
+                    f"compute {inline['compute_s']:.1f} s, write {inline['write_s']:.1f} s of "
+                    f"{inline['shard_seconds']:.1f} s)"
+                )
                 if not args.skip_ray:
-                    res = extract_teacher(ckpt, args.arch, data, os.path.join(work, "ray.zarr"), executor="ray",
-                                          num_workers=args.workers, **common)
+                    res = extract_teacher(
+                        ckpt,
+                        args.arch,
+                        data,
+                        os.path.join(work, "ray.zarr"),
+                        executor="ray",
+                        num_workers=args.workers,
+                        **common,
+                    )
                     ray_runs.append(res)
-                    print(f"ray    {res['img_per_s']:8.1f} img/s  (without actor start-up {res['busy_img_per_s']:.1f}; "
-                          f"{args.workers} workers x {max(1, os.cpu_count() // args.workers)} thread(s); "
-                          f"Ray start-up {ray_start:.1f} s not counted)")
+                    print(
+                        f"ray    {res['img_per_s']:8.1f} img/s  (without actor start-up {res['busy_img_per_s']:.1f}; "
+                        f"{args.workers} workers x {max(1, os.cpu_count() // args.workers)} thread(s); "
+                        f"Ray start-up {ray_start:.1f} s not counted)"
+                    )
         measure_bare("after")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -171,35 +193,66 @@ def main(argv=None):
         vals = [r[key] for r in runs if r.get(key)]
         return round(sum(vals) / len(vals), 2) if vals else None
 
-    inline = dict(inline_runs[-1], img_per_s=mean(inline_runs, "img_per_s"),
-                  busy_img_per_s=mean(inline_runs, "busy_img_per_s"))
-    ray_res = None if not ray_runs else dict(ray_runs[-1], img_per_s=mean(ray_runs, "img_per_s"),
-                                              busy_img_per_s=mean(ray_runs, "busy_img_per_s"))
+    inline = dict(
+        inline_runs[-1], img_per_s=mean(inline_runs, "img_per_s"), busy_img_per_s=mean(inline_runs, "busy_img_per_s")
+    )
+    ray_res = (
+        None
+        if not ray_runs
+        else dict(ray_runs[-1], img_per_s=mean(ray_runs, "img_per_s"), busy_img_per_s=mean(ray_runs, "busy_img_per_s"))
+    )
     result = {
         "benchmark": "extract",
         "command": "python benchmarks/extract.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-                    "platform": platform.platform(), "cuda": torch.cuda.is_available(),
-                    "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-        "config": {"arch": args.arch, "classes": args.classes, "images": images, "samples": args.n,
-                   "views": args.views, "batch_size": args.batch_size, "shard_size": args.shard_size,
-                   "ray_workers": args.workers, "cam_res": args.cam_res, "features": args.features},
-        "bare_img_per_s": {str(t): {"runs": [round(x, 2) for x in r], "mean": round(sum(r) / len(r), 2)}
-                           for t, r in bare_runs.items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": threads,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "cuda": torch.cuda.is_available(),
+            "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "config": {
+            "arch": args.arch,
+            "classes": args.classes,
+            "images": images,
+            "samples": args.n,
+            "views": args.views,
+            "batch_size": args.batch_size,
+            "shard_size": args.shard_size,
+            "ray_workers": args.workers,
+            "cam_res": args.cam_res,
+            "features": args.features,
+        },
+        "bare_img_per_s": {
+            str(t): {"runs": [round(x, 2) for x in r], "mean": round(sum(r) / len(r), 2)} for t, r in bare_runs.items()
+        },
         "inline_img_per_s_runs": [r["img_per_s"] for r in inline_runs],
         "ray_img_per_s_runs": [r["img_per_s"] for r in ray_runs],
-        "inline": {"img_per_s": inline["img_per_s"], "busy_img_per_s": inline["busy_img_per_s"],
-                   "torch_threads": threads, "wall_s": inline["wall_s"],
-                   "shard_seconds": inline["shard_seconds"], "compute_s": inline["compute_s"],
-                   "write_s": inline["write_s"], "bytes_stored": inline["bytes_stored"],
-                   "bytes_raw": inline["bytes_raw"], "compression_ratio": inline["compression_ratio"]},
-        "ray": None if ray_res is None else {"img_per_s": ray_res["img_per_s"], "workers": args.workers,
-                                             "busy_img_per_s": ray_res["busy_img_per_s"],
-                                             "wall_s": ray_res["wall_s"],
-                                             "shard_seconds": ray_res["shard_seconds"],
-                                             "compute_s_all_workers": ray_res["compute_s"],
-                                             "write_s_all_workers": ray_res["write_s"],
-                                             "ray_startup_s": round(ray_start, 2)},
+        "inline": {
+            "img_per_s": inline["img_per_s"],
+            "busy_img_per_s": inline["busy_img_per_s"],
+            "torch_threads": threads,
+            "wall_s": inline["wall_s"],
+            "shard_seconds": inline["shard_seconds"],
+            "compute_s": inline["compute_s"],
+            "write_s": inline["write_s"],
+            "bytes_stored": inline["bytes_stored"],
+            "bytes_raw": inline["bytes_raw"],
+            "compression_ratio": inline["compression_ratio"],
+        },
+        "ray": None
+        if ray_res is None
+        else {
+            "img_per_s": ray_res["img_per_s"],
+            "workers": args.workers,
+            "busy_img_per_s": ray_res["busy_img_per_s"],
+            "wall_s": ray_res["wall_s"],
+            "shard_seconds": ray_res["shard_seconds"],
+            "compute_s_all_workers": ray_res["compute_s"],
+            "write_s_all_workers": ray_res["write_s"],
+            "ray_startup_s": round(ray_start, 2),
+        },
         # Headline ratios: per round, extraction over the bare loop measured in the same round
         # (inline: same thread count; Ray: the round's best bare thread count); median over rounds.
         "paired_ratio_inline_vs_bare_runs": [round(x, 3) for x in paired_inline],
@@ -213,17 +266,20 @@ def main(argv=None):
         "unpaired_ratio_inline_vs_best_bare": round(inline["img_per_s"] / bare_best, 3),
         "unpaired_ratio_ray_vs_best_bare": None if ray_res is None else round(ray_res["img_per_s"] / bare_best, 3),
         # Ray vs. W independent 1-thread bare loops (perfect scaling of its worker configuration)
-        "ray_parallel_efficiency": None if ray_res is None else
-        round(ray_res["img_per_s"] / (args.workers * bare_mean[1]), 3),
+        "ray_parallel_efficiency": None
+        if ray_res is None
+        else round(ray_res["img_per_s"] / (args.workers * bare_mean[1]), 3),
         "bar": 0.8,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"paired per round: inline/bare {result['ratio_inline_vs_bare']:.3f} {paired_inline}, "
-          f"ray/bare {result['ratio_ray_vs_bare']} (busy {result['ratio_ray_busy_vs_bare']}); unpaired inline/best bare "
-          f"{result['unpaired_ratio_inline_vs_best_bare']:.3f}; ray efficiency {result['ray_parallel_efficiency']}  "
-          f"-> {args.out}")
+    print(
+        f"paired per round: inline/bare {result['ratio_inline_vs_bare']:.3f} {paired_inline}, "
+        f"ray/bare {result['ratio_ray_vs_bare']} (busy {result['ratio_ray_busy_vs_bare']}); unpaired inline/best bare "
+        f"{result['unpaired_ratio_inline_vs_best_bare']:.3f}; ray efficiency {result['ray_parallel_efficiency']}  "
+        f"-> {args.out}"
+    )
     return result
 
 

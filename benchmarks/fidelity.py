@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from kdpipe.artifacts import open_store
-from kdpipe.models import load_teacher
 from kdpipe.engine.fidelity import measure_fidelity
+from kdpipe.models import load_teacher
 from kdpipe.stages.inspect import _dataset_for, _store_policy
 
 
@@ -33,26 +33,35 @@ def main(argv=None):
     parser.add_argument("--out", default="bench-out/fidelity.json")
     args = parser.parse_args(argv)
 
-    result = {"benchmark": "fidelity", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "num_samples": args.num_samples}
+    result = {
+        "benchmark": "fidelity",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "num_samples": args.num_samples,
+    }
     for mode, path in (("replay", args.replay_store), ("warp", args.warp_store)):
         reader = open_store(path)
         reader.check_teacher(args.teacher)
         t = reader.manifest["teacher"]
         teacher = load_teacher(t["arch"], args.teacher, int(t["num_classes"]))
         dataset = _dataset_for(reader)
-        result[mode] = {"store": str(path), "num_views": reader.num_views,
-                        "artifacts": measure_fidelity(reader, teacher, dataset, args.num_samples, seed=0, mode=mode,
-                                                      policy=_store_policy(reader, dataset))}
+        result[mode] = {
+            "store": str(path),
+            "num_views": reader.num_views,
+            "artifacts": measure_fidelity(
+                reader, teacher, dataset, args.num_samples, seed=0, mode=mode, policy=_store_policy(reader, dataset)
+            ),
+        }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     names = list(result["replay"]["artifacts"])
     print(f"{'artifact':<14} {'replay cos':>10} {'replay err':>10} {'warp cos':>9} {'warp err':>9}")
     for name in names:
         r, w = result["replay"]["artifacts"][name], result["warp"]["artifacts"].get(name, {})
-        print(f"{name:<14} {r['cosine']:>10.4f} {r['rel_error']:>10.4f} {w.get('cosine', float('nan')):>9.4f} "
-              f"{w.get('rel_error', float('nan')):>9.4f}")
+        print(
+            f"{name:<14} {r['cosine']:>10.4f} {r['rel_error']:>10.4f} {w.get('cosine', float('nan')):>9.4f} "
+            f"{w.get('rel_error', float('nan')):>9.4f}"
+        )
     print(f"wrote {args.out}")
 
 

@@ -23,16 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import machine, write_json
 
-from kdpipe.data import load_dataset
-from kdpipe.data import loader
+from kdpipe.data import load_dataset, loader
 from kdpipe.data.imagefolder import crop_view, open_rgb, read_image_sizes
 
 # ImageNet's common shapes (H, W): most train images are 375x500 or 500x375/333; some square.
-IMAGENET_LIKE_SIZES = [(375, 500)] * 5 + [(500, 375), (333, 500), (500, 500), (400, 600),
-                                          (480, 640)]
+IMAGENET_LIKE_SIZES = [(375, 500)] * 5 + [(500, 375), (333, 500), (500, 500), (400, 600), (480, 640)]
 CLASSES = 10
 
 
@@ -71,14 +68,14 @@ def _time_views(dataset, batches, workers: int) -> dict:
         count += images.shape[0]
     end = time.perf_counter()
     steady_images = count - batches[0][0].shape[0]
-    return {"seconds": end - start, "images": count,
-            "steady_seconds": end - first, "steady_images": steady_images}
+    return {"seconds": end - start, "images": count, "steady_seconds": end - first, "steady_images": steady_images}
 
 
 def _time_test(dataset, batch_size: int, workers: int) -> float:
     start = time.perf_counter()
-    count = sum(images.shape[0] for _, images in
-                loader.test_batches(dataset, np.arange(len(dataset)), batch_size, workers))
+    count = sum(
+        images.shape[0] for _, images in loader.test_batches(dataset, np.arange(len(dataset)), batch_size, workers)
+    )
     return count / (time.perf_counter() - start)
 
 
@@ -93,8 +90,7 @@ def _split_per_image(dataset, params: np.ndarray, count: int) -> dict:
         t2 = time.perf_counter()
         decode.append(t1 - t0)
         transform.append(t2 - t1)
-    return {"decode_ms": 1e3 * statistics.median(decode),
-            "crop_resize_ms": 1e3 * statistics.median(transform)}
+    return {"decode_ms": 1e3 * statistics.median(decode), "crop_resize_ms": 1e3 * statistics.median(transform)}
 
 
 def main(argv=None) -> dict:
@@ -120,8 +116,10 @@ def main(argv=None) -> dict:
 
         params = dataset.policy.sample(0, np.arange(len(dataset)), 1, sizes=sizes)[:, 0]
         order = np.random.default_rng(0).permutation(len(dataset))
-        batches = [(order[s:s + args.batch_size], params[order[s:s + args.batch_size]])
-                   for s in range(0, len(order), args.batch_size)]
+        batches = [
+            (order[s : s + args.batch_size], params[order[s : s + args.batch_size]])
+            for s in range(0, len(order), args.batch_size)
+        ]
         list(loader.view_batches(dataset, batches[:1], workers=0))  # warm the page cache
 
         runs: dict[int, list[dict]] = {w: [] for w in args.workers}
@@ -144,7 +142,8 @@ def main(argv=None) -> dict:
         entry["ratio_to_first"] = entry["images_per_s"] / base
     result = {
         "what": "view_batches images/s (RandomResizedCrop 224 + flip, PIL) vs DataLoader workers",
-        "images": len(dataset), "batch_size": args.batch_size,
+        "images": len(dataset),
+        "batch_size": args.batch_size,
         "image_sizes_hxw": sorted({f"{h}x{w}" for h, w in sizes.tolist()}),
         "views": views,
         "test_views_images_per_s": {str(w): r for w, r in test_rates.items()},
@@ -153,12 +152,14 @@ def main(argv=None) -> dict:
         "header_scan_seconds_for_1281167_images_one_process": header_us * 1e-6 * 1281167,
         "machine": machine(),
         "note": "CPU-bound; this machine has 2 shared cores, so more than 1-2 workers cannot "
-                "help here. Ratios are within one interleaved run.",
+        "help here. Ratios are within one interleaved run.",
     }
     path = write_json(args.out, result, argv, script="imagefolder_loading.py")
     for workers, entry in views.items():
-        print(f"workers {workers}: {entry['images_per_s']:.1f} images/s "
-              f"(steady {entry['steady_images_per_s']:.1f}, x{entry['ratio_to_first']:.2f})")
+        print(
+            f"workers {workers}: {entry['images_per_s']:.1f} images/s "
+            f"(steady {entry['steady_images_per_s']:.1f}, x{entry['ratio_to_first']:.2f})"
+        )
     print(f"header scan: {header_us:.1f} us/image; per image in-process: {split}")
     print(f"wrote {path}")
     return result

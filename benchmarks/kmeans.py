@@ -4,9 +4,10 @@ torch on CUDA where there is a GPU).
 Every backend fits the same float32 data (seeded Gaussian blobs) with the same K, the same
 number of iterations and the same initial centres (``initial_centers(x, K, seed)``: faiss's
 rule, a seeded sample of K vectors; faiss's own generator would draw another sample, and a
-different start is a different local minimum, which would blur the comparison); runs are interleaved (the backend order rotates each
-repeat) so a machine whose load changes during the run affects every backend alike. Reported per
-backend and K: wall time of the fit (median over repeats) and the final objective, the sum of
+different start is a different local minimum, which would blur the comparison); runs are
+interleaved (the backend order rotates each repeat) so a machine whose load changes during
+the run affects every backend alike. Reported per backend and K: wall time of the fit (median
+over repeats) and the final objective, the sum of
 squared distances of every vector to its nearest final centre, computed by one function
 (``kdpipe.methods.clustering.kmeans_objective``) for all backends. Ratios are against
 faiss-cpu measured in the same run.
@@ -31,12 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json  # noqa: E402
 
 from kdpipe.methods.clustering import (  # noqa: E402
-    faiss_gpu_available, faiss_installed, initial_centers, kmeans, kmeans_objective,
+    faiss_gpu_available,
+    faiss_installed,
+    initial_centers,
+    kmeans,
+    kmeans_objective,
 )
 
 # backend label -> (kdpipe backend, device)
-BACKENDS = {"faiss-cpu": ("faiss", "cpu"), "torch-cpu": ("torch", "cpu"),
-            "faiss-gpu": ("faiss", "cuda"), "torch-cuda": ("torch", "cuda")}
+BACKENDS = {
+    "faiss-cpu": ("faiss", "cpu"),
+    "torch-cpu": ("torch", "cpu"),
+    "faiss-gpu": ("faiss", "cuda"),
+    "torch-cuda": ("torch", "cuda"),
+}
 
 
 def make_data(n: int, d: int, k: int, seed: int) -> np.ndarray:
@@ -65,28 +74,49 @@ def fit(x: np.ndarray, k: int, niter: int, seed: int, label: str) -> dict:
     backend, device = BACKENDS[label]
     init = initial_centers(x, k, seed)
     t = time.perf_counter()
-    res = kmeans(x, k, niter=niter, seed=seed, backend=backend, device=device, init=init,
-                 gpu=(device == "cuda") if backend == "faiss" else None)
+    res = kmeans(
+        x,
+        k,
+        niter=niter,
+        seed=seed,
+        backend=backend,
+        device=device,
+        init=init,
+        gpu=(device == "cuda") if backend == "faiss" else None,
+    )
     seconds = time.perf_counter() - t
     eval_device = "cuda" if torch.cuda.is_available() else "cpu"
     total = kmeans_objective(x, res.centers, device=eval_device) * x.shape[0]
-    return {"seconds": seconds, "objective_sum": total, "last_iteration_objective_sum": res.objective * res.num_fit,
-            "used": res.backend}
+    return {
+        "seconds": seconds,
+        "objective_sum": total,
+        "last_iteration_objective_sum": res.objective * res.num_fit,
+        "used": res.backend,
+    }
 
 
 def bench_k(x: np.ndarray, k: int, niter: int, seed: int, repeats: int, labels: list[str]) -> dict:
     runs: dict[str, list[dict]] = {b: [] for b in labels}
     for r in range(repeats):
-        order = labels[r % len(labels):] + labels[:r % len(labels)]  # rotate: interleaved
+        order = labels[r % len(labels) :] + labels[: r % len(labels)]  # rotate: interleaved
         for label in order:
             runs[label].append(fit(x, k, niter, seed, label))
-            print(f"  K={k} repeat {r} {label}: {runs[label][-1]['seconds']:.2f} s, "
-                  f"objective {runs[label][-1]['objective_sum']:.6g}", flush=True)
-    summary = {b: {"median_seconds": statistics.median(e["seconds"] for e in v),
-                   "objective_sum": v[0]["objective_sum"], "runs": v} for b, v in runs.items()}
+            print(
+                f"  K={k} repeat {r} {label}: {runs[label][-1]['seconds']:.2f} s, "
+                f"objective {runs[label][-1]['objective_sum']:.6g}",
+                flush=True,
+            )
+    summary = {
+        b: {
+            "median_seconds": statistics.median(e["seconds"] for e in v),
+            "objective_sum": v[0]["objective_sum"],
+            "runs": v,
+        }
+        for b, v in runs.items()
+    }
     ref = summary.get("faiss-cpu")
     if ref is not None:
-        for b, s in summary.items():
+        for s in summary.values():
             s["time_ratio_over_faiss_cpu"] = s["median_seconds"] / ref["median_seconds"]
             s["objective_ratio_over_faiss_cpu"] = s["objective_sum"] / ref["objective_sum"]
     return {"k": k, "backends": summary}
@@ -124,19 +154,31 @@ def main(argv=None) -> dict:
     results = [bench_k(x, int(k), a.niter, a.seed, a.repeats, labels) for k in a.ks.split(",")]
     for res in results:
         for b, s in res["backends"].items():
-            print(f"K={res['k']:>5} {b:>10}: {s['median_seconds']:8.2f} s  objective {s['objective_sum']:.6g}"
-                  f"  time/faiss-cpu {s.get('time_ratio_over_faiss_cpu', float('nan')):.3f}"
-                  f"  objective/faiss-cpu {s.get('objective_ratio_over_faiss_cpu', float('nan')):.4f}")
+            print(
+                f"K={res['k']:>5} {b:>10}: {s['median_seconds']:8.2f} s  objective {s['objective_sum']:.6g}"
+                f"  time/faiss-cpu {s.get('time_ratio_over_faiss_cpu', float('nan')):.3f}"
+                f"  objective/faiss-cpu {s.get('objective_ratio_over_faiss_cpu', float('nan')):.4f}"
+            )
     mach = machine()
     mach["threads"] = threads
     if faiss_installed():
         import faiss
 
         mach["faiss"] = faiss.__version__
-    out = {"benchmark": "kmeans", "n": a.n, "d": a.d, "niter": a.niter, "seed": a.seed, "repeats": a.repeats,
-           "data": "4*max(K) seeded Gaussian blobs (scale 3) plus unit noise", "backends": labels,
-           "init": "shared by every backend: kdpipe.methods.clustering.initial_centers(x, K, seed)",
-           "results": results, "machine": mach, "total_seconds": time.perf_counter() - t0}
+    out = {
+        "benchmark": "kmeans",
+        "n": a.n,
+        "d": a.d,
+        "niter": a.niter,
+        "seed": a.seed,
+        "repeats": a.repeats,
+        "data": "4*max(K) seeded Gaussian blobs (scale 3) plus unit noise",
+        "backends": labels,
+        "init": "shared by every backend: kdpipe.methods.clustering.initial_centers(x, K, seed)",
+        "results": results,
+        "machine": mach,
+        "total_seconds": time.perf_counter() - t0,
+    }
     print(f"wrote {write_json(a.out, out, argv, 'kmeans.py')}")
     return out
 

@@ -41,9 +41,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--workdir", default="bench-out/stage_one")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
-    p.add_argument("--reuse", action="store_true",
-                   help="continue an interrupted run in --workdir: keep its complete store (and the extraction "
-                        "time it recorded) and resume the cluster stage's assignment pass (implies --keep)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="continue an interrupted run in --workdir: keep its complete store (and the extraction "
+        "time it recorded) and resume the cluster stage's assignment pass (implies --keep)",
+    )
     p.add_argument("--out", default="bench-out/stage_one.json")
     return p.parse_args(argv)
 
@@ -76,19 +79,25 @@ def projection(info: list, n: int, views: int, macs: dict, seconds: dict, target
         for s in shape:
             count *= int(s)
         itemsize = a["bytes"] // max(1, _count(a["shape"]))
-        sizes[name] = {"shape": shape, "raw_bytes": int(count * itemsize),
-                       "stored_bytes_at_measured_ratio": int(count * itemsize / a["ratio"]) if a["ratio"] else None}
+        sizes[name] = {
+            "shape": shape,
+            "raw_bytes": int(count * itemsize),
+            "stored_bytes_at_measured_ratio": int(count * itemsize / a["ratio"]) if a["ratio"] else None,
+        }
     scale_images = target_n / n
     scale_teacher = macs["resnet32x4"] / macs["measured"]
     return {
-        "target_samples": target_n, "views": views, "teacher": "resnet32x4",
-        "arrays": sizes, "raw_total_bytes": sum(s["raw_bytes"] for s in sizes.values()),
+        "target_samples": target_n,
+        "views": views,
+        "teacher": "resnet32x4",
+        "arrays": sizes,
+        "raw_total_bytes": sum(s["raw_bytes"] for s in sizes.values()),
         "teacher_macs_ratio": scale_teacher,
         "seconds_estimate_same_hardware": {
             "extract": seconds["extract"] * scale_images * scale_teacher,
             "assignment_pass_teacher_part": seconds["assign"] * scale_images * scale_teacher,
             "note": "the assignment pass also computes the top-k over K_penult centres per location; that part "
-                    "scales with images x locations x K x D (D 64 -> 256: x4), not with the teacher's cost",
+            "scales with images x locations x K x D (D 64 -> 256: x4), not with the teacher's cost",
         },
     }
 
@@ -122,40 +131,81 @@ def main(argv=None):
         torch.manual_seed(0)
         torch.save({"model": calibrated_teacher(build(args.arch, 100), dataset).state_dict()}, ckpt)
         t0 = time.perf_counter()
-        ex = extract_teacher(ExtractConfig(teacher=str(ckpt), arch=args.arch, data=data, out=str(store),
-                                           views=args.views, cam_res=(2,), batch_size=args.batch_size,
-                                           executor=args.executor), progress=True, verbose=True)
-        extracted = {"seconds": time.perf_counter() - t0, "img_per_s": ex["img_per_s"],
-                     "peak_rss_bytes": peak_rss_bytes()}
+        ex = extract_teacher(
+            ExtractConfig(
+                teacher=str(ckpt),
+                arch=args.arch,
+                data=data,
+                out=str(store),
+                views=args.views,
+                cam_res=(2,),
+                batch_size=args.batch_size,
+                executor=args.executor,
+            ),
+            progress=True,
+            verbose=True,
+        )
+        extracted = {
+            "seconds": time.perf_counter() - t0,
+            "img_per_s": ex["img_per_s"],
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
         record.write_text(json.dumps(extracted))
     t_extract, mem_extract = extracted["seconds"], extracted["peak_rss_bytes"]
     reader = open_store(str(store))
     finished = "default" in reader.target_sets()  # a finished cluster stage is measured again
     resume = reused and not finished and "default" in reader.target_sets(include_incomplete=True)
-    cl = cluster(ClusterConfig(store=str(store), k_penult=args.k_penult, k_inter=args.k_inter, resume=resume,
-                               overwrite=reused and finished,
-                               batch_size=args.batch_size, executor=args.executor), progress=True, verbose=True)
+    cl = cluster(
+        ClusterConfig(
+            store=str(store),
+            k_penult=args.k_penult,
+            k_inter=args.k_inter,
+            resume=resume,
+            overwrite=reused and finished,
+            batch_size=args.batch_size,
+            executor=args.executor,
+        ),
+        progress=True,
+        verbose=True,
+    )
     mem_cluster = peak_rss_bytes()
     reader = open_store(str(store))
     info = reader.array_info()
-    seconds = {"extract": t_extract, "fit_read": cl["seconds"].get("fit_read"), "fit": cl["seconds"].get("fit"),
-               "assign": cl["seconds"]["assign"], "cluster_total": cl["seconds"]["total"]}
+    seconds = {
+        "extract": t_extract,
+        "fit_read": cl["seconds"].get("fit_read"),
+        "fit": cl["seconds"].get("fit"),
+        "assign": cl["seconds"]["assign"],
+        "cluster_total": cl["seconds"]["total"],
+    }
     macs = {"measured": macs_per_image(build(args.arch, 100)), "resnet32x4": macs_per_image(build("resnet32x4", 100))}
     result = {
-        "benchmark": "stage_one", "machine": machine(), "data": data, "teacher": args.arch,
-        "samples": args.n, "views": reader.num_views, "images": args.n * reader.num_views,
-        "k_penult": args.k_penult, "k_inter": args.k_inter, "executor": args.executor,
-        "seconds": seconds, "img_per_s": {"extract": extracted["img_per_s"], "assign": cl["assign"]["img_per_s"]},
+        "benchmark": "stage_one",
+        "machine": machine(),
+        "data": data,
+        "teacher": args.arch,
+        "samples": args.n,
+        "views": reader.num_views,
+        "images": args.n * reader.num_views,
+        "k_penult": args.k_penult,
+        "k_inter": args.k_inter,
+        "executor": args.executor,
+        "seconds": seconds,
+        "img_per_s": {"extract": extracted["img_per_s"], "assign": cl["assign"]["img_per_s"]},
         "resumed": {"extraction_reused": reused, "assignment_resumed": resume},
         "peak_rss_bytes": {"after_extract": mem_extract, "after_cluster": mem_cluster},
         "arrays": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in a.items()} for a in info],
-        "raw_total_bytes": sum(a["bytes"] for a in info), "stored_total_bytes": sum(a["stored_bytes"] for a in info),
-        "target_set": reader.target_set("default").to_json(), "teacher_macs_per_image": macs,
+        "raw_total_bytes": sum(a["bytes"] for a in info),
+        "stored_total_bytes": sum(a["stored_bytes"] for a in info),
+        "target_set": reader.target_set("default").to_json(),
+        "teacher_macs_per_image": macs,
     }
     result["projection_50k_resnet32x4"] = projection(info, args.n, reader.num_views, macs, seconds)
     path = write_json(args.out, result, argv, "stage_one.py")
-    print(f"[stage_one] extract {t_extract:.0f} s, fit {seconds['fit_read'] + seconds['fit']:.0f} s, assignment pass "
-          f"{seconds['assign']:.0f} s; stored {result['stored_total_bytes'] / 2**30:.2f} GiB; wrote {path}")
+    print(
+        f"[stage_one] extract {t_extract:.0f} s, fit {seconds['fit_read'] + seconds['fit']:.0f} s, assignment pass "
+        f"{seconds['assign']:.0f} s; stored {result['stored_total_bytes'] / 2**30:.2f} GiB; wrote {path}"
+    )
     if not (args.keep or args.reuse):
         shutil.rmtree(work, ignore_errors=True)
 

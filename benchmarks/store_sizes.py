@@ -30,20 +30,22 @@ INDEX = 2  # int16 indices while K fits, as the cluster stage writes them
 def measure(path: str) -> dict:
     reader = open_store(path)
     n, v = reader.num_samples, reader.num_views
-    arrays = {a["name"]: {"shape": list(a["shape"]), "dtype": a["dtype"], "raw": a["bytes"],
-                          "stored": a["stored_bytes"]} for a in reader.array_info()}
+    arrays = {
+        a["name"]: {"shape": list(a["shape"]), "dtype": a["dtype"], "raw": a["bytes"], "stored": a["stored_bytes"]}
+        for a in reader.array_info()
+    }
     return {
-        "store": str(path), "num_samples": n, "num_views": v,
+        "store": str(path),
+        "num_samples": n,
+        "num_views": v,
         "arrays": arrays,
         "stored_total": sum(a["stored"] for a in arrays.values()),
         "raw_total": sum(a["raw"] for a in arrays.values()),
-        "stored_per_sample_view": {k: a["stored"] / (n * v) for k, a in arrays.items()
-                                   if a["shape"][:2] == [n, v]},
+        "stored_per_sample_view": {k: a["stored"] / (n * v) for k, a in arrays.items() if a["shape"][:2] == [n, v]},
     }
 
 
-def method_bytes_per_view(C: int, h: int, w: int, D_penult: int, D_inter: int, topk: int = 16,
-                          cam_r: int = 2) -> dict:
+def method_bytes_per_view(C: int, h: int, w: int, D_penult: int, D_inter: int, topk: int = 16, cam_r: int = 2) -> dict:
     """Bytes per sample and view each method reads from the store (plus stage one's features)."""
     return {
         "ce": 0,
@@ -74,9 +76,13 @@ def cifar100_shapes() -> dict:
 def project(shapes: dict, n: int, view_counts: dict) -> dict:
     per_view = method_bytes_per_view(**shapes)
     once = per_sample_bytes(**shapes)
-    return {mode: {**{method: per * n * count for method, per in per_view.items()},
-                   **{name: per * n for name, per in once.items()}}
-            for mode, count in view_counts.items()} | {"per_sample_view_bytes": per_view}
+    return {
+        mode: {
+            **{method: per * n * count for method, per in per_view.items()},
+            **{name: per * n for name, per in once.items()},
+        }
+        for mode, count in view_counts.items()
+    } | {"per_sample_view_bytes": per_view}
 
 
 def main(argv=None):
@@ -91,19 +97,25 @@ def main(argv=None):
         "measured": [measure(p) for p in args.store],
         "projected": {
             "cifar100_resnet32x4": {"num_samples": 50_000, "shapes": cifar100_shapes()},
-            "imagenet_resnet50": {"num_samples": 1_281_167,
-                                  "shapes": {"C": 1000, "h": 7, "w": 7, "D_penult": 2048, "D_inter": 2048}},
+            "imagenet_resnet50": {
+                "num_samples": 1_281_167,
+                "shapes": {"C": 1000, "h": 7, "w": 7, "D_penult": 2048, "D_inter": 2048},
+            },
         },
     }
-    views = {"cifar100_resnet32x4": {"views=1": 1, "views=8": 8, "views=all (162)": 162},
-             "imagenet_resnet50": {"views=1": 1, "views=8": 8}}
+    views = {
+        "cifar100_resnet32x4": {"views=1": 1, "views=8": 8, "views=all (162)": 162},
+        "imagenet_resnet50": {"views=1": 1, "views=8": 8},
+    }
     for key, spec in result["projected"].items():
         spec["bytes"] = project(spec["shapes"], spec["num_samples"], views[key])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     for m in result["measured"]:
-        print(f"{m['store']}: {m['num_samples']} samples x {m['num_views']} views, "
-              f"{m['stored_total'] / 2**20:.1f} MiB stored ({m['raw_total'] / 2**20:.1f} MiB raw)")
+        print(
+            f"{m['store']}: {m['num_samples']} samples x {m['num_views']} views, "
+            f"{m['stored_total'] / 2**20:.1f} MiB stored ({m['raw_total'] / 2**20:.1f} MiB raw)"
+        )
     for key, spec in result["projected"].items():
         print(key)
         for mode, sizes in spec["bytes"].items():

@@ -64,14 +64,14 @@ def parse_args(argv=None):
 
 
 def make_store(args, workdir: Path, data: str, num_classes: int) -> dict:
+    from common import calibrated_teacher
+
     from kdpipe.artifacts import open_store
-    from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig
-    from kdpipe.stages.cluster import cluster
     from kdpipe.data import load_dataset
     from kdpipe.models import build
+    from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig
+    from kdpipe.stages.cluster import cluster
     from kdpipe.stages.extract import extract_teacher
-
-    from common import calibrated_teacher
 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / f"{args.teacher}_random.pth"
@@ -85,11 +85,34 @@ def make_store(args, workdir: Path, data: str, num_classes: int) -> dict:
     except Exception:  # noqa: BLE001 - any problem: rebuild it
         ok = False
     if not ok:
-        extract_teacher(ExtractConfig(teacher=str(ckpt), arch=args.teacher, data=data, out=str(store),
-                                      views=args.views, cam_res=(2,), executor="inline", overwrite=True,
-                                      device=args.device), progress=True, verbose=False)
-        cluster(ClusterConfig(store=str(store), k_penult=args.k_penult, k_inter=args.k_inter, topk=args.topk,
-                              executor="inline", overwrite=True, device=args.device), progress=True, verbose=False)
+        extract_teacher(
+            ExtractConfig(
+                teacher=str(ckpt),
+                arch=args.teacher,
+                data=data,
+                out=str(store),
+                views=args.views,
+                cam_res=(2,),
+                executor="inline",
+                overwrite=True,
+                device=args.device,
+            ),
+            progress=True,
+            verbose=False,
+        )
+        cluster(
+            ClusterConfig(
+                store=str(store),
+                k_penult=args.k_penult,
+                k_inter=args.k_inter,
+                topk=args.topk,
+                executor="inline",
+                overwrite=True,
+                device=args.device,
+            ),
+            progress=True,
+            verbose=False,
+        )
     return {"checkpoint": str(ckpt), "store": str(store), "made_now": not ok, "seconds": time.perf_counter() - t0}
 
 
@@ -114,21 +137,35 @@ def build_configs(args, reader, info, ds, dev):
         if source_kind == "none":
             source = NoTargets(ds.policy)
         elif source_kind == "online":
-            source = OnlineTargets(teacher, m.kinds(), reader=reader, target_set="default", device=dev,
-                                   policy=ds.policy)
+            source = OnlineTargets(
+                teacher, m.kinds(), reader=reader, target_set="default", device=dev, policy=ds.policy
+            )
         else:
             nbytes = None
             if tier == "stream":  # a budget below the targets' size: what auto would stream
                 probe = CachedTargets(reader, m.kinds(), "default", device=dev, policy=ds.policy, resident="stream")
                 nbytes = probe.resident_bytes
-            source = CachedTargets(reader, m.kinds(), "default", device=dev, policy=ds.policy,
-                                   resident="auto" if tier == "stream" else tier,
-                                   budget=None if nbytes is None else nbytes // 2)
+            source = CachedTargets(
+                reader,
+                m.kinds(),
+                "default",
+                device=dev,
+                policy=ds.policy,
+                resident="auto" if tier == "stream" else tier,
+                budget=None if nbytes is None else nbytes // 2,
+            )
             assert source.tier == tier, (name, source.tier)
         opt = make_optimizer(model, 0.01, 0.9, 5e-4, nesterov=m.recipe(args.student).get("nesterov", False))
-        configs[name] = {"model": model, "net": Forward(model), "opt": opt, "scaler": make_grad_scaler(dev, args.amp), "source": source,
-                         "loss_fn": student_loss_fn(model, m), "tier": getattr(source, "tier", None),
-                         "target_bytes": getattr(source, "resident_bytes", 0)}
+        configs[name] = {
+            "model": model,
+            "net": Forward(model),
+            "opt": opt,
+            "scaler": make_grad_scaler(dev, args.amp),
+            "source": source,
+            "loss_fn": student_loss_fn(model, m),
+            "tier": getattr(source, "tier", None),
+            "target_bytes": getattr(source, "resident_bytes", 0),
+        }
 
     add("ce", "ce", "none")
     for method, short in (("cat_kd", "catkd"), ("letkd2", "letkd2")):
@@ -160,8 +197,7 @@ def run_epoch(cfg, train, ds, dev, args, seed, sync) -> tuple[list, float]:
             with torch.no_grad(), autocast(dev, args.amp):
                 cfg["teacher"].forward_features(normalize(imgs, train.mean, train.std))
         else:
-            train_step(cfg["net"], cfg["loss_fn"], source, cfg["opt"], cfg["scaler"], train, batch, imgs,
-                       args.amp)
+            train_step(cfg["net"], cfg["loss_fn"], source, cfg["opt"], cfg["scaler"], train, batch, imgs, args.amp)
         sync()
         t1 = time.perf_counter()
         times.append(t1 - t0)
@@ -201,14 +237,17 @@ def main(argv=None):
     times = {n: [] for n in names}
     first = {n: [] for n in names}
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             steps, step1 = run_epoch(configs[n], train, ds, dev, args, r, sync)
             times[n].extend(steps)
             first[n].append(step1)
-        print(f"[train_step] round {r + 1}/{args.rounds}: " +
-              ", ".join(f"{n} {args.batch_size / statistics.median(times[n]):.1f}" for n in names) + " img/s",
-              flush=True)
+        print(
+            f"[train_step] round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{n} {args.batch_size / statistics.median(times[n]):.1f}" for n in names)
+            + " img/s",
+            flush=True,
+        )
     report(args, argv, dev, info, reader, configs, times, first, data)
 
 
@@ -229,26 +268,42 @@ def report(args, argv, dev, info, reader, configs, times, first, data):
         "ideal_speedup_ce_based": ideal,
         "speedup_fraction_of_ideal_catkd": (t["online_catkd"] / t["cached_catkd_device"]) / ideal,
     }
-    bars = {"stream_over_device_catkd >= 0.9": ratios["stream_over_device_catkd"] >= 0.9,
-            "stream_over_device_letkd2 >= 0.9": ratios["stream_over_device_letkd2"] >= 0.9,
-            "cached_catkd_over_ce >= 0.9": ratios["cached_catkd_over_ce"] >= 0.9,
-            "speedup_fraction_of_ideal_catkd >= 0.9": ratios["speedup_fraction_of_ideal_catkd"] >= 0.9}
+    bars = {
+        "stream_over_device_catkd >= 0.9": ratios["stream_over_device_catkd"] >= 0.9,
+        "stream_over_device_letkd2 >= 0.9": ratios["stream_over_device_letkd2"] >= 0.9,
+        "cached_catkd_over_ce >= 0.9": ratios["cached_catkd_over_ce"] >= 0.9,
+        "speedup_fraction_of_ideal_catkd >= 0.9": ratios["speedup_fraction_of_ideal_catkd"] >= 0.9,
+    }
     res = {
         "benchmark": "train_step",
         "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "amp": bool(args.amp), "student": args.student, "teacher": args.teacher, "batch_size": B, "data": data,
-        "views": reader.num_views, "k_penult": args.k_penult, "k_inter": args.k_inter,
-        "topk": reader.target_set("default").topk, "rounds": args.rounds, "store": info,
+        "device_name": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "amp": bool(args.amp),
+        "student": args.student,
+        "teacher": args.teacher,
+        "batch_size": B,
+        "data": data,
+        "views": reader.num_views,
+        "k_penult": args.k_penult,
+        "k_inter": args.k_inter,
+        "topk": reader.target_set("default").topk,
+        "rounds": args.rounds,
+        "store": info,
         "tiers": {n: c.get("tier") for n, c in configs.items()},
         "target_bytes": {n: c.get("target_bytes") for n, c in configs.items()},
         "seconds_per_step_median": t,
         "stream_first_step_seconds": {n: statistics.median(v) for n, v in first.items() if "stream" in n},
         "first_step_seconds_median": {n: statistics.median(v) for n, v in first.items()},
-        "images_per_second": ips, "ratios": ratios, "bars": bars,
+        "images_per_second": ips,
+        "ratios": ratios,
+        "bars": bars,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

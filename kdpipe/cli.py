@@ -35,8 +35,10 @@ def os_error_sentence(err: OSError) -> str:
     was lost (run directories and stores are written atomically and resume)."""
     reason = err.strerror or str(err) or type(err).__name__
     where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-    return (f"A file could not be written or read{where}: {reason}; fix that (free space, a writable "
-            "folder) and run again, with --resume where the command has it.")
+    return (
+        f"A file could not be written or read{where}: {reason}; fix that (free space, a writable "
+        "folder) and run again, with --resume where the command has it."
+    )
 
 
 def _probe_ray_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -53,8 +55,11 @@ def given_options(ctx: click.Context, names) -> dict:
     """The options among ``names`` the user typed (not click defaults): what --resume compares."""
     from click.core import ParameterSource
 
-    return {n: ctx.params[n] for n in names
-            if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    return {
+        n: ctx.params[n]
+        for n in names
+        if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,61 +69,149 @@ def cli():
     (extract-teacher, cluster), then any number of teacher-free student runs (train-student)."""
 
 
-_WANDB_HELP = ("Also log every epoch to this Weights & Biases project (needs wandb; WANDB_MODE=offline "
-               "keeps it on disk). TensorBoard event files are always written to <run>/tensorboard.")
+_WANDB_HELP = (
+    "Also log every epoch to this Weights & Biases project (needs wandb; WANDB_MODE=offline "
+    "keeps it on disk). TensorBoard event files are always written to <run>/tensorboard."
+)
 
 
 @cli.command("train-teacher")
 @click.option("--arch", default=None, help="Model name as in mdistiller (resnet8, resnet32x4, wrn_40_2, ...).")
-@click.option("--data", default="digits", show_default=True,
-              help="Data set spec: digits, cifar100:/path, cifar10:/path, imagefolder:/path, synthetic[:n=..].")
-@click.option("--epochs", default=240, show_default=True, type=int,
-              help="Epochs; the lr steps (150/180/210 of 240) scale with it.")
-@click.option("--lr", default=0.05, show_default=True, type=float, help="Initial learning rate (SGD, momentum 0.9, wd 5e-4).")
+@click.option(
+    "--data",
+    default="digits",
+    show_default=True,
+    help="Data set spec: digits, cifar100:/path, cifar10:/path, imagefolder:/path, synthetic[:n=..].",
+)
+@click.option(
+    "--epochs",
+    default=240,
+    show_default=True,
+    type=int,
+    help="Epochs; the lr steps (150/180/210 of 240) scale with it.",
+)
+@click.option(
+    "--lr", default=0.05, show_default=True, type=float, help="Initial learning rate (SGD, momentum 0.9, wd 5e-4)."
+)
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--amp", is_flag=True, help="Mixed precision (torch.autocast; float16 on CUDA).")
-@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="Parent folder of the run directory (a local path or a URL: s3://bucket/runs).")
-@click.option("--gpus", "data_parallel", default=1, show_default=True, type=int,
-              help="Data-parallel workers on Ray Train (one per GPU; CPU workers with gloo where there is no GPU).")
+@click.option(
+    "--out",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Parent folder of the run directory (a local path or a URL: s3://bucket/runs).",
+)
+@click.option(
+    "--gpus",
+    "data_parallel",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Data-parallel workers on Ray Train (one per GPU; CPU workers with gloo where there is no GPU).",
+)
 @click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
-@click.option("--workers", "loader_workers", default=None, type=click.IntRange(min=0),
-              help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).")
-@click.option("--ray-address", default=None, callback=_probe_ray_address,
-              help="With --gpus: join this Ray cluster instead of a local one.")
-@click.option("--resume", default=None, metavar="RUN",
-              help="Continue an interrupted teacher run directory (a path or URL) from its last epoch (its config "
-                   "is reused).")
+@click.option(
+    "--workers",
+    "loader_workers",
+    default=None,
+    type=click.IntRange(min=0),
+    help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    callback=_probe_ray_address,
+    help="With --gpus: join this Ray cluster instead of a local one.",
+)
+@click.option(
+    "--resume",
+    default=None,
+    metavar="RUN",
+    help="Continue an interrupted teacher run directory (a path or URL) from its last epoch (its config is reused).",
+)
 @click.option("--wandb", default=None, metavar="PROJECT", help=_WANDB_HELP)
 @click.pass_context
-def train_teacher(ctx, arch, data, epochs, lr, batch_size, seed, device, amp, out, data_parallel, sync_bn,
-                  loader_workers, ray_address, resume, wandb):
+def train_teacher(
+    ctx,
+    arch,
+    data,
+    epochs,
+    lr,
+    batch_size,
+    seed,
+    device,
+    amp,
+    out,
+    data_parallel,
+    sync_bn,
+    loader_workers,
+    ray_address,
+    resume,
+    wandb,
+):
     """Train a teacher with cross-entropy (reference recipe) into a run directory."""
     from kdpipe.pipeline.configs import TeacherConfig
     from kdpipe.stages.teacher import train_teacher as run_stage
 
     if resume:
-        given = given_options(ctx, ("arch", "data", "epochs", "lr", "batch_size", "seed", "amp", "data_parallel",
-                                    "sync_bn"))
-        s = run_stage(resume=resume, given=given, device=device, ray_address=ray_address,
-                      loader_workers=loader_workers, wandb=wandb)
+        given = given_options(
+            ctx, ("arch", "data", "epochs", "lr", "batch_size", "seed", "amp", "data_parallel", "sync_bn")
+        )
+        s = run_stage(
+            resume=resume,
+            given=given,
+            device=device,
+            ray_address=ray_address,
+            loader_workers=loader_workers,
+            wandb=wandb,
+        )
     else:
         if not arch:
             raise KdpipeError("train-teacher needs --arch (or --resume RUN).")
-        s = run_stage(TeacherConfig(arch=arch, data=data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                    amp=amp, data_parallel=data_parallel, sync_bn=sync_bn), out=out, device=device,
-                      ray_address=ray_address, loader_workers=loader_workers, wandb=wandb)
-    click.echo(format_summary("train-teacher: done", {
-        "test top-1 (%)": s["top1"], "test top-5 (%)": s["top5"], "best top-1 (%)": s["best_top1"],
-        "epochs": s["epochs"], "wall time (s)": s["wall_seconds"], "img/s (train)": s["img_per_s"],
-        "checkpoint": s["checkpoint"], "run directory": s["run_dir"]}))
+        s = run_stage(
+            TeacherConfig(
+                arch=arch,
+                data=data,
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+                amp=amp,
+                data_parallel=data_parallel,
+                sync_bn=sync_bn,
+            ),
+            out=out,
+            device=device,
+            ray_address=ray_address,
+            loader_workers=loader_workers,
+            wandb=wandb,
+        )
+    click.echo(
+        format_summary(
+            "train-teacher: done",
+            {
+                "test top-1 (%)": s["top1"],
+                "test top-5 (%)": s["top5"],
+                "best top-1 (%)": s["best_top1"],
+                "epochs": s["epochs"],
+                "wall time (s)": s["wall_seconds"],
+                "img/s (train)": s["img_per_s"],
+                "checkpoint": s["checkpoint"],
+                "run directory": s["run_dir"],
+            },
+        )
+    )
 
 
 @cli.command("evaluate")
-@click.option("--checkpoint", required=True,
-              help="A .pth checkpoint ({'model': state_dict} or bare), or a kdpipe run directory (a path or URL).")
+@click.option(
+    "--checkpoint",
+    required=True,
+    help="A .pth checkpoint ({'model': state_dict} or bare), or a kdpipe run directory (a path or URL).",
+)
 @click.option("--arch", default=None, help="Its architecture (read from the run directory when omitted).")
 @click.option("--data", default=None, help="Data set spec (read from the run directory when omitted).")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
@@ -130,54 +223,131 @@ def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
     from kdpipe.stages.evaluate import evaluate as run_stage
 
     r = run_stage(checkpoint, arch=arch, data=data, split=split, device=device, batch_size=batch_size, amp=amp)
-    click.echo(format_summary(f"evaluate: {r['arch']} on {r['data']} ({r['split']}, {r['num_samples']} images)", {
-        "top-1 (%)": r["top1"], "top-5 (%)": r["top5"], "loss (CE)": r["loss"], "checkpoint": r["checkpoint"]}))
+    click.echo(
+        format_summary(
+            f"evaluate: {r['arch']} on {r['data']} ({r['split']}, {r['num_samples']} images)",
+            {"top-1 (%)": r["top1"], "top-5 (%)": r["top5"], "loss (CE)": r["loss"], "checkpoint": r["checkpoint"]},
+        )
+    )
 
 
 @cli.command("extract-teacher")
-@click.option("--teacher", required=True, type=click.Path(),
-              help="Teacher checkpoint ({'model': sd} or a state dict; a local path or a URL: s3://bucket/t.pth).")
+@click.option(
+    "--teacher",
+    required=True,
+    type=click.Path(),
+    help="Teacher checkpoint ({'model': sd} or a state dict; a local path or a URL: s3://bucket/t.pth).",
+)
 @click.option("--arch", required=True, help="Teacher architecture (mdistiller name, e.g. resnet32x4).")
 @click.option("--data", required=True, help="Data set spec, e.g. cifar100:/path/to/cifar-100-python.")
 @click.option("--split", default="train", show_default=True, help="Data set split to run over.")
-@click.option("--out", required=True, type=click.Path(),
-              help="Store path (a local path or a URL: s3://bucket/store.zarr, gs://..., file:///...).")
-@click.option("--views", default="auto", show_default=True,
-              help="auto (every view of CIFAR/digits, 8 seeded views of ImageFolder), all, 1, or K seeded views.")
-@click.option("--cam-res", default="2", show_default=True,
-              help="Pooled CAM sizes stored for every view, comma-separated; 'native' adds the native CAM; none.")
-@click.option("--features", default="penult,inter", show_default=True,
-              help="Raw feature maps for cluster (penult, inter, none).")
-@click.option("--feature-views", type=click.Choice(["identity", "all"]), default="identity", show_default=True,
-              help="Store the raw features of the identity view only (letKD's fit set) or of every view.")
-@click.option("--methods", default="", help="Also store what these methods read, comma-separated: at (attention "
-                                            "maps), fitnet (hint features), simkd (last map and classifier).")
-@click.option("--pad-mode", type=click.Choice(["zero", "reflect"]), default=None,
-              help="Crop padding of the views (default: the data set's, zero; letKD's reference uses reflect).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="Store path (a local path or a URL: s3://bucket/store.zarr, gs://..., file:///...).",
+)
+@click.option(
+    "--views",
+    default="auto",
+    show_default=True,
+    help="auto (every view of CIFAR/digits, 8 seeded views of ImageFolder), all, 1, or K seeded views.",
+)
+@click.option(
+    "--cam-res",
+    default="2",
+    show_default=True,
+    help="Pooled CAM sizes stored for every view, comma-separated; 'native' adds the native CAM; none.",
+)
+@click.option(
+    "--features", default="penult,inter", show_default=True, help="Raw feature maps for cluster (penult, inter, none)."
+)
+@click.option(
+    "--feature-views",
+    type=click.Choice(["identity", "all"]),
+    default="identity",
+    show_default=True,
+    help="Store the raw features of the identity view only (letKD's fit set) or of every view.",
+)
+@click.option(
+    "--methods",
+    default="",
+    help="Also store what these methods read, comma-separated: at (attention "
+    "maps), fitnet (hint features), simkd (last map and classifier).",
+)
+@click.option(
+    "--pad-mode",
+    type=click.Choice(["zero", "reflect"]),
+    default=None,
+    help="Crop padding of the views (default: the data set's, zero; letKD's reference uses reflect).",
+)
 @click.option("--shard-size", default=None, type=int, help="Samples per shard (default: about 128 MB of output).")
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Images per teacher forward pass.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the view parameters (views=K).")
 @click.option("--executor", default="ray", show_default=True, type=click.Choice(["ray", "inline"]))
-@click.option("--ray-address", default=None, callback=_probe_ray_address,
-              help="Join this Ray cluster instead of starting a local one.")
+@click.option(
+    "--ray-address",
+    default=None,
+    callback=_probe_ray_address,
+    help="Join this Ray cluster instead of starting a local one.",
+)
 @click.option("--num-workers", default=None, type=int, help="Ray actors (default: one per GPU, else per CPU).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted store: skip the shards already done.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, feature_views, methods, pad_mode,
-                    shard_size, batch_size, seed, executor, ray_address, num_workers, device, resume, overwrite):
+def extract_teacher(
+    teacher,
+    arch,
+    data,
+    split,
+    out,
+    views,
+    cam_res,
+    features,
+    feature_views,
+    methods,
+    pad_mode,
+    shard_size,
+    batch_size,
+    seed,
+    executor,
+    ray_address,
+    num_workers,
+    device,
+    resume,
+    overwrite,
+):
     """Stage one: run the teacher once over the data set into a Zarr store."""
     from kdpipe.pipeline.configs import ExtractConfig
     from kdpipe.stages.extract import extract_teacher as run_stage
     from kdpipe.stages.extract import parse_cam_res, parse_features
 
     sizes, native = parse_cam_res(cam_res)
-    run_stage(ExtractConfig(teacher=teacher, arch=arch, data=data, out=out, split=split, views=views, cam_res=sizes,
-                            native_cam=native, features=parse_features(features), feature_views=feature_views,
-                            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                            pad_mode=pad_mode, shard_size=shard_size, batch_size=batch_size, seed=seed,
-                            executor=executor, ray_address=ray_address, num_workers=num_workers, device=device,
-                            resume=resume, overwrite=overwrite))
+    run_stage(
+        ExtractConfig(
+            teacher=teacher,
+            arch=arch,
+            data=data,
+            out=out,
+            split=split,
+            views=views,
+            cam_res=sizes,
+            native_cam=native,
+            features=parse_features(features),
+            feature_views=feature_views,
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            pad_mode=pad_mode,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            seed=seed,
+            executor=executor,
+            ray_address=ray_address,
+            num_workers=num_workers,
+            device=device,
+            resume=resume,
+            overwrite=overwrite,
+        )
+    )
 
 
 @cli.command("cluster")
@@ -186,45 +356,115 @@ def extract_teacher(teacher, arch, data, split, out, views, cam_res, features, f
 @click.option("--k-penult", default=4096, show_default=True, type=int, help="K-means centres, penultimate layer.")
 @click.option("--k-inter", default=8, show_default=True, type=int, help="Sub-classes per class, intermediate layer.")
 @click.option("--lda-dims", default=None, type=int, help="LDA dimensions d (default: the reference's, min(60, C-1)).")
-@click.option("--topk", default=16, show_default=True, type=int,
-              help="The most penultimate probabilities stored per location.")
-@click.option("--topk-mass", default=0.999, show_default=True, type=float,
-              help="Store the smallest k that holds this softmax mass at every fit location (capped by --topk).")
+@click.option(
+    "--topk", default=16, show_default=True, type=int, help="The most penultimate probabilities stored per location."
+)
+@click.option(
+    "--topk-mass",
+    default=0.999,
+    show_default=True,
+    type=float,
+    help="Store the smallest k that holds this softmax mass at every fit location (capped by --topk).",
+)
 @click.option("--temperature", default=1.0, show_default=True, type=float, help="T in softmax(-T * d^2).")
 @click.option("--student-grid", default=None, help="HxW: average-pool teacher maps to the student's grid first.")
-@click.option("--max-fit-points", default=None, type=int,
-              help="Fit K-means on a seeded subsample of this many vectors (default: all, as the reference).")
-@click.option("--fit-views", type=click.Choice(["identity", "all"]), default="identity", show_default=True,
-              help="Fit on the identity view's features (the reference) or on every stored view's.")
-@click.option("--teacher", default=None, type=click.Path(),
-              help="Teacher checkpoint for the assignment pass (default: the one the store records).")
+@click.option(
+    "--max-fit-points",
+    default=None,
+    type=int,
+    help="Fit K-means on a seeded subsample of this many vectors (default: all, as the reference).",
+)
+@click.option(
+    "--fit-views",
+    type=click.Choice(["identity", "all"]),
+    default="identity",
+    show_default=True,
+    help="Fit on the identity view's features (the reference) or on every stored view's.",
+)
+@click.option(
+    "--teacher",
+    default=None,
+    type=click.Path(),
+    help="Teacher checkpoint for the assignment pass (default: the one the store records).",
+)
 @click.option("--data", default=None, help="Data set spec (default: the one the store records).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--niter", default=20, show_default=True, type=int, help="K-means iterations.")
-@click.option("--kmeans-backend", default="auto", show_default=True, type=click.Choice(["auto", "faiss", "torch"]),
-              help="K-means by faiss or by torch; auto: faiss-gpu if faiss sees a GPU, else torch on CUDA, else faiss-cpu.")
+@click.option(
+    "--kmeans-backend",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "faiss", "torch"]),
+    help="K-means by faiss or by torch; auto: faiss-gpu if faiss sees a GPU, else torch on CUDA, else faiss-cpu.",
+)
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Images per teacher forward pass.")
 @click.option("--drop-features", is_flag=True, help="Delete feat/* once the targets are written.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing target set of the same name.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted assignment pass (its fit is kept).")
 @click.option("--executor", default="ray", show_default=True, type=click.Choice(["ray", "inline"]))
-@click.option("--ray-address", default=None, callback=_probe_ray_address,
-              help="Join this Ray cluster instead of a local one.")
+@click.option(
+    "--ray-address", default=None, callback=_probe_ray_address, help="Join this Ray cluster instead of a local one."
+)
 @click.option("--num-workers", default=None, type=int, help="Ray actors (default: one per GPU, else per CPU).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperature, student_grid, max_fit_points,
-            fit_views, teacher, data, seed, niter, kmeans_backend, batch_size, drop_features, overwrite, resume,
-            executor, ray_address, num_workers, device):
+def cluster(
+    store,
+    name,
+    k_penult,
+    k_inter,
+    lda_dims,
+    topk,
+    topk_mass,
+    temperature,
+    student_grid,
+    max_fit_points,
+    fit_views,
+    teacher,
+    data,
+    seed,
+    niter,
+    kmeans_backend,
+    batch_size,
+    drop_features,
+    overwrite,
+    resume,
+    executor,
+    ray_address,
+    num_workers,
+    device,
+):
     """Stage one: letKD's fit (LDA, K-means, sub-class scores), then the targets of every view."""
     from kdpipe.pipeline.configs import ClusterConfig
     from kdpipe.stages.cluster import cluster as run_stage
 
-    run_stage(ClusterConfig(store=store, name=name, k_penult=k_penult, k_inter=k_inter, lda_dims=lda_dims,
-                            topk=topk, topk_mass=topk_mass, temperature=temperature, student_grid=student_grid,
-                            max_fit_points=max_fit_points, fit_views=fit_views, seed=seed, niter=niter,
-                            kmeans_backend=kmeans_backend, teacher=teacher, data=data, drop_features=drop_features,
-                            overwrite=overwrite, resume=resume, batch_size=batch_size, executor=executor,
-                            ray_address=ray_address, num_workers=num_workers, device=device))
+    run_stage(
+        ClusterConfig(
+            store=store,
+            name=name,
+            k_penult=k_penult,
+            k_inter=k_inter,
+            lda_dims=lda_dims,
+            topk=topk,
+            topk_mass=topk_mass,
+            temperature=temperature,
+            student_grid=student_grid,
+            max_fit_points=max_fit_points,
+            fit_views=fit_views,
+            seed=seed,
+            niter=niter,
+            kmeans_backend=kmeans_backend,
+            teacher=teacher,
+            data=data,
+            drop_features=drop_features,
+            overwrite=overwrite,
+            resume=resume,
+            batch_size=batch_size,
+            executor=executor,
+            ray_address=ray_address,
+            num_workers=num_workers,
+            device=device,
+        )
+    )
 
 
 @cli.command("train-student")
@@ -232,21 +472,33 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 @click.option("--targets", default="default", show_default=True, help="Target set of the store (cluster --name).")
 @click.option("--student", default=None, help="Student architecture (resnet8x4, ShuffleV1, ...).")
 @click.option("--method", default=None, help="ce, kd, cat_kd, letkd1, letkd2, dkd, at, fitnet or simkd.")
-@click.option("--beta", type=float, default=None,
-              help="cat_kd: CAT weight (default: the reference pair's, else 15); dkd: NCKD weight (the pair's, else 8).")
+@click.option(
+    "--beta",
+    type=float,
+    default=None,
+    help="cat_kd: CAT weight (default: the reference pair's, else 15); dkd: NCKD weight (the pair's, else 8).",
+)
 @click.option("--alpha", type=float, default=None, help="dkd: TCKD weight (default 1).")
 @click.option("--warmup", type=int, default=None, help="dkd: epochs of the DKD loss's linear warm-up (default 20).")
-@click.option("--feat-weight", type=float, default=None,
-              help="at / fitnet / simkd: weight of the feature loss (default 1000 / 100 / 1).")
+@click.option(
+    "--feat-weight",
+    type=float,
+    default=None,
+    help="at / fitnet / simkd: weight of the feature loss (default 1000 / 100 / 1).",
+)
 @click.option("--p", "at_p", type=float, default=None, help="at: power p of the attention maps (default 2).")
 @click.option("--hint-layer", type=int, default=None, help="fitnet: the hint stage, mdistiller's feats index (2).")
 @click.option("--factor", type=int, default=None, help="simkd: the projector's bottleneck factor (default 2).")
 @click.option("--kd-weight", type=float, default=None, help="kd / simkd: weight of the KD term.")
 @click.option("--resolution", type=int, default=None, help="cat_kd: CAM pooling size r (default 2).")
-@click.option("--normalize/--no-normalize", default=None,
-              help="cat_kd: l2-normalise pooled CAMs (default: the architecture rule).")
-@click.option("--ce-weight", type=float, default=None,
-              help="cat_kd/kd/dkd/at/fitnet/simkd: weight of CE (cat_kd: 0 = CAT only).")
+@click.option(
+    "--normalize/--no-normalize",
+    default=None,
+    help="cat_kd: l2-normalise pooled CAMs (default: the architecture rule).",
+)
+@click.option(
+    "--ce-weight", type=float, default=None, help="cat_kd/kd/dkd/at/fitnet/simkd: weight of CE (cat_kd: 0 = CAT only)."
+)
 @click.option("--binarize", is_flag=True, default=None, help="cat_kd: binarise the teacher CAM before pooling.")
 @click.option("--top-n", type=int, default=None, help="cat_kd: transfer only the teacher's top-n classes' CAMs.")
 @click.option("--bottom-n", type=int, default=None, help="cat_kd: transfer only the bottom-n classes' CAMs.")
@@ -256,75 +508,230 @@ def cluster(store, name, k_penult, k_inter, lda_dims, topk, topk_mass, temperatu
 @click.option("--epochs", type=int, default=None, help="Epochs (default: the recipe's 240; lr steps scale with it).")
 @click.option("--lr", type=float, default=None, help="Initial lr (default: the recipe's, 0.05 or 0.01).")
 @click.option("--batch-size", type=int, default=None, help="Batch size (default: the recipe's 64).")
-@click.option("--views", type=click.Choice(["replay", "warp"]), default="replay", show_default=True,
-              help="replay: a stored view per sample (exact); warp: fresh views, targets warped (1-view stores).")
-@click.option("--resident", type=click.Choice(["auto", "device", "host", "stream"]), default="auto",
-              show_default=True, help="Where cached targets live: auto (by measured free memory), the device, "
-                                      "host memory, or streamed from the store.")
-@click.option("--penult-target", type=click.Choice(["topk", "full"]), default=None,
-              help="letkd: stored top-k (default) or the full softmax over all K (online only).")
+@click.option(
+    "--views",
+    type=click.Choice(["replay", "warp"]),
+    default="replay",
+    show_default=True,
+    help="replay: a stored view per sample (exact); warp: fresh views, targets warped (1-view stores).",
+)
+@click.option(
+    "--resident",
+    type=click.Choice(["auto", "device", "host", "stream"]),
+    default="auto",
+    show_default=True,
+    help="Where cached targets live: auto (by measured free memory), the device, "
+    "host memory, or streamed from the store.",
+)
+@click.option(
+    "--penult-target",
+    type=click.Choice(["topk", "full"]),
+    default=None,
+    help="letkd: stored top-k (default) or the full softmax over all K (online only).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--amp", is_flag=True, help="Mixed precision (torch.autocast; float16 on CUDA).")
-@click.option("--resume", default=None, metavar="RUN",
-              help="Continue an interrupted run directory (a path or URL) from its last epoch (its config is reused), "
-                   "or an interrupted sweep directory (finished trials are not run again).")
-@click.option("--online-teacher", type=click.Path(), default=None,
-              help="Run this teacher checkpoint live instead of reading cached targets (the references' baseline).")
-@click.option("--online-views", type=click.Choice(["fresh", "replay"]), default="fresh", show_default=True,
-              help="Online teacher: fresh random views every epoch (the references) or the store's views.")
+@click.option(
+    "--resume",
+    default=None,
+    metavar="RUN",
+    help="Continue an interrupted run directory (a path or URL) from its last epoch (its config is reused), "
+    "or an interrupted sweep directory (finished trials are not run again).",
+)
+@click.option(
+    "--online-teacher",
+    type=click.Path(),
+    default=None,
+    help="Run this teacher checkpoint live instead of reading cached targets (the references' baseline).",
+)
+@click.option(
+    "--online-views",
+    type=click.Choice(["fresh", "replay"]),
+    default="fresh",
+    show_default=True,
+    help="Online teacher: fresh random views every epoch (the references) or the store's views.",
+)
 @click.option("--data", default=None, help="Data set spec (default: the one the store was made from).")
-@click.option("--subset-fraction", type=float, default=None,
-              help="Train on a stratified, seeded fraction of the train split.")
+@click.option(
+    "--subset-fraction", type=float, default=None, help="Train on a stratified, seeded fraction of the train split."
+)
 @click.option("--subset-seed", type=int, default=0, show_default=True)
-@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
-              help="Run a grid (repeatable): e.g. --sweep beta=10,50,100 --sweep seed=0,1.")
-@click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
-              help="Sweeps: a Ray Tune grid (parallel trials), or one trial after another in this process.")
-@click.option("--gpus-per-trial", type=float, default=None,
-              help="Sweeps on Ray: each trial's share of a GPU (0.25 packs four students on one GPU; "
-                   "default: 1 where the Ray cluster has GPUs, else 0).")
-@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True,
-              help="Sweeps on Ray: CPUs reserved for each trial (also its torch threads).")
-@click.option("--gpus", "data_parallel", default=1, show_default=True, type=int,
-              help="Data-parallel workers on Ray Train (one per GPU; CPU workers with gloo where there is no GPU).")
+@click.option(
+    "--sweep",
+    "sweeps",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="Run a grid (repeatable): e.g. --sweep beta=10,50,100 --sweep seed=0,1.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["ray", "inline"]),
+    default="ray",
+    show_default=True,
+    help="Sweeps: a Ray Tune grid (parallel trials), or one trial after another in this process.",
+)
+@click.option(
+    "--gpus-per-trial",
+    type=float,
+    default=None,
+    help="Sweeps on Ray: each trial's share of a GPU (0.25 packs four students on one GPU; "
+    "default: 1 where the Ray cluster has GPUs, else 0).",
+)
+@click.option(
+    "--cpus-per-trial",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Sweeps on Ray: CPUs reserved for each trial (also its torch threads).",
+)
+@click.option(
+    "--gpus",
+    "data_parallel",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Data-parallel workers on Ray Train (one per GPU; CPU workers with gloo where there is no GPU).",
+)
 @click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
-@click.option("--workers", "loader_workers", default=None, type=click.IntRange(min=0),
-              help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).")
-@click.option("--ray-address", default=None, callback=_probe_ray_address,
-              help="Sweeps and --gpus: join this Ray cluster instead of a local one.")
-@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="Parent folder of the run (or sweep) directory (a local path or a URL: s3://bucket/runs).")
-@click.option("--head", type=click.Choice(["linear", "cam"]), default=None,
-              help="Student classifier: cam (CAT-KD's bias-free 1x1 conv, the default for cat_kd) or linear.")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A kdpipe config file (configs/) or a mdistiller / CAT-KD YAML file; options given here win.")
+@click.option(
+    "--workers",
+    "loader_workers",
+    default=None,
+    type=click.IntRange(min=0),
+    help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    callback=_probe_ray_address,
+    help="Sweeps and --gpus: join this Ray cluster instead of a local one.",
+)
+@click.option(
+    "--out",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Parent folder of the run (or sweep) directory (a local path or a URL: s3://bucket/runs).",
+)
+@click.option(
+    "--head",
+    type=click.Choice(["linear", "cam"]),
+    default=None,
+    help="Student classifier: cam (CAT-KD's bias-free 1x1 conv, the default for cat_kd) or linear.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A kdpipe config file (configs/) or a mdistiller / CAT-KD YAML file; options given here win.",
+)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="With --config: override a value of the file.")
 @click.option("--print-config", is_flag=True, help="Print the resolved run configuration as JSON and exit.")
 @click.option("--wandb", default=None, metavar="PROJECT", help=_WANDB_HELP)
 @click.pass_context
-def train_student(ctx, store, targets, student, method, beta, alpha, warmup, feat_weight, at_p, hint_layer, factor,
-                  kd_weight, resolution, normalize, ce_weight, binarize, top_n, bottom_n, temperature, alpha_penult, alpha_inter, epochs, lr, batch_size, views, resident,
-                  penult_target, seed, device, amp, resume, online_teacher, online_views, data, subset_fraction,
-                  subset_seed, sweeps, executor, gpus_per_trial, cpus_per_trial, data_parallel, sync_bn,
-                  loader_workers, ray_address, out, head, config_file, sets, print_config, wandb):
+def train_student(
+    ctx,
+    store,
+    targets,
+    student,
+    method,
+    beta,
+    alpha,
+    warmup,
+    feat_weight,
+    at_p,
+    hint_layer,
+    factor,
+    kd_weight,
+    resolution,
+    normalize,
+    ce_weight,
+    binarize,
+    top_n,
+    bottom_n,
+    temperature,
+    alpha_penult,
+    alpha_inter,
+    epochs,
+    lr,
+    batch_size,
+    views,
+    resident,
+    penult_target,
+    seed,
+    device,
+    amp,
+    resume,
+    online_teacher,
+    online_views,
+    data,
+    subset_fraction,
+    subset_seed,
+    sweeps,
+    executor,
+    gpus_per_trial,
+    cpus_per_trial,
+    data_parallel,
+    sync_bn,
+    loader_workers,
+    ray_address,
+    out,
+    head,
+    config_file,
+    sets,
+    print_config,
+    wandb,
+):
     """Stage two: train a student from the store, teacher-free.
 
     --store, --student and --method are required, except with --config FILE (which gives
     them) or --resume RUN (which reuses the run's configuration)."""
     from kdpipe.stages.train import train_student as run_stage
 
-    options = {"beta": beta, "resolution": resolution, "normalize": normalize, "ce_weight": ce_weight,
-               "binarize": binarize, "top_n": top_n, "bottom_n": bottom_n, "temperature": temperature,
-               "alpha_penult": alpha_penult, "alpha_inter": alpha_inter, "penult_target": penult_target,
-               "alpha": alpha, "warmup": warmup, "feat_weight": feat_weight, "p": at_p, "hint_layer": hint_layer,
-               "factor": factor, "kd_weight": kd_weight}
-    fields = dict(store=store, targets=targets, student=student, method=method,
-                  method_options={k: v for k, v in options.items() if v is not None}, epochs=epochs, lr=lr,
-                  batch_size=batch_size, views=views, resident=resident, seed=seed, amp=amp,
-                  online_teacher=online_teacher, online_views=online_views, data=data,
-                  subset_fraction=subset_fraction, subset_seed=subset_seed, data_parallel=data_parallel,
-                  sync_bn=sync_bn, head=head)
+    options = {
+        "beta": beta,
+        "resolution": resolution,
+        "normalize": normalize,
+        "ce_weight": ce_weight,
+        "binarize": binarize,
+        "top_n": top_n,
+        "bottom_n": bottom_n,
+        "temperature": temperature,
+        "alpha_penult": alpha_penult,
+        "alpha_inter": alpha_inter,
+        "penult_target": penult_target,
+        "alpha": alpha,
+        "warmup": warmup,
+        "feat_weight": feat_weight,
+        "p": at_p,
+        "hint_layer": hint_layer,
+        "factor": factor,
+        "kd_weight": kd_weight,
+    }
+    fields = dict(
+        store=store,
+        targets=targets,
+        student=student,
+        method=method,
+        method_options={k: v for k, v in options.items() if v is not None},
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        views=views,
+        resident=resident,
+        seed=seed,
+        amp=amp,
+        online_teacher=online_teacher,
+        online_views=online_views,
+        data=data,
+        subset_fraction=subset_fraction,
+        subset_seed=subset_seed,
+        data_parallel=data_parallel,
+        sync_bn=sync_bn,
+        head=head,
+    )
     sweep_options = _sweep_options(executor, ray_address, gpus_per_trial, cpus_per_trial, device)
     if resume is not None:
         given = given_options(ctx, [k for k in fields if k != "method_options"])
@@ -332,8 +739,14 @@ def train_student(ctx, store, targets, student, method, beta, alpha, warmup, fea
             given["method_options"] = fields["method_options"]
         if _resume_sweep(resume, sweeps, given, sweep_options):
             return
-        s = run_stage(resume=resume, given=given, device=device, ray_address=ray_address,
-                      loader_workers=loader_workers, wandb=wandb)
+        s = run_stage(
+            resume=resume,
+            given=given,
+            device=device,
+            ray_address=ray_address,
+            loader_workers=loader_workers,
+            wandb=wandb,
+        )
     else:
         cfg, record = _student_config(ctx, fields, options, config_file, sets, print_config)
         if print_config:
@@ -346,12 +759,30 @@ def train_student(ctx, store, targets, student, method, beta, alpha, warmup, fea
 
             _echo_sweep(run_sweep(cfg, parse_sweep(sweeps), out=out, options=sweep_options))
             return
-        s = run_stage(cfg, out=out, device=device, ray_address=ray_address, source=record,
-                      loader_workers=loader_workers, wandb=wandb)
-    click.echo(format_summary(f"train-student: {s['student']} with {s['method']} ({s['target_source']}) done", {
-        "final top-1 (%)": s["final_top1"], "final top-5 (%)": s["final_top5"],
-        "best top-1 (%)": s["best_top1"], "best epoch": s["best_epoch"], "epochs": s["epochs"],
-        "wall time (s)": s["wall_seconds"], "img/s (train)": s["img_per_s"], "run directory": s["run_dir"]}))
+        s = run_stage(
+            cfg,
+            out=out,
+            device=device,
+            ray_address=ray_address,
+            source=record,
+            loader_workers=loader_workers,
+            wandb=wandb,
+        )
+    click.echo(
+        format_summary(
+            f"train-student: {s['student']} with {s['method']} ({s['target_source']}) done",
+            {
+                "final top-1 (%)": s["final_top1"],
+                "final top-5 (%)": s["final_top5"],
+                "best top-1 (%)": s["best_top1"],
+                "best epoch": s["best_epoch"],
+                "epochs": s["epochs"],
+                "wall time (s)": s["wall_seconds"],
+                "img/s (train)": s["img_per_s"],
+                "run directory": s["run_dir"],
+            },
+        )
+    )
 
 
 def _student_config(ctx, fields: dict, options: dict, config_file, sets, print_config: bool):
@@ -377,8 +808,13 @@ def _student_config(ctx, fields: dict, options: dict, config_file, sets, print_c
 def _sweep_options(executor, ray_address, gpus_per_trial, cpus_per_trial, device):
     from kdpipe.pipeline.sweep import SweepOptions
 
-    return SweepOptions(executor=executor, ray_address=ray_address, gpus_per_trial=gpus_per_trial,
-                        cpus_per_trial=cpus_per_trial, device=device)
+    return SweepOptions(
+        executor=executor,
+        ray_address=ray_address,
+        gpus_per_trial=gpus_per_trial,
+        cpus_per_trial=cpus_per_trial,
+        device=device,
+    )
 
 
 def _resume_sweep(resume, sweeps, given: dict, sweep_options) -> bool:
@@ -397,9 +833,13 @@ def _resume_sweep(resume, sweeps, given: dict, sweep_options) -> bool:
 
 def _echo_sweep(r: dict) -> None:
     click.echo(r["markdown"].rstrip())
-    items = {"trials": len(r["rows"]), "finished": sum(x["status"] == "ok" for x in r["rows"]),
-             "reused (finished before)": sum(bool(x.get("reused")) for x in r["rows"]),
-             "results (CSV)": r["results_csv"], "results (Markdown)": r["results_md"]}
+    items = {
+        "trials": len(r["rows"]),
+        "finished": sum(x["status"] == "ok" for x in r["rows"]),
+        "reused (finished before)": sum(bool(x.get("reused")) for x in r["rows"]),
+        "results (CSV)": r["results_csv"],
+        "results (Markdown)": r["results_md"],
+    }
     if r.get("unfinished"):
         items["unfinished (continue with)"] = f"--resume {r['sweep_dir']}"
     click.echo(format_summary("train-student sweep: done", items))
@@ -407,19 +847,38 @@ def _echo_sweep(r: dict) -> None:
 
 @cli.command("run")
 @click.argument("configs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a value in every config (e.g. student.epochs=2, seeds=[0,1,2]).")
-@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="Folder of the student run directories and the results table (a path or URL).")
-@click.option("--stores", default="stores", show_default=True, type=click.Path(file_okay=False),
-              help="Folder of the stores, shared by every config with the same teacher and data (a path or URL).")
-@click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
-              help="Stage one on a local Ray cluster or in-process.")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a value in every config (e.g. student.epochs=2, seeds=[0,1,2]).",
+)
+@click.option(
+    "--out",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder of the student run directories and the results table (a path or URL).",
+)
+@click.option(
+    "--stores",
+    default="stores",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder of the stores, shared by every config with the same teacher and data (a path or URL).",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["ray", "inline"]),
+    default="ray",
+    show_default=True,
+    help="Stage one on a local Ray cluster or in-process.",
+)
 def run(configs, sets, out, stores, executor):
     """Whole paper rows from config files: stores (shared), target sets, students, one table."""
-    from kdpipe.stages.run import run_configs
-
     from kdpipe import storage
+    from kdpipe.stages.run import run_configs
 
     result = run_configs(configs, sets=sets, out=out, stores=stores, executor=executor)
     click.echo(storage.read_bytes(result["results_md"]).decode("utf-8").rstrip())
@@ -440,27 +899,52 @@ def inspect(store, cams, subclasses, target, png, fidelity, teacher, data, num_s
     """Show a store: manifest, arrays, sizes; verify its chunks; draw CAMs and sub-class maps."""
     from kdpipe.stages.inspect import inspect_store
 
-    result = inspect_store(store, cams=cams, png=png, subclasses=subclasses, target=target, fidelity=fidelity,
-                           teacher=teacher, data=data, num_samples=num_samples, verify=verify)
+    result = inspect_store(
+        store,
+        cams=cams,
+        png=png,
+        subclasses=subclasses,
+        target=target,
+        fidelity=fidelity,
+        teacher=teacher,
+        data=data,
+        num_samples=num_samples,
+        verify=verify,
+    )
     if result["damage"]:
-        raise KdpipeError(f"{len(result['damage'])} damaged chunk(s) or array(s) in {store} (listed above); "
-                          "re-extract or re-cluster the store.")
+        raise KdpipeError(
+            f"{len(result['damage'])} damaged chunk(s) or array(s) in {store} (listed above); "
+            "re-extract or re-cluster the store."
+        )
 
 
 @cli.command("demo")
-@click.option("--out", default="kdpipe-demo", show_default=True, type=click.Path(),
-              help="Folder for the teacher, the store, the student runs and the report.")
+@click.option(
+    "--out",
+    default="kdpipe-demo",
+    show_default=True,
+    type=click.Path(),
+    help="Folder for the teacher, the store, the student runs and the report.",
+)
 @click.option("--fast", is_flag=True, help="A smaller teacher, fewer views and epochs (under 3 minutes).")
-@click.option("--executor", type=click.Choice(["ray", "inline"]), default="ray", show_default=True,
-              help="Run stage one on a local Ray cluster or in-process.")
+@click.option(
+    "--executor",
+    type=click.Choice(["ray", "inline"]),
+    default="ray",
+    show_default=True,
+    help="Run stage one on a local Ray cluster or in-process.",
+)
 @click.option("--seeds", default="0", show_default=True, help="Student seeds, comma-separated (e.g. 0,1,2).")
 @click.option("--teacher-epochs", default=None, type=int, help="Override the preset's teacher epochs.")
 @click.option("--student-epochs", default=None, type=int, help="Override the preset's student epochs.")
 @click.option("--views", default=None, help="Override the preset's stored views (1, K or all).")
 @click.option("--k-penult", default=None, type=int, help="Override the preset's penultimate K-means centres.")
-@click.option("--students", default=None,
-              help="Student runs, comma-separated, or 'all' (ce, kd, cat_kd, letkd1, letkd2, cat_kd_online, "
-                   "letkd2_online, cat_kd_warp, dkd, at, fitnet, simkd and their _online runs). Default: the first six.")
+@click.option(
+    "--students",
+    default=None,
+    help="Student runs, comma-separated, or 'all' (ce, kd, cat_kd, letkd1, letkd2, cat_kd_online, "
+    "letkd2_online, cat_kd_warp, dkd, at, fitnet, simkd and their _online runs). Default: the first six.",
+)
 def demo(out, fast, executor, seeds, teacher_epochs, student_epochs, views, k_penult, students):
     """The whole pipeline on the embedded digits data set: teacher, store, students, report.
 
@@ -471,14 +955,22 @@ def demo(out, fast, executor, seeds, teacher_epochs, student_epochs, views, k_pe
         seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
     except ValueError:
         raise KdpipeError(f"--seeds takes comma-separated integers, not {seeds!r}.") from None
-    overrides = {key: value for key, value in (("teacher_epochs", teacher_epochs),
-                 ("student_epochs", student_epochs), ("views", views), ("k_penult", k_penult))
-                 if value is not None}
+    overrides = {
+        key: value
+        for key, value in (
+            ("teacher_epochs", teacher_epochs),
+            ("student_epochs", student_epochs),
+            ("views", views),
+            ("k_penult", k_penult),
+        )
+        if value is not None
+    }
     if students:
         from kdpipe.stages.demo import ALL_STUDENTS
 
-        overrides["students"] = ALL_STUDENTS if students == "all" else tuple(
-            x.strip() for x in students.split(",") if x.strip())
+        overrides["students"] = (
+            ALL_STUDENTS if students == "all" else tuple(x.strip() for x in students.split(",") if x.strip())
+        )
     run_demo(out=out, fast=fast, executor=executor, seeds=seed_list, **overrides)
 
 

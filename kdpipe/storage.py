@@ -24,14 +24,31 @@ from __future__ import annotations
 import copy
 import os
 import posixpath
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO
 
 from kdpipe.errors import KdpipeError
 
-__all__ = ["is_url", "normalize", "filesystem", "open_file", "read_bytes", "write_bytes", "atomic_write_bytes",
-           "exists", "isfile", "isdir", "subfolders", "files_under", "join", "basename", "options",
-           "apply_options", "EXTRAS"]
+__all__ = [
+    "is_url",
+    "normalize",
+    "filesystem",
+    "open_file",
+    "read_bytes",
+    "write_bytes",
+    "atomic_write_bytes",
+    "exists",
+    "isfile",
+    "isdir",
+    "subfolders",
+    "files_under",
+    "join",
+    "basename",
+    "options",
+    "apply_options",
+    "EXTRAS",
+]
 
 #: protocol -> (package, kdpipe extra that installs it)
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
@@ -61,8 +78,10 @@ def _missing_backend(url: str, err: ImportError) -> KdpipeError:
     protocol = _protocol(url)
     if protocol in EXTRAS:
         package, extra = EXTRAS[protocol]
-        return KdpipeError(f"{url} needs the {package} package, which is not installed; install kdpipe's "
-                           f"{extra} extra (pip install 'kdpipe[{extra}]').")
+        return KdpipeError(
+            f"{url} needs the {package} package, which is not installed; install kdpipe's "
+            f"{extra} extra (pip install 'kdpipe[{extra}]')."
+        )
     return KdpipeError(f"{url} needs an fsspec back end that is not installed ({err}).")
 
 
@@ -78,8 +97,9 @@ def filesystem(path):
         raise _missing_backend(path, err) from None
     except ValueError as err:
         if "Protocol not known" in str(err):
-            raise KdpipeError(f"{path} is not a path or a URL of a storage protocol fsspec knows "
-                              f"({_protocol(path)}://).") from None
+            raise KdpipeError(
+                f"{path} is not a path or a URL of a storage protocol fsspec knows ({_protocol(path)}://)."
+            ) from None
         raise
 
 
@@ -161,8 +181,9 @@ def subfolders(path) -> list[str]:
     if not is_url(path):
         return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     fs, inner = filesystem(path)
-    names = (posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(inner, detail=True)
-             if e.get("type") == "directory")
+    names = (
+        posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(inner, detail=True) if e.get("type") == "directory"
+    )
     return sorted(n for n in names if n and not n.startswith("."))
 
 

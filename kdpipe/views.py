@@ -113,17 +113,14 @@ def _view_counters(sample_idx, num_views) -> tuple[np.ndarray, np.ndarray]:
 
 def _as_params(params, device) -> torch.Tensor:
     """View parameters (numpy or torch, [B, P]) as an int64 tensor on `device`."""
-    return torch.as_tensor(np.asarray(params) if not torch.is_tensor(params) else params,
-                           device=device).to(torch.int64)
+    return torch.as_tensor(np.asarray(params) if not torch.is_tensor(params) else params, device=device).to(torch.int64)
 
 
 def _check_images(images: torch.Tensor, params: torch.Tensor, param_dim: int) -> None:
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if params.shape != (images.shape[0], param_dim):
-        raise ValueError(
-            f"params must be [B, {param_dim}] with B = {images.shape[0]}, got {tuple(params.shape)}"
-        )
+        raise ValueError(f"params must be [B, {param_dim}] with B = {images.shape[0]}, got {tuple(params.shape)}")
 
 
 class Policy:
@@ -151,8 +148,7 @@ class Policy:
     def enumerate(self) -> np.ndarray:
         """Every view of a finite policy: int32 [V, P]."""
         raise KdpipeError(
-            f"the {self.name} policy has infinitely many views, so views=all is not possible; "
-            "use views=1 or views=K."
+            f"the {self.name} policy has infinitely many views, so views=all is not possible; use views=1 or views=K."
         )
 
     def sample(self, seed: int, sample_idx, num_views: int, sizes=None) -> np.ndarray:
@@ -168,8 +164,7 @@ class Policy:
     def _sample_table(self, seed: int, samples: np.ndarray, views: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def random(self, generator: torch.Generator | None, batch_size: int,
-               device=None, sizes=None) -> torch.Tensor:
+    def random(self, generator: torch.Generator | None, batch_size: int, device=None, sizes=None) -> torch.Tensor:
         """B fresh random views: torch.int32 [B, P] on `device` (default: the generator's).
 
         One 62-bit seed is drawn from `generator`; the views are then
@@ -190,8 +185,7 @@ class Policy:
         """
         raise NotImplementedError
 
-    def _map_theta(self, params: torch.Tensor,
-                   sizes: torch.Tensor | None = None) -> torch.Tensor:
+    def _map_theta(self, params: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Affine [B, 2, 3] taking view-output coordinates to source-image coordinates.
 
         Both in grid_sample's normalised [-1, 1] units (align_corners=False), x first.
@@ -200,8 +194,7 @@ class Policy:
         """
         raise NotImplementedError
 
-    def apply_maps(self, maps: torch.Tensor, params, mode: str = "bilinear",
-                   sizes=None) -> torch.Tensor:
+    def apply_maps(self, maps: torch.Tensor, params, mode: str = "bilinear", sizes=None) -> torch.Tensor:
         """Warp target maps of the identity view to the view `params` (ReLabel-style).
 
         maps: [B, C, h, w] covering the un-padded source image (h, w may differ from the
@@ -227,8 +220,7 @@ class Policy:
         params = _as_params(params, maps.device)
         if params.shape != (maps.shape[0], self.param_dim):
             raise ValueError(
-                f"params must be [B, {self.param_dim}] with B = {maps.shape[0]}, "
-                f"got {tuple(params.shape)}"
+                f"params must be [B, {self.param_dim}] with B = {maps.shape[0]}, got {tuple(params.shape)}"
             )
         is_integer = not (maps.dtype.is_floating_point or maps.dtype.is_complex)
         if is_integer and mode != "nearest":
@@ -243,8 +235,7 @@ class Policy:
             work_dtype = maps.dtype
         theta = self._map_theta(params, sizes=sizes).to(work_dtype)
         grid = F.affine_grid(theta, list(maps.shape), align_corners=False)
-        out = F.grid_sample(maps.to(work_dtype), grid, mode=mode, padding_mode="border",
-                            align_corners=False)
+        out = F.grid_sample(maps.to(work_dtype), grid, mode=mode, padding_mode="border", align_corners=False)
         if is_integer:
             out = out.round()
         return out.to(maps.dtype)
@@ -253,8 +244,12 @@ class Policy:
 
     def spec(self) -> dict:
         """JSON-able description for the store manifest's `views` entry."""
-        return {"policy": self.name, "param_dim": self.param_dim, "num_views": self.num_views,
-                "image_size": list(self.image_size)}
+        return {
+            "policy": self.name,
+            "param_dim": self.param_dim,
+            "num_views": self.num_views,
+            "image_size": list(self.image_size),
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec()})"
@@ -274,8 +269,9 @@ class CropFlipPolicy(Policy):
     "reflect" mirrors the image without repeating the edge (letKD).
     """
 
-    def __init__(self, name: str, image_size=(32, 32), padding: int | None = None,
-                 flip: bool = True, pad_mode: str = "zero"):
+    def __init__(
+        self, name: str, image_size=(32, 32), padding: int | None = None, flip: bool = True, pad_mode: str = "zero"
+    ):
         super().__init__(image_size)
         height, width = self.image_size
         if padding is None:
@@ -284,8 +280,7 @@ class CropFlipPolicy(Policy):
             raise KdpipeError(f"pad_mode must be one of {', '.join(PAD_MODES)}; got {pad_mode!r}.")
         if pad_mode == "reflect" and padding >= min(height, width):
             raise KdpipeError(
-                f"reflect padding needs padding < image size; got padding {padding} for "
-                f"{height}x{width} images."
+                f"reflect padding needs padding < image size; got padding {padding} for {height}x{width} images."
             )
         self.name = name
         self.padding = int(padding)
@@ -303,8 +298,7 @@ class CropFlipPolicy(Policy):
         """All views, ordered flip-major, then dy, then dx (dx fastest): int32 [V, P]."""
         offsets = np.arange(2 * self.padding + 1)
         flips = [0, 1] if self.flip else [0]
-        rows = [(dx, dy, f) if self.flip else (dx, dy)
-                for f in flips for dy in offsets for dx in offsets]
+        rows = [(dx, dy, f) if self.flip else (dx, dy) for f in flips for dy in offsets for dx in offsets]
         return np.asarray(rows, dtype=np.int32)
 
     def _sample_table(self, seed, samples, views):
@@ -341,8 +335,7 @@ class CropFlipPolicy(Policy):
         batch, _, height, width = images.shape
         if (height, width) != self.image_size:
             raise ValueError(
-                f"the {self.name} policy is for {self.image_size[0]}x{self.image_size[1]} "
-                f"images, got {height}x{width}"
+                f"the {self.name} policy is for {self.image_size[0]}x{self.image_size[1]} images, got {height}x{width}"
             )
         rows, rows_inside = self._source_index(params[:, 1], height)  # [B, H]
         # A flipped output column j shows crop column W-1-j.
@@ -381,9 +374,13 @@ class CropFlipPolicy(Policy):
             # Flip after crop: output x reads crop position -x.
             scale_x = torch.where(params[:, 2] != 0, -scale_x, scale_x)
         zero = torch.zeros_like(shift_x)
-        return torch.stack([torch.stack([scale_x, zero, shift_x], dim=-1),
-                            torch.stack([zero, torch.ones_like(shift_y), shift_y], dim=-1)],
-                           dim=1)
+        return torch.stack(
+            [
+                torch.stack([scale_x, zero, shift_x], dim=-1),
+                torch.stack([zero, torch.ones_like(shift_y), shift_y], dim=-1),
+            ],
+            dim=1,
+        )
 
     def spec(self) -> dict:
         spec = super().spec()
@@ -415,9 +412,16 @@ def _as_sizes(sizes, count: int) -> np.ndarray:
     return array
 
 
-def random_resized_crop_boxes(seed: int, samples: np.ndarray, views: np.ndarray,
-                              heights, widths, scale=(0.08, 1.0),
-                              ratio=(3.0 / 4.0, 4.0 / 3.0), attempts: int = 10) -> np.ndarray:
+def random_resized_crop_boxes(
+    seed: int,
+    samples: np.ndarray,
+    views: np.ndarray,
+    heights,
+    widths,
+    scale=(0.08, 1.0),
+    ratio=(3.0 / 4.0, 4.0 / 3.0),
+    attempts: int = 10,
+) -> np.ndarray:
     """torchvision's `RandomResizedCrop.get_params`, vectorised over all (sample, view) pairs.
 
     samples [N, 1], views [1, K] (counters for `hash_uniform`); heights, widths: each
@@ -464,8 +468,7 @@ def random_resized_crop_boxes(seed: int, samples: np.ndarray, views: np.ndarray,
     tall, wide = in_ratio < min(ratio), in_ratio > max(ratio)
     fallback_w = np.where(wide, np.rint(height * max(ratio)), width).astype(np.int64)
     fallback_h = np.where(tall, np.rint(width / min(ratio)), height).astype(np.int64)
-    fallback = np.stack([(height - fallback_h) // 2, (width - fallback_w) // 2,
-                         fallback_h, fallback_w], axis=-1)
+    fallback = np.stack([(height - fallback_h) // 2, (width - fallback_w) // 2, fallback_h, fallback_w], axis=-1)
     return np.where(found[:, None], box, fallback).reshape(shape + (4,))
 
 
@@ -495,8 +498,7 @@ class ImageNetPolicy(Policy):
     param_dim = 5
     num_views = None
 
-    def __init__(self, image_size=(64, 64), scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
-                 attempts: int = 10):
+    def __init__(self, image_size=(64, 64), scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), attempts: int = 10):
         super().__init__(image_size)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
@@ -535,8 +537,7 @@ class ImageNetPolicy(Policy):
         return self._table(seed, samples, views, *self.image_size)
 
     def _table(self, seed, samples, views, heights, widths) -> np.ndarray:
-        boxes = random_resized_crop_boxes(seed, samples, views, heights, widths,
-                                          self.scale, self.ratio, self.attempts)
+        boxes = random_resized_crop_boxes(seed, samples, views, heights, widths, self.scale, self.ratio, self.attempts)
         flip = _hash_int(seed, samples, views, 4 * self.attempts, 2)
         flip = np.broadcast_to(flip, boxes.shape[:-1])[..., None]
         return np.concatenate([boxes, flip], axis=-1)
@@ -555,10 +556,11 @@ class ImageNetPolicy(Policy):
         out_h, out_w = images.shape[-2:]
         outputs = []
         for image, (y0, x0, h, w, flip) in zip(images, params.tolist()):
-            crop = image[:, y0:y0 + h, x0:x0 + w]
+            crop = image[:, y0 : y0 + h, x0 : x0 + w]
             if (h, w) != (out_h, out_w):
-                resized = F.interpolate(crop[None].float(), size=(out_h, out_w), mode="bilinear",
-                                        align_corners=False, antialias=False)[0]
+                resized = F.interpolate(
+                    crop[None].float(), size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=False
+                )[0]
                 if images.dtype == torch.uint8:
                     resized = resized.round().clamp(0, 255)
                 crop = resized.to(images.dtype)
@@ -574,12 +576,10 @@ class ImageNetPolicy(Policy):
         """
         dtype = torch.float64
         if sizes is None:
-            height = torch.full((params.shape[0],), float(self.image_size[0]), dtype=dtype,
-                                device=params.device)
+            height = torch.full((params.shape[0],), float(self.image_size[0]), dtype=dtype, device=params.device)
             width = torch.full_like(height, float(self.image_size[1]))
         else:
-            size_t = torch.as_tensor(_as_sizes(sizes, params.shape[0]), dtype=dtype,
-                                     device=params.device)
+            size_t = torch.as_tensor(_as_sizes(sizes, params.shape[0]), dtype=dtype, device=params.device)
             height, width = size_t[:, 0], size_t[:, 1]
         y0, x0, h, w, flip = (params[:, i].to(dtype) for i in range(5))
         # Box [x0, x0 + w] in pixels -> centre and half-width in normalised units.
@@ -588,8 +588,9 @@ class ImageNetPolicy(Policy):
         scale_x = torch.where(flip != 0, -w / width, w / width)
         scale_y = h / height
         zero = torch.zeros_like(centre_x)
-        return torch.stack([torch.stack([scale_x, zero, centre_x], dim=-1),
-                            torch.stack([zero, scale_y, centre_y], dim=-1)], dim=1)
+        return torch.stack(
+            [torch.stack([scale_x, zero, centre_x], dim=-1), torch.stack([zero, scale_y, centre_y], dim=-1)], dim=1
+        )
 
     def spec(self) -> dict:
         spec = super().spec()
@@ -611,9 +612,7 @@ def get_policy(name: str, image_size=None, **options) -> Policy:
     image_size defaults to 32x32 for cifar/digits and 64x64 for imagenet.
     """
     if name not in _POLICIES:
-        raise KdpipeError(
-            f"unknown view policy {name!r}; expected one of {', '.join(policy_names())}."
-        )
+        raise KdpipeError(f"unknown view policy {name!r}; expected one of {', '.join(policy_names())}.")
     if image_size is None:
         image_size = (64, 64) if name == "imagenet" else (32, 32)
     return _POLICIES[name](image_size=image_size, **options)
@@ -648,8 +647,10 @@ def resolve_views(policy: Policy, views) -> str:
     if k < 1:
         raise KdpipeError(f"--views must be auto, all, 1 or a number K >= 1; got {views!r}.")
     if policy.num_views is not None and k > policy.num_views:
-        raise KdpipeError(f"--views {k} asks for more views than the {policy.num_views} distinct views of the "
-                          f"{policy.name} policy; use --views all.")
+        raise KdpipeError(
+            f"--views {k} asks for more views than the {policy.num_views} distinct views of the "
+            f"{policy.name} policy; use --views all."
+        )
     return str(k)
 
 
@@ -673,9 +674,7 @@ def view_table(policy: Policy, n: int, mode, seed: int = 0, start: int = 0) -> n
     try:
         num_views = int(mode_text)
     except ValueError:
-        raise KdpipeError(
-            f"views must be 1, a number of seeded views K, or all; got {mode!r}."
-        ) from None
+        raise KdpipeError(f"views must be 1, a number of seeded views K, or all; got {mode!r}.") from None
     if num_views < 1:
         raise KdpipeError(f"views must be 1, a number of seeded views K >= 1, or all; got {mode!r}.")
     return policy.sample(seed, np.arange(start, start + n), num_views)

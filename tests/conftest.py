@@ -54,11 +54,23 @@ def tiny_store(tmp_path_factory):
     teacher = root / "teacher.pth"
     torch.save({"model": calibrated_teacher("resnet8", TINY_CLASSES).state_dict()}, teacher)
     path = root / "store.zarr"
-    extract_teacher(ExtractConfig(teacher=str(teacher), arch="resnet8", data=TINY_DATA, out=str(path),
-                                  cam_res=(2,), native_cam=True, shard_size=8, executor="inline"),
-                    progress=False, verbose=False)
-    cluster(ClusterConfig(store=str(path), k_penult=8, k_inter=2, topk=4, executor="inline"),
-            progress=False, verbose=False)
+    extract_teacher(
+        ExtractConfig(
+            teacher=str(teacher),
+            arch="resnet8",
+            data=TINY_DATA,
+            out=str(path),
+            cam_res=(2,),
+            native_cam=True,
+            shard_size=8,
+            executor="inline",
+        ),
+        progress=False,
+        verbose=False,
+    )
+    cluster(
+        ClusterConfig(store=str(path), k_penult=8, k_inter=2, topk=4, executor="inline"), progress=False, verbose=False
+    )
     return {"path": str(path), "teacher": str(teacher), "data": TINY_DATA, "root": root}
 
 

@@ -24,8 +24,17 @@ from kdpipe.stages.cluster import plot_subclasses
 
 faiss.omp_set_num_threads(1)
 
-ARRAYS = ["penult_centers", "penult_topk_idx", "penult_topk_val", "lda_scalings", "lda_xbar",
-          "subclass_centers", "subclass_prototypes", "subclass_scores", "subclass_idx"]
+ARRAYS = [
+    "penult_centers",
+    "penult_topk_idx",
+    "penult_topk_val",
+    "lda_scalings",
+    "lda_xbar",
+    "subclass_centers",
+    "subclass_prototypes",
+    "subclass_scores",
+    "subclass_idx",
+]
 FAST = dict(k_penult=8, k_inter=2, topk=4, executor="inline")
 
 
@@ -67,12 +76,13 @@ def test_fit_equals_a_direct_computation(tiny_store):
     # intermediate: per-class faiss K-means (seed + c) on the LDA projection, label-constrained ids
     xi = _vectors(r["feat/inter"][...])
     y = np.repeat(labels, 16)
-    z = (xi - a["lda_xbar"]) @ a["lda_scalings"][:, :ts.lda_dims].astype(np.float64)
+    z = (xi - a["lda_xbar"]) @ a["lda_scalings"][:, : ts.lda_dims].astype(np.float64)
     for cls in range(C):
-        km = faiss.Kmeans(z.shape[1], K, niter=20, seed=cls, max_points_per_centroid=10_000_000,
-                          min_points_per_centroid=1)
+        km = faiss.Kmeans(
+            z.shape[1], K, niter=20, seed=cls, max_points_per_centroid=10_000_000, min_points_per_centroid=1
+        )
         km.train(np.ascontiguousarray(z[y == cls], dtype=np.float32))
-        np.testing.assert_allclose(a["subclass_centers"][cls * K:(cls + 1) * K], km.centroids, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(a["subclass_centers"][cls * K : (cls + 1) * K], km.centroids, rtol=1e-3, atol=1e-3)
     dist = ((z[:, None, :] - a["subclass_centers"].astype(np.float64)[None]) ** 2).sum(-1)
     dist[np.arange(C * K)[None, :] // K != y[:, None]] = np.inf
     ids = dist.argmin(1)
@@ -186,8 +196,9 @@ def test_bad_options_are_refused_before_any_work(store_copy, cli_runner):
 def test_plot_subclasses(tiny_store, tmp_path):
     r = open_store(tiny_store["path"])
     labels = np.asarray(r["labels"][...]).astype(np.int64)
-    ds = SimpleNamespace(labels=labels, policy=None,
-                         get_batch=lambda idx: torch.full((len(idx), 3, 16, 16), 128, dtype=torch.uint8))
+    ds = SimpleNamespace(
+        labels=labels, policy=None, get_batch=lambda idx: torch.full((len(idx), 3, 16, 16), 128, dtype=torch.uint8)
+    )
     png = plot_subclasses(r, "default", 3, tmp_path / "sub.png", ds)
     assert (tmp_path / "sub.png").stat().st_size > 1000 and png.endswith("sub.png")
 

@@ -8,7 +8,12 @@ from scipy.special import logsumexp
 
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.clustering import (
-    TopkAssigner, constrained_nearest, kmeans, per_class_kmeans, subclass_prototypes, subsample_indices,
+    TopkAssigner,
+    constrained_nearest,
+    kmeans,
+    per_class_kmeans,
+    subclass_prototypes,
+    subsample_indices,
 )
 from kdpipe.methods.letkd import penult_topk_targets, subclass_score_matrix
 
@@ -42,8 +47,9 @@ def test_topk_is_exact_top_of_full_softmax(x, temperature):
     np.testing.assert_allclose(val, np.exp(np.take_along_axis(logp, idx, 1)), atol=1e-5)
     assert (val.sum(1) <= 1 + 1e-5).all()
     # the same quantity as letkd.penult_topk_targets (the online side)
-    ti, tv = penult_topk_targets(torch.from_numpy(x.T.reshape(1, 12, 1, -1).copy()),
-                                 torch.from_numpy(centers), temperature, 5)
+    ti, tv = penult_topk_targets(
+        torch.from_numpy(x.T.reshape(1, 12, 1, -1).copy()), torch.from_numpy(centers), temperature, 5
+    )
     assert (ti.reshape(-1, 5).numpy() == idx).mean() > 0.999
     np.testing.assert_allclose(tv.reshape(-1, 5).numpy(), val, atol=1e-5)
 
@@ -71,11 +77,13 @@ def test_score_matrix_hand_case():
     z = np.array([[0.0], [0.0], [3.0], [2.5], [2.5], [4.0], [10.0], [10.0], [20.0], [20.0]])
     ids = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
     S = subclass_score_matrix(z, ids, 4)
-    expected = np.array([
-        [2 / 3, 1 / 3, 0, 0],  # 0 -> 1, 0 -> 1, 3 -> 3
-        [0, 1, 0, 0],          # 2.5 -> 3 (0.5 < 1.5), 4 -> 3
-        [0, 0, 1, 0],
-        [0, 0, 0, 1],
-    ])
+    expected = np.array(
+        [
+            [2 / 3, 1 / 3, 0, 0],  # 0 -> 1, 0 -> 1, 3 -> 3
+            [0, 1, 0, 0],  # 2.5 -> 3 (0.5 < 1.5), 4 -> 3
+            [0, 0, 1, 0],
+            [0, 0, 0, 1],
+        ]
+    )
     np.testing.assert_allclose(S, expected)
     np.testing.assert_allclose(S.sum(1), 1.0)

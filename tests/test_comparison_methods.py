@@ -36,9 +36,21 @@ def store(tiny_store, tmp_path_factory):
     from kdpipe.stages.extract import extract_teacher
 
     path = tmp_path_factory.mktemp("comparison") / "store.zarr"
-    extract_teacher(ExtractConfig(teacher=tiny_store["teacher"], arch="resnet8", data=tiny_store["data"],
-                                  out=str(path), cam_res=(), features=(), methods=("at", "fitnet", "simkd"),
-                                  shard_size=8, executor="inline"), progress=False, verbose=False)
+    extract_teacher(
+        ExtractConfig(
+            teacher=tiny_store["teacher"],
+            arch="resnet8",
+            data=tiny_store["data"],
+            out=str(path),
+            cam_res=(),
+            features=(),
+            methods=("at", "fitnet", "simkd"),
+            shard_size=8,
+            executor="inline",
+        ),
+        progress=False,
+        verbose=False,
+    )
     return dict(tiny_store, path=str(path))
 
 
@@ -68,9 +80,18 @@ def test_unknown_method_named_at_extraction_is_one_sentence(store, tmp_path):
     from kdpipe.stages.extract import extract_teacher
 
     with pytest.raises(KdpipeError, match="Unknown method 'nope'"):
-        extract_teacher(ExtractConfig(teacher=store["teacher"], arch="resnet8", data=store["data"],
-                                      out=str(tmp_path / "s.zarr"), methods=("nope",), executor="inline"),
-                        progress=False, verbose=False)
+        extract_teacher(
+            ExtractConfig(
+                teacher=store["teacher"],
+                arch="resnet8",
+                data=store["data"],
+                out=str(tmp_path / "s.zarr"),
+                methods=("nope",),
+                executor="inline",
+            ),
+            progress=False,
+            verbose=False,
+        )
 
 
 KINDS = {"at": lambda: AttentionMaps(2.0), "fitnet": lambda: HintFeature(2), "simkd": PenultMap}
@@ -87,8 +108,9 @@ def test_cached_replay_equals_online_on_the_same_views(parts, name):
     assert torch.equal(plan.params, online.plan(indices, 3, 1).params)
     cached.begin_epoch(plan, 8)
     for batch in plan.batches(8):
-        x = normalize(policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params),
-                      dataset.mean, dataset.std)
+        x = normalize(
+            policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params), dataset.mean, dataset.std
+        )
         a, b = cached.targets(batch, x), online.targets(batch, x)
         assert set(a) == set(b) == set(cached.kinds[0].target_keys) and a
         for key in a:
@@ -193,8 +215,12 @@ def test_each_method_trains_one_epoch_and_evaluates(store, tmp_path, method, sou
     from kdpipe.stages.train import train_student
 
     online = {"online_teacher": store["teacher"]} if source == "online" else {}
-    s = train_student(StudentConfig(store=store["path"], student="resnet8", method=method, epochs=1, batch_size=8,
-                                    **online), out=tmp_path, progress=False, plot=False)
+    s = train_student(
+        StudentConfig(store=store["path"], student="resnet8", method=method, epochs=1, batch_size=8, **online),
+        out=tmp_path,
+        progress=False,
+        plot=False,
+    )
     assert s["target_source"] == source and s["final_top1"] is not None
     assert evaluate(s["run_dir"])["top1"] == pytest.approx(s["best_top1"])
 

@@ -28,24 +28,37 @@ def test_every_shipped_config_resolves(cli_runner):
     assert len(SHIPPED) >= 80
     for path in SHIPPED:
         cfg = printed(cli_runner, "--config", str(path))
-        for key in ("teacher_arch", "student", "method", "method_resolved", "epochs", "lr", "batch_size", "momentum",
-                    "weight_decay", "nesterov", "milestones", "lr_decay", "views"):
+        for key in (
+            "teacher_arch",
+            "student",
+            "method",
+            "method_resolved",
+            "epochs",
+            "lr",
+            "batch_size",
+            "momentum",
+            "weight_decay",
+            "nesterov",
+            "milestones",
+            "lr_decay",
+            "views",
+        ):
             assert key in cfg, (path, key)
 
 
 # (teacher, student) -> (beta, r, normalize, lr): GzyAftermath/CAT-KD configs/cifar100/CAT_KD/
 CATKD_REFERENCE = {
-    ("resnet110", "resnet32"): (1.8, 2, False, 0.05),        # res110_res32.yaml
-    ("resnet56", "resnet20"): (0.7, 2, False, 0.05),         # res56_res20.yaml
-    ("resnet32x4", "resnet8x4"): (15.0, 2, False, 0.05),     # res32x4_res8x4.yaml
-    ("resnet32x4", "ShuffleV1"): (600.0, 4, True, 0.01),     # res32x4_shuv1.yaml
-    ("resnet32x4", "ShuffleV2"): (600.0, 4, True, 0.01),     # res32x4_shuv2.yaml
-    ("ResNet50", "MobileNetV2"): (40.0, 2, True, 0.01),      # res50_mv2.yaml
-    ("vgg13", "MobileNetV2"): (15.0, 2, True, 0.01),         # vgg13_mv2.yaml
-    ("vgg13", "vgg8"): (4.5, 2, False, 0.05),                # vgg13_vgg8.yaml
-    ("wrn_40_2", "ShuffleV1"): (80.0, 4, True, 0.01),        # wrn40_2_shuv1.yaml
-    ("wrn_40_2", "wrn_16_2"): (12.0, 2, False, 0.05),        # wrn_40_2_wrn_16_2.yaml
-    ("wrn_40_2", "wrn_40_1"): (1.5, 2, False, 0.05),         # wrn_40_2_wrn_40_1.yaml
+    ("resnet110", "resnet32"): (1.8, 2, False, 0.05),  # res110_res32.yaml
+    ("resnet56", "resnet20"): (0.7, 2, False, 0.05),  # res56_res20.yaml
+    ("resnet32x4", "resnet8x4"): (15.0, 2, False, 0.05),  # res32x4_res8x4.yaml
+    ("resnet32x4", "ShuffleV1"): (600.0, 4, True, 0.01),  # res32x4_shuv1.yaml
+    ("resnet32x4", "ShuffleV2"): (600.0, 4, True, 0.01),  # res32x4_shuv2.yaml
+    ("ResNet50", "MobileNetV2"): (40.0, 2, True, 0.01),  # res50_mv2.yaml
+    ("vgg13", "MobileNetV2"): (15.0, 2, True, 0.01),  # vgg13_mv2.yaml
+    ("vgg13", "vgg8"): (4.5, 2, False, 0.05),  # vgg13_vgg8.yaml
+    ("wrn_40_2", "ShuffleV1"): (80.0, 4, True, 0.01),  # wrn40_2_shuv1.yaml
+    ("wrn_40_2", "wrn_16_2"): (12.0, 2, False, 0.05),  # wrn_40_2_wrn_16_2.yaml
+    ("wrn_40_2", "wrn_40_1"): (1.5, 2, False, 0.05),  # wrn_40_2_wrn_40_1.yaml
 }
 
 
@@ -56,13 +69,27 @@ def test_catkd_rows_equal_the_reference_configs(cli_runner, pair):
     m = cfg["method_resolved"]
     assert (m["beta"], m["resolution"], m["normalize"], m["ce_weight"]) == (beta, r, norm, 1.0)
     # every CAT_KD file: SOLVER batch 64, 240 epochs, [150, 180, 210] x0.1, wd 5e-4, momentum 0.9, SGD
-    assert (cfg["lr"], cfg["batch_size"], cfg["epochs"], cfg["milestones"], cfg["lr_decay"], cfg["weight_decay"],
-            cfg["momentum"], cfg["nesterov"], cfg["head"]) == (lr, 64, 240, [150, 180, 210], 0.1, 5e-4, 0.9, False, "cam")
+    assert (
+        cfg["lr"],
+        cfg["batch_size"],
+        cfg["epochs"],
+        cfg["milestones"],
+        cfg["lr_decay"],
+        cfg["weight_decay"],
+        cfg["momentum"],
+        cfg["nesterov"],
+        cfg["head"],
+    ) == (lr, 64, 240, [150, 180, 210], 0.1, 5e-4, 0.9, False, "cam")
     # the defaults equal the reference too: the pair alone, without the file's method options
     alone = printed(cli_runner, "--student", pair[1], "--method", "cat_kd", "--data", "digits")
     assert alone["method_resolved"]["beta"] is None  # no teacher known: nothing bound
-    bound = printed(cli_runner, "--config", str(CONFIGS / "cifar100" / "cat_kd" / f"{pair[0]}-{pair[1]}.yaml"),
-                    "--set", "student.method_options={}")
+    bound = printed(
+        cli_runner,
+        "--config",
+        str(CONFIGS / "cifar100" / "cat_kd" / f"{pair[0]}-{pair[1]}.yaml"),
+        "--set",
+        "student.method_options={}",
+    )
     b = bound["method_resolved"]
     assert (b["beta"], b["resolution"], b["normalize"]) == (beta, r, norm) and bound["lr"] == lr
 
@@ -71,11 +98,16 @@ def test_catkd_rows_equal_the_reference_configs(cli_runner, pair):
 # Nesterov, alphas (value_ratio) 1 except RN50 -> MNV2 penult 0.1 / inter 0.2
 # (letKD-framework CIFAR100/cross_model/RN50_MNv2/letKD-2.py).
 LETKD_REFERENCE = {
-    ("wrn_40_2", "wrn_16_2"): (0.05, 1.0, 1.0, None), ("wrn_40_2", "wrn_40_1"): (0.05, 1.0, 1.0, None),
-    ("resnet56", "resnet20"): (0.05, 1.0, 1.0, None), ("resnet110", "resnet20"): (0.05, 1.0, 1.0, None),
-    ("resnet110", "resnet32"): (0.05, 1.0, 1.0, None), ("resnet32x4", "resnet8x4"): (0.05, 1.0, 1.0, None),
-    ("wrn_40_2", "ShuffleV1"): (0.01, 1.0, 1.0, [4, 4]), ("resnet32x4", "ShuffleV1"): (0.01, 1.0, 1.0, [4, 4]),
-    ("resnet32x4", "ShuffleV2"): (0.01, 1.0, 1.0, [4, 4]), ("ResNet50", "MobileNetV2"): (0.01, 0.1, 0.2, [2, 2]),
+    ("wrn_40_2", "wrn_16_2"): (0.05, 1.0, 1.0, None),
+    ("wrn_40_2", "wrn_40_1"): (0.05, 1.0, 1.0, None),
+    ("resnet56", "resnet20"): (0.05, 1.0, 1.0, None),
+    ("resnet110", "resnet20"): (0.05, 1.0, 1.0, None),
+    ("resnet110", "resnet32"): (0.05, 1.0, 1.0, None),
+    ("resnet32x4", "resnet8x4"): (0.05, 1.0, 1.0, None),
+    ("wrn_40_2", "ShuffleV1"): (0.01, 1.0, 1.0, [4, 4]),
+    ("resnet32x4", "ShuffleV1"): (0.01, 1.0, 1.0, [4, 4]),
+    ("resnet32x4", "ShuffleV2"): (0.01, 1.0, 1.0, [4, 4]),
+    ("ResNet50", "MobileNetV2"): (0.01, 0.1, 0.2, [2, 2]),
 }
 
 
@@ -87,8 +119,14 @@ def test_letkd_rows_equal_the_reference(cli_runner, pair):
     for level in (1, 2):
         path = CONFIGS / "cifar100" / "letkd" / f"{pair[0]}-{pair[1]}-letkd{level}.yaml"
         cfg = printed(cli_runner, "--config", str(path))
-        assert (cfg["lr"], cfg["nesterov"], cfg["batch_size"], cfg["epochs"], cfg["milestones"], cfg["weight_decay"]) \
-            == (lr, True, 64, 240, [150, 180, 210], 5e-4)
+        assert (
+            cfg["lr"],
+            cfg["nesterov"],
+            cfg["batch_size"],
+            cfg["epochs"],
+            cfg["milestones"],
+            cfg["weight_decay"],
+        ) == (lr, True, 64, 240, [150, 180, 210], 5e-4)
         assert cfg["method_resolved"]["alpha_penult"] == a_penult
         if level == 2:
             assert cfg["method_resolved"]["alpha_inter"] == a_inter
@@ -141,11 +179,21 @@ device: 1
     m = cfg["method_resolved"]
     assert (cfg["teacher_arch"], cfg["student"], cfg["method"]) == ("resnet32x4", "ShuffleV1", "cat_kd")
     assert (m["beta"], m["resolution"], m["normalize"], m["ce_weight"], m["bottom_n"]) == (600.0, 4, True, 1.0, 76)
-    assert (cfg["lr"], cfg["weight_decay"], cfg["milestones"], cfg["reserved_classes"], cfg["reserved_rate"]) == \
-        (0.01, 5e-4, [150, 180, 210], 99, 0.5)
-    assert cfg["config_file"]["recorded"] == {"EXPERIMENT.NAME": "res32x4_shuv1", "EXPERIMENT.PROJECT": "res32x4_shuv1",
-                                              "EXPERIMENT.TAG": "res32x4_shuv1", "LOG.WANDB": False, "device": 1,
-                                              "if_test": True}
+    assert (cfg["lr"], cfg["weight_decay"], cfg["milestones"], cfg["reserved_classes"], cfg["reserved_rate"]) == (
+        0.01,
+        5e-4,
+        [150, 180, 210],
+        99,
+        0.5,
+    )
+    assert cfg["config_file"]["recorded"] == {
+        "EXPERIMENT.NAME": "res32x4_shuv1",
+        "EXPERIMENT.PROJECT": "res32x4_shuv1",
+        "EXPERIMENT.TAG": "res32x4_shuv1",
+        "LOG.WANDB": False,
+        "device": 1,
+        "if_test": True,
+    }
     # the command line wins over the file
     assert printed(cli_runner, "--config", str(path), "--epochs", "3", "--beta", "5")["method_resolved"]["beta"] == 5
     # omitted keys take the reference's defaults (mdistiller/engine/cfg.py): WEIGHT_DECAY 1e-4, IF_NORMALIZE True
@@ -162,8 +210,9 @@ def test_unknown_keys_are_one_sentence(cli_runner, tmp_path):
     result = cli_runner.invoke(cli, ["train-student", "--config", str(bad), "--print-config"])
     assert result.exit_code == 2 and "SOLVER.LR_WARMUP" in result.output and "Traceback" not in result.output
     row = tmp_path / "row.yaml"
-    row.write_text("teacher: {arch: resnet8, checkpoint: x}\ndata: digits\nstudent: {student: resnet8, method: kd, "
-                   "epochz: 3}\n")
+    row.write_text(
+        "teacher: {arch: resnet8, checkpoint: x}\ndata: digits\nstudent: {student: resnet8, method: kd, epochz: 3}\n"
+    )
     result = cli_runner.invoke(cli, ["train-student", "--config", str(row), "--print-config"])
     assert result.exit_code == 2 and "'epochz'" in result.output
     result = cli_runner.invoke(cli, ["run", str(row), "--set", "paperz.top1=3"])
@@ -178,8 +227,8 @@ def test_run_shares_stores_and_resumes(cli_runner, tiny_store, tmp_path, monkeyp
         path = tmp_path / f"{method}.yaml"
         path.write_text(f"""
 name: tiny-{method}
-teacher: {{arch: resnet8, checkpoint: "{tiny_store['teacher']}"}}
-data: "{tiny_store['data']}"
+teacher: {{arch: resnet8, checkpoint: "{tiny_store["teacher"]}"}}
+data: "{tiny_store["data"]}"
 extract: {{views: "4", cam_res: [2], features: [], shard_size: 16}}
 student: {{student: resnet8, method: {method}, method_options: {{}}, epochs: 1, batch_size: 16}}
 seeds: [0, 1]

@@ -18,7 +18,6 @@ from kdpipe.data.base import compute_fingerprint
 from kdpipe.errors import DataError
 from kdpipe.views import CifarPolicy, DigitsPolicy
 
-
 # --- digits -------------------------------------------------------------------------------
 
 
@@ -81,13 +80,29 @@ def test_fingerprint_is_sensitive_to_labels_and_pixels(digits_train):
     assert compute_fingerprint(labels, digits_train.get_batch, (32, 32)) != base
     images = digits_train.images.clone()
     images[0, 1, 7, 9] ^= 1  # index 0 is always among the sampled images
-    changed = Dataset(name="digits", split="train", num_classes=10, labels=digits_train.labels,
-                      image_size=(32, 32), mean=digits_train.mean, std=digits_train.std,
-                      policy=digits_train.policy, images=images)
+    changed = Dataset(
+        name="digits",
+        split="train",
+        num_classes=10,
+        labels=digits_train.labels,
+        image_size=(32, 32),
+        mean=digits_train.mean,
+        std=digits_train.std,
+        policy=digits_train.policy,
+        images=images,
+    )
     assert changed.fingerprint != base
-    same = Dataset(name="digits", split="train", num_classes=10, labels=digits_train.labels,
-                   image_size=(32, 32), mean=digits_train.mean, std=digits_train.std,
-                   policy=digits_train.policy, images=digits_train.images.clone())
+    same = Dataset(
+        name="digits",
+        split="train",
+        num_classes=10,
+        labels=digits_train.labels,
+        image_size=(32, 32),
+        mean=digits_train.mean,
+        std=digits_train.std,
+        policy=digits_train.policy,
+        images=digits_train.images.clone(),
+    )
     assert same.fingerprint == base
     assert load_dataset("digits", "test").fingerprint != base
 
@@ -103,8 +118,12 @@ def _write_pickle(path, obj):
 def _cifar_batch(rng, n, num_classes, label_key):
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
     labels = [int(v) for v in rng.integers(0, num_classes, n)]
-    return {b"batch_label": b"test", label_key: labels, b"data": data,
-            b"filenames": [b"img%d.png" % i for i in range(n)]}
+    return {
+        b"batch_label": b"test",
+        label_key: labels,
+        b"data": data,
+        b"filenames": [b"img%d.png" % i for i in range(n)],
+    }
 
 
 @pytest.fixture
@@ -115,8 +134,10 @@ def cifar10_folder(tmp_path):
     for i in range(1, 6):
         _write_pickle(folder / f"data_batch_{i}", _cifar_batch(rng, 4, 10, b"labels"))
     _write_pickle(folder / "test_batch", _cifar_batch(rng, 3, 10, b"labels"))
-    _write_pickle(folder / "batches.meta", {b"label_names": [b"c%d" % i for i in range(10)],
-                                            b"num_cases_per_batch": 4, b"num_vis": 3072})
+    _write_pickle(
+        folder / "batches.meta",
+        {b"label_names": [b"c%d" % i for i in range(10)], b"num_cases_per_batch": 4, b"num_vis": 3072},
+    )
     return folder
 
 
@@ -129,8 +150,10 @@ def cifar100_folder(tmp_path):
         batch = _cifar_batch(rng, n, 100, b"fine_labels")
         batch[b"coarse_labels"] = [0] * n
         _write_pickle(folder / name, batch)
-    _write_pickle(folder / "meta", {b"fine_label_names": [b"f%d" % i for i in range(100)],
-                                    b"coarse_label_names": [b"k%d" % i for i in range(20)]})
+    _write_pickle(
+        folder / "meta",
+        {b"fine_label_names": [b"f%d" % i for i in range(100)], b"coarse_label_names": [b"k%d" % i for i in range(20)]},
+    )
     return folder
 
 
@@ -179,8 +202,7 @@ def test_cifar_malformed_pickle(cifar10_folder):
     (cifar10_folder / "data_batch_3").write_bytes(b"this is not a pickle")
     with pytest.raises(DataError, match="data_batch_3 is not a readable CIFAR pickle"):
         load_dataset(f"cifar10:{cifar10_folder}", "train")
-    _write_pickle(cifar10_folder / "data_batch_3", {b"data": np.zeros((2, 10), np.uint8),
-                                                    b"labels": [0, 1]})
+    _write_pickle(cifar10_folder / "data_batch_3", {b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]})
     with pytest.raises(DataError, match=r"not uint8 \[N, 3072\]"):
         load_dataset(f"cifar10:{cifar10_folder}", "train")
     _write_pickle(cifar10_folder / "test_batch", {b"images": 1})
@@ -213,12 +235,12 @@ def test_synthetic_is_learnable_by_channel_energy():
     def features(ds):
         unit = ds.images.double() / 255 - 0.5
         flat = unit.reshape(len(ds), 3, -1)
-        return torch.cat([(flat[:, i] * flat[:, j]).mean(-1, keepdim=True)
-                          for i in range(3) for j in range(i, 3)], dim=1)
+        return torch.cat(
+            [(flat[:, i] * flat[:, j]).mean(-1, keepdim=True) for i in range(3) for j in range(i, 3)], dim=1
+        )
 
     train_features, test_features = features(train), features(test)
-    centroids = torch.stack([train_features[torch.from_numpy(train.labels == c)].mean(0)
-                             for c in range(10)])
+    centroids = torch.stack([train_features[torch.from_numpy(train.labels == c)].mean(0) for c in range(10)])
     predicted = torch.cdist(test_features, centroids).argmin(1).numpy()
     assert (predicted == test.labels).mean() > 0.5
 

@@ -19,8 +19,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _cfg(store, **kw):
-    base = dict(store=store["path"], student="resnet8", method="cat_kd", method_options={"beta": 1.0}, epochs=1,
-                batch_size=32, lr=0.01, seed=3, data_parallel=2)
+    base = dict(
+        store=store["path"],
+        student="resnet8",
+        method="cat_kd",
+        method_options={"beta": 1.0},
+        epochs=1,
+        batch_size=32,
+        lr=0.01,
+        seed=3,
+        data_parallel=2,
+    )
     base.update(kw)
     return StudentConfig(**base)
 
@@ -99,8 +108,7 @@ def test_a_killed_two_worker_run_resumes_to_the_unbroken_weights(tiny_store, tmp
             os._exit(1)
 
     with pytest.raises(KdpipeError, match="--resume"):
-        train_student(cfg, out=tmp_path / "killed", progress=False, plot=False,
-                      after_epoch=kill_rank_1_after_epoch_1)
+        train_student(cfg, out=tmp_path / "killed", progress=False, plot=False, after_epoch=kill_rank_1_after_epoch_1)
     (run_dir,) = list((tmp_path / "killed").iterdir())
     assert torch.load(run_dir / "checkpoints" / "latest.pth", weights_only=True)["epoch"] == 1
     resumed = train_student(resume=str(run_dir), progress=False, plot=False)

@@ -12,8 +12,22 @@ pytestmark = pytest.mark.slow
 
 def test_demo_fast_writes_report_and_reuses_teacher_and_store(cli_runner, tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--fast", "--out", str(out), "--executor", "inline", "--teacher-epochs", "1",
-            "--student-epochs", "1", "--views", "1", "--k-penult", "16"]
+    args = [
+        "demo",
+        "--fast",
+        "--out",
+        str(out),
+        "--executor",
+        "inline",
+        "--teacher-epochs",
+        "1",
+        "--student-epochs",
+        "1",
+        "--views",
+        "1",
+        "--k-penult",
+        "16",
+    ]
     first = cli_runner.invoke(cli, args)
     assert first.exit_code == 0, first.output
     report = out / "report"

@@ -21,8 +21,7 @@ class SumWorker:
     def run(self, shard):
         if shard.shard_id == self.fail_shard:
             raise StoreError("The disk is full.")
-        return {"shard": shard.shard_id, "sum": sum(range(shard.start, shard.stop)) + self.offset,
-                "pid": os.getpid()}
+        return {"shard": shard.shard_id, "sum": sum(range(shard.start, shard.stop)) + self.offset, "pid": os.getpid()}
 
 
 def test_plan_is_contiguous():
@@ -33,8 +32,14 @@ def test_plan_is_contiguous():
 
 def test_inline_runs_every_shard_in_order():
     seen = []
-    out = run_shards(SumWorker, {"offset": 1}, plan(20, 8), executor="inline", progress=False,
-                     on_result=lambda s, r: seen.append(s.shard_id))
+    out = run_shards(
+        SumWorker,
+        {"offset": 1},
+        plan(20, 8),
+        executor="inline",
+        progress=False,
+        on_result=lambda s, r: seen.append(s.shard_id),
+    )
     assert [r["sum"] for r in out] == [29, 93, 71]
     assert seen == [0, 1, 2]
     assert {r["pid"] for r in out} == {os.getpid()}

@@ -28,8 +28,12 @@ OPTS = dict(views="2", cam_res=(2, 4), native_cam=True, shard_size=16, batch_siz
 
 def extract_teacher(teacher, arch, data, out, fault=None, **kw):
     """The stage with this module's defaults: a config from keyword arguments, quiet."""
-    return run_extract(ExtractConfig(teacher=str(teacher), arch=arch, data=data, out=str(out), **kw),
-                       progress=False, verbose=False, fault=fault)
+    return run_extract(
+        ExtractConfig(teacher=str(teacher), arch=arch, data=data, out=str(out), **kw),
+        progress=False,
+        verbose=False,
+        fault=fault,
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,8 +101,9 @@ def test_stored_targets_equal_the_online_teacher(ckpt, reference):
         for res in (2, 4):
             pooled = F.adaptive_avg_pool2d(torch.from_numpy(cam), res).numpy()
             np.testing.assert_allclose(r[f"cam_r{res}"][i, v].astype(np.float32), pooled, **tol)
-        np.testing.assert_allclose(cam.mean(axis=(1, 2)) + bias, r["logits"][i, v].astype(np.float32),
-                                   rtol=2e-3, atol=4e-3)
+        np.testing.assert_allclose(
+            cam.mean(axis=(1, 2)) + bias, r["logits"][i, v].astype(np.float32), rtol=2e-3, atol=4e-3
+        )
     # raw features: the identity view only (letKD's fit set), [N, 1, D, h, w]
     assert r["feat/penult"].shape[1] == 1 and r.manifest["views"]["feature_views"] == "identity"
     ident = torch.from_numpy(ds.policy.identity()[None])
@@ -107,25 +112,29 @@ def test_stored_targets_equal_the_online_teacher(ckpt, reference):
         with torch.no_grad():
             _, feats = teacher.forward_features(normalize(x, ds.mean, ds.std))
         for layer in ("penult", "inter"):
-            np.testing.assert_allclose(r[f"feat/{layer}"][i, 0].astype(np.float32), feats[layer][0].numpy(),
-                                       rtol=4e-3, atol=4e-3)
+            np.testing.assert_allclose(
+                r[f"feat/{layer}"][i, 0].astype(np.float32), feats[layer][0].numpy(), rtol=4e-3, atol=4e-3
+            )
 
 
 def test_resume_after_the_driver_is_killed(ckpt, reference, tmp_path):
     out = str(tmp_path / "s.zarr")
     marker = tmp_path / "killed"
-    code = (f"from kdpipe.stages.extract import extract_teacher; from kdpipe.pipeline.configs import ExtractConfig; "
-            f"from kdpipe.pipeline.executor import KillWorkerOnce; "
-            f"import torch; torch.set_num_threads(1); extract_teacher(ExtractConfig({ckpt!r}, {ARCH!r}, {DATA!r}, "
-            f"{out!r}, executor='inline', **{OPTS!r}), progress=False, fault=KillWorkerOnce(2, {str(marker)!r}))")
+    code = (
+        f"from kdpipe.stages.extract import extract_teacher; from kdpipe.pipeline.configs import ExtractConfig; "
+        f"from kdpipe.pipeline.executor import KillWorkerOnce; "
+        f"import torch; torch.set_num_threads(1); extract_teacher(ExtractConfig({ckpt!r}, {ARCH!r}, {DATA!r}, "
+        f"{out!r}, executor='inline', **{OPTS!r}), progress=False, fault=KillWorkerOnce(2, {str(marker)!r}))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and marker.exists(), proc.stderr[-2000:]  # died at shard 2
     with pytest.raises(StoreError, match=r"incomplete \(2 of 3 shards"):
         open_store(out)
     with pytest.raises(StoreError, match=r"other settings .*views"):
         extract_teacher(ckpt, ARCH, DATA, out, executor="inline", resume=True, **dict(OPTS, views="3"))
-    summary = extract_teacher(ckpt, ARCH, DATA, out, executor="inline", resume=True,
-                              **dict(OPTS, shard_size=None))  # the store's shard size is used
+    summary = extract_teacher(
+        ckpt, ARCH, DATA, out, executor="inline", resume=True, **dict(OPTS, shard_size=None)
+    )  # the store's shard size is used
     assert summary["shards_run"] == 1
     _same_arrays(out, reference[0])
     again = extract_teacher(ckpt, ARCH, DATA, out, executor="inline", resume=True, **OPTS)
@@ -175,25 +184,48 @@ def test_bad_input_gets_one_line_and_exit_2(cli_runner, ckpt, reference, tmp_pat
     out = str(tmp_path / "new.zarr")
     line = _one_line_error(cli_runner.invoke(cli, base + ["--arch", "resnet14", "--data", DATA, "--out", out]))
     assert "resnet8" in line and "resnet14" in line
-    line = _one_line_error(cli_runner.invoke(cli, base + ["--arch", ARCH, "--data", f"cifar10:{tmp_path}/nope",
-                                                          "--out", out]))
+    line = _one_line_error(
+        cli_runner.invoke(cli, base + ["--arch", ARCH, "--data", f"cifar10:{tmp_path}/nope", "--out", out])
+    )
     assert "nope" in line
     line = _one_line_error(cli_runner.invoke(cli, base + ["--arch", ARCH, "--data", DATA, "--out", reference[0]]))
     assert "already exists" in line and "--overwrite" in line
-    line = _one_line_error(cli_runner.invoke(cli, base + ["--arch", ARCH, "--data", DATA, "--out", out,
-                                                          "--features", "penult,logitz"]))
+    line = _one_line_error(
+        cli_runner.invoke(cli, base + ["--arch", ARCH, "--data", DATA, "--out", out, "--features", "penult,logitz"])
+    )
     assert "logitz" in line
-    line = _one_line_error(cli_runner.invoke(cli, base + ["--arch", ARCH, "--data", DATA, "--out", out,
-                                                          "--teacher", str(tmp_path / "missing.pth")]))
+    line = _one_line_error(
+        cli_runner.invoke(
+            cli, base + ["--arch", ARCH, "--data", DATA, "--out", out, "--teacher", str(tmp_path / "missing.pth")]
+        )
+    )
     assert "missing.pth" in line
     assert not os.path.exists(out)  # nothing was created by any refused run
 
 
 def test_cli_extracts_and_overwrites(cli_runner, ckpt, tmp_path):
     out = str(tmp_path / "s.zarr")
-    args = ["extract-teacher", "--teacher", ckpt, "--arch", ARCH, "--data", "synthetic:n=16,classes=10",
-            "--out", out, "--executor", "inline", "--views", "1", "--cam-res", "2", "--features", "penult",
-            "--shard-size", "8"]
+    args = [
+        "extract-teacher",
+        "--teacher",
+        ckpt,
+        "--arch",
+        ARCH,
+        "--data",
+        "synthetic:n=16,classes=10",
+        "--out",
+        out,
+        "--executor",
+        "inline",
+        "--views",
+        "1",
+        "--cam-res",
+        "2",
+        "--features",
+        "penult",
+        "--shard-size",
+        "8",
+    ]
     result = cli_runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "compression" in result.output and "img/s" in result.output
@@ -217,20 +249,41 @@ def test_default_store_holds_every_view_and_identity_features(ckpt, tmp_path):
     assert j is not None and (r["views"][0, j] == ds.policy.identity()).all()
     assert r["feat/inter"].shape[:2] == (6, 1)
     teacher = load_teacher(ARCH, ckpt, 10)
-    x = normalize(ds.policy.apply_images(ds.get_batch(np.arange(6)), torch.from_numpy(np.repeat(
-        ds.policy.identity()[None], 6, 0))), ds.mean, ds.std)
+    x = normalize(
+        ds.policy.apply_images(
+            ds.get_batch(np.arange(6)), torch.from_numpy(np.repeat(ds.policy.identity()[None], 6, 0))
+        ),
+        ds.mean,
+        ds.std,
+    )
     with torch.no_grad():
         logits, feats = teacher.forward_features(x)
-    np.testing.assert_allclose(r["feat/inter"][:, 0].astype(np.float32), feats["inter"].numpy(), rtol=4e-3,
-                               atol=4e-3)
+    np.testing.assert_allclose(r["feat/inter"][:, 0].astype(np.float32), feats["inter"].numpy(), rtol=4e-3, atol=4e-3)
     np.testing.assert_allclose(r["logits"][:, j].astype(np.float32), logits.numpy(), rtol=2e-3, atol=2e-3)
 
 
 def test_more_views_than_distinct_ones_is_refused(cli_runner, ckpt, tmp_path):
     out = str(tmp_path / "s.zarr")
-    line = _one_line_error(cli_runner.invoke(cli, [
-        "extract-teacher", "--teacher", ckpt, "--arch", ARCH, "--data", "synthetic:n=4,classes=10,size=16",
-        "--out", out, "--executor", "inline", "--views", "51"]))
+    line = _one_line_error(
+        cli_runner.invoke(
+            cli,
+            [
+                "extract-teacher",
+                "--teacher",
+                ckpt,
+                "--arch",
+                ARCH,
+                "--data",
+                "synthetic:n=4,classes=10,size=16",
+                "--out",
+                out,
+                "--executor",
+                "inline",
+                "--views",
+                "51",
+            ],
+        )
+    )
     assert "51" in line and "50 distinct views" in line and "--views all" in line
     assert not os.path.exists(out)
 
@@ -242,8 +295,9 @@ def test_ray_with_a_killed_worker_equals_inline(ckpt, reference, tmp_path, monke
     out = str(tmp_path / "ray.zarr")
     marker = tmp_path / "killed"
     with ray_cluster(num_cpus=2) as ray:
-        summary = extract_teacher(ckpt, ARCH, DATA, out, executor="ray", num_workers=2,
-                                  fault=KillWorkerOnce(1, str(marker)), **OPTS)
+        summary = extract_teacher(
+            ckpt, ARCH, DATA, out, executor="ray", num_workers=2, fault=KillWorkerOnce(1, str(marker)), **OPTS
+        )
         # the local cluster listens on loopback only
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
         assert ray.util.get_node_ip_address() == "127.0.0.1"

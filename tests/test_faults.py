@@ -39,9 +39,24 @@ def test_a_deleted_chunk_is_refused_not_read_as_zeros(store_copy, cli_runner, tm
     chunk_file(path, array, 1).unlink()
     with pytest.raises(StoreError, match=rf"{array} \(chunk 1, samples \d+\.\.\d+\).*chunk file is missing"):
         open_store(path)
-    line = one_sentence(cli_runner.invoke(cli, ["train-student", "--store", path, "--student", "resnet8",
-                                                "--method", "letkd1" if "targets" in array else "kd",
-                                                "--epochs", "1", "--out", str(tmp_path)]))
+    line = one_sentence(
+        cli_runner.invoke(
+            cli,
+            [
+                "train-student",
+                "--store",
+                path,
+                "--student",
+                "resnet8",
+                "--method",
+                "letkd1" if "targets" in array else "kd",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path),
+            ],
+        )
+    )
     assert array in line and "missing" in line
 
 
@@ -105,14 +120,30 @@ def test_damaged_manifest_and_metadata(store_copy, cli_runner):
     assert "teacher is str" in one_sentence(cli_runner.invoke(cli, ["inspect", path]))
     meta.write_text(good)
     Path(path, "logits", "zarr.json").write_text("garbage {")
-    line = one_sentence(cli_runner.invoke(cli, ["train-student", "--store", path, "--student", "resnet8",
-                                                "--method", "kd", "--epochs", "1"]))
+    line = one_sentence(
+        cli_runner.invoke(
+            cli, ["train-student", "--store", path, "--student", "resnet8", "--method", "kd", "--epochs", "1"]
+        )
+    )
     assert "logits" in line or "metadata" in line
 
 
 def test_out_that_is_not_a_store(tiny_store, cli_runner, tmp_path):
-    base = ["extract-teacher", "--teacher", tiny_store["teacher"], "--arch", "resnet8", "--data",
-            tiny_store["data"], "--executor", "inline", "--views", "1", "--features", "none"]
+    base = [
+        "extract-teacher",
+        "--teacher",
+        tiny_store["teacher"],
+        "--arch",
+        "resnet8",
+        "--data",
+        tiny_store["data"],
+        "--executor",
+        "inline",
+        "--views",
+        "1",
+        "--features",
+        "none",
+    ]
     afile = tmp_path / "file"
     afile.write_text("x")
     assert "is a file" in one_sentence(cli_runner.invoke(cli, base + ["--out", str(afile)]))
@@ -130,8 +161,11 @@ def test_out_that_is_not_a_store(tiny_store, cli_runner, tmp_path):
 def test_inspect_options(tiny_store, cli_runner, tmp_path):
     path = tiny_store["path"]
     assert "--cams" in one_sentence(cli_runner.invoke(cli, ["inspect", path, "--cams", "-3", "--png", "x.png"]))
-    assert "--num-samples" in one_sentence(cli_runner.invoke(
-        cli, ["inspect", path, "--fidelity", "--teacher", tiny_store["teacher"], "--num-samples", "0"]))
+    assert "--num-samples" in one_sentence(
+        cli_runner.invoke(
+            cli, ["inspect", path, "--fidelity", "--teacher", tiny_store["teacher"], "--num-samples", "0"]
+        )
+    )
     line = one_sentence(cli_runner.invoke(cli, ["inspect", path, "--cams", "2", "--png", str(tmp_path / "c.xyz")]))
     assert ".xyz" in line
     result = cli_runner.invoke(cli, ["inspect", path, "--cams", "2", "--png", str(tmp_path / "new" / "cams")])
@@ -140,14 +174,40 @@ def test_inspect_options(tiny_store, cli_runner, tmp_path):
 
 
 def test_evaluate_refusals(tiny_store, cli_runner, tmp_path):
-    result = cli_runner.invoke(cli, ["train-student", "--store", tiny_store["path"], "--student", "resnet8",
-                                     "--method", "ce", "--epochs", "1", "--out", str(tmp_path)])
+    cli_runner.invoke(
+        cli,
+        [
+            "train-student",
+            "--store",
+            tiny_store["path"],
+            "--student",
+            "resnet8",
+            "--method",
+            "ce",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     (run,) = list(tmp_path.iterdir())
     line = one_sentence(cli_runner.invoke(cli, ["evaluate", "--checkpoint", str(run), "--arch", "resnet20"]))
     assert "resnet8" in line and "resnet20" in line
     # a 4-class teacher on 10-class data
-    line = one_sentence(cli_runner.invoke(cli, ["evaluate", "--checkpoint", tiny_store["teacher"], "--arch",
-                                                "resnet8", "--data", "synthetic:n=16,classes=10,size=16"]))
+    line = one_sentence(
+        cli_runner.invoke(
+            cli,
+            [
+                "evaluate",
+                "--checkpoint",
+                tiny_store["teacher"],
+                "--arch",
+                "resnet8",
+                "--data",
+                "synthetic:n=16,classes=10,size=16",
+            ],
+        )
+    )
     assert "10" in line or "4" in line
 
 
@@ -158,23 +218,45 @@ class _RunsCode:
 
 def test_a_pickled_checkpoint_names_the_forbidden_global(tmp_path, cli_runner):
     torch.save({"model": _RunsCode()}, tmp_path / "evil.pth")
-    line = one_sentence(cli_runner.invoke(cli, ["evaluate", "--checkpoint", str(tmp_path / "evil.pth"), "--arch",
-                                                "resnet8", "--data", "synthetic:n=8,classes=4,size=16"]))
+    line = one_sentence(
+        cli_runner.invoke(
+            cli,
+            [
+                "evaluate",
+                "--checkpoint",
+                str(tmp_path / "evil.pth"),
+                "--arch",
+                "resnet8",
+                "--data",
+                "synthetic:n=8,classes=4,size=16",
+            ],
+        )
+    )
     assert "system" in line and not os.path.exists("/tmp/kdpipe-pwned-by-pickle")
 
 
 def _cifar_folder(tmp_path, train_payload):
     root = tmp_path / "cifar-100-python"
     root.mkdir()
-    good = {b"data": np.zeros((4, 3072), np.uint8), b"fine_labels": [0, 1, 2, 3], b"coarse_labels": [0, 0, 1, 1],
-            b"filenames": [b"a", b"b", b"c", b"d"]}
+    good = {
+        b"data": np.zeros((4, 3072), np.uint8),
+        b"fine_labels": [0, 1, 2, 3],
+        b"coarse_labels": [0, 0, 1, 1],
+        b"filenames": [b"a", b"b", b"c", b"d"],
+    }
     with open(root / "test", "wb") as f:
         pickle.dump(good, f, protocol=2)
     with open(root / "train", "wb") as f:
         pickle.dump(train_payload if train_payload is not None else good, f, protocol=2)
     with open(root / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)],
-                     b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}, f, protocol=2)
+        pickle.dump(
+            {
+                b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+                b"coarse_label_names": [f"s{i}".encode() for i in range(20)],
+            },
+            f,
+            protocol=2,
+        )
     return root
 
 

@@ -5,7 +5,6 @@ cluster): each ends in one sentence and exit 2, never a traceback, and loses not
 import errno
 import json
 
-import pytest
 import torch
 
 from kdpipe.cli import cli
@@ -23,8 +22,20 @@ def one_sentence(result) -> str:
 
 
 def _student_args(store, tmp_path, *extra):
-    return ["train-student", "--store", store["path"], "--student", "resnet8", "--epochs", "1", "--batch-size", "8",
-            "--out", str(tmp_path / "runs"), *extra]
+    return [
+        "train-student",
+        "--store",
+        store["path"],
+        "--student",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "runs"),
+        *extra,
+    ]
 
 
 def test_read_only_output_folder(cli_runner, tiny_store, tmp_path, monkeypatch):
@@ -34,8 +45,12 @@ def test_read_only_output_folder(cli_runner, tiny_store, tmp_path, monkeypatch):
     monkeypatch.setattr(RunDir, "create", read_only)
     line = one_sentence(cli_runner.invoke(cli, _student_args(tiny_store, tmp_path, "--method", "ce")))
     assert "Read-only file system" in line and "runs" in line
-    line = one_sentence(cli_runner.invoke(cli, ["train-teacher", "--arch", "resnet8", "--data", TEACH, "--epochs", "1",
-                                                "--out", str(tmp_path / "runs")]))
+    line = one_sentence(
+        cli_runner.invoke(
+            cli,
+            ["train-teacher", "--arch", "resnet8", "--data", TEACH, "--epochs", "1", "--out", str(tmp_path / "runs")],
+        )
+    )
     assert "Read-only" in line
 
 
@@ -46,9 +61,24 @@ def test_read_only_store_folder(cli_runner, tiny_store, tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "s.zarr"))
 
     monkeypatch.setattr(StoreWriter, "create", read_only)
-    line = one_sentence(cli_runner.invoke(cli, ["extract-teacher", "--teacher", tiny_store["teacher"], "--arch",
-                                                "resnet8", "--data", TEACH, "--out", str(tmp_path / "s.zarr"),
-                                                "--executor", "inline"]))
+    line = one_sentence(
+        cli_runner.invoke(
+            cli,
+            [
+                "extract-teacher",
+                "--teacher",
+                tiny_store["teacher"],
+                "--arch",
+                "resnet8",
+                "--data",
+                TEACH,
+                "--out",
+                str(tmp_path / "s.zarr"),
+                "--executor",
+                "inline",
+            ],
+        )
+    )
     assert "Permission denied" in line
 
 
@@ -94,8 +124,12 @@ def test_resume_of_a_garbage_or_foreign_run_directory(cli_runner, tiny_store, tm
 
 
 def test_sweep_values_of_the_wrong_type(cli_runner, tiny_store, tmp_path):
-    line = one_sentence(cli_runner.invoke(cli, _student_args(tiny_store, tmp_path, "--method", "cat_kd",
-                                                             "--sweep", "beta=a,b", "--executor", "inline")))
+    line = one_sentence(
+        cli_runner.invoke(
+            cli,
+            _student_args(tiny_store, tmp_path, "--method", "cat_kd", "--sweep", "beta=a,b", "--executor", "inline"),
+        )
+    )
     assert "beta='a'" in line
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # refused before any trial
 
@@ -114,23 +148,60 @@ def test_demo_refuses_before_any_work(cli_runner, tmp_path):
 
 def test_a_store_of_the_test_split_is_refused_for_training(cli_runner, tiny_store, tmp_path):
     out = tmp_path / "test.zarr"
-    result = cli_runner.invoke(cli, ["extract-teacher", "--teacher", tiny_store["teacher"], "--arch", "resnet8",
-                                     "--data", tiny_store["data"], "--split", "test", "--out", str(out), "--views",
-                                     "1", "--executor", "inline", "--features", "none"])
+    result = cli_runner.invoke(
+        cli,
+        [
+            "extract-teacher",
+            "--teacher",
+            tiny_store["teacher"],
+            "--arch",
+            "resnet8",
+            "--data",
+            tiny_store["data"],
+            "--split",
+            "test",
+            "--out",
+            str(out),
+            "--views",
+            "1",
+            "--executor",
+            "inline",
+            "--features",
+            "none",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    line = one_sentence(cli_runner.invoke(cli, ["train-student", "--store", str(out), "--student", "resnet8",
-                                                "--method", "kd", "--epochs", "1", "--out", str(tmp_path)]))
+    line = one_sentence(
+        cli_runner.invoke(
+            cli,
+            [
+                "train-student",
+                "--store",
+                str(out),
+                "--student",
+                "resnet8",
+                "--method",
+                "kd",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path),
+            ],
+        )
+    )
     assert "test split" in line
 
 
 def test_resume_refuses_options_that_differ(cli_runner, tiny_store, tmp_path):
     result = cli_runner.invoke(cli, _student_args(tiny_store, tmp_path, "--method", "ce"))
     (run_dir,) = list((tmp_path / "runs").iterdir())
-    line = one_sentence(cli_runner.invoke(cli, ["train-student", "--resume", str(run_dir), "--method", "kd",
-                                                "--epochs", "6"]))
+    line = one_sentence(
+        cli_runner.invoke(cli, ["train-student", "--resume", str(run_dir), "--method", "kd", "--epochs", "6"])
+    )
     assert "--method" in line and "--epochs" in line
-    result = cli_runner.invoke(cli, ["train-teacher", "--arch", "resnet8", "--data", TEACH, "--epochs", "1",
-                                     "--out", str(tmp_path / "t")])
+    result = cli_runner.invoke(
+        cli, ["train-teacher", "--arch", "resnet8", "--data", TEACH, "--epochs", "1", "--out", str(tmp_path / "t")]
+    )
     assert result.exit_code == 0, result.output
     (teacher_dir,) = list((tmp_path / "t").iterdir())
     line = one_sentence(cli_runner.invoke(cli, ["train-teacher", "--resume", str(teacher_dir), "--arch", "resnet20"]))

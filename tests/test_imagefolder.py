@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe.data import load_dataset
-from kdpipe.data import loader
+from kdpipe.data import load_dataset, loader
 from kdpipe.data.imagefolder import parse_imagefolder_spec, read_image_sizes
 from kdpipe.errors import DataError, KdpipeError
 from kdpipe.views import ImageNetPolicy, hash_uniform
@@ -24,8 +23,7 @@ VAL_SIZES = [(30, 48), (41, 35)]
 def _pixels(rng, height, width):
     """A smooth gradient plus noise: bilinear resizing then has something to average."""
     yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([yy * 255 // max(1, height - 1), xx * 255 // max(1, width - 1),
-                     (yy + xx) % 256], axis=-1)
+    base = np.stack([yy * 255 // max(1, height - 1), xx * 255 // max(1, width - 1), (yy + xx) % 256], axis=-1)
     noise = rng.integers(0, 40, (height, width, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
@@ -108,7 +106,7 @@ def test_imagefolder_errors(image_folder):
     with pytest.raises(DataError, match="could not read the image .*9.png"):
         broken.get_batch([6])  # cat/9.png sorts last
     with pytest.raises(DataError, match="could not read the image .*9.png"):
-        broken.image_sizes
+        _ = broken.image_sizes
     with pytest.raises(IndexError):
         broken.get_views([7], [[0, 0, 1, 1, 0]])
 
@@ -128,11 +126,11 @@ def test_image_sizes_from_headers(image_folder):
 # --- the policy's boxes -----------------------------------------------------------------
 
 
-def _get_params_scalar(seed, sample, view, height, width, scale=(0.08, 1.0),
-                       ratio=(3 / 4, 4 / 3)):
+def _get_params_scalar(seed, sample, view, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop.get_params written as torchvision writes it (one box,
     Python floats and round), with the policy's hash_uniform draws in place of torch's RNG.
     Returns ((y0, x0, h, w), fell_back)."""
+
     def u(draw):
         return float(hash_uniform(seed, sample, view, draw).reshape(()))
 
@@ -221,8 +219,9 @@ def test_sample_is_a_pure_function_of_seed_sample_view_and_size():
     # Fewer views are a prefix of more views.
     assert np.array_equal(policy.sample(5, np.arange(100), 3, sizes=sizes), whole[:, :3])
     # Without sizes every image is image_size (the old behaviour).
-    assert np.array_equal(policy.sample(5, np.arange(10), 2),
-                          policy.sample(5, np.arange(10), 2, sizes=[[224, 224]] * 10))
+    assert np.array_equal(
+        policy.sample(5, np.arange(10), 2), policy.sample(5, np.arange(10), 2, sizes=[[224, 224]] * 10)
+    )
     with pytest.raises(ValueError, match="sizes must be"):
         policy.sample(5, np.arange(3), 2, sizes=[[10, 10]])
     with pytest.raises(KdpipeError, match="at least 1"):
@@ -270,7 +269,7 @@ def _hand_view(original, box, flip, size):
     from PIL import Image
 
     y0, x0, h, w = box
-    crop = Image.fromarray(np.ascontiguousarray(original[y0:y0 + h, x0:x0 + w]))
+    crop = Image.fromarray(np.ascontiguousarray(original[y0 : y0 + h, x0 : x0 + w]))
     pixels = np.asarray(crop.resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
     return pixels[:, :, ::-1] if flip else pixels
 
@@ -278,13 +277,17 @@ def _hand_view(original, box, flip, size):
 def test_get_views_equals_crop_resize_flip_by_hand(image_folder):
     root, originals = image_folder
     train = _train(root)
-    params = np.array([[3, 5, 20, 31, 0],      # 30x46: a 20x31 box, upscaled
-                       [0, 0, 50, 30, 1],      # 50x30: the whole image, flipped
-                       [1, 1, 32, 32, 1],      # 33x33: a 32x32 box, no resize, flipped
-                       [0, 493, 10, 13, 0],    # 10x1000: the fallback box
-                       [2, 4, 34, 36, 0],      # 36x40: downscaled
-                       [10, 63, 14, 10, 1]],   # 24x73: the bottom-right corner
-                      dtype=np.int32)
+    params = np.array(
+        [
+            [3, 5, 20, 31, 0],  # 30x46: a 20x31 box, upscaled
+            [0, 0, 50, 30, 1],  # 50x30: the whole image, flipped
+            [1, 1, 32, 32, 1],  # 33x33: a 32x32 box, no resize, flipped
+            [0, 493, 10, 13, 0],  # 10x1000: the fallback box
+            [2, 4, 34, 36, 0],  # 36x40: downscaled
+            [10, 63, 14, 10, 1],
+        ],  # 24x73: the bottom-right corner
+        dtype=np.int32,
+    )
     views = train.get_views(np.arange(6), params)
     assert views.dtype == torch.uint8 and views.shape == (6, 3, 32, 32)
     for i, (y0, x0, h, w, flip) in enumerate(params.tolist()):
@@ -321,7 +324,7 @@ def _resize_then_centre_crop_by_hand(original, new_w, new_h, top, left, size):
     from PIL import Image
 
     resized = Image.fromarray(original).resize((new_w, new_h), Image.BILINEAR)
-    return np.asarray(resized)[top:top + size, left:left + size].transpose(2, 0, 1)
+    return np.asarray(resized)[top : top + size, left : left + size].transpose(2, 0, 1)
 
 
 def test_get_test_equals_resize_and_centre_crop_by_hand(image_folder):
@@ -336,8 +339,7 @@ def test_get_test_equals_resize_and_centre_crop_by_hand(image_folder):
     #   10x1000 -> 36x3600,    top 2, left 1784
     #   36x40 -> 36x40 (kept as is), top 2, left 4
     #   24x73 -> 36x109 (109.5 truncated), top 2, left round(38.5) = 38
-    expected = [(55, 36, 2, 12), (36, 60, 14, 2), (36, 36, 2, 2), (3600, 36, 2, 1784),
-                (40, 36, 2, 4), (109, 36, 2, 38)]
+    expected = [(55, 36, 2, 12), (36, 60, 14, 2), (36, 36, 2, 2), (3600, 36, 2, 1784), (40, 36, 2, 4), (109, 36, 2, 38)]
     for i, (new_w, new_h, top, left) in enumerate(expected):
         hand = _resize_then_centre_crop_by_hand(originals[i], new_w, new_h, top, left, 32)
         assert np.array_equal(test[i], hand), i
@@ -347,14 +349,15 @@ def test_get_test_equals_torchvision_where_it_imports(image_folder):
     try:
         from torchvision import transforms
     except Exception as error:  # noqa: BLE001 - any import failure means "not here"
-        pytest.skip(f"torchvision does not import here ({type(error).__name__}: {error}); "
-                    "the hand computations above check the same transforms")
+        pytest.skip(
+            f"torchvision does not import here ({type(error).__name__}: {error}); "
+            "the hand computations above check the same transforms"
+        )
     from PIL import Image
 
     root, _ = image_folder
     train = _train(root)
-    reference = transforms.Compose([transforms.Resize(36), transforms.CenterCrop(32),
-                                    transforms.PILToTensor()])
+    reference = transforms.Compose([transforms.Resize(36), transforms.CenterCrop(32), transforms.PILToTensor()])
     for i, path in enumerate(train.paths):
         with Image.open(path) as image:
             assert torch.equal(reference(image.convert("RGB")), train.get_test([i])[0]), i
@@ -366,7 +369,7 @@ def test_get_test_equals_torchvision_where_it_imports(image_folder):
             out = TF.resized_crop(image.convert("RGB"), y0, x0, h, w, [32, 32])
         if flip:
             out = TF.hflip(out)
-        assert torch.equal(TF.pil_to_tensor(out), train.get_views([i], params[i:i + 1])[0]), i
+        assert torch.equal(TF.pil_to_tensor(out), train.get_views([i], params[i : i + 1])[0]), i
 
 
 def test_grayscale_and_palette_images_become_rgb(tmp_path):
@@ -392,7 +395,7 @@ def test_view_batches_in_order_with_and_without_workers(image_folder):
     train = _train(root)
     params = train.policy.sample(4, np.arange(6), 3, sizes=train.image_sizes)
     order = np.array([5, 2, 0, 3, 1, 4, 2, 2])
-    batches = [(order[s:s + 3], params[order[s:s + 3], s % 3]) for s in range(0, 8, 3)]
+    batches = [(order[s : s + 3], params[order[s : s + 3], s % 3]) for s in range(0, 8, 3)]
     expected = [train.get_views(idx, p) for idx, p in batches]
     in_process = list(loader.view_batches(train, batches, workers=0))
     from_workers = list(loader.view_batches(train, batches, workers=2, prefetch=1))
@@ -414,7 +417,7 @@ def test_test_batches_in_order(image_folder):
         assert torch.equal(torch.cat([im for _, im in got]), train.get_test(indices))
     # Data sets without get_test are read with get_batch.
     digits = load_dataset("digits", "test")
-    (idx, images), = loader.test_batches(digits, [3, 1], batch_size=8, workers=0)
+    ((idx, images),) = loader.test_batches(digits, [3, 1], batch_size=8, workers=0)
     assert torch.equal(images, digits.get_batch([3, 1]))
 
 

@@ -23,9 +23,22 @@ def store(tmp_path_factory):
     ckpt = root / "t.pth"
     torch.save({"model": build("resnet8", 4).state_dict()}, ckpt)
     out = str(root / "s.zarr")
-    extract_teacher(ExtractConfig(teacher=str(ckpt), arch="resnet8", data=DATA, out=out, views="1", cam_res=(2,),
-                                  native_cam=True, features=("penult",), shard_size=8, executor="inline"),
-                    progress=False, verbose=False)
+    extract_teacher(
+        ExtractConfig(
+            teacher=str(ckpt),
+            arch="resnet8",
+            data=DATA,
+            out=out,
+            views="1",
+            cam_res=(2,),
+            native_cam=True,
+            features=("penult",),
+            shard_size=8,
+            executor="inline",
+        ),
+        progress=False,
+        verbose=False,
+    )
     yield out, str(ckpt)
     torch.set_num_threads(old)
 
@@ -42,8 +55,18 @@ def test_describe_lists_manifest_arrays_and_shards(cli_runner, store):
     result = cli_runner.invoke(cli, ["inspect", store[0]])
     assert result.exit_code == 0, result.output
     text = result.output
-    for word in ("complete", "resnet8", "synthetic train: 16 images", "cam_r2", "feat/penult", "float16",
-                 "2 of 2 done", "target sets none", "ratio", "total"):
+    for word in (
+        "complete",
+        "resnet8",
+        "synthetic train: 16 images",
+        "cam_r2",
+        "feat/penult",
+        "float16",
+        "2 of 2 done",
+        "target sets none",
+        "ratio",
+        "total",
+    ):
         assert word in text, word
 
 
@@ -58,8 +81,9 @@ def test_cams_grid_png(cli_runner, store, tmp_path):
 def test_refusals(cli_runner, store, tmp_path):
     line = _one_line_error(cli_runner.invoke(cli, ["inspect", str(tmp_path / "nothing.zarr")]))
     assert "no kdpipe store" in line
-    line = _one_line_error(cli_runner.invoke(cli, ["inspect", store[0], "--subclasses", "2", "--png",
-                                                   str(tmp_path / "s.png")]))
+    line = _one_line_error(
+        cli_runner.invoke(cli, ["inspect", store[0], "--subclasses", "2", "--png", str(tmp_path / "s.png")])
+    )
     assert "cluster" in line
     line = _one_line_error(cli_runner.invoke(cli, ["inspect", store[0], "--fidelity"]))
     assert "--teacher" in line

@@ -23,8 +23,10 @@ INDEX_HOST, INDEX_URL = "pypi.org", "https://pypi.org/simple"
 # the image's Python and what its glibc (Ubuntu 22.04: 2.35) accepts; torch 2.5.1's wheel is
 # tagged manylinux1, faiss-gpu-cu12's manylinux2014 / manylinux_2_28
 TARGET = ["--python-version", "3.11", "--only-binary=:all:"] + [
-    arg for tag in ("manylinux_2_35_x86_64", "manylinux_2_28_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
-    for arg in ("--platform", tag)]
+    arg
+    for tag in ("manylinux_2_35_x86_64", "manylinux_2_28_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+    for arg in ("--platform", tag)
+]
 
 
 def dockerfile_extras() -> list[str]:
@@ -70,12 +72,31 @@ def test_dockerfile_install_keeps_the_image_torch(tmp_path):
     if why:
         pytest.skip(f"no package index reachable: {why}")
     report = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed", "--quiet",
-           "--report", str(report), "--index-url", INDEX_URL, *TARGET, "-c", str(CONSTRAINTS),
-           *requirements(dockerfile_extras())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--isolated",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--report",
+        str(report),
+        "--index-url",
+        INDEX_URL,
+        *TARGET,
+        "-c",
+        str(CONSTRAINTS),
+        *requirements(dockerfile_extras()),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"the Dockerfile's requirements do not resolve next to torch 2.5.1:\n{res.stderr[-3000:]}"
-    chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    assert res.returncode == 0, (
+        f"the Dockerfile's requirements do not resolve next to torch 2.5.1:\n{res.stderr[-3000:]}"
+    )
+    chosen = {
+        i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]
+    }
     assert chosen.get("torch", "2.5.1") == "2.5.1"
     for name, version in constraints().items():
         assert chosen.get(name, version) == version, f"{name} {chosen[name]} would replace the image's {version}"

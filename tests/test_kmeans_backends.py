@@ -80,26 +80,31 @@ def test_duplicate_initial_centres_are_split():
 @pytest.fixture
 def machine(monkeypatch):
     """Set what the backend choice sees: CUDA in torch, faiss installed, faiss's GPUs."""
+
     def set_(cuda: bool, faiss: bool, faiss_gpu: bool):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         monkeypatch.setattr(clustering, "faiss_installed", lambda: faiss)
         monkeypatch.setattr(clustering, "faiss_gpu_available", lambda: faiss_gpu)
         monkeypatch.setattr(clustering, "import_faiss", lambda: None)
+
     return set_
 
 
-@pytest.mark.parametrize("cuda, faiss, faiss_gpu, backend, device, expected", [
-    (True, True, True, "auto", None, ("faiss", "cuda")),
-    (True, True, False, "auto", None, ("torch", "cuda")),
-    (True, False, False, "auto", "cuda:1", ("torch", "cuda:1")),
-    (False, True, False, "auto", None, ("faiss", "cpu")),
-    (False, False, False, "auto", None, ("torch", "cpu")),
-    (True, True, True, "auto", "cpu", ("faiss", "cpu")),
-    (True, True, True, "torch", None, ("torch", "cuda")),
-    (False, True, False, "torch", None, ("torch", "cpu")),
-    (True, True, False, "faiss", None, ("faiss", "cpu")),
-    (True, True, True, "faiss", None, ("faiss", "cuda")),
-])
+@pytest.mark.parametrize(
+    "cuda, faiss, faiss_gpu, backend, device, expected",
+    [
+        (True, True, True, "auto", None, ("faiss", "cuda")),
+        (True, True, False, "auto", None, ("torch", "cuda")),
+        (True, False, False, "auto", "cuda:1", ("torch", "cuda:1")),
+        (False, True, False, "auto", None, ("faiss", "cpu")),
+        (False, False, False, "auto", None, ("torch", "cpu")),
+        (True, True, True, "auto", "cpu", ("faiss", "cpu")),
+        (True, True, True, "torch", None, ("torch", "cuda")),
+        (False, True, False, "torch", None, ("torch", "cpu")),
+        (True, True, False, "faiss", None, ("faiss", "cpu")),
+        (True, True, True, "faiss", None, ("faiss", "cuda")),
+    ],
+)
 def test_backend_choice(machine, cuda, faiss, faiss_gpu, backend, device, expected):
     machine(cuda, faiss, faiss_gpu)
     assert resolve_kmeans_backend(backend, device) == expected

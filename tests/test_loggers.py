@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_DATA
+
 from kdpipe.cli import cli
 from kdpipe.engine.loggers import scalar_tag
 from kdpipe.errors import KdpipeError
@@ -42,8 +42,18 @@ def _student(tiny_store, tmp_path, **kwargs) -> dict:
 def test_student_run_writes_the_scalars_to_tensorboard(tiny_store, tmp_path):
     s = _student(tiny_store, tmp_path)
     events, rows = _events(s["run_dir"]), _rows(s["run_dir"])
-    for tag in ("train/loss", "train/loss_ce", "train/loss_kd", "train/top1", "test/loss", "test/top1", "test/top5",
-                "lr", "speed/img_per_s", "speed/epoch_seconds"):
+    for tag in (
+        "train/loss",
+        "train/loss_ce",
+        "train/loss_kd",
+        "train/top1",
+        "test/loss",
+        "test/top1",
+        "test/top5",
+        "lr",
+        "speed/img_per_s",
+        "speed/epoch_seconds",
+    ):
         assert tag in events, (tag, sorted(events))
     for key in ("train_loss", "loss_kd", "test_top1", "test_top5", "lr", "img_per_s"):
         assert [step for step, _ in events[scalar_tag(key)]] == [1, 2]
@@ -51,8 +61,12 @@ def test_student_run_writes_the_scalars_to_tensorboard(tiny_store, tmp_path):
 
 
 def test_teacher_run_writes_tensorboard_events(tmp_path):
-    s = train_teacher(TeacherConfig(arch="resnet8", data=TINY_DATA, epochs=1, batch_size=16), out=tmp_path,
-                      device="cpu", progress=False)
+    s = train_teacher(
+        TeacherConfig(arch="resnet8", data=TINY_DATA, epochs=1, batch_size=16),
+        out=tmp_path,
+        device="cpu",
+        progress=False,
+    )
     events = _events(s["run_dir"])
     assert events["test/top1"] == [(1, pytest.approx(s["top1"]))]
     assert {"train/loss", "train/loss_ce", "lr", "speed/img_per_s"} <= set(events)
@@ -60,11 +74,29 @@ def test_teacher_run_writes_tensorboard_events(tmp_path):
 
 def test_wandb_missing_is_one_sentence(monkeypatch, cli_runner, tiny_store, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    result = cli_runner.invoke(cli, ["train-student", "--store", tiny_store["path"], "--student", "resnet8",
-                                     "--method", "kd", "--epochs", "1", "--out", str(tmp_path), "--wandb", "proj"])
+    result = cli_runner.invoke(
+        cli,
+        [
+            "train-student",
+            "--store",
+            tiny_store["path"],
+            "--student",
+            "resnet8",
+            "--method",
+            "kd",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--wandb",
+            "proj",
+        ],
+    )
     assert result.exit_code == 2
-    assert result.output.strip() == ("kdpipe: error: --wandb needs the wandb package, which is not installed; "
-                                     "install it (pip install 'kdpipe[wandb]') or drop --wandb.")
+    assert result.output.strip() == (
+        "kdpipe: error: --wandb needs the wandb package, which is not installed; "
+        "install it (pip install 'kdpipe[wandb]') or drop --wandb."
+    )
     assert not list(tmp_path.iterdir())  # refused before a run directory was made
 
 

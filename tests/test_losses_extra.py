@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from kdpipe import models
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.at import REFERENCE_AT, at_loss, at_loss_from_maps, attention_map
-from kdpipe.methods.dkd import (DEFAULT_DKD, REFERENCE_DKD, dkd_loss, dkd_terms,
-                                dkd_warmup_factor)
+from kdpipe.methods.dkd import DEFAULT_DKD, REFERENCE_DKD, dkd_loss, dkd_terms, dkd_warmup_factor
 from kdpipe.methods.fitnet import DEFAULT_FITNET, HintRegressor, fitnet_loss
 from kdpipe.methods.kd import kd_loss
 from kdpipe.methods.simkd import DEFAULT_SIMKD, SimKDHead, simkd_loss
@@ -123,7 +122,7 @@ def test_dkd_warmup_counts_epochs_from_one():
 
 
 def test_reference_tables_name_registered_models():
-    known = set(models.available()) | {"MobileNetV1"}   # mdistiller's ImageNet MobileNetV1
+    known = set(models.available()) | {"MobileNetV1"}  # mdistiller's ImageNet MobileNetV1
     for table in (REFERENCE_DKD, REFERENCE_AT):
         for teacher, student in table:
             assert teacher in known and student in known, (teacher, student)
@@ -137,6 +136,7 @@ def test_reference_tables_name_registered_models():
 # ------------------------------------------------------------------------------ AT
 def _at_numpy(fs: np.ndarray, ft: np.ndarray, p: float) -> float:
     """One stage in float64 with explicit block means for the pooling (integer ratios)."""
+
     def pool(f, side):
         k = f.shape[2] // side
         return f.reshape(f.shape[0], f.shape[1], side, k, side, k).mean(axis=(3, 5))
@@ -145,7 +145,7 @@ def _at_numpy(fs: np.ndarray, ft: np.ndarray, p: float) -> float:
     fs, ft = pool(fs, side), pool(ft, side)
 
     def amap(f):
-        a = (f ** p).mean(axis=1).reshape(f.shape[0], -1)
+        a = (f**p).mean(axis=1).reshape(f.shape[0], -1)
         return a / np.linalg.norm(a, axis=1, keepdims=True)
 
     return float(((amap(fs) - amap(ft)) ** 2).mean())
@@ -208,19 +208,27 @@ def test_at_equals_mdistiller(case):
 
 
 # -------------------------------------------------------------------------- FitNet
-@pytest.mark.parametrize("s_side,t_side,conv,kernel", [
-    (8, 4, nn.Conv2d, (3, 3)), (4, 8, nn.ConvTranspose2d, (4, 4)),
-    (6, 4, nn.Conv2d, (3, 3)), (4, 4, nn.Conv2d, (1, 1)),
-])
+@pytest.mark.parametrize(
+    "s_side,t_side,conv,kernel",
+    [
+        (8, 4, nn.Conv2d, (3, 3)),
+        (4, 8, nn.ConvTranspose2d, (4, 4)),
+        (6, 4, nn.Conv2d, (3, 3)),
+        (4, 4, nn.Conv2d, (1, 1)),
+    ],
+)
 def test_hint_regressor_maps_to_the_teacher_shape(s_side, t_side, conv, kernel):
     reg = HintRegressor(3, 5, (s_side, s_side), (t_side, t_side))
     assert type(reg.conv) is conv and reg.conv.kernel_size == kernel
     assert reg.conv.bias is not None
     out = reg(torch.randn(2, 3, s_side, s_side))
     assert out.shape == (2, 5, t_side, t_side)
-    assert bool((out >= 0).all())                     # ends with a ReLU
-    assert not bool((HintRegressor(3, 5, (s_side,) * 2, (t_side,) * 2, use_relu=False)(
-        torch.randn(2, 3, s_side, s_side)) >= 0).all())
+    assert bool((out >= 0).all())  # ends with a ReLU
+    assert not bool(
+        (
+            HintRegressor(3, 5, (s_side,) * 2, (t_side,) * 2, use_relu=False)(torch.randn(2, 3, s_side, s_side)) >= 0
+        ).all()
+    )
 
 
 def test_hint_regressor_refuses_unsupported_sizes():
@@ -259,7 +267,10 @@ def test_simkd_projector_layout():
     head, w, b = _simkd_head(s_channels=6, t_channels=8)
     convs = [m for m in head.projector if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
-        (6, 4, (1, 1), (0, 0)), (4, 4, (3, 3), (1, 1)), (4, 8, (1, 1), (0, 0))]
+        (6, 4, (1, 1), (0, 0)),
+        (4, 4, (3, 3), (1, 1)),
+        (4, 8, (1, 1), (0, 0)),
+    ]
     assert all(c.bias is None for c in convs)
     assert [type(m).__name__ for m in head.projector] == ["Conv2d", "BatchNorm2d", "ReLU"] * 3
     # the teacher's classifier is kept (saved with the student) but never trained
@@ -300,8 +311,14 @@ def test_simkd_loss_pools_a_larger_teacher_and_trains_the_projector_only():
 def test_simkd_equals_the_authors_module(case):
     ref = REFERENCE["simkd"][case]
     s_shape, t_shape = ref["student_shape"], ref["teacher_shape"]
-    head = SimKDHead(s_shape[1], t_shape[1], _t(ref["teacher_classifier_weight"]),
-                     _t(ref["teacher_classifier_bias"]), factor=ref["factor"], teacher_side=t_shape[2])
+    head = SimKDHead(
+        s_shape[1],
+        t_shape[1],
+        _t(ref["teacher_classifier_weight"]),
+        _t(ref["teacher_classifier_bias"]),
+        factor=ref["factor"],
+        teacher_side=t_shape[2],
+    )
     state = {k.replace("transfer.", "projector.", 1): _t(v) for k, v in ref["state_dict"].items()}
     missing, unexpected = head.load_state_dict(state, strict=False)
     assert not unexpected

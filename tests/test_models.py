@@ -46,8 +46,14 @@ ZOO = {
     "ResNet18": (512, 4, 512, 4),
     "ResNet50": (2048, 4, 2048, 4),
 }
-ALIASES = {"vgg8_bn": "vgg8", "vgg11_bn": "vgg11", "vgg13_bn": "vgg13", "vgg16_bn": "vgg16",
-           "vgg19_bn": "vgg19", "mobile_half": "MobileNetV2"}
+ALIASES = {
+    "vgg8_bn": "vgg8",
+    "vgg11_bn": "vgg11",
+    "vgg13_bn": "vgg13",
+    "vgg16_bn": "vgg16",
+    "vgg19_bn": "vgg19",
+    "mobile_half": "MobileNetV2",
+}
 IMAGENET = ["imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50", "imagenet_mobilenet_v2"]
 # cheap models covering the ways families split at their tap points (ResNet-style stage
 # slicing, WRN's final BN, VGG's pooling, ShuffleV2's final conv, MobileNetV2's group lists)
@@ -197,8 +203,9 @@ def test_tap_returning_only_a_map_and_bad_taps():
         model.set_tap("logits", nn.Identity())
 
 
-@pytest.mark.parametrize("name,penult_side", [("resnet8", 16), ("wrn_16_1", 16), ("vgg8", 4),
-                                              ("ShuffleV2", 8), ("MobileNetV2", 4)])
+@pytest.mark.parametrize(
+    "name,penult_side", [("resnet8", 16), ("wrn_16_1", 16), ("vgg8", 4), ("ShuffleV2", 8), ("MobileNetV2", 4)]
+)
 def test_64x64_inputs(name, penult_side):
     model = zoo_model(name)
     with torch.no_grad():
@@ -315,7 +322,9 @@ def test_load_teacher_wrong_architecture_names_both(resnet8x4_checkpoint):
 
 
 def test_load_teacher_wrong_class_count(resnet8x4_checkpoint):
-    with pytest.raises(CheckpointError, match=r"resnet8x4 state dict \(num_classes=100\), not resnet8x4 \(num_classes=10\)"):
+    with pytest.raises(
+        CheckpointError, match=r"resnet8x4 state dict \(num_classes=100\), not resnet8x4 \(num_classes=10\)"
+    ):
         models.load_teacher("resnet8x4", resnet8x4_checkpoint, 10)
 
 
@@ -370,8 +379,12 @@ CAM_LISTINGS = Path(__file__).parent / "data" / "catkd_cam_state_dicts.json"
 # one model per CIFAR family -> the reference's initialisation of its conv_test
 # (CAT-KD mdistiller/models/cifar/*.py, the *_test classes; see each family file)
 CAM_FAMILIES = {
-    "resnet8": "he_normal_fan_out", "ResNet18": "he_normal_fan_out", "wrn_16_1": "he_normal_fan_out",
-    "MobileNetV2": "he_normal_fan_out", "vgg8": "torch_default", "ShuffleV1": "torch_default",
+    "resnet8": "he_normal_fan_out",
+    "ResNet18": "he_normal_fan_out",
+    "wrn_16_1": "he_normal_fan_out",
+    "MobileNetV2": "he_normal_fan_out",
+    "vgg8": "torch_default",
+    "ShuffleV1": "torch_default",
     "ShuffleV2": "torch_default",
 }
 _built_cam: dict[str, models.KDModel] = {}
@@ -440,11 +453,11 @@ def test_cam_head_initialisation_follows_the_reference(name, rule):
     assert model.cam_head_init == rule
     weight = model.conv_test.weight.detach().double()
     fan_in = model.penult_channels
-    if rule == "he_normal_fan_out":      # N(0, 2 / fan_out), fan_out = C * 1 * 1
+    if rule == "he_normal_fan_out":  # N(0, 2 / fan_out), fan_out = C * 1 * 1
         std = math.sqrt(2.0 / NUM_CLASSES)
         assert weight.std().item() == pytest.approx(std, rel=0.05)
         assert weight.abs().max().item() > 3 * std  # a normal, not a bounded uniform
-    else:                                # PyTorch's Conv2d default: U(-1/sqrt(D), 1/sqrt(D))
+    else:  # PyTorch's Conv2d default: U(-1/sqrt(D), 1/sqrt(D))
         bound = 1.0 / math.sqrt(fan_in)
         assert weight.abs().max().item() <= bound
         assert weight.abs().max().item() > 0.95 * bound
@@ -481,13 +494,14 @@ def test_head_option_is_checked_and_linear_stays_the_default():
     assert models.state_listing(default) == models.state_listing(linear)
     model = models.build("resnet8", 10, head="cam")
     before = model.conv_test
-    model.use_cam_head()                 # already a CAM head: unchanged
+    model.use_cam_head()  # already a CAM head: unchanged
     assert model.conv_test is before
 
 
 @pytest.mark.skipif(not _torchvision_imports(), reason="torchvision does not import here")
-@pytest.mark.parametrize("name,rule", [("imagenet_resnet18", "he_normal_fan_out"),
-                                       ("imagenet_mobilenet_v2", "torch_default")])
+@pytest.mark.parametrize(
+    "name,rule", [("imagenet_resnet18", "he_normal_fan_out"), ("imagenet_mobilenet_v2", "torch_default")]
+)
 def test_imagenet_cam_head(name, rule):
     torch.manual_seed(0)
     model = models.build(name, 10, head="cam").eval()

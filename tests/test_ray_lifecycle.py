@@ -24,14 +24,27 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 def test_unreachable_ray_address_is_one_sentence_within_30_s():
     t = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", "from kdpipe.cli import main; main()", "cluster",
-                          "no-store.zarr", "--ray-address", "127.0.0.1:1"],
-                         capture_output=True, text=True, env=ENV, timeout=60)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from kdpipe.cli import main; main()",
+            "cluster",
+            "no-store.zarr",
+            "--ray-address",
+            "127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
     assert time.monotonic() - t < 30
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("kdpipe: error: Cannot reach the Ray cluster at 127.0.0.1:1"), \
+    assert len(lines) == 1 and lines[0].startswith("kdpipe: error: Cannot reach the Ray cluster at 127.0.0.1:1"), (
         res.stderr
+    )
 
 
 def test_a_port_that_is_not_ray_is_one_sentence():
@@ -47,10 +60,17 @@ def test_a_port_that_is_not_ray_is_one_sentence():
         assert time.monotonic() - t < 5
 
 
-@pytest.mark.parametrize("address, expected", [
-    ("10.0.0.5:6380", ("10.0.0.5", 6380)), ("head", ("head", 6379)), ("ray://head", ("head", 10001)),
-    ("ray://head:10002", ("head", 10002)), ("[::1]:7000", ("::1", 7000)), ("auto", None),
-])
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("10.0.0.5:6380", ("10.0.0.5", 6380)),
+        ("head", ("head", 6379)),
+        ("ray://head", ("head", 10001)),
+        ("ray://head:10002", ("head", 10002)),
+        ("[::1]:7000", ("::1", 7000)),
+        ("auto", None),
+    ],
+)
 def test_parse_ray_address(address, expected):
     assert parse_ray_address(address) == expected
 
@@ -59,8 +79,9 @@ def test_reaper_stops_only_its_session_when_the_driver_goes():
     mine, other = f"session_test_{uuid.uuid4().hex}", f"session_test_{uuid.uuid4().hex}"
     procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", name]) for name in (mine, other)]
     try:
-        reaper = subprocess.Popen([sys.executable, ray_reaper.__file__, str(os.getpid()), mine],
-                                  stdin=subprocess.PIPE, start_new_session=True)
+        reaper = subprocess.Popen(
+            [sys.executable, ray_reaper.__file__, str(os.getpid()), mine], stdin=subprocess.PIPE, start_new_session=True
+        )
         time.sleep(0.5)
         assert reaper.poll() is None and procs[0].poll() is None  # waits while the driver lives
         reaper.stdin.close()  # what the kernel does when the driver dies
@@ -92,8 +113,10 @@ def test_sigkilled_driver_leaves_no_ray_processes():
         assert ready, "the driver did not start Ray within 180 s"
         session = driver.stdout.readline().strip()
         assert session.startswith("session_")
-        names = {Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].rsplit(b"/", 1)[-1]
-                 for p in ray_reaper.session_pids(session)}
+        names = {
+            Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].rsplit(b"/", 1)[-1]
+            for p in ray_reaper.session_pids(session)
+        }
         assert b"raylet" in names and b"gcs_server" in names, names
     finally:
         driver.kill()

@@ -17,8 +17,8 @@ import uuid
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_DATA
+
 from kdpipe import storage
 from kdpipe.cli import cli
 from kdpipe.errors import KdpipeError
@@ -55,7 +55,7 @@ def _teacher_bytes(tiny_store) -> bytes:
 
 def _run_files(location: str) -> set[str]:
     fs, root = storage.filesystem(location)
-    return {p[len(root):].lstrip("/") for p in fs.find(root)}
+    return {p[len(root) :].lstrip("/") for p in fs.find(root)}
 
 
 def _assert_complete_run(location: str, epochs: int) -> None:
@@ -65,8 +65,9 @@ def _assert_complete_run(location: str, epochs: int) -> None:
     assert any(f.startswith("tensorboard/events.out.tfevents") for f in files)
     rows = storage.read_bytes(storage.join(location, "metrics.jsonl")).decode().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == list(range(1, epochs + 1))
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(location, "checkpoints/latest.pth"))),
-                       weights_only=True)
+    state = torch.load(
+        io.BytesIO(storage.read_bytes(storage.join(location, "checkpoints/latest.pth"))), weights_only=True
+    )
     assert state["epoch"] == epochs
 
 
@@ -93,18 +94,36 @@ def test_a_missing_backend_is_one_sentence_naming_the_extra(monkeypatch, protoco
     _without(monkeypatch, module, protocol)
     with pytest.raises(KdpipeError) as err:
         storage.exists(f"{protocol}://bucket/store.zarr")
-    assert str(err.value) == (f"{protocol}://bucket/store.zarr needs the {module} package, which is not installed; "
-                              f"install kdpipe's {extra} extra (pip install 'kdpipe[{extra}]').")
+    assert str(err.value) == (
+        f"{protocol}://bucket/store.zarr needs the {module} package, which is not installed; "
+        f"install kdpipe's {extra} extra (pip install 'kdpipe[{extra}]')."
+    )
 
 
 def test_cli_without_s3fs_prints_the_sentence(monkeypatch, cli_runner, tiny_store):
     _without(monkeypatch, "s3fs", "s3")
-    result = cli_runner.invoke(cli, ["extract-teacher", "--teacher", "s3://bucket/teacher.pth", "--arch", "resnet8",
-                                     "--data", TINY_DATA, "--out", "s3://bucket/store.zarr", "--executor", "inline"])
+    result = cli_runner.invoke(
+        cli,
+        [
+            "extract-teacher",
+            "--teacher",
+            "s3://bucket/teacher.pth",
+            "--arch",
+            "resnet8",
+            "--data",
+            TINY_DATA,
+            "--out",
+            "s3://bucket/store.zarr",
+            "--executor",
+            "inline",
+        ],
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines == ["kdpipe: error: s3://bucket/store.zarr needs the s3fs package, which is not installed; "
-                     "install kdpipe's s3 extra (pip install 'kdpipe[s3]')."]
+    assert lines == [
+        "kdpipe: error: s3://bucket/store.zarr needs the s3fs package, which is not installed; "
+        "install kdpipe's s3 extra (pip install 'kdpipe[s3]')."
+    ]
     assert "Traceback" not in result.output
 
 
@@ -119,8 +138,15 @@ def test_cifar_folder_at_a_url(memory_root):
     rng = np.random.default_rng(0)
     folder = f"{memory_root}/cifar-10-batches-py"
     for name, n in [(f"data_batch_{i}", 2) for i in range(1, 6)] + [("test_batch", 3)]:
-        _put(f"{folder}/{name}", _pickle({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                                          b"labels": [int(v) for v in rng.integers(0, 10, n)]}))
+        _put(
+            f"{folder}/{name}",
+            _pickle(
+                {
+                    b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                    b"labels": [int(v) for v in rng.integers(0, 10, n)],
+                }
+            ),
+        )
     train = load_dataset(f"cifar10:{folder}", "train")
     assert len(train) == 10 and train.images.shape == (10, 3, 32, 32) and train.source == folder
     assert len(load_dataset(f"cifar10:{folder}", "test")) == 3
@@ -132,8 +158,11 @@ def test_imagefolder_at_a_url_equals_the_local_one(memory_root, tmp_path):
     from kdpipe.data import load_dataset
 
     rng = np.random.default_rng(1)
-    for split, cls, i, (h, w) in [("train", "ant", 0, (20, 24)), ("train", "cat", 1, (18, 30)),
-                                  ("val", "ant", 2, (22, 22))]:
+    for split, cls, i, (h, w) in [
+        ("train", "ant", 0, (20, 24)),
+        ("train", "cat", 1, (18, 30)),
+        ("val", "ant", 2, (22, 22)),
+    ]:
         folder = tmp_path / split / cls
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
@@ -149,9 +178,21 @@ def test_imagefolder_at_a_url_equals_the_local_one(memory_root, tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 def _extract(teacher: str, out: str, executor: str = "inline", **extra) -> dict:
-    return extract_teacher(ExtractConfig(teacher=teacher, arch="resnet8", data=TINY_DATA, out=out, cam_res=(2,),
-                                         features=(), shard_size=8, executor=executor, **extra),
-                           progress=False, verbose=False)
+    return extract_teacher(
+        ExtractConfig(
+            teacher=teacher,
+            arch="resnet8",
+            data=TINY_DATA,
+            out=out,
+            cam_res=(2,),
+            features=(),
+            shard_size=8,
+            executor=executor,
+            **extra,
+        ),
+        progress=False,
+        verbose=False,
+    )
 
 
 def _student(store: str, out: str, **fields) -> dict:
@@ -191,8 +232,12 @@ def test_teacher_run_directory_at_a_url(memory_root):
     from kdpipe.stages.evaluate import evaluate
     from kdpipe.stages.teacher import train_teacher
 
-    s = train_teacher(TeacherConfig(arch="resnet8", data=TINY_DATA, epochs=1, batch_size=16),
-                      out=f"{memory_root}/runs", device="cpu", progress=False)
+    s = train_teacher(
+        TeacherConfig(arch="resnet8", data=TINY_DATA, epochs=1, batch_size=16),
+        out=f"{memory_root}/runs",
+        device="cpu",
+        progress=False,
+    )
     assert s["checkpoint"] == f"{s['run_dir']}/resnet8_vanilla/ckpt_epoch_1.pth"
     assert storage.isfile(s["checkpoint"])
     _assert_complete_run(s["run_dir"], epochs=1)
@@ -201,13 +246,48 @@ def test_teacher_run_directory_at_a_url(memory_root):
 
 def test_file_urls_through_the_cli(tmp_path, tiny_store, cli_runner):
     store, runs = f"file://{tmp_path}/store.zarr", f"file://{tmp_path}/runs"
-    result = cli_runner.invoke(cli, ["extract-teacher", "--teacher", f"file://{tiny_store['teacher']}",
-                                     "--arch", "resnet8", "--data", TINY_DATA, "--out", store, "--executor", "inline",
-                                     "--cam-res", "2", "--features", "none", "--shard-size", "8"])
+    result = cli_runner.invoke(
+        cli,
+        [
+            "extract-teacher",
+            "--teacher",
+            f"file://{tiny_store['teacher']}",
+            "--arch",
+            "resnet8",
+            "--data",
+            TINY_DATA,
+            "--out",
+            store,
+            "--executor",
+            "inline",
+            "--cam-res",
+            "2",
+            "--features",
+            "none",
+            "--shard-size",
+            "8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "store.zarr" / "zarr.json").is_file()
-    result = cli_runner.invoke(cli, ["train-student", "--store", store, "--student", "resnet8", "--method", "kd",
-                                     "--epochs", "1", "--batch-size", "8", "--out", runs])
+    result = cli_runner.invoke(
+        cli,
+        [
+            "train-student",
+            "--store",
+            store,
+            "--student",
+            "resnet8",
+            "--method",
+            "kd",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            runs,
+        ],
+    )
     assert result.exit_code == 0, result.output
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "metrics.csv").is_file() and (run / "checkpoints" / "latest.pth").is_file()
@@ -224,8 +304,9 @@ def _free_port() -> int:
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 (a real S3 API over HTTP), one bucket per module."""
     pytest.importorskip("s3fs", reason="the S3 round trip needs s3fs: pip install 'kdpipe[test]'")
-    server_mod = pytest.importorskip("moto.server", reason="the S3 round trip needs moto[server]: "
-                                                           "pip install 'kdpipe[test]'")
+    server_mod = pytest.importorskip(
+        "moto.server", reason="the S3 round trip needs moto[server]: pip install 'kdpipe[test]'"
+    )
     port = _free_port()
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -239,8 +320,7 @@ def s3(s3_endpoint, monkeypatch):
     fresh bucket."""
     import fsspec.config
 
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_endpoint, "key": "testing",
-                                                   "secret": "testing"})
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"})
     bucket = f"kdpipe-{uuid.uuid4().hex[:8]}"
     fs, _ = storage.filesystem(f"s3://{bucket}")
     fs.mkdir(bucket)
@@ -314,7 +394,11 @@ def test_url_run_directory_uploads_checkpoints_last(memory_root, monkeypatch):
         (run.path / name).write_bytes(b"x")
     run.sync()
     assert [p.split(run._mirror.root + "/")[1] for p in sent] == [
-        "metrics.jsonl", "tensorboard/events", "checkpoints/best.pth", "checkpoints/latest.pth"]
+        "metrics.jsonl",
+        "tensorboard/events",
+        "checkpoints/best.pth",
+        "checkpoints/latest.pth",
+    ]
     sent.clear()
     run.sync()
     assert sent == []  # nothing changed, nothing uploaded

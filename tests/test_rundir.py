@@ -49,8 +49,13 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [2, 3])
-    state = {"model": model.state_dict(), "epoch": 1, "optimizer": opt.state_dict(),
-             "scheduler": rd.scheduler_state(sched), "rng": rd.rng_state()}
+    state = {
+        "model": model.state_dict(),
+        "epoch": 1,
+        "optimizer": opt.state_dict(),
+        "scheduler": rd.scheduler_state(sched),
+        "rng": rd.rng_state(),
+    }
     path = run.save_checkpoint(state)
     loaded = torch.load(path, weights_only=True)  # everything loads with the safe unpickler
     assert loaded["epoch"] == 1 and torch.equal(loaded["model"]["weight"], model.weight)

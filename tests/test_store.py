@@ -14,8 +14,15 @@ from kdpipe.errors import CheckpointError, DataError, StoreError
 N, V, P, C = 20, 2, 3, 5
 
 
-def extraction_specs(num_samples: int, num_views: int, param_dim: int, num_classes: int,
-                     cam_hw: tuple, cam_res=(), features: dict | None = None) -> list[ArraySpec]:
+def extraction_specs(
+    num_samples: int,
+    num_views: int,
+    param_dim: int,
+    num_classes: int,
+    cam_hw: tuple,
+    cam_res=(),
+    features: dict | None = None,
+) -> list[ArraySpec]:
     """Array specs of an extraction-shaped store: `features` maps layer name -> (D, h, w)."""
     n, v, c = int(num_samples), int(num_views), int(num_classes)
     h, w = map(int, cam_hw)
@@ -28,25 +35,38 @@ def extraction_specs(num_samples: int, num_views: int, param_dim: int, num_class
         r = int(r)
         specs.append(ArraySpec(f"cam_r{r}", (n, v, c, r, r), "float16", MEANINGS["cam_r"].format(R=r)))
     for layer, shape in (features or {}).items():
-        specs.append(ArraySpec(f"feat/{layer}", (n, v) + tuple(map(int, shape)), "float16",
-                               MEANINGS["feat"].format(layer=layer)))
+        specs.append(
+            ArraySpec(f"feat/{layer}", (n, v) + tuple(map(int, shape)), "float16", MEANINGS["feat"].format(layer=layer))
+        )
     return specs
 
 
 def _dataset(**over):
-    d = dict(name="synthetic", split="train", fingerprint="abc123", num_samples=N, num_classes=C,
-             mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], image_size=[32, 32])
+    d = dict(
+        name="synthetic",
+        split="train",
+        fingerprint="abc123",
+        num_samples=N,
+        num_classes=C,
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
+        image_size=[32, 32],
+    )
     d.update(over)
     return d
 
 
 def _make(path, shard_size=8, cam_res=(2,)):
-    specs = [s.with_chunks(shard_size) for s in
-             extraction_specs(N, V, P, C, (4, 4), cam_res, {"penult": (6, 4, 4)})]
-    m = build_manifest(teacher={"arch": "resnet8", "sha256": "f" * 64, "num_classes": C},
-                       dataset=_dataset(), views={"policy": "cifar", "mode": "1", "num_views": V, "seed": 0,
-                                                  "pad_mode": "constant"},
-                       layers=["penult"], specs=specs, shard_size=shard_size, num_samples=N)
+    specs = [s.with_chunks(shard_size) for s in extraction_specs(N, V, P, C, (4, 4), cam_res, {"penult": (6, 4, 4)})]
+    m = build_manifest(
+        teacher={"arch": "resnet8", "sha256": "f" * 64, "num_classes": C},
+        dataset=_dataset(),
+        views={"policy": "cifar", "mode": "1", "num_views": V, "seed": 0, "pad_mode": "constant"},
+        layers=["penult"],
+        specs=specs,
+        shard_size=shard_size,
+        num_samples=N,
+    )
     return StoreWriter.create(path, m, specs), m, specs
 
 
@@ -91,7 +111,7 @@ def test_roundtrip_complete_and_layout(tmp_path):
     codecs = r["cam"].metadata.codecs
     assert any("Blosc" in type(c).__name__ and c.cname.value == "zstd" for c in codecs)
     # read-only: a reader cannot write
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - zarr's read-only error type differs across zarr 3 releases
         r["logits"][0] = 1
     # no pickles: every metadata file is JSON, every array numeric
     for root, _, files in os.walk(path):
@@ -115,11 +135,20 @@ def test_reader_refusals(tmp_path):
     _fill(w, np.random.default_rng(0))
     w.finalize()
     r = open_store(path)
-    good = dict(name="synthetic", split="train", fingerprint="abc123", num_classes=C,
-                mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    good = dict(
+        name="synthetic",
+        split="train",
+        fingerprint="abc123",
+        num_classes=C,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+    )
     r.check_dataset(_DS(**good))
-    for change, match in [(dict(fingerprint="zzz"), "fingerprint"), (dict(num_classes=7), "classes"),
-                          (dict(mean=(0.4, 0.5, 0.5)), "normalisation")]:
+    for change, match in [
+        (dict(fingerprint="zzz"), "fingerprint"),
+        (dict(num_classes=7), "classes"),
+        (dict(mean=(0.4, 0.5, 0.5)), "normalisation"),
+    ]:
         with pytest.raises(DataError, match=match):
             r.check_dataset(_DS(**{**good, **change}))
     with pytest.raises(StoreError, match="no array"):
@@ -173,8 +202,9 @@ def test_target_sets_and_drop_features(tmp_path):
         open_store(path)
     for start in range(0, N, 8):
         if start != 8:
-            StoreWriter.open(path).write_rows("targets/T/subclass_idx", start,
-                                              np.zeros((min(8, N - start), V, 4, 4), np.int32))
+            StoreWriter.open(path).write_rows(
+                "targets/T/subclass_idx", start, np.zeros((min(8, N - start), V, 4, 4), np.int32)
+            )
     r = open_store(path)
     assert r.target_sets() == ["T"] and r.manifest["targets"]["T"]["attrs"]["K"] == 8
     np.testing.assert_array_equal(r["targets/T/subclass_scores"][:], np.eye(4))

@@ -37,17 +37,19 @@ def _trial_dirs(sweep_dir) -> dict:
 
 
 def _stamps(run_dir: Path) -> dict:
-    return {name: (run_dir / name).stat().st_mtime_ns
-            for name in ("summary.json", "metrics.csv", "config.json", "checkpoints/latest.pth")}
+    return {
+        name: (run_dir / name).stat().st_mtime_ns
+        for name in ("summary.json", "metrics.csv", "config.json", "checkpoints/latest.pth")
+    }
 
 
 # ------------------------------------------------------------------------------ resources (no Ray)
 def test_trial_resources_follow_the_cluster():
     from kdpipe.pipeline.sweep_tune import trial_resources
 
-    assert trial_resources({"CPU": 8, "GPU": 2}) == {"cpu": 1.0, "gpu": 1.0}   # a whole GPU by default
+    assert trial_resources({"CPU": 8, "GPU": 2}) == {"cpu": 1.0, "gpu": 1.0}  # a whole GPU by default
     assert trial_resources({"CPU": 8, "GPU": 2}, 0.25, 2) == {"cpu": 2.0, "gpu": 0.25}
-    assert trial_resources({"CPU": 2}) == {"cpu": 1.0, "gpu": 0.0}             # no GPU in the cluster: CPUs
+    assert trial_resources({"CPU": 2}) == {"cpu": 1.0, "gpu": 0.0}  # no GPU in the cluster: CPUs
     assert trial_resources({"CPU": 8, "GPU": 2}, device="cpu") == {"cpu": 1.0, "gpu": 0.0}
     with pytest.raises(KdpipeError, match="Ray cluster has none"):
         trial_resources({"CPU": 2}, 0.25)
@@ -90,16 +92,33 @@ def test_gpu_use_is_decided_from_the_cluster_not_the_driver(monkeypatch, tiny_st
     rec = _Recorder(monkeypatch, {"CPU": 16, "GPU": 1})  # a CPU-only driver on a GPU cluster
     run_tune(str(tmp_path), _base(tiny_store), {"seed": [0]}, points, SweepOptions())
     assert rec.calls["resources"] == {"cpu": 1.0, "gpu": 1.0} and rec.calls["params"]["device"] == "cuda"
-    rec = _Recorder(monkeypatch, {"CPU": 16})             # a GPU driver on a CPU cluster
+    rec = _Recorder(monkeypatch, {"CPU": 16})  # a GPU driver on a CPU cluster
     run_tune(str(tmp_path), _base(tiny_store), {"seed": [0]}, points, SweepOptions())
     assert rec.calls["resources"] == {"cpu": 1.0, "gpu": 0.0} and rec.calls["params"]["device"] == "cpu"
 
 
 def test_cli_gpus_per_trial_reaches_tune_resources(monkeypatch, cli_runner, tiny_store, tmp_path):
     rec = _Recorder(monkeypatch, {"CPU": 8, "GPU": 1})
-    r = cli_runner.invoke(cli, ["train-student", "--store", tiny_store["path"], "--student", "resnet8", "--method",
-                                "cat_kd", "--sweep", "seed=0,1", "--gpus-per-trial", "0.25", "--cpus-per-trial", "2",
-                                "--out", str(tmp_path)])
+    r = cli_runner.invoke(
+        cli,
+        [
+            "train-student",
+            "--store",
+            tiny_store["path"],
+            "--student",
+            "resnet8",
+            "--method",
+            "cat_kd",
+            "--sweep",
+            "seed=0,1",
+            "--gpus-per-trial",
+            "0.25",
+            "--cpus-per-trial",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert rec.calls["resources"] == {"cpu": 2.0, "gpu": 0.25}
     assert rec.calls["params"]["threads"] == 2
     assert r.exit_code == 2 and "No trial of the sweep" in r.output  # the stand-in Tuner ran nothing
@@ -115,8 +134,12 @@ def test_sweep_refuses_repeated_values_and_data_parallel(tiny_store, tmp_path):
 # ------------------------------------------------------------------------------ inline executor
 def test_inline_sweep_resumes_without_rerunning_finished_trials(monkeypatch, tiny_store, tmp_path):
     with pytest.raises(SweepKilled):
-        run_sweep(_base(tiny_store), {"seed": [0, 1]}, out=tmp_path,
-                  options=SweepOptions(executor="inline", progress=False, stop_after=1))
+        run_sweep(
+            _base(tiny_store),
+            {"seed": [0, 1]},
+            out=tmp_path,
+            options=SweepOptions(executor="inline", progress=False, stop_after=1),
+        )
     (sweep_dir,) = tmp_path.iterdir()
     (first,) = _trial_dirs(sweep_dir)[0]
     before = _stamps(first)
@@ -148,12 +171,15 @@ def test_an_interrupted_trial_continues_from_its_last_epoch(tiny_store, tmp_path
 # ------------------------------------------------------------------------------ Ray Tune
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tune_sweep_killed_after_a_trial_resumes_without_rerunning_it(monkeypatch, cli_runner, tiny_store,
-                                                                      tmp_path):
+def test_tune_sweep_killed_after_a_trial_resumes_without_rerunning_it(monkeypatch, cli_runner, tiny_store, tmp_path):
     out = tmp_path / "shared"
     with pytest.raises(SweepKilled):  # the driver stops abruptly once one trial finished
-        run_sweep(_base(tiny_store), parse_sweep(GRID), out=out,
-                  options=SweepOptions(num_cpus=2, progress=False, stop_after=1))
+        run_sweep(
+            _base(tiny_store),
+            parse_sweep(GRID),
+            out=out,
+            options=SweepOptions(num_cpus=2, progress=False, stop_after=1),
+        )
     (sweep_dir,) = out.iterdir()
     assert (sweep_dir / "tune").is_dir()  # Tune's experiment, on the same storage
     finished = {n: dirs[-1] for n, dirs in _trial_dirs(sweep_dir).items() if (dirs[-1] / "summary.json").is_file()}
@@ -175,6 +201,7 @@ def test_tune_sweep_killed_after_a_trial_resumes_without_rerunning_it(monkeypatc
         assert {row["run_dir"]: row["reused"] for row in rows}[str(run_dir)] == "True"
     md = (sweep_dir / "results.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert len(table) == 2 and all(line.count("±") == 2 and line.startswith(("| 1 | 2 |", "| 2 | 2 |"))
-                                   for line in table)
+    assert len(table) == 2 and all(
+        line.count("±") == 2 and line.startswith(("| 1 | 2 |", "| 2 | 2 |")) for line in table
+    )
     assert os.path.isfile(sweep_dir / "summary.json")

@@ -20,8 +20,14 @@ from kdpipe.methods.letkd import densify_topk, penult_softmax_targets, penult_to
 from kdpipe.models import load_teacher
 from kdpipe.targets import Cam, InterSubclass, Logits, NativeCam, PenultSoftmax, PenultTopk, TeacherOutputs
 
-KINDS = {"logits": Logits, "cam_r2": lambda: Cam(2), "cam_r4_from_native": lambda: Cam(4), "cam": NativeCam,
-         "penult_topk": PenultTopk, "inter_subclass": InterSubclass}
+KINDS = {
+    "logits": Logits,
+    "cam_r2": lambda: Cam(2),
+    "cam_r4_from_native": lambda: Cam(4),
+    "cam": NativeCam,
+    "penult_topk": PenultTopk,
+    "inter_subclass": InterSubclass,
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +60,12 @@ def _assert_targets_close(cached: dict, online: dict, kind):
             assert torch.equal(a, b), key
     if "penult_topk_idx" in cached:
         K = kind.ts.k_penult
-        torch.testing.assert_close(densify_topk(cached["penult_topk_idx"], cached["penult_topk_val"], K),
-                                   densify_topk(online["penult_topk_idx"], online["penult_topk_val"], K),
-                                   rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(
+            densify_topk(cached["penult_topk_idx"], cached["penult_topk_val"], K),
+            densify_topk(online["penult_topk_idx"], online["penult_topk_val"], K),
+            rtol=2e-3,
+            atol=2e-3,
+        )
 
 
 @pytest.mark.parametrize("name", list(KINDS))
@@ -78,8 +87,11 @@ def test_cached_replay_equals_online_on_the_same_views(parts, name):
         cached.begin_epoch(p_cached, 8)
         for batch in p_cached.batches(8):
             x = _images(dataset, batch, policy)
-            _assert_targets_close(cached.targets(batch, x, _labels(dataset, batch)),
-                                  online.targets(batch, x, _labels(dataset, batch)), cached.kinds[0])
+            _assert_targets_close(
+                cached.targets(batch, x, _labels(dataset, batch)),
+                online.targets(batch, x, _labels(dataset, batch)),
+                cached.kinds[0],
+            )
     cached.close()
 
 
@@ -111,8 +123,9 @@ def test_assignment_pass_equals_the_live_teacher_on_random_pairs(parts):
     centers = torch.as_tensor(reader[ts.array("penult_centers")][...])
     idx, val = penult_topk_targets(out.feats["penult"], centers, ts.temperature, ts.topk)
     dense_live = densify_topk(idx, val, ts.k_penult, renormalize=False)
-    dense_stored = densify_topk(stored("penult_topk_idx").long(), stored("penult_topk_val").float(), ts.k_penult,
-                                renormalize=False)
+    dense_stored = densify_topk(
+        stored("penult_topk_idx").long(), stored("penult_topk_val").float(), ts.k_penult, renormalize=False
+    )
     torch.testing.assert_close(dense_stored, dense_live, rtol=0, atol=2e-3)
     sub = InterSubclass().bind(_ctx(reader, ts))
     live_sub = sub.online(out)[ts.array("subclass_idx")]
@@ -134,11 +147,12 @@ def test_fit_equals_sklearn_lda_and_a_direct_faiss_kmeans(parts):
 
     reader, dataset, _ = parts
     ts = reader.target_set("default")
-    pen = reader["feat/penult"][:, 0].astype(np.float32)               # [N, D, h, w]
+    pen = reader["feat/penult"][:, 0].astype(np.float32)  # [N, D, h, w]
     vectors = np.ascontiguousarray(pen.transpose(0, 2, 3, 1).reshape(-1, pen.shape[1]))
     assert ts.fit_points_penult == vectors.shape[0] and ts.fit_views == "identity"
-    km = faiss.Kmeans(vectors.shape[1], ts.k_penult, niter=20, seed=0, max_points_per_centroid=10_000_000,
-                      min_points_per_centroid=1)
+    km = faiss.Kmeans(
+        vectors.shape[1], ts.k_penult, niter=20, seed=0, max_points_per_centroid=10_000_000, min_points_per_centroid=1
+    )
     km.train(vectors)
     np.testing.assert_allclose(reader[ts.array("penult_centers")][...], km.centroids, rtol=1e-4, atol=1e-4)
     inter = reader["feat/inter"][:, 0].astype(np.float32)
@@ -159,8 +173,7 @@ def test_fit_equals_sklearn_lda_and_a_direct_faiss_kmeans(parts):
 def test_stream_and_resident_give_identical_batches(parts):
     reader, dataset, _ = parts
     kinds = lambda: [Cam(2), Logits(), PenultTopk(), InterSubclass()]  # noqa: E731
-    resident = CachedTargets(reader, kinds(), policy=dataset.policy, resident="device", order="blocks",
-                             stream_buffer=6)
+    resident = CachedTargets(reader, kinds(), policy=dataset.policy, resident="device", order="blocks", stream_buffer=6)
     stream = CachedTargets(reader, kinds(), policy=dataset.policy, resident="stream", stream_buffer=6)
     assert resident.tier == "device" and stream.tier == "stream" and stream.order == "blocks"
     indices = torch.arange(reader.num_samples)
@@ -185,8 +198,7 @@ def test_block_order_reads_each_block_before_its_samples():
     order, blocks, ranks = plans.block_order(idx, 10, 15, seed=1, epoch=2)
     assert sorted(order.tolist()) == list(range(100)) and len(blocks) == 10
     # the reader can stream: by position p, at most ranks[:p+1].max() + 1 blocks are needed
-    assert all(ranks[p] == [b for b, (lo, hi) in enumerate(blocks) if lo <= int(order[p]) < hi][0]
-               for p in range(100))
+    assert all(ranks[p] == [b for b, (lo, hi) in enumerate(blocks) if lo <= int(order[p]) < hi][0] for p in range(100))
     again, _, _ = plans.block_order(idx, 10, 15, seed=1, epoch=2)
     assert torch.equal(order, again)
     assert not torch.equal(order, plans.block_order(idx, 10, 15, seed=1, epoch=3)[0])
@@ -206,9 +218,21 @@ def test_warp_from_a_one_view_store(tiny_store, tmp_path, parts):
 
     reader, dataset, teacher = parts
     out = tmp_path / "one.zarr"
-    extract_teacher(ExtractConfig(teacher=tiny_store["teacher"], arch="resnet8", data=tiny_store["data"],
-                                  out=str(out), views="1", cam_res=(2,), native_cam=True, features=(),
-                                  executor="inline"), progress=False, verbose=False)
+    extract_teacher(
+        ExtractConfig(
+            teacher=tiny_store["teacher"],
+            arch="resnet8",
+            data=tiny_store["data"],
+            out=str(out),
+            views="1",
+            cam_res=(2,),
+            native_cam=True,
+            features=(),
+            executor="inline",
+        ),
+        progress=False,
+        verbose=False,
+    )
     one = open_store(str(out))
     src = CachedTargets(one, [Cam(2)], policy=dataset.policy, mode="warp")
     plan = src.plan(torch.arange(one.num_samples), 0, 0)
@@ -270,7 +294,14 @@ def test_target_set_record_is_typed(parts):
     assert 0 < ts.retained_mass_min <= ts.retained_mass_mean <= 1.0 + 1e-6
     assert ts.extra["fit_done"] and ts.extra["seconds"]["assign"] >= 0
     assert [type(k).__name__ for k in store_kinds(reader)] == [
-        "Logits", "Cam", "NativeCam", "Feature", "Feature", "PenultTopk", "InterSubclass"]
+        "Logits",
+        "Cam",
+        "NativeCam",
+        "Feature",
+        "Feature",
+        "PenultTopk",
+        "InterSubclass",
+    ]
 
 
 def test_no_targets_views_are_a_function_of_seed_and_epoch(parts):

@@ -86,12 +86,14 @@ def test_streamed_images_train_like_resident_ones(tmp_path):
 
 
 def test_cli_train_teacher_and_evaluate(cli_runner, tmp_path, teacher_run):
-    r = cli_runner.invoke(cli, ["evaluate", "--checkpoint", teacher_run["checkpoint"], "--arch", "resnet8",
-                                "--data", DATA])
+    r = cli_runner.invoke(
+        cli, ["evaluate", "--checkpoint", teacher_run["checkpoint"], "--arch", "resnet8", "--data", DATA]
+    )
     assert r.exit_code == 0, r.output
     assert "top-1" in r.output
-    r = cli_runner.invoke(cli, ["evaluate", "--checkpoint", teacher_run["checkpoint"], "--arch", "resnet20",
-                                "--data", DATA])
+    r = cli_runner.invoke(
+        cli, ["evaluate", "--checkpoint", teacher_run["checkpoint"], "--arch", "resnet20", "--data", DATA]
+    )
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert r.output.count("\n") == 1 and "kdpipe: error:" in r.output
     r = cli_runner.invoke(cli, ["train-teacher", "--arch", "nonet", "--data", DATA, "--out", str(tmp_path)])

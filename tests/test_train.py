@@ -28,8 +28,9 @@ def train_student(store_path, tmp_path, *, on_step=None, after_epoch=None, **fie
     """One student run on the tiny store, quiet: a config from keyword arguments."""
     base = dict(store=str(store_path), student="resnet8", epochs=1, batch_size=8)
     base.update(fields)
-    return run_train(StudentConfig(**base), out=tmp_path, progress=False, plot=False, on_step=on_step,
-                     after_epoch=after_epoch)
+    return run_train(
+        StudentConfig(**base), out=tmp_path, progress=False, plot=False, on_step=on_step, after_epoch=after_epoch
+    )
 
 
 @pytest.mark.parametrize("method", ["ce", "kd", "cat_kd", "letkd1", "letkd2"])
@@ -56,17 +57,23 @@ def test_streamed_targets_train_like_resident_ones(store, tmp_path):
 
     losses = {}
     for tier in ("stream", "device"):
-        seen = []
+        seen: list[float] = []
         real = sources.CachedTargets.__init__
 
-        def force_blocks(self, *a, **kw):
+        def force_blocks(self, *a, real=real, **kw):
             kw["order"] = "blocks"
             real(self, *a, **kw)
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(sources.CachedTargets, "__init__", force_blocks)
-            s = train_student(store["path"], tmp_path, method="letkd2", resident=tier, epochs=2,
-                              on_step=lambda e, i, loss, parts: seen.append(float(loss)))
+            s = train_student(
+                store["path"],
+                tmp_path,
+                method="letkd2",
+                resident=tier,
+                epochs=2,
+                on_step=lambda e, i, loss, parts, seen=seen: seen.append(float(loss)),
+            )
         assert s["target_tier"] == tier
         losses[tier] = seen
     assert losses["stream"] == losses["device"]
@@ -77,8 +84,19 @@ def test_warp_views_from_a_one_view_store(store, tmp_path):
     from kdpipe.stages.extract import extract_teacher
 
     path = tmp_path / "one.zarr"
-    extract_teacher(ExtractConfig(teacher=store["teacher"], arch="resnet8", data=store["data"], out=str(path),
-                                  views="1", cam_res=(2,), executor="inline"), progress=False, verbose=False)
+    extract_teacher(
+        ExtractConfig(
+            teacher=store["teacher"],
+            arch="resnet8",
+            data=store["data"],
+            out=str(path),
+            views="1",
+            cam_res=(2,),
+            executor="inline",
+        ),
+        progress=False,
+        verbose=False,
+    )
     s = train_student(path, tmp_path, method="cat_kd", views="warp")
     assert s["target_source"] == "cached" and s["views"] == "warp"
     s = train_student(path, tmp_path, method="cat_kd", online_teacher=store["teacher"])
@@ -94,9 +112,19 @@ def _losses(store, tmp_path, method, online):
     seen = []
     opts = {"beta": 1.0} if method == "cat_kd" else {}
     # the linear head: the CAM head's larger initial CAMs make this toy chaotic within 4 steps
-    train_student(store["path"], tmp_path, method=method, method_options=opts, head="linear",
-                  online_teacher=store["teacher"] if online else None, online_views="replay",
-                  on_step=lambda e, i, loss, parts: seen.append(float(loss)), epochs=5, batch_size=8, lr=0.002)
+    train_student(
+        store["path"],
+        tmp_path,
+        method=method,
+        method_options=opts,
+        head="linear",
+        online_teacher=store["teacher"] if online else None,
+        online_views="replay",
+        on_step=lambda e, i, loss, parts: seen.append(float(loss)),
+        epochs=5,
+        batch_size=8,
+        lr=0.002,
+    )
     return np.array(seen[:20])
 
 
@@ -155,8 +183,20 @@ def test_resume_after_kill_equals_unbroken(store, tmp_path, cli_runner):
 
 
 def _cli(cli_runner, store, tmp_path, *extra):
-    args = ["train-student", "--store", str(store["path"]), "--student", "resnet8", "--epochs", "1",
-            "--batch-size", "8", "--out", str(tmp_path), *extra]
+    args = [
+        "train-student",
+        "--store",
+        str(store["path"]),
+        "--student",
+        "resnet8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path),
+        *extra,
+    ]
     return cli_runner.invoke(cli, args)
 
 
@@ -170,8 +210,9 @@ def _one_sentence(result):
 
 def test_cli_refusals(cli_runner, store, tmp_path):
     # a data set other than the store's
-    msg = _one_sentence(_cli(cli_runner, store, tmp_path, "--method", "cat_kd",
-                             "--data", "synthetic:n=32,classes=4,size=16,seed=1"))
+    msg = _one_sentence(
+        _cli(cli_runner, store, tmp_path, "--method", "cat_kd", "--data", "synthetic:n=32,classes=4,size=16,seed=1")
+    )
     assert "fingerprint" in msg
     # a target set the store does not have
     msg = _one_sentence(_cli(cli_runner, store, tmp_path, "--method", "letkd1", "--targets", "nope"))
@@ -189,8 +230,22 @@ def test_cli_nan_targets(cli_runner, store, tmp_path):
     block = arr[:]
     block[3] = np.nan
     arr[:] = block
-    r = cli_runner.invoke(cli, ["train-student", "--store", str(bad), "--student", "resnet8", "--method",
-                                "cat_kd", "--epochs", "1", "--out", str(tmp_path)])
+    r = cli_runner.invoke(
+        cli,
+        [
+            "train-student",
+            "--store",
+            str(bad),
+            "--student",
+            "resnet8",
+            "--method",
+            "cat_kd",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     msg = _one_sentence(r)
     assert "NaN" in msg or "nan" in msg.lower()
 
@@ -206,8 +261,19 @@ def test_cli_train_student_and_inline_sweep(cli_runner, store, tmp_path):
     r = _cli(cli_runner, store, tmp_path, "--method", "cat_kd", "--beta", "2")
     assert r.exit_code == 0, r.output
     assert "final top-1" in r.output
-    r = _cli(cli_runner, store, tmp_path, "--method", "cat_kd", "--sweep", "beta=1,2", "--sweep", "seed=0,1",
-             "--executor", "inline")
+    r = _cli(
+        cli_runner,
+        store,
+        tmp_path,
+        "--method",
+        "cat_kd",
+        "--sweep",
+        "beta=1,2",
+        "--sweep",
+        "seed=0,1",
+        "--executor",
+        "inline",
+    )
     assert r.exit_code == 0, r.output
     (sweep_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("sweep-")]
     with open(sweep_dir / "results.csv", newline="") as fh:

@@ -23,7 +23,7 @@ def _reference_crop_flip(images, params, padding, pad_mode):
     for image, row in zip(images, params.tolist()):
         padded = F.pad(image[None], (padding,) * 4, mode=mode)[0]
         dx, dy = row[0], row[1]
-        crop = padded[:, dy:dy + height, dx:dx + width]
+        crop = padded[:, dy : dy + height, dx : dx + width]
         if len(row) > 2 and row[2]:
             crop = crop.flip(-1)
         outputs.append(crop)
@@ -135,8 +135,7 @@ def test_apply_images_equals_per_sample_reference(pad_mode, dtype):
     small = CifarPolicy(image_size=(16, 20), pad_mode=pad_mode)
     images = torch.rand((5, 3, 16, 20), generator=generator).to(dtype)
     params = torch.from_numpy(small.sample(2, np.arange(5), 1)[:, 0])
-    assert torch.equal(small.apply_images(images, params),
-                       _reference_crop_flip(images, params, 2, pad_mode))
+    assert torch.equal(small.apply_images(images, params), _reference_crop_flip(images, params, 2, pad_mode))
 
 
 def test_apply_images_every_cifar_view_on_one_image():
@@ -158,9 +157,13 @@ def test_imagenet_apply_images():
     out = policy.apply_images(images, params)
     assert out.shape == images.shape and out.dtype == torch.uint8
     y0, x0, h, w, flip = params[1].tolist()
-    crop = images[1:2, :, y0:y0 + h, x0:x0 + w].float()
-    expected = F.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False,
-                             antialias=False).round().clamp(0, 255).to(torch.uint8)[0]
+    crop = images[1:2, :, y0 : y0 + h, x0 : x0 + w].float()
+    expected = (
+        F.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False, antialias=False)
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)[0]
+    )
     if flip:
         expected = expected.flip(-1)
     assert torch.equal(out[1], expected)
@@ -223,8 +226,7 @@ def test_apply_maps_nearest_keeps_integer_values_and_dtype():
         assert set(out[b].unique().tolist()) <= set(indices[b].unique().tolist())
     small = indices.to(torch.int16)
     assert policy.apply_maps(small, params, mode="nearest").dtype == torch.int16
-    assert torch.equal(policy.apply_maps(indices, np.tile(policy.identity(), (3, 1)),
-                                         mode="nearest"), indices)
+    assert torch.equal(policy.apply_maps(indices, np.tile(policy.identity(), (3, 1)), mode="nearest"), indices)
     with pytest.raises(ValueError, match="nearest"):
         policy.apply_maps(indices, params)
 

@@ -10,5 +10,15 @@ from kdpipe.artifacts.reader import StoreReader, open_store
 from kdpipe.artifacts.schema import SCHEMA_VERSION, ArraySpec
 from kdpipe.artifacts.writer import StoreWriter, existing_store, read_manifest, remove_store, store_exists
 
-__all__ = ["open_store", "StoreReader", "StoreWriter", "ArraySpec", "SCHEMA_VERSION", "sha256_file",
-           "read_manifest", "remove_store", "store_exists", "existing_store"]
+__all__ = [
+    "open_store",
+    "StoreReader",
+    "StoreWriter",
+    "ArraySpec",
+    "SCHEMA_VERSION",
+    "sha256_file",
+    "read_manifest",
+    "remove_store",
+    "store_exists",
+    "existing_store",
+]

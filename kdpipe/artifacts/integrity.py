@@ -31,8 +31,17 @@ from kdpipe.errors import StoreError
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
 
-__all__ = ["DIGESTS", "digest_name", "num_chunks", "record_digests", "check_store", "verify_store",
-           "CheckedArray", "Damage", "ARRAY_CONFIG"]
+__all__ = [
+    "DIGESTS",
+    "digest_name",
+    "num_chunks",
+    "record_digests",
+    "check_store",
+    "verify_store",
+    "CheckedArray",
+    "Damage",
+    "ARRAY_CONFIG",
+]
 
 #: The group of the per-chunk digest arrays.
 DIGESTS = "integrity"
@@ -142,7 +151,7 @@ def verify_store(group, root: str, names: list[str]) -> list[Damage]:
                 continue
             first, last = _rows_of(arr, index)
             try:
-                arr[first:last + 1]
+                arr[first : last + 1]
             except Exception as err:  # noqa: BLE001 - any decode failure is damage
                 damage.append(Damage(name, index, first, last, f"it does not decode ({_reason(err)})"))
     return damage
@@ -189,8 +198,10 @@ class CheckedArray:
         except StoreError:
             raise
         except Exception as err:  # noqa: BLE001 - zarr/numcodecs raise several kinds
-            raise StoreError(f"The store array {self._name} at {self._root} is damaged in {self._range(selection)} "
-                             f"({_reason(err)}); run `kdpipe inspect {self._root} --verify`.") from None
+            raise StoreError(
+                f"The store array {self._name} at {self._root} is damaged in {self._range(selection)} "
+                f"({_reason(err)}); run `kdpipe inspect {self._root} --verify`."
+            ) from None
 
     def __getitem__(self, selection):
         return self._read(self._array.__getitem__, selection)

@@ -40,16 +40,26 @@ def open_store(path, allow_incomplete: bool = False, check: bool = True) -> Stor
 
 
 #: Manifest keys readers rely on, and the JSON type each must have.
-_MANIFEST_TYPES = {"teacher": dict, "dataset": dict, "views": dict, "arrays": dict, "targets": dict,
-                   "shard_size": int, "num_shards": int, "complete": bool}
+_MANIFEST_TYPES = {
+    "teacher": dict,
+    "dataset": dict,
+    "views": dict,
+    "arrays": dict,
+    "targets": dict,
+    "shard_size": int,
+    "num_shards": int,
+    "complete": bool,
+}
 _DATASET_TYPES = {"num_samples": int, "num_classes": int}
 
 
 def _check_manifest(path: str, m: dict) -> None:
     for key, kind in _MANIFEST_TYPES.items():
         if key in m and not isinstance(m[key], kind):
-            raise StoreError(f"The store at {path} has a damaged manifest ({key} is {type(m[key]).__name__}, "
-                             f"not {kind.__name__}); re-extract it.")
+            raise StoreError(
+                f"The store at {path} has a damaged manifest ({key} is {type(m[key]).__name__}, "
+                f"not {kind.__name__}); re-extract it."
+            )
     for key, kind in _DATASET_TYPES.items():
         value = (m.get("dataset") or {}).get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -66,8 +76,10 @@ class StoreReader:
         if not isinstance(m, dict):
             raise StoreError(f"{path} is a zarr group but not a kdpipe store (it has no kdpipe manifest).")
         if m.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"The store at {path} has schema version {m.get('schema_version')}, "
-                             f"this kdpipe reads version {SCHEMA_VERSION}; re-extract it.")
+            raise StoreError(
+                f"The store at {path} has schema version {m.get('schema_version')}, "
+                f"this kdpipe reads version {SCHEMA_VERSION}; re-extract it."
+            )
         _check_manifest(path, m)
         self.manifest = dict(m)
         self._arrays: dict = {}
@@ -104,15 +116,20 @@ class StoreReader:
         except StoreError:
             raise
         except Exception as err:  # noqa: BLE001 - damaged metadata of an array
-            raise StoreError(f"The store at {self.path} cannot be checked ({type(err).__name__}: {err}); its "
-                             "metadata is damaged: re-extract it.") from None
+            raise StoreError(
+                f"The store at {self.path} cannot be checked ({type(err).__name__}: {err}); its "
+                "metadata is damaged: re-extract it."
+            ) from None
 
     def refuse_damage(self) -> StoreReader:
         """One sentence for the first damaged chunk, with the count of all of them."""
         found = self.damage()
         if found:
-            more = f" ({len(found)} damaged in all; `kdpipe inspect {self.path} --verify` lists them)" \
-                if len(found) > 1 else ""
+            more = (
+                f" ({len(found)} damaged in all; `kdpipe inspect {self.path} --verify` lists them)"
+                if len(found) > 1
+                else ""
+            )
             raise StoreError(found[0].sentence(self.path) + more + "; re-extract or re-cluster it.")
         return self
 
@@ -127,8 +144,10 @@ class StoreReader:
             try:
                 arr = CheckedArray(self.group[name], name, self.path)
             except Exception as err:  # noqa: BLE001 - a garbage zarr.json of the array
-                raise StoreError(f"The store array {name} at {self.path} cannot be opened ({type(err).__name__}); "
-                                 "its metadata is damaged: re-extract the store.") from None
+                raise StoreError(
+                    f"The store array {name} at {self.path} cannot be opened ({type(err).__name__}); "
+                    "its metadata is damaged: re-extract the store."
+                ) from None
             self._arrays[name] = arr
         return arr
 
@@ -145,8 +164,10 @@ class StoreReader:
     def static(self, name: str) -> np.ndarray:
         """The whole array static/<name> as numpy (checked as every array is)."""
         if name not in (self.manifest.get("static") or {}):
-            raise StoreError(f"The store at {self.path} has no static array {name} (it has: "
-                             f"{', '.join(self.static_names()) or 'none'}); re-extract it with the method named.")
+            raise StoreError(
+                f"The store at {self.path} has no static array {name} (it has: "
+                f"{', '.join(self.static_names()) or 'none'}); re-extract it with the method named."
+            )
         return np.asarray(self.array(f"{STATIC_GROUP}/{name}")[...])
 
     def target_sets(self, include_incomplete: bool = False) -> list[str]:
@@ -157,8 +178,10 @@ class StoreReader:
     def target_attrs(self, name: str) -> dict:
         sets = self.manifest.get("targets") or {}
         if name not in sets:
-            raise StoreError(f"The store at {self.path} has no target set {name} "
-                             f"(it has: {', '.join(sorted(sets)) or 'none'}); run `kdpipe cluster` first.")
+            raise StoreError(
+                f"The store at {self.path} has no target set {name} "
+                f"(it has: {', '.join(sorted(sets)) or 'none'}); run `kdpipe cluster` first."
+            )
         return dict(sets[name].get("attrs") or {})
 
     def target_set(self, name: str, include_incomplete: bool = False) -> TargetSet:
@@ -167,8 +190,10 @@ class StoreReader:
         entry = sets.get(name) if isinstance(sets, dict) else None
         if not isinstance(entry, dict) or not (include_incomplete or entry.get("complete")):
             have = ", ".join(self.target_sets()) or "none"
-            raise StoreError(f"The store at {self.path} has no complete target set {name!r} (it has: {have}); "
-                             f"run `kdpipe cluster {self.path} --name {name}` first.")
+            raise StoreError(
+                f"The store at {self.path} has no complete target set {name!r} (it has: {have}); "
+                f"run `kdpipe cluster {self.path} --name {name}` first."
+            )
         return TargetSet.from_json(name, entry.get("attrs"), where=f"the store at {self.path}")
 
     # ----- state ---------------------------------------------------------------------------
@@ -193,8 +218,10 @@ class StoreReader:
     def require_complete(self) -> StoreReader:
         if not self.is_complete():
             done, total = len(self.done_shards()), self.manifest.get("num_shards", "?")
-            raise StoreError(f"The store at {self.path} is incomplete ({done} of {total} shards written); "
-                             "finish it with `kdpipe extract-teacher --resume`.")
+            raise StoreError(
+                f"The store at {self.path} is incomplete ({done} of {total} shards written); "
+                "finish it with `kdpipe extract-teacher --resume`."
+            )
         return self
 
     # ----- checks --------------------------------------------------------------------------
@@ -204,22 +231,32 @@ class StoreReader:
         d = self.manifest.get("dataset") or {}
         name = getattr(dataset, "name", "?")
         if d.get("fingerprint") != getattr(dataset, "fingerprint", None):
-            raise DataError(f"The store at {self.path} was made from data set {d.get('name')} "
-                            f"({d.get('split')}, fingerprint {str(d.get('fingerprint'))[:12]}), not from this "
-                            f"{name} ({getattr(dataset, 'split', '?')}, fingerprint "
-                            f"{str(getattr(dataset, 'fingerprint', None))[:12]}).")
+            raise DataError(
+                f"The store at {self.path} was made from data set {d.get('name')} "
+                f"({d.get('split')}, fingerprint {str(d.get('fingerprint'))[:12]}), not from this "
+                f"{name} ({getattr(dataset, 'split', '?')}, fingerprint "
+                f"{str(getattr(dataset, 'fingerprint', None))[:12]})."
+            )
         if int(d.get("num_classes", -1)) != int(dataset.num_classes):
-            raise DataError(f"The store at {self.path} has {d.get('num_classes')} classes, "
-                            f"the data set {name} has {dataset.num_classes}.")
+            raise DataError(
+                f"The store at {self.path} has {d.get('num_classes')} classes, "
+                f"the data set {name} has {dataset.num_classes}."
+            )
         if int(d.get("num_samples", -1)) != len(dataset):
-            raise DataError(f"The store at {self.path} has {d.get('num_samples')} samples, "
-                            f"the data set {name} has {len(dataset)}.")
+            raise DataError(
+                f"The store at {self.path} has {d.get('num_samples')} samples, the data set {name} has {len(dataset)}."
+            )
         for key in ("mean", "std"):
             a, b = d.get(key), getattr(dataset, key, None)
-            if a is not None and b is not None and not np.allclose(np.asarray(a, float), np.asarray(b, float),
-                                                                   rtol=0, atol=1e-6):
-                raise DataError(f"The store at {self.path} was made with normalisation {key} {list(a)}, "
-                                f"the data set {name} uses {list(b)}.")
+            if (
+                a is not None
+                and b is not None
+                and not np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=0, atol=1e-6)
+            ):
+                raise DataError(
+                    f"The store at {self.path} was made with normalisation {key} {list(a)}, "
+                    f"the data set {name} uses {list(b)}."
+                )
         return self
 
     def check_teacher(self, ckpt_path) -> StoreReader:
@@ -229,8 +266,10 @@ class StoreReader:
         want = (self.manifest.get("teacher") or {}).get("sha256")
         got = sha256_file(ckpt_path)
         if want != got:
-            raise StoreError(f"The store at {self.path} was made with another teacher checkpoint "
-                             f"(sha256 {str(want)[:12]}), not {ckpt_path} (sha256 {got[:12]}).")
+            raise StoreError(
+                f"The store at {self.path} was made with another teacher checkpoint "
+                f"(sha256 {str(want)[:12]}), not {ckpt_path} (sha256 {got[:12]})."
+            )
         return self
 
     # ----- sizes ---------------------------------------------------------------------------
@@ -240,7 +279,7 @@ class StoreReader:
         out = []
         names = list(self.array_names())
         for t in self.target_sets(include_incomplete=True):
-            for a in (self.manifest["targets"][t].get("arrays") or {}):
+            for a in self.manifest["targets"][t].get("arrays") or {}:
                 names.append(f"{TARGETS_GROUP}/{t}/{a}")
         for name in names:
             if not self.has(name):
@@ -248,7 +287,15 @@ class StoreReader:
             arr = self.group[name]
             raw = int(arr.nbytes)
             stored = int(arr.nbytes_stored())
-            out.append({"name": name, "shape": tuple(arr.shape), "dtype": str(arr.dtype),
-                        "chunks": tuple(arr.chunks), "bytes": raw, "stored_bytes": stored,
-                        "ratio": raw / stored if stored else float("inf")})
+            out.append(
+                {
+                    "name": name,
+                    "shape": tuple(arr.shape),
+                    "dtype": str(arr.dtype),
+                    "chunks": tuple(arr.chunks),
+                    "bytes": raw,
+                    "stored_bytes": stored,
+                    "ratio": raw / stored if stored else float("inf"),
+                }
+            )
         return out

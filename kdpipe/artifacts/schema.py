@@ -47,8 +47,18 @@ BLOSC_CNAME: Final = "zstd"
 BLOSC_CLEVEL = 1
 
 MANIFEST_KEYS = (
-    "schema_version", "kdpipe_version", "teacher", "dataset", "views", "layers", "arrays",
-    "shard_size", "num_shards", "shards_done", "complete", "created",
+    "schema_version",
+    "kdpipe_version",
+    "teacher",
+    "dataset",
+    "views",
+    "layers",
+    "arrays",
+    "shard_size",
+    "num_shards",
+    "shards_done",
+    "complete",
+    "created",
 )
 
 MEANINGS = {
@@ -65,8 +75,10 @@ def compressors(dtype) -> list:
     a crc32c checksum of the encoded chunk (``kdpipe.artifacts.integrity``)."""
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    return [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle="shuffle",
-                       typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
+    return [
+        BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle="shuffle", typesize=np.dtype(dtype).itemsize),
+        Crc32cCodec(),
+    ]
 
 
 def chunk_rows(shard_size: int, row_bytes: int, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> int:
@@ -96,12 +108,21 @@ class ArraySpec:
 
     def with_chunks(self, shard_size: int) -> ArraySpec:
         rows = chunk_rows(shard_size, self.row_bytes())
-        return ArraySpec(self.name, tuple(self.shape), self.dtype, self.meaning,
-                         (min(rows, max(1, self.shape[0])),) + tuple(self.shape[1:]))
+        return ArraySpec(
+            self.name,
+            tuple(self.shape),
+            self.dtype,
+            self.meaning,
+            (min(rows, max(1, self.shape[0])),) + tuple(self.shape[1:]),
+        )
 
     def to_json(self) -> dict:
-        return {"shape": list(map(int, self.shape)), "dtype": self.dtype, "meaning": self.meaning,
-                "chunks": list(map(int, self.chunks))}
+        return {
+            "shape": list(map(int, self.shape)),
+            "dtype": self.dtype,
+            "meaning": self.meaning,
+            "chunks": list(map(int, self.chunks)),
+        }
 
 
 def plan_shards(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
@@ -109,8 +130,16 @@ def plan_shards(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
 
 
-def build_manifest(*, teacher: dict, dataset: dict, views: dict, layers: list, specs: list[ArraySpec],
-                   shard_size: int, num_samples: int) -> dict:
+def build_manifest(
+    *,
+    teacher: dict,
+    dataset: dict,
+    views: dict,
+    layers: list,
+    specs: list[ArraySpec],
+    shard_size: int,
+    num_samples: int,
+) -> dict:
     """The manifest of a new store, `complete` false and no shard done."""
     from kdpipe import __version__
 
@@ -145,8 +174,10 @@ def same_plan(a: dict, b: dict) -> str | None:
         ("dataset split", lambda m: (m.get("dataset") or {}).get("split")),
         ("views (--views, --seed)", lambda m: m.get("views")),
         ("shard size", lambda m: m.get("shard_size")),
-        ("the set of arrays (--features, --cam-res)",
-         lambda m: {k: v.get("shape") for k, v in (m.get("arrays") or {}).items()}),
+        (
+            "the set of arrays (--features, --cam-res)",
+            lambda m: {k: v.get("shape") for k, v in (m.get("arrays") or {}).items()},
+        ),
     ]
     for key, get in checks:
         if get(a) != get(b):

@@ -31,23 +31,23 @@ class TargetSet:
 
     name: str
     num_classes: int
-    k_penult: int                         # K-means centres of the penultimate vectors
-    k_inter: int                          # sub-classes per class (intermediate layer)
-    lda_dims: int                         # d, LDA components kept
-    topk: int                             # k stored per location (<= topk_cap)
-    topk_cap: int                         # --topk: the most k may be
-    topk_mass: float                      # --topk-mass: the softmax mass k is chosen to hold
-    temperature: float                    # T in softmax(-T * ||f - rho||^2)
-    penult_grid: tuple[int, int]          # (h, w) of the penultimate targets
-    inter_grid: tuple[int, int]           # (h, w) of the intermediate targets
-    student_grid: tuple[int, int] | None = None   # --student-grid pooling, or None
-    fit_views: str = "identity"           # which stored views the fit used
+    k_penult: int  # K-means centres of the penultimate vectors
+    k_inter: int  # sub-classes per class (intermediate layer)
+    lda_dims: int  # d, LDA components kept
+    topk: int  # k stored per location (<= topk_cap)
+    topk_cap: int  # --topk: the most k may be
+    topk_mass: float  # --topk-mass: the softmax mass k is chosen to hold
+    temperature: float  # T in softmax(-T * ||f - rho||^2)
+    penult_grid: tuple[int, int]  # (h, w) of the penultimate targets
+    inter_grid: tuple[int, int]  # (h, w) of the intermediate targets
+    student_grid: tuple[int, int] | None = None  # --student-grid pooling, or None
+    fit_views: str = "identity"  # which stored views the fit used
     fit_points_penult: int = 0
     fit_points_inter: int = 0
     max_fit_points: int | None = None
     kmeans_niter: int = 20
     kmeans_objective_penult: float | None = None
-    retained_mass_min: float | None = None     # over every stored (sample, view, location)
+    retained_mass_min: float | None = None  # over every stored (sample, view, location)
     retained_mass_mean: float | None = None
     lda_ridge: float = 0.0
     empty_subclasses: int = 0
@@ -80,8 +80,7 @@ class TargetSet:
     @classmethod
     def from_json(cls, name: str, record: dict | None, where: str = "the store") -> TargetSet:
         if not isinstance(record, dict):
-            raise StoreError(f"Target set {name!r} of {where} has no settings record; re-run "
-                             "`kdpipe cluster` for it.")
+            raise StoreError(f"Target set {name!r} of {where} has no settings record; re-run `kdpipe cluster` for it.")
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in record.items() if k in known}
         values["name"] = name
@@ -91,8 +90,10 @@ class TargetSet:
             info = cls(**values)
             _check_types(info)
         except (TypeError, ValueError) as err:
-            raise StoreError(f"Target set {name!r} of {where} has a damaged settings record "
-                             f"({err}); re-run `kdpipe cluster --overwrite` for it.") from None
+            raise StoreError(
+                f"Target set {name!r} of {where} has a damaged settings record "
+                f"({err}); re-run `kdpipe cluster --overwrite` for it."
+            ) from None
         return info
 
 

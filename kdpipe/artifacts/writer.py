@@ -130,8 +130,10 @@ def existing_store(path) -> bool:
         return True
     if not storage.is_url(path) and os.path.isfile(path):
         raise StoreError(f"{path} is a file, not a store; choose another --out.")
-    raise StoreError(f"{path} is a folder with other contents, not a kdpipe store; choose another --out "
-                     "(kdpipe never deletes what it did not write).")
+    raise StoreError(
+        f"{path} is a folder with other contents, not a kdpipe store; choose another --out "
+        "(kdpipe never deletes what it did not write)."
+    )
 
 
 def _refuse_foreign(path: str) -> None:
@@ -154,8 +156,15 @@ def _check_json(what: str, obj) -> None:
 
 def _create_digests(group, name: str, arr) -> None:
     """The digest array of ``name``: one int64 per chunk, -1 until the chunk is written."""
-    group.create_array(digest_name(name), shape=(num_chunks(arr),), chunks=(1,), dtype="int64", fill_value=-1,
-                       compressors=None, overwrite=True)
+    group.create_array(
+        digest_name(name),
+        shape=(num_chunks(arr),),
+        chunks=(1,),
+        dtype="int64",
+        fill_value=-1,
+        compressors=None,
+        overwrite=True,
+    )
 
 
 class StoreWriter:
@@ -177,20 +186,26 @@ class StoreWriter:
         _refuse_foreign(path)
         if store_exists(path) and not _empty_folder(path):
             if not overwrite:
-                raise StoreError(f"A store already exists at {path}; pass --overwrite to replace it "
-                                 "or --resume to continue it.")
+                raise StoreError(
+                    f"A store already exists at {path}; pass --overwrite to replace it or --resume to continue it."
+                )
             remove_store(path)
         group = zarr.open_group(store=path, mode="w")
         for spec in specs:
             if not spec.chunks:
                 raise ValueError(f"array spec {spec.name} has no chunks")
-            arr = group.create_array(spec.name, shape=tuple(spec.shape), chunks=tuple(spec.chunks),
-                                     dtype=spec.dtype, compressors=compressors(spec.dtype), fill_value=0,
-                                     config=ARRAY_CONFIG)
+            arr = group.create_array(
+                spec.name,
+                shape=tuple(spec.shape),
+                chunks=tuple(spec.chunks),
+                dtype=spec.dtype,
+                compressors=compressors(spec.dtype),
+                fill_value=0,
+                config=ARRAY_CONFIG,
+            )
             _create_digests(group, spec.name, arr)
         n_shards = int(manifest["num_shards"])
-        group.create_array(SHARDS_DONE, shape=(n_shards,), chunks=(1,), dtype="uint8",
-                           compressors=None, fill_value=0)
+        group.create_array(SHARDS_DONE, shape=(n_shards,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
         manifest = dict(manifest)
         manifest["complete"] = False
         manifest["shards_done"] = []
@@ -216,8 +231,10 @@ class StoreWriter:
         old = w.manifest
         diff = same_plan(old, manifest)
         if diff is not None:
-            raise StoreError(f"The store at {w.path} was made with other settings than this run ({diff} "
-                             "differs); repeat the original options to resume, or pass --overwrite to replace it.")
+            raise StoreError(
+                f"The store at {w.path} was made with other settings than this run ({diff} "
+                "differs); repeat the original options to resume, or pass --overwrite to replace it."
+            )
         return w
 
     @classmethod
@@ -225,11 +242,14 @@ class StoreWriter:
         """Open a complete store to add, replace or drop target sets and arrays (`kdpipe cluster`)."""
         w = cls.open(path)
         if w.manifest.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"The store at {w.path} has schema version {w.manifest.get('schema_version')}, "
-                             f"this kdpipe reads version {SCHEMA_VERSION}.")
+            raise StoreError(
+                f"The store at {w.path} has schema version {w.manifest.get('schema_version')}, "
+                f"this kdpipe reads version {SCHEMA_VERSION}."
+            )
         if not w.manifest.get("complete"):
-            raise StoreError(f"The store at {w.path} is incomplete; finish it with "
-                             "`kdpipe extract-teacher --resume` first.")
+            raise StoreError(
+                f"The store at {w.path} is incomplete; finish it with `kdpipe extract-teacher --resume` first."
+            )
         return w
 
     # ----- manifest ------------------------------------------------------------------------
@@ -284,8 +304,10 @@ class StoreWriter:
         total = int(self.manifest["num_shards"])
         if len(done) != total:
             self.update_manifest(shards_done=done, complete=False)
-            raise StoreError(f"The store at {self.path} is incomplete ({len(done)} of {total} shards written); "
-                             "re-run with --resume to finish it.")
+            raise StoreError(
+                f"The store at {self.path} is incomplete ({len(done)} of {total} shards written); "
+                "re-run with --resume to finish it."
+            )
         return self.update_manifest(shards_done=done, complete=True)
 
     def mark_incomplete(self) -> dict:
@@ -303,8 +325,15 @@ class StoreWriter:
             if old in self.group:
                 del self.group[old]
         shape = data.shape or (1,)
-        arr = self.group.create_array(full, shape=shape, chunks=shape, dtype=data.dtype,
-                                      compressors=compressors(data.dtype), fill_value=0, config=ARRAY_CONFIG)
+        arr = self.group.create_array(
+            full,
+            shape=shape,
+            chunks=shape,
+            dtype=data.dtype,
+            compressors=compressors(data.dtype),
+            fill_value=0,
+            config=ARRAY_CONFIG,
+        )
         _create_digests(self.group, full, arr)
         self._arrays.pop(full, None)
         self.write_rows(full, 0, data.reshape(shape))
@@ -320,8 +349,16 @@ class StoreWriter:
         targets = m.setdefault("targets", {})
         return targets.setdefault(target, {"arrays": {}, "attrs": {}, "complete": False})
 
-    def create_target_array(self, target: str, name: str, shape, dtype, chunk_rows: int | None = None,
-                            meaning: str = "", checked: bool = True):
+    def create_target_array(
+        self,
+        target: str,
+        name: str,
+        shape,
+        dtype,
+        chunk_rows: int | None = None,
+        meaning: str = "",
+        checked: bool = True,
+    ):
         """Create an empty array targets/<target>/<name> (chunked along axis 0) for row writes;
         ``checked`` arrays get chunk digests (control arrays such as shards_done do not)."""
         dtype = np.dtype(dtype)
@@ -336,20 +373,31 @@ class StoreWriter:
         for old in (full, digest_name(full)):
             if old in self.group:
                 del self.group[old]
-        arr = self.group.create_array(full, shape=shape, chunks=chunks or None, dtype=dtype,
-                                      compressors=compressors(dtype), fill_value=0, config=ARRAY_CONFIG)
+        arr = self.group.create_array(
+            full,
+            shape=shape,
+            chunks=chunks or None,
+            dtype=dtype,
+            compressors=compressors(dtype),
+            fill_value=0,
+            config=ARRAY_CONFIG,
+        )
         if checked:
             _create_digests(self.group, full, arr)
         arr = arr.with_config(ARRAY_CONFIG)
-        entry["arrays"][name] = {"shape": list(shape), "dtype": dtype.name, "meaning": meaning,
-                                 "chunks": list(chunks), "checked": bool(checked)}
+        entry["arrays"][name] = {
+            "shape": list(shape),
+            "dtype": dtype.name,
+            "meaning": meaning,
+            "chunks": list(chunks),
+            "checked": bool(checked),
+        }
         entry["complete"] = False
         self.update_manifest(targets=m["targets"])
         self._arrays[full] = arr
         return arr
 
-    def write_target_array(self, target: str, name: str, data, meaning: str = "",
-                           chunk_rows: int | None = None):
+    def write_target_array(self, target: str, name: str, data, meaning: str = "", chunk_rows: int | None = None):
         """Write a whole array targets/<target>/<name> (replacing one of that name)."""
         data = _check_numeric(name, data)
         arr = self.create_target_array(target, name, data.shape, data.dtype, chunk_rows, meaning)

@@ -33,9 +33,11 @@ __all__ = [
     "FINGERPRINT_SAMPLES",
 ]
 
-_VALID_FORMS = ("digits, cifar10:/path/to/cifar-10-batches-py, "
-                "cifar100:/path/to/cifar-100-python, imagefolder:/path (with train/ and val/) "
-                "or synthetic[:n=256,classes=10,size=32,seed=0]")
+_VALID_FORMS = (
+    "digits, cifar10:/path/to/cifar-10-batches-py, "
+    "cifar100:/path/to/cifar-100-python, imagefolder:/path (with train/ and val/) "
+    "or synthetic[:n=256,classes=10,size=32,seed=0]"
+)
 _KINDS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 
 
@@ -69,8 +71,7 @@ def load_dataset(spec: str, split: str = "train") -> Dataset:
     spec = spec.strip()
     if kind == "digits":
         if rest:
-            raise DataError(f"digits takes no path or options (it is bundled with "
-                            f"scikit-learn); got {spec!r}.")
+            raise DataError(f"digits takes no path or options (it is bundled with scikit-learn); got {spec!r}.")
         from kdpipe.data.digits import load_digits_dataset
 
         return load_digits_dataset(split, spec=spec)

@@ -23,7 +23,7 @@ SPLITS = ("train", "test")
 
 
 def canonical_split(split: str) -> str:
-    """"train" or "test"; "val" (ImageNet's word) is accepted for the held-out split."""
+    """ "train" or "test"; "val" (ImageNet's word) is accepted for the held-out split."""
     text = str(split).strip().lower()
     if text in ("test", "val", "validation"):
         return "test"
@@ -54,9 +54,22 @@ class Dataset:
         spec: the spec string it was loaded from.
     """
 
-    def __init__(self, *, name: str, split: str, num_classes: int, labels, image_size,
-                 mean, std, policy: Policy, images: torch.Tensor | None = None,
-                 class_names=None, spec: str | None = None, source: str | None = None):
+    def __init__(
+        self,
+        *,
+        name: str,
+        split: str,
+        num_classes: int,
+        labels,
+        image_size,
+        mean,
+        std,
+        policy: Policy,
+        images: torch.Tensor | None = None,
+        class_names=None,
+        spec: str | None = None,
+        source: str | None = None,
+    ):
         self.name = name
         self.split = split
         self.num_classes = int(num_classes)
@@ -73,8 +86,7 @@ class Dataset:
         if images is not None:
             expected = (len(self.labels), 3) + self.image_size
             if tuple(images.shape) != expected or images.dtype != torch.uint8:
-                raise ValueError(f"images must be uint8 {expected}, got {images.dtype} "
-                                 f"{tuple(images.shape)}")
+                raise ValueError(f"images must be uint8 {expected}, got {images.dtype} {tuple(images.shape)}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -103,19 +115,19 @@ class Dataset:
         different split or subset) is refused by its reader.
         """
         if self._fingerprint is None:
-            self._fingerprint = compute_fingerprint(self.labels, self.get_batch,
-                                                    self.image_size)
+            self._fingerprint = compute_fingerprint(self.labels, self.get_batch, self.image_size)
         return self._fingerprint
 
     def describe(self) -> str:
         """One line for logs and summaries."""
         height, width = self.image_size
-        storage = (f"resident ({self.images.numel() / 1e6:.1f} MB)" if self.images is not None
-                   else "loaded lazily")
+        storage = f"resident ({self.images.numel() / 1e6:.1f} MB)" if self.images is not None else "loaded lazily"
         views = self.policy.num_views if self.policy.num_views is not None else "infinite"
-        return (f"{self.name} {self.split}: {len(self):,} images {height}x{width}, "
-                f"{self.num_classes} classes, {storage}, policy {self.policy.name} "
-                f"({views} views)")
+        return (
+            f"{self.name} {self.split}: {len(self):,} images {height}x{width}, "
+            f"{self.num_classes} classes, {storage}, policy {self.policy.name} "
+            f"({views} views)"
+        )
 
     def __repr__(self) -> str:
         return f"<Dataset {self.describe()}>"

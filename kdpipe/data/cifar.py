@@ -34,6 +34,7 @@ CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+
 @dataclass(frozen=True)
 class _Layout:
     """Where one CIFAR variant keeps its files and what its pickles hold."""
@@ -82,9 +83,8 @@ _LAYOUTS = {
 def _expectation(kind: str) -> str:
     layout = _LAYOUTS[kind]
     files = layout.train + layout.test
-    listed = ("data_batch_1..5 and test_batch" if kind == "cifar10" else " and ".join(files))
-    return (f"{kind} expects the folder '{layout.folder}' with files {listed} "
-            "(the python version from the CIFAR page)")
+    listed = "data_batch_1..5 and test_batch" if kind == "cifar10" else " and ".join(files)
+    return f"{kind} expects the folder '{layout.folder}' with files {listed} (the python version from the CIFAR page)"
 
 
 class ForbiddenGlobal(pickle.UnpicklingError):
@@ -97,9 +97,12 @@ class CifarUnpickler(pickle.Unpickler):
     dtypes; dicts, lists, bytes, str and int need none) are admitted."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),  # protocol 2 pickles spell bytes this way
     }
 
@@ -115,15 +118,24 @@ def _read_pickle(kind: str, path: str) -> dict:
             content = CifarUnpickler(handle, encoding="bytes").load()
     except ForbiddenGlobal as error:
         raise DataError(f"{_expectation(kind)}; {path} is not a CIFAR pickle: {error}.") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            ImportError, IndexError, KeyError, UnicodeDecodeError) as error:
-        raise DataError(f"{_expectation(kind)}; {path} is not a readable CIFAR pickle "
-                        f"({type(error).__name__}).") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+        UnicodeDecodeError,
+    ) as error:
+        raise DataError(
+            f"{_expectation(kind)}; {path} is not a readable CIFAR pickle ({type(error).__name__})."
+        ) from None
     except OSError as error:
         raise DataError(f"{_expectation(kind)}; {path} cannot be read ({error.strerror}).") from None
     if not isinstance(content, dict):
-        raise DataError(f"{_expectation(kind)}; {path} holds a {type(content).__name__}, "
-                        "not a CIFAR batch dict.")
+        raise DataError(f"{_expectation(kind)}; {path} holds a {type(content).__name__}, not a CIFAR batch dict.")
     return content
 
 
@@ -134,19 +146,15 @@ def _read_batch(kind: str, path: str) -> tuple[np.ndarray, np.ndarray]:
     label_key = layout.label_key
     if b"data" not in content or label_key not in content:
         found = ", ".join(repr(k) for k in list(content)[:6]) or "nothing"
-        raise DataError(f"{_expectation(kind)}; {path} lacks b'data' or {label_key!r} "
-                        f"(it has {found}).")
+        raise DataError(f"{_expectation(kind)}; {path} lacks b'data' or {label_key!r} (it has {found}).")
     data = np.asarray(content[b"data"])
     labels = np.asarray(content[label_key], dtype=np.int64).reshape(-1)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{_expectation(kind)}; {path} has b'data' of {data.dtype} "
-                        f"{data.shape}, not uint8 [N, 3072].")
+        raise DataError(f"{_expectation(kind)}; {path} has b'data' of {data.dtype} {data.shape}, not uint8 [N, 3072].")
     if len(labels) != len(data):
-        raise DataError(f"{_expectation(kind)}; {path} has {len(data)} images but "
-                        f"{len(labels)} labels.")
+        raise DataError(f"{_expectation(kind)}; {path} has {len(data)} images but {len(labels)} labels.")
     if len(labels) and (labels.min() < 0 or labels.max() >= layout.num_classes):
-        raise DataError(f"{_expectation(kind)}; {path} has labels outside "
-                        f"0..{layout.num_classes - 1}.")
+        raise DataError(f"{_expectation(kind)}; {path} has labels outside 0..{layout.num_classes - 1}.")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -178,10 +186,16 @@ def load_cifar(kind: str, folder: str, split: str, spec: str | None = None) -> D
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     return Dataset(
-        name=kind, split=split, num_classes=layout.num_classes, labels=labels,
-        image_size=CIFAR_IMAGE_SIZE, mean=layout.mean, std=layout.std,
+        name=kind,
+        split=split,
+        num_classes=layout.num_classes,
+        labels=labels,
+        image_size=CIFAR_IMAGE_SIZE,
+        mean=layout.mean,
+        std=layout.std,
         policy=CifarPolicy(image_size=CIFAR_IMAGE_SIZE),
         images=torch.from_numpy(np.ascontiguousarray(images)),
-        class_names=_read_class_names(kind, folder), spec=spec or f"{kind}:{folder}",
+        class_names=_read_class_names(kind, folder),
+        spec=spec or f"{kind}:{folder}",
         source=folder,
     )

@@ -83,9 +83,16 @@ def load_digits_dataset(split: str, spec: str = "digits") -> Dataset:
     images, labels = _digits_arrays()
     index = digits_split_indices(split)
     return Dataset(
-        name="digits", split=split, num_classes=10, labels=labels[index],
-        image_size=DIGITS_IMAGE_SIZE, mean=DIGITS_MEAN, std=DIGITS_STD,
+        name="digits",
+        split=split,
+        num_classes=10,
+        labels=labels[index],
+        image_size=DIGITS_IMAGE_SIZE,
+        mean=DIGITS_MEAN,
+        std=DIGITS_STD,
         policy=DigitsPolicy(image_size=DIGITS_IMAGE_SIZE),
         images=images[torch.from_numpy(index)].contiguous(),
-        class_names=[str(d) for d in range(10)], spec=spec, source="sklearn.datasets.load_digits",
+        class_names=[str(d) for d in range(10)],
+        spec=spec,
+        source="sklearn.datasets.load_digits",
     )

@@ -55,8 +55,7 @@ class ImageFolderSpec(NamedTuple):
 
 
 def _expectation() -> str:
-    return ("imagefolder expects a folder with train/ and val/, each holding one sub-folder "
-            "of images per class")
+    return "imagefolder expects a folder with train/ and val/, each holding one sub-folder of images per class"
 
 
 def _option_value(key: str, value: str) -> int:
@@ -70,21 +69,25 @@ def _option_value(key: str, value: str) -> int:
 
 
 def parse_imagefolder_spec(rest: str) -> ImageFolderSpec:
-    """"/path?size=224&resize=256" -> ImageFolderSpec(path, 224, 256)."""
+    """ "/path?size=224&resize=256" -> ImageFolderSpec(path, 224, 256)."""
     path, _, query = rest.partition("?")
     options: dict[str, int] = {}
     for item in filter(None, query.split("&")):
         key, _, value = item.partition("=")
         key = key.strip()
         if key not in _OPTIONS:
-            raise DataError(f"imagefolder takes the options size and resize (e.g. "
-                            f"imagefolder:/data?size=224&resize=256); got {item!r}.")
+            raise DataError(
+                f"imagefolder takes the options size and resize (e.g. "
+                f"imagefolder:/data?size=224&resize=256); got {item!r}."
+            )
         options[key] = _option_value(key, value.strip())
     size = options.get("size", DEFAULT_IMAGE_SIZE)
     resize = options.get("resize", int(round(size * DEFAULT_RESIZE / DEFAULT_IMAGE_SIZE)))
     if resize < size:
-        raise DataError(f"imagefolder resize ({resize}) must be at least size ({size}): the test "
-                        f"view is a size x size centre crop of the image resized to resize.")
+        raise DataError(
+            f"imagefolder resize ({resize}) must be at least size ({size}): the test "
+            f"view is a size x size centre crop of the image resized to resize."
+        )
     return ImageFolderSpec(storage.normalize(path) if path else "", size, resize)
 
 
@@ -137,7 +140,7 @@ def read_image_sizes(paths: list[str], workers: int = 0, chunk: int = 2048) -> n
         return _read_sizes_chunk(paths)
     from concurrent.futures import ProcessPoolExecutor
 
-    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         parts = list(pool.map(_read_sizes_chunk, chunks))
     return np.concatenate(parts, axis=0)
@@ -285,9 +288,11 @@ class ImageFolderDataset(Dataset):
         width, height = image_wh
         y0, x0, h, w = (int(v) for v in view[:4])
         if h < 1 or w < 1 or y0 < 0 or x0 < 0 or y0 + h > height or x0 + w > width:
-            raise DataError(f"the view box (y0 {y0}, x0 {x0}, h {h}, w {w}) lies outside the "
-                            f"{width}x{height} image {path}: the views were made for other "
-                            f"images.")
+            raise DataError(
+                f"the view box (y0 {y0}, x0 {x0}, h {h}, w {w}) lies outside the "
+                f"{width}x{height} image {path}: the views were made for other "
+                f"images."
+            )
 
     def get_test(self, indices) -> torch.Tensor:
         """Test views: Resize(resize) + CenterCrop(size), torch.uint8 [B, 3, size, size]."""
@@ -311,24 +316,32 @@ def load_imagefolder(rest: str, split: str, spec: str | None = None) -> Dataset:
     split_folder = storage.join(root, _SPLIT_FOLDERS[split])
     for needed in (train_folder, split_folder):
         if not storage.isdir(needed):
-            raise DataError(f"{_expectation()}; {root} has no folder "
-                            f"'{storage.basename(needed)}'.")
+            raise DataError(f"{_expectation()}; {root} has no folder '{storage.basename(needed)}'.")
     classes = _class_folders(train_folder)
     if not classes:
         raise DataError(f"{_expectation()}; {train_folder} has no class folders.")
     if split_folder != train_folder:
         unknown = sorted(set(_class_folders(split_folder)) - set(classes))
         if unknown:
-            raise DataError(f"{_expectation()}; {split_folder} has class folders that train/ "
-                            f"lacks: {', '.join(unknown[:5])}.")
+            raise DataError(
+                f"{_expectation()}; {split_folder} has class folders that train/ lacks: {', '.join(unknown[:5])}."
+            )
     paths, labels = _scan(split_folder, classes)
     if not paths:
-        raise DataError(f"{_expectation()}; {split_folder} has no images "
-                        f"({', '.join(IMAGE_EXTENSIONS)}).")
+        raise DataError(f"{_expectation()}; {split_folder} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
     return ImageFolderDataset(
-        paths=paths, size=size, resize=resize, name="imagefolder", split=split,
-        num_classes=len(classes), labels=labels, image_size=(size, size), mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, policy=ImageNetPolicy(image_size=(size, size)), class_names=classes,
+        paths=paths,
+        size=size,
+        resize=resize,
+        name="imagefolder",
+        split=split,
+        num_classes=len(classes),
+        labels=labels,
+        image_size=(size, size),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        policy=ImageNetPolicy(image_size=(size, size)),
+        class_names=classes,
         spec=spec or f"imagefolder:{root}?size={size}&resize={resize}",
         source=root,
     )

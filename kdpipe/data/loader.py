@@ -59,17 +59,16 @@ class _BatchJobs(torch.utils.data.Dataset):
     forkserver receives them pickled, and a few arrays pickle in one copy each.
     """
 
-    def __init__(self, dataset, index_parts: Sequence[np.ndarray],
-                 param_parts: Sequence[np.ndarray] | None):
+    def __init__(self, dataset, index_parts: Sequence[np.ndarray], param_parts: Sequence[np.ndarray] | None):
         self.dataset = dataset
         lengths = np.asarray([len(part) for part in index_parts], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self.indices = (np.concatenate(index_parts).astype(np.int64) if len(index_parts)
-                        else np.zeros(0, dtype=np.int64))
+        self.indices = np.concatenate(index_parts).astype(np.int64) if len(index_parts) else np.zeros(0, dtype=np.int64)
         self.params = None
         if param_parts is not None:
-            self.params = (np.concatenate(param_parts).astype(np.int32) if len(param_parts)
-                           else np.zeros((0, 5), dtype=np.int32))
+            self.params = (
+                np.concatenate(param_parts).astype(np.int32) if len(param_parts) else np.zeros((0, 5), dtype=np.int32)
+            )
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -92,8 +91,7 @@ def _as_numpy(array, dtype) -> np.ndarray:
     return np.asarray(array, dtype=dtype)
 
 
-def _decoded(jobs: _BatchJobs, workers: int, pin_memory: bool,
-             prefetch: int) -> Iterator[torch.Tensor]:
+def _decoded(jobs: _BatchJobs, workers: int, pin_memory: bool, prefetch: int) -> Iterator[torch.Tensor]:
     workers = int(workers)
     if workers < 0:
         raise KdpipeError(f"the number of data loading workers must be 0 or more; got {workers}.")
@@ -103,8 +101,14 @@ def _decoded(jobs: _BatchJobs, workers: int, pin_memory: bool,
         items = (jobs[b] for b in range(len(jobs)))
     else:
         items = torch.utils.data.DataLoader(
-            jobs, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-            prefetch_factor=max(1, int(prefetch)), persistent_workers=False)
+            jobs,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            prefetch_factor=max(1, int(prefetch)),
+            persistent_workers=False,
+        )
     return _raising(items, pin_memory and workers == 0)
 
 
@@ -116,8 +120,9 @@ def _raising(items, pin: bool) -> Iterator[torch.Tensor]:
         yield item.pin_memory() if pin else item
 
 
-def view_batches(dataset, batches: Sequence[tuple], workers: int, pin_memory: bool = False,
-                 prefetch: int = 2) -> Iterator[torch.Tensor]:
+def view_batches(
+    dataset, batches: Sequence[tuple], workers: int, pin_memory: bool = False, prefetch: int = 2
+) -> Iterator[torch.Tensor]:
     """Training views of `batches`, in their order: torch.uint8 [B, 3, S, S] per batch.
 
     dataset: a data set with `get_views(indices, params)` (ImageFolder).
@@ -128,19 +133,21 @@ def view_batches(dataset, batches: Sequence[tuple], workers: int, pin_memory: bo
     pin_memory: page-locked output for asynchronous copies to a CUDA device.
     """
     if not hasattr(dataset, "get_views"):
-        raise TypeError(f"view_batches needs a data set with get_views; {type(dataset).__name__} "
-                        "has none (augment its get_batch images with policy.apply_images)")
+        raise TypeError(
+            f"view_batches needs a data set with get_views; {type(dataset).__name__} "
+            "has none (augment its get_batch images with policy.apply_images)"
+        )
     index_parts = [_as_numpy(indices, np.int64).reshape(-1) for indices, _ in batches]
     param_parts = [_as_numpy(params, np.int32) for _, params in batches]
     for indices, params in zip(index_parts, param_parts):
         if params.ndim != 2 or params.shape[0] != len(indices):
-            raise ValueError(f"each batch's params must be [B, P] with B = {len(indices)}, "
-                             f"got {params.shape}")
+            raise ValueError(f"each batch's params must be [B, P] with B = {len(indices)}, got {params.shape}")
     return _decoded(_BatchJobs(dataset, index_parts, param_parts), workers, pin_memory, prefetch)
 
 
-def test_batches(dataset, indices, batch_size: int, workers: int, pin_memory: bool = False,
-                 prefetch: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def test_batches(
+    dataset, indices, batch_size: int, workers: int, pin_memory: bool = False, prefetch: int = 2
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(indices int64 [B], test views torch.uint8 [B, 3, S, S]) over `indices`, in order,
     `batch_size` at a time (the last batch may be smaller).
 
@@ -151,7 +158,7 @@ def test_batches(dataset, indices, batch_size: int, workers: int, pin_memory: bo
     if batch_size < 1:
         raise KdpipeError(f"the evaluation batch size must be at least 1; got {batch_size}.")
     index = _as_numpy(indices, np.int64).reshape(-1)
-    parts = [index[start:start + batch_size] for start in range(0, len(index), batch_size)]
+    parts = [index[start : start + batch_size] for start in range(0, len(index), batch_size)]
     decoded = _decoded(_BatchJobs(dataset, parts, None), workers, pin_memory, prefetch)
     return zip((torch.from_numpy(part) for part in parts), decoded)
 

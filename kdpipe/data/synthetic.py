@@ -33,26 +33,26 @@ _SPLIT_STREAM = {"train": 1, "test": 2}
 
 
 def parse_synthetic_options(text: str) -> dict:
-    """"n=256,classes=10,size=32,seed=0" (any subset, any order) -> dict of ints."""
+    """ "n=256,classes=10,size=32,seed=0" (any subset, any order) -> dict of ints."""
     options = dict(SYNTHETIC_DEFAULTS)
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or key not in SYNTHETIC_DEFAULTS:
-            raise DataError(f"synthetic options are n=, classes=, size= and seed= separated by "
-                            f"commas (e.g. synthetic:n=256,classes=10,size=32,seed=0); got {item!r}.")
+            raise DataError(
+                f"synthetic options are n=, classes=, size= and seed= separated by "
+                f"commas (e.g. synthetic:n=256,classes=10,size=32,seed=0); got {item!r}."
+            )
         try:
             options[key] = int(value)
         except ValueError:
             raise DataError(f"synthetic option {key} must be an integer; got {value!r}.") from None
     if options["n"] < 1 or options["classes"] < 2 or options["size"] < 8 or options["seed"] < 0:
-        raise DataError(f"synthetic needs n >= 1, classes >= 2, size >= 8 and seed >= 0; "
-                        f"got {options}.")
+        raise DataError(f"synthetic needs n >= 1, classes >= 2, size >= 8 and seed >= 0; got {options}.")
     return options
 
 
-def synthetic_arrays(n: int, classes: int, size: int, seed: int,
-                     split: str) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_arrays(n: int, classes: int, size: int, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 [N, 3, size, size] and labels int64 [N] of one synthetic split."""
     pattern_rng = np.random.Generator(np.random.PCG64([seed, 0]))
     angles = math.pi * np.arange(classes) / classes + pattern_rng.uniform(0, 0.1, classes)
@@ -66,10 +66,8 @@ def synthetic_arrays(n: int, classes: int, size: int, seed: int,
     phases = rng.uniform(0.0, 2.0 * math.pi, count)
     coords = (np.arange(size) + 0.5) / size
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    direction = (np.cos(angles[labels])[:, None, None] * xx
-                 + np.sin(angles[labels])[:, None, None] * yy)
-    grating = np.sin(2 * math.pi * frequencies[labels][:, None, None] * direction
-                     + phases[:, None, None])
+    direction = np.cos(angles[labels])[:, None, None] * xx + np.sin(angles[labels])[:, None, None] * yy
+    grating = np.sin(2 * math.pi * frequencies[labels][:, None, None] * direction + phases[:, None, None])
     unit = 0.5 + 0.3 * grating[:, None] * colours[labels][:, :, None, None]
     unit = unit + rng.normal(0.0, _NOISE_STD, unit.shape)
     images = np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
@@ -87,13 +85,18 @@ def synthetic_statistics(**options) -> tuple[tuple[float, ...], tuple[float, ...
 def load_synthetic(options_text: str, split: str, spec: str | None = None) -> Dataset:
     """A synthetic split from its option string, resident."""
     options = parse_synthetic_options(options_text)
-    images, labels = synthetic_arrays(options["n"], options["classes"], options["size"],
-                                      options["seed"], split)
+    images, labels = synthetic_arrays(options["n"], options["classes"], options["size"], options["seed"], split)
     size = (options["size"], options["size"])
     return Dataset(
-        name="synthetic", split=split, num_classes=options["classes"], labels=labels,
-        image_size=size, mean=SYNTHETIC_MEAN, std=SYNTHETIC_STD,
-        policy=CifarPolicy(image_size=size), images=torch.from_numpy(images),
+        name="synthetic",
+        split=split,
+        num_classes=options["classes"],
+        labels=labels,
+        image_size=size,
+        mean=SYNTHETIC_MEAN,
+        std=SYNTHETIC_STD,
+        policy=CifarPolicy(image_size=size),
+        images=torch.from_numpy(images),
         class_names=[f"pattern_{c}" for c in range(options["classes"])],
         spec=spec or "synthetic:" + ",".join(f"{k}={v}" for k, v in options.items()),
         source="synthetic",

@@ -42,8 +42,8 @@ class DeviceData:
     dataset: Dataset
     device: torch.device
     resident: bool
-    images: torch.Tensor | None = None   # uint8 [N, 3, H, W] on the device when resident
-    labels: torch.Tensor | None = None   # int64 [N] on the device
+    images: torch.Tensor | None = None  # uint8 [N, 3, H, W] on the device when resident
+    labels: torch.Tensor | None = None  # int64 [N] on the device
     indices: torch.Tensor | None = None  # int64 [n] (CPU): the samples trained on, or all
     workers: int = 0
     # The data set's per-channel statistics on the device, set in __post_init__.
@@ -83,8 +83,7 @@ class DeviceData:
         return self._device_labels().index_select(0, indices.to(self.device, non_blocking=True))
 
     # ------------------------------------------------------------------ training batches
-    def batches(self, plan: EpochPlan, batch_size: int,
-                policy: Policy) -> Iterator[tuple[PlanBatch, torch.Tensor]]:
+    def batches(self, plan: EpochPlan, batch_size: int, policy: Policy) -> Iterator[tuple[PlanBatch, torch.Tensor]]:
         """(PlanBatch, augmented uint8 images [B, 3, H, W] on the device) for one epoch."""
         if self.resident:
             images = self._resident_images()
@@ -96,8 +95,12 @@ class DeviceData:
             from kdpipe.data.loader import view_batches
 
             batches = list(plan.batches(batch_size))
-            decoded = view_batches(self.dataset, [(b.indices, b.params) for b in batches],
-                                   workers=self.workers, pin_memory=self.device.type == "cuda")
+            decoded = view_batches(
+                self.dataset,
+                [(b.indices, b.params) for b in batches],
+                workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+            )
             for batch, imgs in zip(batches, decoded):
                 yield batch, imgs.to(self.device, non_blocking=True)
             return
@@ -110,15 +113,16 @@ class DeviceData:
         """(indices, un-augmented uint8 images on the device) over every sample, in order."""
         idx_all = self.sample_indices
         for start in range(0, int(idx_all.numel()), batch_size):
-            idx = idx_all[start:start + batch_size]
+            idx = idx_all[start : start + batch_size]
             if self.resident:
                 yield idx, self._resident_images().index_select(0, idx.to(self.device))
             else:
                 yield idx, self.dataset.get_batch(idx.numpy()).to(self.device, non_blocking=True)
 
 
-def place_dataset(dataset: Dataset, device: torch.device, indices=None, data_path: str = "auto",
-                  workers: int | None = None) -> DeviceData:
+def place_dataset(
+    dataset: Dataset, device: torch.device, indices=None, data_path: str = "auto", workers: int | None = None
+) -> DeviceData:
     """Put ``dataset`` on ``device`` when it fits the measured budget (``data_path`` "auto"),
     or force "resident"/"stream". ``indices`` (sample indices) restricts training to a subset.
     ``workers``: DataLoader workers that decode a data set read per batch (None: one per
@@ -135,10 +139,12 @@ def place_dataset(dataset: Dataset, device: torch.device, indices=None, data_pat
     idx = None if indices is None else torch.as_tensor(np.asarray(indices), dtype=torch.int64)
     images = getattr(dataset, "images", None)
     resident = data_path == "resident" or (
-        data_path == "auto" and images is not None and images.numel() <= memory_budget(device))
+        data_path == "auto" and images is not None and images.numel() <= memory_budget(device)
+    )
     if not resident:
         return DeviceData(dataset, device, False, None, labels, idx, workers=workers)
     if images is None:
         images = dataset.get_batch(np.arange(len(dataset)))  # small data sets only
-    return DeviceData(dataset, device, True, images.to(device, non_blocking=True).contiguous(),
-                      labels, idx, workers=workers)
+    return DeviceData(
+        dataset, device, True, images.to(device, non_blocking=True).contiguous(), labels, idx, workers=workers
+    )

@@ -15,8 +15,15 @@ import torch
 
 from kdpipe.errors import KdpipeError
 
-__all__ = ["resolve_device", "device_free_bytes", "host_available_bytes", "memory_budget",
-           "autocast", "make_grad_scaler", "BUDGET_FRACTION"]
+__all__ = [
+    "resolve_device",
+    "device_free_bytes",
+    "host_available_bytes",
+    "memory_budget",
+    "autocast",
+    "make_grad_scaler",
+    "BUDGET_FRACTION",
+]
 
 #: Share of the measured free memory that resident data and targets may take.
 BUDGET_FRACTION = 0.5

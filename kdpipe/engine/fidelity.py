@@ -40,8 +40,8 @@ def comparison_kinds(names) -> list:
 
     kinds: list = []
     for p in sorted({n.split("/", 1)[0] for n in names if n.startswith("at_p") and "/stage" in n}):
-        kinds.append(AttentionMaps(float(p[len("at_p"):])))
-    kinds += [HintFeature(int(n[len("hint/feats"):])) for n in sorted(names) if n.startswith("hint/feats")]
+        kinds.append(AttentionMaps(float(p[len("at_p") :])))
+    kinds += [HintFeature(int(n[len("hint/feats") :])) for n in sorted(names) if n.startswith("hint/feats")]
     return kinds + ([PenultMap()] if "penult_map" in names else [])
 
 
@@ -50,7 +50,7 @@ def store_kinds(reader, target_set: str | None = None) -> list:
     letKD targets of ``target_set`` (or of the store's only target set)."""
     names = set(reader.array_names())
     kinds: list = [Logits()] if "logits" in names else []
-    kinds += [Cam(int(n[len("cam_r"):])) for n in sorted(names) if n.startswith("cam_r")]
+    kinds += [Cam(int(n[len("cam_r") :])) for n in sorted(names) if n.startswith("cam_r")]
     if "cam" in names:
         kinds.append(NativeCam())
     feature_views = (reader.manifest.get("views") or {}).get("feature_views", "identity")
@@ -80,14 +80,19 @@ class _Stats:
         b = online.reshape(online.shape[0], -1).double().to(a.device)
         self.cos.setdefault(label, []).extend(F.cosine_similarity(a, b, dim=1, eps=1e-12).tolist())
         self.se[label] = self.se.get(label, 0.0) + float(((a - b) ** 2).sum())
-        self.norm[label] = self.norm.get(label, 0.0) + float((b ** 2).sum())
+        self.norm[label] = self.norm.get(label, 0.0) + float((b**2).sum())
 
     def result(self, n: int) -> dict:
-        return {label: {"cosine": float(np.mean(c)) if c else float("nan"),
-                        "rel_error": float(np.sqrt(self.se[label] / self.norm[label]))
-                        if self.norm[label] > 0 else float("nan"),
-                        "num_samples": n}
-                for label, c in self.cos.items()}
+        return {
+            label: {
+                "cosine": float(np.mean(c)) if c else float("nan"),
+                "rel_error": float(np.sqrt(self.se[label] / self.norm[label]))
+                if self.norm[label] > 0
+                else float("nan"),
+                "num_samples": n,
+            }
+            for label, c in self.cos.items()
+        }
 
 
 def _stored_rows(reader, path: str, idx: np.ndarray, view: np.ndarray | None, device) -> torch.Tensor:
@@ -150,9 +155,19 @@ def _compare_kind(kind, reader, stats: _Stats, idx, view, params, mode: str, out
 
 
 @torch.no_grad()
-def measure_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int = 0,
-                     mode: str | None = None, target_set: str | None = None, device="cpu",
-                     batch_size: int = 64, policy=None, kinds=None) -> dict:
+def measure_fidelity(
+    reader,
+    teacher,
+    dataset,
+    num_samples: int = 256,
+    seed: int = 0,
+    mode: str | None = None,
+    target_set: str | None = None,
+    device="cpu",
+    batch_size: int = 64,
+    policy=None,
+    kinds=None,
+) -> dict:
     """See the module docstring. ``mode`` None: replay for stores with several views, warp
     for 1-view stores. ``kinds`` None: every kind the store holds (``store_kinds``)."""
     dev = torch.device(device)
@@ -167,13 +182,15 @@ def measure_fidelity(reader, teacher, dataset, num_samples: int = 256, seed: int
     n = min(int(num_samples), reader.num_samples)
     chosen = np.sort(rng.choice(reader.num_samples, size=n, replace=False))
     if mode == "warp" and not (views[chosen, 0] == ident).all():
-        raise StoreError(f"Warp fidelity needs a store whose view 0 is the identity view (--views 1); "
-                         f"the store at {reader.path} holds other views: use replay.")
+        raise StoreError(
+            f"Warp fidelity needs a store whose view 0 is the identity view (--views 1); "
+            f"the store at {reader.path} holds other views: use replay."
+        )
     gen = torch.Generator().manual_seed(int(seed))
     teacher_on = _TeacherOn(teacher.to(dev).eval(), dataset, policy, dev, stages=needs_stages(kinds))
     stats = _Stats()
     for start in range(0, n, batch_size):
-        idx = chosen[start:start + batch_size]
+        idx = chosen[start : start + batch_size]
         if mode == "replay":
             view = rng.integers(0, views.shape[1], size=len(idx))
             params = torch.as_tensor(views[idx, view])

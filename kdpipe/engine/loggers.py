@@ -27,9 +27,16 @@ from kdpipe.errors import KdpipeError
 __all__ = ["EpochSink", "CsvSink", "TensorBoardSink", "WandbSink", "EpochLoggers", "scalar_tag", "require_wandb"]
 
 #: row key -> TensorBoard / W&B tag (keys not here: ``train/<key>`` for loss parts, else the key)
-_TAGS = {"train_loss": "train/loss", "train_top1": "train/top1", "test_loss": "test/loss",
-         "test_top1": "test/top1", "test_top5": "test/top5", "lr": "lr", "img_per_s": "speed/img_per_s",
-         "epoch_seconds": "speed/epoch_seconds"}
+_TAGS = {
+    "train_loss": "train/loss",
+    "train_top1": "train/top1",
+    "test_loss": "test/loss",
+    "test_top1": "test/top1",
+    "test_top5": "test/top5",
+    "lr": "lr",
+    "img_per_s": "speed/img_per_s",
+    "epoch_seconds": "speed/epoch_seconds",
+}
 
 
 def scalar_tag(key: str) -> str:
@@ -80,8 +87,9 @@ class TensorBoardSink:
 
         self.run = run
         # a resumed run rewrites the epochs after its checkpoint: drop their old events
-        self.writer = SummaryWriter(log_dir=str(run.path / TENSORBOARD),
-                                    purge_step=start_epoch + 1 if start_epoch else None)
+        self.writer = SummaryWriter(
+            log_dir=str(run.path / TENSORBOARD), purge_step=start_epoch + 1 if start_epoch else None
+        )
 
     def log(self, row: dict) -> None:
         step = int(row["epoch"])
@@ -100,8 +108,10 @@ def require_wandb():
     try:
         import wandb
     except ImportError:
-        raise KdpipeError("--wandb needs the wandb package, which is not installed; install it "
-                          "(pip install 'kdpipe[wandb]') or drop --wandb.") from None
+        raise KdpipeError(
+            "--wandb needs the wandb package, which is not installed; install it "
+            "(pip install 'kdpipe[wandb]') or drop --wandb."
+        ) from None
     return wandb
 
 
@@ -114,8 +124,9 @@ class WandbSink:
         wandb = require_wandb()
         name = storage.basename(run.location)
         run_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[-64:]
-        self.wb = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run.path),
-                             config=run.config)
+        self.wb = wandb.init(
+            project=project, name=name, id=run_id, resume="allow", dir=str(run.path), config=run.config
+        )
 
     def log(self, row: dict) -> None:
         self.wb.log(_scalars(row), step=int(row["epoch"]))
@@ -131,13 +142,15 @@ class EpochLoggers:
         self.sinks = list(sinks)
 
     @classmethod
-    def for_run(cls, run, start_epoch: int = 0, wandb_project: str | None = None) -> "EpochLoggers":
+    def for_run(cls, run, start_epoch: int = 0, wandb_project: str | None = None) -> EpochLoggers:
         sinks: list = [CsvSink(run)]
         try:
             sinks.append(TensorBoardSink(run, start_epoch))
         except ImportError:  # tensorboard is a dependency; a broken install must not stop training
-            print("kdpipe: warning: the tensorboard package is not installed; this run writes no "
-                  "TensorBoard event files (pip install tensorboard).")
+            print(
+                "kdpipe: warning: the tensorboard package is not installed; this run writes no "
+                "TensorBoard event files (pip install tensorboard)."
+            )
         if wandb_project:
             sinks.append(WandbSink(run, wandb_project))
         return cls(sinks)

@@ -35,8 +35,9 @@ LossFn = Callable
 
 
 # ----------------------------------------------------------------------------- resume
-def restore_training_state(run, model, optimizer, scheduler, device,
-                           truncate: bool = True) -> tuple[int, dict, dict | None]:
+def restore_training_state(
+    run, model, optimizer, scheduler, device, truncate: bool = True
+) -> tuple[int, dict, dict | None]:
     """Load a run's latest checkpoint into ``model``, ``optimizer``, ``scheduler`` and the RNGs,
     and (``truncate``: the one process that writes metrics) drop metric rows past it, so the
     resumed run continues exactly where it stopped.
@@ -73,8 +74,10 @@ def evaluate_model(model: torch.nn.Module, data, batch_size: int = 256, amp: boo
             logits = model(normalize(imgs, data.mean, data.std))
         logits = logits.float()
         if logits.shape[1] <= int(labels.max()):
-            raise KdpipeError(f"The model has {logits.shape[1]} outputs but the data set has labels up to "
-                              f"{int(labels.max())}; evaluate it on data with as many classes.")
+            raise KdpipeError(
+                f"The model has {logits.shape[1]} outputs but the data set has labels up to "
+                f"{int(labels.max())}; evaluate it on data with as many classes."
+            )
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top.eq(labels[:, None])
@@ -83,8 +86,7 @@ def evaluate_model(model: torch.nn.Module, data, batch_size: int = 256, amp: boo
         n += int(idx.numel())
     model.train(was_training)
     n = max(n, 1)
-    return {"top1": 100.0 * correct1.item() / n, "top5": 100.0 * correct5.item() / n,
-            "loss": loss_sum.item() / n}
+    return {"top1": 100.0 * correct1.item() / n, "top5": 100.0 * correct5.item() / n, "loss": loss_sum.item() / n}
 
 
 # ----------------------------------------------------------------------------- training
@@ -159,15 +161,43 @@ def fit(
     loggers = EpochLoggers.for_run(run, start_epoch, wandb) if workers.is_main else None
     try:
         for epoch in range(start_epoch, epochs):
-            row, seen, dt = _train_epoch(net, train, source, loss_fn, policy, epoch, epochs, batch_size, optimizer,
-                                         scaler, run, seed, amp, progress, desc, on_step, workers)
+            row, seen, dt = _train_epoch(
+                net,
+                train,
+                source,
+                loss_fn,
+                policy,
+                epoch,
+                epochs,
+                batch_size,
+                optimizer,
+                scaler,
+                run,
+                seed,
+                amp,
+                progress,
+                desc,
+                on_step,
+                workers,
+            )
             scheduler.step()
             train_seconds += dt
             images_seen += seen
             if workers.is_main:
                 row.update({"img_per_s": seen / dt if dt > 0 else float("nan"), "epoch_seconds": dt})
-                best = _finish_epoch(model, test, eval_batch_size, amp, row, best, epoch, epochs, desc, progress,
-                                     (run, loggers, optimizer, scheduler, scaler))
+                best = _finish_epoch(
+                    model,
+                    test,
+                    eval_batch_size,
+                    amp,
+                    row,
+                    best,
+                    epoch,
+                    epochs,
+                    desc,
+                    progress,
+                    (run, loggers, optimizer, scheduler, scaler),
+                )
                 last_row = row
             workers.barrier()
             if after_epoch is not None:
@@ -178,8 +208,13 @@ def fit(
             loggers.close()
     if plot and workers.is_main:
         _plot_curves(run)
-    return {"best_top1": best["top1"] if best["top1"] >= 0 else None, "best_epoch": best["epoch"],
-            "final": last_row, "images": images_seen, "train_seconds": train_seconds}
+    return {
+        "best_top1": best["top1"] if best["top1"] >= 0 else None,
+        "best_epoch": best["epoch"],
+        "final": last_row,
+        "images": images_seen,
+        "train_seconds": train_seconds,
+    }
 
 
 def _finish_epoch(model, test, eval_batch_size, amp, row, best, epoch, epochs, desc, progress, saving) -> dict:
@@ -204,8 +239,25 @@ def _plot_curves(run) -> None:
         print(f"kdpipe: warning: could not draw the curves ({type(err).__name__}: {err})")
 
 
-def _train_epoch(net, train, source, loss_fn, policy, epoch, epochs, batch_size, optimizer, scaler, run, seed,
-                 amp, progress, desc, on_step, workers: Workers) -> tuple[dict, int, float]:
+def _train_epoch(
+    net,
+    train,
+    source,
+    loss_fn,
+    policy,
+    epoch,
+    epochs,
+    batch_size,
+    optimizer,
+    scaler,
+    run,
+    seed,
+    amp,
+    progress,
+    desc,
+    on_step,
+    workers: Workers,
+) -> tuple[dict, int, float]:
     """One epoch's steps: returns (metrics row without the test columns, images, seconds),
     the row summed over the workers."""
     from tqdm.auto import tqdm
@@ -224,8 +276,16 @@ def _train_epoch(net, train, source, loss_fn, policy, epoch, epochs, batch_size,
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen, checked, nsteps = 0, 0, 0
     lr = optimizer.param_groups[0]["lr"]
-    bar = tqdm(total=plan.num_samples * workers.world_size, desc=f"{desc} {epoch + 1}/{epochs}", unit="img",
-               unit_scale=True, disable=not progress, leave=False, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(
+        total=plan.num_samples * workers.world_size,
+        desc=f"{desc} {epoch + 1}/{epochs}",
+        unit="img",
+        unit_scale=True,
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -249,22 +309,34 @@ def _train_epoch(net, train, source, loss_fn, policy, epoch, epochs, batch_size,
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
     bar.close()
-    return _epoch_row(epoch, lr, loss_buf[:nsteps], part_sums, correct, seen, nsteps, workers), \
-        seen * workers.world_size, dt
+    return (
+        _epoch_row(epoch, lr, loss_buf[:nsteps], part_sums, correct, seen, nsteps, workers),
+        seen * workers.world_size,
+        dt,
+    )
 
 
 def _epoch_row(epoch, lr, losses, part_sums, correct, seen, nsteps, workers: Workers) -> dict:
     """The epoch's training metrics, averaged over every worker's steps."""
     device = losses.device
     keys = sorted(k for k in part_sums if k != "total")
-    stacked = torch.stack([losses.sum().double(), torch.tensor(float(nsteps), dtype=torch.float64, device=device),
-                          correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)]
-                         + [torch.as_tensor(part_sums[k], dtype=torch.float64, device=device) for k in keys])
+    stacked = torch.stack(
+        [
+            losses.sum().double(),
+            torch.tensor(float(nsteps), dtype=torch.float64, device=device),
+            correct.double(),
+            torch.tensor(float(seen), dtype=torch.float64, device=device),
+        ]
+        + [torch.as_tensor(part_sums[k], dtype=torch.float64, device=device) for k in keys]
+    )
     totals: list[float] = workers.sum(stacked).tolist()
     steps = max(totals[1], 1.0)
-    row = {"epoch": epoch + 1, "lr": lr,
-           "train_loss": totals[0] / steps if totals[1] else float("nan"),
-           "train_top1": 100.0 * totals[2] / max(totals[3], 1.0)}
+    row = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": totals[0] / steps if totals[1] else float("nan"),
+        "train_top1": 100.0 * totals[2] / max(totals[3], 1.0),
+    }
     row.update({f"loss_{k}": v / steps for k, v in zip(keys, totals[4:])})
     return row
 
@@ -282,9 +354,18 @@ def _log_and_checkpoint(run, loggers, model, optimizer, scheduler, scaler, row, 
     loggers.log(row)
     if improved:
         run.save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "top1": row["test_top1"]}, BEST)
-    run.save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler_state(scheduler), "scaler": scaler.state_dict(),
-                         "rng": rng_state(), "best_top1": float(best["top1"]), "best_epoch": int(best["epoch"])})
+    run.save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "epoch": epoch + 1,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler_state(scheduler),
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+            "best_top1": float(best["top1"]),
+            "best_epoch": int(best["epoch"]),
+        }
+    )
     return best
 
 

@@ -23,14 +23,13 @@ Two orders:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["EpochPlan", "PlanBatch", "epoch_seed", "uniform_order", "block_order", "draw_views",
-           "steps_per_epoch"]
+__all__ = ["EpochPlan", "PlanBatch", "epoch_seed", "uniform_order", "block_order", "draw_views", "steps_per_epoch"]
 
 # Salts keep the streams of one (seed, epoch) independent of each other.
 SALT_ORDER, SALT_VIEWS, SALT_TORCH, SALT_PARAMS = 1, 5, 3, 4
@@ -38,7 +37,7 @@ SALT_ORDER, SALT_VIEWS, SALT_TORCH, SALT_PARAMS = 1, 5, 3, 4
 
 def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
     """A 63-bit seed that is a pure function of (seed, epoch, salt) (splitmix64 mixing)."""
-    x = (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(salt) * 0x94D049BB133111EB)
+    x = int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(salt) * 0x94D049BB133111EB
     x &= (1 << 64) - 1
     x ^= x >> 31
     x = (x * 0xD6E8FEB86659FD93) & ((1 << 64) - 1)
@@ -56,9 +55,9 @@ class PlanBatch:
 
     start: int
     stop: int
-    indices: torch.Tensor          # int64 [B] (CPU)
+    indices: torch.Tensor  # int64 [B] (CPU)
     view_idx: torch.Tensor | None  # int64 [B] (CPU) or None
-    params: torch.Tensor           # int32 [B, P] (CPU)
+    params: torch.Tensor  # int32 [B, P] (CPU)
 
     @property
     def size(self) -> int:
@@ -73,7 +72,7 @@ class EpochPlan:
     params: torch.Tensor
     view_idx: torch.Tensor | None = None
     block_rank: np.ndarray | None = None  # block_order: each position's block, in reading order
-    blocks: list | None = None            # block_order: (start, stop) sample ranges, in reading order
+    blocks: list | None = None  # block_order: (start, stop) sample ranges, in reading order
 
     @property
     def num_samples(self) -> int:
@@ -87,11 +86,15 @@ class EpochPlan:
             stop = min(start + batch_size, n)
             if stop - start < 2 and n >= 2:
                 return
-            yield PlanBatch(start, stop, self.order[start:stop],
-                            None if self.view_idx is None else self.view_idx[start:stop],
-                            self.params[start:stop])
+            yield PlanBatch(
+                start,
+                stop,
+                self.order[start:stop],
+                None if self.view_idx is None else self.view_idx[start:stop],
+                self.params[start:stop],
+            )
 
-    def shard(self, rank: int, world_size: int) -> "EpochPlan":
+    def shard(self, rank: int, world_size: int) -> EpochPlan:
         """Every ``world_size``-th position from ``rank``: one data-parallel worker's share.
         The plan is first cut to a multiple of ``world_size`` positions, so every worker runs
         the same number of steps; step s of all workers together is step s of the whole plan.
@@ -100,8 +103,13 @@ class EpochPlan:
             return self
         usable = self.num_samples - self.num_samples % world_size
         sel = slice(rank, usable, world_size)
-        return EpochPlan(self.order[sel], self.params[sel], None if self.view_idx is None else self.view_idx[sel],
-                         None if self.block_rank is None else self.block_rank[sel], self.blocks)
+        return EpochPlan(
+            self.order[sel],
+            self.params[sel],
+            None if self.view_idx is None else self.view_idx[sel],
+            None if self.block_rank is None else self.block_rank[sel],
+            self.blocks,
+        )
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -116,8 +124,9 @@ def uniform_order(indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
     return indices[torch.randperm(n, generator=_generator(seed, epoch, SALT_ORDER))]
 
 
-def block_order(indices: torch.Tensor, block_rows: int, buffer: int, seed: int,
-                epoch: int) -> tuple[torch.Tensor, list, np.ndarray]:
+def block_order(
+    indices: torch.Tensor, block_rows: int, buffer: int, seed: int, epoch: int
+) -> tuple[torch.Tensor, list, np.ndarray]:
     """Blocks of ``block_rows`` consecutive sample indices in a shuffled order, streamed
     through a shuffle buffer of ``buffer`` samples.
 

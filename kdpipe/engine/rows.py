@@ -30,8 +30,16 @@ import torch
 from kdpipe.engine.device import host_available_bytes, memory_budget
 from kdpipe.errors import KdpipeError, StoreError
 
-__all__ = ["RESIDENCY", "ArrayUse", "choose_residency", "MemoryRows", "StreamRows", "to_torch",
-           "STREAM_BUFFER", "STREAM_AHEAD"]
+__all__ = [
+    "RESIDENCY",
+    "ArrayUse",
+    "choose_residency",
+    "MemoryRows",
+    "StreamRows",
+    "to_torch",
+    "STREAM_BUFFER",
+    "STREAM_AHEAD",
+]
 
 RESIDENCY = ("auto", "device", "host", "stream")
 #: Samples in the stream tier's shuffle buffer (rows of one view each: small).
@@ -64,8 +72,7 @@ class ArrayUse:
         return int(array.shape[0]) * per_row * (int(array.shape[1]) if self.per_view else 1)
 
 
-def choose_residency(nbytes: int, device: torch.device, requested: str = "auto",
-                     budget: int | None = None) -> str:
+def choose_residency(nbytes: int, device: torch.device, requested: str = "auto", budget: int | None = None) -> str:
     """``device``, ``host`` or ``stream`` for ``nbytes`` of targets (see the module docstring).
     ``budget`` replaces the measured memory budget (benchmarks use it to force the tiers)."""
     if requested not in RESIDENCY:
@@ -82,8 +89,9 @@ def choose_residency(nbytes: int, device: torch.device, requested: str = "auto",
 
 def _refuse_nonfinite(path: str, where: str, lo: int | None = None, hi: int | None = None):
     span = f" (samples {lo}..{hi - 1})" if lo is not None and hi is not None else ""
-    raise StoreError(f"The store array {path}{span} at {where} holds NaN or infinite values; "
-                     "re-extract or re-cluster it.")
+    raise StoreError(
+        f"The store array {path}{span} at {where} holds NaN or infinite values; re-extract or re-cluster it."
+    )
 
 
 def check_finite(path: str, block, where: str, lo: int | None = None, hi: int | None = None) -> None:
@@ -95,8 +103,7 @@ def check_finite(path: str, block, where: str, lo: int | None = None, hi: int | 
 class MemoryRows:
     """The ``device`` and ``host`` tiers: arrays loaded once, one gather per batch."""
 
-    def __init__(self, reader, uses: list[ArrayUse], device: torch.device, tier: str,
-                 finite_check: bool = True):
+    def __init__(self, reader, uses: list[ArrayUse], device: torch.device, tier: str, finite_check: bool = True):
         self.device = device
         self.tier = tier
         self.uses = list(uses)
@@ -139,8 +146,15 @@ _END = object()
 class StreamRows:
     """The ``stream`` tier: a reader thread per epoch follows the plan's block order."""
 
-    def __init__(self, reader, uses: list[ArrayUse], device: torch.device, block_rows: int,
-                 finite_check: bool = True, ahead: int = STREAM_AHEAD):
+    def __init__(
+        self,
+        reader,
+        uses: list[ArrayUse],
+        device: torch.device,
+        block_rows: int,
+        finite_check: bool = True,
+        ahead: int = STREAM_AHEAD,
+    ):
         self.reader = reader
         self.uses = list(uses)
         self.device = device
@@ -158,9 +172,12 @@ class StreamRows:
         self.close()
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.ahead)
-        self._thread = threading.Thread(target=self._produce, args=(plan, batch_size, self._queue,
-                                                                   self._stop),
-                                        name="kdpipe-target-stream", daemon=True)
+        self._thread = threading.Thread(
+            target=self._produce,
+            args=(plan, batch_size, self._queue, self._stop),
+            name="kdpipe-target-stream",
+            daemon=True,
+        )
         self._thread.start()
 
     def _read_block(self, arrays, lo: int, hi: int, members: np.ndarray, views: np.ndarray) -> dict:
@@ -187,7 +204,7 @@ class StreamRows:
             slot = {}  # sample -> (block rows dict, row position)
             blocks_read = 0
             for batch in plan.batches(batch_size):
-                need = int(plan.block_rank[batch.start:batch.stop].max())
+                need = int(plan.block_rank[batch.start : batch.stop].max())
                 while blocks_read <= need:
                     lo, hi = plan.blocks[blocks_read]
                     hi = min(hi, n_total)

@@ -20,13 +20,13 @@ def milestones(epochs: int, reference=REFERENCE_MILESTONES, reference_epochs=REF
     return [max(1, int(round(epochs * m / reference_epochs))) for m in reference]
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                   nesterov: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False
+) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
 def make_scheduler(optimizer, epochs: int, steps=None, gamma: float = 0.1):
     """MultiStepLR stepped once per epoch; ``steps`` defaults to ``milestones(epochs)``."""
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(steps or milestones(epochs)),
-                                                gamma=gamma)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(steps or milestones(epochs)), gamma=gamma)

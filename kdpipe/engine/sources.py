@@ -35,8 +35,17 @@ from kdpipe.engine.rows import STREAM_BUFFER, ArrayUse, MemoryRows, StreamRows, 
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.targets.base import KindContext, TargetKind, TeacherOutputs, needs_stages
 
-__all__ = ["TargetSource", "NoTargets", "CachedTargets", "OnlineTargets", "VIEW_MODES",
-           "ONLINE_VIEWS", "resolve_target_set", "bind_kinds", "kind_context"]
+__all__ = [
+    "TargetSource",
+    "NoTargets",
+    "CachedTargets",
+    "OnlineTargets",
+    "VIEW_MODES",
+    "ONLINE_VIEWS",
+    "resolve_target_set",
+    "bind_kinds",
+    "kind_context",
+]
 
 VIEW_MODES = ("replay", "warp")
 ONLINE_VIEWS = ("fresh", "replay")
@@ -47,16 +56,19 @@ def resolve_target_set(reader, target_set: str | None) -> str:
     sets = reader.target_sets()
     if target_set is not None:
         if target_set not in sets:
-            raise StoreError(f"The store at {reader.path} has no complete target set {target_set!r} "
-                             f"(it has: {', '.join(sets) or 'none'}); run `kdpipe cluster "
-                             f"{reader.path} --name {target_set}` first.")
+            raise StoreError(
+                f"The store at {reader.path} has no complete target set {target_set!r} "
+                f"(it has: {', '.join(sets) or 'none'}); run `kdpipe cluster "
+                f"{reader.path} --name {target_set}` first."
+            )
         return target_set
     if len(sets) == 1:
         return sets[0]
     if not sets:
         raise StoreError(f"The store at {reader.path} has no target set; run `kdpipe cluster` first.")
-    raise StoreError(f"The store at {reader.path} has several target sets ({', '.join(sets)}); name one "
-                     "with --targets.")
+    raise StoreError(
+        f"The store at {reader.path} has several target sets ({', '.join(sets)}); name one with --targets."
+    )
 
 
 def kind_context(reader, kinds, target_set: str | None, device) -> KindContext:
@@ -64,9 +76,12 @@ def kind_context(reader, kinds, target_set: str | None, device) -> KindContext:
     ts = None
     if any(k.needs_target_set for k in kinds):
         ts = reader.target_set(resolve_target_set(reader, target_set))
-    return KindContext(device=torch.device(device), target_set=ts,
-                       load=lambda path: reader.array(path)[...],
-                       available=frozenset(reader.array_names()))
+    return KindContext(
+        device=torch.device(device),
+        target_set=ts,
+        load=lambda path: reader.array(path)[...],
+        available=frozenset(reader.array_names()),
+    )
 
 
 def bind_kinds(kinds, ctx: KindContext) -> list[TargetKind]:
@@ -107,19 +122,35 @@ class NoTargets(TargetSource):
         self.image_sizes = image_sizes
 
 
-def _replay_plan(views_table: torch.Tensor, order: torch.Tensor, seed: int, epoch: int,
-                 blocks: list | None = None, block_rank: np.ndarray | None = None) -> plans.EpochPlan:
+def _replay_plan(
+    views_table: torch.Tensor,
+    order: torch.Tensor,
+    seed: int,
+    epoch: int,
+    blocks: list | None = None,
+    block_rank: np.ndarray | None = None,
+) -> plans.EpochPlan:
     view_idx = plans.draw_views(order, views_table.shape[1], seed, epoch)
-    return plans.EpochPlan(order, views_table[order, view_idx], view_idx,
-                           block_rank=block_rank, blocks=blocks)
+    return plans.EpochPlan(order, views_table[order, view_idx], view_idx, block_rank=block_rank, blocks=blocks)
 
 
 class CachedTargets(TargetSource):
     """Targets read from a store (see the module docstring)."""
 
-    def __init__(self, reader, kinds: list[TargetKind], target_set: str | None = None, device="cpu",
-                 mode: str = "replay", policy=None, resident: str = "auto", order: str | None = None,
-                 finite_check: bool = True, stream_buffer: int = STREAM_BUFFER, budget: int | None = None):
+    def __init__(
+        self,
+        reader,
+        kinds: list[TargetKind],
+        target_set: str | None = None,
+        device="cpu",
+        mode: str = "replay",
+        policy=None,
+        resident: str = "auto",
+        order: str | None = None,
+        finite_check: bool = True,
+        stream_buffer: int = STREAM_BUFFER,
+        budget: int | None = None,
+    ):
         if mode not in VIEW_MODES:
             raise KdpipeError(f"--views must be {' or '.join(VIEW_MODES)}, not {mode!r}.")
         self.reader = reader
@@ -129,8 +160,10 @@ class CachedTargets(TargetSource):
         kinds = list(kinds)
         not_stored = [k.name for k in kinds if not k.cacheable]
         if not_stored:
-            raise KdpipeError(f"The targets {', '.join(not_stored)} are computed online only; train "
-                              "with --online-teacher or choose stored targets.")
+            raise KdpipeError(
+                f"The targets {', '.join(not_stored)} are computed online only; train "
+                "with --online-teacher or choose stored targets."
+            )
         self.kinds = bind_kinds(kinds, kind_context(reader, kinds, target_set, self.device))
         self.uses = self._array_uses()
         self.views_table = _views_table(reader)
@@ -161,10 +194,14 @@ class CachedTargets(TargetSource):
                 uses.append(ArrayUse(path, per_view))
         if missing:
             kind, path = missing[0]
-            how = ("run `kdpipe cluster` to build it" if kind.writer == "cluster"
-                   else "re-extract the store with it (`kdpipe extract-teacher`, see --cam-res)")
-            raise StoreError(f"The store at {self.reader.path} lacks {path}, which the {kind.name} "
-                             f"targets need; {how}.")
+            how = (
+                "run `kdpipe cluster` to build it"
+                if kind.writer == "cluster"
+                else "re-extract the store with it (`kdpipe extract-teacher`, see --cam-res)"
+            )
+            raise StoreError(
+                f"The store at {self.reader.path} lacks {path}, which the {kind.name} targets need; {how}."
+            )
         return uses
 
     def _check_identity_view(self) -> None:
@@ -172,8 +209,10 @@ class CachedTargets(TargetSource):
             raise StoreError(f"Warp needs the store's view policy, which was not given for {self.reader.path}.")
         ident = torch.as_tensor(np.asarray(self.policy.identity()), dtype=torch.int32)
         if not bool((self.views_table[:, 0] == ident).all()):
-            raise StoreError(f"Warp needs a store whose view 0 is the identity view (--views 1); the store "
-                             f"at {self.reader.path} holds other views: use --views replay.")
+            raise StoreError(
+                f"Warp needs a store whose view 0 is the identity view (--views 1); the store "
+                f"at {self.reader.path} holds other views: use --views replay."
+            )
 
     def _block_rows(self) -> int:
         """Samples per streamed block: a whole number of every needed array's chunks."""
@@ -218,8 +257,16 @@ class OnlineTargets(TargetSource):
 
     mode = "online"
 
-    def __init__(self, teacher, kinds: list[TargetKind], reader=None, target_set: str | None = None,
-                 device="cpu", policy=None, views: str = "fresh"):
+    def __init__(
+        self,
+        teacher,
+        kinds: list[TargetKind],
+        reader=None,
+        target_set: str | None = None,
+        device="cpu",
+        policy=None,
+        views: str = "fresh",
+    ):
         if views not in ONLINE_VIEWS:
             raise KdpipeError(f"Online views must be {' or '.join(ONLINE_VIEWS)}, not {views!r}.")
         self.device = torch.device(device)
@@ -229,10 +276,15 @@ class OnlineTargets(TargetSource):
         kinds = list(kinds)
         needs_store = any(k.needs_target_set for k in kinds) or views == "replay"
         if needs_store and reader is None:
-            raise KdpipeError("Online letKD targets (and replayed views) need the store (--store): "
-                              "its target set holds the centres, the LDA and the score matrix.")
-        ctx = kind_context(reader, kinds, target_set, self.device) if reader is not None \
+            raise KdpipeError(
+                "Online letKD targets (and replayed views) need the store (--store): "
+                "its target set holds the centres, the LDA and the score matrix."
+            )
+        ctx = (
+            kind_context(reader, kinds, target_set, self.device)
+            if reader is not None
             else KindContext(device=self.device)
+        )
         self.kinds = bind_kinds(kinds, ctx)
         self.views_table = _views_table(reader) if views == "replay" else None
 
@@ -245,8 +297,9 @@ class OnlineTargets(TargetSource):
 
     @torch.no_grad()
     def targets(self, batch, images_normalized, labels=None) -> dict:
-        out = TeacherOutputs.of(self.teacher, images_normalized.to(self.device), labels,
-                                stages=needs_stages(self.kinds))
+        out = TeacherOutputs.of(
+            self.teacher, images_normalized.to(self.device), labels, stages=needs_stages(self.kinds)
+        )
         result: dict = {}
         for kind in self.kinds:
             result.update(kind.online_targets(out))

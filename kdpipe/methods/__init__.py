@@ -1,7 +1,8 @@
 """Distillation methods: pure losses, KD layers, and the `Method` objects behind them.
 
 ``get_method(name, **options)`` builds one of ``ce``, ``kd``, ``cat_kd``, ``letkd1``,
-``letkd2`` and the comparison methods ``dkd``, ``at``, ``fitnet``, ``simkd``; see ``kdpipe.methods.base.Method`` for the interface.
+``letkd2`` and the comparison methods ``dkd``, ``at``, ``fitnet``, ``simkd``; see
+``kdpipe.methods.base.Method`` for the interface.
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ def get_method(name: str, **options) -> Method:
     if key == "catkd":
         key = "cat_kd"
     if key not in reg:
-        raise KdpipeError(
-            f"Unknown method {name!r}; choose one of {', '.join(reg)}.")
+        raise KdpipeError(f"Unknown method {name!r}; choose one of {', '.join(reg)}.")
     cls, fixed = reg[key]
     options = {k: v for k, v in options.items() if v is not None}
     params = inspect.signature(cls.__init__).parameters
@@ -62,7 +62,8 @@ def get_method(name: str, **options) -> Method:
     if unknown:
         raise KdpipeError(
             f"Method {key!r} has no option {', '.join(unknown)}; its options are "
-            f"{', '.join(accepted) if accepted else 'none'}.")
+            f"{', '.join(accepted) if accepted else 'none'}."
+        )
     try:
         return cls(**fixed, **options)
     except (TypeError, ValueError) as err:  # e.g. beta="a": a value of the wrong type

@@ -50,8 +50,7 @@ import torch.nn.functional as F
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method, loss_parts
 
-__all__ = ["attention_map", "at_loss", "at_loss_from_maps", "ATSettings", "REFERENCE_AT",
-           "DEFAULT_AT", "AT"]
+__all__ = ["attention_map", "at_loss", "at_loss_from_maps", "ATSettings", "REFERENCE_AT", "DEFAULT_AT", "AT"]
 
 
 def attention_map(feat: torch.Tensor, p: float = 2.0, size: int | None = None) -> torch.Tensor:
@@ -65,17 +64,14 @@ def attention_map(feat: torch.Tensor, p: float = 2.0, size: int | None = None) -
         raise ValueError(f"attention_map expects a feature map [B, D, h, w]; got {tuple(feat.shape)}")
     if size is not None and int(size) != feat.shape[2]:
         if int(size) > feat.shape[2]:
-            raise ValueError(
-                f"attention_map pools features down only: feature side {feat.shape[2]}, "
-                f"asked {size}")
+            raise ValueError(f"attention_map pools features down only: feature side {feat.shape[2]}, asked {size}")
         feat = F.adaptive_avg_pool2d(feat, (int(size), int(size)))
     batch, _, h, w = feat.shape
     amap = feat.pow(p).mean(dim=1).reshape(batch, h * w)
     return F.normalize(amap, p=2.0, dim=1).reshape(batch, h, w)
 
 
-def _stage_loss_from_map(student_feat: torch.Tensor, teacher_map: torch.Tensor,
-                         p: float) -> torch.Tensor:
+def _stage_loss_from_map(student_feat: torch.Tensor, teacher_map: torch.Tensor, p: float) -> torch.Tensor:
     """One stage: the student's feature [B, D, h, w] against the teacher's map [B, h', w']."""
     student_side, teacher_side = student_feat.shape[2], teacher_map.shape[1]
     if student_side < teacher_side:
@@ -83,13 +79,15 @@ def _stage_loss_from_map(student_feat: torch.Tensor, teacher_map: torch.Tensor,
             f"teacher attention map {teacher_side}x{teacher_map.shape[2]} is larger than the "
             f"student's feature ({student_side}x{student_feat.shape[3]}); compute it with "
             f"attention_map(teacher_feat, p, size={student_side}) as mdistiller pools the "
-            f"teacher's feature")
+            f"teacher's feature"
+        )
     student_map = attention_map(student_feat, p, size=teacher_side)
     return (student_map - teacher_map.to(student_map.dtype)).pow(2).mean()
 
 
-def at_loss_from_maps(student_feats: Sequence[torch.Tensor], teacher_maps: Sequence[torch.Tensor],
-                      p: float = 2.0) -> torch.Tensor:
+def at_loss_from_maps(
+    student_feats: Sequence[torch.Tensor], teacher_maps: Sequence[torch.Tensor], p: float = 2.0
+) -> torch.Tensor:
     """AT loss of student stage features against the teacher's stored attention maps.
 
     Args:
@@ -106,12 +104,15 @@ def at_loss_from_maps(student_feats: Sequence[torch.Tensor], teacher_maps: Seque
     if len(student_feats) != len(teacher_maps) or not student_feats:
         raise ValueError(
             f"AT needs one teacher map per student stage; got {len(student_feats)} student "
-            f"features and {len(teacher_maps)} teacher maps")
-    return sum(_stage_loss_from_map(f, m, p) for f, m in zip(student_feats, teacher_maps))
+            f"features and {len(teacher_maps)} teacher maps"
+        )
+    losses = [_stage_loss_from_map(f, m, p) for f, m in zip(student_feats, teacher_maps)]
+    return torch.stack(losses).sum()
 
 
-def at_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
-            p: float = 2.0) -> torch.Tensor:
+def at_loss(
+    student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor], p: float = 2.0
+) -> torch.Tensor:
     """AT loss on stage features of both networks (mdistiller's ``at_loss``).
 
     Args:
@@ -126,10 +127,9 @@ def at_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch
     """
     if len(student_feats) != len(teacher_feats):
         raise ValueError(
-            f"AT matches stages pairwise; got {len(student_feats)} student and "
-            f"{len(teacher_feats)} teacher features")
-    maps = [attention_map(t, p, size=min(t.shape[2], s.shape[2]))
-            for s, t in zip(student_feats, teacher_feats)]
+            f"AT matches stages pairwise; got {len(student_feats)} student and {len(teacher_feats)} teacher features"
+        )
+    maps = [attention_map(t, p, size=min(t.shape[2], s.shape[2])) for s, t in zip(student_feats, teacher_feats)]
     return at_loss_from_maps(student_feats, maps, p)
 
 
@@ -148,8 +148,8 @@ DEFAULT_AT = ATSettings(p=2.0, feat_weight=1000.0, ce_weight=1.0)
 
 # (teacher, student) -> settings of the mdistiller config named beside (all cfg.py defaults).
 REFERENCE_AT: dict[tuple[str, str], ATSettings] = {
-    ("resnet32x4", "resnet8x4"): DEFAULT_AT,                  # configs/cifar100/at.yaml
-    ("imagenet_resnet34", "imagenet_resnet18"): DEFAULT_AT,   # configs/imagenet/r34_r18/at.yaml
+    ("resnet32x4", "resnet8x4"): DEFAULT_AT,  # configs/cifar100/at.yaml
+    ("imagenet_resnet34", "imagenet_resnet18"): DEFAULT_AT,  # configs/imagenet/r34_r18/at.yaml
     # configs/imagenet/r50_mv1/at.yaml: mdistiller's MobileNetV1 (not in kdpipe's zoo)
     ("imagenet_resnet50", "MobileNetV1"): DEFAULT_AT,
 }
@@ -166,8 +166,10 @@ def _teacher_map(targets: dict, stage: int, student_side: int) -> torch.Tensor:
     half = targets[f"at_stage{stage}_half"]
     if student_side == half.shape[1]:
         return half
-    raise KdpipeError(f"AT stage {stage}: the student's map is {student_side} wide, the teacher's "
-                      f"{native.shape[1]}; the store holds the teacher's maps at its side and at half of it only.")
+    raise KdpipeError(
+        f"AT stage {stage}: the student's map is {student_side} wide, the teacher's "
+        f"{native.shape[1]}; the store holds the teacher's maps at its side and at half of it only."
+    )
 
 
 class AT(Method):

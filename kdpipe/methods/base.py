@@ -30,8 +30,16 @@ import torch
 
 from kdpipe.errors import KdpipeError
 
-__all__ = ["Method", "TeacherInfo", "DEFAULT_TARGET_SET", "reference_recipe", "is_light_student", "loss_parts",
-           "dataset_family", "RECIPE_DATASETS"]
+__all__ = [
+    "Method",
+    "TeacherInfo",
+    "DEFAULT_TARGET_SET",
+    "reference_recipe",
+    "is_light_student",
+    "loss_parts",
+    "dataset_family",
+    "RECIPE_DATASETS",
+]
 
 #: Name of the store's target set (``targets/<name>/``) used when none is given.
 DEFAULT_TARGET_SET = "default"
@@ -49,7 +57,7 @@ RECIPE_DATASETS = ("cifar", "imagenet", "tinyimagenet")
 
 
 def dataset_family(data_spec: str | None) -> str:
-    """"imagenet" for ImageFolder data, "cifar" for CIFAR, digits and synthetic (32x32)."""
+    """ "imagenet" for ImageFolder data, "cifar" for CIFAR, digits and synthetic (32x32)."""
     return "imagenet" if str(data_spec or "").split(":", 1)[0].strip().lower() == "imagefolder" else "cifar"
 
 
@@ -67,8 +75,17 @@ def reference_recipe(student_arch: str, nesterov: bool = False, dataset: str = "
     if dataset not in RECIPE_DATASETS:
         raise KdpipeError(f"The recipe must be one of {', '.join(RECIPE_DATASETS)}, not {dataset!r}.")
     if dataset == "imagenet":
-        return {"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": bool(nesterov), "weight_decay": 1e-4,
-                "batch_size": 512, "epochs": 100, "milestones": [30, 60, 90], "lr_decay": 0.1}
+        return {
+            "optimizer": "sgd",
+            "lr": 0.2,
+            "momentum": 0.9,
+            "nesterov": bool(nesterov),
+            "weight_decay": 1e-4,
+            "batch_size": 512,
+            "epochs": 100,
+            "milestones": [30, 60, 90],
+            "lr_decay": 0.1,
+        }
     return {
         "optimizer": "sgd",
         "lr": 0.01 if is_light_student(student_arch) else 0.05,
@@ -111,8 +128,7 @@ class Method:
         self.dataset = "cifar"  # the data-set family the recipe and pair defaults follow
 
     def _bad_option(self, option: str, value, expected: str):
-        raise KdpipeError(
-            f"Method {self.name!r}: option {option} must be {expected}, got {value!r}.")
+        raise KdpipeError(f"Method {self.name!r}: option {option} must be {expected}, got {value!r}.")
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -148,8 +164,7 @@ class Method:
     def begin_epoch(self, epoch: int) -> None:
         """The loop starts 0-based ``epoch`` (default: nothing to do)."""
 
-    def loss(self, logits: torch.Tensor, feats: dict, targets: dict,
-             labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss(self, logits: torch.Tensor, feats: dict, targets: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
     def recipe(self, student_arch: str) -> dict:

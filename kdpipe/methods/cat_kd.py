@@ -32,8 +32,13 @@ from kdpipe.methods.base import Method, loss_parts, reference_recipe
 from kdpipe.targets import Cam, NativeCam
 
 __all__ = [
-    "cat_loss", "binarize_teacher_cam", "select_classes", "gather_classes",
-    "arch_family", "should_normalize", "CatKD",
+    "cat_loss",
+    "binarize_teacher_cam",
+    "select_classes",
+    "gather_classes",
+    "arch_family",
+    "should_normalize",
+    "CatKD",
 ]
 
 
@@ -44,8 +49,7 @@ def _l2_normalize_maps(cam: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return cam / norm[:, :, None, None]
 
 
-def cat_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, resolution: int,
-             normalize: bool) -> torch.Tensor:
+def cat_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, resolution: int, normalize: bool) -> torch.Tensor:
     """The CAT loss of docs/METHODS.md, without beta.
 
     Args:
@@ -58,11 +62,11 @@ def cat_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, resolution: i
     Returns:
         scalar: mean over the B*C*r*r elements of the squared difference.
     """
-    if student_cam.dim() != 4 or teacher_cam.dim() != 4 or \
-            student_cam.shape[:2] != teacher_cam.shape[:2]:
+    if student_cam.dim() != 4 or teacher_cam.dim() != 4 or student_cam.shape[:2] != teacher_cam.shape[:2]:
         raise ValueError(
             f"cat_loss expects CAMs [B, C, h, w] with the same B and C; got "
-            f"{tuple(student_cam.shape)} and {tuple(teacher_cam.shape)}")
+            f"{tuple(student_cam.shape)} and {tuple(teacher_cam.shape)}"
+        )
     r = int(resolution)
     s = F.adaptive_avg_pool2d(student_cam, (r, r))
     t = F.adaptive_avg_pool2d(teacher_cam.to(s.dtype), (r, r))
@@ -156,17 +160,17 @@ def should_normalize(teacher_arch: str, student_arch: str) -> bool:
 # (GzyAftermath/CAT-KD configs/cifar100/CAT_KD/<file>); normalisation follows the rule above,
 # which every one of these files obeys (IF_NORMALIZE).
 _CIFAR_PAIRS = {
-    ("resnet110", "resnet32"): (1.8, 2),      # res110_res32.yaml
-    ("resnet56", "resnet20"): (0.7, 2),       # res56_res20.yaml
-    ("resnet32x4", "resnet8x4"): (15.0, 2),   # res32x4_res8x4.yaml
+    ("resnet110", "resnet32"): (1.8, 2),  # res110_res32.yaml
+    ("resnet56", "resnet20"): (0.7, 2),  # res56_res20.yaml
+    ("resnet32x4", "resnet8x4"): (15.0, 2),  # res32x4_res8x4.yaml
     ("resnet32x4", "ShuffleV1"): (600.0, 4),  # res32x4_shuv1.yaml
     ("resnet32x4", "ShuffleV2"): (600.0, 4),  # res32x4_shuv2.yaml
-    ("ResNet50", "MobileNetV2"): (40.0, 2),   # res50_mv2.yaml
-    ("vgg13", "MobileNetV2"): (15.0, 2),      # vgg13_mv2.yaml
-    ("vgg13", "vgg8"): (4.5, 2),              # vgg13_vgg8.yaml
-    ("wrn_40_2", "ShuffleV1"): (80.0, 4),     # wrn40_2_shuv1.yaml
-    ("wrn_40_2", "wrn_16_2"): (12.0, 2),      # wrn_40_2_wrn_16_2.yaml
-    ("wrn_40_2", "wrn_40_1"): (1.5, 2),       # wrn_40_2_wrn_40_1.yaml
+    ("ResNet50", "MobileNetV2"): (40.0, 2),  # res50_mv2.yaml
+    ("vgg13", "MobileNetV2"): (15.0, 2),  # vgg13_mv2.yaml
+    ("vgg13", "vgg8"): (4.5, 2),  # vgg13_vgg8.yaml
+    ("wrn_40_2", "ShuffleV1"): (80.0, 4),  # wrn40_2_shuv1.yaml
+    ("wrn_40_2", "wrn_16_2"): (12.0, 2),  # wrn_40_2_wrn_16_2.yaml
+    ("wrn_40_2", "wrn_40_1"): (1.5, 2),  # wrn_40_2_wrn_40_1.yaml
 }
 # ImageNet (configs/imagenet/CAT-KD/r34_r18.yaml, r50_mv2.yaml), kdpipe's torchvision names.
 _IMAGENET_PAIRS = {
@@ -183,8 +187,9 @@ CAT_ONLY_BETA = 50.0
 CAT_ONLY_BETA_MASKED = 300.0
 
 
-def reference_settings(teacher_arch: str, student_arch: str, dataset: str = "cifar", cat_only: bool = False,
-                       masked: bool = False) -> dict:
+def reference_settings(
+    teacher_arch: str, student_arch: str, dataset: str = "cifar", cat_only: bool = False, masked: bool = False
+) -> dict:
     """beta, resolution and normalize of the reference's config for this setting: the pair's
     CAT-KD config, or the CAT (no CE) rules; beta None where the reference has no config."""
     from kdpipe.models.registry import canonical_or_same
@@ -217,11 +222,18 @@ class CatKD(Method):
 
     name = "cat_kd"
 
-    def __init__(self, beta: float | None = None, resolution: int | None = None,
-                 normalize: bool | None = None, ce_weight: float = 1.0,
-                 binarize: bool = False, top_n: int | None = None,
-                 bottom_n: int | None = None, teacher_arch: str | None = None,
-                 student_arch: str | None = None):
+    def __init__(
+        self,
+        beta: float | None = None,
+        resolution: int | None = None,
+        normalize: bool | None = None,
+        ce_weight: float = 1.0,
+        binarize: bool = False,
+        top_n: int | None = None,
+        bottom_n: int | None = None,
+        teacher_arch: str | None = None,
+        student_arch: str | None = None,
+    ):
         super().__init__()
         if beta is not None and not float(beta) >= 0:
             self._bad_option("beta", beta, "a non-negative number")
@@ -260,8 +272,9 @@ class CatKD(Method):
             o["student_arch"] = str(student_arch)
         cat_only = o["ce_weight"] == 0
         if o["teacher_arch"] is not None and o["student_arch"] is not None:
-            ref = reference_settings(o["teacher_arch"], o["student_arch"], dataset, cat_only,
-                                     masked=bool(o["binarize"] or self.selection))
+            ref = reference_settings(
+                o["teacher_arch"], o["student_arch"], dataset, cat_only, masked=bool(o["binarize"] or self.selection)
+            )
             for key in ("normalize", "resolution"):
                 if o[key] is None:
                     o[key] = ref[key]
@@ -299,7 +312,8 @@ class CatKD(Method):
         if normalize is None:
             raise KdpipeError(
                 "Method 'cat_kd' needs normalize=True/False or the teacher and student "
-                "architectures (Method.bind) to apply the normalisation rule.")
+                "architectures (Method.bind) to apply the normalisation rule."
+            )
         beta = o["beta"] if o["beta"] is not None else DEFAULT_BETA
         student_cam = feats["cam"]
         teacher_cam = targets["cam"].to(student_cam.dtype)

@@ -87,9 +87,11 @@ def import_faiss():
     try:
         import faiss
     except ImportError:
-        raise KdpipeError("faiss is not installed: install kdpipe's faiss-cpu extra (pip install "
-                          "'kdpipe[faiss-cpu]'), or its gpu extra on a CUDA machine, or use "
-                          "--kmeans-backend torch.") from None
+        raise KdpipeError(
+            "faiss is not installed: install kdpipe's faiss-cpu extra (pip install "
+            "'kdpipe[faiss-cpu]'), or its gpu extra on a CUDA machine, or use "
+            "--kmeans-backend torch."
+        ) from None
     return faiss
 
 
@@ -181,12 +183,21 @@ def kmeans(
     return KMeansResult(centers, obj / n, n, "faiss-gpu" if use_gpu else "faiss-cpu")
 
 
-def _faiss_kmeans(x: np.ndarray, k: int, niter: int, seed: int, gpu: bool, verbose: bool,
-                  init=None) -> tuple[np.ndarray, float]:
+def _faiss_kmeans(
+    x: np.ndarray, k: int, niter: int, seed: int, gpu: bool, verbose: bool, init=None
+) -> tuple[np.ndarray, float]:
     """faiss K-means without faiss's sub-sampling; (centres, last iteration's objective sum)."""
     faiss = import_faiss()
-    km = faiss.Kmeans(x.shape[1], k, niter=int(niter), seed=int(seed), gpu=gpu, verbose=verbose,
-                      max_points_per_centroid=_NO_SUBSAMPLE, min_points_per_centroid=1)
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=int(niter),
+        seed=int(seed),
+        gpu=gpu,
+        verbose=verbose,
+        max_points_per_centroid=_NO_SUBSAMPLE,
+        min_points_per_centroid=1,
+    )
     km.train(x, init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
     centers = np.ascontiguousarray(km.centroids, dtype=np.float32)
     # faiss's objective of the last iteration (sum of squared distances of the assignment that
@@ -200,7 +211,9 @@ def _batch_rows(k: int, max_batch_elems: int) -> int:
     return max(1, int(max_batch_elems) // max(int(k), 1))
 
 
-def _assign(xb: torch.Tensor, c: torch.Tensor, c2: torch.Tensor, x2b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _assign(
+    xb: torch.Tensor, c: torch.Tensor, c2: torch.Tensor, x2b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centre and squared distance of each row of ``xb`` (one matmul for the block)."""
     dist = torch.addmm(c2[None, :], xb, c.T, beta=1.0, alpha=-2.0)
     val, ids = dist.min(dim=1)
@@ -218,7 +231,9 @@ def _add_to_clusters(sums: torch.Tensor, ids: torch.Tensor, xb: torch.Tensor) ->
         sums.index_add_(0, ids, xb.double())
 
 
-def _lloyd_step(xt: torch.Tensor, x2: torch.Tensor, c: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _lloyd_step(
+    xt: torch.Tensor, x2: torch.Tensor, c: torch.Tensor, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One assign pass: per-cluster float64 sums, counts, and the objective (sum of squared distances)."""
     k = c.shape[0]
     c2 = (c * c).sum(1)
@@ -257,8 +272,16 @@ def initial_centers(x, k: int, seed: int = 0) -> np.ndarray:
     return np.ascontiguousarray(x[np.random.default_rng(seed).permutation(x.shape[0])[:k]], dtype=np.float32)
 
 
-def torch_kmeans(x, k: int, niter: int = 20, seed: int = 0, device: str = "cpu", init=None,
-                 max_batch_elems: int = 1 << 24, verbose: bool = False) -> tuple[np.ndarray, float]:
+def torch_kmeans(
+    x,
+    k: int,
+    niter: int = 20,
+    seed: int = 0,
+    device: str = "cpu",
+    init=None,
+    max_batch_elems: int = 1 << 24,
+    verbose: bool = False,
+) -> tuple[np.ndarray, float]:
     """Lloyd K-means in torch, faiss's algorithm (module docstring): returns the centres
     [k, D] float32 and the last iteration's objective (sum of squared distances of the
     assignment the final centres were computed from, as faiss's ``obj[-1]``).
@@ -317,8 +340,16 @@ class TopkAssigner:
     ``"faiss"`` (a separate ``IndexFlatL2`` search, GPU index when faiss sees a GPU) or
     ``"auto"`` (default: ``"faiss"`` when faiss sees a GPU, else ``"torch"``)."""
 
-    def __init__(self, centers, k: int, temperature: float = 1.0, gpu: bool | None = None,
-                 device: str | None = None, max_batch_elems: int = 1 << 22, search: str = "auto"):
+    def __init__(
+        self,
+        centers,
+        k: int,
+        temperature: float = 1.0,
+        gpu: bool | None = None,
+        device: str | None = None,
+        max_batch_elems: int = 1 << 22,
+        search: str = "auto",
+    ):
         self.centers = np.ascontiguousarray(np.asarray(centers, dtype=np.float32))
         self.num_centers = self.centers.shape[0]
         self.k = int(min(k, self.num_centers))
@@ -393,16 +424,18 @@ def per_class_kmeans(
     z = np.asarray(z, dtype=np.float32)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     out = np.empty((num_classes * k, z.shape[1]), dtype=np.float32)
-    for c in tqdm(range(num_classes), desc="cluster: per-class K-means", unit="class", disable=not progress,
-                  leave=False):
+    for c in tqdm(
+        range(num_classes), desc="cluster: per-class K-means", unit="class", disable=not progress, leave=False
+    ):
         zc = z[labels == c]
         if zc.shape[0] < k:
             raise KdpipeError(
                 f"class {c} has {zc.shape[0]} vectors to fit, fewer than its {k} sub-classes "
                 "(lower --k-inter or raise --max-fit-points)."
             )
-        out[c * k : (c + 1) * k] = kmeans(zc, k, niter=niter, seed=seed + c, gpu=gpu, backend=backend,
-                                             device=device).centers
+        out[c * k : (c + 1) * k] = kmeans(
+            zc, k, niter=niter, seed=seed + c, gpu=gpu, backend=backend, device=device
+        ).centers
     return out
 
 

@@ -33,21 +33,19 @@ import torch.nn.functional as F
 from kdpipe.methods.base import Method, loss_parts, reference_recipe
 from kdpipe.targets import Logits
 
-__all__ = ["dkd_loss", "dkd_terms", "dkd_warmup_factor", "DKDSettings", "REFERENCE_DKD",
-           "DEFAULT_DKD", "DKD"]
+__all__ = ["dkd_loss", "dkd_terms", "dkd_warmup_factor", "DKDSettings", "REFERENCE_DKD", "DEFAULT_DKD", "DKD"]
 
 
-def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                  labels: torch.Tensor) -> None:
+def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> None:
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"DKD expects student and teacher logits of the same shape [B, C]; got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
     if student_logits.shape[1] < 2:
         raise ValueError("DKD needs at least two classes (it splits target and non-target).")
     if labels.shape != student_logits.shape[:1]:
-        raise ValueError(
-            f"DKD expects labels [B] = [{student_logits.shape[0]}]; got {tuple(labels.shape)}")
+        raise ValueError(f"DKD expects labels [B] = [{student_logits.shape[0]}]; got {tuple(labels.shape)}")
 
 
 def _binary_log_probs(scaled: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
@@ -70,8 +68,9 @@ def _kl_log(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.T
     return per_element.sum(dim=1).mean()
 
 
-def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-              labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dkd_terms(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(TCKD, NCKD), each a scalar already multiplied by T^2 (see the module docstring).
 
     Args:
@@ -86,13 +85,20 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     tt = teacher_logits.to(s.dtype) / t
     target_mask = F.one_hot(labels.long(), s.shape[1]).bool()
     tckd = _kl_log(_binary_log_probs(s, target_mask), _binary_log_probs(tt, target_mask))
-    nckd = _kl_log(F.log_softmax(_non_target(s, target_mask), dim=1),
-                   F.log_softmax(_non_target(tt, target_mask), dim=1))
+    nckd = _kl_log(
+        F.log_softmax(_non_target(s, target_mask), dim=1), F.log_softmax(_non_target(tt, target_mask), dim=1)
+    )
     return tckd * (t * t), nckd * (t * t)
 
 
-def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-             alpha: float, beta: float, temperature: float) -> torch.Tensor:
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+    temperature: float,
+) -> torch.Tensor:
     """DKD = alpha * TCKD + beta * NCKD (scalar), as mdistiller's ``dkd_loss`` computes it.
 
     Args:
@@ -142,17 +148,17 @@ def _cifar(beta: float) -> DKDSettings:
 # (teacher, student) in kdpipe's names -> DKD settings of the mdistiller config named beside.
 # The CAT-KD repository's configs/cifar100/dkd/*.yaml are copies (same DKD values).
 REFERENCE_DKD: dict[tuple[str, str], DKDSettings] = {
-    ("resnet56", "resnet20"): _cifar(2.0),      # configs/cifar100/dkd/res56_res20.yaml
-    ("resnet110", "resnet32"): _cifar(2.0),     # configs/cifar100/dkd/res110_res32.yaml
-    ("resnet32x4", "resnet8x4"): _cifar(8.0),   # configs/cifar100/dkd/res32x4_res8x4.yaml
-    ("wrn_40_2", "wrn_16_2"): _cifar(6.0),      # configs/cifar100/dkd/wrn40_2_wrn_16_2.yaml
-    ("wrn_40_2", "wrn_40_1"): _cifar(6.0),      # configs/cifar100/dkd/wrn40_2_wrn_40_1.yaml
-    ("vgg13", "vgg8"): _cifar(6.0),             # configs/cifar100/dkd/vgg13_vgg8.yaml
-    ("vgg13", "MobileNetV2"): _cifar(6.0),      # configs/cifar100/dkd/vgg13_mv2.yaml
-    ("ResNet50", "MobileNetV2"): _cifar(8.0),   # configs/cifar100/dkd/res50_mv2.yaml
-    ("resnet32x4", "ShuffleV1"): _cifar(8.0),   # configs/cifar100/dkd/res32x4_shuv1.yaml
-    ("resnet32x4", "ShuffleV2"): _cifar(8.0),   # configs/cifar100/dkd/res32x4_shuv2.yaml
-    ("wrn_40_2", "ShuffleV1"): _cifar(8.0),     # configs/cifar100/dkd/wrn40_2_shuv1.yaml
+    ("resnet56", "resnet20"): _cifar(2.0),  # configs/cifar100/dkd/res56_res20.yaml
+    ("resnet110", "resnet32"): _cifar(2.0),  # configs/cifar100/dkd/res110_res32.yaml
+    ("resnet32x4", "resnet8x4"): _cifar(8.0),  # configs/cifar100/dkd/res32x4_res8x4.yaml
+    ("wrn_40_2", "wrn_16_2"): _cifar(6.0),  # configs/cifar100/dkd/wrn40_2_wrn_16_2.yaml
+    ("wrn_40_2", "wrn_40_1"): _cifar(6.0),  # configs/cifar100/dkd/wrn40_2_wrn_40_1.yaml
+    ("vgg13", "vgg8"): _cifar(6.0),  # configs/cifar100/dkd/vgg13_vgg8.yaml
+    ("vgg13", "MobileNetV2"): _cifar(6.0),  # configs/cifar100/dkd/vgg13_mv2.yaml
+    ("ResNet50", "MobileNetV2"): _cifar(8.0),  # configs/cifar100/dkd/res50_mv2.yaml
+    ("resnet32x4", "ShuffleV1"): _cifar(8.0),  # configs/cifar100/dkd/res32x4_shuv1.yaml
+    ("resnet32x4", "ShuffleV2"): _cifar(8.0),  # configs/cifar100/dkd/res32x4_shuv2.yaml
+    ("wrn_40_2", "ShuffleV1"): _cifar(8.0),  # configs/cifar100/dkd/wrn40_2_shuv1.yaml
     # configs/imagenet/r34_r18/dkd.yaml (ALPHA left at 1.0)
     ("imagenet_resnet34", "imagenet_resnet18"): DKDSettings(1.0, 0.5, 1.0, 1, 1.0),
     # configs/imagenet/r50_mv1/dkd.yaml: mdistiller's student is its MobileNetV1, which
@@ -173,8 +179,14 @@ class DKD(Method):
     name = "dkd"
     _FIELDS = ("alpha", "beta", "temperature", "warmup", "ce_weight")
 
-    def __init__(self, alpha: float | None = None, beta: float | None = None, temperature: float | None = None,
-                 warmup: int | None = None, ce_weight: float | None = None):
+    def __init__(
+        self,
+        alpha: float | None = None,
+        beta: float | None = None,
+        temperature: float | None = None,
+        warmup: int | None = None,
+        ce_weight: float | None = None,
+    ):
         if temperature is not None and not float(temperature) > 0:
             self._bad_option("temperature", temperature, "a positive number")
         if warmup is not None and (int(warmup) != float(warmup) or int(warmup) < 1):
@@ -191,8 +203,9 @@ class DKD(Method):
         from kdpipe.models.registry import canonical_or_same
 
         self.dataset = dataset
-        pair = (canonical_or_same(teacher_arch), canonical_or_same(student_arch)) if teacher_arch else None
-        self.options = self._settings(REFERENCE_DKD.get(pair, DEFAULT_DKD))
+        known = teacher_arch is not None and student_arch is not None
+        pair = (canonical_or_same(teacher_arch), canonical_or_same(student_arch)) if known else None
+        self.options = self._settings(REFERENCE_DKD.get(pair, DEFAULT_DKD) if pair else DEFAULT_DKD)
         return self
 
     def kinds(self) -> list:

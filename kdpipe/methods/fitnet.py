@@ -38,19 +38,20 @@ from kdpipe.methods.base import Method, loss_parts
 __all__ = ["HintRegressor", "fitnet_loss", "FitNetSettings", "DEFAULT_FITNET", "REFERENCE_FITNET", "FitNet"]
 
 
-def _regression_conv(student_channels: int, teacher_channels: int,
-                     student_size: tuple[int, int], teacher_size: tuple[int, int]) -> nn.Module:
+def _regression_conv(
+    student_channels: int, teacher_channels: int, student_size: tuple[int, int], teacher_size: tuple[int, int]
+) -> nn.Module:
     (hs, ws), (ht, wt) = student_size, teacher_size
     if hs == 2 * ht:
         return nn.Conv2d(student_channels, teacher_channels, kernel_size=3, stride=2, padding=1)
     if 2 * hs == ht:
-        return nn.ConvTranspose2d(student_channels, teacher_channels, kernel_size=4, stride=2,
-                                  padding=1)
+        return nn.ConvTranspose2d(student_channels, teacher_channels, kernel_size=4, stride=2, padding=1)
     if hs >= ht:
         return nn.Conv2d(student_channels, teacher_channels, kernel_size=(1 + hs - ht, 1 + ws - wt))
     raise KdpipeError(
         f"FitNet's regressor cannot map a {hs}x{ws} student hint to a {ht}x{wt} teacher hint "
-        f"(it supports a student twice, half, or at least as large as the teacher, as mdistiller).")
+        f"(it supports a student twice, half, or at least as large as the teacher, as mdistiller)."
+    )
 
 
 class HintRegressor(nn.Module):
@@ -62,12 +63,21 @@ class HintRegressor(nn.Module):
         use_relu: end with a ReLU (mdistiller's default, used by FitNet).
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int,
-                 student_size: tuple[int, int], teacher_size: tuple[int, int],
-                 use_relu: bool = True) -> None:
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        student_size: tuple[int, int],
+        teacher_size: tuple[int, int],
+        use_relu: bool = True,
+    ) -> None:
         super().__init__()
-        self.conv = _regression_conv(int(student_channels), int(teacher_channels),
-                                     tuple(student_size), tuple(teacher_size))
+        self.conv = _regression_conv(
+            int(student_channels),
+            int(teacher_channels),
+            (int(student_size[0]), int(student_size[1])),
+            (int(teacher_size[0]), int(teacher_size[1])),
+        )
         self.bn = nn.BatchNorm2d(int(teacher_channels))
         self.use_relu = bool(use_relu)
 
@@ -86,7 +96,8 @@ def fitnet_loss(student_hint_regressed: torch.Tensor, teacher_hint: torch.Tensor
     if student_hint_regressed.shape != teacher_hint.shape:
         raise ValueError(
             f"fitnet_loss expects the regressed student hint and the teacher hint of the same "
-            f"shape; got {tuple(student_hint_regressed.shape)} and {tuple(teacher_hint.shape)}")
+            f"shape; got {tuple(student_hint_regressed.shape)} and {tuple(teacher_hint.shape)}"
+        )
     return F.mse_loss(student_hint_regressed, teacher_hint.to(student_hint_regressed.dtype))
 
 
@@ -104,7 +115,7 @@ class FitNetSettings:
 DEFAULT_FITNET = FitNetSettings(hint_layer=2, feat_weight=100.0, ce_weight=1.0)
 
 REFERENCE_FITNET: dict[tuple[str, str], FitNetSettings] = {
-    ("resnet32x4", "resnet8x4"): DEFAULT_FITNET,   # configs/cifar100/fitnet.yaml
+    ("resnet32x4", "resnet8x4"): DEFAULT_FITNET,  # configs/cifar100/fitnet.yaml
 }
 
 
@@ -131,8 +142,14 @@ class FitNet(Method):
 
     name = "fitnet"
 
-    def __init__(self, hint_layer: int | None = None, feat_weight: float | None = None,
-                 ce_weight: float | None = None, student_hint_shape=None, teacher_hint_shape=None):
+    def __init__(
+        self,
+        hint_layer: int | None = None,
+        feat_weight: float | None = None,
+        ce_weight: float | None = None,
+        student_hint_shape=None,
+        teacher_hint_shape=None,
+    ):
         if hint_layer is not None and (int(hint_layer) != float(hint_layer) or int(hint_layer) < 1):
             self._bad_option("hint_layer", hint_layer, "a stage number (1 or more)")
         super().__init__(
@@ -140,7 +157,8 @@ class FitNet(Method):
             feat_weight=DEFAULT_FITNET.feat_weight if feat_weight is None else float(feat_weight),
             ce_weight=DEFAULT_FITNET.ce_weight if ce_weight is None else float(ce_weight),
             student_hint_shape=_shape(student_hint_shape, "student_hint_shape"),
-            teacher_hint_shape=_shape(teacher_hint_shape, "teacher_hint_shape"))
+            teacher_hint_shape=_shape(teacher_hint_shape, "teacher_hint_shape"),
+        )
         self._image_size = (32, 32)
         self._student_arch: str | None = None
         self._regressor: HintRegressor | None = None
@@ -181,8 +199,10 @@ class FitNet(Method):
     def prepare_student(self, student, target_set=None):
         o = self.options
         if o["teacher_hint_shape"] is None:
-            raise KdpipeError("Method 'fitnet' needs the teacher's hint shape: train from a store extracted with "
-                              "--methods fitnet, or with --online-teacher.")
+            raise KdpipeError(
+                "Method 'fitnet' needs the teacher's hint shape: train from a store extracted with "
+                "--methods fitnet, or with --online-teacher."
+            )
         if o["student_hint_shape"] is None:
             o["student_hint_shape"] = self._student_hint_shape(student)
         (ds, hs, ws), (dt, ht, wt) = o["student_hint_shape"], o["teacher_hint_shape"]

@@ -17,8 +17,7 @@ from kdpipe.targets import Logits
 __all__ = ["kd_loss", "KD"]
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-            temperature: float) -> torch.Tensor:
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton KD loss.
 
     Args:
@@ -33,7 +32,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(
             f"kd_loss expects student and teacher logits of the same shape [B, C]; got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
     t = float(temperature)
     log_p_s = F.log_softmax(student_logits / t, dim=1)
     log_p_t = F.log_softmax(teacher_logits.to(log_p_s.dtype) / t, dim=1)
@@ -52,11 +52,14 @@ class KD(Method):
     """
 
     name = "kd"
-    REFERENCE = {"cifar": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
-                 "imagenet": {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5}}
+    REFERENCE = {
+        "cifar": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
+        "imagenet": {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5},
+    }
 
-    def __init__(self, temperature: float | None = None, ce_weight: float | None = None,
-                 kd_weight: float | None = None):
+    def __init__(
+        self, temperature: float | None = None, ce_weight: float | None = None, kd_weight: float | None = None
+    ):
         if temperature is not None and not float(temperature) > 0:
             self._bad_option("temperature", temperature, "a positive number")
         given = {"temperature": temperature, "ce_weight": ce_weight, "kd_weight": kd_weight}

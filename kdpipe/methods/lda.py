@@ -176,18 +176,13 @@ class LDAStats:
         present = self.counts > 0
         n_present = int(present.sum())
         if n_present < 2:
-            raise KdpipeError(
-                f"LDA needs vectors of at least 2 classes, found {n_present} class(es) with data."
-            )
+            raise KdpipeError(f"LDA needs vectors of at least 2 classes, found {n_present} class(es) with data.")
         if n_total <= n_present:
-            raise KdpipeError(
-                f"LDA needs more vectors than classes, found {n_total} vectors for {n_present} classes."
-            )
+            raise KdpipeError(f"LDA needs more vectors than classes, found {n_total} vectors for {n_present} classes.")
         max_components = min(n_present - 1, self.dim)
         if n_components is not None and not 1 <= n_components <= max_components:
             raise KdpipeError(
-                f"LDA dimension must lie in 1..{max_components} (classes - 1, feature size), "
-                f"got {n_components}."
+                f"LDA dimension must lie in 1..{max_components} (classes - 1, feature size), got {n_components}."
             )
         priors = self.counts / float(n_total)
         means = self._means()

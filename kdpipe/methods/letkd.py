@@ -36,8 +36,15 @@ from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method, loss_parts, reference_recipe
 
 __all__ = [
-    "CosConv", "KDLayer", "location_kl", "location_kl_topk", "densify_topk",
-    "subclass_score_matrix", "penult_topk_targets", "penult_softmax_targets", "topk_for_mass",
+    "CosConv",
+    "KDLayer",
+    "location_kl",
+    "location_kl_topk",
+    "densify_topk",
+    "subclass_score_matrix",
+    "penult_topk_targets",
+    "penult_softmax_targets",
+    "topk_for_mass",
     "assign_subclasses",
     "LetKD",
 ]
@@ -52,16 +59,14 @@ class CosConv(nn.Module):
     in_channels. ``scale`` is one learnable scalar starting at ``scale_init``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, scale_init: float = 1.0,
-                 learn_scale: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, scale_init: float = 1.0, learn_scale: bool = True):
         super().__init__()
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.weight = nn.Parameter(
-            torch.randn(self.out_channels, self.in_channels, 1, 1)
-            * math.sqrt(2.0 / self.in_channels))
-        self.scale = nn.Parameter(torch.full((1,), float(scale_init)),
-                                  requires_grad=learn_scale)
+            torch.randn(self.out_channels, self.in_channels, 1, 1) * math.sqrt(2.0 / self.in_channels)
+        )
+        self.scale = nn.Parameter(torch.full((1,), float(scale_init)), requires_grad=learn_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(x, p=2, dim=1, eps=1e-12)
@@ -80,8 +85,14 @@ class KDLayer(nn.Module):
     the network. ``alpha`` is a fixed float (the reference's ``value_ratio``).
     """
 
-    def __init__(self, channels: int, num_clusters: int, alpha: float = 1.0,
-                 score_scale_init: float = 3.0, value_scale_init: float = 1.0):
+    def __init__(
+        self,
+        channels: int,
+        num_clusters: int,
+        alpha: float = 1.0,
+        score_scale_init: float = 3.0,
+        value_scale_init: float = 1.0,
+    ):
         super().__init__()
         self.channels = int(channels)
         self.num_clusters = int(num_clusters)
@@ -125,7 +136,8 @@ def location_kl(scores: torch.Tensor, target_probs: torch.Tensor) -> torch.Tenso
         raise KdpipeError(
             f"letKD targets do not fit the student's KD layer: expected {n} locations x {M} "
             f"clusters, got {tuple(target_probs.shape)} (was the target set built for another "
-            "student grid or cluster count?).")
+            "student grid or cluster count?)."
+        )
     return F.kl_div(log_q, target, reduction="sum") / n
 
 
@@ -134,8 +146,7 @@ def _renormalized(topk_val: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return v / v.sum(dim=-1, keepdim=True).clamp_min(eps)
 
 
-def location_kl_topk(scores: torch.Tensor, topk_idx: torch.Tensor,
-                     topk_val: torch.Tensor) -> torch.Tensor:
+def location_kl_topk(scores: torch.Tensor, topk_idx: torch.Tensor, topk_val: torch.Tensor) -> torch.Tensor:
     """``location_kl`` on a sparse top-k target.
 
     Args:
@@ -159,31 +170,32 @@ def location_kl_topk(scores: torch.Tensor, topk_idx: torch.Tensor,
         raise KdpipeError(
             f"letKD penultimate targets do not fit the student's KD layer: expected {n} "
             f"locations, got {tuple(topk_idx.shape)} (was the target set built for another "
-            "student grid?).")
+            "student grid?)."
+        )
     p = _renormalized(topk_val.reshape(-1, k).to(log_q.dtype))
     log_q_k = torch.gather(log_q, 1, idx)
     kl = torch.xlogy(p, p) - p * log_q_k
     return kl.sum() / n
 
 
-def densify_topk(topk_idx: torch.Tensor, topk_val: torch.Tensor, num_clusters: int,
-                 renormalize: bool = True) -> torch.Tensor:
+def densify_topk(
+    topk_idx: torch.Tensor, topk_val: torch.Tensor, num_clusters: int, renormalize: bool = True
+) -> torch.Tensor:
     """[..., k] indices and values -> dense [..., M] probabilities (renormalised to sum 1)."""
     val = _renormalized(topk_val.float()) if renormalize else topk_val.float()
-    out = torch.zeros(*topk_idx.shape[:-1], int(num_clusters), dtype=val.dtype,
-                      device=val.device)
+    out = torch.zeros(*topk_idx.shape[:-1], int(num_clusters), dtype=val.dtype, device=val.device)
     return out.scatter_(-1, topk_idx.long(), val)
 
 
 # ------------------------------------------------------------- teacher-side targets
 def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances [n, K] between rows of x [n, d] and c [K, d]."""
-    return ((x * x).sum(1, keepdim=True) + (c * c).sum(1)[None, :]
-            - 2.0 * x @ c.t()).clamp_min(0)
+    return ((x * x).sum(1, keepdim=True) + (c * c).sum(1)[None, :] - 2.0 * x @ c.t()).clamp_min(0)
 
 
-def penult_topk_targets(feat: torch.Tensor, centers: torch.Tensor, temperature: float,
-                        k: int, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def penult_topk_targets(
+    feat: torch.Tensor, centers: torch.Tensor, temperature: float, k: int, chunk: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of the teacher's soft assignment softmax_K(-T * ||f - rho_K||^2).
 
     Args:
@@ -201,7 +213,7 @@ def penult_topk_targets(feat: torch.Tensor, centers: torch.Tensor, temperature: 
     c = centers.float().to(x.device)
     idx_out, val_out = [], []
     for s in range(0, x.shape[0], chunk):
-        p = torch.softmax(-float(temperature) * _sq_dists(x[s:s + chunk], c), dim=1)
+        p = torch.softmax(-float(temperature) * _sq_dists(x[s : s + chunk], c), dim=1)
         val, idx = torch.topk(p, int(k), dim=1)
         idx_out.append(idx)
         val_out.append(val)
@@ -210,8 +222,9 @@ def penult_topk_targets(feat: torch.Tensor, centers: torch.Tensor, temperature: 
     return idx, val
 
 
-def penult_softmax_targets(feat: torch.Tensor, centers: torch.Tensor, temperature: float,
-                           chunk: int = 8192) -> torch.Tensor:
+def penult_softmax_targets(
+    feat: torch.Tensor, centers: torch.Tensor, temperature: float, chunk: int = 8192
+) -> torch.Tensor:
     """The whole soft assignment softmax_K(-T * ||f - rho_K||^2), as the letKD reference's
     training computes it every step (no top-k truncation).
 
@@ -225,13 +238,13 @@ def penult_softmax_targets(feat: torch.Tensor, centers: torch.Tensor, temperatur
     B, D, h, w = feat.shape
     x = feat.float().permute(0, 2, 3, 1).reshape(-1, D)
     c = centers.float().to(x.device)
-    rows = [torch.softmax(-float(temperature) * _sq_dists(x[s:s + chunk], c), dim=1)
-            for s in range(0, x.shape[0], chunk)]
+    rows = [
+        torch.softmax(-float(temperature) * _sq_dists(x[s : s + chunk], c), dim=1) for s in range(0, x.shape[0], chunk)
+    ]
     return torch.cat(rows).reshape(B, h, w, -1)
 
 
-def topk_for_mass(vectors, centers, temperature: float, mass: float, cap: int,
-                  chunk: int = 8192) -> tuple[int, int]:
+def topk_for_mass(vectors, centers, temperature: float, mass: float, cap: int, chunk: int = 8192) -> tuple[int, int]:
     """The smallest k whose top-k probabilities of softmax_K(-T * ||x - rho_K||^2) sum to at
     least ``mass`` at every vector, capped at ``cap``.
 
@@ -247,18 +260,26 @@ def topk_for_mass(vectors, centers, temperature: float, mass: float, cap: int,
     c = torch.as_tensor(np.asarray(centers), dtype=torch.float32)
     needed = 1
     for s in range(0, x.shape[0], chunk):
-        p = torch.softmax(-float(temperature) * _sq_dists(x[s:s + chunk], c), dim=1)
+        p = torch.softmax(-float(temperature) * _sq_dists(x[s : s + chunk], c), dim=1)
         cum = torch.sort(p, dim=1, descending=True).values.cumsum(dim=1)
         reached = cum >= float(mass) - 1e-6
-        first = torch.where(reached.any(dim=1), reached.float().argmax(dim=1) + 1,
-                            torch.full((cum.shape[0],), c.shape[0], dtype=torch.int64))
+        first = torch.where(
+            reached.any(dim=1),
+            reached.float().argmax(dim=1) + 1,
+            torch.full((cum.shape[0],), c.shape[0], dtype=torch.int64),
+        )
         needed = max(needed, int(first.max()))
     return min(int(cap), needed), needed
 
 
-def assign_subclasses(feat: torch.Tensor, labels: torch.Tensor, lda_xbar: torch.Tensor,
-                      lda_scalings: torch.Tensor, subclass_centers: torch.Tensor,
-                      num_subclasses_per_class: int) -> torch.Tensor:
+def assign_subclasses(
+    feat: torch.Tensor,
+    labels: torch.Tensor,
+    lda_xbar: torch.Tensor,
+    lda_scalings: torch.Tensor,
+    subclass_centers: torch.Tensor,
+    num_subclasses_per_class: int,
+) -> torch.Tensor:
     """Label-constrained sub-class of every location (letKD-2, Algorithm 2 online).
 
     Args:
@@ -277,19 +298,19 @@ def assign_subclasses(feat: torch.Tensor, labels: torch.Tensor, lda_xbar: torch.
     centers = subclass_centers.float().to(feat.device)
     d = centers.shape[1]
     C = centers.shape[0] // K
-    z = (feat.float().permute(0, 2, 3, 1).reshape(B, h * w, D)
-         - lda_xbar.float().to(feat.device)) @ lda_scalings.float().to(feat.device)[:, :d]
+    z = (
+        feat.float().permute(0, 2, 3, 1).reshape(B, h * w, D) - lda_xbar.float().to(feat.device)
+    ) @ lda_scalings.float().to(feat.device)[:, :d]
     labels = labels.long().to(feat.device)
     if int(labels.max()) >= C:
         raise KdpipeError(f"label {int(labels.max())} has no sub-class centres ({C} classes).")
-    rho = centers.reshape(C, K, d)[labels]                                  # [B, K, d]
-    dist = ((z[:, :, None, :] - rho[:, None, :, :]) ** 2).sum(-1)           # [B, hw, K]
+    rho = centers.reshape(C, K, d)[labels]  # [B, K, d]
+    dist = ((z[:, :, None, :] - rho[:, None, :, :]) ** 2).sum(-1)  # [B, hw, K]
     k_star = dist.argmin(dim=2)
     return (labels[:, None] * K + k_star).reshape(B, h, w)
 
 
-def subclass_score_matrix(z, subclass_ids, num_subclasses: int,
-                          chunk: int = 16384) -> np.ndarray:
+def subclass_score_matrix(z, subclass_ids, num_subclasses: int, chunk: int = 16384) -> np.ndarray:
     """The sub-class score matrix S [M, M] of letKD-2 (float64 numpy array).
 
     Args:
@@ -327,11 +348,10 @@ def subclass_score_matrix(z, subclass_ids, num_subclasses: int,
     hits = np.zeros((M, M), dtype=np.float64)
     pn = (protos * protos).sum(1)
     for s in range(0, z.shape[0], chunk):
-        x = z[s:s + chunk]
+        x = z[s : s + chunk]
         dist = (x * x).sum(1, keepdims=True) + pn[None, :] - 2.0 * x @ protos.T
         nearest = proto_ids[np.argmin(dist, axis=1)]
-        hits += np.bincount(ids[s:s + chunk] * M + nearest,
-                            minlength=M * M).reshape(M, M)
+        hits += np.bincount(ids[s : s + chunk] * M + nearest, minlength=M * M).reshape(M, M)
     S = np.zeros((M, M), dtype=np.float64)
     S[present] = hits[present] / counts[present][:, None]
     empty = np.nonzero(~present)[0]
@@ -355,13 +375,17 @@ class LetKD(Method):
     softmax over the K centres, as the reference computes it each step: online only).
     """
 
-    def __init__(self, level: int = 1, alpha_penult: float | None = None,
-                 alpha_inter: float | None = None, penult_target: str = "topk"):
+    def __init__(
+        self,
+        level: int = 1,
+        alpha_penult: float | None = None,
+        alpha_inter: float | None = None,
+        penult_target: str = "topk",
+    ):
         if level not in (1, 2):
             raise KdpipeError(f"letKD level must be 1 or 2, got {level!r}.")
         if penult_target not in PENULT_TARGETS:
-            raise KdpipeError(f"letKD penult_target must be {' or '.join(PENULT_TARGETS)}, "
-                              f"got {penult_target!r}.")
+            raise KdpipeError(f"letKD penult_target must be {' or '.join(PENULT_TARGETS)}, got {penult_target!r}.")
         self.level = level
         self.name = f"letkd{level}"
         super().__init__(alpha_penult=None if alpha_penult is None else float(alpha_penult))
@@ -377,8 +401,7 @@ class LetKD(Method):
         ("resnet50", "mobilenetv2", "tinyimagenet"): {"alpha_penult": 0.5, "alpha_inter": 1.0},
     }
 
-    def _reference_alphas(self, teacher_arch: str | None, student_arch: str | None,
-                          dataset: str) -> dict[str, float]:
+    def _reference_alphas(self, teacher_arch: str | None, student_arch: str | None, dataset: str) -> dict[str, float]:
         """The supplement's per-pair alphas; none where either architecture is unknown."""
         from kdpipe.models.registry import canonical_or_same
 
@@ -410,14 +433,14 @@ class LetKD(Method):
         """Install a KDLayer tap on "penult" (M = K_penult) and, for letkd2, on "inter"
         (M = C * K_inter), sized from ``student.feature_channels()`` and the target set."""
         if target_set is None:
-            raise KdpipeError(f"Method {self.name!r} needs the store's target set (its K-means "
-                              "sizes) to build the student's KD layers.")
+            raise KdpipeError(
+                f"Method {self.name!r} needs the store's target set (its K-means "
+                "sizes) to build the student's KD layers."
+            )
         ch = student.feature_channels()
-        student.set_tap("penult", KDLayer(ch["penult"], int(target_set.k_penult),
-                                          self._alpha("alpha_penult")))
+        student.set_tap("penult", KDLayer(ch["penult"], int(target_set.k_penult), self._alpha("alpha_penult")))
         if self.level == 2:
-            student.set_tap("inter", KDLayer(ch["inter"], int(target_set.num_subclasses),
-                                             self._alpha("alpha_inter")))
+            student.set_tap("inter", KDLayer(ch["inter"], int(target_set.num_subclasses), self._alpha("alpha_inter")))
         return student
 
     def loss(self, logits, feats, targets, labels):
@@ -425,8 +448,7 @@ class LetKD(Method):
         if "penult_probs" in targets:
             kd_p = location_kl(feats["penult_scores"], targets["penult_probs"])
         else:
-            kd_p = location_kl_topk(feats["penult_scores"], targets["penult_topk_idx"],
-                                    targets["penult_topk_val"])
+            kd_p = location_kl_topk(feats["penult_scores"], targets["penult_topk_idx"], targets["penult_topk_val"])
         total = ce + kd_p
         if self.level == 2:
             kd_i = location_kl(feats["inter_scores"], targets["inter_probs"])

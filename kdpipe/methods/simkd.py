@@ -33,6 +33,7 @@ without the teacher.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -46,8 +47,11 @@ __all__ = ["SimKDHead", "simkd_loss", "SimKDSettings", "DEFAULT_SIMKD", "SimKD"]
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class SimKDHead(nn.Module):
@@ -65,22 +69,29 @@ class SimKDHead(nn.Module):
     ``forward(student_feat)`` -> (projected [B, Dt, h, w], logits [B, C]).
     """
 
-    def __init__(self, student_channels: int, teacher_channels: int,
-                 teacher_classifier_weight: torch.Tensor,
-                 teacher_classifier_bias: torch.Tensor | None,
-                 factor: int = 2, teacher_side: int | None = None) -> None:
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        teacher_classifier_weight: torch.Tensor,
+        teacher_classifier_bias: torch.Tensor | None,
+        factor: int = 2,
+        teacher_side: int | None = None,
+    ) -> None:
         super().__init__()
         student_channels, teacher_channels, factor = int(student_channels), int(teacher_channels), int(factor)
         if factor < 1 or teacher_channels % factor:
             raise KdpipeError(
-                f"SimKD's factor must be a positive divisor of the teacher's width "
-                f"{teacher_channels}, got {factor}.")
+                f"SimKD's factor must be a positive divisor of the teacher's width {teacher_channels}, got {factor}."
+            )
         weight = teacher_classifier_weight.detach()
         if weight.dim() != 2 or weight.shape[1] != teacher_channels:
-            raise ValueError(
-                f"teacher classifier weight must be [C, {teacher_channels}]; got {tuple(weight.shape)}")
-        bias = (torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-                if teacher_classifier_bias is None else teacher_classifier_bias.detach())
+            raise ValueError(f"teacher classifier weight must be [C, {teacher_channels}]; got {tuple(weight.shape)}")
+        bias = (
+            torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            if teacher_classifier_bias is None
+            else teacher_classifier_bias.detach()
+        )
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"teacher classifier bias must be [{weight.shape[0]}]; got {tuple(bias.shape)}")
         hidden = teacher_channels // factor
@@ -104,7 +115,8 @@ class SimKDHead(nn.Module):
     def classify(self, projected: torch.Tensor) -> torch.Tensor:
         """Projected map [B, Dt, h, w] -> logits [B, C] by the teacher's classifier."""
         pooled = F.adaptive_avg_pool2d(projected, 1).flatten(1)
-        return F.linear(pooled, self.teacher_weight.to(pooled.dtype), self.teacher_bias.to(pooled.dtype))
+        weight, bias = cast(torch.Tensor, self.teacher_weight), cast(torch.Tensor, self.teacher_bias)  # buffers
+        return F.linear(pooled, weight.to(pooled.dtype), bias.to(pooled.dtype))
 
     def forward(self, student_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         projected = self.projector(self.align(student_feat))
@@ -117,16 +129,17 @@ def simkd_loss(projected_student: torch.Tensor, teacher_feat: torch.Tensor) -> t
     reference). A teacher map smaller than the projected one means the student was not
     aligned first (``SimKDHead(teacher_side=...)``): ValueError.
     """
-    if projected_student.dim() != 4 or teacher_feat.dim() != 4 or \
-            projected_student.shape[:2] != teacher_feat.shape[:2]:
+    if projected_student.dim() != 4 or teacher_feat.dim() != 4 or projected_student.shape[:2] != teacher_feat.shape[:2]:
         raise ValueError(
             f"simkd_loss expects maps [B, Dt, h, w] with the same B and Dt; got "
-            f"{tuple(projected_student.shape)} and {tuple(teacher_feat.shape)}")
+            f"{tuple(projected_student.shape)} and {tuple(teacher_feat.shape)}"
+        )
     side, teacher_side = projected_student.shape[2], teacher_feat.shape[2]
     if teacher_side < side:
         raise ValueError(
             f"teacher map {teacher_side}x{teacher_side} is smaller than the projected student "
-            f"map {side}x{side}; pool the student first (SimKDHead's teacher_side)")
+            f"map {side}x{side}; pool the student first (SimKDHead's teacher_side)"
+        )
     if teacher_side > side:
         teacher_feat = F.adaptive_avg_pool2d(teacher_feat, (side, side))
     return F.mse_loss(projected_student, teacher_feat.to(projected_student.dtype))
@@ -162,9 +175,16 @@ class SimKD(Method):
 
     name = "simkd"
 
-    def __init__(self, factor: int | None = None, feat_weight: float | None = None, ce_weight: float | None = None,
-                 kd_weight: float | None = None, temperature: float = 4.0, teacher_channels: int | None = None,
-                 teacher_side: int | None = None):
+    def __init__(
+        self,
+        factor: int | None = None,
+        feat_weight: float | None = None,
+        ce_weight: float | None = None,
+        kd_weight: float | None = None,
+        temperature: float = 4.0,
+        teacher_channels: int | None = None,
+        teacher_side: int | None = None,
+    ):
         if factor is not None and (int(factor) != float(factor) or int(factor) < 1):
             self._bad_option("factor", factor, "a positive integer")
         super().__init__(
@@ -175,7 +195,8 @@ class SimKD(Method):
             # SimKD train_student.py --kd_T default 4, used only by a KD term (kd_weight > 0)
             temperature=float(temperature),
             teacher_channels=None if teacher_channels is None else int(teacher_channels),
-            teacher_side=None if teacher_side is None else int(teacher_side))
+            teacher_side=None if teacher_side is None else int(teacher_side),
+        )
         self._classifier: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def kinds(self) -> list:
@@ -188,8 +209,10 @@ class SimKD(Method):
 
         missing = [n for n in (CLASSIFIER_WEIGHT, CLASSIFIER_BIAS, PENULT_SIDE) if n not in info.static]
         if missing:
-            raise KdpipeError(f"Method 'simkd' needs the teacher's classifier ({', '.join(missing)} missing): "
-                              "extract the store with --methods simkd, or train with --online-teacher.")
+            raise KdpipeError(
+                f"Method 'simkd' needs the teacher's classifier ({', '.join(missing)} missing): "
+                "extract the store with --methods simkd, or train with --online-teacher."
+            )
         weight = torch.as_tensor(info.static[CLASSIFIER_WEIGHT], dtype=torch.float32)
         self._classifier = (weight, torch.as_tensor(info.static[CLASSIFIER_BIAS], dtype=torch.float32))
         self.options["teacher_channels"] = int(weight.shape[1])
@@ -199,14 +222,24 @@ class SimKD(Method):
         o = self.options
         if self._classifier is None:
             if o["teacher_channels"] is None:
-                raise KdpipeError("Method 'simkd' needs the teacher's classifier: train from a store extracted "
-                                  "with --methods simkd, or with --online-teacher.")
+                raise KdpipeError(
+                    "Method 'simkd' needs the teacher's classifier: train from a store extracted "
+                    "with --methods simkd, or with --online-teacher."
+                )
             # evaluate's rebuild: the checkpoint brings the classifier's values
             classes = int(student.head().weight.shape[0])
             self._classifier = (torch.zeros(classes, o["teacher_channels"]), torch.zeros(classes))
         weight, bias = self._classifier
-        student.set_reused_head(SimKDHead(student.feature_channels()["penult"], weight.shape[1], weight, bias,
-                                          factor=o["factor"], teacher_side=o["teacher_side"]))
+        student.set_reused_head(
+            SimKDHead(
+                student.feature_channels()["penult"],
+                weight.shape[1],
+                weight,
+                bias,
+                factor=o["factor"],
+                teacher_side=o["teacher_side"],
+            )
+        )
         return student
 
     def loss(self, logits, feats, targets, labels):

@@ -131,12 +131,14 @@ class KDModel(nn.Module):
 
     def _stage_hooks(self, found: dict) -> list:
         """Forward hooks that put stage i's output in ``found[i]`` (the last call wins)."""
+
         def hook_for(index: int, relu: bool):
             def hook(module, inputs, output):
                 found[index] = F.relu(output) if relu else output
+
             return hook
-        return [module.register_forward_hook(hook_for(i, relu))
-                for i, (module, relu) in enumerate(self.stage_points())]
+
+        return [module.register_forward_hook(hook_for(i, relu)) for i, (module, relu) in enumerate(self.stage_points())]
 
     @property
     def reused_head(self) -> nn.Module | None:
@@ -169,8 +171,14 @@ class KDModel(nn.Module):
         if self.cam_head_init is None:
             raise KdpipeError(f"{type(self).__name__} has no reference CAM head (head='cam').")
         linear = self.linear_head()
-        conv = nn.Conv2d(linear.in_features, linear.out_features, kernel_size=1, bias=False,
-                         device=linear.weight.device, dtype=linear.weight.dtype)
+        conv = nn.Conv2d(
+            linear.in_features,
+            linear.out_features,
+            kernel_size=1,
+            bias=False,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
         if not built_on_meta(conv):
             init_cam_head(conv, self.cam_head_init)
         delattr(self, self._child_holding(linear))
@@ -254,7 +262,7 @@ class KDModel(nn.Module):
                     h.remove()
             feats["stages"] = [found[i] for i in sorted(found)]
             return logits, feats
-        feats: dict[str, torch.Tensor] = {}
+        feats = {}
         inter = self.forward_inter(x)
         feats["inter"] = inter
         inter = self._apply_tap("inter", inter, feats)

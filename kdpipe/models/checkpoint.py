@@ -89,8 +89,10 @@ def extract_state_dict(payload: object, path: str | Path) -> dict[str, torch.Ten
             if isinstance(inner, Mapping):
                 state = inner
                 break
-    if not isinstance(state, Mapping) or not state or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    if (
+        not isinstance(state, Mapping)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
     ):
         raise CheckpointError(
             f"checkpoint {path} holds neither {{'model': state_dict}} nor a state dict of tensors "
@@ -101,7 +103,7 @@ def extract_state_dict(payload: object, path: str | Path) -> dict[str, torch.Ten
 
 def _strip_module_prefix(key: str) -> str:
     while key.startswith("module."):
-        key = key[len("module."):]
+        key = key[len("module.") :]
     return key
 
 
@@ -183,8 +185,7 @@ def _mismatch_summary(expected: StateListing, found: StateListing) -> str:
     if reshaped:
         key = reshaped[0]
         parts.append(
-            f"{len(reshaped)} shape mismatches (e.g. {key}: checkpoint {list(found[key])}, "
-            f"model {list(expected[key])})"
+            f"{len(reshaped)} shape mismatches (e.g. {key}: checkpoint {list(found[key])}, model {list(expected[key])})"
         )
     return ", ".join(parts)
 

@@ -99,7 +99,7 @@ class TorchvisionMobileNetV2(KDModel):
         return self.features[: _MBV2_LAST_STAGE + 1](x)
 
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
-        return self.features[_MBV2_LAST_STAGE + 1:](inter)
+        return self.features[_MBV2_LAST_STAGE + 1 :](inter)
 
     def stage_points(self) -> list[tuple[nn.Module, bool]]:
         # No reference lists torchvision MobileNetV2's stages (mdistiller's ImageNet student is a

@@ -88,9 +88,7 @@ class MobileNetV2(KDModel):
             units_list = []
             for unit in range(units):
                 stride = first_stride if unit == 0 else 1
-                units_list.append(
-                    InvertedResidual(in_channels, out_channels, stride, group_expansion or expansion)
-                )
+                units_list.append(InvertedResidual(in_channels, out_channels, stride, group_expansion or expansion))
                 in_channels = out_channels
             self.blocks.append(nn.Sequential(*units_list))
             group_out_channels.append(out_channels)
@@ -111,7 +109,7 @@ class MobileNetV2(KDModel):
 
     def forward_penult(self, inter: torch.Tensor) -> torch.Tensor:
         x = self._last_stage()[1:](inter)
-        for group in self.blocks[_LAST_STAGE + 1:]:
+        for group in self.blocks[_LAST_STAGE + 1 :]:
             x = group(x)
         return self.conv2(x)
 
@@ -121,7 +119,7 @@ class MobileNetV2(KDModel):
 
     def stage_points(self) -> list[tuple[nn.Module, bool]]:
         # mdistiller mobilenetv2.py feats[1:]: the outputs of blocks[1], blocks[2], blocks[4], blocks[6]
-        return [(self.blocks[i][-1], False) for i in (1, 2, 4, 6)]
+        return [(cast(nn.Sequential, self.blocks[i])[-1], False) for i in (1, 2, 4, 6)]
 
     def linear_head(self) -> nn.Linear:
         # nn.Sequential's stub types its items as Module; item 0 is the nn.Linear built above.

@@ -76,8 +76,9 @@ class CifarResNetV2(KDModel):
     # created before the kaiming_normal_(fan_out) loop.
     cam_head_init = CAM_INIT_HE_FAN_OUT
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], stage_blocks: tuple[int, int, int, int],
-                 num_classes: int) -> None:
+    def __init__(
+        self, block: type[BasicBlock] | type[Bottleneck], stage_blocks: tuple[int, int, int, int], num_classes: int
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

@@ -82,8 +82,9 @@ class ShuffleNetV1(KDModel):
     # CAT-KD mdistiller/models/cifar/ShuffleNetv1.py ShuffleNet_test: no init loop.
     cam_head_init = CAM_INIT_TORCH_DEFAULT
 
-    def __init__(self, stage_planes: tuple[int, int, int], stage_units: tuple[int, int, int], groups: int,
-                 num_classes: int) -> None:
+    def __init__(
+        self, stage_planes: tuple[int, int, int], stage_units: tuple[int, int, int], groups: int, num_classes: int
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)

@@ -50,8 +50,9 @@ class DownUnit(nn.Module):
         super().__init__()
         mid = out_channels // 2
         # left branch: depthwise 3x3 (stride 2) - 1x1
-        self.conv1 = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=1, groups=in_channels,
-                               bias=False)
+        self.conv1 = nn.Conv2d(
+            in_channels, in_channels, kernel_size=3, stride=2, padding=1, groups=in_channels, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv2 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
@@ -80,8 +81,13 @@ class ShuffleNetV2(KDModel):
     # CAT-KD mdistiller/models/cifar/ShuffleNetv2.py ShuffleNetV2_test: no init loop.
     cam_head_init = CAM_INIT_TORCH_DEFAULT
 
-    def __init__(self, stage_channels: tuple[int, int, int], final_channels: int,
-                 stage_units: tuple[int, int, int], num_classes: int) -> None:
+    def __init__(
+        self,
+        stage_channels: tuple[int, int, int],
+        final_channels: int,
+        stage_units: tuple[int, int, int],
+        num_classes: int,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)

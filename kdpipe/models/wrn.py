@@ -34,9 +34,7 @@ class WideBasicBlock(nn.Module):
         # mdistiller names it convShortcut; kept for state-dict compatibility.
         self.convShortcut: nn.Module | None = None
         if not self.equal_in_out:
-            self.convShortcut = nn.Conv2d(
-                in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False
-            )
+            self.convShortcut = nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         activated = self.relu1(self.bn1(x))

@@ -34,8 +34,15 @@ from pathlib import Path
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig, StudentConfig
 
-__all__ = ["RowConfig", "load_yaml", "load_row", "apply_sets", "is_reference_yaml", "reference_student",
-           "student_from_file"]
+__all__ = [
+    "RowConfig",
+    "load_yaml",
+    "load_row",
+    "apply_sets",
+    "is_reference_yaml",
+    "reference_student",
+    "student_from_file",
+]
 
 ROW_SECTIONS = ("name", "paper", "teacher", "data", "extract", "cluster", "student", "seeds", "notes")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -98,14 +105,18 @@ def apply_sets(doc: dict, sets, where: str) -> dict:
 
 def _expand(value, where: str, strict: bool = True):
     if isinstance(value, str):
+
         def env(match):
             name = match.group(1)
             if name not in os.environ:
                 if not strict:
                     return match.group(0)
-                raise KdpipeError(f"{where} uses ${{{name}}}, but the environment variable {name} is not set; "
-                                  f"set it (e.g. export {name}=/path) or override the value with --set.")
+                raise KdpipeError(
+                    f"{where} uses ${{{name}}}, but the environment variable {name} is not set; "
+                    f"set it (e.g. export {name}=/path) or override the value with --set."
+                )
             return os.environ[name]
+
         return _ENV.sub(env, value)
     if isinstance(value, list):
         return [_expand(v, where, strict) for v in value]
@@ -136,8 +147,10 @@ def load_row(path, sets=(), strict: bool = True) -> RowConfig:
     where = f"The config file {path}"
     doc = apply_sets(load_yaml(path), sets, where)
     if is_reference_yaml(doc):
-        raise KdpipeError(f"{where} is a reference (mdistiller / CAT-KD) file: pass it to "
-                          "`kdpipe train-student --config`, not `kdpipe run`.")
+        raise KdpipeError(
+            f"{where} is a reference (mdistiller / CAT-KD) file: pass it to "
+            "`kdpipe train-student --config`, not `kdpipe run`."
+        )
     unknown = sorted(set(doc) - set(ROW_SECTIONS))
     if unknown:
         raise KdpipeError(f"{where} has the unknown section {unknown[0]!r}; it takes {', '.join(ROW_SECTIONS)}.")
@@ -145,14 +158,24 @@ def load_row(path, sets=(), strict: bool = True) -> RowConfig:
     teacher = _section(doc, "teacher", where)
     missing = [k for k in ("arch", "checkpoint") if not teacher.get(k)] + (["data"] if not doc.get("data") else [])
     if missing or "student" not in doc:
-        raise KdpipeError(f"{where} needs teacher.arch, teacher.checkpoint, data and student "
-                          f"(missing: {', '.join(missing + ([] if 'student' in doc else ['student']))}).")
-    extract = _fields(ExtractConfig, _section(doc, "extract", where), f"{where} (extract)",
-                      exclude=("teacher", "arch", "data", "out", "resume", "overwrite"))
+        raise KdpipeError(
+            f"{where} needs teacher.arch, teacher.checkpoint, data and student "
+            f"(missing: {', '.join(missing + ([] if 'student' in doc else ['student']))})."
+        )
+    extract = _fields(
+        ExtractConfig,
+        _section(doc, "extract", where),
+        f"{where} (extract)",
+        exclude=("teacher", "arch", "data", "out", "resume", "overwrite"),
+    )
     cluster = doc.get("cluster")
     if cluster is not None:
-        cluster = _fields(ClusterConfig, _section(doc, "cluster", where), f"{where} (cluster)",
-                          exclude=("store", "teacher", "data", "resume", "overwrite"))
+        cluster = _fields(
+            ClusterConfig,
+            _section(doc, "cluster", where),
+            f"{where} (cluster)",
+            exclude=("store", "teacher", "data", "resume", "overwrite"),
+        )
     student = _fields(StudentConfig, _section(doc, "student", where), f"{where} (student)", exclude=("store",))
     student.setdefault("data", doc["data"])
     student.setdefault("teacher_arch", teacher["arch"])
@@ -163,10 +186,19 @@ def load_row(path, sets=(), strict: bool = True) -> RowConfig:
     seeds = doc.get("seeds", [student_cfg.seed])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise KdpipeError(f"{where}: seeds must be a list of integers, not {seeds!r}.")
-    return RowConfig(name=str(doc.get("name") or Path(path).stem), path=str(path), teacher_arch=str(teacher["arch"]),
-                     teacher_checkpoint=str(teacher["checkpoint"]), data=str(doc["data"]), extract=extract,
-                     cluster=cluster, student=student_cfg, seeds=list(seeds), paper=dict(doc.get("paper") or {}),
-                     notes=str(doc.get("notes") or ""))
+    return RowConfig(
+        name=str(doc.get("name") or Path(path).stem),
+        path=str(path),
+        teacher_arch=str(teacher["arch"]),
+        teacher_checkpoint=str(teacher["checkpoint"]),
+        data=str(doc["data"]),
+        extract=extract,
+        cluster=cluster,
+        student=student_cfg,
+        seeds=list(seeds),
+        paper=dict(doc.get("paper") or {}),
+        notes=str(doc.get("notes") or ""),
+    )
 
 
 # ------------------------------------------------------------------------------ reference files
@@ -178,39 +210,103 @@ def is_reference_yaml(doc: dict) -> bool:
 #: Every key mdistiller/CAT-KD configs use, with the reference's default (CAT-KD
 #: mdistiller/engine/cfg.py). Keys marked "recorded" do not change a kdpipe run.
 REFERENCE_DEFAULTS = {
-    "EXPERIMENT.PROJECT": "distill", "EXPERIMENT.NAME": "", "EXPERIMENT.TAG": "default",
-    "DATASET.TYPE": "cifar100", "DATASET.NUM_WORKERS": 2, "DATASET.TEST.BATCH_SIZE": 64,
-    "DATASET.REDUCTION": False, "DATASET.RESERVED_RATE": 1.0, "DATASET.RESERVED_CLASS_NUM": 100,
-    "DISTILLER.TYPE": "NONE", "DISTILLER.TEACHER": "ResNet50", "DISTILLER.STUDENT": "resnet32",
-    "SOLVER.TRAINER": "base", "SOLVER.BATCH_SIZE": 64, "SOLVER.EPOCHS": 240, "SOLVER.LR": 0.05,
-    "SOLVER.LR_DECAY_STAGES": [150, 180, 210], "SOLVER.LR_DECAY_RATE": 0.1, "SOLVER.WEIGHT_DECAY": 0.0001,
-    "SOLVER.MOMENTUM": 0.9, "SOLVER.TYPE": "SGD",
-    "LOG.TENSORBOARD_FREQ": 500, "LOG.SAVE_CHECKPOINT_FREQ": 40, "LOG.PREFIX": "./output", "LOG.WANDB": True,
-    "CAT_KD.IF_NORMALIZE": True, "CAT_KD.onlyCAT": False, "CAT_KD.IF_BINARIZE": False,
-    "CAT_KD.IF_OnlyTransferPartialCAMs": False, "CAT_KD.CAMs_Nums": 100, "CAT_KD.Strategy": 0,
-    "CAT_KD.LOSS.CE_WEIGHT": 1.0, "CAT_KD.LOSS.CAT_loss_weight": 400.0, "CAT_KD.LOSS.CAM_RESOLUTION": 2,
-    "CAT_KD.teacher_dir": None, "CAT_KD.student_dir": None,
-    "KD.TEMPERATURE": 4, "KD.LOSS.CE_WEIGHT": 0.1, "KD.LOSS.KD_WEIGHT": 0.9,
+    "EXPERIMENT.PROJECT": "distill",
+    "EXPERIMENT.NAME": "",
+    "EXPERIMENT.TAG": "default",
+    "DATASET.TYPE": "cifar100",
+    "DATASET.NUM_WORKERS": 2,
+    "DATASET.TEST.BATCH_SIZE": 64,
+    "DATASET.REDUCTION": False,
+    "DATASET.RESERVED_RATE": 1.0,
+    "DATASET.RESERVED_CLASS_NUM": 100,
+    "DISTILLER.TYPE": "NONE",
+    "DISTILLER.TEACHER": "ResNet50",
+    "DISTILLER.STUDENT": "resnet32",
+    "SOLVER.TRAINER": "base",
+    "SOLVER.BATCH_SIZE": 64,
+    "SOLVER.EPOCHS": 240,
+    "SOLVER.LR": 0.05,
+    "SOLVER.LR_DECAY_STAGES": [150, 180, 210],
+    "SOLVER.LR_DECAY_RATE": 0.1,
+    "SOLVER.WEIGHT_DECAY": 0.0001,
+    "SOLVER.MOMENTUM": 0.9,
+    "SOLVER.TYPE": "SGD",
+    "LOG.TENSORBOARD_FREQ": 500,
+    "LOG.SAVE_CHECKPOINT_FREQ": 40,
+    "LOG.PREFIX": "./output",
+    "LOG.WANDB": True,
+    "CAT_KD.IF_NORMALIZE": True,
+    "CAT_KD.onlyCAT": False,
+    "CAT_KD.IF_BINARIZE": False,
+    "CAT_KD.IF_OnlyTransferPartialCAMs": False,
+    "CAT_KD.CAMs_Nums": 100,
+    "CAT_KD.Strategy": 0,
+    "CAT_KD.LOSS.CE_WEIGHT": 1.0,
+    "CAT_KD.LOSS.CAT_loss_weight": 400.0,
+    "CAT_KD.LOSS.CAM_RESOLUTION": 2,
+    "CAT_KD.teacher_dir": None,
+    "CAT_KD.student_dir": None,
+    "KD.TEMPERATURE": 4,
+    "KD.LOSS.CE_WEIGHT": 0.1,
+    "KD.LOSS.KD_WEIGHT": 0.9,
     # mdistiller configs/cifar100/dkd/*.yaml and mdistiller/engine/cfg.py CFG.DKD
-    "DKD.CE_WEIGHT": 1.0, "DKD.ALPHA": 1.0, "DKD.BETA": 8.0, "DKD.T": 4.0, "DKD.WARMUP": 20,
+    "DKD.CE_WEIGHT": 1.0,
+    "DKD.ALPHA": 1.0,
+    "DKD.BETA": 8.0,
+    "DKD.T": 4.0,
+    "DKD.WARMUP": 20,
     # mdistiller/engine/cfg.py CFG.AT and CFG.FITNET (configs/cifar100/at.yaml, fitnet.yaml keep them)
-    "AT.P": 2, "AT.LOSS.CE_WEIGHT": 1.0, "AT.LOSS.FEAT_WEIGHT": 1000.0,
-    "FITNET.HINT_LAYER": 2, "FITNET.INPUT_SIZE": [32, 32], "FITNET.LOSS.CE_WEIGHT": 1.0,
+    "AT.P": 2,
+    "AT.LOSS.CE_WEIGHT": 1.0,
+    "AT.LOSS.FEAT_WEIGHT": 1000.0,
+    "FITNET.HINT_LAYER": 2,
+    "FITNET.INPUT_SIZE": [32, 32],
+    "FITNET.LOSS.CE_WEIGHT": 1.0,
     "FITNET.LOSS.FEAT_WEIGHT": 100.0,
-    "device": 0, "if_test": False, "if_Augment": False, "if_useFactor": False, "if_self_train": False,
+    "device": 0,
+    "if_test": False,
+    "if_Augment": False,
+    "if_useFactor": False,
+    "if_self_train": False,
 }
 #: Keys that only steer the reference's logging, devices and bookkeeping: recorded only.
-RECORDED_ONLY = {"EXPERIMENT.PROJECT", "EXPERIMENT.NAME", "EXPERIMENT.TAG", "DATASET.NUM_WORKERS",
-                 "DATASET.TEST.BATCH_SIZE", "SOLVER.TRAINER", "LOG.TENSORBOARD_FREQ", "LOG.SAVE_CHECKPOINT_FREQ",
-                 "LOG.PREFIX", "LOG.WANDB", "CAT_KD.teacher_dir", "CAT_KD.student_dir", "device", "if_test",
-                 "if_useFactor", "if_self_train", "FITNET.INPUT_SIZE"}
-_METHODS = {"CAT_KD": "cat_kd", "CAT-KD": "cat_kd", "KD": "kd", "NONE": "ce", "DKD": "dkd", "AT": "at",
-            "FITNET": "fitnet"}
+RECORDED_ONLY = {
+    "EXPERIMENT.PROJECT",
+    "EXPERIMENT.NAME",
+    "EXPERIMENT.TAG",
+    "DATASET.NUM_WORKERS",
+    "DATASET.TEST.BATCH_SIZE",
+    "SOLVER.TRAINER",
+    "LOG.TENSORBOARD_FREQ",
+    "LOG.SAVE_CHECKPOINT_FREQ",
+    "LOG.PREFIX",
+    "LOG.WANDB",
+    "CAT_KD.teacher_dir",
+    "CAT_KD.student_dir",
+    "device",
+    "if_test",
+    "if_useFactor",
+    "if_self_train",
+    "FITNET.INPUT_SIZE",
+}
+_METHODS = {
+    "CAT_KD": "cat_kd",
+    "CAT-KD": "cat_kd",
+    "KD": "kd",
+    "NONE": "ce",
+    "DKD": "dkd",
+    "AT": "at",
+    "FITNET": "fitnet",
+}
 # The references' ImageNet model names -> kdpipe's torchvision models. The references'
 # ImageNet "MobileNetV2" is a MobileNet-V1 (1024-channel conv_dw stack); kdpipe trains
 # torchvision's MobileNetV2 there, which the run records.
-_IMAGENET_NAMES = {"ResNet34": "imagenet_resnet34", "ResNet18": "imagenet_resnet18",
-                   "ResNet50": "imagenet_resnet50", "MobileNetV2": "imagenet_mobilenet_v2"}
+_IMAGENET_NAMES = {
+    "ResNet34": "imagenet_resnet34",
+    "ResNet18": "imagenet_resnet18",
+    "ResNet50": "imagenet_resnet50",
+    "MobileNetV2": "imagenet_mobilenet_v2",
+}
 
 
 def _flatten(doc: dict, prefix: str = "") -> dict:
@@ -229,60 +325,92 @@ def reference_student(doc: dict, where: str) -> tuple[dict, dict]:
     given = _flatten(doc)
     unknown = sorted(set(given) - set(REFERENCE_DEFAULTS))
     if unknown:
-        raise KdpipeError(f"{where} has the key {unknown[0]} that kdpipe does not know (it reads the CAT-KD / "
-                          "mdistiller keys of mdistiller/engine/cfg.py for CAT_KD, KD, DKD, AT, FITNET and the baseline).")
+        raise KdpipeError(
+            f"{where} has the key {unknown[0]} that kdpipe does not know (it reads the CAT-KD / "
+            "mdistiller keys of mdistiller/engine/cfg.py for CAT_KD, KD, DKD, AT, FITNET and the baseline)."
+        )
     v = {**REFERENCE_DEFAULTS, **given}
     if v["if_Augment"]:
         raise KdpipeError(f"{where} sets if_Augment (TrivialAugment), which kdpipe's stores do not replay.")
     if str(v["SOLVER.TYPE"]).upper() != "SGD":
-        raise KdpipeError(f"{where} asks for the {v['SOLVER.TYPE']} optimiser; kdpipe trains with SGD as the "
-                          "references do.")
+        raise KdpipeError(
+            f"{where} asks for the {v['SOLVER.TYPE']} optimiser; kdpipe trains with SGD as the references do."
+        )
     kind = str(v["DISTILLER.TYPE"]).upper()
     if kind not in _METHODS:
-        raise KdpipeError(f"{where} names the distiller {v['DISTILLER.TYPE']!r}; kdpipe runs "
-                          f"{', '.join(sorted(_METHODS))} from such files.")
+        raise KdpipeError(
+            f"{where} names the distiller {v['DISTILLER.TYPE']!r}; kdpipe runs "
+            f"{', '.join(sorted(_METHODS))} from such files."
+        )
     imagenet = str(v["DATASET.TYPE"]).lower() == "imagenet"
     rename = (lambda n: _IMAGENET_NAMES.get(str(n), str(n))) if imagenet else str
     fields = {
-        "student": rename(v["DISTILLER.STUDENT"]), "teacher_arch": rename(v["DISTILLER.TEACHER"]),
-        "method": _METHODS[kind], "method_options": _method_options(_METHODS[kind], v),
-        "epochs": int(v["SOLVER.EPOCHS"]), "lr": float(v["SOLVER.LR"]), "batch_size": int(v["SOLVER.BATCH_SIZE"]),
-        "momentum": float(v["SOLVER.MOMENTUM"]), "weight_decay": float(v["SOLVER.WEIGHT_DECAY"]),
-        "nesterov": False, "milestones": [int(m) for m in v["SOLVER.LR_DECAY_STAGES"]],
-        "lr_decay": float(v["SOLVER.LR_DECAY_RATE"]), "recipe": "imagenet" if imagenet else "cifar",
+        "student": rename(v["DISTILLER.STUDENT"]),
+        "teacher_arch": rename(v["DISTILLER.TEACHER"]),
+        "method": _METHODS[kind],
+        "method_options": _method_options(_METHODS[kind], v),
+        "epochs": int(v["SOLVER.EPOCHS"]),
+        "lr": float(v["SOLVER.LR"]),
+        "batch_size": int(v["SOLVER.BATCH_SIZE"]),
+        "momentum": float(v["SOLVER.MOMENTUM"]),
+        "weight_decay": float(v["SOLVER.WEIGHT_DECAY"]),
+        "nesterov": False,
+        "milestones": [int(m) for m in v["SOLVER.LR_DECAY_STAGES"]],
+        "lr_decay": float(v["SOLVER.LR_DECAY_RATE"]),
+        "recipe": "imagenet" if imagenet else "cifar",
     }
     if v["DATASET.REDUCTION"]:
-        fields.update(reserved_classes=int(v["DATASET.RESERVED_CLASS_NUM"]),
-                      reserved_rate=float(v["DATASET.RESERVED_RATE"]))
+        fields.update(
+            reserved_classes=int(v["DATASET.RESERVED_CLASS_NUM"]), reserved_rate=float(v["DATASET.RESERVED_RATE"])
+        )
     recorded = {k: v[k] for k in sorted(RECORDED_ONLY) if k in given}
     return fields, recorded
 
 
 def _method_options(method: str, v: dict) -> dict:
     if method == "cat_kd":
-        options = {"beta": float(v["CAT_KD.LOSS.CAT_loss_weight"]), "resolution": int(v["CAT_KD.LOSS.CAM_RESOLUTION"]),
-                   "normalize": bool(v["CAT_KD.IF_NORMALIZE"]), "binarize": bool(v["CAT_KD.IF_BINARIZE"]),
-                   "ce_weight": 0.0 if v["CAT_KD.onlyCAT"] else float(v["CAT_KD.LOSS.CE_WEIGHT"])}
+        options = {
+            "beta": float(v["CAT_KD.LOSS.CAT_loss_weight"]),
+            "resolution": int(v["CAT_KD.LOSS.CAM_RESOLUTION"]),
+            "normalize": bool(v["CAT_KD.IF_NORMALIZE"]),
+            "binarize": bool(v["CAT_KD.IF_BINARIZE"]),
+            "ce_weight": 0.0 if v["CAT_KD.onlyCAT"] else float(v["CAT_KD.LOSS.CE_WEIGHT"]),
+        }
         if v["CAT_KD.IF_OnlyTransferPartialCAMs"]:
             # The reference keeps the classes strictly above the n-th largest logit (n - 1
             # classes) for Strategy 0, and the complement of those above the (100 - n)-th
             # largest (n + 1 classes, its index 99 - n) for Strategy 1 (CAT_KD.py forward_train).
             n = int(v["CAT_KD.CAMs_Nums"])
-            options["top_n" if int(v["CAT_KD.Strategy"]) == 0 else "bottom_n"] = \
+            options["top_n" if int(v["CAT_KD.Strategy"]) == 0 else "bottom_n"] = (
                 n - 1 if int(v["CAT_KD.Strategy"]) == 0 else n + 1
+            )
         return options
     if method == "kd":
-        return {"temperature": float(v["KD.TEMPERATURE"]), "ce_weight": float(v["KD.LOSS.CE_WEIGHT"]),
-                "kd_weight": float(v["KD.LOSS.KD_WEIGHT"])}
+        return {
+            "temperature": float(v["KD.TEMPERATURE"]),
+            "ce_weight": float(v["KD.LOSS.CE_WEIGHT"]),
+            "kd_weight": float(v["KD.LOSS.KD_WEIGHT"]),
+        }
     if method == "dkd":
-        return {"alpha": float(v["DKD.ALPHA"]), "beta": float(v["DKD.BETA"]), "temperature": float(v["DKD.T"]),
-                "warmup": int(v["DKD.WARMUP"]), "ce_weight": float(v["DKD.CE_WEIGHT"])}
+        return {
+            "alpha": float(v["DKD.ALPHA"]),
+            "beta": float(v["DKD.BETA"]),
+            "temperature": float(v["DKD.T"]),
+            "warmup": int(v["DKD.WARMUP"]),
+            "ce_weight": float(v["DKD.CE_WEIGHT"]),
+        }
     if method == "at":
-        return {"p": float(v["AT.P"]), "feat_weight": float(v["AT.LOSS.FEAT_WEIGHT"]),
-                "ce_weight": float(v["AT.LOSS.CE_WEIGHT"])}
+        return {
+            "p": float(v["AT.P"]),
+            "feat_weight": float(v["AT.LOSS.FEAT_WEIGHT"]),
+            "ce_weight": float(v["AT.LOSS.CE_WEIGHT"]),
+        }
     if method == "fitnet":  # FITNET.INPUT_SIZE only sized mdistiller's regressor: kdpipe probes the images
-        return {"hint_layer": int(v["FITNET.HINT_LAYER"]), "feat_weight": float(v["FITNET.LOSS.FEAT_WEIGHT"]),
-                "ce_weight": float(v["FITNET.LOSS.CE_WEIGHT"])}
+        return {
+            "hint_layer": int(v["FITNET.HINT_LAYER"]),
+            "feat_weight": float(v["FITNET.LOSS.FEAT_WEIGHT"]),
+            "ce_weight": float(v["FITNET.LOSS.CE_WEIGHT"]),
+        }
     return {}
 
 

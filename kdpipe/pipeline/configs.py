@@ -19,8 +19,18 @@ from typing import Any
 
 from kdpipe.errors import KdpipeError
 
-__all__ = ["TeacherConfig", "ExtractConfig", "ClusterConfig", "StudentConfig", "from_saved", "saved_run_config",
-           "resume_run", "differing_fields", "EXECUTORS", "check_executor"]
+__all__ = [
+    "TeacherConfig",
+    "ExtractConfig",
+    "ClusterConfig",
+    "StudentConfig",
+    "from_saved",
+    "saved_run_config",
+    "resume_run",
+    "differing_fields",
+    "EXECUTORS",
+    "check_executor",
+]
 
 EXECUTORS = ("ray", "inline")
 
@@ -52,8 +62,8 @@ class TeacherConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     amp: bool = False
-    data_parallel: int = 1              # Ray Train workers (--gpus N)
-    sync_bn: bool = False               # SyncBatchNorm across workers (CUDA)
+    data_parallel: int = 1  # Ray Train workers (--gpus N)
+    sync_bn: bool = False  # SyncBatchNorm across workers (CUDA)
 
 
 @dataclass
@@ -65,13 +75,13 @@ class ExtractConfig:
     data: str
     out: str
     split: str = "train"
-    views: str = "auto"                 # auto (every view of a finite policy), all, 1, or K
-    cam_res: tuple = (2,)               # pooled CAM sizes r stored for every view
-    native_cam: bool = False            # also the native CAM (binarised CAT-KD), every view
+    views: str = "auto"  # auto (every view of a finite policy), all, 1, or K
+    cam_res: tuple = (2,)  # pooled CAM sizes r stored for every view
+    native_cam: bool = False  # also the native CAM (binarised CAT-KD), every view
     features: tuple = ("penult", "inter")
-    feature_views: str = "identity"     # identity (letKD's fit set) or all
-    methods: tuple = ()                 # methods whose teacher arrays to add (at, fitnet, simkd, ...)
-    pad_mode: str | None = None         # None: the data set's default (zero)
+    feature_views: str = "identity"  # identity (letKD's fit set) or all
+    methods: tuple = ()  # methods whose teacher arrays to add (at, fitnet, simkd, ...)
+    pad_mode: str | None = None  # None: the data set's default (zero)
     shard_size: int | None = None
     batch_size: int = 256
     seed: int = 0
@@ -96,18 +106,18 @@ class ClusterConfig:
     name: str = "default"
     k_penult: int = 4096
     k_inter: int = 8
-    lda_dims: int | None = None         # None: the reference's count (min(60, C-1, D))
-    topk: int = 16                      # the most penultimate probabilities kept per location
-    topk_mass: float = 0.999            # keep the smallest k holding this mass everywhere
+    lda_dims: int | None = None  # None: the reference's count (min(60, C-1, D))
+    topk: int = 16  # the most penultimate probabilities kept per location
+    topk_mass: float = 0.999  # keep the smallest k holding this mass everywhere
     temperature: float = 1.0
     student_grid: tuple | None = None
-    max_fit_points: int | None = None   # None: every vector, as the reference
+    max_fit_points: int | None = None  # None: every vector, as the reference
     fit_views: str = "identity"
     seed: int = 0
     niter: int = 20
-    kmeans_backend: str = "auto"        # faiss, torch, or auto (kdpipe.methods.clustering.resolve_kmeans_backend)
-    teacher: str | None = None          # None: the checkpoint path the store records
-    data: str | None = None             # None: the data set the store records
+    kmeans_backend: str = "auto"  # faiss, torch, or auto (kdpipe.methods.clustering.resolve_kmeans_backend)
+    teacher: str | None = None  # None: the checkpoint path the store records
+    data: str | None = None  # None: the data set the store records
     drop_features: bool = False
     overwrite: bool = False
     resume: bool = False
@@ -137,24 +147,24 @@ class StudentConfig:
     momentum: float | None = None
     weight_decay: float | None = None
     nesterov: bool | None = None
-    views: str = "replay"               # cached targets: replay (exact) or warp
-    online_teacher: str | None = None   # a checkpoint: the teacher runs live (baseline)
-    online_views: str = "fresh"         # online: fresh random views (references) or replay
-    resident: str = "auto"              # cached targets: auto, device, host, stream
+    views: str = "replay"  # cached targets: replay (exact) or warp
+    online_teacher: str | None = None  # a checkpoint: the teacher runs live (baseline)
+    online_views: str = "fresh"  # online: fresh random views (references) or replay
+    resident: str = "auto"  # cached targets: auto, device, host, stream
     seed: int = 0
     amp: bool = False
     data: str | None = None
     subset_fraction: float | None = None
     subset_seed: int = 0
-    data_parallel: int = 1              # Ray Train workers (--gpus N); 1 = this process
-    sync_bn: bool = False               # SyncBatchNorm across workers (CUDA); else per worker
-    head: str | None = None             # linear or cam; None: cam for cat_kd (the reference), else linear
-    milestones: list | None = None      # lr steps; None: the recipe's (scaled to the epochs)
-    lr_decay: float | None = None       # lr factor at each step; None: the recipe's (0.1)
-    recipe: str | None = None           # cifar, imagenet or tinyimagenet; None: from the data set
+    data_parallel: int = 1  # Ray Train workers (--gpus N); 1 = this process
+    sync_bn: bool = False  # SyncBatchNorm across workers (CUDA); else per worker
+    head: str | None = None  # linear or cam; None: cam for cat_kd (the reference), else linear
+    milestones: list | None = None  # lr steps; None: the recipe's (scaled to the epochs)
+    lr_decay: float | None = None  # lr factor at each step; None: the recipe's (0.1)
+    recipe: str | None = None  # cifar, imagenet or tinyimagenet; None: from the data set
     reserved_classes: int | None = None  # train on the first N classes only (CAT data reduction)
-    reserved_rate: float = 1.0          # ... and on this share of each class's samples
-    teacher_arch: str | None = None     # the teacher, where no store names it (--print-config)
+    reserved_rate: float = 1.0  # ... and on this share of each class's samples
+    teacher_arch: str | None = None  # the teacher, where no store names it (--print-config)
 
     def __post_init__(self):
         self.method_options = dict(self.method_options or {})
@@ -166,8 +176,12 @@ class StudentConfig:
         runs may start in another working directory)."""
         from kdpipe.pipeline.paths import absolute_path, absolute_spec
 
-        return dataclasses.replace(self, store=absolute_path(self.store),
-                                   online_teacher=absolute_path(self.online_teacher), data=absolute_spec(self.data))
+        return dataclasses.replace(
+            self,
+            store=absolute_path(self.store),
+            online_teacher=absolute_path(self.online_teacher),
+            data=absolute_spec(self.data),
+        )
 
 
 def saved_run_config(run, stage: str, cls):
@@ -177,8 +191,9 @@ def saved_run_config(run, stage: str, cls):
     try:
         saved = run.config
     except (OSError, ValueError) as err:
-        raise KdpipeError(f"{where} has an unreadable config.json ({type(err).__name__}); "
-                          "it cannot be resumed.") from None
+        raise KdpipeError(
+            f"{where} has an unreadable config.json ({type(err).__name__}); it cannot be resumed."
+        ) from None
     if not isinstance(saved, dict) or saved.get("stage") != stage:
         found = saved.get("stage") if isinstance(saved, dict) else None
         raise KdpipeError(f"{run.path} is not a {stage} run directory (its stage is {found!r}).")
@@ -194,8 +209,10 @@ def resume_run(resume, stage: str, cls, given: dict | None = None):
     cfg = saved_run_config(run, stage, cls)
     differ = differing_fields(cfg, dict(given or {}))
     if differ:
-        raise KdpipeError(f"--resume continues the run as it was configured; these options differ from it: "
-                          f"{', '.join('--' + k.replace('_', '-') for k in differ)} (start a new run to change them).")
+        raise KdpipeError(
+            f"--resume continues the run as it was configured; these options differ from it: "
+            f"{', '.join('--' + k.replace('_', '-') for k in differ)} (start a new run to change them)."
+        )
     return run, cfg
 
 

@@ -16,7 +16,7 @@ runs with one global batch and one lr, mdistiller's DataParallel).
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from kdpipe.errors import KdpipeError
 
@@ -28,7 +28,9 @@ def _use_gpus(ray, workers: int, device: str | None) -> bool:
         return False
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if device is not None and str(device).startswith("cuda") and gpus < workers:
-        raise KdpipeError(f"--gpus {workers} with --device cuda needs {workers} GPUs in the Ray cluster; it has {gpus}.")
+        raise KdpipeError(
+            f"--gpus {workers} with --device cuda needs {workers} GPUs in the Ray cluster; it has {gpus}."
+        )
     return gpus >= workers
 
 
@@ -47,8 +49,14 @@ def _cpus_per_worker(ray, workers: int) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
 
 
-def run_data_parallel(entry: Callable, payload: dict, workers: int, run_dir: str, device: str | None = None,
-                      ray_address: str | None = None) -> None:
+def run_data_parallel(
+    entry: Callable,
+    payload: dict,
+    workers: int,
+    run_dir: str,
+    device: str | None = None,
+    ray_address: str | None = None,
+) -> None:
     """Run ``entry(payload)`` on ``workers`` Ray Train workers (DDP); raises one sentence
     when a worker fails, saying how to resume."""
     from kdpipe.pipeline.executor import prepare_ray_import, ray_cluster
@@ -59,8 +67,9 @@ def run_data_parallel(entry: Callable, payload: dict, workers: int, run_dir: str
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
     except ImportError:
-        raise KdpipeError("--gpus needs Ray Train: pip install 'ray[train]' (kdpipe's default install has it).") \
-            from None
+        raise KdpipeError(
+            "--gpus needs Ray Train: pip install 'ray[train]' (kdpipe's default install has it)."
+        ) from None
 
     with ray_cluster(ray_address) as ray:
         use_gpu = _use_gpus(ray, workers, device)
@@ -68,16 +77,19 @@ def run_data_parallel(entry: Callable, payload: dict, workers: int, run_dir: str
         trainer = TorchTrainer(
             _worker_main,
             train_loop_config={"entry": entry, "payload": dict(payload, use_gpu=use_gpu, threads=threads)},
-            scaling_config=ScalingConfig(num_workers=int(workers), use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": threads}),
+            scaling_config=ScalingConfig(
+                num_workers=int(workers), use_gpu=use_gpu, resources_per_worker={"CPU": threads}
+            ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(name="ray-train", storage_path=os.path.join(os.path.abspath(run_dir), "ray")),
         )
         try:
             trainer.fit()
         except Exception as err:  # noqa: BLE001 - Ray wraps the worker's error; say it in one sentence
-            raise KdpipeError(f"A data-parallel worker failed ({_first_line(err)}); the run directory {run_dir} "
-                              f"keeps every finished epoch: continue it with --resume {run_dir}.") from None
+            raise KdpipeError(
+                f"A data-parallel worker failed ({_first_line(err)}); the run directory {run_dir} "
+                f"keeps every finished epoch: continue it with --resume {run_dir}."
+            ) from None
 
 
 def _first_line(err: BaseException) -> str:

@@ -74,8 +74,7 @@ class Shard:
 
 def plan(num_samples: int, shard_size: int) -> list[Shard]:
     """Contiguous shards of `shard_size` samples (the last may be shorter)."""
-    return [Shard(i, s, min(s + shard_size, num_samples))
-            for i, s in enumerate(range(0, num_samples, shard_size))]
+    return [Shard(i, s, min(s + shard_size, num_samples)) for i, s in enumerate(range(0, num_samples, shard_size))]
 
 
 @dataclass(frozen=True)
@@ -139,10 +138,17 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     import ray
 
     if ray.util.get_node_ip_address() not in _LOOPBACK_IPS:
-        raise KdpipeError(f"Ray was imported before kdpipe could keep its local cluster on 127.0.0.1; set "
-                          f"{_LOOPBACK_ENV}=0 before importing ray, or pass --ray-address to join a cluster.")
-    ctx = ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                   _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING)
+        raise KdpipeError(
+            f"Ray was imported before kdpipe could keep its local cluster on 127.0.0.1; set "
+            f"{_LOOPBACK_ENV}=0 before importing ray, or pass --ray-address to join a cluster."
+        )
+    ctx = ray.init(
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     # ray.init returns a RayContext (typed as its BaseContext base), which has address_info.
     session_dir = ctx.address_info["session_dir"]  # type: ignore[attr-defined]
     _REAPERS.append(_start_reaper(os.path.basename(session_dir)))
@@ -166,9 +172,14 @@ def _start_reaper(session_name: str) -> subprocess.Popen:
     its own session (a signal to the driver's group spares it), our pipe as its stdin."""
     from kdpipe.pipeline import ray_reaper
 
-    return subprocess.Popen([sys.executable, ray_reaper.__file__, str(os.getpid()), session_name],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, close_fds=True)
+    return subprocess.Popen(
+        [sys.executable, ray_reaper.__file__, str(os.getpid()), session_name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 def _release_reapers() -> None:
@@ -193,8 +204,11 @@ def parse_ray_address(address: str) -> tuple[str, int] | None:
     ``local`` (Ray finds those itself)."""
     if address in ("auto", "local"):
         return None
-    rest, default = (address[len("ray://"):], _DEFAULT_CLIENT_PORT) if address.startswith("ray://") \
+    rest, default = (
+        (address[len("ray://") :], _DEFAULT_CLIENT_PORT)
+        if address.startswith("ray://")
         else (address, _DEFAULT_GCS_PORT)
+    )
     host, sep, port = rest.rstrip("/").rpartition(":")
     if not sep or host.endswith(":"):  # no port, or a bare IPv6 address
         host, port = rest.rstrip("/"), str(default)
@@ -214,8 +228,10 @@ def check_ray_address(address: str | None, timeout: float = PROBE_TIMEOUT_S) -> 
         sock = socket.create_connection(target, timeout=timeout)
     except OSError as err:
         reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
-        raise KdpipeError(f"Cannot reach the Ray cluster at {address} ({reason.rstrip('.').lower()}); start its "
-                          "head (`ray start --head`) or correct --ray-address.") from None
+        raise KdpipeError(
+            f"Cannot reach the Ray cluster at {address} ({reason.rstrip('.').lower()}); start its "
+            "head (`ray start --head`) or correct --ray-address."
+        ) from None
     with sock:
         if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
             return  # a TLS handshake would come first: the connection is what can be checked
@@ -225,8 +241,10 @@ def check_ray_address(address: str | None, timeout: float = PROBE_TIMEOUT_S) -> 
         except OSError:  # a timeout or a reset: not a gRPC server
             reply = b""
     if len(reply) < 9 or reply[3] != 4:
-        raise KdpipeError(f"{address} accepts connections but does not answer as a Ray head (no gRPC reply); "
-                          "correct --ray-address (the head's GCS port, 6379 unless changed).")
+        raise KdpipeError(
+            f"{address} accepts connections but does not answer as a Ray head (no gRPC reply); "
+            "correct --ray-address (the head's GCS port, 6379 unless changed)."
+        )
 
 
 @contextlib.contextmanager
@@ -262,10 +280,21 @@ def _unwrap(err: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else err
 
 
-def run_shards(worker_cls, worker_kwargs, shards, executor: str = "ray", num_workers: int | None = None,
-               ray_address: str | None = None, max_retries: int = 3, desc: str = "shards",
-               unit: str = "img", on_result=None, progress: bool = True, unit_scale: float = 1,
-               fault: KillWorkerOnce | None = None) -> list:
+def run_shards(
+    worker_cls,
+    worker_kwargs,
+    shards,
+    executor: str = "ray",
+    num_workers: int | None = None,
+    ray_address: str | None = None,
+    max_retries: int = 3,
+    desc: str = "shards",
+    unit: str = "img",
+    on_result=None,
+    progress: bool = True,
+    unit_scale: float = 1,
+    fault: KillWorkerOnce | None = None,
+) -> list:
     """Run `worker.run(shard)` for every shard; return the results in the order of `shards`.
 
     `on_result(shard, result)` is called in the driver as each shard finishes. The bar counts
@@ -276,9 +305,15 @@ def run_shards(worker_cls, worker_kwargs, shards, executor: str = "ray", num_wor
     if executor not in ("ray", "inline"):
         raise KdpipeError(f"The executor must be 'ray' or 'inline', not {executor!r}.")
     total = sum(int(getattr(s, "size", 1)) for s in shards)
-    bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale if unit_scale != 1 else False,
-               dynamic_ncols=True,
-               disable=not progress, smoothing=0.1)
+    bar = tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit_scale if unit_scale != 1 else False,
+        dynamic_ncols=True,
+        disable=not progress,
+        smoothing=0.1,
+    )
     results: list = [None] * len(shards)
 
     def done(i, result):
@@ -340,8 +375,10 @@ def _run_ray(worker_cls, worker_kwargs, shards, num_workers, max_retries, fault,
                 raise _unwrap(err) from None
             except RayActorError:
                 sid = getattr(shards[i], "shard_id", i)
-                raise WorkerLost(f"A Ray worker died {max_retries + 1} times while running shard {sid} "
-                                 "(out of memory, or killed)", shard_id=sid) from None
+                raise WorkerLost(
+                    f"A Ray worker died {max_retries + 1} times while running shard {sid} (out of memory, or killed)",
+                    shard_id=sid,
+                ) from None
             done(i, result)
             submit(actor)
     finally:

@@ -28,8 +28,9 @@ def plot_subclass_maps(reader, record, num_images: int, png_path, dataset) -> st
     labels = np.asarray(dataset.labels, dtype=np.int64)
     picks = _one_image_per_class(labels, S.shape[0] // K, num_images)
     cmap = plt.get_cmap("tab10" if K <= 10 else "tab20")
-    fig, axes = plt.subplots(len(picks) + 1, 2, figsize=(10, 2.6 * (len(picks) + 1)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 3]})
+    fig, axes = plt.subplots(
+        len(picks) + 1, 2, figsize=(10, 2.6 * (len(picks) + 1)), squeeze=False, gridspec_kw={"width_ratios": [1, 3]}
+    )
     for row, i in enumerate(picks):
         c = int(labels[i])
         ids = np.asarray(reader[record.array("subclass_idx")][i, 0]).astype(np.int64)
@@ -53,7 +54,7 @@ def _one_image_per_class(labels: np.ndarray, num_classes: int, num_images: int) 
         picks.extend(int(m[rank]) for m in members if rank < len(m))
         if len(picks) >= num_images:
             break
-    return picks[:max(1, int(num_images))]
+    return picks[: max(1, int(num_images))]
 
 
 def _stored_view(reader, dataset, index: int) -> np.ndarray:
@@ -62,7 +63,7 @@ def _stored_view(reader, dataset, index: int) -> np.ndarray:
     img = dataset.get_batch(np.array([index]))
     if reader.has("views"):
         try:
-            img = dataset.policy.apply_images(img, torch.as_tensor(np.asarray(reader["views"][index:index + 1, 0])))
+            img = dataset.policy.apply_images(img, torch.as_tensor(np.asarray(reader["views"][index : index + 1, 0])))
         except Exception:  # noqa: BLE001 - drawing only; fall back to the raw image
             pass
     return img[0].permute(1, 2, 0).numpy()
@@ -74,8 +75,14 @@ def _draw_subclass_dots(ax, img: np.ndarray, subclass: np.ndarray, cmap, title: 
     H, W = img.shape[:2]
     ax.imshow(img if img.shape[2] == 3 else img[..., 0], cmap=None if img.shape[2] == 3 else "gray")
     gx, gy = np.meshgrid((np.arange(w) + 0.5) * W / w - 0.5, (np.arange(h) + 0.5) * H / h - 0.5)
-    ax.scatter(gx.ravel(), gy.ravel(), c=[cmap(int(k) % cmap.N) for k in subclass.ravel()], s=40,
-               edgecolors="white", linewidths=0.5)
+    ax.scatter(
+        gx.ravel(),
+        gy.ravel(),
+        c=[cmap(int(k) % cmap.N) for k in subclass.ravel()],
+        s=40,
+        edgecolors="white",
+        linewidths=0.5,
+    )
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
@@ -86,7 +93,7 @@ def _draw_score_rows(ax, S: np.ndarray, c: int, K: int, cmap) -> None:
 
     M = S.shape[0]
     C = M // K
-    rows = S[c * K:(c + 1) * K]
+    rows = S[c * K : (c + 1) * K]
     ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=max(float(rows.max()), 1e-9))
     for b in range(1, C):
         ax.axvline(b * K - 0.5, color="white", lw=0.4)
@@ -109,8 +116,16 @@ def _draw_score_matrix(fig, ax, S: np.ndarray, K: int) -> None:
     fig.colorbar(im, ax=ax, fraction=0.03)
 
 
-def draw_cam_grid(images: torch.Tensor, cams: np.ndarray, logits: np.ndarray, names: list, captions: list,
-                  title: str, png_path, top: int) -> str:
+def draw_cam_grid(
+    images: torch.Tensor,
+    cams: np.ndarray,
+    logits: np.ndarray,
+    names: list,
+    captions: list,
+    title: str,
+    png_path,
+    top: int,
+) -> str:
     """One row per image: the image, then the CAMs of its ``top`` classes (by ``logits``)
     upsampled bilinearly and overlaid, each titled with its class and softmax probability.
 
@@ -133,8 +148,9 @@ def draw_cam_grid(images: torch.Tensor, cams: np.ndarray, logits: np.ndarray, na
         axes[r, 0].imshow(img)
         axes[r, 0].set_title(captions[r], fontsize=8)
         for j, c in enumerate(np.argsort(-logits[r])[:top]):
-            cam = F.interpolate(torch.from_numpy(cams[r, c])[None, None], size=(h, w), mode="bilinear",
-                                align_corners=False)[0, 0].numpy()
+            cam = F.interpolate(
+                torch.from_numpy(cams[r, c])[None, None], size=(h, w), mode="bilinear", align_corners=False
+            )[0, 0].numpy()
             ax = axes[r, j + 1]
             ax.imshow(img)
             ax.imshow(cam, cmap="jet", alpha=0.5)
@@ -177,10 +193,16 @@ def draw_run_curves(rows: list[dict], title: str, fh) -> None:
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
     part_keys = sorted({k for r in rows for k in r if k.startswith("loss_")})
-    _curve_panel(ax1, rows, (("train_loss", "train loss"), ("test_loss", "test loss (CE)")), "loss", "loss",
-                 dashed=part_keys)
-    _curve_panel(ax2, rows, (("train_top1", "train top-1"), ("test_top1", "test top-1"), ("test_top5", "test top-5")),
-                 "accuracy", "accuracy (%)")
+    _curve_panel(
+        ax1, rows, (("train_loss", "train loss"), ("test_loss", "test loss (CE)")), "loss", "loss", dashed=part_keys
+    )
+    _curve_panel(
+        ax2,
+        rows,
+        (("train_top1", "train top-1"), ("test_top1", "test top-1"), ("test_top5", "test top-5")),
+        "accuracy",
+        "accuracy (%)",
+    )
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.88, wspace=0.22)  # (tight_layout is slow)
     fig.savefig(fh, format="png")
@@ -226,8 +248,9 @@ def picture_path(png) -> str:
     if not ext:
         path = root + ".png"
     elif ext[1:].lower() not in formats:
-        raise KdpipeError(f"--png {png}: matplotlib cannot write .{ext[1:]} pictures; use one of "
-                          f"{', '.join(sorted(formats))}.")
+        raise KdpipeError(
+            f"--png {png}: matplotlib cannot write .{ext[1:]} pictures; use one of {', '.join(sorted(formats))}."
+        )
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)

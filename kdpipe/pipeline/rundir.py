@@ -171,7 +171,7 @@ class _Mirror:
         if not self.fs.exists(self.root):
             return
         for remote in self.fs.find(self.root):
-            rel = remote[len(self.root):].lstrip("/")
+            rel = remote[len(self.root) :].lstrip("/")
             target = self.local / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(remote, str(target))
@@ -346,8 +346,9 @@ class RunDir:
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:
-            raise KdpipeError(f"checkpoint {self.url(CHECKPOINTS, name)} could not be read "
-                              f"({type(err).__name__}).") from None
+            raise KdpipeError(
+                f"checkpoint {self.url(CHECKPOINTS, name)} could not be read ({type(err).__name__})."
+            ) from None
 
     # -- plots and summary ----------------------------------------------------------------
     def plot_curves(self, path: str | Path | None = None) -> Path | None:

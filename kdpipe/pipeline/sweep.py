@@ -34,6 +34,7 @@ and ``_`` interchangeable; ``trial_config`` is the one place a trial's config is
 Fault injection (tests): ``SweepOptions(stop_after=n)`` stops the sweep abruptly
 (``SweepKilled``, a BaseException as a kill would be) once ``n`` trials finished.
 """
+
 from __future__ import annotations
 
 import csv
@@ -180,8 +181,11 @@ def find_trial_run(sweep_dir: str, n: int) -> PriorRun | None:
         entries = fs.ls(root, detail=True)
     except FileNotFoundError:
         return None
-    names = sorted(e["name"] for e in entries
-                   if e.get("type") == "directory" and posixpath.basename(e["name"].rstrip("/")).startswith(prefix))
+    names = sorted(
+        e["name"]
+        for e in entries
+        if e.get("type") == "directory" and posixpath.basename(e["name"].rstrip("/")).startswith(prefix)
+    )
     best = None
     for name in names:  # in timestamp order
         path = fs.unstrip_protocol(name) if is_url(sweep_dir) else name
@@ -195,8 +199,12 @@ def find_trial_run(sweep_dir: str, n: int) -> PriorRun | None:
 
 
 def _row(summary: dict, reused: bool) -> dict:
-    return {"status": "ok", **{k: summary.get(k) for k in RESULT_METRICS}, "run_dir": summary.get("run_dir"),
-            "reused": reused}
+    return {
+        "status": "ok",
+        **{k: summary.get(k) for k in RESULT_METRICS},
+        "run_dir": summary.get("run_dir"),
+        "reused": reused,
+    }
 
 
 def run_trial(sweep_dir: str, n: int, point: dict, cfg, device: str | None = None) -> dict:
@@ -226,12 +234,12 @@ class SweepOptions:
 
     executor: str = "ray"
     ray_address: str | None = None
-    num_cpus: int | None = None          # CPUs of a local Ray started for the sweep (None: all)
+    num_cpus: int | None = None  # CPUs of a local Ray started for the sweep (None: all)
     gpus_per_trial: float | None = None  # None: 1 where the Ray cluster has GPUs, else 0
     cpus_per_trial: float = 1.0
-    device: str | None = None            # "cpu" keeps trials off GPUs
+    device: str | None = None  # "cpu" keeps trials off GPUs
     progress: bool = True
-    stop_after: int | None = None        # fault injection (tests): stop abruptly after this many trials
+    stop_after: int | None = None  # fault injection (tests): stop abruptly after this many trials
 
 
 def run_sweep(base, grid: dict, out="runs", options: SweepOptions | None = None) -> dict:
@@ -244,9 +252,15 @@ def run_sweep(base, grid: dict, out="runs", options: SweepOptions | None = None)
     _check_options(options)
     configs = _trial_configs(base, grid)
     base = base.with_absolute_paths()  # Ray workers may not share this process's working directory
-    record = {"stage": SWEEP_STAGE, "base": dataclasses.asdict(base), "grid": grid, "trials": len(configs),
-              "executor": options.executor, "gpus_per_trial": options.gpus_per_trial,
-              "cpus_per_trial": options.cpus_per_trial}
+    record = {
+        "stage": SWEEP_STAGE,
+        "base": dataclasses.asdict(base),
+        "grid": grid,
+        "trials": len(configs),
+        "executor": options.executor,
+        "gpus_per_trial": options.gpus_per_trial,
+        "cpus_per_trial": options.cpus_per_trial,
+    }
     sweep = RunDir.create(absolute_path(out), f"sweep-{base.student}-{base.method}", record)
     # Where RunDir takes URLs, ``location`` is the URL (``path`` then is a local staging folder,
     # which the trials on other nodes could not reach); for a local run directory both agree.
@@ -280,8 +294,10 @@ def resume_sweep(sweep_dir, options: SweepOptions | None = None, given: dict | N
     differ = differing_fields(base, dict(given or {}))
     if differ:
         flags = ", ".join("--" + k.replace("_", "-") for k in differ)
-        raise KdpipeError(f"--resume continues the sweep as it was configured; these options differ from it: "
-                          f"{flags} (start a new sweep to change them).")
+        raise KdpipeError(
+            f"--resume continues the sweep as it was configured; these options differ from it: "
+            f"{flags} (start a new sweep to change them)."
+        )
     grid = saved.get("grid") or {}
     _trial_configs(base, grid)
     return _execute(sweep_dir, base, grid, options, restore=True)
@@ -301,8 +317,10 @@ def _trial_configs(base, grid: dict) -> list:
     for c in configs:
         build_method(c.method, c.method_options, None, c.student)
         if int(c.data_parallel) > 1:
-            raise KdpipeError("A sweep trains each trial on one device; leave out --gpus "
-                              "(use --gpus-per-trial for the trials' share of a GPU).")
+            raise KdpipeError(
+                "A sweep trains each trial on one device; leave out --gpus "
+                "(use --gpus-per-trial for the trials' share of a GPU)."
+            )
     return configs
 
 
@@ -340,8 +358,15 @@ def write_results(sweep_dir: str, base, grid: dict, points: list[dict], results:
     rows = []
     for p, r in zip(points, results):
         r = r or {"status": "unfinished"}
-        rows.append({**p, **{k: r.get(k) for k in RESULT_METRICS}, "run_dir": r.get("run_dir"),
-                     "status": r.get("status"), "reused": bool(r.get("reused"))})
+        rows.append(
+            {
+                **p,
+                **{k: r.get(k) for k in RESULT_METRICS},
+                "run_dir": r.get("run_dir"),
+                "status": r.get("status"),
+                "reused": bool(r.get("reused")),
+            }
+        )
     keys = list(grid)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys + list(RESULT_METRICS) + ["run_dir", "status", "reused"])
@@ -354,14 +379,35 @@ def write_results(sweep_dir: str, base, grid: dict, points: list[dict], results:
     results_md = write_text(sweep_dir, "results.md", markdown)
     ok = [r for r in rows if r["status"] == "ok"]
     unfinished = sum(r["status"] == "unfinished" for r in rows)
-    write_text(sweep_dir, SUMMARY, json.dumps({
-        "trials": len(rows), "ok": len(ok), "unfinished": unfinished, "reused": sum(r["reused"] for r in rows),
-        "results_csv": results_csv, "results_md": results_md}, indent=2, sort_keys=True) + "\n")
+    write_text(
+        sweep_dir,
+        SUMMARY,
+        json.dumps(
+            {
+                "trials": len(rows),
+                "ok": len(ok),
+                "unfinished": unfinished,
+                "reused": sum(r["reused"] for r in rows),
+                "results_csv": results_csv,
+                "results_md": results_md,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n",
+    )
     if not ok:
         first = rows[0]["status"].removeprefix("error: ") if rows else "no trials"
         raise KdpipeError(f"No trial of the sweep in {sweep_dir} finished; the first: {first}")
-    return {"sweep_dir": sweep_dir, "results_csv": results_csv, "results_md": results_md,
-            "markdown": markdown, "rows": rows, "table": table, "unfinished": unfinished}
+    return {
+        "sweep_dir": sweep_dir,
+        "results_csv": results_csv,
+        "results_md": results_md,
+        "markdown": markdown,
+        "rows": rows,
+        "table": table,
+        "unfinished": unfinished,
+    }
 
 
 def _mean_std(values):
@@ -410,4 +456,3 @@ def markdown_table(table: list[dict], group_keys: list[str], base: dict, grid: d
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-

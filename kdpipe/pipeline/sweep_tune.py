@@ -46,8 +46,9 @@ def _default_gpus(gpus_in_cluster: float, device: str | None) -> float:
     return 1.0 if gpus_in_cluster > 0 and not _is_cpu(device) else 0.0
 
 
-def trial_resources(cluster: dict, gpus_per_trial: float | None = None, cpus_per_trial: float = 1.0,
-                    device: str | None = None) -> dict:
+def trial_resources(
+    cluster: dict, gpus_per_trial: float | None = None, cpus_per_trial: float = 1.0, device: str | None = None
+) -> dict:
     """The resources of one trial, ``{"cpu": c, "gpu": g}`` for ``tune.with_resources``, given
     the Ray cluster's resources (``ray.cluster_resources()``). ``gpus_per_trial`` None: 1 where
     the cluster has GPUs (0 with ``device="cpu"``), else 0."""
@@ -55,19 +56,25 @@ def trial_resources(cluster: dict, gpus_per_trial: float | None = None, cpus_per
     gpu = _default_gpus(gpus, device) if gpus_per_trial is None else float(gpus_per_trial)
     cpu = float(cpus_per_trial)
     if not 0 <= gpu <= 1:
-        raise KdpipeError(f"--gpus-per-trial must be between 0 and 1 (a trial trains on one device; 0.25 packs four "
-                          f"trials on a GPU), got {gpu:g}.")
+        raise KdpipeError(
+            f"--gpus-per-trial must be between 0 and 1 (a trial trains on one device; 0.25 packs four "
+            f"trials on a GPU), got {gpu:g}."
+        )
     if gpu > 0 and _is_cpu(device):
         raise KdpipeError(f"--device cpu and --gpus-per-trial {gpu:g} exclude each other.")
     if gpu > 0 and gpus == 0:
-        raise KdpipeError(f"--gpus-per-trial {gpu:g} needs GPUs, but the Ray cluster has none; "
-                          "use --gpus-per-trial 0 to train the trials on CPUs.")
+        raise KdpipeError(
+            f"--gpus-per-trial {gpu:g} needs GPUs, but the Ray cluster has none; "
+            "use --gpus-per-trial 0 to train the trials on CPUs."
+        )
     if gpu == 0 and device is not None and str(device).startswith("cuda"):
-        raise KdpipeError("--device cuda needs GPUs for the trials: the Ray cluster has none, "
-                          "or --gpus-per-trial is 0.")
+        raise KdpipeError(
+            "--device cuda needs GPUs for the trials: the Ray cluster has none, or --gpus-per-trial is 0."
+        )
     if not 0 < cpu <= max(cpus, 1.0):
-        raise KdpipeError(f"--cpus-per-trial must be more than 0 and at most the Ray cluster's {cpus:g} CPUs, "
-                          f"got {cpu:g}.")
+        raise KdpipeError(
+            f"--cpus-per-trial must be more than 0 and at most the Ray cluster's {cpus:g} CPUs, got {cpu:g}."
+        )
     return {"cpu": cpu, "gpu": gpu}
 
 
@@ -87,8 +94,9 @@ def _tune_trial(config: dict, *, base, points: list, sweep_dir: str, device: str
 def make_trainable(base, points: list[dict], sweep_dir: str, resources: dict):
     """The Tune trainable of a sweep: ``_tune_trial`` with its fixed arguments and resources."""
     device = "cuda" if resources["gpu"] > 0 else "cpu"
-    fn = tune.with_parameters(_tune_trial, base=base, points=points, sweep_dir=sweep_dir, device=device,
-                              threads=max(1, int(resources["cpu"])))
+    fn = tune.with_parameters(
+        _tune_trial, base=base, points=points, sweep_dir=sweep_dir, device=device, threads=max(1, int(resources["cpu"]))
+    )
     return tune.with_resources(fn, resources)
 
 
@@ -128,15 +136,20 @@ class SweepCallback(tune.Callback):
         return dict(self.__dict__, bar=None, stop_after=None)
 
 
-def make_tuner(trainable, grid: dict, sweep_dir: str, total: int, progress: bool, restore: bool,
-               stop_after: int | None = None):
+def make_tuner(
+    trainable, grid: dict, sweep_dir: str, total: int, progress: bool, restore: bool, stop_after: int | None = None
+):
     """A new Tuner over the grid, or the sweep's saved one (``restore``) when Tune saved it."""
     path = sweep_dir.rstrip("/") + "/" + TUNE_NAME
     if restore and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_errored=True)
-    return tune.Tuner(trainable, param_space={k: tune.grid_search(list(v)) for k, v in grid.items()},
-                      run_config=tune.RunConfig(name=TUNE_NAME, storage_path=sweep_dir, verbose=0,
-                                                callbacks=[SweepCallback(total, progress, stop_after)]))
+    return tune.Tuner(
+        trainable,
+        param_space={k: tune.grid_search(list(v)) for k, v in grid.items()},
+        run_config=tune.RunConfig(
+            name=TUNE_NAME, storage_path=sweep_dir, verbose=0, callbacks=[SweepCallback(total, progress, stop_after)]
+        ),
+    )
 
 
 def _first_line(err: BaseException) -> str:
@@ -166,18 +179,19 @@ def collect(result_grid, points: list[dict], started: float = 0.0) -> list[dict 
     return results
 
 
-def run_tune(sweep_dir: str, base, grid: dict, points: list[dict], options: SweepOptions,
-             restore: bool = False) -> list[dict | None]:
+def run_tune(
+    sweep_dir: str, base, grid: dict, points: list[dict], options: SweepOptions, restore: bool = False
+) -> list[dict | None]:
     """Run the sweep's trials as a Tune grid on Ray (joining ``options.ray_address``, or a local
     loopback-only Ray); the rows in the order of ``points``."""
     started = int(time.time())  # Tune's "timestamp" of a result is in whole seconds
     with ray_cluster(options.ray_address, options.num_cpus) as ray:
-        resources = trial_resources(ray.cluster_resources(), options.gpus_per_trial, options.cpus_per_trial,
-                                    options.device)
+        resources = trial_resources(
+            ray.cluster_resources(), options.gpus_per_trial, options.cpus_per_trial, options.device
+        )
         trainable = make_trainable(base, points, sweep_dir, resources)
         with _quiet_tune():
-            tuner = make_tuner(trainable, grid, sweep_dir, len(points), options.progress, restore,
-                               options.stop_after)
+            tuner = make_tuner(trainable, grid, sweep_dir, len(points), options.progress, restore, options.stop_after)
             return collect(tuner.fit(), points, started)
 
 

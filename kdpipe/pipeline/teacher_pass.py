@@ -27,8 +27,7 @@ from kdpipe.errors import DataError, KdpipeError
 from kdpipe.pipeline.paths import absolute_spec
 from kdpipe.targets.base import KindContext, TargetKind, TeacherOutputs, needs_stages
 
-__all__ = ["PassSpec", "TeacherPassWorker", "rows_to_storage", "identity_column", "absolute_spec",
-           "probe_rows"]
+__all__ = ["PassSpec", "TeacherPassWorker", "rows_to_storage", "identity_column", "absolute_spec", "probe_rows"]
 
 
 def identity_column(table: np.ndarray, identity: np.ndarray) -> int | None:
@@ -43,8 +42,10 @@ def rows_to_storage(path: str, rows: torch.Tensor, dtype: str) -> np.ndarray:
     if np.dtype(dtype).kind == "f":
         out = rows.to(torch.float16 if dtype == "float16" else torch.float32).cpu().numpy()
         if not np.isfinite(out).all():
-            raise KdpipeError(f"The teacher's {path} is NaN or beyond float16 range (|x| > 65504) for some "
-                              "images; check the checkpoint and the data normalisation.")
+            raise KdpipeError(
+                f"The teacher's {path} is NaN or beyond float16 range (|x| > 65504) for some "
+                "images; check the checkpoint and the data normalisation."
+            )
         return out.astype(dtype, copy=False)
     return rows.cpu().numpy().astype(dtype)
 
@@ -96,15 +97,21 @@ class TeacherPassWorker:
         self.model = load_teacher(spec.arch, spec.teacher, spec.num_classes).to(self.device).eval()
         self.dataset = load_dataset(spec.data, spec.split)
         if spec.fingerprint is not None and self.dataset.fingerprint != spec.fingerprint:
-            raise DataError(f"The data set {spec.data} seen by a worker differs from the driver's "
-                            "(fingerprint mismatch); every worker must reach the same data.")
+            raise DataError(
+                f"The data set {spec.data} seen by a worker differs from the driver's "
+                "(fingerprint mismatch); every worker must reach the same data."
+            )
         self.policy = with_pad_mode(self.dataset.policy, spec.pad_mode)
         self.labels = torch.as_tensor(np.asarray(self.dataset.labels), dtype=torch.int64)
         self.writer = StoreWriter.open(spec.store)
         reader = open_store(spec.store, allow_incomplete=True)
         ts = reader.target_set(spec.target_set, include_incomplete=True) if spec.target_set else None
-        ctx = KindContext(device=self.device, target_set=ts, load=lambda p: reader.array(p)[...],
-                          available=frozenset(reader.array_names()))
+        ctx = KindContext(
+            device=self.device,
+            target_set=ts,
+            load=lambda p: reader.array(p)[...],
+            available=frozenset(reader.array_names()),
+        )
         self.kinds: list[TargetKind] = [k.bind(ctx) for k in spec.kinds]
         self.storage = {p: s for k in self.kinds for p, s in k.storage.items()}
 
@@ -145,7 +152,7 @@ class TeacherPassWorker:
                 keep = (pos % v) == j
                 if bool(keep.any()):
                     picked = teacher_out.select(keep)
-                    samples = (pos[keep] // v)
+                    samples = pos[keep] // v
                     self._collect(picked, identity, ident_out, slice(int(samples[0]), int(samples[-1]) + 1), b)
         if identity and j is None:
             ident = torch.from_numpy(self.policy.identity()[None].repeat(b, 0))
@@ -158,7 +165,7 @@ class TeacherPassWorker:
 
     def run(self, shard) -> dict:
         t0 = time.perf_counter()
-        params = np.asarray(self.writer.array("views")[shard.start:shard.stop])
+        params = np.asarray(self.writer.array("views")[shard.start : shard.stop])
         indices = np.arange(shard.start, shard.stop)
         images = self.dataset.get_batch(indices)
         labels = self.labels[indices]
@@ -172,5 +179,13 @@ class TeacherPassWorker:
             self.writer.write_rows(path, shard.start, block)
         self.writer.mark_shard_done(shard.shard_id, self.spec.done_array)
         t3 = time.perf_counter()
-        return {"shard": shard.shard_id, "samples": shard.size, "images": int(params.shape[0] * params.shape[1]),
-                "read_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2, "pid": os.getpid(), "stats": stats}
+        return {
+            "shard": shard.shard_id,
+            "samples": shard.size,
+            "images": int(params.shape[0] * params.shape[1]),
+            "read_s": t1 - t0,
+            "compute_s": t2 - t1,
+            "write_s": t3 - t2,
+            "pid": os.getpid(),
+            "stats": stats,
+        }

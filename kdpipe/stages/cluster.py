@@ -53,12 +53,11 @@ store and settings -> identical arrays.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import contextlib
 import datetime as _dt
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -167,9 +166,11 @@ class FitWorker:
         xi = _vectors(self.reader[INTER][a:b, self.views], self.grid)
         yi = np.repeat(self.labels[a:b], xi.shape[0] // max(b - a, 1))
         stats = LDAStats(self.num_classes, xi.shape[1]).update(xi, yi)
-        out = {"lda": stats.to_arrays(),
-               "inter_x": xi if shard.sel_i is None else xi[shard.sel_i],
-               "inter_y": yi if shard.sel_i is None else yi[shard.sel_i]}
+        out = {
+            "lda": stats.to_arrays(),
+            "inter_x": xi if shard.sel_i is None else xi[shard.sel_i],
+            "inter_y": yi if shard.sel_i is None else yi[shard.sel_i],
+        }
         del xi
         xp = _vectors(self.reader[PENULT][a:b, self.views], self.grid)
         out["penult_x"] = xp if shard.sel_p is None else xp[shard.sel_p]
@@ -209,8 +210,13 @@ class ClusterPlan:
 def _check_options(cfg: ClusterConfig) -> None:
     if not cfg.name or "/" in cfg.name:
         raise KdpipeError(f"A target set name must be a non-empty name without '/', not {cfg.name!r}.")
-    for val, what in ((cfg.k_penult, "--k-penult"), (cfg.k_inter, "--k-inter"), (cfg.topk, "--topk"),
-                      (cfg.niter, "--niter"), (cfg.batch_size, "--batch-size")):
+    for val, what in (
+        (cfg.k_penult, "--k-penult"),
+        (cfg.k_inter, "--k-inter"),
+        (cfg.topk, "--topk"),
+        (cfg.niter, "--niter"),
+        (cfg.batch_size, "--batch-size"),
+    ):
         if int(val) < 1:
             raise KdpipeError(f"{what} must be at least 1, got {val}.")
     if not cfg.temperature > 0:
@@ -242,23 +248,30 @@ def _feature_inputs(cfg, reader, grid) -> tuple[slice, tuple, tuple]:
     missing = [a for a in (PENULT, INTER) if not reader.has(a)]
     if missing:
         dropped = " (they were dropped by --drop-features)" if reader.manifest.get("features_dropped") else ""
-        raise StoreError(f"The store at {reader.path} has no {' and '.join(missing)}{dropped}; cluster needs the "
-                         "teacher's penult and inter feature maps, so re-extract it with --features penult,inter.")
+        raise StoreError(
+            f"The store at {reader.path} has no {' and '.join(missing)}{dropped}; cluster needs the "
+            "teacher's penult and inter feature maps, so re-extract it with --features penult,inter."
+        )
     fp, fi = reader[PENULT], reader[INTER]
     for arr, layer in ((fp, "penult"), (fi, "inter")):
         h, w = arr.shape[-2:]
         if grid is not None and (grid[0] > h or grid[1] > w):
-            raise KdpipeError(f"The student grid {grid[0]}x{grid[1]} is larger than the teacher's {layer} map "
-                              f"{h}x{w}; pooling only shrinks.")
+            raise KdpipeError(
+                f"The student grid {grid[0]}x{grid[1]} is larger than the teacher's {layer} map "
+                f"{h}x{w}; pooling only shrinks."
+            )
     stored_views = (reader.manifest.get("views") or {}).get("feature_views", "identity")
     if cfg.fit_views == "all" and stored_views != "all":
-        raise KdpipeError(f"--fit-views all needs features of every view, but the store at {reader.path} holds "
-                          "the identity view only; re-extract with --feature-views all.")
+        raise KdpipeError(
+            f"--fit-views all needs features of every view, but the store at {reader.path} holds "
+            "the identity view only; re-extract with --feature-views all."
+        )
     if cfg.fit_views == "identity" and stored_views == "all":
         j = (reader.manifest.get("views") or {}).get("identity_index")
         if j is None:
-            raise KdpipeError(f"The store at {reader.path} does not hold the identity view's features; use "
-                              "--fit-views all.")
+            raise KdpipeError(
+                f"The store at {reader.path} does not hold the identity view's features; use --fit-views all."
+            )
         views = slice(int(j), int(j) + 1)
     else:
         views = slice(None)
@@ -270,8 +283,9 @@ def _teacher_path(cfg, reader) -> str:
     if not path:
         raise StoreError(f"The store at {reader.path} records no teacher checkpoint path; pass --teacher.")
     if not storage.isfile(path):
-        raise KdpipeError(f"The teacher checkpoint {path} does not exist; pass --teacher with the checkpoint the "
-                          "store was made with.")
+        raise KdpipeError(
+            f"The teacher checkpoint {path} does not exist; pass --teacher with the checkpoint the store was made with."
+        )
     reader.check_teacher(path)
     return absolute_path(path)
 
@@ -285,8 +299,10 @@ def _existing_set(cfg, writer, reader) -> bool:
             raise StoreError(f"The store at {writer.path} has no target set {cfg.name!r} to resume.")
         return False
     if existing.get("complete") and not cfg.overwrite:
-        raise StoreError(f"The store at {writer.path} already has a target set {cfg.name!r}; pass --overwrite to "
-                         "replace it or choose another --name.")
+        raise StoreError(
+            f"The store at {writer.path} already has a target set {cfg.name!r}; pass --overwrite to "
+            "replace it or choose another --name."
+        )
     if cfg.resume and (existing.get("attrs") or {}).get("extra", {}).get("fit_done"):
         return True
     writer.delete_target_set(cfg.name)  # replaced (--overwrite) or left incomplete by an interrupted run
@@ -305,18 +321,31 @@ def _prepare(cfg: ClusterConfig) -> ClusterPlan:
     num_classes = int(reader.manifest["dataset"]["num_classes"])
     dim_inter = int(reader[INTER].shape[2])
     if cfg.lda_dims is not None and not 1 <= int(cfg.lda_dims) <= min(num_classes - 1, dim_inter):
-        raise KdpipeError(f"--lda-dims must lie in 1..{min(num_classes - 1, dim_inter)} (classes - 1, inter "
-                          f"feature size), got {cfg.lda_dims}.")
+        raise KdpipeError(
+            f"--lda-dims must lie in 1..{min(num_classes - 1, dim_inter)} (classes - 1, inter "
+            f"feature size), got {cfg.lda_dims}."
+        )
     teacher = _teacher_path(cfg, reader)
     data = cfg.data or (reader.manifest.get("dataset") or {}).get("spec")
     if not data:
         raise StoreError(f"The store at {reader.path} does not record its data set; pass --data.")
     resume = _existing_set(cfg, writer, reader)
-    return ClusterPlan(cfg=cfg, writer=writer, reader=open_store(writer.path), labels=labels,
-                       num_classes=num_classes, grid=grid, penult_grid=tuple(penult_grid),
-                       inter_grid=tuple(inter_grid), fit_views=fit_views, teacher=teacher, data=data,
-                       lda_dims=int(cfg.lda_dims or reference_lda_dims(num_classes, dim_inter)),
-                       topk_cap=int(min(cfg.topk, cfg.k_penult)), resume_assign=resume)
+    return ClusterPlan(
+        cfg=cfg,
+        writer=writer,
+        reader=open_store(writer.path),
+        labels=labels,
+        num_classes=num_classes,
+        grid=grid,
+        penult_grid=tuple(penult_grid),
+        inter_grid=tuple(inter_grid),
+        fit_views=fit_views,
+        teacher=teacher,
+        data=data,
+        lda_dims=int(cfg.lda_dims or reference_lda_dims(num_classes, dim_inter)),
+        topk_cap=int(min(cfg.topk, cfg.k_penult)),
+        resume_assign=resume,
+    )
 
 
 # --------------------------------------------------------------------------- the fit
@@ -366,8 +395,10 @@ def _fit_shards(plan: ClusterPlan) -> list[FitShard]:
     sel_p = subsample_indices(n * per_p, cfg.max_fit_points, cfg.seed)
     sel_i = subsample_indices(n * per_i, cfg.max_fit_points, cfg.seed + 1)
     shards = plan_shards(n, int(r.manifest.get("shard_size") or n))
-    return [FitShard(i, a, b, _local(sel_p, a * per_p, b * per_p), _local(sel_i, a * per_i, b * per_i))
-            for i, (a, b) in enumerate(shards)]
+    return [
+        FitShard(i, a, b, _local(sel_p, a * per_p, b * per_p), _local(sel_i, a * per_i, b * per_i))
+        for i, (a, b) in enumerate(shards)
+    ]
 
 
 @dataclass
@@ -399,16 +430,33 @@ def _read_fit_vectors(plan: ClusterPlan, progress: bool) -> _FitVectors:
     from kdpipe.pipeline.executor import run_shards
 
     cfg, C = plan.cfg, plan.num_classes
-    worker_kwargs = dict(path=plan.path, labels=plan.labels, grid=plan.grid, num_classes=C, views=plan.fit_views,
-                         storage_options=storage.options())
-    parts = run_shards(FitWorker, worker_kwargs, _fit_shards(plan), executor=cfg.executor,
-                       ray_address=cfg.ray_address, num_workers=cfg.num_workers,
-                       desc="cluster: read fit vectors", progress=progress)
+    worker_kwargs = dict(
+        path=plan.path,
+        labels=plan.labels,
+        grid=plan.grid,
+        num_classes=C,
+        views=plan.fit_views,
+        storage_options=storage.options(),
+    )
+    parts = run_shards(
+        FitWorker,
+        worker_kwargs,
+        _fit_shards(plan),
+        executor=cfg.executor,
+        ray_address=cfg.ray_address,
+        num_workers=cfg.num_workers,
+        desc="cluster: read fit vectors",
+        progress=progress,
+    )
     stats = LDAStats(C, int(plan.reader[INTER].shape[2]))
     for p in parts:
         stats.merge(LDAStats.from_arrays(p["lda"]))
-    return _FitVectors(stats, np.concatenate([p["penult_x"] for p in parts]),
-                       np.concatenate([p["inter_x"] for p in parts]), np.concatenate([p["inter_y"] for p in parts]))
+    return _FitVectors(
+        stats,
+        np.concatenate([p["penult_x"] for p in parts]),
+        np.concatenate([p["inter_x"] for p in parts]),
+        np.concatenate([p["inter_y"] for p in parts]),
+    )
 
 
 def _fit_penult(plan: ClusterPlan, xp: np.ndarray, progress: bool):
@@ -419,10 +467,20 @@ def _fit_penult(plan: ClusterPlan, xp: np.ndarray, progress: bool):
 
     cfg = plan.cfg
     if progress:
-        print(f"cluster: K-means K={cfg.k_penult} on {xp.shape[0]:,} penult vectors of {xp.shape[1]} dims "
-              f"({cfg.niter} iterations)...", flush=True)
-    km = kmeans(xp, int(cfg.k_penult), niter=cfg.niter, seed=cfg.seed, verbose=progress,
-                backend=cfg.kmeans_backend, device=cfg.device)
+        print(
+            f"cluster: K-means K={cfg.k_penult} on {xp.shape[0]:,} penult vectors of {xp.shape[1]} dims "
+            f"({cfg.niter} iterations)...",
+            flush=True,
+        )
+    km = kmeans(
+        xp,
+        int(cfg.k_penult),
+        niter=cfg.niter,
+        seed=cfg.seed,
+        verbose=progress,
+        backend=cfg.kmeans_backend,
+        device=cfg.device,
+    )
     _, k_fit = topk_for_mass(xp, km.centers, cfg.temperature, cfg.topk_mass, plan.topk_cap)
     # The fit set holds the identity view only; augmented views can need a wider k, so a
     # seeded sample of stored views is run through the teacher too before the width is fixed.
@@ -441,8 +499,17 @@ def _fit_subclasses(plan: ClusterPlan, vectors: _FitVectors, progress: bool) -> 
     scalings, xbar = lda.scalings.astype(np.float32), lda.xbar.astype(np.float32)
     z = lda_project(vectors.inter_x, scalings, xbar, plan.lda_dims)
     yi = vectors.inter_y
-    centers = per_class_kmeans(z, yi, C, int(cfg.k_inter), niter=cfg.niter, seed=cfg.seed, progress=progress,
-                               backend=cfg.kmeans_backend, device=cfg.device)
+    centers = per_class_kmeans(
+        z,
+        yi,
+        C,
+        int(cfg.k_inter),
+        niter=cfg.niter,
+        seed=cfg.seed,
+        progress=progress,
+        backend=cfg.kmeans_backend,
+        device=cfg.device,
+    )
     ids = constrained_nearest(z, yi, centers, int(cfg.k_inter))
     M = C * int(cfg.k_inter)
     scores = subclass_score_matrix(z, ids, M).astype(np.float32)
@@ -457,10 +524,12 @@ def _write_fitted(plan: ClusterPlan, km, sub: _Subclasses) -> None:
     w.write_target_array(name, "penult_centers", km.centers, "K-means centres of the penult vectors [K, D]")
     w.write_target_array(name, "lda_scalings", sub.scalings, "sklearn LDA scalings_ [D, D] (eigen solver)")
     w.write_target_array(name, "lda_xbar", sub.xbar, "sklearn LDA xbar_ [D]")
-    w.write_target_array(name, "subclass_centers", sub.centers, "per-class K-means centres of the projected "
-                                                                "inter vectors [C*K, d]")
-    w.write_target_array(name, "subclass_prototypes", sub.prototypes,
-                         "mean projected vector of each sub-class [C*K, d]")
+    w.write_target_array(
+        name, "subclass_centers", sub.centers, "per-class K-means centres of the projected inter vectors [C*K, d]"
+    )
+    w.write_target_array(
+        name, "subclass_prototypes", sub.prototypes, "mean projected vector of each sub-class [C*K, d]"
+    )
     w.write_target_array(name, "subclass_scores", sub.scores, "sub-class score matrix S [C*K, C*K], rows sum to 1")
 
 
@@ -477,18 +546,39 @@ def _fit(plan: ClusterPlan, progress: bool) -> dict:
     t_fit = time.perf_counter()
     k_needed = max(k_fit, k_probe)
     record = TargetSet(
-        name=plan.name, num_classes=plan.num_classes, k_penult=int(cfg.k_penult), k_inter=int(cfg.k_inter),
-        lda_dims=plan.lda_dims, topk=int(min(k_needed, plan.topk_cap)), topk_cap=plan.topk_cap,
-        topk_mass=float(cfg.topk_mass), temperature=float(cfg.temperature),
-        penult_grid=plan.penult_grid, inter_grid=plan.inter_grid, student_grid=plan.grid, fit_views=cfg.fit_views,
-        fit_points_penult=int(km.num_fit), fit_points_inter=sub.num_points, max_fit_points=cfg.max_fit_points,
-        kmeans_niter=int(cfg.niter), kmeans_objective_penult=float(km.objective), lda_ridge=sub.lda_ridge,
-        empty_subclasses=int(sub.empty.sum()), seed=int(cfg.seed),
+        name=plan.name,
+        num_classes=plan.num_classes,
+        k_penult=int(cfg.k_penult),
+        k_inter=int(cfg.k_inter),
+        lda_dims=plan.lda_dims,
+        topk=int(min(k_needed, plan.topk_cap)),
+        topk_cap=plan.topk_cap,
+        topk_mass=float(cfg.topk_mass),
+        temperature=float(cfg.temperature),
+        penult_grid=plan.penult_grid,
+        inter_grid=plan.inter_grid,
+        student_grid=plan.grid,
+        fit_views=cfg.fit_views,
+        fit_points_penult=int(km.num_fit),
+        fit_points_inter=sub.num_points,
+        max_fit_points=cfg.max_fit_points,
+        kmeans_niter=int(cfg.niter),
+        kmeans_objective_penult=float(km.objective),
+        lda_ridge=sub.lda_ridge,
+        empty_subclasses=int(sub.empty.sum()),
+        seed=int(cfg.seed),
         teacher_sha256=(plan.reader.manifest.get("teacher") or {}).get("sha256"),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        extra={"fit_done": True, "k_needed_for_mass": int(k_needed), "k_needed_fit_set": int(k_fit),
-               "k_needed_view_probe": int(k_probe), "view_probe_images": PROBE_VIEWS, "kmeans_backend": km.backend,
-               "seconds": {"fit_read": round(t_read - t0, 3), "fit": round(t_fit - t_read, 3)}})
+        extra={
+            "fit_done": True,
+            "k_needed_for_mass": int(k_needed),
+            "k_needed_fit_set": int(k_fit),
+            "k_needed_view_probe": int(k_probe),
+            "view_probe_images": PROBE_VIEWS,
+            "kmeans_backend": km.backend,
+            "seconds": {"fit_read": round(t_read - t0, 3), "fit": round(t_fit - t_read, 3)},
+        },
+    )
     plan.writer.set_target_attrs(plan.name, record.to_json())
     return record.to_json()
 
@@ -512,12 +602,15 @@ def _assign_arrays(plan: ClusterPlan, record: TargetSet) -> None:
         for path, stored in kind.storage.items():
             short = path.rsplit("/", 1)[1]
             shape = (n, v, hp, wp, k) if short.startswith("penult") else (n, v, hi, wi)
-            w.create_target_array(name, short, shape, stored.dtype, rows_p if short.startswith("penult") else rows_i,
-                                  stored.meaning)
-    w.create_target_array(name, "shards_done", (num_shards,), "uint8", 1, "assignment pass: shards finished",
-                          checked=False)
-    w.create_target_array(name, "retained_mass", (num_shards, 3), "float64", 1,
-                          "per shard: min, sum and count of the retained top-k mass")
+            w.create_target_array(
+                name, short, shape, stored.dtype, rows_p if short.startswith("penult") else rows_i, stored.meaning
+            )
+    w.create_target_array(
+        name, "shards_done", (num_shards,), "uint8", 1, "assignment pass: shards finished", checked=False
+    )
+    w.create_target_array(
+        name, "retained_mass", (num_shards, 3), "float64", 1, "per shard: min, sum and count of the retained top-k mass"
+    )
 
 
 def _assign(plan: ClusterPlan, record: TargetSet, progress: bool) -> dict:
@@ -533,13 +626,21 @@ def _assign(plan: ClusterPlan, record: TargetSet, progress: bool) -> dict:
     done = w.done_shards(done_array)
     todo = [s for s in shards if s.shard_id not in done]
     teacher_meta = r.manifest.get("teacher") or {}
-    spec = PassSpec(store=plan.path, teacher=plan.teacher, arch=str(teacher_meta.get("arch")),
-                    data=absolute_spec(plan.data), split=(r.manifest.get("dataset") or {}).get("split", "train"),
-                    num_classes=plan.num_classes, kinds=[PenultTopk(), InterSubclass()],
-                    batch_size=int(plan.cfg.batch_size), device=plan.cfg.device,
-                    fingerprint=(r.manifest.get("dataset") or {}).get("fingerprint"),
-                    pad_mode=(r.manifest.get("views") or {}).get("pad_mode"), done_array=done_array,
-                    target_set=name)
+    spec = PassSpec(
+        store=plan.path,
+        teacher=plan.teacher,
+        arch=str(teacher_meta.get("arch")),
+        data=absolute_spec(plan.data),
+        split=(r.manifest.get("dataset") or {}).get("split", "train"),
+        num_classes=plan.num_classes,
+        kinds=[PenultTopk(), InterSubclass()],
+        batch_size=int(plan.cfg.batch_size),
+        device=plan.cfg.device,
+        fingerprint=(r.manifest.get("dataset") or {}).get("fingerprint"),
+        pad_mode=(r.manifest.get("views") or {}).get("pad_mode"),
+        done_array=done_array,
+        target_set=name,
+    )
     if progress and done:
         print(f"cluster: resuming the assignment pass of {name!r}: {len(done)} of {len(shards)} shards done")
     mass_array = record.array("retained_mass")
@@ -548,8 +649,16 @@ def _assign(plan: ClusterPlan, record: TargetSet, progress: bool) -> dict:
         lo, total, count = result["stats"].get("retained_mass", (1.0, 0.0, 0))
         w.write_rows(mass_array, shard.shard_id, np.asarray([[lo, total, count]], dtype=np.float64))
 
-    results, seconds = run_pass(w, spec, todo, plan.cfg, desc=f"cluster {name}: assign", unit_scale=r.num_views,
-                                progress=progress, on_result=keep_mass)
+    results, seconds = run_pass(
+        w,
+        spec,
+        todo,
+        plan.cfg,
+        desc=f"cluster {name}: assign",
+        unit_scale=r.num_views,
+        progress=progress,
+        on_result=keep_mass,
+    )
     return pass_summary(results, seconds, plan.cfg.executor)
 
 
@@ -595,14 +704,26 @@ def _finish(plan: ClusterPlan, record: TargetSet, assign: dict, t0: float, t_ass
         w.update_manifest(features_dropped=True, features_dropped_by=f"cluster --name {plan.name}")
     r = plan.reader
     summary = {
-        "store": plan.path, "name": plan.name, "samples": r.num_samples, "views": r.num_views,
-        "classes": plan.num_classes, "K_penult": record.k_penult, "K_inter": record.k_inter,
-        "lda_dims": record.lda_dims, "topk": record.topk, "topk_cap": record.topk_cap,
-        "k_needed_for_mass": record.extra.get("k_needed_for_mass"), "topk_mass": record.topk_mass,
-        "retained_mass_min": mass_min, "retained_mass_mean": mass_mean,
+        "store": plan.path,
+        "name": plan.name,
+        "samples": r.num_samples,
+        "views": r.num_views,
+        "classes": plan.num_classes,
+        "K_penult": record.k_penult,
+        "K_inter": record.k_inter,
+        "lda_dims": record.lda_dims,
+        "topk": record.topk,
+        "topk_cap": record.topk_cap,
+        "k_needed_for_mass": record.extra.get("k_needed_for_mass"),
+        "topk_mass": record.topk_mass,
+        "retained_mass_min": mass_min,
+        "retained_mass_mean": mass_mean,
         "kmeans_objective_penult": record.kmeans_objective_penult,
-        "fit_points_penult": record.fit_points_penult, "fit_points_inter": record.fit_points_inter,
-        "dropped": dropped, "seconds": dict(seconds, total=round(t_end - t0, 3)), "assign": assign,
+        "fit_points_penult": record.fit_points_penult,
+        "fit_points_inter": record.fit_points_inter,
+        "dropped": dropped,
+        "seconds": dict(seconds, total=round(t_end - t0, 3)),
+        "assign": assign,
     }
     if verbose:
         print(_format(summary, record))
@@ -612,17 +733,21 @@ def _finish(plan: ClusterPlan, record: TargetSet, assign: dict, t0: float, t_ass
 def _format(s: dict, record: TargetSet) -> str:
     warn = ""
     if s["retained_mass_min"] < s["topk_mass"] - 1e-6:
-        warn = (f" (below --topk-mass {s['topk_mass']}: "
-                f"{'raise --topk' if s['topk'] >= s['topk_cap'] else 'augmented views need more than the fit set'})")
-    return (f"cluster: target set {s['name']!r} in {s['store']}: {s['samples']:,} samples x {s['views']} views\n"
-            f"  penult  K={s['K_penult']} on {s['fit_points_penult']:,} vectors (objective "
-            f"{s['kmeans_objective_penult']:.4g}); top-{s['topk']} (cap {s['topk_cap']}) keeps mass min "
-            f"{s['retained_mass_min']:.4f} / mean {s['retained_mass_mean']:.4f}{warn}\n"
-            f"  inter   LDA to {s['lda_dims']} dims, {s['classes']} x {s['K_inter']} sub-classes on "
-            f"{s['fit_points_inter']:,} vectors{f', {record.empty_subclasses} empty' if record.empty_subclasses else ''}\n"
-            f"  time    fit {s['seconds'].get('fit_read', 0) + s['seconds'].get('fit', 0):.1f} s, assignment pass "
-            f"{s['seconds']['assign']:.1f} s, total {s['seconds']['total']:.1f} s"
-            + (f"\n  dropped {', '.join(s['dropped'])}" if s["dropped"] else ""))
+        warn = (
+            f" (below --topk-mass {s['topk_mass']}: "
+            f"{'raise --topk' if s['topk'] >= s['topk_cap'] else 'augmented views need more than the fit set'})"
+        )
+    return (
+        f"cluster: target set {s['name']!r} in {s['store']}: {s['samples']:,} samples x {s['views']} views\n"
+        f"  penult  K={s['K_penult']} on {s['fit_points_penult']:,} vectors (objective "
+        f"{s['kmeans_objective_penult']:.4g}); top-{s['topk']} (cap {s['topk_cap']}) keeps mass min "
+        f"{s['retained_mass_min']:.4f} / mean {s['retained_mass_mean']:.4f}{warn}\n"
+        f"  inter   LDA to {s['lda_dims']} dims, {s['classes']} x {s['K_inter']} sub-classes on "
+        f"{s['fit_points_inter']:,} vectors{f', {record.empty_subclasses} empty' if record.empty_subclasses else ''}\n"
+        f"  time    fit {s['seconds'].get('fit_read', 0) + s['seconds'].get('fit', 0):.1f} s, assignment pass "
+        f"{s['seconds']['assign']:.1f} s, total {s['seconds']['total']:.1f} s"
+        + (f"\n  dropped {', '.join(s['dropped'])}" if s["dropped"] else "")
+    )
 
 
 # --------------------------------------------------------------------------- pictures

@@ -54,8 +54,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-FAST = DemoSettings(teacher_arch="resnet8", teacher_epochs=10, student_epochs=15, views="auto",
-                    k_penult=64, k_inter=2)
+FAST = DemoSettings(teacher_arch="resnet8", teacher_epochs=10, student_epochs=15, views="auto", k_penult=64, k_inter=2)
 
 # The student runs a table can hold: label -> (method, options, target source, views mode
 # [, target set]).
@@ -93,8 +92,18 @@ STUDENT_RUNS = {
 }
 ALL_STUDENTS = tuple(STUDENT_RUNS)
 #: The runs of the digits accuracy table (benchmarks/digits_accuracy.py): cached and online.
-TABLE_STUDENTS = ("ce", "kd", "cat_kd", "letkd1", "letkd2", "kd_online", "cat_kd_online", "letkd1_online",
-                  "letkd2_online", "cat_kd_warp")
+TABLE_STUDENTS = (
+    "ce",
+    "kd",
+    "cat_kd",
+    "letkd1",
+    "letkd2",
+    "kd_online",
+    "cat_kd_online",
+    "letkd1_online",
+    "letkd2_online",
+    "cat_kd_warp",
+)
 ABLATION_STUDENTS = ("letkd1_online_full", "letkd2_online_full", "letkd1_subfit", "letkd2_subfit")
 #: The comparison methods' runs of the digits table, cached and online.
 COMPARISON_STUDENTS = ("dkd", "at", "fitnet", "simkd", "dkd_online", "at_online", "fitnet_online", "simkd_online")
@@ -152,21 +161,28 @@ def _teacher_stage(out: Path, s: DemoSettings, verbose: bool) -> tuple[Path, dic
         if record.get("settings") == wanted and ckpt.exists():
             _say(f"reusing the teacher trained earlier: {ckpt} (top-1 {record['top1']:.2f}%)", verbose)
             return ckpt, record, True
-    _say(f"training the teacher {s.teacher_arch} on the full {DATA} train split "
-         f"({s.teacher_epochs} epochs)", verbose)
-    summary = train_teacher(TeacherConfig(arch=s.teacher_arch, data=DATA, epochs=s.teacher_epochs,
-                                          batch_size=s.batch_size, seed=0),
-                            out=teacher_dir / "runs", progress=verbose)
-    record = {"settings": wanted, "checkpoint": str(summary["checkpoint"]), "top1": summary["top1"],
-              "top5": summary.get("top5"), "wall_seconds": summary["wall_seconds"],
-              "run_dir": str(summary["run_dir"])}
+    _say(f"training the teacher {s.teacher_arch} on the full {DATA} train split ({s.teacher_epochs} epochs)", verbose)
+    summary = train_teacher(
+        TeacherConfig(arch=s.teacher_arch, data=DATA, epochs=s.teacher_epochs, batch_size=s.batch_size, seed=0),
+        out=teacher_dir / "runs",
+        progress=verbose,
+    )
+    record = {
+        "settings": wanted,
+        "checkpoint": str(summary["checkpoint"]),
+        "top1": summary["top1"],
+        "top5": summary.get("top5"),
+        "wall_seconds": summary["wall_seconds"],
+        "run_dir": str(summary["run_dir"]),
+    }
     teacher_dir.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2))
     return Path(summary["checkpoint"]), record, False
 
 
-def _store_stage(store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: bool,
-                 methods: tuple = ()) -> tuple[Path, dict]:
+def _store_stage(
+    store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: bool, methods: tuple = ()
+) -> tuple[Path, dict]:
     """Extract the teacher into the store, or reuse a complete store of this very teacher."""
     from kdpipe.artifacts import open_store, store_exists
     from kdpipe.errors import StoreError
@@ -188,23 +204,46 @@ def _store_stage(store: Path, ckpt: Path, s: DemoSettings, views: str, verbose: 
                 _say(f"reusing the store made earlier: {store} (the teacher is not run again)", verbose)
                 info["reused"] = True
                 return store, info
-            why = f"views={stored.get('mode')}, not {views}" if not same_views else \
-                f"not every array of {', '.join(methods)}"
+            why = (
+                f"views={stored.get('mode')}, not {views}"
+                if not same_views
+                else f"not every array of {', '.join(methods)}"
+            )
             _say(f"the store at {store} holds {why}: re-extracting", verbose)
         except StoreError as err:
             _say(f"not reusing {store}: {err} Re-extracting.", verbose)
-    _say(f"extract-teacher: {s.teacher_arch} over the {DATA} train split, views={views}, "
-         f"executor={s.executor}", verbose)
+    _say(
+        f"extract-teacher: {s.teacher_arch} over the {DATA} train split, views={views}, executor={s.executor}", verbose
+    )
     t0 = time.perf_counter()
-    extract_teacher(ExtractConfig(teacher=str(ckpt), arch=s.teacher_arch, data=DATA, out=str(store), views=views,
-                                  cam_res=s.cam_res, features=("penult", "inter"), methods=methods,
-                                  executor=s.executor, overwrite=True), progress=verbose, verbose=verbose)
+    extract_teacher(
+        ExtractConfig(
+            teacher=str(ckpt),
+            arch=s.teacher_arch,
+            data=DATA,
+            out=str(store),
+            views=views,
+            cam_res=s.cam_res,
+            features=("penult", "inter"),
+            methods=methods,
+            executor=s.executor,
+            overwrite=True,
+        ),
+        progress=verbose,
+        verbose=verbose,
+    )
     info["extract_seconds"] = time.perf_counter() - t0
     return store, info
 
 
-def _cluster_stage(store: Path, s: DemoSettings, store_reused: bool, verbose: bool, name: str = TARGET_SET,
-                   max_fit_points: int | None = None) -> dict:
+def _cluster_stage(
+    store: Path,
+    s: DemoSettings,
+    store_reused: bool,
+    verbose: bool,
+    name: str = TARGET_SET,
+    max_fit_points: int | None = None,
+) -> dict:
     from kdpipe.artifacts import open_store
     from kdpipe.pipeline.configs import ClusterConfig
     from kdpipe.stages.cluster import cluster
@@ -217,12 +256,26 @@ def _cluster_stage(store: Path, s: DemoSettings, store_reused: bool, verbose: bo
             _say(f"reusing the target set {name!r} made earlier (K-means, LDA, sub-class scores)", verbose)
             return {"reused": True, "cluster_seconds": None}
     fit_on = "every identity-view vector" if fit_points is None else f"{fit_points} identity-view vectors"
-    _say(f"cluster {name}: K_penult={s.k_penult}, K_inter={s.k_inter} (faiss K-means, streaming LDA, fit on "
-         f"{fit_on}), then the assignment pass over every view", verbose)
+    _say(
+        f"cluster {name}: K_penult={s.k_penult}, K_inter={s.k_inter} (faiss K-means, streaming LDA, fit on "
+        f"{fit_on}), then the assignment pass over every view",
+        verbose,
+    )
     t0 = time.perf_counter()
-    cluster(ClusterConfig(store=str(store), name=name, k_penult=s.k_penult, k_inter=s.k_inter,
-                          max_fit_points=fit_points, seed=0, overwrite=True, executor=s.executor),
-            progress=verbose, verbose=verbose)
+    cluster(
+        ClusterConfig(
+            store=str(store),
+            name=name,
+            k_penult=s.k_penult,
+            k_inter=s.k_inter,
+            max_fit_points=fit_points,
+            seed=0,
+            overwrite=True,
+            executor=s.executor,
+        ),
+        progress=verbose,
+        verbose=verbose,
+    )
     return {"reused": False, "cluster_seconds": time.perf_counter() - t0}
 
 
@@ -235,20 +288,42 @@ def _student_runs(stores: dict, ckpt: Path, out: Path, s: DemoSettings, verbose:
         method, _, source, views, target_set = _run_spec(label)
         online = source == "online"
         for seed in s.seeds:
-            _say(f"student {s.student_arch} with {label} (seed {seed}, {s.student_epochs} epochs, "
-                 f"{int(s.subset_fraction * 100)}% of the train split)", verbose)
-            cfg = StudentConfig(store=str(stores[views]), targets=target_set, student=s.student_arch, method=method,
-                                method_options=_method_options(label, s), epochs=s.student_epochs,
-                                batch_size=s.batch_size, views=views, seed=seed,
-                                online_teacher=str(ckpt) if online else None, subset_fraction=s.subset_fraction,
-                                subset_seed=0)
+            _say(
+                f"student {s.student_arch} with {label} (seed {seed}, {s.student_epochs} epochs, "
+                f"{int(s.subset_fraction * 100)}% of the train split)",
+                verbose,
+            )
+            cfg = StudentConfig(
+                store=str(stores[views]),
+                targets=target_set,
+                student=s.student_arch,
+                method=method,
+                method_options=_method_options(label, s),
+                epochs=s.student_epochs,
+                batch_size=s.batch_size,
+                views=views,
+                seed=seed,
+                online_teacher=str(ckpt) if online else None,
+                subset_fraction=s.subset_fraction,
+                subset_seed=0,
+            )
             summary = train_student(cfg, out=out / "students", progress=verbose, run_prefix=f"{label}-s{seed}")
             source_label = {"none": "none (fresh random views)", "online": "online teacher, fresh views"}.get(
-                source, f"cached, {views}")
-            rows.append({"label": label, "method": method, "source": source_label,
-                         "seed": seed, "final_top1": summary["final_top1"],
-                         "best_top1": summary["best_top1"], "wall_seconds": summary["wall_seconds"],
-                         "img_per_s": summary["img_per_s"], "run_dir": summary["run_dir"]})
+                source, f"cached, {views}"
+            )
+            rows.append(
+                {
+                    "label": label,
+                    "method": method,
+                    "source": source_label,
+                    "seed": seed,
+                    "final_top1": summary["final_top1"],
+                    "best_top1": summary["best_top1"],
+                    "wall_seconds": summary["wall_seconds"],
+                    "img_per_s": summary["img_per_s"],
+                    "run_dir": summary["run_dir"],
+                }
+            )
     return rows
 
 
@@ -272,15 +347,31 @@ def results_table(rows: list[dict]) -> list[dict]:
     for label in dict.fromkeys(r["label"] for r in rows):
         mine = [r for r in rows if r["label"] == label]
         mean, std = mean_std([r["final_top1"] for r in mine])
-        table.append({"label": label, "source": mine[0]["source"], "seeds": len(mine),
-                      "top1_mean": mean, "top1_std": std,
-                      "wall_seconds": mean_std([r["wall_seconds"] for r in mine])[0],
-                      "img_per_s": mean_std([r["img_per_s"] or 0.0 for r in mine])[0]})
+        table.append(
+            {
+                "label": label,
+                "source": mine[0]["source"],
+                "seeds": len(mine),
+                "top1_mean": mean,
+                "top1_std": std,
+                "wall_seconds": mean_std([r["wall_seconds"] for r in mine])[0],
+                "img_per_s": mean_std([r["img_per_s"] or 0.0 for r in mine])[0],
+            }
+        )
     return table
 
 
-def _write_report(report: Path, s: DemoSettings, teacher: dict, teacher_reused: bool, store_info: dict,
-                  cluster_info: dict, store_bytes: int, table: list[dict], wall: float) -> Path:
+def _write_report(
+    report: Path,
+    s: DemoSettings,
+    teacher: dict,
+    teacher_reused: bool,
+    store_info: dict,
+    cluster_info: dict,
+    store_bytes: int,
+    table: list[dict],
+    wall: float,
+) -> Path:
     lines = [
         "# kdpipe demo: one teacher pass, many students",
         "",
@@ -298,11 +389,16 @@ def _write_report(report: Path, s: DemoSettings, teacher: dict, teacher_reused: 
     ]
     for row in table:
         top1 = f"{row['top1_mean']:.2f}" + (f" ± {row['top1_std']:.2f}" if row["seeds"] > 1 else "")
-        lines.append(f"| {row['label']} | {row['source']} | {top1} | {row['wall_seconds']:.1f} | "
-                     f"{row['img_per_s']:.0f} |")
-    lines += ["", f"Total demo wall time: {wall:.1f} s.", "",
-              "Pictures: curves.png (test top-1 per epoch), cams.png (teacher CAMs of its top "
-              "classes), subclasses.png (letKD sub-classes per location and score-matrix rows)."]
+        lines.append(
+            f"| {row['label']} | {row['source']} | {top1} | {row['wall_seconds']:.1f} | {row['img_per_s']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Total demo wall time: {wall:.1f} s.",
+        "",
+        "Pictures: curves.png (test top-1 per epoch), cams.png (teacher CAMs of its top "
+        "classes), subclasses.png (letKD sub-classes per location and score-matrix rows).",
+    ]
     path = report / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -330,8 +426,13 @@ def _check_settings(s: DemoSettings, out: Path) -> None:
         get_method(_run_spec(label)[0], **{k: v for k, v in _run_spec(label)[1].items() if v is not None})
 
 
-def run_demo(out: str | Path = "kdpipe-demo", fast: bool = False, settings: DemoSettings | None = None,
-             verbose: bool = True, **overrides) -> dict:
+def run_demo(
+    out: str | Path = "kdpipe-demo",
+    fast: bool = False,
+    settings: DemoSettings | None = None,
+    verbose: bool = True,
+    **overrides,
+) -> dict:
     """Run the demo into ``out``; return a summary with the results table and report paths.
 
     ``settings`` (or keyword ``overrides`` of DemoSettings fields) replace the FULL/FAST presets;
@@ -350,8 +451,9 @@ def run_demo(out: str | Path = "kdpipe-demo", fast: bool = False, settings: Demo
     cluster_info = _cluster_stage(store, s, store_info["reused"], verbose)
     stores = {"replay": store}
     if any(_run_spec(label)[4] == SUBSAMPLED_SET for label in s.students):
-        _cluster_stage(store, s, store_info["reused"], verbose, name=SUBSAMPLED_SET,
-                       max_fit_points=SUBSAMPLED_FIT_POINTS)
+        _cluster_stage(
+            store, s, store_info["reused"], verbose, name=SUBSAMPLED_SET, max_fit_points=SUBSAMPLED_FIT_POINTS
+        )
     if any(_run_spec(label)[3] == "warp" for label in s.students):
         # Warp draws fresh augmentations and warps the identity view's maps: a 1-view store.
         stores["warp"], _ = _store_stage(out / "store-1view.zarr", ckpt, s, "1", verbose)
@@ -374,14 +476,22 @@ def run_demo(out: str | Path = "kdpipe-demo", fast: bool = False, settings: Demo
     table = results_table(rows)
     wall = time.perf_counter() - t0
     store_bytes = _store_bytes(store)
-    results_md = _write_report(report, s, teacher, teacher_reused, store_info, cluster_info, store_bytes,
-                               table, wall)
-    summary = {"settings": asdict(s), "teacher": teacher, "teacher_reused": teacher_reused,
-               "store": str(store), "store_reused": store_info["reused"], "store_bytes": store_bytes,
-               "extract_seconds": store_info["extract_seconds"],
-               "cluster_reused": cluster_info["reused"], "cluster_seconds": cluster_info["cluster_seconds"],
-               "runs": rows, "table": table, "wall_seconds": wall,
-               "report": {"results": str(results_md), **pictures}}
+    results_md = _write_report(report, s, teacher, teacher_reused, store_info, cluster_info, store_bytes, table, wall)
+    summary = {
+        "settings": asdict(s),
+        "teacher": teacher,
+        "teacher_reused": teacher_reused,
+        "store": str(store),
+        "store_reused": store_info["reused"],
+        "store_bytes": store_bytes,
+        "extract_seconds": store_info["extract_seconds"],
+        "cluster_reused": cluster_info["reused"],
+        "cluster_seconds": cluster_info["cluster_seconds"],
+        "runs": rows,
+        "table": table,
+        "wall_seconds": wall,
+        "report": {"results": str(results_md), **pictures},
+    }
     (report / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if verbose:
         print((report / "results.md").read_text())

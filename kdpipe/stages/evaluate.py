@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from kdpipe import storage
-from kdpipe.errors import CheckpointError
 from kdpipe.engine import loop
 from kdpipe.engine.data import place_dataset
 from kdpipe.engine.device import resolve_device
@@ -76,8 +75,9 @@ def _from_run_dir(path: str, arch, data, load_dataset):
     try:
         cfg = run.config
     except ValueError:
-        raise CheckpointError(f"The run directory {path} has a damaged config.json; pass a .pth with --arch and "
-                              "--data.") from None
+        raise CheckpointError(
+            f"The run directory {path} has a damaged config.json; pass a .pth with --arch and --data."
+        ) from None
     own = cfg.get("arch") if cfg.get("stage") == "train-teacher" else cfg.get("student")
     if arch is not None and own is not None and str(arch) != str(own):
         raise CheckpointError(f"The run directory {path} holds a {own}, not a {arch}; drop --arch or name the run's.")

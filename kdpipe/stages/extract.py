@@ -39,8 +39,15 @@ from kdpipe.pipeline.report import human_bytes
 from kdpipe.pipeline.teacher_pass import PassSpec, TeacherPassWorker, identity_column, probe_rows
 from kdpipe.targets import Cam, Feature, Logits, NativeCam, TargetKind
 
-__all__ = ["extract_teacher", "extraction_kinds", "parse_cam_res", "parse_features", "FEATURES",
-           "auto_shard_size", "format_summary"]
+__all__ = [
+    "extract_teacher",
+    "extraction_kinds",
+    "parse_cam_res",
+    "parse_features",
+    "FEATURES",
+    "auto_shard_size",
+    "format_summary",
+]
 
 FEATURES = ("penult", "inter")
 # A shard's uncompressed output is kept near this size when --shard-size is not given.
@@ -50,7 +57,7 @@ MAX_AUTO_SHARD = 1024
 
 # ------------------------------------------------------------------------------ arguments
 def parse_features(features) -> tuple[str, ...]:
-    """"penult,inter" / ["penult"] / "none" -> a tuple of layer names."""
+    """ "penult,inter" / ["penult"] / "none" -> a tuple of layer names."""
     if features is None:
         return ()
     if isinstance(features, str):
@@ -60,15 +67,16 @@ def parse_features(features) -> tuple[str, ...]:
         if f in ("none", ""):
             continue
         if f not in FEATURES:
-            raise KdpipeError(f"Unknown feature map {f!r} in --features; choose from {', '.join(FEATURES)} "
-                              "(comma-separated) or none.")
+            raise KdpipeError(
+                f"Unknown feature map {f!r} in --features; choose from {', '.join(FEATURES)} (comma-separated) or none."
+            )
         if f not in out:
             out.append(f)
     return tuple(out)
 
 
 def parse_cam_res(cam_res) -> tuple[tuple[int, ...], bool]:
-    """"2,4" / "native,2" / 2 / "none" -> (pooled sizes, whether the native CAM is stored)."""
+    """ "2,4" / "native,2" / 2 / "none" -> (pooled sizes, whether the native CAM is stored)."""
     if cam_res is None:
         return (), False
     if isinstance(cam_res, (int, np.integer)):
@@ -151,8 +159,9 @@ def _check_arguments(cfg: ExtractConfig) -> ExtractConfig:
     cfg.out = os.fspath(cfg.out)
     exists = existing_store(cfg.out)
     if exists and not (cfg.overwrite or cfg.resume):
-        raise StoreError(f"A store already exists at {cfg.out}; pass --overwrite to replace it or --resume "
-                         "to continue it.")
+        raise StoreError(
+            f"A store already exists at {cfg.out}; pass --overwrite to replace it or --resume to continue it."
+        )
     if cfg.resume and not exists:
         raise StoreError(f"There is no store at {cfg.out} to resume; run without --resume to create it.")
     return cfg
@@ -171,17 +180,27 @@ def _store_layout(cfg, dataset, policy, teacher) -> dict:
     table = view_table(policy, n, mode, cfg.seed)  # [N, V, P]
     num_views = int(table.shape[1])
     kinds = extraction_kinds(cfg)
-    probe = normalize(policy.apply_images(dataset.get_batch(np.arange(1)),
-                                          torch.from_numpy(policy.identity()[None])), dataset.mean, dataset.std)
+    probe = normalize(
+        policy.apply_images(dataset.get_batch(np.arange(1)), torch.from_numpy(policy.identity()[None])),
+        dataset.mean,
+        dataset.std,
+    )
     labels = torch.as_tensor(dataset.labels[:1], dtype=torch.int64)
     num_classes = int(teacher.forward_features(probe)[0].shape[1])
     if num_classes != dataset.num_classes:
-        raise KdpipeError(f"The teacher has {num_classes} outputs but the data set {cfg.data} has "
-                          f"{dataset.num_classes} classes.")
+        raise KdpipeError(
+            f"The teacher has {num_classes} outputs but the data set {cfg.data} has {dataset.num_classes} classes."
+        )
     shapes = probe_rows(kinds, teacher, probe, labels)
-    specs = [ArraySpec("views", (n, num_views, policy.param_dim), "int32", "view parameters (policy-specific) "
-                       "of each stored view of each sample"),
-             ArraySpec("labels", (n,), "int32", "class label of each sample")]
+    specs = [
+        ArraySpec(
+            "views",
+            (n, num_views, policy.param_dim),
+            "int32",
+            "view parameters (policy-specific) of each stored view of each sample",
+        ),
+        ArraySpec("labels", (n,), "int32", "class label of each sample"),
+    ]
     for kind in kinds:
         for path, stored in kind.storage.items():
             v = num_views if stored.views == "all" else 1
@@ -195,21 +214,51 @@ def _store_layout(cfg, dataset, policy, teacher) -> dict:
     shard_size = int(min(int(shard_size), n))
     specs = [s.with_chunks(shard_size) for s in specs]
     views_entry = dict(policy.spec())
-    views_entry.update(policy=policy.name, mode=mode, num_views=num_views, policy_num_views=policy.num_views,
-                       seed=int(cfg.seed), pad_mode=getattr(policy, "pad_mode", None),
-                       feature_views=cfg.feature_views,
-                       identity_index=identity_column(table, policy.identity()))
+    views_entry.update(
+        policy=policy.name,
+        mode=mode,
+        num_views=num_views,
+        policy_num_views=policy.num_views,
+        seed=int(cfg.seed),
+        pad_mode=getattr(policy, "pad_mode", None),
+        feature_views=cfg.feature_views,
+        identity_index=identity_column(table, policy.identity()),
+    )
     manifest = build_manifest(
-        teacher={"arch": cfg.arch, "sha256": sha256_file(cfg.teacher), "num_classes": num_classes,
-                 "path": absolute_path(cfg.teacher)},
-        dataset={"name": dataset.name, "spec": absolute_spec(getattr(dataset, "spec", cfg.data)),
-                 "split": dataset.split, "fingerprint": dataset.fingerprint, "num_samples": n,
-                 "num_classes": dataset.num_classes, "mean": list(dataset.mean), "std": list(dataset.std),
-                 "image_size": list(dataset.image_size)},
-        views=views_entry, layers=list(cfg.features), specs=specs, shard_size=shard_size, num_samples=n)
-    return {"table": table, "kinds": kinds, "specs": specs, "manifest": manifest, "shard_size": shard_size,
-            "static": static,
-            "num_views": num_views, "num_classes": num_classes, "identity_index": views_entry["identity_index"]}
+        teacher={
+            "arch": cfg.arch,
+            "sha256": sha256_file(cfg.teacher),
+            "num_classes": num_classes,
+            "path": absolute_path(cfg.teacher),
+        },
+        dataset={
+            "name": dataset.name,
+            "spec": absolute_spec(getattr(dataset, "spec", cfg.data)),
+            "split": dataset.split,
+            "fingerprint": dataset.fingerprint,
+            "num_samples": n,
+            "num_classes": dataset.num_classes,
+            "mean": list(dataset.mean),
+            "std": list(dataset.std),
+            "image_size": list(dataset.image_size),
+        },
+        views=views_entry,
+        layers=list(cfg.features),
+        specs=specs,
+        shard_size=shard_size,
+        num_samples=n,
+    )
+    return {
+        "table": table,
+        "kinds": kinds,
+        "specs": specs,
+        "manifest": manifest,
+        "shard_size": shard_size,
+        "static": static,
+        "num_views": num_views,
+        "num_classes": num_classes,
+        "identity_index": views_entry["identity_index"],
+    }
 
 
 def _open_store(cfg, layout):
@@ -228,8 +277,9 @@ def _open_store(cfg, layout):
 
 
 # ------------------------------------------------------------------------------ the stage
-def extract_teacher(cfg: ExtractConfig, progress: bool = True, verbose: bool = True,
-                    fault: KillWorkerOnce | None = None) -> dict:
+def extract_teacher(
+    cfg: ExtractConfig, progress: bool = True, verbose: bool = True, fault: KillWorkerOnce | None = None
+) -> dict:
     """Run the teacher over the data set into the store at ``cfg.out``; return the summary.
     ``fault``: fault injection for tests (``kdpipe.pipeline.executor.KillWorkerOnce``)."""
     from kdpipe.data import load_dataset
@@ -247,11 +297,20 @@ def extract_teacher(cfg: ExtractConfig, progress: bool = True, verbose: bool = T
         layout = _store_layout(cfg, dataset, policy, teacher)
     del teacher
     writer, todo, done = _open_store(cfg, layout)
-    spec = PassSpec(store=writer.path, teacher=absolute_path(cfg.teacher), arch=cfg.arch,
-                    data=absolute_spec(cfg.data), split=cfg.split, num_classes=layout["num_classes"],
-                    kinds=layout["kinds"], batch_size=int(cfg.batch_size), device=cfg.device,
-                    fingerprint=dataset.fingerprint, pad_mode=cfg.pad_mode,
-                    identity_index=layout["identity_index"])
+    spec = PassSpec(
+        store=writer.path,
+        teacher=absolute_path(cfg.teacher),
+        arch=cfg.arch,
+        data=absolute_spec(cfg.data),
+        split=cfg.split,
+        num_classes=layout["num_classes"],
+        kinds=layout["kinds"],
+        batch_size=int(cfg.batch_size),
+        device=cfg.device,
+        fingerprint=dataset.fingerprint,
+        pad_mode=cfg.pad_mode,
+        identity_index=layout["identity_index"],
+    )
     if verbose and cfg.resume:
         print(f"resuming {writer.path}: {len(done)} shards already done, {len(todo)} to go")
     if not cfg.resume or todo:
@@ -260,8 +319,16 @@ def extract_teacher(cfg: ExtractConfig, progress: bool = True, verbose: bool = T
         writer.write_rows("labels", 0, dataset.labels.astype(np.int32))
         for name, (array, meaning) in layout["static"].items():
             writer.write_static(name, array, meaning)
-    results, seconds = run_pass(writer, spec, todo, cfg, desc=f"extract {cfg.arch}",
-                                unit_scale=layout["num_views"], progress=progress, fault=fault)
+    results, seconds = run_pass(
+        writer,
+        spec,
+        todo,
+        cfg,
+        desc=f"extract {cfg.arch}",
+        unit_scale=layout["num_views"],
+        progress=progress,
+        fault=fault,
+    )
     writer.finalize()
     run_summary = pass_summary(results, seconds, cfg.executor)
     writer.update_manifest(extraction=run_summary)
@@ -271,17 +338,37 @@ def extract_teacher(cfg: ExtractConfig, progress: bool = True, verbose: bool = T
     return summary
 
 
-def run_pass(writer, spec: PassSpec, todo, cfg, desc: str, unit_scale: int, progress: bool,
-             on_result=None, fault: KillWorkerOnce | None = None) -> tuple[list, float]:
+def run_pass(
+    writer,
+    spec: PassSpec,
+    todo,
+    cfg,
+    desc: str,
+    unit_scale: int,
+    progress: bool,
+    on_result=None,
+    fault: KillWorkerOnce | None = None,
+) -> tuple[list, float]:
     """Run the teacher pass over the shards ``todo``; on failure leave the store resumable and
     say so in one sentence. Returns (per-shard results, seconds)."""
     from kdpipe.pipeline.executor import run_shards
 
     t0 = time.perf_counter()
     try:
-        results = run_shards(TeacherPassWorker, {"spec": spec}, todo, executor=cfg.executor,
-                             num_workers=cfg.num_workers, ray_address=cfg.ray_address, desc=desc, unit="img",
-                             progress=progress, unit_scale=unit_scale, on_result=on_result, fault=fault)
+        results = run_shards(
+            TeacherPassWorker,
+            {"spec": spec},
+            todo,
+            executor=cfg.executor,
+            num_workers=cfg.num_workers,
+            ray_address=cfg.ray_address,
+            desc=desc,
+            unit="img",
+            progress=progress,
+            unit_scale=unit_scale,
+            on_result=on_result,
+            fault=fault,
+        )
     except BaseException as err:
         _fail_resumable(writer, spec, err)
         raise
@@ -293,19 +380,21 @@ def _fail_resumable(writer, spec: PassSpec, err: BaseException) -> None:
     from kdpipe.pipeline.executor import WorkerLost
 
     try:
-        count = (f"{len(writer.done_shards(spec.done_array))} of {writer.array(spec.done_array).shape[0]} "
-                 "shards written")
+        count = f"{len(writer.done_shards(spec.done_array))} of {writer.array(spec.done_array).shape[0]} shards written"
         if spec.done_array == "shards_done":
             writer.mark_incomplete()
     except Exception:  # noqa: BLE001 - the disk may still be full; the flag is already false
         count = "some shards written"
     if isinstance(err, WorkerLost):
-        raise StoreError(f"{err}, so the store at {writer.path} is incomplete ({count}); resume it with "
-                         "--resume.") from None
+        raise StoreError(
+            f"{err}, so the store at {writer.path} is incomplete ({count}); resume it with --resume."
+        ) from None
     if isinstance(err, OSError) and not isinstance(err, KdpipeError):
         reason = err.strerror or str(err) or type(err).__name__
-        raise StoreError(f"Writing the store at {writer.path} failed ({reason}); it is incomplete ({count}) and "
-                         "can be resumed with --resume once that is fixed.") from None
+        raise StoreError(
+            f"Writing the store at {writer.path} failed ({reason}); it is incomplete ({count}) and "
+            "can be resumed with --resume once that is fixed."
+        ) from None
 
 
 def pass_summary(results: list, seconds: float, executor: str) -> dict:
@@ -336,24 +425,37 @@ def _summary(path, layout, shards_run, run_summary, wall, executor) -> dict:
     stored = sum(a["stored_bytes"] for a in info)
     m = layout["manifest"]
     return {
-        "store": path, "samples": m["dataset"]["num_samples"], "views": layout["num_views"],
-        "classes": layout["num_classes"], "arrays": {a["name"]: list(a["shape"]) for a in info},
-        "shards": m["num_shards"], "shards_run": shards_run, "shard_size": layout["shard_size"],
-        "bytes_raw": raw, "bytes_stored": stored, "compression_ratio": round(raw / stored, 3) if stored else None,
-        "wall_s": round(wall, 3), **{k: run_summary[k] for k in ("img_per_s", "busy_img_per_s", "shard_seconds",
-                                                                 "compute_s", "write_s", "executor")},
+        "store": path,
+        "samples": m["dataset"]["num_samples"],
+        "views": layout["num_views"],
+        "classes": layout["num_classes"],
+        "arrays": {a["name"]: list(a["shape"]) for a in info},
+        "shards": m["num_shards"],
+        "shards_run": shards_run,
+        "shard_size": layout["shard_size"],
+        "bytes_raw": raw,
+        "bytes_stored": stored,
+        "compression_ratio": round(raw / stored, 3) if stored else None,
+        "wall_s": round(wall, 3),
+        **{
+            k: run_summary[k]
+            for k in ("img_per_s", "busy_img_per_s", "shard_seconds", "compute_s", "write_s", "executor")
+        },
     }
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"store      {s['store']} (complete)",
-             f"samples    {s['samples']:,} x {s['views']} view(s), {s['classes']} classes; "
-             f"{s['shards']} shards of {s['shard_size']} ({s['shards_run']} run now)"]
+    lines = [
+        f"store      {s['store']} (complete)",
+        f"samples    {s['samples']:,} x {s['views']} view(s), {s['classes']} classes; "
+        f"{s['shards']} shards of {s['shard_size']} ({s['shards_run']} run now)",
+    ]
     for name, shape in s["arrays"].items():
         lines.append(f"  {name:<16} {shape}")
     ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "n/a"
-    lines.append(f"size       {human_bytes(s['bytes_stored'])} on disk, {human_bytes(s['bytes_raw'])} raw, "
-                 f"compression {ratio}")
+    lines.append(
+        f"size       {human_bytes(s['bytes_stored'])} on disk, {human_bytes(s['bytes_raw'])} raw, compression {ratio}"
+    )
     rate = f"{s['img_per_s']:.1f} img/s" if s["img_per_s"] else "nothing to do"
     lines.append(f"speed      {rate} ({s['executor']}), wall time {s['wall_s']:.1f} s")
     return "\n".join(lines)

@@ -58,33 +58,42 @@ def describe(reader) -> str:
     ]
     ex = m.get("extraction")
     if ex:
-        lines.append(f"extraction  {ex.get('images_processed')} images at {ex.get('img_per_s')} img/s "
-                     f"({ex.get('executor')})")
+        lines.append(
+            f"extraction  {ex.get('images_processed')} images at {ex.get('img_per_s')} img/s ({ex.get('executor')})"
+        )
     info = reader.array_info()
     lines.append("arrays")
     w = max([len(a["name"]) for a in info] + [5])
     lines.append(f"  {'name':<{w}}  {'shape':<24} {'dtype':<8} {'chunks':<22} {'stored':>10} {'raw':>10} ratio")
     for a in info:
-        lines.append(f"  {a['name']:<{w}}  {str(list(a['shape'])):<24} {a['dtype']:<8} "
-                     f"{str(list(a['chunks'])):<22} {human_bytes(a['stored_bytes']):>10} {human_bytes(a['bytes']):>10} "
-                     f"{a['ratio']:.2f}x")
+        lines.append(
+            f"  {a['name']:<{w}}  {str(list(a['shape'])):<24} {a['dtype']:<8} "
+            f"{str(list(a['chunks'])):<22} {human_bytes(a['stored_bytes']):>10} {human_bytes(a['bytes']):>10} "
+            f"{a['ratio']:.2f}x"
+        )
     raw = sum(a["bytes"] for a in info)
     stored = sum(a["stored_bytes"] for a in info)
     if stored:
-        lines.append(f"  {'total':<{w}}  {'':<24} {'':<8} {'':<22} {human_bytes(stored):>10} {human_bytes(raw):>10} "
-                     f"{raw / stored:.2f}x")
+        lines.append(
+            f"  {'total':<{w}}  {'':<24} {'':<8} {'':<22} {human_bytes(stored):>10} {human_bytes(raw):>10} "
+            f"{raw / stored:.2f}x"
+        )
     sets = m.get("targets") or {}
     if sets:
         lines.append("target sets")
         for name in sorted(sets):
             e = sets[name]
-            attrs = ", ".join(f"{k}={v}" for k, v in sorted((e.get("attrs") or {}).items())
-                              if not isinstance(v, (dict, list)))
+            attrs = ", ".join(
+                f"{k}={v}" for k, v in sorted((e.get("attrs") or {}).items()) if not isinstance(v, (dict, list))
+            )
             state = "" if e.get("complete") else " (INCOMPLETE)"
             lines.append(f"  {name}{state}: {', '.join(sorted(e.get('arrays') or {}))}")
             if attrs:
-                lines.append(textwrap.fill(attrs, width=110, initial_indent="    ", subsequent_indent="    ",
-                                           break_on_hyphens=False))
+                lines.append(
+                    textwrap.fill(
+                        attrs, width=110, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False
+                    )
+                )
     else:
         lines.append("target sets none (run `kdpipe cluster`)")
     return "\n".join(lines)
@@ -112,19 +121,19 @@ def _cams_of(reader, dataset, idx, views, teacher):
     if teacher is not None:
         from kdpipe.data import normalize
 
-        x = normalize(dataset.policy.apply_images(dataset.get_batch(idx), torch.from_numpy(views)),
-                      dataset.mean, dataset.std)
+        x = normalize(
+            dataset.policy.apply_images(dataset.get_batch(idx), torch.from_numpy(views)), dataset.mean, dataset.std
+        )
         with torch.no_grad():
             return teacher.eval().forward_features(x)[1]["cam"].float().numpy(), "native (teacher run now)"
-    pooled = sorted((int(n[len("cam_r"):]), n) for n in reader.array_names() if n.startswith("cam_r"))
+    pooled = sorted((int(n[len("cam_r") :]), n) for n in reader.array_names() if n.startswith("cam_r"))
     if not pooled:
         raise KdpipeError(f"The store at {reader.path} holds no CAMs; pass --teacher to compute them.")
     r, name = pooled[-1]
     return np.asarray(reader[name].get_orthogonal_selection((idx, 0))).astype(np.float32), f"pooled to {r}x{r}"
 
 
-def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES, seed: int = 0,
-              teacher=None) -> str:
+def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES, seed: int = 0, teacher=None) -> str:
     """A grid: for `num_images` samples (seeded pick), view 0 of the image, then the CAMs of the
     teacher's `top` classes (by stored logits) upsampled and overlaid: the native CAM where the
     store holds it or ``teacher`` is given, else the largest pooled CAM. Writes `png_path`."""
@@ -210,8 +219,16 @@ def _measure_fidelity(reader, teacher, data, num_samples, target, device, verbos
     model = load_teacher(t["arch"], teacher, int(t["num_classes"]))
     # A 1-view store is trained with warp; a multi-view store replays its stored views.
     mode = "warp" if reader.num_views == 1 else "replay"
-    fid = measure_fidelity(reader, model, dataset, num_samples=num_samples, target_set=target,
-                           device=device or "cpu", mode=mode, policy=_store_policy(reader, dataset))
+    fid = measure_fidelity(
+        reader,
+        model,
+        dataset,
+        num_samples=num_samples,
+        target_set=target,
+        device=device or "cpu",
+        mode=mode,
+        policy=_store_policy(reader, dataset),
+    )
     if verbose:
         print(f"{mode} fidelity on {num_samples} random views (cosine, relative error vs. online teacher):")
         for name, row in fid.items():
@@ -219,9 +236,20 @@ def _measure_fidelity(reader, teacher, data, num_samples, target, device, verbos
     return fid, mode
 
 
-def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: str | None = None,
-                  fidelity: bool = False, teacher=None, data=None, num_samples: int = 256, device=None,
-                  verify: bool = False, verbose: bool = True) -> dict:
+def inspect_store(
+    store,
+    cams: int = 0,
+    png=None,
+    subclasses: int = 0,
+    target: str | None = None,
+    fidelity: bool = False,
+    teacher=None,
+    data=None,
+    num_samples: int = 256,
+    device=None,
+    verify: bool = False,
+    verbose: bool = True,
+) -> dict:
     """Print the store's description; optionally draw CAMs / sub-classes or measure the fidelity
     of its targets (warp for a 1-view store, replay otherwise) against the online teacher.
 
@@ -248,5 +276,6 @@ def inspect_store(store, cams: int = 0, png=None, subclasses: int = 0, target: s
         print(f"wrote {result['png']}")
     if fidelity:
         result["fidelity"], result["fidelity_mode"] = _measure_fidelity(
-            reader, teacher, data, num_samples, target, device, verbose)
+            reader, teacher, data, num_samples, target, device, verbose
+        )
     return result

@@ -24,6 +24,7 @@ import io
 import json
 import time
 from dataclasses import dataclass, field
+
 from kdpipe import storage
 from kdpipe.errors import KdpipeError
 from kdpipe.pipeline.config_files import RowConfig, load_row
@@ -45,7 +46,7 @@ class StorePlan:
     cam_res: set = field(default_factory=set)
     native_cam: bool = False
     features: set = field(default_factory=set)
-    methods: set = field(default_factory=set)   # the rows' methods that add arrays (at, fitnet, simkd)
+    methods: set = field(default_factory=set)  # the rows' methods that add arrays (at, fitnet, simkd)
     path: str = ""
 
 
@@ -60,8 +61,15 @@ def adds_arrays(method: str) -> bool:
 
 def store_key(row: RowConfig, sha: str) -> tuple:
     e = row.extract
-    return (sha, row.data, str(e.get("views", "auto")), e.get("feature_views", "identity"), e.get("pad_mode"),
-            e.get("split", "train"), int(e.get("seed", 0)))
+    return (
+        sha,
+        row.data,
+        str(e.get("views", "auto")),
+        e.get("feature_views", "identity"),
+        e.get("pad_mode"),
+        e.get("split", "train"),
+        int(e.get("seed", 0)),
+    )
 
 
 def _plan_stores(rows: list[RowConfig], stores_dir: str) -> dict:
@@ -90,8 +98,9 @@ def _plan_stores(rows: list[RowConfig], stores_dir: str) -> dict:
         if plan.methods:  # only then: the stores of the other rows keep their names
             settings.append(sorted(plan.methods))
         data_name = row.data.split(":", 1)[0]
-        plan.path = storage.join(stores_dir, f"{row.teacher_arch}-{plan.key[0][:8]}-{data_name}-"
-                                             f"{_short_hash(settings)}.zarr")
+        plan.path = storage.join(
+            stores_dir, f"{row.teacher_arch}-{plan.key[0][:8]}-{data_name}-{_short_hash(settings)}.zarr"
+        )
     return plans
 
 
@@ -111,10 +120,18 @@ def _ensure_store(plan: StorePlan, executor: str, say) -> dict:
             say(f"store {plan.path}: resuming ({err})")
             resume = True
     extract = {k: v for k, v in row.extract.items() if k not in ("cam_res", "native_cam", "features", "methods")}
-    cfg = ExtractConfig(teacher=row.teacher_checkpoint, arch=row.teacher_arch, data=row.data, out=plan.path,
-                        cam_res=tuple(sorted(plan.cam_res)), native_cam=plan.native_cam,
-                        features=tuple(sorted(plan.features)), methods=tuple(sorted(plan.methods)), resume=resume,
-                        **{**extract, "executor": executor})
+    cfg = ExtractConfig(
+        teacher=row.teacher_checkpoint,
+        arch=row.teacher_arch,
+        data=row.data,
+        out=plan.path,
+        cam_res=tuple(sorted(plan.cam_res)),
+        native_cam=plan.native_cam,
+        features=tuple(sorted(plan.features)),
+        methods=tuple(sorted(plan.methods)),
+        resume=resume,
+        **{**extract, "executor": executor},
+    )
     say(f"store {plan.path}: extracting {row.teacher_arch} over {row.data}")
     extract_teacher(cfg, progress=True, verbose=False)
     return {"path": plan.path, "built": True}
@@ -134,8 +151,17 @@ def _ensure_target_set(row: RowConfig, store: str, executor: str, say) -> str | 
     entry = (reader.manifest.get("targets") or {}).get(name) or {}
     resume = bool((entry.get("attrs") or {}).get("extra", {}).get("fit_done"))
     say(f"target set {name} of {store}: {'resuming' if resume else 'fitting'}")
-    cluster(ClusterConfig(store=store, name=name, teacher=row.teacher_checkpoint, resume=resume,
-                          **{**row.cluster, "executor": executor}), progress=True, verbose=False)
+    cluster(
+        ClusterConfig(
+            store=store,
+            name=name,
+            teacher=row.teacher_checkpoint,
+            resume=resume,
+            **{**row.cluster, "executor": executor},
+        ),
+        progress=True,
+        verbose=False,
+    )
     return name
 
 
@@ -163,8 +189,7 @@ def _train_row(row: RowConfig, store: str, target_set: str | None, out: str, say
             say(f"{prefix}: resuming {existing}")
             results.append(train_student(resume=existing))
             continue
-        cfg = dataclasses.replace(row.student, store=store, seed=int(seed),
-                                  targets=target_set or row.student.targets)
+        cfg = dataclasses.replace(row.student, store=store, seed=int(seed), targets=target_set or row.student.targets)
         say(f"{prefix}: training {cfg.student} with {cfg.method}")
         results.append(train_student(cfg, out=out, run_prefix=prefix))
     return results
@@ -195,19 +220,35 @@ def run_configs(paths, sets=(), out="runs", stores="stores", executor: str = "ra
     results_md, results_csv = storage.join(out, "results.md"), storage.join(out, "results.csv")
     storage.write_bytes(results_md, _markdown(table).encode("utf-8"))
     storage.write_bytes(results_csv, _csv(table).encode("utf-8"))
-    say(f"{len(rows)} config(s), {len(plans)} store(s) ({built} built now) in {time.perf_counter() - t0:.0f} s; "
-        f"results in {results_md}")
-    return {"rows": table, "stores": [p.path for p in plans.values()], "stores_built": built,
-            "results_md": results_md, "results_csv": results_csv}
+    say(
+        f"{len(rows)} config(s), {len(plans)} store(s) ({built} built now) in {time.perf_counter() - t0:.0f} s; "
+        f"results in {results_md}"
+    )
+    return {
+        "rows": table,
+        "stores": [p.path for p in plans.values()],
+        "stores_built": built,
+        "results_md": results_md,
+        "results_csv": results_csv,
+    }
 
 
 def _table_row(row: RowConfig, summaries: list, mean_std) -> dict:
     final = mean_std([s.get("final_top1") for s in summaries])
     best = mean_std([s.get("best_top1") for s in summaries])
-    return {"config": row.name, "teacher": row.teacher_arch, "student": row.student.student,
-            "method": row.student.method, "seeds": len(summaries), "final_top1_mean": final[0],
-            "final_top1_std": final[1], "best_top1_mean": best[0], "best_top1_std": best[1],
-            "paper_top1": row.paper.get("top1"), "run_dirs": [s.get("run_dir") for s in summaries]}
+    return {
+        "config": row.name,
+        "teacher": row.teacher_arch,
+        "student": row.student.student,
+        "method": row.student.method,
+        "seeds": len(summaries),
+        "final_top1_mean": final[0],
+        "final_top1_std": final[1],
+        "best_top1_mean": best[0],
+        "best_top1_std": best[1],
+        "paper_top1": row.paper.get("top1"),
+        "run_dirs": [s.get("run_dir") for s in summaries],
+    }
 
 
 def _fmt(mean, std) -> str:
@@ -215,14 +256,20 @@ def _fmt(mean, std) -> str:
 
 
 def _markdown(table: list) -> str:
-    lines = ["# kdpipe run: results", "",
-             "Top-1 (%) on the test split, mean ± sample std over seeds; best = best epoch (the papers report it).",
-             "", "| config | teacher | student | method | seeds | final top-1 | best top-1 | paper |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# kdpipe run: results",
+        "",
+        "Top-1 (%) on the test split, mean ± sample std over seeds; best = best epoch (the papers report it).",
+        "",
+        "| config | teacher | student | method | seeds | final top-1 | best top-1 | paper |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in table:
-        lines.append(f"| {r['config']} | {r['teacher']} | {r['student']} | {r['method']} | {r['seeds']} | "
-                     f"{_fmt(r['final_top1_mean'], r['final_top1_std'])} | "
-                     f"{_fmt(r['best_top1_mean'], r['best_top1_std'])} | {r['paper_top1'] or '-'} |")
+        lines.append(
+            f"| {r['config']} | {r['teacher']} | {r['student']} | {r['method']} | {r['seeds']} | "
+            f"{_fmt(r['final_top1_mean'], r['final_top1_std'])} | "
+            f"{_fmt(r['best_top1_mean'], r['best_top1_std'])} | {r['paper_top1'] or '-'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

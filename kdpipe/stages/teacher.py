@@ -66,9 +66,20 @@ def _check(cfg: TeacherConfig) -> None:
         raise KdpipeError(f"--gpus {cfg.data_parallel} must be at least 1 and divide the batch size {cfg.batch_size}.")
 
 
-def train_teacher(cfg: TeacherConfig | None = None, *, resume=None, given: dict | None = None, out="runs",
-                  device=None, progress: bool = True, data_path: str = "auto", loader_workers: int | None = None,
-                  after_epoch=None, ray_address: str | None = None, wandb: str | None = None) -> dict:
+def train_teacher(
+    cfg: TeacherConfig | None = None,
+    *,
+    resume=None,
+    given: dict | None = None,
+    out="runs",
+    device=None,
+    progress: bool = True,
+    data_path: str = "auto",
+    loader_workers: int | None = None,
+    after_epoch=None,
+    ray_address: str | None = None,
+    wandb: str | None = None,
+) -> dict:
     """Train ``cfg.arch`` on ``cfg.data`` (a ``kdpipe.data.load_dataset`` spec) with cross-entropy;
     on ``cfg.data_parallel`` Ray Train workers when it is above 1. ``out`` (and ``resume``) may
     be a URL (``kdpipe.pipeline.rundir``); ``wandb`` names a Weights & Biases project to log to.
@@ -96,24 +107,43 @@ def train_teacher(cfg: TeacherConfig | None = None, *, resume=None, given: dict 
     if cfg.data_parallel > 1:
         from kdpipe.pipeline.data_parallel import run_data_parallel
 
-        payload = {"cfg": dataclasses.asdict(cfg), "run_dir": run.location, "resume": resume is not None,
-                   "runtime": runtime, "storage": storage.options()}
+        payload = {
+            "cfg": dataclasses.asdict(cfg),
+            "run_dir": run.location,
+            "resume": resume is not None,
+            "runtime": runtime,
+            "storage": storage.options(),
+        }
         run_data_parallel(_teacher_worker, payload, cfg.data_parallel, str(run.path), device, ray_address)
         run.refresh()  # rank 0 wrote the run (through the URL, for a remote one)
     else:
-        _train_here(cfg, train_set, test_set, run, resume is not None, Workers(), dev, after_epoch=after_epoch,
-                    **runtime)
+        _train_here(
+            cfg, train_set, test_set, run, resume is not None, Workers(), dev, after_epoch=after_epoch, **runtime
+        )
     return _finish(run, cfg, t_start)
 
 
 def _run_config(cfg: TeacherConfig, train_set, test_set, dev) -> dict:
     return {
-        "stage": "train-teacher", "config": dataclasses.asdict(cfg), "arch": cfg.arch, "data": cfg.data,
-        "num_classes": train_set.num_classes, "train_samples": len(train_set), "test_samples": len(test_set),
-        "dataset_fingerprint": getattr(train_set, "fingerprint", None), "epochs": int(cfg.epochs),
-        "lr": float(cfg.lr), "batch_size": int(cfg.batch_size), "momentum": cfg.momentum,
-        "weight_decay": cfg.weight_decay, "milestones": milestones(cfg.epochs), "lr_decay": 0.1,
-        "seed": cfg.seed, "device": str(dev), "amp": bool(cfg.amp), "data_parallel": cfg.data_parallel,
+        "stage": "train-teacher",
+        "config": dataclasses.asdict(cfg),
+        "arch": cfg.arch,
+        "data": cfg.data,
+        "num_classes": train_set.num_classes,
+        "train_samples": len(train_set),
+        "test_samples": len(test_set),
+        "dataset_fingerprint": getattr(train_set, "fingerprint", None),
+        "epochs": int(cfg.epochs),
+        "lr": float(cfg.lr),
+        "batch_size": int(cfg.batch_size),
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "milestones": milestones(cfg.epochs),
+        "lr_decay": 0.1,
+        "seed": cfg.seed,
+        "device": str(dev),
+        "amp": bool(cfg.amp),
+        "data_parallel": cfg.data_parallel,
         "policy": getattr(train_set.policy, "name", str(train_set.policy)),
     }
 
@@ -125,12 +155,32 @@ def _teacher_worker(payload: dict) -> None:
 
     storage.apply_options(payload.get("storage"))
     cfg = TeacherConfig(**payload["cfg"])
-    _train_here(cfg, load_dataset(cfg.data, "train"), load_dataset(cfg.data, "test"), RunDir(payload["run_dir"]),
-                payload["resume"], Workers.current(), worker_device(payload["use_gpu"]), **payload["runtime"])
+    _train_here(
+        cfg,
+        load_dataset(cfg.data, "train"),
+        load_dataset(cfg.data, "test"),
+        RunDir(payload["run_dir"]),
+        payload["resume"],
+        Workers.current(),
+        worker_device(payload["use_gpu"]),
+        **payload["runtime"],
+    )
 
 
-def _train_here(cfg: TeacherConfig, train_set, test_set, run, resume: bool, workers: Workers, dev, progress=True,
-                data_path="auto", loader_workers=None, after_epoch=None, wandb=None) -> None:
+def _train_here(
+    cfg: TeacherConfig,
+    train_set,
+    test_set,
+    run,
+    resume: bool,
+    workers: Workers,
+    dev,
+    progress=True,
+    data_path="auto",
+    loader_workers=None,
+    after_epoch=None,
+    wandb=None,
+) -> None:
     """The epochs of a teacher run in this process (alone, or as one data-parallel worker)."""
     from kdpipe.models import build
 
@@ -142,20 +192,45 @@ def _train_here(cfg: TeacherConfig, train_set, test_set, run, resume: bool, work
     scheduler = make_scheduler(optimizer, cfg.epochs)
     start_epoch, best, scaler_state = 0, None, None
     if resume:
-        start_epoch, best, scaler_state = loop.restore_training_state(run, model, optimizer, scheduler, dev,
-                                                                      truncate=workers.is_main)
+        start_epoch, best, scaler_state = loop.restore_training_state(
+            run, model, optimizer, scheduler, dev, truncate=workers.is_main
+        )
     train = place_dataset(train_set, dev, data_path=data_path, workers=loader_workers)
     test = place_dataset(test_set, dev, data_path=data_path, workers=loader_workers)
     source = NoTargets(train_set.policy, getattr(train_set, "image_sizes", None) if not train.resident else None)
-    loop.fit(model=model, workers=workers, sync_bn=cfg.sync_bn, train=train, test=test, source=source,
-             loss_fn=loop.ce_loss, policy=train_set.policy, epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
-             optimizer=optimizer, scheduler=scheduler, run=run, seed=cfg.seed, amp=cfg.amp, start_epoch=start_epoch,
-             best=best, progress=progress, desc=f"teacher {cfg.arch}", scaler_state=scaler_state,
-             after_epoch=after_epoch, wandb=wandb)
+    loop.fit(
+        model=model,
+        workers=workers,
+        sync_bn=cfg.sync_bn,
+        train=train,
+        test=test,
+        source=source,
+        loss_fn=loop.ce_loss,
+        policy=train_set.policy,
+        epochs=int(cfg.epochs),
+        batch_size=int(cfg.batch_size),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        run=run,
+        seed=cfg.seed,
+        amp=cfg.amp,
+        start_epoch=start_epoch,
+        best=best,
+        progress=progress,
+        desc=f"teacher {cfg.arch}",
+        scaler_state=scaler_state,
+        after_epoch=after_epoch,
+        wandb=wandb,
+    )
     if workers.is_main:
-        run.save_state(teacher_checkpoint_name(cfg.arch, cfg.epochs),
-                       {"model": model.state_dict(), "epoch": int(cfg.epochs),
-                        "best_acc": float((run.read_metrics() or [{}])[-1].get("test_top1", float("nan")))})
+        run.save_state(
+            teacher_checkpoint_name(cfg.arch, cfg.epochs),
+            {
+                "model": model.state_dict(),
+                "epoch": int(cfg.epochs),
+                "best_acc": float((run.read_metrics() or [{}])[-1].get("test_top1", float("nan"))),
+            },
+        )
 
 
 def _finish(run, cfg: TeacherConfig, t_start) -> dict:
@@ -164,12 +239,20 @@ def _finish(run, cfg: TeacherConfig, t_start) -> dict:
     ckpt = run.url(teacher_checkpoint_name(cfg.arch, cfg.epochs))
     best_row = max(rows, key=lambda r: r.get("test_top1") or 0.0) if rows else {}
     summary = {
-        "stage": "train-teacher", "run_dir": run.location, "checkpoint": ckpt, "arch": cfg.arch,
-        "data": cfg.data, "epochs": int(cfg.epochs), "top1": final.get("test_top1"), "top5": final.get("test_top5"),
-        "best_top1": best_row.get("test_top1"), "best_epoch": best_row.get("epoch"),
+        "stage": "train-teacher",
+        "run_dir": run.location,
+        "checkpoint": ckpt,
+        "arch": cfg.arch,
+        "data": cfg.data,
+        "epochs": int(cfg.epochs),
+        "top1": final.get("test_top1"),
+        "top5": final.get("test_top5"),
+        "best_top1": best_row.get("test_top1"),
+        "best_epoch": best_row.get("epoch"),
         "wall_seconds": time.perf_counter() - t_start,
         "train_seconds": sum(r.get("epoch_seconds") or 0.0 for r in rows),
-        "img_per_s": loop.mean_over_epochs(rows, "img_per_s"), "data_parallel": cfg.data_parallel,
+        "img_per_s": loop.mean_over_epochs(rows, "img_per_s"),
+        "data_parallel": cfg.data_parallel,
     }
     run.write_summary(summary)
     return summary

@@ -51,12 +51,21 @@ if TYPE_CHECKING:
     from kdpipe.methods.base import Method
     from kdpipe.views import Policy
 
-__all__ = ["train_student", "resolve_student", "resolve_offline", "StudentSetup", "build_method",
-           "build_student_from_config", "student_loss_fn", "make_target_source"]
+__all__ = [
+    "train_student",
+    "resolve_student",
+    "resolve_offline",
+    "StudentSetup",
+    "build_method",
+    "build_student_from_config",
+    "student_loss_fn",
+    "make_target_source",
+]
 
 
-def build_method(method: str, method_options: dict | None, teacher_arch: str | None, student: str,
-                 dataset: str = "cifar"):
+def build_method(
+    method: str, method_options: dict | None, teacher_arch: str | None, student: str, dataset: str = "cifar"
+):
     from kdpipe.methods import get_method
 
     m = get_method(method, **dict(method_options or {}))
@@ -88,8 +97,9 @@ def build_student_from_config(saved: dict):
     options = dict(saved.get("method_options") or {})
     # what the run learnt of the teacher to size its KD modules (FitNet's regressor, SimKD's head)
     options.update({k: v for k, v in (saved.get("method_resolved") or {}).items() if k in RECORDED_SHAPES})
-    m = build_method(saved["method"], options, saved.get("teacher_arch"), saved["student"],
-                     saved.get("recipe") or "cifar")
+    m = build_method(
+        saved["method"], options, saved.get("teacher_arch"), saved["student"], saved.get("recipe") or "cifar"
+    )
     model = build(saved["student"], num_classes=int(saved["num_classes"]), head=saved.get("head") or "linear")
     record = saved.get("target_set")
     ts = TargetSet.from_json(record["name"], record, "the run's config.json") if record else None
@@ -117,20 +127,33 @@ class StudentSetup:
         """The resolved configuration (config.json's keys; ``--print-config``)."""
         cfg, r = self.cfg, self.recipe
         return {
-            "stage": "train-student", "config": dataclasses.asdict(cfg),
-            "store": absolute_path(cfg.store), "targets": self.target_set.name if self.target_set else cfg.targets,
-            "student": cfg.student, "method": self.method.name,
-            "method_options": dict(cfg.method_options), "method_resolved": dict(self.method.options),
-            "teacher_arch": self.teacher_arch, **r, "views": cfg.views,
+            "stage": "train-student",
+            "config": dataclasses.asdict(cfg),
+            "store": absolute_path(cfg.store),
+            "targets": self.target_set.name if self.target_set else cfg.targets,
+            "student": cfg.student,
+            "method": self.method.name,
+            "method_options": dict(cfg.method_options),
+            "method_resolved": dict(self.method.options),
+            "teacher_arch": self.teacher_arch,
+            **r,
+            "views": cfg.views,
             "target_source": "online" if cfg.online_teacher else ("cached" if self.method.kinds() else "none"),
-            "online_teacher": absolute_path(cfg.online_teacher), "online_views": cfg.online_views,
-            "resident": cfg.resident, "seed": int(cfg.seed), "amp": bool(cfg.amp),
-            "data": cfg.data, "num_classes": self.train_set.num_classes,
+            "online_teacher": absolute_path(cfg.online_teacher),
+            "online_views": cfg.online_views,
+            "resident": cfg.resident,
+            "seed": int(cfg.seed),
+            "amp": bool(cfg.amp),
+            "data": cfg.data,
+            "num_classes": self.train_set.num_classes,
             "dataset_fingerprint": self.train_set.fingerprint,
             "pad_mode": getattr(self.policy, "pad_mode", None),
-            "head": resolved_head(cfg, self.method), "recipe": recipe_family(cfg),
-            "reserved_classes": cfg.reserved_classes, "reserved_rate": cfg.reserved_rate,
-            "subset_fraction": cfg.subset_fraction, "subset_seed": int(cfg.subset_seed),
+            "head": resolved_head(cfg, self.method),
+            "recipe": recipe_family(cfg),
+            "reserved_classes": cfg.reserved_classes,
+            "reserved_rate": cfg.reserved_rate,
+            "subset_fraction": cfg.subset_fraction,
+            "subset_seed": int(cfg.subset_seed),
             "train_samples": int(len(self.subset)) if self.subset is not None else len(self.train_set),
             "test_samples": len(self.test_set),
             "target_set": self.target_set.to_json() if self.target_set else None,
@@ -173,10 +196,15 @@ def _recipe(method, cfg: StudentConfig) -> dict:
     if not r["lr"] > 0:
         raise KdpipeError(f"--lr must be positive, got {r['lr']}.")
     if r["batch_size"] % int(cfg.data_parallel):
-        raise KdpipeError(f"The batch size {r['batch_size']} does not split over --gpus {cfg.data_parallel} workers; "
-                          "choose a batch size that is a multiple of it.")
-    r["milestones"] = list(cfg.milestones) if cfg.milestones is not None else \
-        milestones(r["epochs"], base_milestones, int(base["epochs"]))
+        raise KdpipeError(
+            f"The batch size {r['batch_size']} does not split over --gpus {cfg.data_parallel} workers; "
+            "choose a batch size that is a multiple of it."
+        )
+    r["milestones"] = (
+        list(cfg.milestones)
+        if cfg.milestones is not None
+        else milestones(r["epochs"], base_milestones, int(base["epochs"]))
+    )
     return r
 
 
@@ -192,8 +220,10 @@ def _open_store(cfg: StudentConfig, method):
     reader = open_store(cfg.store)
     split = (reader.manifest.get("dataset") or {}).get("split")
     if split not in (None, "train"):
-        raise StoreError(f"The store at {reader.path} was made from the {split} split; a student trained on it "
-                         "would be evaluated on the images it trained on. Extract the train split.")
+        raise StoreError(
+            f"The store at {reader.path} was made from the {split} split; a student trained on it "
+            "would be evaluated on the images it trained on. Extract the train split."
+        )
     return reader
 
 
@@ -213,7 +243,7 @@ def reserved_subset(labels, classes: int, rate: float = 1.0):
     keep = []
     for c in range(classes):
         members = np.flatnonzero(labels == c)
-        keep.append(members[:int(len(members) * rate)])
+        keep.append(members[: int(len(members) * rate)])
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
@@ -223,13 +253,26 @@ def resolve_offline(cfg: StudentConfig) -> dict:
     _check_config(cfg)
     method = build_method(cfg.method, cfg.method_options, cfg.teacher_arch, cfg.student, recipe_family(cfg))
     r = _recipe(method, cfg)
-    return {"stage": "train-student", "config": dataclasses.asdict(cfg), "store": absolute_path(cfg.store),
-            "targets": cfg.targets, "teacher_arch": cfg.teacher_arch, "student": cfg.student,
-            "method": method.name, "method_options": dict(cfg.method_options),
-            "method_resolved": dict(method.options), **r, "views": cfg.views, "head": resolved_head(cfg, method),
-            "recipe": recipe_family(cfg), "data": cfg.data, "seed": int(cfg.seed),
-            "reserved_classes": cfg.reserved_classes, "reserved_rate": cfg.reserved_rate,
-            "subset_fraction": cfg.subset_fraction}
+    return {
+        "stage": "train-student",
+        "config": dataclasses.asdict(cfg),
+        "store": absolute_path(cfg.store),
+        "targets": cfg.targets,
+        "teacher_arch": cfg.teacher_arch,
+        "student": cfg.student,
+        "method": method.name,
+        "method_options": dict(cfg.method_options),
+        "method_resolved": dict(method.options),
+        **r,
+        "views": cfg.views,
+        "head": resolved_head(cfg, method),
+        "recipe": recipe_family(cfg),
+        "data": cfg.data,
+        "seed": int(cfg.seed),
+        "reserved_classes": cfg.reserved_classes,
+        "reserved_rate": cfg.reserved_rate,
+        "subset_fraction": cfg.subset_fraction,
+    }
 
 
 def print_config(cfg: StudentConfig, source: dict | None = None) -> dict:
@@ -260,8 +303,9 @@ def resolve_student(cfg: StudentConfig) -> StudentSetup:
         reader.check_dataset(train_set)
     teacher_arch = (reader.manifest.get("teacher") or {}).get("arch") if reader is not None else cfg.teacher_arch
     if reader is not None and cfg.teacher_arch not in (None, teacher_arch):
-        raise KdpipeError(f"The config names teacher {cfg.teacher_arch}, but the store at {reader.path} holds a "
-                          f"{teacher_arch}.")
+        raise KdpipeError(
+            f"The config names teacher {cfg.teacher_arch}, but the store at {reader.path} holds a {teacher_arch}."
+        )
     method = build_method(cfg.method, cfg.method_options, teacher_arch, cfg.student, recipe_family(cfg))
     if cfg.online_teacher is not None and reader is not None:
         reader.check_teacher(cfg.online_teacher)
@@ -276,10 +320,18 @@ def resolve_student(cfg: StudentConfig) -> StudentSetup:
         subset = subset_indices(train_set.labels, float(cfg.subset_fraction), int(cfg.subset_seed))
     if cfg.reserved_classes is not None:
         subset = reserved_subset(train_set.labels, int(cfg.reserved_classes), float(cfg.reserved_rate))
-    return StudentSetup(cfg=cfg, reader=reader, method=method, train_set=train_set,
-                        test_set=load_dataset(cfg.data, "test"), teacher_arch=teacher_arch,
-                        recipe=_recipe(method, cfg), policy=with_pad_mode(train_set.policy, pad_mode),
-                        target_set=target_set, subset=subset)
+    return StudentSetup(
+        cfg=cfg,
+        reader=reader,
+        method=method,
+        train_set=train_set,
+        test_set=load_dataset(cfg.data, "test"),
+        teacher_arch=teacher_arch,
+        recipe=_recipe(method, cfg),
+        policy=with_pad_mode(train_set.policy, pad_mode),
+        target_set=target_set,
+        subset=subset,
+    )
 
 
 def teacher_info(method, reader, cfg: StudentConfig, train_set, teacher_arch: str | None):
@@ -293,11 +345,17 @@ def teacher_info(method, reader, cfg: StudentConfig, train_set, teacher_arch: st
         ctx = KindContext(available=frozenset(reader.array_names()))
         paths = [p for k in kinds for p in k.bind(ctx).arrays()]
         if paths and all(p in arrays for p in paths):
-            return TeacherInfo(shapes={p: tuple(arrays[p]["shape"][2:]) for p in paths},
-                               static={n: reader.static(n) for n in reader.static_names()},
-                               image_size=train_set.image_size)
+            return TeacherInfo(
+                shapes={p: tuple(arrays[p]["shape"][2:]) for p in paths},
+                static={n: reader.static(n) for n in reader.static_names()},
+                image_size=train_set.image_size,
+            )
     if cfg.online_teacher is None:
         return TeacherInfo(image_size=train_set.image_size)  # the cached source names what is missing
+    if teacher_arch is None:
+        raise KdpipeError(
+            "--online-teacher without --store needs the teacher's architecture (teacher_arch in a config file)."
+        )
     return _probe_teacher_info(kinds, cfg, train_set, teacher_arch)
 
 
@@ -329,22 +387,36 @@ def make_target_source(setup: StudentSetup, device: torch.device):
     cfg, method = setup.cfg, setup.method
     kinds = method.kinds()
     source: OnlineTargets | NoTargets | CachedTargets
-    sizes = getattr(setup.train_set, "image_sizes", None) if getattr(setup.train_set, "images", None) is None \
-        else None
+    sizes = getattr(setup.train_set, "image_sizes", None) if getattr(setup.train_set, "images", None) is None else None
     if cfg.online_teacher:
         from kdpipe.models import load_teacher
 
         if setup.teacher_arch is None:
-            raise KdpipeError("--online-teacher without --store needs the teacher's architecture "
-                              "(teacher_arch in a config file).")
+            raise KdpipeError(
+                "--online-teacher without --store needs the teacher's architecture (teacher_arch in a config file)."
+            )
         teacher = load_teacher(setup.teacher_arch, str(cfg.online_teacher), setup.train_set.num_classes)
-        source = OnlineTargets(teacher, kinds, reader=setup.reader, target_set=cfg.targets if kinds else None,
-                               device=device, policy=setup.policy, views=cfg.online_views)
+        source = OnlineTargets(
+            teacher,
+            kinds,
+            reader=setup.reader,
+            target_set=cfg.targets if kinds else None,
+            device=device,
+            policy=setup.policy,
+            views=cfg.online_views,
+        )
     elif not kinds:
         source = NoTargets(setup.policy)
     else:
-        source = CachedTargets(setup.reader, kinds, setup.target_set.name if setup.target_set else None,
-                               device=device, mode=cfg.views, policy=setup.policy, resident=cfg.resident)
+        source = CachedTargets(
+            setup.reader,
+            kinds,
+            setup.target_set.name if setup.target_set else None,
+            device=device,
+            mode=cfg.views,
+            policy=setup.policy,
+            resident=cfg.resident,
+        )
     source.image_sizes = sizes
     return source
 
@@ -353,9 +425,12 @@ def student_loss_fn(model, method):
     """``loss_fn(net, x, labels, targets) -> (total, parts, logits)`` of the loop (``net``: the
     loop's ``Forward``, DDP-wrapped when data-parallel)."""
     # CE and logit KD need logits only: a plain forward, as plain training of the student does.
-    needs_features = bool(len(getattr(model, "taps", ()))) or getattr(model, "collect_stages", False) or \
-        getattr(model, "reused_head", None) is not None or any(
-            key != "logits" for kind in method.kinds() for key in kind.target_keys)
+    needs_features = (
+        bool(len(getattr(model, "taps", ())))
+        or getattr(model, "collect_stages", False)
+        or getattr(model, "reused_head", None) is not None
+        or any(key != "logits" for kind in method.kinds() for key in kind.target_keys)
+    )
 
     def loss_fn(net, x, labels, targets):
         if needs_features:
@@ -365,7 +440,7 @@ def student_loss_fn(model, method):
         total, parts = method.loss(logits, feats, targets, labels)
         return total, {k: v for k, v in parts.items() if k != "total"}, logits
 
-    loss_fn.begin_epoch = method.begin_epoch
+    loss_fn.begin_epoch = method.begin_epoch  # type: ignore[attr-defined]  # the loop's per-epoch hook
     return loss_fn
 
 
@@ -377,18 +452,31 @@ class Runtime:
     device: str | None = None
     progress: bool = True
     data_path: str = "auto"
-    loader_workers: int | None = None   # DataLoader workers for decoded data (None: default_workers())
+    loader_workers: int | None = None  # DataLoader workers for decoded data (None: default_workers())
     plot: bool = True
-    on_step: Callable[..., Any] | None = None      # called after every step (tests, benchmarks)
+    on_step: Callable[..., Any] | None = None  # called after every step (tests, benchmarks)
     after_epoch: Callable[..., Any] | None = None  # called after every epoch (fault tests)
     wandb: str | None = None  # a Weights & Biases project to log to (kdpipe.engine.loggers)
 
 
-def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict | None = None,
-                  out="runs", device=None, progress: bool = True, data_path: str = "auto",
-                  loader_workers: int | None = None, run_prefix: str | None = None, plot: bool = True, on_step=None,
-                  after_epoch=None, ray_address: str | None = None, source: dict | None = None,
-                  wandb: str | None = None) -> dict:
+def train_student(
+    cfg: StudentConfig | None = None,
+    *,
+    resume=None,
+    given: dict | None = None,
+    out="runs",
+    device=None,
+    progress: bool = True,
+    data_path: str = "auto",
+    loader_workers: int | None = None,
+    run_prefix: str | None = None,
+    plot: bool = True,
+    on_step=None,
+    after_epoch=None,
+    ray_address: str | None = None,
+    source: dict | None = None,
+    wandb: str | None = None,
+) -> dict:
     """Train a student (see the module docstring). ``out`` (and ``resume``) may be a URL
     (``kdpipe.pipeline.rundir``); ``wandb`` names a Weights & Biases project to log to. With
     ``resume`` the run's own config is used; ``given`` holds options the user passed beside it
@@ -416,9 +504,13 @@ def train_student(cfg: StudentConfig | None = None, *, resume=None, given: dict 
     if setup.cfg.data_parallel > 1:
         from kdpipe.pipeline.data_parallel import run_data_parallel
 
-        payload = {"cfg": dataclasses.asdict(setup.cfg), "run_dir": run.location, "resume": resume is not None,
-                   "runtime": dataclasses.asdict(dataclasses.replace(runtime, on_step=None)),
-                   "storage": storage.options()}
+        payload = {
+            "cfg": dataclasses.asdict(setup.cfg),
+            "run_dir": run.location,
+            "resume": resume is not None,
+            "runtime": dataclasses.asdict(dataclasses.replace(runtime, on_step=None)),
+            "storage": storage.options(),
+        }
         run_data_parallel(_student_worker, payload, setup.cfg.data_parallel, str(run.path), device, ray_address)
         run.refresh()  # rank 0 wrote the run (through the URL, for a remote one)
         source_tier = None
@@ -434,8 +526,14 @@ def _student_worker(payload: dict) -> None:
     storage.apply_options(payload.get("storage"))
     setup = resolve_student(StudentConfig(**payload["cfg"]))
     runtime = Runtime(**payload["runtime"])
-    _train_here(setup, RunDir(payload["run_dir"]), runtime, payload["resume"], Workers.current(),
-                worker_device(payload["use_gpu"]))
+    _train_here(
+        setup,
+        RunDir(payload["run_dir"]),
+        runtime,
+        payload["resume"],
+        Workers.current(),
+        worker_device(payload["use_gpu"]),
+    )
 
 
 def _train_here(setup: StudentSetup, run, runtime: Runtime, resume: bool, workers: Workers, dev) -> str | None:
@@ -454,18 +552,40 @@ def _train_here(setup: StudentSetup, run, runtime: Runtime, resume: bool, worker
     scheduler = make_scheduler(optimizer, r["epochs"], gamma=r["lr_decay"])
     start_epoch, best, scaler_state = 0, None, None
     if resume:
-        start_epoch, best, scaler_state = loop.restore_training_state(run, model, optimizer, scheduler, dev,
-                                                                      truncate=workers.is_main)
+        start_epoch, best, scaler_state = loop.restore_training_state(
+            run, model, optimizer, scheduler, dev, truncate=workers.is_main
+        )
     source = make_target_source(setup, dev)
-    train = place_dataset(setup.train_set, dev, indices=setup.subset, data_path=runtime.data_path,
-                          workers=runtime.loader_workers)
+    train = place_dataset(
+        setup.train_set, dev, indices=setup.subset, data_path=runtime.data_path, workers=runtime.loader_workers
+    )
     test = place_dataset(setup.test_set, dev, data_path=runtime.data_path, workers=runtime.loader_workers)
-    loop.fit(model=model, workers=workers, sync_bn=cfg.sync_bn, train=train, test=test, source=source,
-             loss_fn=student_loss_fn(model, setup.method), policy=setup.policy, epochs=r["epochs"],
-             batch_size=r["batch_size"], optimizer=optimizer, scheduler=scheduler, run=run, seed=int(cfg.seed),
-             amp=cfg.amp, start_epoch=start_epoch, best=best, progress=runtime.progress,
-             desc=f"{cfg.student} {setup.method.name}", plot=runtime.plot, on_step=runtime.on_step,
-             after_epoch=runtime.after_epoch, scaler_state=scaler_state, wandb=runtime.wandb)
+    loop.fit(
+        model=model,
+        workers=workers,
+        sync_bn=cfg.sync_bn,
+        train=train,
+        test=test,
+        source=source,
+        loss_fn=student_loss_fn(model, setup.method),
+        policy=setup.policy,
+        epochs=r["epochs"],
+        batch_size=r["batch_size"],
+        optimizer=optimizer,
+        scheduler=scheduler,
+        run=run,
+        seed=int(cfg.seed),
+        amp=cfg.amp,
+        start_epoch=start_epoch,
+        best=best,
+        progress=runtime.progress,
+        desc=f"{cfg.student} {setup.method.name}",
+        plot=runtime.plot,
+        on_step=runtime.on_step,
+        after_epoch=runtime.after_epoch,
+        scaler_state=scaler_state,
+        wandb=runtime.wandb,
+    )
     return getattr(source, "tier", None)
 
 
@@ -474,16 +594,25 @@ def _write_summary(run, setup, config, tier, t_start) -> dict:
     final = rows[-1] if rows else {}
     best_row = max(rows, key=lambda row: row.get("test_top1") or 0.0) if rows else {}
     summary = {
-        "stage": "train-student", "run_dir": run.location, "student": setup.cfg.student,
-        "method": setup.method.name, "method_options": dict(setup.method.options),
-        "target_source": config["target_source"], "target_tier": tier,
+        "stage": "train-student",
+        "run_dir": run.location,
+        "student": setup.cfg.student,
+        "method": setup.method.name,
+        "method_options": dict(setup.method.options),
+        "target_source": config["target_source"],
+        "target_tier": tier,
         "data_parallel": setup.cfg.data_parallel,
-        "views": setup.cfg.views, "seed": int(setup.cfg.seed), "epochs": setup.recipe["epochs"],
-        "final_top1": final.get("test_top1"), "final_top5": final.get("test_top5"),
-        "best_top1": best_row.get("test_top1"), "best_epoch": best_row.get("epoch"),
+        "views": setup.cfg.views,
+        "seed": int(setup.cfg.seed),
+        "epochs": setup.recipe["epochs"],
+        "final_top1": final.get("test_top1"),
+        "final_top5": final.get("test_top5"),
+        "best_top1": best_row.get("test_top1"),
+        "best_epoch": best_row.get("epoch"),
         "wall_seconds": time.perf_counter() - t_start,
         "train_seconds": sum(row.get("epoch_seconds") or 0.0 for row in rows),
-        "img_per_s": loop.mean_over_epochs(rows, "img_per_s"), "train_samples": config["train_samples"],
+        "img_per_s": loop.mean_over_epochs(rows, "img_per_s"),
+        "train_samples": config["train_samples"],
         "checkpoint": run.url("checkpoints", "latest.pth"),
     }
     run.write_summary(summary)

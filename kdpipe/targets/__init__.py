@@ -22,6 +22,23 @@ from kdpipe.targets.letkd import InterSubclass, PenultSoftmax, PenultTopk, index
 from kdpipe.targets.logits import Logits
 from kdpipe.targets.stages import AttentionMaps, HintFeature, PenultMap
 
-__all__ = ["TargetKind", "TeacherOutputs", "KindContext", "StoredArray", "pool_to", "Logits", "Cam",
-           "NativeCam", "Feature", "PenultTopk", "PenultSoftmax", "InterSubclass", "pooled_name",
-           "feature_name", "index_dtype", "AttentionMaps", "HintFeature", "PenultMap"]
+__all__ = [
+    "TargetKind",
+    "TeacherOutputs",
+    "KindContext",
+    "StoredArray",
+    "pool_to",
+    "Logits",
+    "Cam",
+    "NativeCam",
+    "Feature",
+    "PenultTopk",
+    "PenultSoftmax",
+    "InterSubclass",
+    "pooled_name",
+    "feature_name",
+    "index_dtype",
+    "AttentionMaps",
+    "HintFeature",
+    "PenultMap",
+]

@@ -33,8 +33,15 @@ import torch.nn.functional as F
 from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.errors import KdpipeError
 
-__all__ = ["TeacherOutputs", "KindContext", "TargetKind", "StoredArray", "pool_to",
-           "warp_channels_last", "needs_stages"]
+__all__ = [
+    "TeacherOutputs",
+    "KindContext",
+    "TargetKind",
+    "StoredArray",
+    "pool_to",
+    "warp_channels_last",
+    "needs_stages",
+]
 
 
 @dataclass
@@ -52,8 +59,9 @@ class TeacherOutputs:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, teacher, images_normalized: torch.Tensor, labels: torch.Tensor | None = None,
-           stages: bool = False) -> TeacherOutputs:
+    def of(
+        cls, teacher, images_normalized: torch.Tensor, labels: torch.Tensor | None = None, stages: bool = False
+    ) -> TeacherOutputs:
         """``stages``: also the stage outputs, ``feats["stages"]`` (kinds with ``needs_stages``)."""
         logits, feats = teacher.forward_features(images_normalized, stages=stages)
         return cls(logits, feats, labels)

@@ -45,12 +45,10 @@ class Cam(TargetKind):
     def storage(self) -> dict[str, StoredArray]:
         if self.from_native:
             return {NATIVE: StoredArray("float16", "native class activation map (bias-free 1x1 conv)")}
-        return {self.name: StoredArray("float16", f"class activation map adaptive-average-pooled "
-                                                  f"to {self.r}x{self.r}")}
+        return {self.name: StoredArray("float16", f"class activation map adaptive-average-pooled to {self.r}x{self.r}")}
 
     def bind(self, ctx: KindContext) -> Cam:
-        self.from_native = bool(ctx.available) and self.name not in ctx.available \
-            and NATIVE in ctx.available
+        self.from_native = bool(ctx.available) and self.name not in ctx.available and NATIVE in ctx.available
         return self
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
@@ -76,8 +74,11 @@ class NativeCam(TargetKind):
 
     @property
     def storage(self) -> dict[str, StoredArray]:
-        return {NATIVE: StoredArray("float16", "native class activation map: classifier weight as "
-                                               "1x1 conv on the last map, no bias")}
+        return {
+            NATIVE: StoredArray(
+                "float16", "native class activation map: classifier weight as 1x1 conv on the last map, no bias"
+            )
+        }
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
         return {NATIVE: out.feats["cam"].float()}

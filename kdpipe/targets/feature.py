@@ -47,8 +47,9 @@ class Feature(TargetKind):
 
     @property
     def storage(self) -> dict[str, StoredArray]:
-        return {self.name: StoredArray("float16", f"teacher feature map '{self.layer}' (before any tap)",
-                                       views=self.views)}
+        return {
+            self.name: StoredArray("float16", f"teacher feature map '{self.layer}' (before any tap)", views=self.views)
+        }
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
         return {self.name: out.feats[self.layer].float()}

@@ -58,7 +58,7 @@ class _TargetSetKind(TargetKind):
             raise KdpipeError(f"{type(self).__name__} is bound to a context without a target set.")
         return target_set
 
-    def static(self, short_name: str) -> torch.Tensor:
+    def fitted(self, short_name: str) -> torch.Tensor:
         """A whole array of the target set (centres, LDA, S) as float32 on the device."""
         if short_name not in self._static:
             self._static[short_name] = self._bound().tensor(self.ts.array(short_name))
@@ -79,11 +79,12 @@ class PenultTopk(_TargetSetKind):
     def storage(self) -> dict[str, StoredArray]:
         ts = self.ts
         return {
-            ts.array("penult_topk_idx"): StoredArray(index_dtype(ts.k_penult),
-                                                     "indices of the top-k nearest penult centres, "
-                                                     "by decreasing probability"),
-            ts.array("penult_topk_val"): StoredArray("float16", "their probabilities under "
-                                                     "softmax(-T d^2) over all K centres"),
+            ts.array("penult_topk_idx"): StoredArray(
+                index_dtype(ts.k_penult), "indices of the top-k nearest penult centres, by decreasing probability"
+            ),
+            ts.array("penult_topk_val"): StoredArray(
+                "float16", "their probabilities under softmax(-T d^2) over all K centres"
+            ),
         }
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
@@ -91,13 +92,15 @@ class PenultTopk(_TargetSetKind):
 
         ts = self.ts
         feat = pool_to(out.feats["penult"].float(), ts.penult_grid)
-        idx, val = penult_topk_targets(feat, self.static("penult_centers"), ts.temperature, ts.topk)
+        idx, val = penult_topk_targets(feat, self.fitted("penult_centers"), ts.temperature, ts.topk)
         return {ts.array("penult_topk_idx"): idx, ts.array("penult_topk_val"): val}
 
     def targets(self, rows):
         ts = self.ts
-        return {"penult_topk_idx": rows[ts.array("penult_topk_idx")].long(),
-                "penult_topk_val": rows[ts.array("penult_topk_val")].float()}
+        return {
+            "penult_topk_idx": rows[ts.array("penult_topk_idx")].long(),
+            "penult_topk_val": rows[ts.array("penult_topk_val")].float(),
+        }
 
     def warp(self, rows, policy, params):
         return {k: warp_channels_last(v, policy, params, "nearest") for k, v in rows.items()}
@@ -112,8 +115,12 @@ class PenultTopk(_TargetSetKind):
         from kdpipe.methods.letkd import densify_topk
 
         K = self.ts.k_penult
-        return {self.name: (densify_topk(cached["penult_topk_idx"], cached["penult_topk_val"], K),
-                            densify_topk(online["penult_topk_idx"], online["penult_topk_val"], K))}
+        return {
+            self.name: (
+                densify_topk(cached["penult_topk_idx"], cached["penult_topk_val"], K),
+                densify_topk(online["penult_topk_idx"], online["penult_topk_val"], K),
+            )
+        }
 
 
 class PenultSoftmax(_TargetSetKind):
@@ -128,16 +135,17 @@ class PenultSoftmax(_TargetSetKind):
         return {}
 
     def targets(self, rows):
-        raise KdpipeError("The full penultimate softmax is computed online only; train with "
-                          "--online-teacher, or use the stored top-k.")
+        raise KdpipeError(
+            "The full penultimate softmax is computed online only; train with "
+            "--online-teacher, or use the stored top-k."
+        )
 
     def online_targets(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
         from kdpipe.methods.letkd import penult_softmax_targets
 
         ts = self.ts
         feat = pool_to(out.feats["penult"].float(), ts.penult_grid)
-        return {"penult_probs": penult_softmax_targets(feat, self.static("penult_centers"),
-                                                       ts.temperature)}
+        return {"penult_probs": penult_softmax_targets(feat, self.fitted("penult_centers"), ts.temperature)}
 
 
 class InterSubclass(_TargetSetKind):
@@ -150,9 +158,11 @@ class InterSubclass(_TargetSetKind):
     @property
     def storage(self) -> dict[str, StoredArray]:
         ts = self.ts
-        return {ts.array("subclass_idx"): StoredArray(index_dtype(ts.num_subclasses),
-                                                      "label-constrained sub-class y*K + k of each "
-                                                      "location")}
+        return {
+            ts.array("subclass_idx"): StoredArray(
+                index_dtype(ts.num_subclasses), "label-constrained sub-class y*K + k of each location"
+            )
+        }
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
         from kdpipe.methods.letkd import assign_subclasses
@@ -161,14 +171,19 @@ class InterSubclass(_TargetSetKind):
             raise KdpipeError("letKD's intermediate targets need the images' labels.")
         ts = self.ts
         feat = pool_to(out.feats["inter"].float(), ts.inter_grid)
-        sub = assign_subclasses(feat, out.labels.to(feat.device), self.static("lda_xbar").reshape(-1),
-                                self.static("lda_scalings"), self.static("subclass_centers"),
-                                ts.k_inter)
+        sub = assign_subclasses(
+            feat,
+            out.labels.to(feat.device),
+            self.fitted("lda_xbar").reshape(-1),
+            self.fitted("lda_scalings"),
+            self.fitted("subclass_centers"),
+            ts.k_inter,
+        )
         return {ts.array("subclass_idx"): sub}
 
     def targets(self, rows):
         idx = rows[self.ts.array("subclass_idx")].long()
-        scores = self.static("subclass_scores")
+        scores = self.fitted("subclass_scores")
         return {"inter_probs": scores[idx.to(scores.device)]}
 
     def warp(self, rows, policy, params):

@@ -23,8 +23,15 @@ import torch
 from kdpipe.errors import KdpipeError
 from kdpipe.targets.base import KindContext, StoredArray, TargetKind, TeacherOutputs
 
-__all__ = ["AttentionMaps", "HintFeature", "PenultMap", "CLASSIFIER_WEIGHT", "CLASSIFIER_BIAS", "PENULT_SIDE",
-           "teacher_classifier"]
+__all__ = [
+    "AttentionMaps",
+    "HintFeature",
+    "PenultMap",
+    "CLASSIFIER_WEIGHT",
+    "CLASSIFIER_BIAS",
+    "PENULT_SIDE",
+    "teacher_classifier",
+]
 
 #: static arrays of ``PenultMap`` (``static/<name>``)
 CLASSIFIER_WEIGHT = "teacher/classifier_weight"
@@ -71,15 +78,20 @@ class AttentionMaps(TargetKind):
 
     @property
     def storage(self) -> dict[str, StoredArray]:
-        return {path: StoredArray("float16", f"AT attention map (p={self.p:g}) of teacher stage "
-                                             f"{path.rsplit('stage', 1)[1]}" + (", feature pooled to half its side"
-                                                                                if size == "half" else ""))
-                for path, _, size in self._paths()}
+        return {
+            path: StoredArray(
+                "float16",
+                f"AT attention map (p={self.p:g}) of teacher stage "
+                f"{path.rsplit('stage', 1)[1]}" + (", feature pooled to half its side" if size == "half" else ""),
+            )
+            for path, _, size in self._paths()
+        }
 
-    def bind(self, ctx: KindContext) -> "AttentionMaps":
+    def bind(self, ctx: KindContext) -> AttentionMaps:
         if self.stages is None and ctx.available:
-            self.stages = sum(1 for p in ctx.available if p.startswith(self.name + "/stage")
-                              and not p.endswith("_half")) or None
+            self.stages = (
+                sum(1 for p in ctx.available if p.startswith(self.name + "/stage") and not p.endswith("_half")) or None
+            )
         return self
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
@@ -91,7 +103,7 @@ class AttentionMaps(TargetKind):
         if len(feats) < self.stages:
             raise KdpipeError(f"The teacher lists {len(feats)} stages; the store's AT maps need {self.stages}.")
         rows = {}
-        for i, feat in enumerate(feats[:self.stages], start=1):
+        for i, feat in enumerate(feats[: self.stages], start=1):
             feat = feat.float()
             rows[f"{self.name}/stage{i}"] = attention_map(feat, self.p)
             rows[f"{self.name}/stage{i}_half"] = attention_map(feat, self.p, size=max(1, feat.shape[2] // 2))
@@ -163,9 +175,11 @@ class PenultMap(TargetKind):
     def static(self, teacher, out: TeacherOutputs) -> dict:
         weight, bias = teacher_classifier(teacher)
         side = np.asarray([out.feats["penult"].shape[2]], dtype=np.int32)
-        return {CLASSIFIER_WEIGHT: (weight, "teacher classifier weight [C, D] (SimKD reuses it)"),
-                CLASSIFIER_BIAS: (bias, "teacher classifier bias [C] (zeros for a CAM head)"),
-                PENULT_SIDE: (side, "spatial side of the teacher's penultimate map")}
+        return {
+            CLASSIFIER_WEIGHT: (weight, "teacher classifier weight [C, D] (SimKD reuses it)"),
+            CLASSIFIER_BIAS: (bias, "teacher classifier bias [C] (zeros for a CAM head)"),
+            PENULT_SIDE: (side, "spatial side of the teacher's penultimate map"),
+        }
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
         return {self.name: out.feats["penult"].float()}
