@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +47,13 @@ def parse_args(argv=None):
         action="store_true",
         help="continue an interrupted run in --workdir: keep its complete store (and the extraction "
         "time it recorded) and resume the cluster stage's assignment pass (implies --keep)",
+    )
+    p.add_argument(
+        "--assign-budget",
+        type=float,
+        default=None,
+        help="stop the assignment pass after this many seconds and record its measured rate and the projected "
+        "time of the whole pass (the pass is resumable: a later --reuse run finishes it)",
     )
     p.add_argument("--out", default="bench-out/stage_one.json")
     return p.parse_args(argv)
@@ -109,6 +117,66 @@ def _count(shape) -> int:
     return c
 
 
+def _cluster_child(cfg) -> None:
+    from kdpipe.stages.cluster import cluster
+
+    cluster(cfg, progress=True, verbose=True)
+
+
+def budgeted_cluster(cfg, store: str, budget: float) -> dict:
+    """Run ``cluster`` in a child process; once its fit is recorded, let the assignment pass
+    run ``budget`` seconds, stop it, and measure: the fit's own seconds (from the target set's
+    record), the pass's shards done, its rate over the budget and the projected whole pass."""
+    import multiprocessing as mp
+
+    from kdpipe.artifacts import open_store
+
+    child = mp.get_context("spawn").Process(target=_cluster_child, args=(cfg,))
+    t0 = time.perf_counter()
+    child.start()
+    fit, t_fit = None, None
+    while child.is_alive():
+        time.sleep(5)
+        reader = open_store(store, allow_incomplete=True)
+        if "default" not in reader.target_sets(include_incomplete=True):
+            continue
+        record = reader.target_set("default", include_incomplete=True)
+        if fit is None and (record.extra or {}).get("fit_done"):
+            fit, t_fit = record.extra.get("seconds", {}), time.perf_counter()
+            done_at_start = int(np.asarray(reader.array(record.array("shards_done"))[:]).sum())
+        if t_fit is not None and time.perf_counter() - t_fit >= budget:
+            break
+    elapsed = time.perf_counter() - (t_fit or t0)
+    child.terminate()
+    child.join()
+    reader = open_store(store, allow_incomplete=True)
+    if fit is None:
+        return {"fit_seconds": None, "wall_seconds": time.perf_counter() - t0, "note": "the fit did not finish"}
+    record = reader.target_set("default", include_incomplete=True)
+    done = np.asarray(reader.array(record.array("shards_done"))[:])
+    shard_size = int(reader.manifest.get("shard_size") or reader.num_samples)
+    shards_now = int(done.sum()) - done_at_start
+    images = shards_now * shard_size * reader.num_views
+    total = reader.num_samples * reader.num_views
+    rate = images / elapsed if elapsed > 0 else float("nan")
+    return {
+        "fit_seconds": fit,
+        "kmeans_objective_penult": record.kmeans_objective_penult,
+        "topk": record.topk,
+        "assign": {
+            "budget_seconds": budget,
+            "elapsed_seconds": elapsed,
+            "shards_done": int(done.sum()),
+            "shards_total": int(done.size),
+            "images_in_budget": images,
+            "img_per_s": rate,
+            "projected_seconds_whole_pass": total / rate if rate > 0 else None,
+        },
+        "images": total,
+        "peak_rss_bytes_driver": peak_rss_bytes(),
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
     from kdpipe.artifacts import open_store
@@ -155,19 +223,33 @@ def main(argv=None):
     reader = open_store(str(store))
     finished = "default" in reader.target_sets()  # a finished cluster stage is measured again
     resume = reused and not finished and "default" in reader.target_sets(include_incomplete=True)
-    cl = cluster(
-        ClusterConfig(
-            store=str(store),
-            k_penult=args.k_penult,
-            k_inter=args.k_inter,
-            resume=resume,
-            overwrite=reused and finished,
-            batch_size=args.batch_size,
-            executor=args.executor,
-        ),
-        progress=True,
-        verbose=True,
+    cluster_cfg = ClusterConfig(
+        store=str(store),
+        k_penult=args.k_penult,
+        k_inter=args.k_inter,
+        resume=resume,
+        overwrite=reused and finished,
+        batch_size=args.batch_size,
+        executor=args.executor,
     )
+    if args.assign_budget is not None:
+        partial = budgeted_cluster(cluster_cfg, str(store), args.assign_budget)
+        result = {
+            "benchmark": "stage_one",
+            "partial": True,
+            "machine": machine(),
+            "data": data,
+            "teacher": args.arch,
+            "samples": args.n,
+            "k_penult": args.k_penult,
+            "k_inter": args.k_inter,
+            "executor": args.executor,
+            "extract": extracted,
+            **partial,
+        }
+        print(f"[stage_one] partial: wrote {write_json(args.out, result, argv, 'stage_one.py')}")
+        return
+    cl = cluster(cluster_cfg, progress=True, verbose=True)
     mem_cluster = peak_rss_bytes()
     reader = open_store(str(store))
     info = reader.array_info()
