@@ -467,6 +467,21 @@ def cluster(
     )
 
 
+#: Method options on train-student's command line: option name -> click parameter name.
+METHOD_OPTION_PARAMS = {
+    "beta": "beta", "resolution": "resolution", "normalize": "normalize", "ce_weight": "ce_weight",
+    "binarize": "binarize", "top_n": "top_n", "bottom_n": "bottom_n", "temperature": "temperature",
+    "alpha_penult": "alpha_penult", "alpha_inter": "alpha_inter", "penult_target": "penult_target",
+    "alpha": "alpha", "warmup": "warmup", "feat_weight": "feat_weight", "p": "at_p", "hint_layer": "hint_layer",
+    "factor": "factor", "kd_weight": "kd_weight",
+}  # fmt: skip
+#: train-student parameters that are StudentConfig fields as they are.
+STUDENT_FIELD_PARAMS = (
+    "store", "targets", "student", "method", "epochs", "lr", "batch_size", "views", "resident", "seed", "amp",
+    "online_teacher", "online_views", "data", "subset_fraction", "subset_seed", "data_parallel", "sync_bn", "head",
+)  # fmt: skip
+
+
 @cli.command("train-student")
 @click.option("--store", default=None, type=click.Path(), help="The teacher-artifact store (extract-teacher).")
 @click.option("--targets", default="default", show_default=True, help="Target set of the store (cluster --name).")
@@ -631,107 +646,20 @@ def cluster(
 @click.option("--print-config", is_flag=True, help="Print the resolved run configuration as JSON and exit.")
 @click.option("--wandb", default=None, metavar="PROJECT", help=_WANDB_HELP)
 @click.pass_context
-def train_student(
-    ctx,
-    store,
-    targets,
-    student,
-    method,
-    beta,
-    alpha,
-    warmup,
-    feat_weight,
-    at_p,
-    hint_layer,
-    factor,
-    kd_weight,
-    resolution,
-    normalize,
-    ce_weight,
-    binarize,
-    top_n,
-    bottom_n,
-    temperature,
-    alpha_penult,
-    alpha_inter,
-    epochs,
-    lr,
-    batch_size,
-    views,
-    resident,
-    penult_target,
-    seed,
-    device,
-    amp,
-    resume,
-    online_teacher,
-    online_views,
-    data,
-    subset_fraction,
-    subset_seed,
-    sweeps,
-    executor,
-    gpus_per_trial,
-    cpus_per_trial,
-    data_parallel,
-    sync_bn,
-    loader_workers,
-    ray_address,
-    out,
-    head,
-    config_file,
-    sets,
-    print_config,
-    wandb,
-):
+def train_student(ctx, **opts):
     """Stage two: train a student from the store, teacher-free.
 
     --store, --student and --method are required, except with --config FILE (which gives
     them) or --resume RUN (which reuses the run's configuration)."""
     from kdpipe.stages.train import train_student as run_stage
 
-    options = {
-        "beta": beta,
-        "resolution": resolution,
-        "normalize": normalize,
-        "ce_weight": ce_weight,
-        "binarize": binarize,
-        "top_n": top_n,
-        "bottom_n": bottom_n,
-        "temperature": temperature,
-        "alpha_penult": alpha_penult,
-        "alpha_inter": alpha_inter,
-        "penult_target": penult_target,
-        "alpha": alpha,
-        "warmup": warmup,
-        "feat_weight": feat_weight,
-        "p": at_p,
-        "hint_layer": hint_layer,
-        "factor": factor,
-        "kd_weight": kd_weight,
-    }
-    fields = dict(
-        store=store,
-        targets=targets,
-        student=student,
-        method=method,
-        method_options={k: v for k, v in options.items() if v is not None},
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        views=views,
-        resident=resident,
-        seed=seed,
-        amp=amp,
-        online_teacher=online_teacher,
-        online_views=online_views,
-        data=data,
-        subset_fraction=subset_fraction,
-        subset_seed=subset_seed,
-        data_parallel=data_parallel,
-        sync_bn=sync_bn,
-        head=head,
-    )
+    options = {name: opts[param] for name, param in METHOD_OPTION_PARAMS.items()}
+    fields = {name: opts[name] for name in STUDENT_FIELD_PARAMS}
+    fields["method_options"] = {k: v for k, v in options.items() if v is not None}
+    resume, sweeps, device, ray_address = opts["resume"], opts["sweeps"], opts["device"], opts["ray_address"]
+    loader_workers, out, wandb = opts["loader_workers"], opts["out"], opts["wandb"]
+    config_file, sets, print_config = opts["config_file"], opts["sets"], opts["print_config"]
+    executor, gpus_per_trial, cpus_per_trial = opts["executor"], opts["gpus_per_trial"], opts["cpus_per_trial"]
     sweep_options = _sweep_options(executor, ray_address, gpus_per_trial, cpus_per_trial, device)
     if resume is not None:
         given = given_options(ctx, [k for k in fields if k != "method_options"])

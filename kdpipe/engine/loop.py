@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,63 +151,52 @@ def fit(
     ``workers`` (data-parallel, ``kdpipe.engine.parallel``) every worker runs this with its
     share of each batch; rank 0 evaluates, logs and checkpoints. Returns {"best_top1",
     "best_epoch", "final": last metrics row, "images", "train_seconds"}."""
-    device = train.device
     workers = workers or Workers()
-    net = wrap_for_training(model, workers, device, sync_bn)
-    scaler = make_grad_scaler(device, amp)
+    scaler = make_grad_scaler(train.device, amp)
     if scaler_state and scaler.is_enabled():
         scaler.load_state_dict(scaler_state)
+    r = _FitRun(
+        model=model,
+        net=wrap_for_training(model, workers, train.device, sync_bn),
+        workers=workers,
+        train=train,
+        test=test,
+        source=source,
+        loss_fn=loss_fn,
+        policy=policy,
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        run=run,
+        seed=seed,
+        amp=amp,
+        progress=progress and workers.is_main,
+        desc=desc,
+        eval_batch_size=eval_batch_size,
+        on_step=on_step,
+        loggers=EpochLoggers.for_run(run, start_epoch, wandb) if workers.is_main else None,
+    )
     best = dict(best or {"top1": -1.0, "epoch": 0})
     images_seen, train_seconds, last_row = 0, 0.0, {}
-    progress = progress and workers.is_main
-    loggers = EpochLoggers.for_run(run, start_epoch, wandb) if workers.is_main else None
     try:
         for epoch in range(start_epoch, epochs):
-            row, seen, dt = _train_epoch(
-                net,
-                train,
-                source,
-                loss_fn,
-                policy,
-                epoch,
-                epochs,
-                batch_size,
-                optimizer,
-                scaler,
-                run,
-                seed,
-                amp,
-                progress,
-                desc,
-                on_step,
-                workers,
-            )
+            row, seen, dt = _train_epoch(r, epoch)
             scheduler.step()
             train_seconds += dt
             images_seen += seen
             if workers.is_main:
                 row.update({"img_per_s": seen / dt if dt > 0 else float("nan"), "epoch_seconds": dt})
-                best = _finish_epoch(
-                    model,
-                    test,
-                    eval_batch_size,
-                    amp,
-                    row,
-                    best,
-                    epoch,
-                    epochs,
-                    desc,
-                    progress,
-                    (run, loggers, optimizer, scheduler, scaler),
-                )
+                best = _finish_epoch(r, row, best, epoch)
                 last_row = row
             workers.barrier()
             if after_epoch is not None:
                 after_epoch(epoch + 1)
     finally:
         source.close()
-        if loggers is not None:
-            loggers.close()
+        if r.loggers is not None:
+            r.loggers.close()
     if plot and workers.is_main:
         _plot_curves(run)
     return {
@@ -217,18 +208,46 @@ def fit(
     }
 
 
-def _finish_epoch(model, test, eval_batch_size, amp, row, best, epoch, epochs, desc, progress, saving) -> dict:
-    """Rank 0 after an epoch: test metrics into ``row``, the row logged, checkpoints written
-    (``saving`` = run, loggers, optimizer, scheduler, scaler), the epoch line; returns best."""
-    run, loggers, optimizer, scheduler, scaler = saving
-    if test is not None:
-        ev = evaluate_model(model, test, eval_batch_size, amp)
+@dataclass
+class _FitRun:
+    """What every epoch of one ``fit`` call uses (built once by ``fit``)."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model as trained (DDP-wrapped with several workers)
+    workers: Workers
+    train: Any
+    test: Any
+    source: Any
+    loss_fn: LossFn
+    policy: Any
+    epochs: int
+    batch_size: int
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    run: Any
+    seed: int
+    amp: bool
+    progress: bool
+    desc: str
+    eval_batch_size: int
+    on_step: Callable | None
+    loggers: EpochLoggers | None
+
+
+def _finish_epoch(r: _FitRun, row: dict, best: dict, epoch: int) -> dict:
+    """Rank 0 after an epoch: test metrics into ``row``, the row logged, checkpoints written,
+    the epoch line; returns the best so far."""
+    if r.test is not None:
+        ev = evaluate_model(r.model, r.test, r.eval_batch_size, r.amp)
         row.update({"test_loss": ev["loss"], "test_top1": ev["top1"], "test_top5": ev["top5"]})
-    best = _log_and_checkpoint(run, loggers, model, optimizer, scheduler, scaler, row, best, epoch, test is not None)
-    if progress:
+    best = _log_and_checkpoint(
+        r.run, r.loggers, r.model, r.optimizer, r.scheduler, r.scaler, row, best, epoch, r.test is not None
+    )
+    if r.progress:
         from tqdm.auto import tqdm
 
-        tqdm.write(_epoch_message(desc, epoch, epochs, row))
+        tqdm.write(_epoch_message(r.desc, epoch, r.epochs, row))
     return best
 
 
@@ -239,49 +258,32 @@ def _plot_curves(run) -> None:
         print(f"kdpipe: warning: could not draw the curves ({type(err).__name__}: {err})")
 
 
-def _train_epoch(
-    net,
-    train,
-    source,
-    loss_fn,
-    policy,
-    epoch,
-    epochs,
-    batch_size,
-    optimizer,
-    scaler,
-    run,
-    seed,
-    amp,
-    progress,
-    desc,
-    on_step,
-    workers: Workers,
-) -> tuple[dict, int, float]:
+def _train_epoch(r: _FitRun, epoch: int) -> tuple[dict, int, float]:
     """One epoch's steps: returns (metrics row without the test columns, images, seconds),
     the row summed over the workers."""
     from tqdm.auto import tqdm
 
+    train, source, workers, seed = r.train, r.source, r.workers, r.seed
     device = train.device
-    net.train()
+    r.net.train()
     torch.manual_seed(epoch_seed(seed, epoch, SALT_TORCH) + workers.rank)
     plan = source.plan(train.sample_indices, seed, epoch).shard(workers.rank, workers.world_size)
-    local_batch = batch_size // workers.world_size
+    local_batch = r.batch_size // workers.world_size
     source.begin_epoch(plan, local_batch)
-    begin = getattr(loss_fn, "begin_epoch", None)  # the method's epoch hook (DKD's warm-up)
+    begin = getattr(r.loss_fn, "begin_epoch", None)  # the method's epoch hook (DKD's warm-up)
     if begin is not None:
         begin(epoch)
     loss_buf = torch.zeros(steps_per_epoch(plan.num_samples, local_batch), dtype=torch.float32, device=device)
     part_sums: dict = {}
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen, checked, nsteps = 0, 0, 0
-    lr = optimizer.param_groups[0]["lr"]
+    lr = r.optimizer.param_groups[0]["lr"]
     bar = tqdm(
         total=plan.num_samples * workers.world_size,
-        desc=f"{desc} {epoch + 1}/{epochs}",
+        desc=f"{r.desc} {epoch + 1}/{r.epochs}",
         unit="img",
         unit_scale=True,
-        disable=not progress,
+        disable=not r.progress,
         leave=False,
         dynamic_ncols=True,
         mininterval=0.5,
@@ -289,11 +291,13 @@ def _train_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    for step, (batch, images) in enumerate(train.batches(plan, local_batch, policy)):
-        total, parts, logits, labels = train_step(net, loss_fn, source, optimizer, scaler, train, batch, images, amp)
+    for step, (batch, images) in enumerate(train.batches(plan, local_batch, r.policy)):
+        total, parts, logits, labels = train_step(
+            r.net, r.loss_fn, source, r.optimizer, r.scaler, train, batch, images, r.amp
+        )
         loss_buf[step] = total.detach().float()
-        if on_step is not None:
-            on_step(epoch, step, total.detach(), parts)
+        if r.on_step is not None:
+            r.on_step(epoch, step, total.detach(), parts)
         for k, v in parts.items():
             part_sums[k] = part_sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
         correct += logits.detach().argmax(dim=1).eq(labels).sum()
@@ -301,10 +305,10 @@ def _train_epoch(
         nsteps = step + 1
         bar.update(batch.size * workers.world_size)
         if nsteps % 25 == 0:  # periodic sync: NaN check and progress display
-            _check_finite(loss_buf, checked, nsteps, epoch, run)
+            _check_finite(loss_buf, checked, nsteps, epoch, r.run)
             checked = nsteps
             bar.set_postfix(loss=f"{loss_buf[step].item():.4f}", lr=f"{lr:.3g}", refresh=False)
-    _check_finite(loss_buf, checked, nsteps, epoch, run)
+    _check_finite(loss_buf, checked, nsteps, epoch, r.run)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0

@@ -168,11 +168,83 @@ def _check_arguments(cfg: ExtractConfig) -> ExtractConfig:
 
 
 # ------------------------------------------------------------------------------ planning
+def _probe(dataset, policy, teacher, cfg) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One identity-view image and its label, and the teacher's class count (checked against
+    the data set's)."""
+    from kdpipe.data import normalize
+
+    identity = torch.from_numpy(policy.identity()[None])
+    probe = normalize(policy.apply_images(dataset.get_batch(np.arange(1)), identity), dataset.mean, dataset.std)
+    labels = torch.as_tensor(dataset.labels[:1], dtype=torch.int64)
+    num_classes = int(teacher.forward_features(probe)[0].shape[1])
+    if num_classes != dataset.num_classes:
+        raise KdpipeError(
+            f"The teacher has {num_classes} outputs but the data set {cfg.data} has {dataset.num_classes} classes."
+        )
+    return probe, labels, num_classes
+
+
+def _array_specs(kinds, shapes: dict, n: int, num_views: int, param_dim: int) -> list:
+    from kdpipe.artifacts.schema import ArraySpec
+
+    views_meaning = "view parameters (policy-specific) of each stored view of each sample"
+    specs = [
+        ArraySpec("views", (n, num_views, param_dim), "int32", views_meaning),
+        ArraySpec("labels", (n,), "int32", "class label of each sample"),
+    ]
+    for kind in kinds:
+        for path, stored in kind.storage.items():
+            v = num_views if stored.views == "all" else 1
+            specs.append(ArraySpec(path, (n, v) + shapes[path], stored.dtype, stored.meaning))
+    return specs
+
+
+def _shard_size(cfg, specs: list, n: int) -> int:
+    """The given shard size, else the resumed store's own, else one sized from the row bytes."""
+    from kdpipe.artifacts import read_manifest
+
+    shard_size = cfg.shard_size
+    if shard_size is None and cfg.resume:
+        shard_size = (read_manifest(cfg.out) or {}).get("shard_size")  # continue with the store's own
+    if shard_size is None:
+        shard_size = auto_shard_size(sum(s.row_bytes() for s in specs), n)
+    return int(min(int(shard_size), n))
+
+
+def _manifest(cfg, dataset, views_entry: dict, num_classes: int, specs: list, shard_size: int) -> dict:
+    from kdpipe.artifacts import sha256_file
+    from kdpipe.artifacts.schema import build_manifest
+
+    teacher = {
+        "arch": cfg.arch,
+        "sha256": sha256_file(cfg.teacher),
+        "num_classes": num_classes,
+        "path": absolute_path(cfg.teacher),
+    }
+    data = {
+        "name": dataset.name,
+        "spec": absolute_spec(getattr(dataset, "spec", cfg.data)),
+        "split": dataset.split,
+        "fingerprint": dataset.fingerprint,
+        "num_samples": len(dataset),
+        "num_classes": dataset.num_classes,
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+        "image_size": list(dataset.image_size),
+    }
+    return build_manifest(
+        teacher=teacher,
+        dataset=data,
+        views=views_entry,
+        layers=list(cfg.features),
+        specs=specs,
+        shard_size=shard_size,
+        num_samples=len(dataset),
+    )
+
+
 def _store_layout(cfg, dataset, policy, teacher) -> dict:
     """Views table, kinds, array specs and manifest of the store this run makes."""
-    from kdpipe.artifacts import read_manifest, sha256_file
-    from kdpipe.artifacts.schema import ArraySpec, build_manifest
-    from kdpipe.data import normalize
     from kdpipe.views import resolve_views, view_table
 
     n = len(dataset)
@@ -180,38 +252,10 @@ def _store_layout(cfg, dataset, policy, teacher) -> dict:
     table = view_table(policy, n, mode, cfg.seed)  # [N, V, P]
     num_views = int(table.shape[1])
     kinds = extraction_kinds(cfg)
-    probe = normalize(
-        policy.apply_images(dataset.get_batch(np.arange(1)), torch.from_numpy(policy.identity()[None])),
-        dataset.mean,
-        dataset.std,
-    )
-    labels = torch.as_tensor(dataset.labels[:1], dtype=torch.int64)
-    num_classes = int(teacher.forward_features(probe)[0].shape[1])
-    if num_classes != dataset.num_classes:
-        raise KdpipeError(
-            f"The teacher has {num_classes} outputs but the data set {cfg.data} has {dataset.num_classes} classes."
-        )
-    shapes = probe_rows(kinds, teacher, probe, labels)
-    specs = [
-        ArraySpec(
-            "views",
-            (n, num_views, policy.param_dim),
-            "int32",
-            "view parameters (policy-specific) of each stored view of each sample",
-        ),
-        ArraySpec("labels", (n,), "int32", "class label of each sample"),
-    ]
-    for kind in kinds:
-        for path, stored in kind.storage.items():
-            v = num_views if stored.views == "all" else 1
-            specs.append(ArraySpec(path, (n, v) + shapes[path], stored.dtype, stored.meaning))
+    probe, labels, num_classes = _probe(dataset, policy, teacher, cfg)
+    specs = _array_specs(kinds, probe_rows(kinds, teacher, probe, labels), n, num_views, policy.param_dim)
     static = static_arrays(kinds, teacher, probe, labels)
-    shard_size = cfg.shard_size
-    if shard_size is None and cfg.resume:
-        shard_size = (read_manifest(cfg.out) or {}).get("shard_size")  # continue with the store's own
-    if shard_size is None:
-        shard_size = auto_shard_size(sum(s.row_bytes() for s in specs), n)
-    shard_size = int(min(int(shard_size), n))
+    shard_size = _shard_size(cfg, specs, n)
     specs = [s.with_chunks(shard_size) for s in specs]
     views_entry = dict(policy.spec())
     views_entry.update(
@@ -224,35 +268,11 @@ def _store_layout(cfg, dataset, policy, teacher) -> dict:
         feature_views=cfg.feature_views,
         identity_index=identity_column(table, policy.identity()),
     )
-    manifest = build_manifest(
-        teacher={
-            "arch": cfg.arch,
-            "sha256": sha256_file(cfg.teacher),
-            "num_classes": num_classes,
-            "path": absolute_path(cfg.teacher),
-        },
-        dataset={
-            "name": dataset.name,
-            "spec": absolute_spec(getattr(dataset, "spec", cfg.data)),
-            "split": dataset.split,
-            "fingerprint": dataset.fingerprint,
-            "num_samples": n,
-            "num_classes": dataset.num_classes,
-            "mean": list(dataset.mean),
-            "std": list(dataset.std),
-            "image_size": list(dataset.image_size),
-        },
-        views=views_entry,
-        layers=list(cfg.features),
-        specs=specs,
-        shard_size=shard_size,
-        num_samples=n,
-    )
     return {
         "table": table,
         "kinds": kinds,
         "specs": specs,
-        "manifest": manifest,
+        "manifest": _manifest(cfg, dataset, views_entry, num_classes, specs, shard_size),
         "shard_size": shard_size,
         "static": static,
         "num_views": num_views,
