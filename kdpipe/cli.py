@@ -75,6 +75,10 @@ _WANDB_HELP = (
 )
 
 
+#: train-teacher parameters that are TeacherConfig fields as they are.
+TEACHER_FIELD_PARAMS = ("arch", "data", "epochs", "lr", "batch_size", "seed", "amp", "data_parallel", "sync_bn")
+
+
 @cli.command("train-teacher")
 @click.option("--arch", default=None, help="Model name as in mdistiller (resnet8, resnet32x4, wrn_40_2, ...).")
 @click.option(
@@ -134,76 +138,30 @@ _WANDB_HELP = (
 )
 @click.option("--wandb", default=None, metavar="PROJECT", help=_WANDB_HELP)
 @click.pass_context
-def train_teacher(
-    ctx,
-    arch,
-    data,
-    epochs,
-    lr,
-    batch_size,
-    seed,
-    device,
-    amp,
-    out,
-    data_parallel,
-    sync_bn,
-    loader_workers,
-    ray_address,
-    resume,
-    wandb,
-):
+def train_teacher(ctx, **opts):
     """Train a teacher with cross-entropy (reference recipe) into a run directory."""
     from kdpipe.pipeline.configs import TeacherConfig
     from kdpipe.stages.teacher import train_teacher as run_stage
 
-    if resume:
-        given = given_options(
-            ctx, ("arch", "data", "epochs", "lr", "batch_size", "seed", "amp", "data_parallel", "sync_bn")
-        )
-        s = run_stage(
-            resume=resume,
-            given=given,
-            device=device,
-            ray_address=ray_address,
-            loader_workers=loader_workers,
-            wandb=wandb,
-        )
+    runtime = {k: opts[k] for k in ("device", "ray_address", "loader_workers", "wandb")}
+    if opts["resume"]:
+        s = run_stage(resume=opts["resume"], given=given_options(ctx, TEACHER_FIELD_PARAMS), **runtime)
     else:
-        if not arch:
+        if not opts["arch"]:
             raise KdpipeError("train-teacher needs --arch (or --resume RUN).")
-        s = run_stage(
-            TeacherConfig(
-                arch=arch,
-                data=data,
-                epochs=epochs,
-                lr=lr,
-                batch_size=batch_size,
-                seed=seed,
-                amp=amp,
-                data_parallel=data_parallel,
-                sync_bn=sync_bn,
-            ),
-            out=out,
-            device=device,
-            ray_address=ray_address,
-            loader_workers=loader_workers,
-            wandb=wandb,
-        )
-    click.echo(
-        format_summary(
-            "train-teacher: done",
-            {
-                "test top-1 (%)": s["top1"],
-                "test top-5 (%)": s["top5"],
-                "best top-1 (%)": s["best_top1"],
-                "epochs": s["epochs"],
-                "wall time (s)": s["wall_seconds"],
-                "img/s (train)": s["img_per_s"],
-                "checkpoint": s["checkpoint"],
-                "run directory": s["run_dir"],
-            },
-        )
-    )
+        cfg = TeacherConfig(**{k: opts[k] for k in TEACHER_FIELD_PARAMS})
+        s = run_stage(cfg, out=opts["out"], **runtime)
+    summary = {
+        "test top-1 (%)": s["top1"],
+        "test top-5 (%)": s["top5"],
+        "best top-1 (%)": s["best_top1"],
+        "epochs": s["epochs"],
+        "wall time (s)": s["wall_seconds"],
+        "img/s (train)": s["img_per_s"],
+        "checkpoint": s["checkpoint"],
+        "run directory": s["run_dir"],
+    }
+    click.echo(format_summary("train-teacher: done", summary))
 
 
 @cli.command("evaluate")
