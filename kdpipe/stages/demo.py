@@ -426,6 +426,24 @@ def _check_settings(s: DemoSettings, out: Path) -> None:
         get_method(_run_spec(label)[0], **{k: v for k, v in _run_spec(label)[1].items() if v is not None})
 
 
+def _draw_pictures(store, ckpt, s: DemoSettings, rows: list, report: Path) -> dict:
+    """The report's three pictures: students' curves, the teacher's CAMs, letKD's sub-classes."""
+    from kdpipe.artifacts import open_store
+    from kdpipe.data import load_dataset
+    from kdpipe.models import load_teacher
+    from kdpipe.stages.cluster import plot_subclasses
+    from kdpipe.stages.inspect import plot_cams
+
+    reader = open_store(store)
+    train_set = load_dataset(DATA, "train")
+    teacher_model = load_teacher(s.teacher_arch, str(ckpt), train_set.num_classes)
+    return {
+        "curves": str(plot_student_curves(_curves_by_label(rows), report / "curves.png")),
+        "cams": str(plot_cams(reader, train_set, 8, report / "cams.png", teacher=teacher_model)),
+        "subclasses": str(plot_subclasses(reader, TARGET_SET, 6, report / "subclasses.png", train_set)),
+    }
+
+
 def run_demo(
     out: str | Path = "kdpipe-demo",
     fast: bool = False,
@@ -458,21 +476,7 @@ def run_demo(
         # Warp draws fresh augmentations and warps the identity view's maps: a 1-view store.
         stores["warp"], _ = _store_stage(out / "store-1view.zarr", ckpt, s, "1", verbose)
     rows = _student_runs(stores, ckpt, out, s, verbose)
-
-    from kdpipe.artifacts import open_store
-    from kdpipe.data import load_dataset
-    from kdpipe.models import load_teacher
-    from kdpipe.stages.cluster import plot_subclasses
-    from kdpipe.stages.inspect import plot_cams
-
-    reader = open_store(store)
-    train_set = load_dataset(DATA, "train")
-    teacher_model = load_teacher(s.teacher_arch, str(ckpt), train_set.num_classes)
-    pictures = {
-        "curves": str(plot_student_curves(_curves_by_label(rows), report / "curves.png")),
-        "cams": str(plot_cams(reader, train_set, 8, report / "cams.png", teacher=teacher_model)),
-        "subclasses": str(plot_subclasses(reader, TARGET_SET, 6, report / "subclasses.png", train_set)),
-    }
+    pictures = _draw_pictures(store, ckpt, s, rows, report)
     table = results_table(rows)
     wall = time.perf_counter() - t0
     store_bytes = _store_bytes(store)
