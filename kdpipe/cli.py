@@ -75,6 +75,31 @@ _WANDB_HELP = (
 )
 
 
+def _training_workers_options(command):
+    """--gpus, --sync-bn and --workers, shared by train-teacher and train-student."""
+    options = [
+        click.option(
+            "--gpus",
+            "data_parallel",
+            default=1,
+            show_default=True,
+            type=int,
+            help="Data-parallel workers on Ray Train (one per GPU; CPU workers with gloo where there is no GPU).",
+        ),
+        click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA)."),
+        click.option(
+            "--workers",
+            "loader_workers",
+            default=None,
+            type=click.IntRange(min=0),
+            help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).",
+        ),
+    ]
+    for option in reversed(options):  # decorators apply bottom-up: keep --gpus first in --help
+        command = option(command)
+    return command
+
+
 #: train-teacher parameters that are TeacherConfig fields as they are.
 TEACHER_FIELD_PARAMS = ("arch", "data", "epochs", "lr", "batch_size", "seed", "amp", "data_parallel", "sync_bn")
 
@@ -108,22 +133,7 @@ TEACHER_FIELD_PARAMS = ("arch", "data", "epochs", "lr", "batch_size", "seed", "a
     type=click.Path(file_okay=False),
     help="Parent folder of the run directory (a local path or a URL: s3://bucket/runs).",
 )
-@click.option(
-    "--gpus",
-    "data_parallel",
-    default=1,
-    show_default=True,
-    type=int,
-    help="Data-parallel workers on Ray Train (one per GPU; CPU workers with gloo where there is no GPU).",
-)
-@click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
-@click.option(
-    "--workers",
-    "loader_workers",
-    default=None,
-    type=click.IntRange(min=0),
-    help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).",
-)
+@_training_workers_options
 @click.option(
     "--ray-address",
     default=None,
@@ -558,22 +568,7 @@ STUDENT_FIELD_PARAMS = (
     show_default=True,
     help="Sweeps on Ray: CPUs reserved for each trial (also its torch threads).",
 )
-@click.option(
-    "--gpus",
-    "data_parallel",
-    default=1,
-    show_default=True,
-    type=int,
-    help="Data-parallel workers on Ray Train (one per GPU; CPU workers with gloo where there is no GPU).",
-)
-@click.option("--sync-bn", is_flag=True, help="With --gpus: BatchNorm statistics over all workers (CUDA).")
-@click.option(
-    "--workers",
-    "loader_workers",
-    default=None,
-    type=click.IntRange(min=0),
-    help="DataLoader workers decoding images of folder data sets (default: CPUs - 1, at most 8).",
-)
+@_training_workers_options
 @click.option(
     "--ray-address",
     default=None,
