@@ -32,13 +32,13 @@ test-fast: setup
 
 # ruff (lint and format check) and mypy over the package, tests and benchmarks, as CI runs them.
 lint: setup
-	$(VENV)/bin/ruff check kdpipe tests benchmarks
-	$(VENV)/bin/ruff format --check kdpipe tests benchmarks
+	$(VENV)/bin/ruff check kdpipe tests benchmarks examples docs/templates
+	$(VENV)/bin/ruff format --check kdpipe tests benchmarks examples docs/templates
 	$(VENV)/bin/mypy
 
 format: setup
-	$(VENV)/bin/ruff check --fix kdpipe tests benchmarks
-	$(VENV)/bin/ruff format kdpipe tests benchmarks
+	$(VENV)/bin/ruff check --fix kdpipe tests benchmarks examples docs/templates
+	$(VENV)/bin/ruff format kdpipe tests benchmarks examples docs/templates
 
 bench: setup
 	$(PY) benchmarks/train_step.py

@@ -1,16 +1,16 @@
 """Benchmark of the `kdpipe cluster` building blocks; JSON to --out (bench-out/cluster.json).
 
-1. K-means: faiss (kdpipe.methods.clustering.kmeans) vs scikit-learn KMeans on the same data,
+1. K-means: faiss (kdpipe.methods.letkd.fit.clustering.kmeans) vs scikit-learn KMeans on the same data,
    same K, same number of iterations (sklearn: n_init=1, init="random" like faiss, tol=0 so it
    runs every iteration), same thread count. Time and objective (mean squared distance of every
    vector to its nearest centre, computed the same way for both).
    Bar: faiss no slower than sklearn at equal or lower objective (1% slack on the objective:
    both are 20 Lloyd iterations from different random starts).
-2. Top-k assignment throughput over 4096 centres (kdpipe.methods.clustering.TopkAssigner:
+2. Top-k assignment throughput over 4096 centres (kdpipe.methods.letkd.fit.clustering.TopkAssigner:
    search="faiss" (separate faiss search + exact logsumexp over all K) and search="torch" (the
    CPU default: top-k on the same distance row)), vectors/s; letkd.penult_topk_targets (torch,
    full softmax) on the same data for comparison.
-3. Streaming LDA (kdpipe.methods.lda.LDAStats) over N growing 8x, data generated chunk by chunk
+3. Streaming LDA (kdpipe.methods.letkd.fit.lda.LDAStats) over N growing 8x, data generated chunk by chunk
    (never all in memory): time and peak traced memory (tracemalloc). Bar: peak flat within 20%.
 4. The whole stage on digits features (issue 4's bar): extract-teacher with a freshly
    initialised resnet8 teacher, --stage-views views (default 8), inline, then cluster the store
@@ -37,7 +37,7 @@ import numpy as np
 
 
 def _objective(x, centers):
-    from kdpipe.methods.clustering import kmeans_objective
+    from kdpipe.methods.letkd.fit.clustering import kmeans_objective
 
     return kmeans_objective(x, centers)
 
@@ -46,7 +46,7 @@ def bench_kmeans(n, d, k, niter, seed, repeats):
     import faiss  # noqa: F401
     from sklearn.cluster import KMeans
 
-    from kdpipe.methods.clustering import kmeans
+    from kdpipe.methods.letkd.fit.clustering import kmeans
 
     rng = np.random.default_rng(seed)
     # clustered data: 4k blobs in d dims
@@ -87,8 +87,8 @@ def bench_kmeans(n, d, k, niter, seed, repeats):
 def bench_topk(n, d, k_centers, topk, seed):
     import torch
 
-    from kdpipe.methods.clustering import TopkAssigner
     from kdpipe.methods.letkd import penult_topk_targets
+    from kdpipe.methods.letkd.fit.clustering import TopkAssigner
 
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(k_centers, d)).astype(np.float32)
@@ -124,7 +124,7 @@ def bench_topk(n, d, k_centers, topk, seed):
 
 
 def bench_lda(sizes, d, c, chunk, seed):
-    from kdpipe.methods.lda import LDAStats
+    from kdpipe.methods.letkd.fit.lda import LDAStats
 
     means = np.random.default_rng(seed).normal(size=(c, d)) * 2
     rows = []
@@ -172,8 +172,8 @@ def bench_stage(k_penults, seed, views="auto"):
 
     import torch
 
+    from kdpipe.config.configs import ClusterConfig, ExtractConfig
     from kdpipe.models import build
-    from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig
     from kdpipe.stages.cluster import cluster as run_cluster
     from kdpipe.stages.extract import extract_teacher as run_extract
 

@@ -9,8 +9,8 @@ statistics calibrated on the data (timing does not depend on the weights), ``ext
 (inline executor, ``--views`` stored views, CAMs pooled to 2x2). Every run is
 ``kdpipe.stages.train.train_student`` with cached CAT-KD, ``StudentConfig(data_parallel=N)``:
 N = 1 trains in this process, N = 2 starts a loopback-only local Ray
-(``kdpipe.pipeline.executor``) and two Ray Train workers on gloo, each taking half of every
-batch (``kdpipe.pipeline.data_parallel``).
+(``kdpipe.distributed.executor``) and two Ray Train workers on gloo, each taking half of every
+batch (``kdpipe.distributed.data_parallel``).
 
 Runs are interleaved (1, 2, 1, 2, ...) so a load change on the machine touches both alike.
 Throughput per run: the median of the epochs' global images/s (the metrics rows count every
@@ -55,9 +55,9 @@ def parse_args(argv=None):
 
 def make_store(workdir: Path, data: str, views: str) -> tuple[str, float]:
     """A resnet8 teacher (random weights, calibrated BN) and its store, made by extract_teacher."""
+    from kdpipe.config.configs import ExtractConfig
     from kdpipe.data import load_dataset
     from kdpipe.models import build
-    from kdpipe.pipeline.configs import ExtractConfig
     from kdpipe.stages.extract import extract_teacher
 
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def epoch_rows(run_dir: str) -> list[dict]:
 
 def one_run(args, store: str, workers: int, out: Path) -> dict:
     """One train_student run with ``workers`` data-parallel workers; its img/s and times."""
-    from kdpipe.pipeline.configs import StudentConfig
+    from kdpipe.config.configs import StudentConfig
     from kdpipe.stages.train import train_student
 
     cfg = StudentConfig(
@@ -153,7 +153,7 @@ def summarise(args, runs: list[dict]) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cpus = os.cpu_count() or 1
-    # the per-worker threads the 2-worker run gets (kdpipe.pipeline.data_parallel._cpus_per_worker)
+    # the per-worker threads the 2-worker run gets (kdpipe.distributed.data_parallel._cpus_per_worker)
     torch.set_num_threads(args.threads or max(1, cpus // max(args.workers)))
     with tempfile.TemporaryDirectory(prefix="kdpipe-dp-bench-") as tmp:
         workdir = Path(args.workdir or tmp)

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from kdpipe.pipeline.report import mean_std
-from kdpipe.stages.demo import ABLATION_STUDENTS, COMPARISON_STUDENTS, FULL, STUDENT_RUNS, TABLE_STUDENTS, run_demo
+from kdpipe.runs.report import mean_std
+from kdpipe.workflows.demo import ABLATION_STUDENTS, COMPARISON_STUDENTS, FULL, STUDENT_RUNS, TABLE_STUDENTS, run_demo
 
 #: (cached, online) pairs of the bar; (stored top-k, variant) pairs of the ablation.
 PAIRS = (

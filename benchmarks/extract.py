@@ -88,10 +88,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from kdpipe.config.configs import ExtractConfig
     from kdpipe.data import load_dataset
+    from kdpipe.distributed.executor import ray_cluster
     from kdpipe.models import build, load_teacher
-    from kdpipe.pipeline.configs import ExtractConfig
-    from kdpipe.pipeline.executor import ray_cluster
     from kdpipe.stages.extract import extract_teacher as run_extract
     from kdpipe.views import resolve_views, view_table
 

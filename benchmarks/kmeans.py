@@ -9,7 +9,7 @@ interleaved (the backend order rotates each repeat) so a machine whose load chan
 the run affects every backend alike. Reported per backend and K: wall time of the fit (median
 over repeats) and the final objective, the sum of
 squared distances of every vector to its nearest final centre, computed by one function
-(``kdpipe.methods.clustering.kmeans_objective``) for all backends. Ratios are against
+(``kdpipe.methods.letkd.fit.clustering.kmeans_objective``) for all backends. Ratios are against
 faiss-cpu measured in the same run.
 
     OMP_NUM_THREADS=2 python benchmarks/kmeans.py --n 100000 --d 64 --ks 256,1024
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json  # noqa: E402
 
-from kdpipe.methods.clustering import (  # noqa: E402
+from kdpipe.methods.letkd.fit.clustering import (  # noqa: E402
     faiss_gpu_available,
     faiss_installed,
     initial_centers,
@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
         "repeats": a.repeats,
         "data": "4*max(K) seeded Gaussian blobs (scale 3) plus unit noise",
         "backends": labels,
-        "init": "shared by every backend: kdpipe.methods.clustering.initial_centers(x, K, seed)",
+        "init": "shared by every backend: kdpipe.methods.letkd.fit.clustering.initial_centers(x, K, seed)",
         "results": results,
         "machine": mach,
         "total_seconds": time.perf_counter() - t0,

@@ -180,9 +180,9 @@ def budgeted_cluster(cfg, store: str, budget: float) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     from kdpipe.artifacts import open_store
+    from kdpipe.config.configs import ClusterConfig, ExtractConfig
     from kdpipe.data import load_dataset
     from kdpipe.models import build
-    from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig
     from kdpipe.stages.cluster import cluster
     from kdpipe.stages.extract import extract_teacher
 

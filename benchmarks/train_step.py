@@ -67,9 +67,9 @@ def make_store(args, workdir: Path, data: str, num_classes: int) -> dict:
     from common import calibrated_teacher
 
     from kdpipe.artifacts import open_store
+    from kdpipe.config.configs import ClusterConfig, ExtractConfig
     from kdpipe.data import load_dataset
     from kdpipe.models import build
-    from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig
     from kdpipe.stages.cluster import cluster
     from kdpipe.stages.extract import extract_teacher
 

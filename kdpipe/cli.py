@@ -10,9 +10,10 @@ import sys
 
 import click
 
-from kdpipe import __version__
+from kdpipe.cli_method_options import MethodOptionsCommand, method_options_given
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.report import format_summary
+from kdpipe.runs.report import format_summary
+from kdpipe.version import __version__
 
 
 class _Group(click.Group):
@@ -45,7 +46,7 @@ def _probe_ray_address(ctx: click.Context, param: click.Parameter, value: str | 
     """--ray-address: a cluster that cannot be reached is one sentence now, not after the
     stage's preparations and minutes of Ray's connection retries."""
     if value:
-        from kdpipe.pipeline.executor import check_ray_address
+        from kdpipe.distributed.executor import check_ray_address
 
         check_ray_address(value)
     return value
@@ -150,7 +151,7 @@ TEACHER_FIELD_PARAMS = ("arch", "data", "epochs", "lr", "batch_size", "seed", "a
 @click.pass_context
 def train_teacher(ctx, **opts):
     """Train a teacher with cross-entropy (reference recipe) into a run directory."""
-    from kdpipe.pipeline.configs import TeacherConfig
+    from kdpipe.config.configs import TeacherConfig
     from kdpipe.stages.teacher import train_teacher as run_stage
 
     runtime = {k: opts[k] for k in ("device", "ray_address", "loader_workers", "wandb")}
@@ -286,7 +287,7 @@ def extract_teacher(
     overwrite,
 ):
     """Stage one: run the teacher once over the data set into a Zarr store."""
-    from kdpipe.pipeline.configs import ExtractConfig
+    from kdpipe.config.configs import ExtractConfig
     from kdpipe.stages.extract import extract_teacher as run_stage
     from kdpipe.stages.extract import parse_cam_res, parse_features
 
@@ -402,7 +403,7 @@ def cluster(
     device,
 ):
     """Stage one: letKD's fit (LDA, K-means, sub-class scores), then the targets of every view."""
-    from kdpipe.pipeline.configs import ClusterConfig
+    from kdpipe.config.configs import ClusterConfig
     from kdpipe.stages.cluster import cluster as run_stage
 
     run_stage(
@@ -435,14 +436,6 @@ def cluster(
     )
 
 
-#: Method options on train-student's command line: option name -> click parameter name.
-METHOD_OPTION_PARAMS = {
-    "beta": "beta", "resolution": "resolution", "normalize": "normalize", "ce_weight": "ce_weight",
-    "binarize": "binarize", "top_n": "top_n", "bottom_n": "bottom_n", "temperature": "temperature",
-    "alpha_penult": "alpha_penult", "alpha_inter": "alpha_inter", "penult_target": "penult_target",
-    "alpha": "alpha", "warmup": "warmup", "feat_weight": "feat_weight", "p": "at_p", "hint_layer": "hint_layer",
-    "factor": "factor", "kd_weight": "kd_weight",
-}  # fmt: skip
 #: train-student parameters that are StudentConfig fields as they are.
 STUDENT_FIELD_PARAMS = (
     "store", "targets", "student", "method", "epochs", "lr", "batch_size", "views", "resident", "seed", "amp",
@@ -450,44 +443,16 @@ STUDENT_FIELD_PARAMS = (
 )  # fmt: skip
 
 
-@cli.command("train-student")
+@cli.command("train-student", cls=MethodOptionsCommand)
 @click.option("--store", default=None, type=click.Path(), help="The teacher-artifact store (extract-teacher).")
 @click.option("--targets", default="default", show_default=True, help="Target set of the store (cluster --name).")
 @click.option("--student", default=None, help="Student architecture (resnet8x4, ShuffleV1, ...).")
-@click.option("--method", default=None, help="ce, kd, cat_kd, letkd1, letkd2, dkd, at, fitnet or simkd.")
 @click.option(
-    "--beta",
-    type=float,
+    "--method",
     default=None,
-    help="cat_kd: CAT weight (default: the reference pair's, else 15); dkd: NCKD weight (the pair's, else 8).",
+    help="A registered method (`kdpipe methods` lists them) or a sum of them, e.g. at+kd. "
+    "Its options are the flags under 'Method options' (a flag applies to every part of a sum that takes it).",
 )
-@click.option("--alpha", type=float, default=None, help="dkd: TCKD weight (default 1).")
-@click.option("--warmup", type=int, default=None, help="dkd: epochs of the DKD loss's linear warm-up (default 20).")
-@click.option(
-    "--feat-weight",
-    type=float,
-    default=None,
-    help="at / fitnet / simkd: weight of the feature loss (default 1000 / 100 / 1).",
-)
-@click.option("--p", "at_p", type=float, default=None, help="at: power p of the attention maps (default 2).")
-@click.option("--hint-layer", type=int, default=None, help="fitnet: the hint stage, mdistiller's feats index (2).")
-@click.option("--factor", type=int, default=None, help="simkd: the projector's bottleneck factor (default 2).")
-@click.option("--kd-weight", type=float, default=None, help="kd / simkd: weight of the KD term.")
-@click.option("--resolution", type=int, default=None, help="cat_kd: CAM pooling size r (default 2).")
-@click.option(
-    "--normalize/--no-normalize",
-    default=None,
-    help="cat_kd: l2-normalise pooled CAMs (default: the architecture rule).",
-)
-@click.option(
-    "--ce-weight", type=float, default=None, help="cat_kd/kd/dkd/at/fitnet/simkd: weight of CE (cat_kd: 0 = CAT only)."
-)
-@click.option("--binarize", is_flag=True, default=None, help="cat_kd: binarise the teacher CAM before pooling.")
-@click.option("--top-n", type=int, default=None, help="cat_kd: transfer only the teacher's top-n classes' CAMs.")
-@click.option("--bottom-n", type=int, default=None, help="cat_kd: transfer only the bottom-n classes' CAMs.")
-@click.option("--temperature", type=float, default=None, help="kd / dkd: temperature T (default 4).")
-@click.option("--alpha-penult", type=float, default=None, help="letkd: alpha of the penultimate KD layer.")
-@click.option("--alpha-inter", type=float, default=None, help="letkd2: alpha of the intermediate KD layer.")
 @click.option("--epochs", type=int, default=None, help="Epochs (default: the recipe's 240; lr steps scale with it).")
 @click.option("--lr", type=float, default=None, help="Initial lr (default: the recipe's, 0.05 or 0.01).")
 @click.option("--batch-size", type=int, default=None, help="Batch size (default: the recipe's 64).")
@@ -505,12 +470,6 @@ STUDENT_FIELD_PARAMS = (
     show_default=True,
     help="Where cached targets live: auto (by measured free memory), the device, "
     "host memory, or streamed from the store.",
-)
-@click.option(
-    "--penult-target",
-    type=click.Choice(["topk", "full"]),
-    default=None,
-    help="letkd: stored top-k (default) or the full softmax over all K (online only).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -606,7 +565,7 @@ def train_student(ctx, **opts):
     them) or --resume RUN (which reuses the run's configuration)."""
     from kdpipe.stages.train import train_student as run_stage
 
-    options = {name: opts[param] for name, param in METHOD_OPTION_PARAMS.items()}
+    options = method_options_given(opts)
     fields = {name: opts[name] for name in STUDENT_FIELD_PARAMS}
     fields["method_options"] = {k: v for k, v in options.items() if v is not None}
     resume, sweeps, device, ray_address = opts["resume"], opts["sweeps"], opts["device"], opts["ray_address"]
@@ -636,7 +595,7 @@ def train_student(ctx, **opts):
             click.echo(json.dumps(resolved(cfg, record), indent=2, sort_keys=True, default=str))
             return
         if sweeps:
-            from kdpipe.pipeline.sweep import parse_sweep, run_sweep
+            from kdpipe.workflows.sweep import parse_sweep, run_sweep
 
             _echo_sweep(run_sweep(cfg, parse_sweep(sweeps), out=out, options=sweep_options))
             return
@@ -668,7 +627,7 @@ def train_student(ctx, **opts):
 
 def _student_config(ctx, fields: dict, options: dict, config_file, sets, print_config: bool):
     """The StudentConfig of the command line, or of --config FILE with the typed options on top."""
-    from kdpipe.pipeline.configs import StudentConfig
+    from kdpipe.config.configs import StudentConfig
 
     if config_file is None:
         if sets:
@@ -678,7 +637,7 @@ def _student_config(ctx, fields: dict, options: dict, config_file, sets, print_c
         if missing:
             raise KdpipeError(f"train-student needs {', '.join(missing)} (or --config FILE, or --resume RUN).")
         return StudentConfig(**fields), None
-    from kdpipe.pipeline.config_files import student_from_file
+    from kdpipe.config.config_files import student_from_file
 
     overrides = given_options(ctx, [k for k in fields if k != "method_options"])
     if any(v is not None for v in options.values()):
@@ -687,7 +646,7 @@ def _student_config(ctx, fields: dict, options: dict, config_file, sets, print_c
 
 
 def _sweep_options(executor, ray_address, gpus_per_trial, cpus_per_trial, device):
-    from kdpipe.pipeline.sweep import SweepOptions
+    from kdpipe.workflows.sweep import SweepOptions
 
     return SweepOptions(
         executor=executor,
@@ -700,7 +659,7 @@ def _sweep_options(executor, ray_address, gpus_per_trial, cpus_per_trial, device
 
 def _resume_sweep(resume, sweeps, given: dict, sweep_options) -> bool:
     """--resume SWEEP_DIR: continue the sweep (True), or False when RUN is a single run."""
-    from kdpipe.pipeline.sweep import is_sweep_dir, resume_sweep
+    from kdpipe.workflows.sweep import is_sweep_dir, resume_sweep
 
     if not is_sweep_dir(resume):
         if sweeps:
@@ -724,6 +683,31 @@ def _echo_sweep(r: dict) -> None:
     if r.get("unfinished"):
         items["unfinished (continue with)"] = f"--resume {r['sweep_dir']}"
     click.echo(format_summary("train-student sweep: done", items))
+
+
+@cli.command("methods")
+@click.option("--markdown", is_flag=True, help="Print docs/METHODS.md's table of methods and options instead.")
+@click.option(
+    "--write-docs",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Rewrite the methods table of this Markdown file (between its methods-table markers).",
+)
+def methods(markdown, write_docs):
+    """Every registered method with its options, defaults and where each default comes from."""
+    from kdpipe.methods.catalog import methods_markdown, methods_text, replace_docs_table
+
+    if write_docs:
+        from pathlib import Path
+
+        path = Path(write_docs)
+        try:
+            path.write_text(replace_docs_table(path.read_text()))
+        except ValueError as err:
+            raise KdpipeError(f"{path}: {err}.") from None
+        click.echo(f"kdpipe methods: the table in {path} is up to date.")
+        return
+    click.echo(methods_markdown() if markdown else methods_text())
 
 
 @cli.command("run")
@@ -759,7 +743,7 @@ def _echo_sweep(r: dict) -> None:
 def run(configs, sets, out, stores, executor):
     """Whole paper rows from config files: stores (shared), target sets, students, one table."""
     from kdpipe import storage
-    from kdpipe.stages.run import run_configs
+    from kdpipe.workflows.run import run_configs
 
     result = run_configs(configs, sets=sets, out=out, stores=stores, executor=executor)
     click.echo(storage.read_bytes(result["results_md"]).decode("utf-8").rstrip())
@@ -830,7 +814,7 @@ def demo(out, fast, executor, seeds, teacher_epochs, student_epochs, views, k_pe
     """The whole pipeline on the embedded digits data set: teacher, store, students, report.
 
     A re-run reuses the teacher and the store it already made."""
-    from kdpipe.stages.demo import run_demo
+    from kdpipe.workflows.demo import run_demo
 
     try:
         seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
@@ -847,7 +831,7 @@ def demo(out, fast, executor, seeds, teacher_epochs, student_epochs, views, k_pe
         if value is not None
     }
     if students:
-        from kdpipe.stages.demo import ALL_STUDENTS
+        from kdpipe.workflows.demo import ALL_STUDENTS
 
         overrides["students"] = (
             ALL_STUDENTS if students == "all" else tuple(x.strip() for x in students.split(",") if x.strip())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 # Ray decides when it is first imported whether a local cluster may bind to 127.0.0.1 only
-# (kdpipe.pipeline.executor.init_local_ray); tests import ray in many places, so say it first.
+# (kdpipe.distributed.executor.init_local_ray); tests import ray in many places, so say it first.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 # Tests run on 2 CPU cores next to each other; keep torch from oversubscribing them.
@@ -46,7 +46,7 @@ def tiny_store(tmp_path_factory):
     every view, CAMs pooled to 2 and native, identity-view features, and a target set
     "default" (K_penult 8, K_inter 2, top-k capped at 4). Tests that change a store copy it
     (``store_copy``)."""
-    from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig
+    from kdpipe.config.configs import ClusterConfig, ExtractConfig
     from kdpipe.stages.cluster import cluster
     from kdpipe.stages.extract import extract_teacher
 

@@ -15,10 +15,10 @@ import torch
 
 from kdpipe.artifacts import StoreWriter, open_store
 from kdpipe.cli import cli
+from kdpipe.config.configs import ClusterConfig
+from kdpipe.distributed.teacher_pass import TeacherPassWorker
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.methods.letkd import subclass_score_matrix
-from kdpipe.pipeline.configs import ClusterConfig
-from kdpipe.pipeline.teacher_pass import TeacherPassWorker
 from kdpipe.stages.cluster import cluster as run_cluster
 from kdpipe.stages.cluster import plot_subclasses
 
@@ -206,7 +206,7 @@ def test_plot_subclasses(tiny_store, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_equals_inline(store_copy):
-    from kdpipe.pipeline.executor import ray_cluster
+    from kdpipe.distributed.executor import ray_cluster
 
     path = store_copy["path"]
     with ray_cluster(num_cpus=2):

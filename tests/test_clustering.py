@@ -7,7 +7,8 @@ import torch
 from scipy.special import logsumexp
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.clustering import (
+from kdpipe.methods.letkd import penult_topk_targets, subclass_score_matrix
+from kdpipe.methods.letkd.fit.clustering import (
     TopkAssigner,
     constrained_nearest,
     kmeans,
@@ -15,7 +16,6 @@ from kdpipe.methods.clustering import (
     subclass_prototypes,
     subsample_indices,
 )
-from kdpipe.methods.letkd import penult_topk_targets, subclass_score_matrix
 
 faiss.omp_set_num_threads(1)
 

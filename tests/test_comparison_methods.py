@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.artifacts import open_store
+from kdpipe.config.configs import ExtractConfig, StudentConfig
 from kdpipe.data import load_dataset, normalize
 from kdpipe.engine.sources import CachedTargets, OnlineTargets
 from kdpipe.errors import KdpipeError
@@ -22,7 +23,6 @@ from kdpipe.methods import available, get_method
 from kdpipe.methods.at import at_loss
 from kdpipe.methods.dkd import dkd_loss
 from kdpipe.models import build, load_teacher
-from kdpipe.pipeline.configs import ExtractConfig, StudentConfig
 from kdpipe.targets import AttentionMaps, HintFeature, PenultMap, TeacherOutputs
 from kdpipe.targets.stages import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, PENULT_SIDE
 

@@ -113,7 +113,7 @@ LETKD_REFERENCE = {
 
 @pytest.mark.parametrize("pair", list(LETKD_REFERENCE))
 def test_letkd_rows_equal_the_reference(cli_runner, pair):
-    from kdpipe.pipeline.config_files import load_row
+    from kdpipe.config.config_files import load_row
 
     lr, a_penult, a_inter, grid = LETKD_REFERENCE[pair]
     for level in (1, 2):
@@ -220,7 +220,7 @@ def test_unknown_keys_are_one_sentence(cli_runner, tmp_path):
 
 
 def test_run_shares_stores_and_resumes(cli_runner, tiny_store, tmp_path, monkeypatch):
-    from kdpipe.stages.run import run_configs
+    from kdpipe.workflows.run import run_configs
 
     rows = []
     for method in ("kd", "cat_kd"):

@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
+from kdpipe.config.configs import StudentConfig
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.configs import StudentConfig
 from kdpipe.stages.train import train_student
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from kdpipe.distributed.executor import plan, run_shards
 from kdpipe.errors import StoreError
-from kdpipe.pipeline.executor import plan, run_shards
 
 
 class SumWorker:
@@ -52,7 +52,7 @@ def test_worker_error_reaches_driver_as_itself():
         run_shards(SumWorker, {"fail_shard": 2}, plan(32, 4), executor="inline", progress=False)
     from ray.exceptions import RayTaskError
 
-    from kdpipe.pipeline.executor import _unwrap
+    from kdpipe.distributed.executor import _unwrap
 
     cause = OSError(28, "No space left on device")
     assert _unwrap(RayTaskError("run", "traceback", cause)) is cause

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from kdpipe.artifacts import StoreWriter, open_store
 from kdpipe.cli import cli
+from kdpipe.config.configs import ExtractConfig
 from kdpipe.data import load_dataset, normalize
+from kdpipe.distributed.executor import KillWorkerOnce
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.models import build, load_teacher
-from kdpipe.pipeline.configs import ExtractConfig
-from kdpipe.pipeline.executor import KillWorkerOnce
 from kdpipe.stages.extract import extract_teacher as run_extract
 from kdpipe.views import view_table
 
@@ -121,8 +121,8 @@ def test_resume_after_the_driver_is_killed(ckpt, reference, tmp_path):
     out = str(tmp_path / "s.zarr")
     marker = tmp_path / "killed"
     code = (
-        f"from kdpipe.stages.extract import extract_teacher; from kdpipe.pipeline.configs import ExtractConfig; "
-        f"from kdpipe.pipeline.executor import KillWorkerOnce; "
+        f"from kdpipe.stages.extract import extract_teacher; from kdpipe.config.configs import ExtractConfig; "
+        f"from kdpipe.distributed.executor import KillWorkerOnce; "
         f"import torch; torch.set_num_threads(1); extract_teacher(ExtractConfig({ckpt!r}, {ARCH!r}, {DATA!r}, "
         f"{out!r}, executor='inline', **{OPTS!r}), progress=False, fault=KillWorkerOnce(2, {str(marker)!r}))"
     )
@@ -290,7 +290,7 @@ def test_more_views_than_distinct_ones_is_refused(cli_runner, ckpt, tmp_path):
 
 @pytest.mark.ray
 def test_ray_with_a_killed_worker_equals_inline(ckpt, reference, tmp_path, monkeypatch):
-    from kdpipe.pipeline.executor import ray_cluster
+    from kdpipe.distributed.executor import ray_cluster
 
     out = str(tmp_path / "ray.zarr")
     marker = tmp_path / "killed"

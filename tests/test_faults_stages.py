@@ -8,7 +8,7 @@ import json
 import torch
 
 from kdpipe.cli import cli
-from kdpipe.pipeline.rundir import RunDir
+from kdpipe.runs.rundir import RunDir
 
 TEACH = "synthetic:n=16,classes=4,size=16,seed=0"
 

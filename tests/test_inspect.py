@@ -6,8 +6,8 @@ import torch
 
 from kdpipe.artifacts import StoreWriter
 from kdpipe.cli import cli
+from kdpipe.config.configs import ExtractConfig
 from kdpipe.models import build
-from kdpipe.pipeline.configs import ExtractConfig
 from kdpipe.stages.extract import extract_teacher
 from kdpipe.stages.inspect import describe, inspect_store
 

@@ -8,8 +8,14 @@ import torch
 from click.testing import CliRunner
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods import clustering
-from kdpipe.methods.clustering import _split_empty, kmeans, kmeans_objective, resolve_kmeans_backend, torch_kmeans
+from kdpipe.methods.letkd.fit import clustering
+from kdpipe.methods.letkd.fit.clustering import (
+    _split_empty,
+    kmeans,
+    kmeans_objective,
+    resolve_kmeans_backend,
+    torch_kmeans,
+)
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ import pytest
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.lda import LDAStats, fit_lda, lda_project
+from kdpipe.methods.letkd.fit.lda import LDAStats, fit_lda, lda_project
 
 
 def _data(n=600, c=5, d=9, seed=0):

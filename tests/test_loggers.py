@@ -12,9 +12,9 @@ import torch
 from conftest import TINY_DATA
 
 from kdpipe.cli import cli
+from kdpipe.config.configs import StudentConfig, TeacherConfig
 from kdpipe.engine.loggers import scalar_tag
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.configs import StudentConfig, TeacherConfig
 from kdpipe.stages.teacher import train_teacher
 from kdpipe.stages.train import train_student
 

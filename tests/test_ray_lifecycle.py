@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from kdpipe.distributed import ray_reaper
+from kdpipe.distributed.executor import check_ray_address, parse_ray_address
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline import ray_reaper
-from kdpipe.pipeline.executor import check_ray_address, parse_ray_address
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -96,7 +96,7 @@ def test_reaper_stops_only_its_session_when_the_driver_goes():
 
 DRIVER = """
 import os, time
-from kdpipe.pipeline import executor
+from kdpipe.distributed import executor
 with executor.ray_cluster(num_cpus=2) as ray:
     ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process exists too
     print(executor._REAPERS[-1].args[-1], flush=True)

@@ -21,9 +21,9 @@ from conftest import TINY_DATA
 
 from kdpipe import storage
 from kdpipe.cli import cli
+from kdpipe.config.configs import ExtractConfig, StudentConfig
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.configs import ExtractConfig, StudentConfig
-from kdpipe.pipeline.rundir import RunDir
+from kdpipe.runs.rundir import RunDir
 from kdpipe.stages.extract import extract_teacher
 from kdpipe.stages.train import train_student
 
@@ -228,7 +228,7 @@ def test_memory_store_and_run_directory_end_to_end(memory_root, tiny_store):
 
 
 def test_teacher_run_directory_at_a_url(memory_root):
-    from kdpipe.pipeline.configs import TeacherConfig
+    from kdpipe.config.configs import TeacherConfig
     from kdpipe.stages.evaluate import evaluate
     from kdpipe.stages.teacher import train_teacher
 
@@ -347,7 +347,7 @@ def test_s3_round_trip(s3, tiny_store):
 def test_s3_store_written_by_ray_workers(s3, tiny_store):
     """Ray actors are other processes: they reach moto only with the driver's fsspec options."""
     from kdpipe.artifacts import open_store
-    from kdpipe.pipeline.executor import ray_cluster
+    from kdpipe.distributed.executor import ray_cluster
 
     teacher, store = f"{s3}/teacher.pth", f"{s3}/store-ray"
     _put(teacher, _teacher_bytes(tiny_store))
@@ -360,7 +360,7 @@ def test_s3_store_written_by_ray_workers(s3, tiny_store):
 def test_run_command_with_stores_and_runs_at_urls(memory_root, tiny_store, tmp_path):
     """``kdpipe run``: the teacher, the stores folder and the runs folder at URLs; a second
     call reuses the store and the finished run."""
-    from kdpipe.stages.run import run_configs
+    from kdpipe.workflows.run import run_configs
 
     teacher = f"{memory_root}/teacher.pth"
     _put(teacher, _teacher_bytes(tiny_store))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline import rundir as rd
-from kdpipe.pipeline.rundir import RunDir
+from kdpipe.runs import rundir as rd
+from kdpipe.runs.rundir import RunDir
 
 
 def test_create_is_unique_and_writes_config(tmp_path):

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from kdpipe.cli import cli
+from kdpipe.config.configs import StudentConfig
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.configs import StudentConfig
-from kdpipe.pipeline.sweep import SweepKilled, SweepOptions, parse_sweep, resume_sweep, run_sweep, run_trial
+from kdpipe.workflows.sweep import SweepKilled, SweepOptions, parse_sweep, resume_sweep, run_sweep, run_trial
 
 GRID = ["beta=1,2", "seed=0,1"]
 
@@ -45,7 +45,7 @@ def _stamps(run_dir: Path) -> dict:
 
 # ------------------------------------------------------------------------------ resources (no Ray)
 def test_trial_resources_follow_the_cluster():
-    from kdpipe.pipeline.sweep_tune import trial_resources
+    from kdpipe.workflows.sweep_tune import trial_resources
 
     assert trial_resources({"CPU": 8, "GPU": 2}) == {"cpu": 1.0, "gpu": 1.0}  # a whole GPU by default
     assert trial_resources({"CPU": 8, "GPU": 2}, 0.25, 2) == {"cpu": 2.0, "gpu": 0.25}
@@ -65,7 +65,7 @@ class _Recorder:
     def __init__(self, monkeypatch, cluster: dict):
         from ray import tune
 
-        import kdpipe.pipeline.sweep_tune as st
+        import kdpipe.workflows.sweep_tune as st
 
         self.calls: dict = {}
         fake_ray = SimpleNamespace(cluster_resources=lambda: dict(cluster))
@@ -86,7 +86,7 @@ class _Recorder:
 
 
 def test_gpu_use_is_decided_from_the_cluster_not_the_driver(monkeypatch, tiny_store, tmp_path):
-    from kdpipe.pipeline.sweep_tune import run_tune
+    from kdpipe.workflows.sweep_tune import run_tune
 
     points = [{"seed": 0}]
     rec = _Recorder(monkeypatch, {"CPU": 16, "GPU": 1})  # a CPU-only driver on a GPU cluster

@@ -17,8 +17,9 @@ from kdpipe.engine.fidelity import measure_fidelity, store_kinds
 from kdpipe.engine.sources import CachedTargets, NoTargets, OnlineTargets
 from kdpipe.errors import KdpipeError, StoreError
 from kdpipe.methods.letkd import densify_topk, penult_softmax_targets, penult_topk_targets, topk_for_mass
+from kdpipe.methods.letkd.kinds import InterSubclass, PenultSoftmax, PenultTopk
 from kdpipe.models import load_teacher
-from kdpipe.targets import Cam, InterSubclass, Logits, NativeCam, PenultSoftmax, PenultTopk, TeacherOutputs
+from kdpipe.targets import Cam, Logits, NativeCam, TeacherOutputs
 
 KINDS = {
     "logits": Logits,
@@ -213,7 +214,7 @@ def test_fidelity_replay_is_exact_up_to_float16(parts):
 
 
 def test_warp_from_a_one_view_store(tiny_store, tmp_path, parts):
-    from kdpipe.pipeline.configs import ExtractConfig
+    from kdpipe.config.configs import ExtractConfig
     from kdpipe.stages.extract import extract_teacher
 
     reader, dataset, teacher = parts

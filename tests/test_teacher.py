@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from kdpipe.cli import cli
+from kdpipe.config.configs import TeacherConfig
 from kdpipe.engine.schedule import milestones
 from kdpipe.models import load_teacher
-from kdpipe.pipeline.configs import TeacherConfig
 from kdpipe.stages.evaluate import evaluate
 from kdpipe.stages.teacher import train_teacher as run_teacher
 

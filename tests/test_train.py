@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kdpipe.cli import cli
-from kdpipe.pipeline.configs import StudentConfig
+from kdpipe.config.configs import StudentConfig
 from kdpipe.stages.train import train_student as run_train
 
 torch.set_num_threads(1)
@@ -80,7 +80,7 @@ def test_streamed_targets_train_like_resident_ones(store, tmp_path):
 
 
 def test_warp_views_from_a_one_view_store(store, tmp_path):
-    from kdpipe.pipeline.configs import ExtractConfig
+    from kdpipe.config.configs import ExtractConfig
     from kdpipe.stages.extract import extract_teacher
 
     path = tmp_path / "one.zarr"
@@ -286,7 +286,7 @@ def test_cli_train_student_and_inline_sweep(cli_runner, store, tmp_path):
 
 def test_sweep_grid_parsing():
     from kdpipe.errors import KdpipeError
-    from kdpipe.pipeline.sweep import expand_grid, parse_sweep, trial_config
+    from kdpipe.workflows.sweep import expand_grid, parse_sweep, trial_config
 
     grid = parse_sweep(["beta=10,50", "seed=0,1", "normalize=true"])
     assert grid == {"beta": [10, 50], "seed": [0, 1], "normalize": [True]}

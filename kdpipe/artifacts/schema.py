@@ -141,7 +141,7 @@ def build_manifest(
     num_samples: int,
 ) -> dict:
     """The manifest of a new store, `complete` false and no shard done."""
-    from kdpipe import __version__
+    from kdpipe.version import __version__
 
     num_shards = len(plan_shards(num_samples, shard_size))
     return {

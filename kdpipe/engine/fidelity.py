@@ -26,44 +26,31 @@ import torch.nn.functional as F
 from kdpipe.engine.rows import to_torch
 from kdpipe.engine.sources import bind_kinds, kind_context
 from kdpipe.errors import KdpipeError, StoreError
-from kdpipe.targets import Cam, Feature, InterSubclass, Logits, NativeCam, PenultTopk, TeacherOutputs
-from kdpipe.targets.base import needs_stages
+from kdpipe.targets import TeacherOutputs
+from kdpipe.targets.base import StoreContents, kind_classes, needs_stages
 
 __all__ = ["store_kinds", "measure_fidelity", "FIDELITY_MODES"]
 
 FIDELITY_MODES = ("replay", "warp")
 
 
-def comparison_kinds(names) -> list:
-    """The AT, FitNet and SimKD kinds whose arrays are among ``names``."""
-    from kdpipe.targets import AttentionMaps, HintFeature, PenultMap
-
-    kinds: list = []
-    for p in sorted({n.split("/", 1)[0] for n in names if n.startswith("at_p") and "/stage" in n}):
-        kinds.append(AttentionMaps(float(p[len("at_p") :])))
-    kinds += [HintFeature(int(n[len("hint/feats") :])) for n in sorted(names) if n.startswith("hint/feats")]
-    return kinds + ([PenultMap()] if "penult_map" in names else [])
-
-
 def store_kinds(reader, target_set: str | None = None) -> list:
-    """Every kind the store holds: logits, pooled and native CAMs, raw features, and the
-    letKD targets of ``target_set`` (or of the store's only target set)."""
-    names = set(reader.array_names())
-    kinds: list = [Logits()] if "logits" in names else []
-    kinds += [Cam(int(n[len("cam_r") :])) for n in sorted(names) if n.startswith("cam_r")]
-    if "cam" in names:
-        kinds.append(NativeCam())
-    feature_views = (reader.manifest.get("views") or {}).get("feature_views", "identity")
-    kinds += [Feature(n.split("/", 1)[1], views=feature_views) for n in sorted(names) if n.startswith("feat/")]
-    kinds += comparison_kinds(names)
+    """Every kind the store holds (each kind class says what it finds: ``TargetKind.in_store``),
+    with the target set ``target_set`` (or the store's only one) for the kinds that need one."""
+    from kdpipe.methods.registry import load_all
+
+    load_all()  # a method's own kinds are defined in its module
     sets = reader.target_sets()
     chosen = target_set if target_set is not None else (sets[0] if len(sets) == 1 else None)
-    if chosen is not None:
-        ts = reader.target_set(chosen)
-        if reader.has(ts.array("penult_topk_idx")):
-            kinds.append(PenultTopk())
-        if reader.has(ts.array("subclass_idx")):
-            kinds.append(InterSubclass())
+    contents = StoreContents(
+        names=frozenset(reader.array_names()),
+        feature_views=(reader.manifest.get("views") or {}).get("feature_views", "identity"),
+        target_set=reader.target_set(chosen) if chosen is not None else None,
+        has=reader.has,
+    )
+    kinds: list = []
+    for cls in kind_classes():
+        kinds += [k for k in cls.in_store(contents) if k not in kinds]
     return kinds
 
 

@@ -83,7 +83,7 @@ class TensorBoardSink:
     def __init__(self, run, start_epoch: int = 0):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-        from kdpipe.pipeline.rundir import TENSORBOARD
+        from kdpipe.engine.state import TENSORBOARD
 
         self.run = run
         # a resumed run rewrites the epochs after its checkpoint: drop their old events

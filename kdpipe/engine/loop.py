@@ -45,7 +45,7 @@ def restore_training_state(
     resumed run continues exactly where it stopped.
 
     Returns (start_epoch, best {"top1", "epoch"}, grad-scaler state or None)."""
-    from kdpipe.pipeline.rundir import load_scheduler_state, restore_rng_state
+    from kdpipe.engine.state import load_scheduler_state, restore_rng_state
 
     state = run.load_checkpoint(map_location=device)
     model.load_state_dict(state["model"])
@@ -113,75 +113,84 @@ def train_step(model, loss_fn: LossFn, source, optimizer, scaler, train, batch, 
     return total, parts, logits, labels
 
 
-# fit's length is its keyword-only signature (one argument a line, shared by teacher, student
-# and data-parallel training) and docstring; its body is about 30 lines.
-def fit(
-    *,
-    model: torch.nn.Module,
-    workers: Workers | None = None,
-    sync_bn: bool = False,
-    train,
-    test,
-    source,
-    loss_fn: LossFn,
-    policy,
-    epochs: int,
-    batch_size: int,
-    optimizer,
-    scheduler,
-    run,  # kdpipe.pipeline.rundir.RunDir
-    seed: int = 0,
-    amp: bool = False,
-    start_epoch: int = 0,
-    best: dict | None = None,
-    progress: bool = True,
-    desc: str = "train",
-    eval_batch_size: int = 256,
-    plot: bool = True,
-    on_step: Callable | None = None,
-    after_epoch: Callable | None = None,
-    scaler_state: dict | None = None,
-    wandb: str | None = None,
-) -> dict:
-    """Train ``model`` from ``start_epoch`` to ``epochs``; after every epoch: test top-1/top-5,
-    one metrics row (metrics.csv, TensorBoard, W&B project ``wandb``: ``kdpipe.engine.loggers``),
-    ``checkpoints/latest.pth`` (full state) and ``best.pth``; at the end the curves PNG
-    (``plot``). ``on_step(epoch, step, loss, parts)`` sees every step and
-    ``after_epoch(epoch)`` runs after each epoch's checkpoint (tests use both). With
-    ``workers`` (data-parallel, ``kdpipe.engine.parallel``) every worker runs this with its
+@dataclass
+class FitSpec:
+    """Everything one ``fit`` call trains with (teacher, student and data-parallel training).
+
+    ``train``/``test``: ``DeviceData``; ``source``: a target source (``engine.sources``);
+    ``loss_fn``: ``LossFn``; ``policy``: the data set's augmentation policy; ``run``: the run
+    directory (``kdpipe.runs.rundir.RunDir`` or anything with its methods); ``workers``:
+    data-parallel workers (None: this process alone); ``start_epoch``/``best``/``scaler_state``:
+    where a resumed run continues; ``on_step(epoch, step, loss, parts)`` sees every step and
+    ``after_epoch(epoch)`` runs after each epoch's checkpoint (tests use both); ``wandb``: a
+    Weights & Biases project (``kdpipe.engine.loggers``)."""
+
+    model: torch.nn.Module
+    train: Any
+    test: Any
+    source: Any
+    loss_fn: LossFn
+    policy: Any
+    epochs: int
+    batch_size: int
+    optimizer: Any
+    scheduler: Any
+    run: Any
+    workers: Workers | None = None
+    sync_bn: bool = False
+    seed: int = 0
+    amp: bool = False
+    start_epoch: int = 0
+    best: dict | None = None
+    progress: bool = True
+    desc: str = "train"
+    eval_batch_size: int = 256
+    plot: bool = True
+    on_step: Callable | None = None
+    after_epoch: Callable | None = None
+    scaler_state: dict | None = None
+    wandb: str | None = None
+
+
+def fit(spec: FitSpec) -> dict:
+    """Train ``spec.model`` from ``spec.start_epoch`` to ``spec.epochs``; after every epoch:
+    test top-1/top-5, one metrics row (metrics.csv, TensorBoard, W&B), ``checkpoints/latest.pth``
+    (full state) and ``best.pth``; at the end the curves PNG (``spec.plot``). With
+    ``spec.workers`` (data-parallel, ``kdpipe.engine.parallel``) every worker runs this with its
     share of each batch; rank 0 evaluates, logs and checkpoints. Returns {"best_top1",
     "best_epoch", "final": last metrics row, "images", "train_seconds"}."""
-    workers = workers or Workers()
-    scaler = make_grad_scaler(train.device, amp)
-    if scaler_state and scaler.is_enabled():
-        scaler.load_state_dict(scaler_state)
+    workers = spec.workers or Workers()
+    train, run, epochs, scheduler = spec.train, spec.run, spec.epochs, spec.scheduler
+    scaler = make_grad_scaler(train.device, spec.amp)
+    if spec.scaler_state and scaler.is_enabled():
+        scaler.load_state_dict(spec.scaler_state)
     r = _FitRun(
-        model=model,
-        net=wrap_for_training(model, workers, train.device, sync_bn),
+        model=spec.model,
+        net=wrap_for_training(spec.model, workers, train.device, spec.sync_bn),
         workers=workers,
         train=train,
-        test=test,
-        source=source,
-        loss_fn=loss_fn,
-        policy=policy,
+        test=spec.test,
+        source=spec.source,
+        loss_fn=spec.loss_fn,
+        policy=spec.policy,
         epochs=epochs,
-        batch_size=batch_size,
-        optimizer=optimizer,
+        batch_size=spec.batch_size,
+        optimizer=spec.optimizer,
         scheduler=scheduler,
         scaler=scaler,
         run=run,
-        seed=seed,
-        amp=amp,
-        progress=progress and workers.is_main,
-        desc=desc,
-        eval_batch_size=eval_batch_size,
-        on_step=on_step,
-        loggers=EpochLoggers.for_run(run, start_epoch, wandb) if workers.is_main else None,
+        seed=spec.seed,
+        amp=spec.amp,
+        progress=spec.progress and workers.is_main,
+        desc=spec.desc,
+        eval_batch_size=spec.eval_batch_size,
+        on_step=spec.on_step,
+        loggers=EpochLoggers.for_run(run, spec.start_epoch, spec.wandb) if workers.is_main else None,
     )
-    best = dict(best or {"top1": -1.0, "epoch": 0})
+    best = dict(spec.best or {"top1": -1.0, "epoch": 0})
     images_seen, train_seconds, last_row = 0, 0.0, {}
     try:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(spec.start_epoch, epochs):
             row, seen, dt = _train_epoch(r, epoch)
             scheduler.step()
             train_seconds += dt
@@ -191,13 +200,13 @@ def fit(
                 best = _finish_epoch(r, row, best, epoch)
                 last_row = row
             workers.barrier()
-            if after_epoch is not None:
-                after_epoch(epoch + 1)
+            if spec.after_epoch is not None:
+                spec.after_epoch(epoch + 1)
     finally:
-        source.close()
+        spec.source.close()
         if r.loggers is not None:
             r.loggers.close()
-    if plot and workers.is_main:
+    if spec.plot and workers.is_main:
         _plot_curves(run)
     return {
         "best_top1": best["top1"] if best["top1"] >= 0 else None,
@@ -350,7 +359,7 @@ def _log_and_checkpoint(run, loggers, model, optimizer, scheduler, scaler, row, 
 
     Metrics first, checkpoint last: a kill in between leaves a row past the checkpoint, which
     resume drops (``truncate_metrics``) and recomputes; never a missing row."""
-    from kdpipe.pipeline.rundir import BEST, rng_state, scheduler_state
+    from kdpipe.engine.state import BEST, rng_state, scheduler_state
 
     improved = has_test and row["test_top1"] > best["top1"]
     if improved:

@@ -1,7 +1,7 @@
 """Data-parallel training: which worker this process is, and the model as DDP sees it.
 
 One process trains alone (``Workers()``: rank 0 of 1). Under Ray Train
-(``kdpipe.pipeline.data_parallel``) every worker runs the same epoch loop: the epoch plan is
+(``kdpipe.distributed.data_parallel``) every worker runs the same epoch loop: the epoch plan is
 drawn identically everywhere (same seed) and each worker takes every ``world_size``-th
 position of it (``EpochPlan.shard``), so the workers' batches of one step together are
 exactly the single-process batch of that step; gradients are averaged by

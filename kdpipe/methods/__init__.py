@@ -1,71 +1,69 @@
-"""Distillation methods: pure losses, KD layers, and the `Method` objects behind them.
+"""Distillation methods: one module per method, registered by decorator (``registry``).
 
-``get_method(name, **options)`` builds one of ``ce``, ``kd``, ``cat_kd``, ``letkd1``,
-``letkd2`` and the comparison methods ``dkd``, ``at``, ``fitnet``, ``simkd``; see
-``kdpipe.methods.base.Method`` for the interface.
+    kdpipe.methods.get("cat_kd")            # the registry entry: class, options, sources
+    kdpipe.methods.get_method("kd", temperature=4)   # a built Method
+    kdpipe.methods.get_method("at+kd")      # a sum of methods (``composite``)
+    kdpipe.methods.available()              # every registered name
+
+``kdpipe.methods.base.Method`` is the interface; docs/ARCHITECTURE.md "Add a method" the steps.
 """
 
 from __future__ import annotations
 
-import inspect
+from typing import Any
 
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method
+from kdpipe.methods.composite import SEPARATOR, CompositeMethod, split_name
+from kdpipe.methods.registry import MethodEntry, MethodOptions, entries, get, option, register
 
-__all__ = ["get_method", "available", "Method"]
-
-
-def _registry():
-    from kdpipe.methods.at import AT
-    from kdpipe.methods.cat_kd import CatKD
-    from kdpipe.methods.ce import CE
-    from kdpipe.methods.dkd import DKD
-    from kdpipe.methods.fitnet import FitNet
-    from kdpipe.methods.kd import KD
-    from kdpipe.methods.letkd import LetKD
-    from kdpipe.methods.simkd import SimKD
-
-    return {
-        "ce": (CE, {}),
-        "kd": (KD, {}),
-        "cat_kd": (CatKD, {}),
-        "letkd1": (LetKD, {"level": 1}),
-        "letkd2": (LetKD, {"level": 2}),
-        "dkd": (DKD, {}),
-        "at": (AT, {}),
-        "fitnet": (FitNet, {}),
-        "simkd": (SimKD, {}),
-    }
+__all__ = [
+    "get_method",
+    "get",
+    "available",
+    "entries",
+    "canonical_method_name",
+    "Method",
+    "MethodEntry",
+    "MethodOptions",
+    "CompositeMethod",
+    "option",
+    "register",
+]
 
 
 def available() -> list[str]:
-    """Names ``get_method`` accepts."""
-    return list(_registry())
+    """Names ``get_method`` accepts (sums of them too: ``at+kd``)."""
+    return list(entries())
 
 
-def get_method(name: str, **options) -> Method:
-    """Build a method by name; unknown names or options raise ``KdpipeError``.
+def canonical_method_name(name: str) -> str:
+    """``"AT + KD"`` -> ``"at+kd"``; each part checked against the registry."""
+    return SEPARATOR.join(get(part).name for part in split_name(name))
 
-    Options left at None are treated as not given (so CLI defaults pass through).
-    """
-    reg = _registry()
-    key = str(name).strip().lower().replace("-", "_")
-    if key == "catkd":
-        key = "cat_kd"
-    if key not in reg:
-        raise KdpipeError(f"Unknown method {name!r}; choose one of {', '.join(reg)}.")
-    cls, fixed = reg[key]
-    options = {k: v for k, v in options.items() if v is not None}
-    params = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in params if p not in ("self", *fixed)]
-    unknown = sorted(set(options) - set(accepted))
+
+def _part_options(part: str, parts: list[str], options: dict) -> dict:
+    """A part's options of a sum: its own section (``{"kd": {...}}``) over the flat options it
+    takes (a flat option applies to every part that has it)."""
+    takes = get(part).infos()
+    flat = {k: v for k, v in options.items() if k not in parts and k in takes}
+    own = options.get(part) or {}
+    if not isinstance(own, dict):
+        raise KdpipeError(f"Method options for {part!r} of a sum must be a mapping, not {own!r}.")
+    return {**flat, **own}
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """Build a method (or a sum ``a+b``) by name; unknown names or options raise ``KdpipeError``.
+
+    Options left at None are treated as not given (so CLI defaults pass through)."""
+    parts = [get(p).name for p in split_name(name)]
+    if len(parts) == 1:
+        return get(parts[0]).build(**options)
+    if len(set(parts)) != len(parts):
+        raise KdpipeError(f"Method {name!r} names a method twice.")
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(k for k in given if k not in parts and not any(k in get(p).infos() for p in parts))
     if unknown:
-        raise KdpipeError(
-            f"Method {key!r} has no option {', '.join(unknown)}; its options are "
-            f"{', '.join(accepted) if accepted else 'none'}."
-        )
-    try:
-        return cls(**fixed, **options)
-    except (TypeError, ValueError) as err:  # e.g. beta="a": a value of the wrong type
-        values = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        raise KdpipeError(f"Method {key!r} cannot take {values} ({err}).") from None
+        raise KdpipeError(f"Method {name!r}: no part takes the option {', '.join(unknown)}.")
+    return CompositeMethod([get(p).build(**_part_options(p, parts, given)) for p in parts])

@@ -49,26 +49,19 @@ import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method, loss_parts
+from kdpipe.methods.registry import MethodOptions, option, register
+from kdpipe.targets.stages import AttentionMaps, attention_map
 
-__all__ = ["attention_map", "at_loss", "at_loss_from_maps", "ATSettings", "REFERENCE_AT", "DEFAULT_AT", "AT"]
-
-
-def attention_map(feat: torch.Tensor, p: float = 2.0, size: int | None = None) -> torch.Tensor:
-    """Attention map of one stage: [B, D, h, w] -> [B, h, w], l2-normalised over h*w.
-
-    ``size``: where it differs from the feature's height h, adaptive-average-pool the
-    feature to size x size first (mdistiller compares heights and pools to squares; its maps
-    are square). Pooling goes down only: the map of a feature never grows.
-    """
-    if feat.dim() != 4:
-        raise ValueError(f"attention_map expects a feature map [B, D, h, w]; got {tuple(feat.shape)}")
-    if size is not None and int(size) != feat.shape[2]:
-        if int(size) > feat.shape[2]:
-            raise ValueError(f"attention_map pools features down only: feature side {feat.shape[2]}, asked {size}")
-        feat = F.adaptive_avg_pool2d(feat, (int(size), int(size)))
-    batch, _, h, w = feat.shape
-    amap = feat.pow(p).mean(dim=1).reshape(batch, h * w)
-    return F.normalize(amap, p=2.0, dim=1).reshape(batch, h, w)
+__all__ = [
+    "attention_map",
+    "at_loss",
+    "at_loss_from_maps",
+    "ATOptions",
+    "ATSettings",
+    "REFERENCE_AT",
+    "DEFAULT_AT",
+    "AT",
+]
 
 
 def _stage_loss_from_map(student_feat: torch.Tensor, teacher_map: torch.Tensor, p: float) -> torch.Tensor:
@@ -142,9 +135,25 @@ class ATSettings:
     ce_weight: float
 
 
-# mdistiller/engine/cfg.py: CFG.AT.P 2, CFG.AT.LOSS.FEAT_WEIGHT 1000.0, CE_WEIGHT 1.0; no
-# config overrides them.
-DEFAULT_AT = ATSettings(p=2.0, feat_weight=1000.0, ce_weight=1.0)
+@dataclass
+class ATOptions(MethodOptions):
+    """AT's options; mdistiller's CIFAR-100 and ImageNet configs keep cfg.py's values."""
+
+    p: float | None = option(
+        2.0, source="mdistiller/engine/cfg.py CFG.AT.P", help="power p of the attention maps", yaml="AT.P"
+    )
+    feat_weight: float | None = option(
+        1000.0,
+        source="mdistiller/engine/cfg.py CFG.AT.LOSS.FEAT_WEIGHT",
+        help="weight of the attention-transfer loss",
+        yaml="AT.LOSS.FEAT_WEIGHT",
+    )
+    ce_weight: float | None = option(
+        1.0, source="mdistiller/engine/cfg.py CFG.AT.LOSS.CE_WEIGHT", help="weight of CE", yaml="AT.LOSS.CE_WEIGHT"
+    )
+
+
+DEFAULT_AT = ATSettings(**ATOptions.defaults())
 
 # (teacher, student) -> settings of the mdistiller config named beside (all cfg.py defaults).
 REFERENCE_AT: dict[tuple[str, str], ATSettings] = {
@@ -172,6 +181,13 @@ def _teacher_map(targets: dict, stage: int, student_side: int) -> torch.Tensor:
     )
 
 
+@register(
+    "at",
+    options=ATOptions,
+    summary="attention transfer: CE + weight * MSE of l2-normalised stage attention maps",
+    paper="Zagoruyko & Komodakis, ICLR 2017; mdistiller/distillers/AT.py",
+    yaml_names=("AT",),
+)
 class AT(Method):
     """AT: total = ce_weight * CE + feat_weight * at_loss over the matched stages.
 
@@ -185,12 +201,9 @@ class AT(Method):
         if p is not None and not float(p) > 0:
             self._bad_option("p", p, "a positive number")
         given = {"p": p, "feat_weight": feat_weight, "ce_weight": ce_weight}
-        ref = {"p": DEFAULT_AT.p, "feat_weight": DEFAULT_AT.feat_weight, "ce_weight": DEFAULT_AT.ce_weight}
-        super().__init__(**{**ref, **{k: float(v) for k, v in given.items() if v is not None}})
+        super().__init__(**{**ATOptions.defaults(), **{k: float(v) for k, v in given.items() if v is not None}})
 
     def kinds(self) -> list:
-        from kdpipe.targets import AttentionMaps
-
         return [AttentionMaps(self.options["p"])]
 
     def prepare_student(self, student, target_set=None):

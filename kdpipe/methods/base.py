@@ -122,6 +122,17 @@ class Method:
     """Base class: subclasses override what they use."""
 
     name: str = "method"
+    #: constructor arguments a run records for evaluate's rebuild that are not user options
+    #: (e.g. FitNet's probed hint shapes): ``get_method`` passes them through unchecked
+    recorded_options: tuple[str, ...] = ()
+    #: the student classifier the method's reference trains (``models.build(head=...)``)
+    default_head: str = "linear"
+
+    @classmethod
+    def options_from_reference(cls, options: dict, values: dict) -> dict:
+        """Options read from a mdistiller / CAT-KD YAML file (``values``: every key of it with
+        the reference's defaults) beyond the one-to-one keys of the options' ``yaml``."""
+        return options
 
     def __init__(self, **options):
         self.options = dict(options)

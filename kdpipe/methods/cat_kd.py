@@ -23,12 +23,14 @@ are of the same family (``should_normalize``).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method, loss_parts, reference_recipe
+from kdpipe.methods.registry import MethodOptions, option, register
 from kdpipe.targets import Cam, NativeCam
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "arch_family",
     "should_normalize",
     "CatKD",
+    "CatKDOptions",
 ]
 
 
@@ -177,9 +180,58 @@ _IMAGENET_PAIRS = {
     ("imagenet_resnet34", "imagenet_resnet18"): (0.5, 4),
     ("imagenet_resnet50", "imagenet_mobilenet_v2"): (10.0, 2),
 }
+_CFG = "GzyAftermath/CAT-KD mdistiller/engine/cfg.py"
+
+
+@dataclass
+class CatKDOptions(MethodOptions):
+    """CAT-KD's options. beta, resolution and normalize left unset follow the reference config
+    of the bound pair (``reference_settings``); the defaults below apply where none exists."""
+
+    beta: float | None = option(
+        15.0,
+        source="CAT-KD configs/cifar100/CAT_KD/res32x4_res8x4.yaml (used where the pair has no config)",
+        help="CAT weight (default: the reference pair's)",
+        yaml="CAT_KD.LOSS.CAT_loss_weight",
+        yaml_default=400.0,  # cfg.py's CAT_KD.LOSS.CAT_loss_weight
+    )
+    resolution: int | None = option(
+        2,
+        source=_CFG + " CAT_KD.LOSS.CAM_RESOLUTION (the pair's config where one exists)",
+        help="CAM pooling size r",
+        yaml="CAT_KD.LOSS.CAM_RESOLUTION",
+    )
+    normalize: bool | None = option(
+        None,
+        source="CAT-KD appendix A.3: normalise across architecture families (every config obeys it)",
+        help="l2-normalise pooled CAMs (default: the architecture rule)",
+        yaml="CAT_KD.IF_NORMALIZE",
+        yaml_default=True,
+    )
+    ce_weight: float | None = option(
+        1.0, source=_CFG + " CAT_KD.LOSS.CE_WEIGHT", help="weight of CE (0 = CAT only)", yaml="CAT_KD.LOSS.CE_WEIGHT"
+    )
+    binarize: bool | None = option(
+        False,
+        source=_CFG + " CAT_KD.IF_BINARIZE",
+        help="binarise the teacher CAM before pooling",
+        yaml="CAT_KD.IF_BINARIZE",
+    )
+    top_n: int | None = option(
+        None,
+        source=_CFG + " CAT_KD.IF_OnlyTransferPartialCAMs, Strategy 0",
+        help="transfer only the teacher's top-n classes' CAMs",
+    )
+    bottom_n: int | None = option(
+        None,
+        source=_CFG + " CAT_KD.IF_OnlyTransferPartialCAMs, Strategy 1",
+        help="transfer only the bottom-n classes' CAMs",
+    )
+
+
 #: beta when no reference config exists for the pair (RN32x4 -> RN8x4's; tune it so the CAT
 #: loss sits near 1..50 after the first epoch, as the authors advise).
-DEFAULT_BETA = 15.0
+DEFAULT_BETA = float(CatKDOptions.defaults()["beta"])
 #: CAT without CE (the appendix's CAT experiments, configs/cifar100/CAT/**): CAMs normalised,
 #: beta 50 (CAT/res32x4_res32x4.yaml, CAT_Dataset_Reduction) or 300 with binarisation or a
 #: class selection (CAT_Binarization, CAT_Only_Transfer_Certain_Classes).
@@ -203,6 +255,20 @@ def reference_settings(
 
 
 # --------------------------------------------------------------------------- method
+@register(
+    "cat_kd",
+    options=CatKDOptions,
+    summary="class attention transfer: ce_weight * CE + beta * MSE of pooled (normalised) CAMs",
+    paper="Guo et al., CVPR 2023; GzyAftermath/CAT-KD mdistiller/distillers/CAT_KD.py",
+    yaml_names=("CAT_KD", "CAT-KD"),
+    yaml_extra={
+        "CAT_KD.onlyCAT": False,
+        "CAT_KD.IF_OnlyTransferPartialCAMs": False,
+        "CAT_KD.CAMs_Nums": 100,
+        "CAT_KD.Strategy": 0,
+    },
+    aliases=("catkd",),
+)
 class CatKD(Method):
     """CAT-KD: total = ce_weight * CE + beta * cat_loss.
 
@@ -221,14 +287,31 @@ class CatKD(Method):
     """
 
     name = "cat_kd"
+    recorded_options = ("teacher_arch", "student_arch")
+    default_head = "cam"  # CAT-KD's student classifier: a bias-free 1x1 conv (CAT_KD.py)
+
+    @classmethod
+    def options_from_reference(cls, options: dict, values: dict) -> dict:
+        """The reference file's switches that are not options: onlyCAT (CE weight 0) and the
+        partial-CAM transfer. The reference keeps the classes strictly above the n-th largest
+        logit (n - 1 classes) for Strategy 0, and the complement of those above the
+        (100 - n)-th largest (n + 1 classes, its index 99 - n) for Strategy 1 (CAT_KD.py
+        forward_train)."""
+        options = dict(options)
+        if values["CAT_KD.onlyCAT"]:
+            options["ce_weight"] = 0.0
+        if values["CAT_KD.IF_OnlyTransferPartialCAMs"]:
+            n, top = int(values["CAT_KD.CAMs_Nums"]), int(values["CAT_KD.Strategy"]) == 0
+            options["top_n" if top else "bottom_n"] = n - 1 if top else n + 1
+        return options
 
     def __init__(
         self,
         beta: float | None = None,
         resolution: int | None = None,
         normalize: bool | None = None,
-        ce_weight: float = 1.0,
-        binarize: bool = False,
+        ce_weight: float | None = None,
+        binarize: bool | None = None,
         top_n: int | None = None,
         bottom_n: int | None = None,
         teacher_arch: str | None = None,
@@ -239,6 +322,9 @@ class CatKD(Method):
             self._bad_option("beta", beta, "a non-negative number")
         if resolution is not None and (int(resolution) < 1 or int(resolution) != float(resolution)):
             self._bad_option("resolution", resolution, "a positive integer")
+        defaults = CatKDOptions.defaults()
+        ce_weight = defaults["ce_weight"] if ce_weight is None else ce_weight
+        binarize = defaults["binarize"] if binarize is None else binarize
         if float(ce_weight) < 0:
             self._bad_option("ce_weight", ce_weight, "a non-negative number")
         if top_n is not None and bottom_n is not None:

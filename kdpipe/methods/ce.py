@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 
 from kdpipe.methods.base import Method, loss_parts, reference_recipe
+from kdpipe.methods.registry import MethodOptions, register
 
-__all__ = ["CE"]
+__all__ = ["CE", "CEOptions"]
 
 
+@dataclass
+class CEOptions(MethodOptions):
+    """CE has no options."""
+
+
+@register(
+    "ce",
+    options=CEOptions,
+    summary="plain cross-entropy on the labels: the baseline, no teacher",
+    paper="mdistiller/distillers/_base.py Vanilla",
+    yaml_names=("NONE",),
+)
 class CE(Method):
     """Total = CE(logits, labels). Consumes no targets; needs no store."""
 

@@ -25,15 +25,26 @@ underflow to 0, where it returns inf or nan and kdpipe stays finite.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kdpipe.methods.base import Method, loss_parts, reference_recipe
+from kdpipe.methods.registry import MethodOptions, option, register
 from kdpipe.targets import Logits
 
-__all__ = ["dkd_loss", "dkd_terms", "dkd_warmup_factor", "DKDSettings", "REFERENCE_DKD", "DEFAULT_DKD", "DKD"]
+__all__ = [
+    "dkd_loss",
+    "dkd_terms",
+    "dkd_warmup_factor",
+    "DKDOptions",
+    "DKDSettings",
+    "REFERENCE_DKD",
+    "DEFAULT_DKD",
+    "DKD",
+]
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -136,13 +147,39 @@ class DKDSettings:
     ce_weight: float
 
 
-# mdistiller/engine/cfg.py: CFG.DKD (CE_WEIGHT 1.0, ALPHA 1.0, BETA 8.0, T 4.0, WARMUP 20);
-# the CIFAR-100 configs override BETA only, the ImageNet ones BETA, T, WARMUP and CE_WEIGHT.
-DEFAULT_DKD = DKDSettings(alpha=1.0, beta=8.0, temperature=4.0, warmup=20, ce_weight=1.0)
+@dataclass
+class DKDOptions(MethodOptions):
+    """DKD's options: mdistiller/engine/cfg.py CFG.DKD; the CIFAR-100 configs override BETA
+    only, the ImageNet ones BETA, T, WARMUP and CE_WEIGHT (``REFERENCE_DKD``)."""
+
+    alpha: float | None = option(
+        1.0, source="mdistiller/engine/cfg.py CFG.DKD.ALPHA", help="TCKD weight", yaml="DKD.ALPHA"
+    )
+    beta: float | None = option(
+        8.0,
+        source="mdistiller/engine/cfg.py CFG.DKD.BETA (the pair's config where one exists)",
+        help="NCKD weight",
+        yaml="DKD.BETA",
+    )
+    temperature: float | None = option(
+        4.0, source="mdistiller/engine/cfg.py CFG.DKD.T", help="temperature T", yaml="DKD.T"
+    )
+    warmup: int | None = option(
+        20,
+        source="mdistiller/engine/cfg.py CFG.DKD.WARMUP",
+        help="epochs of the DKD loss's linear warm-up",
+        yaml="DKD.WARMUP",
+    )
+    ce_weight: float | None = option(
+        1.0, source="mdistiller/engine/cfg.py CFG.DKD.CE_WEIGHT", help="weight of CE", yaml="DKD.CE_WEIGHT"
+    )
+
+
+DEFAULT_DKD = DKDSettings(**DKDOptions.defaults())
 
 
 def _cifar(beta: float) -> DKDSettings:
-    return DKDSettings(alpha=1.0, beta=beta, temperature=4.0, warmup=20, ce_weight=1.0)
+    return dataclasses.replace(DEFAULT_DKD, beta=beta)
 
 
 # (teacher, student) in kdpipe's names -> DKD settings of the mdistiller config named beside.
@@ -168,6 +205,13 @@ REFERENCE_DKD: dict[tuple[str, str], DKDSettings] = {
 
 
 # --------------------------------------------------------------------------- method
+@register(
+    "dkd",
+    options=DKDOptions,
+    summary="decoupled KD: ce_weight * CE + warm-up * (alpha * TCKD + beta * NCKD)",
+    paper="Zhao et al., CVPR 2022; mdistiller/distillers/DKD.py",
+    yaml_names=("DKD",),
+)
 class DKD(Method):
     """DKD: total = ce_weight * CE + min(epoch / warmup, 1) * (alpha * TCKD + beta * NCKD).
 

@@ -34,8 +34,17 @@ import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method, loss_parts
+from kdpipe.methods.registry import MethodOptions, option, register
 
-__all__ = ["HintRegressor", "fitnet_loss", "FitNetSettings", "DEFAULT_FITNET", "REFERENCE_FITNET", "FitNet"]
+__all__ = [
+    "HintRegressor",
+    "fitnet_loss",
+    "FitNetOptions",
+    "FitNetSettings",
+    "DEFAULT_FITNET",
+    "REFERENCE_FITNET",
+    "FitNet",
+]
 
 
 def _regression_conv(
@@ -110,9 +119,32 @@ class FitNetSettings:
     ce_weight: float
 
 
-# mdistiller/engine/cfg.py: CFG.FITNET.HINT_LAYER 2, LOSS.FEAT_WEIGHT 100.0, LOSS.CE_WEIGHT 1.0
-# (INPUT_SIZE (32, 32) only sizes the regressor); no config overrides them.
-DEFAULT_FITNET = FitNetSettings(hint_layer=2, feat_weight=100.0, ce_weight=1.0)
+@dataclass
+class FitNetOptions(MethodOptions):
+    """FitNet's options: mdistiller/engine/cfg.py CFG.FITNET (no config overrides them;
+    FITNET.INPUT_SIZE only sized mdistiller's regressor: kdpipe probes the images)."""
+
+    hint_layer: int | None = option(
+        2,
+        source="mdistiller/engine/cfg.py CFG.FITNET.HINT_LAYER",
+        help="the hint stage, mdistiller's feats index",
+        yaml="FITNET.HINT_LAYER",
+    )
+    feat_weight: float | None = option(
+        100.0,
+        source="mdistiller/engine/cfg.py CFG.FITNET.LOSS.FEAT_WEIGHT",
+        help="weight of the hint loss",
+        yaml="FITNET.LOSS.FEAT_WEIGHT",
+    )
+    ce_weight: float | None = option(
+        1.0,
+        source="mdistiller/engine/cfg.py CFG.FITNET.LOSS.CE_WEIGHT",
+        help="weight of CE",
+        yaml="FITNET.LOSS.CE_WEIGHT",
+    )
+
+
+DEFAULT_FITNET = FitNetSettings(**FitNetOptions.defaults())
 
 REFERENCE_FITNET: dict[tuple[str, str], FitNetSettings] = {
     ("resnet32x4", "resnet8x4"): DEFAULT_FITNET,  # configs/cifar100/fitnet.yaml
@@ -129,6 +161,14 @@ def _shape(value, what: str) -> list[int] | None:
     return shape
 
 
+@register(
+    "fitnet",
+    options=FitNetOptions,
+    summary="FitNets hints: CE + weight * MSE(regressor(student stage), teacher stage)",
+    paper="Romero et al., ICLR 2015; mdistiller/distillers/FitNet.py",
+    yaml_names=("FITNET",),
+    yaml_recorded={"FITNET.INPUT_SIZE": [32, 32]},
+)
 class FitNet(Method):
     """FitNet: total = ce_weight * CE + feat_weight * MSE(regressor(student hint), teacher hint).
 
@@ -141,6 +181,7 @@ class FitNet(Method):
     """
 
     name = "fitnet"
+    recorded_options = ("student_hint_shape", "teacher_hint_shape")
 
     def __init__(
         self,

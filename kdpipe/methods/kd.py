@@ -8,13 +8,16 @@ multiplied by T^2 so its gradient scale does not shrink with the temperature.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from kdpipe.methods.base import Method, loss_parts, reference_recipe
+from kdpipe.methods.registry import MethodOptions, option, register
 from kdpipe.targets import Logits
 
-__all__ = ["kd_loss", "KD"]
+__all__ = ["kd_loss", "KD", "KDOptions"]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -42,18 +45,43 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return per_element.sum(dim=1).mean() * (t * t)
 
 
+@dataclass
+class KDOptions(MethodOptions):
+    """KD's options; defaults are mdistiller's CIFAR-100 values (ImageNet: ``KD.REFERENCE``)."""
+
+    temperature: float | None = option(
+        4.0, source="mdistiller/engine/cfg.py CFG.KD.TEMPERATURE", help="temperature T", yaml="KD.TEMPERATURE"
+    )
+    ce_weight: float | None = option(
+        0.1, source="mdistiller/engine/cfg.py CFG.KD.LOSS.CE_WEIGHT", help="weight of CE", yaml="KD.LOSS.CE_WEIGHT"
+    )
+    kd_weight: float | None = option(
+        0.9,
+        source="mdistiller/engine/cfg.py CFG.KD.LOSS.KD_WEIGHT",
+        help="weight of the KD term",
+        yaml="KD.LOSS.KD_WEIGHT",
+    )
+
+
+@register(
+    "kd",
+    options=KDOptions,
+    summary="Hinton KD: ce_weight * CE + kd_weight * T^2 KL(teacher || student) on softened logits",
+    paper="Hinton et al., 2015; mdistiller/distillers/KD.py",
+    yaml_names=("KD",),
+)
 class KD(Method):
     """CE on labels plus Hinton KD on the teacher's logits.
 
     Options left None take mdistiller's values for the data set when bound: CIFAR-100
-    (mdistiller/engine/cfg.py CFG.KD) ``temperature`` 4, ``ce_weight`` 0.1, ``kd_weight`` 0.9;
-    ImageNet (configs/imagenet/r34_r18/kd.yaml) 1, 0.5, 0.5.
+    (``KDOptions``' defaults, mdistiller/engine/cfg.py CFG.KD) and ImageNet
+    (configs/imagenet/r34_r18/kd.yaml: T 1, CE 0.5, KD 0.5).
     Total = ce_weight * CE + kd_weight * kd_loss.
     """
 
     name = "kd"
     REFERENCE = {
-        "cifar": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
+        "cifar": KDOptions.defaults(),
         "imagenet": {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5},
     }
 

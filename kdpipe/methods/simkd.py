@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method, loss_parts
+from kdpipe.methods.registry import MethodOptions, option, register
 
 __all__ = ["SimKDHead", "simkd_loss", "SimKDSettings", "DEFAULT_SIMKD", "SimKD"]
 
@@ -155,13 +156,35 @@ class SimKDSettings:
     kd_weight: float
 
 
-# DefangChen/SimKD README.md and scripts/run_distill.sh: `--distill simkd -c 0 -d 0 -b 1`,
-# factor `-f` default 2 (train_student.py), for CIFAR-100 (resnet32x4 -> resnet8x4) and
-# ImageNet (ResNet50 -> ResNet18) alike.
-DEFAULT_SIMKD = SimKDSettings(factor=2, feat_weight=1.0, ce_weight=0.0, kd_weight=0.0)
+_SIMKD_RUN = "DefangChen/SimKD scripts/run_distill.sh --distill simkd"
+
+
+@dataclass
+class SimKDOptions(MethodOptions):
+    """SimKD's options: the authors' command for CIFAR-100 (resnet32x4 -> resnet8x4) and
+    ImageNet (ResNet50 -> ResNet18) alike."""
+
+    factor: int | None = option(
+        2, source="DefangChen/SimKD train_student.py (-f default 2)", help="the projector's bottleneck factor"
+    )
+    feat_weight: float | None = option(1.0, source=_SIMKD_RUN + " -b 1", help="weight of the feature loss")
+    ce_weight: float | None = option(0.0, source=_SIMKD_RUN + " -c 0", help="weight of CE on the SimKD logits")
+    kd_weight: float | None = option(0.0, source=_SIMKD_RUN + " -d 0", help="weight of KD on the SimKD logits")
+    temperature: float | None = option(
+        4.0, source="DefangChen/SimKD train_student.py (--kd_T default 4)", help="temperature of the KD term"
+    )
+
+
+DEFAULT_SIMKD = SimKDSettings(**{k: v for k, v in SimKDOptions.defaults().items() if k != "temperature"})
 
 
 # --------------------------------------------------------------------------- method
+@register(
+    "simkd",
+    options=SimKDOptions,
+    summary="SimKD: a projector to the teacher's width, MSE to its features, the teacher's classifier reused",
+    paper="Chen et al., CVPR 2022; DefangChen/SimKD",
+)
 class SimKD(Method):
     """SimKD: total = feat_weight * simkd_loss (+ ce_weight * CE + kd_weight * KD on the SimKD
     logits, both 0 in the reference's command). The student's penult map goes through the
@@ -174,6 +197,7 @@ class SimKD(Method):
     """
 
     name = "simkd"
+    recorded_options = ("teacher_channels", "teacher_side")
 
     def __init__(
         self,
@@ -181,7 +205,7 @@ class SimKD(Method):
         feat_weight: float | None = None,
         ce_weight: float | None = None,
         kd_weight: float | None = None,
-        temperature: float = 4.0,
+        temperature: float | None = None,
         teacher_channels: int | None = None,
         teacher_side: int | None = None,
     ):
@@ -192,8 +216,8 @@ class SimKD(Method):
             feat_weight=DEFAULT_SIMKD.feat_weight if feat_weight is None else float(feat_weight),
             ce_weight=DEFAULT_SIMKD.ce_weight if ce_weight is None else float(ce_weight),
             kd_weight=DEFAULT_SIMKD.kd_weight if kd_weight is None else float(kd_weight),
-            # SimKD train_student.py --kd_T default 4, used only by a KD term (kd_weight > 0)
-            temperature=float(temperature),
+            # used only by a KD term (kd_weight > 0)
+            temperature=SimKDOptions.defaults()["temperature"] if temperature is None else float(temperature),
             teacher_channels=None if teacher_channels is None else int(teacher_channels),
             teacher_side=None if teacher_side is None else int(teacher_side),
         )

@@ -4,18 +4,18 @@
 the un-augmented training images, which is what the letKD reference fits on), every location
 vector by default (``max_fit_points`` subsamples, seeded, for users who accept it):
 
-* penultimate: faiss K-means with ``k_penult`` centres (``kdpipe.methods.clustering.kmeans``);
+* penultimate: faiss K-means with ``k_penult`` centres (``kdpipe.methods.letkd.fit.clustering.kmeans``);
   the stored k is the smallest that holds ``topk_mass`` of ``softmax_K(-T * ||f - rho||^2)``
   at every fit vector, capped by ``topk`` (``kdpipe.methods.letkd.topk_for_mass``);
 * intermediate: LDA on the vectors labelled with their image's class (streamed over shards,
-  sklearn's eigen solver exactly: ``kdpipe.methods.lda``), the first ``lda_dims`` components
+  sklearn's eigen solver exactly: ``kdpipe.methods.letkd.fit.lda``), the first ``lda_dims`` components
   (default: the reference's count, ``reference_lda_dims``); per class a K-means with
   ``k_inter`` centres on the projected vectors; each fit vector's label-constrained nearest
   centre; prototypes (mean of each sub-class's vectors) and the score matrix S.
 
 **Assignment pass**: the teacher (``teacher``, by default the checkpoint the store records,
 refused unless its sha256 is the store's) runs over every stored view, on Ray actors or
-in-process like extraction (``kdpipe.pipeline.teacher_pass``), and writes only the compact
+in-process like extraction (``kdpipe.distributed.teacher_pass``), and writes only the compact
 targets of letKD's kinds (``kdpipe.targets.PenultTopk``, ``InterSubclass``): raw features of
 augmented views are never read or written. Shards done are recorded in the set's own
 ``shards_done``; ``resume`` continues an interrupted pass after its fit.
@@ -65,15 +65,16 @@ import torch.nn.functional as F
 
 from kdpipe import storage
 from kdpipe.artifacts.target_set import TargetSet
+from kdpipe.config.configs import ClusterConfig, check_executor
 from kdpipe.errors import KdpipeError, StoreError
-from kdpipe.methods.clustering import resolve_kmeans_backend
-from kdpipe.pipeline.configs import ClusterConfig, check_executor
-from kdpipe.pipeline.paths import absolute_path
-from kdpipe.targets import InterSubclass, KindContext, PenultTopk
+from kdpipe.methods.letkd.fit.clustering import resolve_kmeans_backend
+from kdpipe.methods.letkd.kinds import InterSubclass, PenultTopk
+from kdpipe.runs.paths import absolute_path
+from kdpipe.targets import KindContext
 
 if TYPE_CHECKING:
     from kdpipe.artifacts import StoreReader, StoreWriter
-    from kdpipe.methods.lda import LDAStats
+    from kdpipe.methods.letkd.fit.lda import LDAStats
 
 __all__ = ["cluster", "plot_subclasses", "parse_grid", "reference_lda_dims", "REFERENCE_LDA_DIMS"]
 
@@ -160,7 +161,7 @@ class FitWorker:
         self.views = views  # slice of the feature arrays' view axis used by the fit
 
     def run(self, shard: FitShard) -> dict:
-        from kdpipe.methods.lda import LDAStats
+        from kdpipe.methods.letkd.fit.lda import LDAStats
 
         a, b = shard.start, shard.stop
         xi = _vectors(self.reader[INTER][a:b, self.views], self.grid)
@@ -385,7 +386,7 @@ def _augmented_vectors(plan: ClusterPlan, count: int) -> np.ndarray:
 
 def _fit_shards(plan: ClusterPlan) -> list[FitShard]:
     from kdpipe.artifacts.schema import plan_shards
-    from kdpipe.methods.clustering import subsample_indices
+    from kdpipe.methods.letkd.fit.clustering import subsample_indices
 
     r, cfg = plan.reader, plan.cfg
     n = r.num_samples
@@ -426,8 +427,8 @@ class _Subclasses:
 
 
 def _read_fit_vectors(plan: ClusterPlan, progress: bool) -> _FitVectors:
-    from kdpipe.methods.lda import LDAStats
-    from kdpipe.pipeline.executor import run_shards
+    from kdpipe.distributed.executor import run_shards
+    from kdpipe.methods.letkd.fit.lda import LDAStats
 
     cfg, C = plan.cfg, plan.num_classes
     worker_kwargs = dict(
@@ -462,8 +463,8 @@ def _read_fit_vectors(plan: ClusterPlan, progress: bool) -> _FitVectors:
 def _fit_penult(plan: ClusterPlan, xp: np.ndarray, progress: bool):
     """K-means of the penult vectors and the top-k width; (kmeans result, k for the fit set,
     k for a probe of augmented views)."""
-    from kdpipe.methods.clustering import kmeans
     from kdpipe.methods.letkd import topk_for_mass
+    from kdpipe.methods.letkd.fit.clustering import kmeans
 
     cfg = plan.cfg
     if progress:
@@ -490,9 +491,9 @@ def _fit_penult(plan: ClusterPlan, xp: np.ndarray, progress: bool):
 
 
 def _fit_subclasses(plan: ClusterPlan, vectors: _FitVectors, progress: bool) -> _Subclasses:
-    from kdpipe.methods.clustering import constrained_nearest, per_class_kmeans, subclass_prototypes
-    from kdpipe.methods.lda import lda_project
     from kdpipe.methods.letkd import subclass_score_matrix
+    from kdpipe.methods.letkd.fit.clustering import constrained_nearest, per_class_kmeans, subclass_prototypes
+    from kdpipe.methods.letkd.fit.lda import lda_project
 
     cfg, C = plan.cfg, plan.num_classes
     lda = vectors.lda_stats.fit(n_components=plan.lda_dims)
@@ -615,10 +616,9 @@ def _assign_arrays(plan: ClusterPlan, record: TargetSet) -> None:
 
 def _assign(plan: ClusterPlan, record: TargetSet, progress: bool) -> dict:
     """Run the teacher over every stored view and write the compact targets, shard by shard."""
-    from kdpipe.pipeline.executor import plan as plan_shards
-    from kdpipe.pipeline.paths import absolute_spec
-    from kdpipe.pipeline.teacher_pass import PassSpec
-    from kdpipe.stages.extract import pass_summary, run_pass
+    from kdpipe.distributed.executor import plan as plan_shards
+    from kdpipe.distributed.teacher_pass import PassSpec, pass_summary, run_pass
+    from kdpipe.runs.paths import absolute_spec
 
     r, w, name = plan.reader, plan.writer, plan.name
     done_array = record.array("shards_done")
@@ -673,7 +673,7 @@ def cluster(cfg: ClusterConfig, progress: bool = True, verbose: bool = True) -> 
     """Fit letKD's targets and write them for every stored view into ``targets/<name>/``.
 
     Returns a summary dict (also printed when ``verbose``)."""
-    from kdpipe.pipeline.executor import ray_cluster
+    from kdpipe.distributed.executor import ray_cluster
 
     t0 = time.perf_counter()
     plan = _prepare(cfg)
@@ -756,7 +756,7 @@ def plot_subclasses(reader, target_name: str, num_images: int, png_path, dataset
     classes), the sub-class of every location drawn over the image (colour = sub-class index
     k within the class block), next to the score-matrix rows S[c*K:(c+1)*K] of its class;
     plus a heat map of the whole S. Writes ``png_path`` and returns it."""
-    from kdpipe.pipeline.plots import plot_subclass_maps
+    from kdpipe.runs.plots import plot_subclass_maps
 
     record = reader.target_set(target_name)
     return plot_subclass_maps(reader, record, num_images, png_path, dataset)

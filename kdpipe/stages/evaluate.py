@@ -69,7 +69,7 @@ def evaluate(
 def _from_run_dir(path: str, arch, data, load_dataset):
     """Model, arch, data and checkpoint path from a kdpipe run directory (a URL one is
     downloaded to a local staging folder first: ``RunDir``)."""
-    from kdpipe.pipeline.rundir import RunDir
+    from kdpipe.runs.rundir import RunDir
 
     run = RunDir.open(path)
     try:
@@ -82,14 +82,14 @@ def _from_run_dir(path: str, arch, data, load_dataset):
     if arch is not None and own is not None and str(arch) != str(own):
         raise CheckpointError(f"The run directory {path} holds a {own}, not a {arch}; drop --arch or name the run's.")
     if cfg.get("stage") == "train-teacher":
-        from kdpipe.stages.teacher import teacher_checkpoint_name
+        from kdpipe.runs.paths import teacher_checkpoint_name
 
         arch = arch or cfg["arch"]
         data = data or cfg["data"]
         # the run's own location: a URL run's staging folder goes when ``run`` does
         return None, arch, data, run.url(teacher_checkpoint_name(cfg["arch"], cfg["epochs"]))
     # a student run: rebuild the student with its method's taps, then load best.pth
-    from kdpipe.stages.train import build_student_from_config
+    from kdpipe.engine.student import build_student_from_config
 
     ckpt = run.checkpoint_dir / "best.pth"
     if not ckpt.is_file():

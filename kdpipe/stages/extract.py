@@ -18,7 +18,7 @@ What is written (``kdpipe.artifacts.schema``), by default:
 How: the driver checks everything it can first (arguments, an existing store, the checkpoint
 against the architecture, the data set), probes the output shapes, creates the store (or
 opens it for resume), writes ``views`` and ``labels``, then hands the shards not yet done to
-the teacher pass (``kdpipe.pipeline.teacher_pass``) on Ray actors or in-process. ``complete``
+the teacher pass (``kdpipe.distributed.teacher_pass``) on Ray actors or in-process. ``complete``
 is set only when every shard is done; a failure leaves it false and says how to resume.
 """
 
@@ -31,12 +31,12 @@ import time
 import numpy as np
 import torch
 
+from kdpipe.config.configs import ExtractConfig, check_executor
+from kdpipe.distributed.executor import KillWorkerOnce
+from kdpipe.distributed.teacher_pass import PassSpec, identity_column, pass_summary, probe_rows, run_pass
 from kdpipe.errors import KdpipeError, StoreError
-from kdpipe.pipeline.configs import ExtractConfig, check_executor
-from kdpipe.pipeline.executor import KillWorkerOnce
-from kdpipe.pipeline.paths import absolute_path, absolute_spec
-from kdpipe.pipeline.report import human_bytes
-from kdpipe.pipeline.teacher_pass import PassSpec, TeacherPassWorker, identity_column, probe_rows
+from kdpipe.runs.paths import absolute_path, absolute_spec
+from kdpipe.runs.report import human_bytes
 from kdpipe.targets import Cam, Feature, Logits, NativeCam, TargetKind
 
 __all__ = [
@@ -284,7 +284,7 @@ def _store_layout(cfg, dataset, policy, teacher) -> dict:
 def _open_store(cfg, layout):
     """The writer, the shards to run and the shards already done (resume)."""
     from kdpipe.artifacts import StoreWriter
-    from kdpipe.pipeline.executor import plan
+    from kdpipe.distributed.executor import plan
 
     shards = plan(int(layout["manifest"]["dataset"]["num_samples"]), layout["shard_size"])
     if not cfg.resume:
@@ -301,7 +301,7 @@ def extract_teacher(
     cfg: ExtractConfig, progress: bool = True, verbose: bool = True, fault: KillWorkerOnce | None = None
 ) -> dict:
     """Run the teacher over the data set into the store at ``cfg.out``; return the summary.
-    ``fault``: fault injection for tests (``kdpipe.pipeline.executor.KillWorkerOnce``)."""
+    ``fault``: fault injection for tests (``kdpipe.distributed.executor.KillWorkerOnce``)."""
     from kdpipe.data import load_dataset
     from kdpipe.models import load_teacher
     from kdpipe.views import with_pad_mode
@@ -356,85 +356,6 @@ def extract_teacher(
     if verbose:
         print(format_summary(summary))
     return summary
-
-
-def run_pass(
-    writer,
-    spec: PassSpec,
-    todo,
-    cfg,
-    desc: str,
-    unit_scale: int,
-    progress: bool,
-    on_result=None,
-    fault: KillWorkerOnce | None = None,
-) -> tuple[list, float]:
-    """Run the teacher pass over the shards ``todo``; on failure leave the store resumable and
-    say so in one sentence. Returns (per-shard results, seconds)."""
-    from kdpipe.pipeline.executor import run_shards
-
-    t0 = time.perf_counter()
-    try:
-        results = run_shards(
-            TeacherPassWorker,
-            {"spec": spec},
-            todo,
-            executor=cfg.executor,
-            num_workers=cfg.num_workers,
-            ray_address=cfg.ray_address,
-            desc=desc,
-            unit="img",
-            progress=progress,
-            unit_scale=unit_scale,
-            on_result=on_result,
-            fault=fault,
-        )
-    except BaseException as err:
-        _fail_resumable(writer, spec, err)
-        raise
-    return results, time.perf_counter() - t0
-
-
-def _fail_resumable(writer, spec: PassSpec, err: BaseException) -> None:
-    """Turn a failed pass into one sentence that says how far it got and how to resume."""
-    from kdpipe.pipeline.executor import WorkerLost
-
-    try:
-        count = f"{len(writer.done_shards(spec.done_array))} of {writer.array(spec.done_array).shape[0]} shards written"
-        if spec.done_array == "shards_done":
-            writer.mark_incomplete()
-    except Exception:  # noqa: BLE001 - the disk may still be full; the flag is already false
-        count = "some shards written"
-    if isinstance(err, WorkerLost):
-        raise StoreError(
-            f"{err}, so the store at {writer.path} is incomplete ({count}); resume it with --resume."
-        ) from None
-    if isinstance(err, OSError) and not isinstance(err, KdpipeError):
-        reason = err.strerror or str(err) or type(err).__name__
-        raise StoreError(
-            f"Writing the store at {writer.path} failed ({reason}); it is incomplete ({count}) and "
-            "can be resumed with --resume once that is fixed."
-        ) from None
-
-
-def pass_summary(results: list, seconds: float, executor: str) -> dict:
-    """Throughput of a teacher pass: images/s overall and per busiest worker, compute/write time."""
-    images = sum(r["images"] for r in results)
-    busy: dict = {}
-    for r in results:
-        busy[r.get("pid")] = busy.get(r.get("pid"), 0.0) + r["read_s"] + r["compute_s"] + r["write_s"]
-    busiest = max(busy.values()) if busy else 0.0
-    return {
-        # images / the busiest worker's time in run(): throughput without worker start-up
-        "busy_img_per_s": round(images / busiest, 2) if busiest > 0 and images else None,
-        "samples_processed": int(sum(r["samples"] for r in results)),
-        "images_processed": int(images),
-        "shard_seconds": round(seconds, 3),
-        "img_per_s": round(images / seconds, 2) if seconds > 0 and images else None,
-        "compute_s": round(sum(r["compute_s"] for r in results), 3),
-        "write_s": round(sum(r["write_s"] for r in results), 3),
-        "executor": executor,
-    }
 
 
 def _summary(path, layout, shards_run, run_summary, wall, executor) -> dict:

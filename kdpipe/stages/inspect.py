@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from kdpipe.errors import KdpipeError, StoreError
-from kdpipe.pipeline.plots import picture_path
-from kdpipe.pipeline.report import human_bytes
+from kdpipe.runs.plots import picture_path
+from kdpipe.runs.report import human_bytes
 
 TOP_CLASSES = 3
 
@@ -139,7 +139,7 @@ def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES
     store holds it or ``teacher`` is given, else the largest pooled CAM. Writes `png_path`."""
     import torch
 
-    from kdpipe.pipeline.plots import draw_cam_grid
+    from kdpipe.runs.plots import draw_cam_grid
 
     n_total = reader.num_samples
     k = max(1, min(int(num_images), n_total))
@@ -202,10 +202,10 @@ def _only_target_set(reader, target: str | None) -> str:
 
 
 def _draw_subclasses(reader, target, subclasses, png, data):
-    from kdpipe.stages.cluster import plot_subclasses
+    from kdpipe.runs.plots import plot_subclass_maps
 
     name = _only_target_set(reader, target)
-    return plot_subclasses(reader, name, subclasses, png, _dataset_for(reader, data))
+    return plot_subclass_maps(reader, reader.target_set(name), subclasses, png, _dataset_for(reader, data))
 
 
 def _measure_fidelity(reader, teacher, data, num_samples, target, device, verbose) -> tuple[dict, str]:

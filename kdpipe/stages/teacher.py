@@ -6,7 +6,7 @@ the data set's policy flips) applied on the device, top-1/top-5 on the test spli
 epoch.
 
 The run directory (``<out>/teacher-<arch>-<data>-<timestamp>``; ``out`` a path or a URL,
-``kdpipe.pipeline.rundir``) holds config.json, metrics.csv/.jsonl, tensorboard/, curves.png,
+``kdpipe.runs.rundir``) holds config.json, metrics.csv/.jsonl, tensorboard/, curves.png,
 summary.json, ``checkpoints/latest.pth`` (full state, for ``resume``), ``checkpoints/best.pth``,
 and the teacher checkpoint itself in mdistiller's layout and format::
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kdpipe import storage
+from kdpipe.config.configs import TeacherConfig, resume_run
 from kdpipe.engine import loop
 from kdpipe.engine.data import place_dataset
 from kdpipe.engine.device import resolve_device
@@ -33,16 +34,10 @@ from kdpipe.engine.parallel import Workers
 from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
 from kdpipe.engine.sources import NoTargets
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.configs import TeacherConfig, resume_run
-from kdpipe.pipeline.paths import absolute_spec
-from kdpipe.pipeline.rundir import RunDir
+from kdpipe.runs.paths import absolute_spec, teacher_checkpoint_name
+from kdpipe.runs.rundir import RunDir
 
 __all__ = ["train_teacher", "teacher_checkpoint_name", "teacher_checkpoint_path"]
-
-
-def teacher_checkpoint_name(arch: str, epochs: int) -> str:
-    """The teacher checkpoint's path inside its run directory: ``<arch>_vanilla/ckpt_epoch_<E>.pth``."""
-    return f"{arch}_vanilla/ckpt_epoch_{int(epochs)}.pth"
 
 
 def teacher_checkpoint_path(run_path, arch: str, epochs: int) -> Path:
@@ -82,7 +77,7 @@ def train_teacher(
 ) -> dict:
     """Train ``cfg.arch`` on ``cfg.data`` (a ``kdpipe.data.load_dataset`` spec) with cross-entropy;
     on ``cfg.data_parallel`` Ray Train workers when it is above 1. ``out`` (and ``resume``) may
-    be a URL (``kdpipe.pipeline.rundir``); ``wandb`` names a Weights & Biases project to log to.
+    be a URL (``kdpipe.runs.rundir``); ``wandb`` names a Weights & Biases project to log to.
 
     Returns the summary dict (also written to summary.json): run_dir, checkpoint, top1, top5,
     best_top1, epochs, wall_seconds, img_per_s."""
@@ -105,7 +100,7 @@ def train_teacher(
         run = RunDir.create(out, f"teacher-{cfg.arch}-{_data_slug(cfg.data)}", run_config)
     runtime = {"progress": progress, "data_path": data_path, "loader_workers": loader_workers, "wandb": wandb}
     if cfg.data_parallel > 1:
-        from kdpipe.pipeline.data_parallel import run_data_parallel
+        from kdpipe.distributed.data_parallel import run_data_parallel
 
         payload = {
             "cfg": dataclasses.asdict(cfg),
@@ -151,7 +146,7 @@ def _run_config(cfg: TeacherConfig, train_set, test_set, dev) -> dict:
 def _teacher_worker(payload: dict) -> None:
     """One Ray Train worker of a data-parallel teacher run."""
     from kdpipe.data import load_dataset
-    from kdpipe.pipeline.data_parallel import worker_device
+    from kdpipe.distributed.data_parallel import worker_device
 
     storage.apply_options(payload.get("storage"))
     cfg = TeacherConfig(**payload["cfg"])
@@ -199,28 +194,30 @@ def _train_here(
     test = place_dataset(test_set, dev, data_path=data_path, workers=loader_workers)
     source = NoTargets(train_set.policy, getattr(train_set, "image_sizes", None) if not train.resident else None)
     loop.fit(
-        model=model,
-        workers=workers,
-        sync_bn=cfg.sync_bn,
-        train=train,
-        test=test,
-        source=source,
-        loss_fn=loop.ce_loss,
-        policy=train_set.policy,
-        epochs=int(cfg.epochs),
-        batch_size=int(cfg.batch_size),
-        optimizer=optimizer,
-        scheduler=scheduler,
-        run=run,
-        seed=cfg.seed,
-        amp=cfg.amp,
-        start_epoch=start_epoch,
-        best=best,
-        progress=progress,
-        desc=f"teacher {cfg.arch}",
-        scaler_state=scaler_state,
-        after_epoch=after_epoch,
-        wandb=wandb,
+        loop.FitSpec(
+            model=model,
+            workers=workers,
+            sync_bn=cfg.sync_bn,
+            train=train,
+            test=test,
+            source=source,
+            loss_fn=loop.ce_loss,
+            policy=train_set.policy,
+            epochs=int(cfg.epochs),
+            batch_size=int(cfg.batch_size),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            run=run,
+            seed=cfg.seed,
+            amp=cfg.amp,
+            start_epoch=start_epoch,
+            best=best,
+            progress=progress,
+            desc=f"teacher {cfg.arch}",
+            scaler_state=scaler_state,
+            after_epoch=after_epoch,
+            wandb=wandb,
+        )
     )
     if workers.is_main:
         run.save_state(

@@ -30,16 +30,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kdpipe import storage
+from kdpipe.config.configs import StudentConfig, resume_run
 from kdpipe.engine import loop
 from kdpipe.engine.device import resolve_device
 from kdpipe.engine.loggers import require_wandb
 from kdpipe.engine.parallel import Workers
 from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
 from kdpipe.engine.sources import ONLINE_VIEWS, VIEW_MODES, CachedTargets, NoTargets, OnlineTargets
+from kdpipe.engine.student import (
+    build_method,
+    build_student_from_config,
+    resolved_head,
+    student_forward,
+    student_loss_fn,
+)
 from kdpipe.errors import KdpipeError, StoreError
-from kdpipe.pipeline.configs import StudentConfig, resume_run
-from kdpipe.pipeline.paths import absolute_path
-from kdpipe.pipeline.rundir import RunDir
+from kdpipe.runs.paths import absolute_path
+from kdpipe.runs.rundir import RunDir
 from kdpipe.targets.base import KindContext
 
 if TYPE_CHECKING:
@@ -59,52 +66,10 @@ __all__ = [
     "build_method",
     "build_student_from_config",
     "student_loss_fn",
+    "student_forward",
+    "resolved_head",
     "make_target_source",
 ]
-
-
-def build_method(
-    method: str, method_options: dict | None, teacher_arch: str | None, student: str, dataset: str = "cifar"
-):
-    from kdpipe.methods import get_method
-
-    m = get_method(method, **dict(method_options or {}))
-    m.dataset = dataset
-    if teacher_arch:
-        m.bind(teacher_arch, student, dataset)
-    return m
-
-
-def resolved_head(cfg: StudentConfig, method) -> str:
-    """The student's classifier: the config's, else the CAT-KD reference's CAM head for cat_kd
-    (logits = GAP of a bias-free 1x1 conv, CAT-KD tools/train.py if_test) and mdistiller's
-    linear head otherwise."""
-    head = cfg.head or ("cam" if method.name == "cat_kd" else "linear")
-    if head not in ("linear", "cam"):
-        raise KdpipeError(f"--head must be linear or cam, not {head!r}.")
-    return head
-
-
-#: resolved method options that size a student's KD modules (recorded in config.json)
-RECORDED_SHAPES = ("student_hint_shape", "teacher_hint_shape", "teacher_channels", "teacher_side")
-
-
-def build_student_from_config(saved: dict):
-    """The student of a finished run, with the KD layers of its method (for evaluate)."""
-    from kdpipe.artifacts.target_set import TargetSet
-    from kdpipe.models import build
-
-    options = dict(saved.get("method_options") or {})
-    # what the run learnt of the teacher to size its KD modules (FitNet's regressor, SimKD's head)
-    options.update({k: v for k, v in (saved.get("method_resolved") or {}).items() if k in RECORDED_SHAPES})
-    m = build_method(
-        saved["method"], options, saved.get("teacher_arch"), saved["student"], saved.get("recipe") or "cifar"
-    )
-    model = build(saved["student"], num_classes=int(saved["num_classes"]), head=saved.get("head") or "linear")
-    record = saved.get("target_set")
-    ts = TargetSet.from_json(record["name"], record, "the run's config.json") if record else None
-    m.prepare_student(model, ts)
-    return model
 
 
 # ------------------------------------------------------------------------------ resolution
@@ -364,9 +329,9 @@ def _probe_teacher_info(kinds, cfg: StudentConfig, train_set, teacher_arch: str)
     import numpy as np
 
     from kdpipe.data import normalize
+    from kdpipe.distributed.teacher_pass import probe_rows
     from kdpipe.methods.base import TeacherInfo
     from kdpipe.models import load_teacher
-    from kdpipe.pipeline.teacher_pass import probe_rows
     from kdpipe.targets.base import TeacherOutputs, needs_stages
 
     teacher = load_teacher(teacher_arch, str(cfg.online_teacher), train_set.num_classes).eval()
@@ -421,29 +386,6 @@ def make_target_source(setup: StudentSetup, device: torch.device):
     return source
 
 
-def student_loss_fn(model, method):
-    """``loss_fn(net, x, labels, targets) -> (total, parts, logits)`` of the loop (``net``: the
-    loop's ``Forward``, DDP-wrapped when data-parallel)."""
-    # CE and logit KD need logits only: a plain forward, as plain training of the student does.
-    needs_features = (
-        bool(len(getattr(model, "taps", ())))
-        or getattr(model, "collect_stages", False)
-        or getattr(model, "reused_head", None) is not None
-        or any(key != "logits" for kind in method.kinds() for key in kind.target_keys)
-    )
-
-    def loss_fn(net, x, labels, targets):
-        if needs_features:
-            logits, feats = net(x, features=True)
-        else:
-            logits, feats = net(x), {}
-        total, parts = method.loss(logits, feats, targets, labels)
-        return total, {k: v for k, v in parts.items() if k != "total"}, logits
-
-    loss_fn.begin_epoch = method.begin_epoch  # type: ignore[attr-defined]  # the loop's per-epoch hook
-    return loss_fn
-
-
 # ------------------------------------------------------------------------------ the stage
 @dataclass
 class Runtime:
@@ -478,10 +420,10 @@ def train_student(
     wandb: str | None = None,
 ) -> dict:
     """Train a student (see the module docstring). ``out`` (and ``resume``) may be a URL
-    (``kdpipe.pipeline.rundir``); ``wandb`` names a Weights & Biases project to log to. With
+    (``kdpipe.runs.rundir``); ``wandb`` names a Weights & Biases project to log to. With
     ``resume`` the run's own config is used; ``given`` holds options the user passed beside it
     (refused when they differ). With ``cfg.data_parallel`` > 1 the epochs run on that many Ray
-    Train workers (``kdpipe.pipeline.data_parallel``); ``after_epoch`` then runs in every worker
+    Train workers (``kdpipe.distributed.data_parallel``); ``after_epoch`` then runs in every worker
     (tests use it to kill one) and ``on_step`` is not available.
 
     Returns the summary (also in summary.json): run_dir, best_top1, final_top1, final_top5,
@@ -502,7 +444,7 @@ def train_student(
         run = RunDir.create(out, run_prefix or f"student-{setup.cfg.student}-{setup.method.name}", config)
     runtime = Runtime(device, progress, data_path, loader_workers, plot, on_step, after_epoch, wandb)
     if setup.cfg.data_parallel > 1:
-        from kdpipe.pipeline.data_parallel import run_data_parallel
+        from kdpipe.distributed.data_parallel import run_data_parallel
 
         payload = {
             "cfg": dataclasses.asdict(setup.cfg),
@@ -521,7 +463,7 @@ def train_student(
 
 def _student_worker(payload: dict) -> None:
     """One Ray Train worker of a data-parallel student run."""
-    from kdpipe.pipeline.data_parallel import worker_device
+    from kdpipe.distributed.data_parallel import worker_device
 
     storage.apply_options(payload.get("storage"))
     setup = resolve_student(StudentConfig(**payload["cfg"]))
@@ -561,30 +503,32 @@ def _train_here(setup: StudentSetup, run, runtime: Runtime, resume: bool, worker
     )
     test = place_dataset(setup.test_set, dev, data_path=runtime.data_path, workers=runtime.loader_workers)
     loop.fit(
-        model=model,
-        workers=workers,
-        sync_bn=cfg.sync_bn,
-        train=train,
-        test=test,
-        source=source,
-        loss_fn=student_loss_fn(model, setup.method),
-        policy=setup.policy,
-        epochs=r["epochs"],
-        batch_size=r["batch_size"],
-        optimizer=optimizer,
-        scheduler=scheduler,
-        run=run,
-        seed=int(cfg.seed),
-        amp=cfg.amp,
-        start_epoch=start_epoch,
-        best=best,
-        progress=runtime.progress,
-        desc=f"{cfg.student} {setup.method.name}",
-        plot=runtime.plot,
-        on_step=runtime.on_step,
-        after_epoch=runtime.after_epoch,
-        scaler_state=scaler_state,
-        wandb=runtime.wandb,
+        loop.FitSpec(
+            model=model,
+            workers=workers,
+            sync_bn=cfg.sync_bn,
+            train=train,
+            test=test,
+            source=source,
+            loss_fn=student_loss_fn(model, setup.method),
+            policy=setup.policy,
+            epochs=r["epochs"],
+            batch_size=r["batch_size"],
+            optimizer=optimizer,
+            scheduler=scheduler,
+            run=run,
+            seed=int(cfg.seed),
+            amp=cfg.amp,
+            start_epoch=start_epoch,
+            best=best,
+            progress=runtime.progress,
+            desc=f"{cfg.student} {setup.method.name}",
+            plot=runtime.plot,
+            on_step=runtime.on_step,
+            after_epoch=runtime.after_epoch,
+            scaler_state=scaler_state,
+            wandb=runtime.wandb,
+        )
     )
     return getattr(source, "tier", None)
 

@@ -41,6 +41,8 @@ __all__ = [
     "pool_to",
     "warp_channels_last",
     "needs_stages",
+    "StoreContents",
+    "kind_classes",
 ]
 
 
@@ -98,8 +100,48 @@ class KindContext:
         return torch.as_tensor(np.asarray(self.load(path)), dtype=torch.float32).to(self.device)
 
 
+@dataclass(frozen=True)
+class StoreContents:
+    """What a store holds, as kinds ask it (``TargetKind.in_store``): its per-sample array
+    paths, the views its feature arrays cover, and the chosen target set (or None)."""
+
+    names: frozenset
+    feature_views: str = "identity"
+    target_set: TargetSet | None = None
+    #: whether the store has an array at a path (target-set arrays are not among ``names``)
+    has: Callable[[str], bool] | None = None
+
+    def has_target_array(self, name: str) -> bool:
+        """Whether the chosen target set has its array ``name`` (e.g. ``subclass_idx``)."""
+        if self.target_set is None:
+            return False
+        path = self.target_set.array(name)
+        return self.has(path) if self.has is not None else path in self.names
+
+
+#: every TargetKind subclass, in definition order (kinds register by being defined: shared
+#: ones in this package, a method's own in its module)
+_KIND_CLASSES: list[type[TargetKind]] = []
+
+
+def kind_classes() -> list[type[TargetKind]]:
+    """Every defined kind class (import the method modules first to include their kinds)."""
+    return list(_KIND_CLASSES)
+
+
 class TargetKind:
     """Base class of the target kinds (see the module docstring)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):
+            _KIND_CLASSES.append(cls)
+
+    @classmethod
+    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
+        """The instances of this kind a store holds (``inspect --fidelity`` compares each);
+        default: none (online-only kinds)."""
+        return []
 
     #: who writes its arrays: "extract" (the teacher pass), "cluster" (the assignment pass),
     #: or None for kinds that exist only online (no store arrays)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kdpipe.targets.base import KindContext, StoredArray, TargetKind, TeacherOutputs, pool_to
+from kdpipe.targets.base import KindContext, StoreContents, StoredArray, TargetKind, TeacherOutputs, pool_to
 
 NATIVE = "cam"
 
@@ -33,6 +33,11 @@ class Cam(TargetKind):
     def __init__(self, r: int = 2):
         self.r = int(r)
         self.from_native = False
+
+    @classmethod
+    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
+        prefix = pooled_name(0)[:-1]
+        return [cls(int(n[len(prefix) :])) for n in sorted(contents.names) if n.startswith(prefix)]
 
     @property
     def name(self) -> str:
@@ -70,6 +75,11 @@ class NativeCam(TargetKind):
     thresholds each class map over its native cells, before pooling)."""
 
     name = NATIVE
+
+    @classmethod
+    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
+        return [cls()] if NATIVE in contents.names else []
+
     target_keys = ("cam",)
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kdpipe.errors import KdpipeError
-from kdpipe.targets.base import StoredArray, TargetKind, TeacherOutputs
+from kdpipe.targets.base import StoreContents, StoredArray, TargetKind, TeacherOutputs
 
 LAYERS = ("penult", "inter")
 FEATURE_VIEWS = ("identity", "all")
@@ -33,6 +33,12 @@ class Feature(TargetKind):
             raise KdpipeError(f"Feature views must be {' or '.join(FEATURE_VIEWS)}, not {views!r}.")
         self.layer = layer
         self.views = views
+
+    @classmethod
+    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
+        prefix = feature_name("")
+        layers = [n[len(prefix) :] for n in sorted(contents.names) if n.startswith(prefix)]
+        return [cls(layer, views=contents.feature_views) for layer in layers if layer in LAYERS]
 
     @property
     def name(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kdpipe.targets.base import StoredArray, TargetKind, TeacherOutputs
+from kdpipe.targets.base import StoreContents, StoredArray, TargetKind, TeacherOutputs
 
 
 class Logits(TargetKind):
@@ -15,6 +15,10 @@ class Logits(TargetKind):
 
     name = "logits"
     target_keys = ("logits",)
+
+    @classmethod
+    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
+        return [cls()] if "logits" in contents.names else []
 
     @property
     def storage(self) -> dict[str, StoredArray]:

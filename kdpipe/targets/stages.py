@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
-from kdpipe.targets.base import KindContext, StoredArray, TargetKind, TeacherOutputs
+from kdpipe.targets.base import KindContext, StoreContents, StoredArray, TargetKind, TeacherOutputs
 
 __all__ = [
     "AttentionMaps",
@@ -44,6 +45,24 @@ def _warp_maps(rows: dict, policy, params) -> dict:
     return {k: policy.apply_maps(v.float()[:, None], params, mode="bilinear")[:, 0] for k, v in rows.items()}
 
 
+def attention_map(feat: torch.Tensor, p: float = 2.0, size: int | None = None) -> torch.Tensor:
+    """Attention map of one stage: [B, D, h, w] -> [B, h, w], l2-normalised over h*w.
+
+    ``size``: where it differs from the feature's height h, adaptive-average-pool the
+    feature to size x size first (mdistiller compares heights and pools to squares; its maps
+    are square). Pooling goes down only: the map of a feature never grows.
+    """
+    if feat.dim() != 4:
+        raise ValueError(f"attention_map expects a feature map [B, D, h, w]; got {tuple(feat.shape)}")
+    if size is not None and int(size) != feat.shape[2]:
+        if int(size) > feat.shape[2]:
+            raise ValueError(f"attention_map pools features down only: feature side {feat.shape[2]}, asked {size}")
+        feat = F.adaptive_avg_pool2d(feat, (int(size), int(size)))
+    batch, _, h, w = feat.shape
+    amap = feat.pow(p).mean(dim=1).reshape(batch, h * w)
+    return F.normalize(amap, p=2.0, dim=1).reshape(batch, h, w)
+
+
 class AttentionMaps(TargetKind):
     """Targets ``at_stage{i}`` [B, h_i, w_i] and ``at_stage{i}_half`` [B, h_i // 2, w_i // 2]
     float32 for the teacher's stages i = 1 .. n (see the module docstring).
@@ -55,6 +74,11 @@ class AttentionMaps(TargetKind):
     def __init__(self, p: float = 2.0, stages: int | None = None):
         self.p = float(p)
         self.stages = None if stages is None else int(stages)
+
+    @classmethod
+    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
+        powers = {n.split("/", 1)[0] for n in contents.names if n.startswith("at_p") and "/stage" in n}
+        return [cls(float(p[len("at_p") :])) for p in sorted(powers)]
 
     @property
     def name(self) -> str:
@@ -95,8 +119,6 @@ class AttentionMaps(TargetKind):
         return self
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
-        from kdpipe.methods.at import attention_map
-
         feats = out.feats["stages"]
         if self.stages is None:
             self.stages = len(feats)
@@ -127,6 +149,10 @@ class HintFeature(TargetKind):
         if int(layer) < 1:
             raise KdpipeError(f"FitNet's hint layer must be a stage (1 or more), not {layer!r}.")
         self.layer = int(layer)
+
+    @classmethod
+    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
+        return [cls(int(n[len("hint/feats") :])) for n in sorted(contents.names) if n.startswith("hint/feats")]
 
     @property
     def name(self) -> str:
@@ -167,6 +193,10 @@ class PenultMap(TargetKind):
 
     name = "penult_map"
     target_keys = ("penult_map",)
+
+    @classmethod
+    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
+        return [cls()] if cls.name in contents.names else []
 
     @property
     def storage(self) -> dict[str, StoredArray]:

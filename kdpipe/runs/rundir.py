@@ -48,6 +48,14 @@ from typing import Any
 import torch
 
 from kdpipe import storage
+from kdpipe.engine.state import (  # noqa: F401 - BEST/TENSORBOARD and the state helpers, named where the loop writes them
+    BEST,
+    TENSORBOARD,
+    load_scheduler_state,
+    restore_rng_state,
+    rng_state,
+    scheduler_state,
+)
 from kdpipe.errors import KdpipeError
 from kdpipe.storage import atomic_write_bytes
 
@@ -58,8 +66,6 @@ SUMMARY = "summary.json"
 CURVES = "curves.png"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pth"
-BEST = "best.pth"
-TENSORBOARD = "tensorboard"
 
 
 def _jsonable(obj: Any):
@@ -91,44 +97,6 @@ def save_checkpoint_file(path, state: dict) -> Path:
     path = Path(path)
     atomic_write_bytes(path, lambda fh: torch.save(state, fh))
     return path
-
-
-def scheduler_state(scheduler) -> dict:
-    """A scheduler's state_dict made loadable with weights_only=True (MultiStepLR keeps its
-    milestones in a Counter, which the safe unpickler refuses)."""
-    sd = dict(scheduler.state_dict())
-    if isinstance(sd.get("milestones"), Counter):
-        sd["milestones"] = {int(k): int(v) for k, v in sd["milestones"].items()}
-    return sd
-
-
-def load_scheduler_state(scheduler, sd: dict) -> None:
-    sd = dict(sd)
-    if isinstance(sd.get("milestones"), dict):
-        sd["milestones"] = Counter({int(k): int(v) for k, v in sd["milestones"].items()})
-    scheduler.load_state_dict(sd)
-
-
-def rng_state(generator: torch.Generator | None = None) -> dict:
-    """The RNG states a run depends on (global torch CPU/CUDA and an optional generator)."""
-    state: dict[str, object] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if generator is not None:
-        state["generator"] = generator.get_state()
-    return state
-
-
-def restore_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except Exception:  # another number of GPUs than when saved: not fatal
-            pass
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
 
 
 class _Mirror:
@@ -352,8 +320,8 @@ class RunDir:
 
     # -- plots and summary ----------------------------------------------------------------
     def plot_curves(self, path: str | Path | None = None) -> Path | None:
-        """Loss and top-1 against epoch as a PNG (``kdpipe.pipeline.plots.draw_run_curves``)."""
-        from kdpipe.pipeline.plots import draw_run_curves
+        """Loss and top-1 against epoch as a PNG (``kdpipe.runs.plots.draw_run_curves``)."""
+        from kdpipe.runs.plots import draw_run_curves
 
         rows = self.read_metrics()
         if not rows:

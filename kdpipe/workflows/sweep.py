@@ -6,7 +6,7 @@
 
 ``parse_sweep(["beta=10,50,100", "seed=0,1"])`` -> {"beta": [10, 50, 100], "seed": [0, 1]};
 ``expand_grid`` gives the 6 trials; ``run_sweep`` runs them (a Ray Tune grid,
-``kdpipe.pipeline.sweep_tune``; ``executor="inline"`` runs them one after another in this
+``kdpipe.workflows.sweep_tune``; ``executor="inline"`` runs them one after another in this
 process) and writes, in ``<out>/sweep-<student>-<method>-<timestamp>/``:
 
 - ``config.json``: the base arguments, the grid and the per-trial resources asked for;
@@ -43,17 +43,26 @@ import io
 import itertools
 import json
 import math
-import os
-import posixpath
-import time
-from pathlib import Path
 
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.paths import absolute_path, is_url
-from kdpipe.pipeline.report import mean_std
-from kdpipe.pipeline.rundir import CHECKPOINTS, CONFIG, LATEST, SUMMARY, RunDir, atomic_write_text
+from kdpipe.runs.paths import absolute_path
+from kdpipe.runs.report import mean_std
+from kdpipe.runs.rundir import CONFIG, SUMMARY, RunDir
+from kdpipe.workflows.sweep_trials import (  # noqa: F401 - the sweep's public names, defined with its trials
+    RESULT_METRICS,
+    PriorRun,
+    SweepKilled,
+    SweepOptions,
+    check_fault,
+    find_trial_run,
+    join_path,
+    read_json,
+    run_trial,
+    trial_config,
+    trial_name,
+    write_text,
+)
 
-RESULT_METRICS = ("final_top1", "best_top1", "final_top5", "wall_seconds", "img_per_s")
 SWEEP_STAGE = "sweep"
 
 
@@ -102,146 +111,6 @@ def expand_grid(grid: dict) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def trial_config(base, point: dict):
-    """The StudentConfig of one grid point: a field of the config is set directly, every other
-    key becomes a method option (``dataclasses.replace(base, **point)``)."""
-    fields = {f.name for f in dataclasses.fields(base)}
-    direct, opts = {}, dict(base.method_options)
-    for k, v in point.items():
-        if k == "method_options":
-            raise KdpipeError("--sweep cannot vary method_options as a whole; sweep its options by name.")
-        if k in fields:
-            direct[k] = v
-        else:
-            opts[k] = v
-    return dataclasses.replace(base, **direct, method_options=opts)
-
-
-def trial_name(n: int, point: dict) -> str:
-    """The run-directory prefix of trial ``n``: ``trial-<n>-<key>=<value>...``."""
-    parts = [f"{k}={v}" for k, v in point.items()]
-    return f"trial-{n:03d}" + ("-" + "-".join(parts) if parts else "")
-
-
-class SweepKilled(BaseException):
-    """Raised by the fault hook: a BaseException, so that nothing on the way catches it as a
-    trial error and the sweep stops as abruptly as a killed driver."""
-
-
-def check_fault(finished: int, stop_after: int | None) -> None:
-    """Fault injection: stop the sweep once ``finished`` reaches ``stop_after`` (None: never)."""
-    if stop_after is not None and finished >= stop_after:
-        raise SweepKilled(f"sweep stopped after {finished} finished trials (stop_after={stop_after})")
-
-
-# ------------------------------------------------------------------------------ one trial
-@dataclasses.dataclass
-class PriorRun:
-    """A run directory an earlier attempt of this trial left in the sweep directory."""
-
-    path: str
-    summary: dict | None  # its summary.json: the trial finished; None: it has a checkpoint to continue from
-
-
-def _join(root: str, *parts: str) -> str:
-    return posixpath.join(root, *parts) if is_url(root) else os.path.join(root, *parts)
-
-
-def read_json(target: str) -> dict:
-    """A JSON file at a local path or URL (FileNotFoundError when absent)."""
-    import fsspec
-
-    with fsspec.open(target, "r") as fh:
-        return json.load(fh)
-
-
-def write_text(sweep_dir: str, name: str, text: str) -> str:
-    """A small file of the sweep directory written whole: locally through a temporary file and
-    os.replace, at a URL as one object (object stores replace objects atomically)."""
-    target = _join(sweep_dir, name)
-    if is_url(sweep_dir):
-        import fsspec
-
-        with fsspec.open(target, "w") as fh:
-            fh.write(text)
-    else:
-        atomic_write_text(Path(target), text)
-    return target
-
-
-def find_trial_run(sweep_dir: str, n: int) -> PriorRun | None:
-    """The run directory of trial ``n`` in ``sweep_dir`` to carry on from: a finished one, else
-    the latest with a checkpoint, else None (a run killed before its first checkpoint starts
-    again). Works on local paths and fsspec URLs."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(sweep_dir)
-    prefix = f"trial-{n:03d}-"
-    try:
-        entries = fs.ls(root, detail=True)
-    except FileNotFoundError:
-        return None
-    names = sorted(
-        e["name"]
-        for e in entries
-        if e.get("type") == "directory" and posixpath.basename(e["name"].rstrip("/")).startswith(prefix)
-    )
-    best = None
-    for name in names:  # in timestamp order
-        path = fs.unstrip_protocol(name) if is_url(sweep_dir) else name
-        summary_path = posixpath.join(name, SUMMARY)
-        if fs.exists(summary_path):
-            with fs.open(summary_path, "r") as fh:
-                return PriorRun(path, json.load(fh))
-        if fs.exists(posixpath.join(name, CHECKPOINTS, LATEST)):
-            best = PriorRun(path, None)
-    return best
-
-
-def _row(summary: dict, reused: bool) -> dict:
-    return {
-        "status": "ok",
-        **{k: summary.get(k) for k in RESULT_METRICS},
-        "run_dir": summary.get("run_dir"),
-        "reused": reused,
-    }
-
-
-def run_trial(sweep_dir: str, n: int, point: dict, cfg, device: str | None = None) -> dict:
-    """Trial ``n`` of a sweep, wherever it runs (a Tune trial or this process): a finished run
-    of it is read back, an interrupted one continued, else a new run directory is made under
-    ``sweep_dir``. A KdpipeError becomes the row's status (one sentence), not an exception."""
-    from kdpipe.stages.train import train_student
-
-    prior = find_trial_run(sweep_dir, n)
-    if prior is not None and prior.summary is not None:
-        return _row(prior.summary, reused=True)
-    t0 = time.perf_counter()
-    try:
-        if prior is not None:
-            summary = train_student(resume=prior.path, device=device, progress=False)
-        else:
-            summary = train_student(cfg, out=sweep_dir, device=device, progress=False, run_prefix=trial_name(n, point))
-        return _row(summary, reused=False)
-    except KdpipeError as err:
-        return {"status": f"error: {err}", "wall_seconds": time.perf_counter() - t0, "run_dir": None, "reused": False}
-
-
-# ------------------------------------------------------------------------------ the sweep
-@dataclasses.dataclass(frozen=True)
-class SweepOptions:
-    """How a sweep runs (not what it computes): executor, cluster, per-trial resources."""
-
-    executor: str = "ray"
-    ray_address: str | None = None
-    num_cpus: int | None = None  # CPUs of a local Ray started for the sweep (None: all)
-    gpus_per_trial: float | None = None  # None: 1 where the Ray cluster has GPUs, else 0
-    cpus_per_trial: float = 1.0
-    device: str | None = None  # "cpu" keeps trials off GPUs
-    progress: bool = True
-    stop_after: int | None = None  # fault injection (tests): stop abruptly after this many trials
-
-
 def run_sweep(base, grid: dict, out="runs", options: SweepOptions | None = None) -> dict:
     """Run every grid point of ``grid`` (``trial_config(base, point)``) into a new sweep
     directory under ``out``; see the module docstring.
@@ -270,7 +139,7 @@ def run_sweep(base, grid: dict, out="runs", options: SweepOptions | None = None)
 def is_sweep_dir(path) -> bool:
     """Whether ``path`` is a sweep directory (its config.json says stage "sweep")."""
     try:
-        return read_json(_join(str(path), CONFIG)).get("stage") == SWEEP_STAGE
+        return read_json(join_path(str(path), CONFIG)).get("stage") == SWEEP_STAGE
     except (KdpipeError, OSError, ValueError):
         return False
 
@@ -279,13 +148,13 @@ def resume_sweep(sweep_dir, options: SweepOptions | None = None, given: dict | N
     """Continue the sweep in ``sweep_dir`` with its own base config and grid; finished trials
     are not run again. ``given``: config options passed beside --resume (refused when they
     differ from the sweep's)."""
-    from kdpipe.pipeline.configs import StudentConfig, differing_fields, from_saved
+    from kdpipe.config.configs import StudentConfig, differing_fields, from_saved
 
     options = options or SweepOptions()
     _check_options(options)
     sweep_dir = absolute_path(sweep_dir)
     try:
-        saved = read_json(_join(sweep_dir, CONFIG))
+        saved = read_json(join_path(sweep_dir, CONFIG))
     except FileNotFoundError:
         raise KdpipeError(f"{sweep_dir} is not a kdpipe sweep directory (no {CONFIG} in it).") from None
     if saved.get("stage") != SWEEP_STAGE:
@@ -330,10 +199,10 @@ def _execute(sweep_dir: str, base, grid: dict, options: SweepOptions, restore: b
     if options.executor == "inline":
         results = _run_inline(sweep_dir, base, points, options)
     else:
-        from kdpipe.pipeline.executor import prepare_ray_import
+        from kdpipe.distributed.executor import prepare_ray_import
 
         prepare_ray_import(options.ray_address)  # before ray.tune's import: a local Ray stays on loopback
-        from kdpipe.pipeline.sweep_tune import run_tune
+        from kdpipe.workflows.sweep_tune import run_tune
 
         results = run_tune(sweep_dir, base, grid, points, options, restore=restore)
     return write_results(sweep_dir, base, grid, points, results)

@@ -21,7 +21,7 @@
 - Without `ray_address` and without a running Ray, a local Ray is started for the call and
   shut down after: `num_cpus` = the CPU count, no dashboard, every server bound to
   127.0.0.1 (see `init_local_ray`), so nothing listens on a non-loopback interface. A reaper
-  process (`kdpipe.pipeline.ray_reaper`) stops that session's Ray processes, agents included,
+  process (`kdpipe.distributed.ray_reaper`) stops that session's Ray processes, agents included,
   when the driver exits or is killed (SIGKILL too). With `ray_address` ("auto",
   "ray://host:10001", "host:6379") it joins that cluster, after a probe of the address
   (`check_ray_address`: a TCP connect and an HTTP/2 greeting, 5 s each at most) so that a wrong
@@ -126,7 +126,7 @@ _REAPERS: list[subprocess.Popen] = []  # one per local Ray this process started 
 
 def init_local_ray(num_cpus: int | None = None) -> None:
     """Start a single-node Ray whose every server binds to 127.0.0.1, with no dashboard, and a
-    reaper process that stops it once this driver is gone (``kdpipe.pipeline.ray_reaper``).
+    reaper process that stops it once this driver is gone (``kdpipe.distributed.ray_reaper``).
 
     On Linux, Ray binds its servers to the machine's routable address unless its "cluster mode"
     is off, the mode Ray uses on laptops: the documented variable
@@ -170,7 +170,7 @@ def prepare_ray_import(ray_address: str | None) -> None:
 def _start_reaper(session_name: str) -> subprocess.Popen:
     """The watchdog that stops this session's Ray processes when the driver exits or is killed:
     its own session (a signal to the driver's group spares it), our pipe as its stdin."""
-    from kdpipe.pipeline import ray_reaper
+    from kdpipe.distributed import ray_reaper
 
     return subprocess.Popen(
         [sys.executable, ray_reaper.__file__, str(os.getpid()), session_name],

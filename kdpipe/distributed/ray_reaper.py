@@ -2,7 +2,7 @@
 
     python ray_reaper.py <driver_pid> <session_name>
 
-Started by ``kdpipe.pipeline.executor.init_local_ray`` in a new session (so a signal to the
+Started by ``kdpipe.distributed.executor.init_local_ray`` in a new session (so a signal to the
 driver's process group does not reach it) with a pipe as stdin. It waits until the pipe reaches
 end of file (the driver closed it, or the kernel did because the driver died, SIGKILL included)
 or its parent is no longer the driver; then it sends SIGTERM, and after a grace period SIGKILL,

@@ -11,7 +11,7 @@ import os
 
 from kdpipe.storage import is_url, normalize
 
-__all__ = ["absolute_path", "absolute_spec", "is_url"]
+__all__ = ["absolute_path", "absolute_spec", "is_url", "teacher_checkpoint_name"]
 
 _FOLDER_SPECS = ("cifar10", "cifar100", "imagefolder")
 
@@ -34,3 +34,8 @@ def absolute_spec(data):
     if os.path.isabs(path):
         return data
     return f"{kind}:{absolute_path(path)}{q}{options}"
+
+
+def teacher_checkpoint_name(arch: str, epochs: int) -> str:
+    """The teacher checkpoint's path inside its run directory: ``<arch>_vanilla/ckpt_epoch_<E>.pth``."""
+    return f"{arch}_vanilla/ckpt_epoch_{int(epochs)}.pth"

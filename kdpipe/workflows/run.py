@@ -1,6 +1,6 @@
 """``kdpipe run CONFIG...``: whole paper rows from config files, sharing teacher passes.
 
-For every config file (``kdpipe.pipeline.config_files``): a store for its teacher and data,
+For every config file (``kdpipe.config.config_files``): a store for its teacher and data,
 its letKD target set when it has a ``cluster`` section, then its student for every seed.
 
 - **Stores are shared**: configs with the same teacher checkpoint (sha256), data set, views,
@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass, field
 
 from kdpipe import storage
+from kdpipe.config.config_files import RowConfig, load_row
+from kdpipe.config.configs import ClusterConfig, ExtractConfig
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.config_files import RowConfig, load_row
-from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig
 
 __all__ = ["run_configs", "store_key"]
 
@@ -197,7 +197,7 @@ def _train_row(row: RowConfig, store: str, target_set: str | None, out: str, say
 
 def run_configs(paths, sets=(), out="runs", stores="stores", executor: str = "ray", verbose: bool = True) -> dict:
     """Run every config (see the module docstring); return the results table and its files."""
-    from kdpipe.pipeline.report import mean_std
+    from kdpipe.runs.report import mean_std
 
     def say(msg):
         if verbose:

@@ -3,7 +3,7 @@ the rows of a list of target kinds. ``extract-teacher`` runs it with the extract
 (logits, CAMs, raw features); ``cluster``'s assignment pass runs it with letKD's kinds
 (penultimate top-k, sub-class index) bound to the freshly fitted target set.
 
-One ``TeacherPassWorker`` per Ray actor (or one in-process: ``kdpipe.pipeline.executor``)
+One ``TeacherPassWorker`` per Ray actor (or one in-process: ``kdpipe.distributed.executor``)
 loads the teacher and the data set once; per shard it reads the view parameters of its rows
 from the store, applies each view to its images (``policy.apply_images``), normalises, runs
 the teacher under ``torch.inference_mode``, lets every kind compute its rows
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from kdpipe import storage
-from kdpipe.errors import DataError, KdpipeError
-from kdpipe.pipeline.paths import absolute_spec
+from kdpipe.distributed.executor import KillWorkerOnce, WorkerLost, run_shards
+from kdpipe.errors import DataError, KdpipeError, StoreError
+from kdpipe.runs.paths import absolute_spec
 from kdpipe.targets.base import KindContext, TargetKind, TeacherOutputs, needs_stages
 
 __all__ = ["PassSpec", "TeacherPassWorker", "rows_to_storage", "identity_column", "absolute_spec", "probe_rows"]
@@ -189,3 +190,79 @@ class TeacherPassWorker:
             "pid": os.getpid(),
             "stats": stats,
         }
+
+
+# ------------------------------------------------------------------------------ running a pass
+def run_pass(
+    writer,
+    spec: PassSpec,
+    todo,
+    cfg,
+    desc: str,
+    unit_scale: int,
+    progress: bool,
+    on_result=None,
+    fault: KillWorkerOnce | None = None,
+) -> tuple[list, float]:
+    """Run the teacher pass over the shards ``todo``; on failure leave the store resumable and
+    say so in one sentence. Returns (per-shard results, seconds)."""
+    t0 = time.perf_counter()
+    try:
+        results = run_shards(
+            TeacherPassWorker,
+            {"spec": spec},
+            todo,
+            executor=cfg.executor,
+            num_workers=cfg.num_workers,
+            ray_address=cfg.ray_address,
+            desc=desc,
+            unit="img",
+            progress=progress,
+            unit_scale=unit_scale,
+            on_result=on_result,
+            fault=fault,
+        )
+    except BaseException as err:
+        _fail_resumable(writer, spec, err)
+        raise
+    return results, time.perf_counter() - t0
+
+
+def _fail_resumable(writer, spec: PassSpec, err: BaseException) -> None:
+    """Turn a failed pass into one sentence that says how far it got and how to resume."""
+    try:
+        count = f"{len(writer.done_shards(spec.done_array))} of {writer.array(spec.done_array).shape[0]} shards written"
+        if spec.done_array == "shards_done":
+            writer.mark_incomplete()
+    except Exception:  # noqa: BLE001 - the disk may still be full; the flag is already false
+        count = "some shards written"
+    if isinstance(err, WorkerLost):
+        raise StoreError(
+            f"{err}, so the store at {writer.path} is incomplete ({count}); resume it with --resume."
+        ) from None
+    if isinstance(err, OSError) and not isinstance(err, KdpipeError):
+        reason = err.strerror or str(err) or type(err).__name__
+        raise StoreError(
+            f"Writing the store at {writer.path} failed ({reason}); it is incomplete ({count}) and "
+            "can be resumed with --resume once that is fixed."
+        ) from None
+
+
+def pass_summary(results: list, seconds: float, executor: str) -> dict:
+    """Throughput of a teacher pass: images/s overall and per busiest worker, compute/write time."""
+    images = sum(r["images"] for r in results)
+    busy: dict = {}
+    for r in results:
+        busy[r.get("pid")] = busy.get(r.get("pid"), 0.0) + r["read_s"] + r["compute_s"] + r["write_s"]
+    busiest = max(busy.values()) if busy else 0.0
+    return {
+        # images / the busiest worker's time in run(): throughput without worker start-up
+        "busy_img_per_s": round(images / busiest, 2) if busiest > 0 and images else None,
+        "samples_processed": int(sum(r["samples"] for r in results)),
+        "images_processed": int(images),
+        "shard_seconds": round(seconds, 3),
+        "img_per_s": round(images / seconds, 2) if seconds > 0 and images else None,
+        "compute_s": round(sum(r["compute_s"] for r in results), 3),
+        "write_s": round(sum(r["write_s"] for r in results), 3),
+        "executor": executor,
+    }

@@ -59,7 +59,7 @@ def run_data_parallel(
 ) -> None:
     """Run ``entry(payload)`` on ``workers`` Ray Train workers (DDP); raises one sentence
     when a worker fails, saying how to resume."""
-    from kdpipe.pipeline.executor import prepare_ray_import, ray_cluster
+    from kdpipe.distributed.executor import prepare_ray_import, ray_cluster
 
     prepare_ray_import(ray_address)  # before Ray's first import: a local Ray binds to loopback only
     try:

@@ -31,8 +31,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdpipe.config.configs import ClusterConfig, ExtractConfig, StudentConfig
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.configs import ClusterConfig, ExtractConfig, StudentConfig
 
 __all__ = [
     "RowConfig",
@@ -207,9 +207,10 @@ def is_reference_yaml(doc: dict) -> bool:
     return any(k in doc for k in ("DISTILLER", "SOLVER", "EXPERIMENT"))
 
 
-#: Every key mdistiller/CAT-KD configs use, with the reference's default (CAT-KD
-#: mdistiller/engine/cfg.py). Keys marked "recorded" do not change a kdpipe run.
-REFERENCE_DEFAULTS = {
+#: The keys mdistiller/CAT-KD configs use outside the methods' sections, with the reference's
+#: default (CAT-KD mdistiller/engine/cfg.py); each method's keys come from the registry
+#: (``reference_defaults``). Keys in RECORDED_ONLY do not change a kdpipe run.
+SOLVER_DEFAULTS = {
     "EXPERIMENT.PROJECT": "distill",
     "EXPERIMENT.NAME": "",
     "EXPERIMENT.TAG": "default",
@@ -235,34 +236,6 @@ REFERENCE_DEFAULTS = {
     "LOG.SAVE_CHECKPOINT_FREQ": 40,
     "LOG.PREFIX": "./output",
     "LOG.WANDB": True,
-    "CAT_KD.IF_NORMALIZE": True,
-    "CAT_KD.onlyCAT": False,
-    "CAT_KD.IF_BINARIZE": False,
-    "CAT_KD.IF_OnlyTransferPartialCAMs": False,
-    "CAT_KD.CAMs_Nums": 100,
-    "CAT_KD.Strategy": 0,
-    "CAT_KD.LOSS.CE_WEIGHT": 1.0,
-    "CAT_KD.LOSS.CAT_loss_weight": 400.0,
-    "CAT_KD.LOSS.CAM_RESOLUTION": 2,
-    "CAT_KD.teacher_dir": None,
-    "CAT_KD.student_dir": None,
-    "KD.TEMPERATURE": 4,
-    "KD.LOSS.CE_WEIGHT": 0.1,
-    "KD.LOSS.KD_WEIGHT": 0.9,
-    # mdistiller configs/cifar100/dkd/*.yaml and mdistiller/engine/cfg.py CFG.DKD
-    "DKD.CE_WEIGHT": 1.0,
-    "DKD.ALPHA": 1.0,
-    "DKD.BETA": 8.0,
-    "DKD.T": 4.0,
-    "DKD.WARMUP": 20,
-    # mdistiller/engine/cfg.py CFG.AT and CFG.FITNET (configs/cifar100/at.yaml, fitnet.yaml keep them)
-    "AT.P": 2,
-    "AT.LOSS.CE_WEIGHT": 1.0,
-    "AT.LOSS.FEAT_WEIGHT": 1000.0,
-    "FITNET.HINT_LAYER": 2,
-    "FITNET.INPUT_SIZE": [32, 32],
-    "FITNET.LOSS.CE_WEIGHT": 1.0,
-    "FITNET.LOSS.FEAT_WEIGHT": 100.0,
     "device": 0,
     "if_test": False,
     "if_Augment": False,
@@ -287,16 +260,6 @@ RECORDED_ONLY = {
     "if_test",
     "if_useFactor",
     "if_self_train",
-    "FITNET.INPUT_SIZE",
-}
-_METHODS = {
-    "CAT_KD": "cat_kd",
-    "CAT-KD": "cat_kd",
-    "KD": "kd",
-    "NONE": "ce",
-    "DKD": "dkd",
-    "AT": "at",
-    "FITNET": "fitnet",
 }
 # The references' ImageNet model names -> kdpipe's torchvision models. The references'
 # ImageNet "MobileNetV2" is a MobileNet-V1 (1024-channel conv_dw stack); kdpipe trains
@@ -320,16 +283,38 @@ def _flatten(doc: dict, prefix: str = "") -> dict:
     return out
 
 
+def reference_defaults() -> dict:
+    """Every key kdpipe reads from mdistiller / CAT-KD files, with the reference's default:
+    the solver's, and each registered method's (its options' ``yaml`` keys and ``yaml_extra``)."""
+    from kdpipe.methods import entries
+
+    keys = dict(SOLVER_DEFAULTS)
+    for entry in entries().values():
+        keys.update({i.yaml: i.reference_yaml_default for i in entry.infos().values() if i.yaml})
+        keys.update(entry.yaml_extra)
+        keys.update(entry.yaml_recorded)
+    return keys
+
+
+def _reference_methods() -> dict:
+    """DISTILLER.TYPE (upper case) -> kdpipe method name, from the registry."""
+    from kdpipe.methods import entries
+
+    return {yaml_name.upper(): e.name for e in entries().values() for yaml_name in e.yaml_names}
+
+
 def reference_student(doc: dict, where: str) -> tuple[dict, dict]:
     """(StudentConfig fields, recorded keys) of a mdistiller / CAT-KD config file."""
     given = _flatten(doc)
-    unknown = sorted(set(given) - set(REFERENCE_DEFAULTS))
+    known = reference_defaults()
+    methods = _reference_methods()
+    unknown = sorted(set(given) - set(known))
     if unknown:
         raise KdpipeError(
             f"{where} has the key {unknown[0]} that kdpipe does not know (it reads the CAT-KD / "
-            "mdistiller keys of mdistiller/engine/cfg.py for CAT_KD, KD, DKD, AT, FITNET and the baseline)."
+            f"mdistiller keys of mdistiller/engine/cfg.py for {', '.join(sorted(methods))})."
         )
-    v = {**REFERENCE_DEFAULTS, **given}
+    v = {**known, **given}
     if v["if_Augment"]:
         raise KdpipeError(f"{where} sets if_Augment (TrivialAugment), which kdpipe's stores do not replay.")
     if str(v["SOLVER.TYPE"]).upper() != "SGD":
@@ -337,18 +322,18 @@ def reference_student(doc: dict, where: str) -> tuple[dict, dict]:
             f"{where} asks for the {v['SOLVER.TYPE']} optimiser; kdpipe trains with SGD as the references do."
         )
     kind = str(v["DISTILLER.TYPE"]).upper()
-    if kind not in _METHODS:
+    if kind not in methods:
         raise KdpipeError(
             f"{where} names the distiller {v['DISTILLER.TYPE']!r}; kdpipe runs "
-            f"{', '.join(sorted(_METHODS))} from such files."
+            f"{', '.join(sorted(methods))} from such files."
         )
     imagenet = str(v["DATASET.TYPE"]).lower() == "imagenet"
     rename = (lambda n: _IMAGENET_NAMES.get(str(n), str(n))) if imagenet else str
     fields = {
         "student": rename(v["DISTILLER.STUDENT"]),
         "teacher_arch": rename(v["DISTILLER.TEACHER"]),
-        "method": _METHODS[kind],
-        "method_options": _method_options(_METHODS[kind], v),
+        "method": methods[kind],
+        "method_options": _method_options(methods[kind], v, where),
         "epochs": int(v["SOLVER.EPOCHS"]),
         "lr": float(v["SOLVER.LR"]),
         "batch_size": int(v["SOLVER.BATCH_SIZE"]),
@@ -363,55 +348,21 @@ def reference_student(doc: dict, where: str) -> tuple[dict, dict]:
         fields.update(
             reserved_classes=int(v["DATASET.RESERVED_CLASS_NUM"]), reserved_rate=float(v["DATASET.RESERVED_RATE"])
         )
-    recorded = {k: v[k] for k in sorted(RECORDED_ONLY) if k in given}
+    from kdpipe.methods import get
+
+    recorded_keys = RECORDED_ONLY | set(get(methods[kind]).yaml_recorded)
+    recorded = {k: v[k] for k in sorted(recorded_keys) if k in given}
     return fields, recorded
 
 
-def _method_options(method: str, v: dict) -> dict:
-    if method == "cat_kd":
-        options = {
-            "beta": float(v["CAT_KD.LOSS.CAT_loss_weight"]),
-            "resolution": int(v["CAT_KD.LOSS.CAM_RESOLUTION"]),
-            "normalize": bool(v["CAT_KD.IF_NORMALIZE"]),
-            "binarize": bool(v["CAT_KD.IF_BINARIZE"]),
-            "ce_weight": 0.0 if v["CAT_KD.onlyCAT"] else float(v["CAT_KD.LOSS.CE_WEIGHT"]),
-        }
-        if v["CAT_KD.IF_OnlyTransferPartialCAMs"]:
-            # The reference keeps the classes strictly above the n-th largest logit (n - 1
-            # classes) for Strategy 0, and the complement of those above the (100 - n)-th
-            # largest (n + 1 classes, its index 99 - n) for Strategy 1 (CAT_KD.py forward_train).
-            n = int(v["CAT_KD.CAMs_Nums"])
-            options["top_n" if int(v["CAT_KD.Strategy"]) == 0 else "bottom_n"] = (
-                n - 1 if int(v["CAT_KD.Strategy"]) == 0 else n + 1
-            )
-        return options
-    if method == "kd":
-        return {
-            "temperature": float(v["KD.TEMPERATURE"]),
-            "ce_weight": float(v["KD.LOSS.CE_WEIGHT"]),
-            "kd_weight": float(v["KD.LOSS.KD_WEIGHT"]),
-        }
-    if method == "dkd":
-        return {
-            "alpha": float(v["DKD.ALPHA"]),
-            "beta": float(v["DKD.BETA"]),
-            "temperature": float(v["DKD.T"]),
-            "warmup": int(v["DKD.WARMUP"]),
-            "ce_weight": float(v["DKD.CE_WEIGHT"]),
-        }
-    if method == "at":
-        return {
-            "p": float(v["AT.P"]),
-            "feat_weight": float(v["AT.LOSS.FEAT_WEIGHT"]),
-            "ce_weight": float(v["AT.LOSS.CE_WEIGHT"]),
-        }
-    if method == "fitnet":  # FITNET.INPUT_SIZE only sized mdistiller's regressor: kdpipe probes the images
-        return {
-            "hint_layer": int(v["FITNET.HINT_LAYER"]),
-            "feat_weight": float(v["FITNET.LOSS.FEAT_WEIGHT"]),
-            "ce_weight": float(v["FITNET.LOSS.CE_WEIGHT"]),
-        }
-    return {}
+def _method_options(method: str, v: dict, where: str) -> dict:
+    """The method's options from the file's values: each option's ``yaml`` key, typed, then
+    the method's own reading of its other keys (``Method.options_from_reference``)."""
+    from kdpipe.methods import get
+
+    entry = get(method)
+    options = {name: info.convert(v[info.yaml], where) for name, info in entry.infos().items() if info.yaml}
+    return entry.cls.options_from_reference({k: x for k, x in options.items() if x is not None}, v)
 
 
 def student_from_file(path, sets=(), overrides: dict | None = None) -> tuple[StudentConfig, dict]:

@@ -115,7 +115,7 @@ class ClusterConfig:
     fit_views: str = "identity"
     seed: int = 0
     niter: int = 20
-    kmeans_backend: str = "auto"  # faiss, torch, or auto (kdpipe.methods.clustering.resolve_kmeans_backend)
+    kmeans_backend: str = "auto"  # faiss, torch, or auto (kdpipe.methods.letkd.fit.clustering.resolve_kmeans_backend)
     teacher: str | None = None  # None: the checkpoint path the store records
     data: str | None = None  # None: the data set the store records
     drop_features: bool = False
@@ -174,7 +174,7 @@ class StudentConfig:
     def with_absolute_paths(self) -> StudentConfig:
         """The store, online teacher and data folder as absolute paths (Ray workers and resumed
         runs may start in another working directory)."""
-        from kdpipe.pipeline.paths import absolute_path, absolute_spec
+        from kdpipe.runs.paths import absolute_path, absolute_spec
 
         return dataclasses.replace(
             self,
@@ -203,7 +203,7 @@ def saved_run_config(run, stage: str, cls):
 def resume_run(resume, stage: str, cls, given: dict | None = None):
     """(run directory, its config) for ``--resume``; options the user passed beside it
     (``given``) that differ from the run's are refused, naming them."""
-    from kdpipe.pipeline.rundir import RunDir
+    from kdpipe.runs.rundir import RunDir
 
     run = RunDir.open(resume)
     cfg = saved_run_config(run, stage, cls)

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.plots import plot_student_curves
-from kdpipe.pipeline.report import mean_std
+from kdpipe.runs.plots import plot_student_curves
+from kdpipe.runs.report import mean_std
 
 DATA = "digits"
 TARGET_SET = "demo"
@@ -111,7 +111,7 @@ COMPARISON_STUDENTS = ("dkd", "at", "fitnet", "simkd", "dkd_online", "at_online"
 
 def store_methods(students) -> tuple[str, ...]:
     """The methods of ``students`` whose teacher arrays extraction must add (at, fitnet, simkd)."""
-    from kdpipe.stages.run import adds_arrays
+    from kdpipe.workflows.run import adds_arrays
 
     return tuple(sorted({_run_spec(label)[0] for label in students if adds_arrays(_run_spec(label)[0])}))
 
@@ -149,7 +149,7 @@ def _say(msg: str, verbose: bool) -> None:
 
 def _teacher_stage(out: Path, s: DemoSettings, verbose: bool) -> tuple[Path, dict, bool]:
     """Train the teacher, or reuse the one an earlier run made with the same settings."""
-    from kdpipe.pipeline.configs import TeacherConfig
+    from kdpipe.config.configs import TeacherConfig
     from kdpipe.stages.teacher import train_teacher
 
     teacher_dir = out / "teacher"
@@ -185,8 +185,8 @@ def _store_stage(
 ) -> tuple[Path, dict]:
     """Extract the teacher into the store, or reuse a complete store of this very teacher."""
     from kdpipe.artifacts import open_store, store_exists
+    from kdpipe.config.configs import ExtractConfig
     from kdpipe.errors import StoreError
-    from kdpipe.pipeline.configs import ExtractConfig
     from kdpipe.stages.extract import extract_teacher
     from kdpipe.views import resolve_views
 
@@ -245,7 +245,7 @@ def _cluster_stage(
     max_fit_points: int | None = None,
 ) -> dict:
     from kdpipe.artifacts import open_store
-    from kdpipe.pipeline.configs import ClusterConfig
+    from kdpipe.config.configs import ClusterConfig
     from kdpipe.stages.cluster import cluster
 
     reader = open_store(store)
@@ -280,7 +280,7 @@ def _cluster_stage(
 
 
 def _student_runs(stores: dict, ckpt: Path, out: Path, s: DemoSettings, verbose: bool) -> list[dict]:
-    from kdpipe.pipeline.configs import StudentConfig
+    from kdpipe.config.configs import StudentConfig
     from kdpipe.stages.train import train_student
 
     rows = []
@@ -333,7 +333,7 @@ def _store_bytes(store: Path) -> int:
 
 def _curves_by_label(rows: list[dict]) -> dict:
     """Test top-1 per epoch of every run, grouped by student label (one list per seed)."""
-    from kdpipe.pipeline.rundir import RunDir
+    from kdpipe.runs.rundir import RunDir
 
     curves: dict = {}
     for r in rows:

@@ -1,4 +1,4 @@
-"""Sweeps on Ray Tune: the grid of ``kdpipe.pipeline.sweep`` as one ``ray.tune.Tuner``.
+"""Sweeps on Ray Tune: the grid of ``kdpipe.workflows.sweep`` as one ``ray.tune.Tuner``.
 
 - The search space is ``tune.grid_search`` over each swept key's values (Tune takes their
   product, one trial per grid point); every trial builds its config with
@@ -28,9 +28,9 @@ import time
 
 from ray import tune
 
+from kdpipe.distributed.executor import ray_cluster
 from kdpipe.errors import KdpipeError
-from kdpipe.pipeline.executor import ray_cluster
-from kdpipe.pipeline.sweep import SweepOptions, check_fault, run_trial, trial_config
+from kdpipe.workflows.sweep_trials import SweepOptions, check_fault, run_trial, trial_config
 
 __all__ = ["trial_resources", "make_trainable", "run_tune", "TUNE_NAME"]
 

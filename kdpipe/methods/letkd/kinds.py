@@ -9,7 +9,7 @@
   sub-class ``y*K_inter + k*`` (``subclass_idx``); the target handed to the loss is that
   sub-class's row of the score matrix S.
 
-The teacher-side computations are ``kdpipe.methods.letkd.penult_topk_targets`` and
+The teacher-side computations are ``kdpipe.methods.letkd.functional.penult_topk_targets`` and
 ``assign_subclasses``: cluster's assignment pass and the online teacher call the same
 functions through these kinds.
 """
@@ -21,7 +21,16 @@ import torch
 
 from kdpipe.artifacts.target_set import TargetSet
 from kdpipe.errors import KdpipeError
-from kdpipe.targets.base import KindContext, StoredArray, TargetKind, TeacherOutputs, pool_to, warp_channels_last
+from kdpipe.methods.letkd.functional import assign_subclasses, densify_topk, penult_softmax_targets, penult_topk_targets
+from kdpipe.targets.base import (
+    KindContext,
+    StoreContents,
+    StoredArray,
+    TargetKind,
+    TeacherOutputs,
+    pool_to,
+    warp_channels_last,
+)
 
 
 def index_dtype(num_values: int) -> str:
@@ -75,6 +84,10 @@ class PenultTopk(_TargetSetKind):
     name = "penult_topk"
     target_keys = ("penult_topk_idx", "penult_topk_val")
 
+    @classmethod
+    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
+        return [cls()] if contents.has_target_array("penult_topk_idx") else []
+
     @property
     def storage(self) -> dict[str, StoredArray]:
         ts = self.ts
@@ -88,8 +101,6 @@ class PenultTopk(_TargetSetKind):
         }
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
-        from kdpipe.methods.letkd import penult_topk_targets
-
         ts = self.ts
         feat = pool_to(out.feats["penult"].float(), ts.penult_grid)
         idx, val = penult_topk_targets(feat, self.fitted("penult_centers"), ts.temperature, ts.topk)
@@ -112,8 +123,6 @@ class PenultTopk(_TargetSetKind):
 
     def compare(self, cached, online):
         """Densified, renormalised distributions over all K centres."""
-        from kdpipe.methods.letkd import densify_topk
-
         K = self.ts.k_penult
         return {
             self.name: (
@@ -141,8 +150,6 @@ class PenultSoftmax(_TargetSetKind):
         )
 
     def online_targets(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
-        from kdpipe.methods.letkd import penult_softmax_targets
-
         ts = self.ts
         feat = pool_to(out.feats["penult"].float(), ts.penult_grid)
         return {"penult_probs": penult_softmax_targets(feat, self.fitted("penult_centers"), ts.temperature)}
@@ -155,6 +162,10 @@ class InterSubclass(_TargetSetKind):
     name = "inter_subclass"
     target_keys = ("inter_probs",)
 
+    @classmethod
+    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
+        return [cls()] if contents.has_target_array("subclass_idx") else []
+
     @property
     def storage(self) -> dict[str, StoredArray]:
         ts = self.ts
@@ -165,8 +176,6 @@ class InterSubclass(_TargetSetKind):
         }
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
-        from kdpipe.methods.letkd import assign_subclasses
-
         if out.labels is None:
             raise KdpipeError("letKD's intermediate targets need the images' labels.")
         ts = self.ts
