@@ -12,6 +12,7 @@ import click
 
 from kdpipe.cli_method_options import MethodOptionsCommand, method_options_given
 from kdpipe.errors import KdpipeError
+from kdpipe.recipes import CIFAR
 from kdpipe.runs.report import format_summary
 from kdpipe.version import __version__
 
@@ -115,13 +116,17 @@ TEACHER_FIELD_PARAMS = ("arch", "data", "epochs", "lr", "batch_size", "seed", "a
 )
 @click.option(
     "--epochs",
-    default=240,
+    default=CIFAR.epochs,
     show_default=True,
     type=int,
-    help="Epochs; the lr steps (150/180/210 of 240) scale with it.",
+    help=f"Epochs; the lr steps ({'/'.join(map(str, CIFAR.milestones))} of {CIFAR.epochs}) scale with it.",
 )
 @click.option(
-    "--lr", default=0.05, show_default=True, type=float, help="Initial learning rate (SGD, momentum 0.9, wd 5e-4)."
+    "--lr",
+    default=CIFAR.lr,
+    show_default=True,
+    type=float,
+    help=f"Initial learning rate (SGD, momentum {CIFAR.momentum:g}, wd {CIFAR.weight_decay:g}).",
 )
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -453,7 +458,12 @@ STUDENT_FIELD_PARAMS = (
     help="A registered method (`kdpipe methods` lists them) or a sum of them, e.g. at+kd. "
     "Its options are the flags under 'Method options' (a flag applies to every part of a sum that takes it).",
 )
-@click.option("--epochs", type=int, default=None, help="Epochs (default: the recipe's 240; lr steps scale with it).")
+@click.option(
+    "--epochs",
+    type=int,
+    default=None,
+    help=f"Epochs (default: the recipe's, {CIFAR.epochs} on CIFAR; lr steps scale with it).",
+)
 @click.option("--lr", type=float, default=None, help="Initial lr (default: the recipe's, 0.05 or 0.01).")
 @click.option("--batch-size", type=int, default=None, help="Batch size (default: the recipe's 64).")
 @click.option(

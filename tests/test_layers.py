@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kdpipe"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "version"),
     ("storage",),
-    ("views",),
+    ("views", "recipes"),
     ("data",),
     ("models",),
     ("artifacts",),

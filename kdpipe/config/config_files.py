@@ -33,6 +33,7 @@ from pathlib import Path
 
 from kdpipe.config.configs import ClusterConfig, ExtractConfig, StudentConfig
 from kdpipe.errors import KdpipeError
+from kdpipe.recipes import CIFAR
 
 __all__ = [
     "RowConfig",
@@ -224,13 +225,15 @@ SOLVER_DEFAULTS = {
     "DISTILLER.TEACHER": "ResNet50",
     "DISTILLER.STUDENT": "resnet32",
     "SOLVER.TRAINER": "base",
-    "SOLVER.BATCH_SIZE": 64,
-    "SOLVER.EPOCHS": 240,
-    "SOLVER.LR": 0.05,
-    "SOLVER.LR_DECAY_STAGES": [150, 180, 210],
-    "SOLVER.LR_DECAY_RATE": 0.1,
+    # cfg.py's SOLVER equals the CIFAR recipe (kdpipe.recipes) except its weight decay: every
+    # CIFAR-100 config sets 5e-4, cfg.py's default is 1e-4
+    "SOLVER.BATCH_SIZE": CIFAR.batch_size,
+    "SOLVER.EPOCHS": CIFAR.epochs,
+    "SOLVER.LR": CIFAR.lr,
+    "SOLVER.LR_DECAY_STAGES": list(CIFAR.milestones),
+    "SOLVER.LR_DECAY_RATE": CIFAR.lr_decay,
     "SOLVER.WEIGHT_DECAY": 0.0001,
-    "SOLVER.MOMENTUM": 0.9,
+    "SOLVER.MOMENTUM": CIFAR.momentum,
     "SOLVER.TYPE": "SGD",
     "LOG.TENSORBOARD_FREQ": 500,
     "LOG.SAVE_CHECKPOINT_FREQ": 40,

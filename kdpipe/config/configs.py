@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdpipe.errors import KdpipeError
+from kdpipe.recipes import CIFAR
 
 __all__ = [
     "TeacherConfig",
@@ -55,11 +56,11 @@ class TeacherConfig:
 
     arch: str
     data: str = "digits"
-    epochs: int = 240
-    lr: float = 0.05
-    batch_size: int = 64
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int = CIFAR.epochs
+    lr: float = CIFAR.lr
+    batch_size: int = CIFAR.batch_size
+    momentum: float = CIFAR.momentum
+    weight_decay: float = CIFAR.weight_decay
     seed: int = 0
     amp: bool = False
     data_parallel: int = 1  # Ray Train workers (--gpus N)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from kdpipe.recipes import CIFAR
+
 __all__ = ["REFERENCE_EPOCHS", "REFERENCE_MILESTONES", "milestones", "make_optimizer", "make_scheduler"]
 
-REFERENCE_EPOCHS = 240
-REFERENCE_MILESTONES = (150, 180, 210)
+# the CIFAR recipe's lr steps (kdpipe.recipes), scaled to other epoch counts
+REFERENCE_EPOCHS = CIFAR.epochs
+REFERENCE_MILESTONES = CIFAR.milestones
 
 
 def milestones(epochs: int, reference=REFERENCE_MILESTONES, reference_epochs=REFERENCE_EPOCHS) -> list[int]:

@@ -23,12 +23,12 @@ The target dict holds the keys of the method's kinds (shapes in ``kdpipe.targets
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 
 from kdpipe.errors import KdpipeError
+from kdpipe.recipes import RECIPE_DATASETS, dataset_family, is_light_student, reference_recipe
 
 __all__ = [
     "Method",
@@ -43,60 +43,6 @@ __all__ = [
 
 #: Name of the store's target set (``targets/<name>/``) used when none is given.
 DEFAULT_TARGET_SET = "default"
-
-_LIGHT = re.compile(r"shuffle|mobile", re.IGNORECASE)
-
-
-def is_light_student(student_arch: str) -> bool:
-    """True for ShuffleNet / MobileNet students, which the references train with lr 0.01."""
-    return bool(_LIGHT.search(str(student_arch)))
-
-
-#: The data-set families whose reference recipes differ.
-RECIPE_DATASETS = ("cifar", "imagenet", "tinyimagenet")
-
-
-def dataset_family(data_spec: str | None) -> str:
-    """ "imagenet" for ImageFolder data, "cifar" for CIFAR, digits and synthetic (32x32)."""
-    return "imagenet" if str(data_spec or "").split(":", 1)[0].strip().lower() == "imagefolder" else "cifar"
-
-
-def reference_recipe(student_arch: str, nesterov: bool = False, dataset: str = "cifar") -> dict:
-    """The references' schedules (docs/METHODS.md).
-
-    CIFAR-100 (mdistiller configs/cifar100/*.yaml, CAT-KD configs/cifar100/CAT_KD/*.yaml,
-    letKD supplement "Training details"): SGD, momentum 0.9, weight decay 5e-4, batch 64, 240
-    epochs, lr x0.1 at 150/180/210; lr 0.05, or 0.01 for ShuffleNet/MobileNet students;
-    Nesterov momentum for letKD. ImageNet (mdistiller configs/imagenet/r34_r18/kd.yaml and
-    CAT-KD configs/imagenet/CAT-KD/r50_mv2.yaml): batch 512, lr 0.2, weight decay 1e-4, 100
-    epochs, lr x0.1 at 30/60/90. Tiny-ImageNet trains as CIFAR-100 does (letKD supplement:
-    "For CIFAR-100 and Tiny-ImageNet, we trained for 240 epochs ...").
-    """
-    if dataset not in RECIPE_DATASETS:
-        raise KdpipeError(f"The recipe must be one of {', '.join(RECIPE_DATASETS)}, not {dataset!r}.")
-    if dataset == "imagenet":
-        return {
-            "optimizer": "sgd",
-            "lr": 0.2,
-            "momentum": 0.9,
-            "nesterov": bool(nesterov),
-            "weight_decay": 1e-4,
-            "batch_size": 512,
-            "epochs": 100,
-            "milestones": [30, 60, 90],
-            "lr_decay": 0.1,
-        }
-    return {
-        "optimizer": "sgd",
-        "lr": 0.01 if is_light_student(student_arch) else 0.05,
-        "momentum": 0.9,
-        "nesterov": bool(nesterov),
-        "weight_decay": 5e-4,
-        "batch_size": 64,
-        "epochs": 240,
-        "milestones": [150, 180, 210],
-        "lr_decay": 0.1,
-    }
 
 
 def loss_parts(**terms: torch.Tensor) -> dict:

@@ -45,6 +45,7 @@ from kdpipe.engine.student import (
     student_loss_fn,
 )
 from kdpipe.errors import KdpipeError, StoreError
+from kdpipe.recipes import CIFAR
 from kdpipe.runs.paths import absolute_path
 from kdpipe.runs.rundir import RunDir
 from kdpipe.targets.base import KindContext
@@ -144,7 +145,7 @@ def _check_config(cfg: StudentConfig) -> None:
 
 def _recipe(method, cfg: StudentConfig) -> dict:
     base = method.recipe(cfg.student)
-    base_milestones = [int(m) for m in base.get("milestones", (150, 180, 210))]
+    base_milestones = [int(m) for m in base.get("milestones", CIFAR.milestones)]
     r: dict[str, Any] = {
         "epochs": int(cfg.epochs if cfg.epochs is not None else base["epochs"]),
         "lr": float(cfg.lr if cfg.lr is not None else base["lr"]),
@@ -193,7 +194,7 @@ def _open_store(cfg: StudentConfig, method):
 
 
 def recipe_family(cfg: StudentConfig) -> str:
-    from kdpipe.methods.base import dataset_family
+    from kdpipe.recipes import dataset_family
 
     return cfg.recipe or dataset_family(cfg.data)
 
