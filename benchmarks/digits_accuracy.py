@@ -8,7 +8,7 @@ letkd2 with the online teacher on fresh random views (the references' training),
 a 1-view store with warp; mean and std over seeds. Bar: each cached method within noise of
 its online counterpart (mean difference below the larger std, or below 1 point).
 
-The comparison methods of both papers (dkd, at, fitnet, simkd; ``COMPARISON_STUDENTS``) run
+The comparison methods of both papers (every registered method beyond the headline ones; ``COMPARISON_STUDENTS``) run
 cached and online too, with their references' default settings; ``--students`` picks the
 runs (default: every table, ablation and comparison run).
 
@@ -39,16 +39,9 @@ from kdpipe.runs.report import mean_std
 from kdpipe.workflows.demo import ABLATION_STUDENTS, COMPARISON_STUDENTS, FULL, STUDENT_RUNS, TABLE_STUDENTS, run_demo
 
 #: (cached, online) pairs of the bar; (stored top-k, variant) pairs of the ablation.
-PAIRS = (
-    ("kd", "kd_online"),
-    ("cat_kd", "cat_kd_online"),
-    ("letkd1", "letkd1_online"),
-    ("letkd2", "letkd2_online"),
-    ("dkd", "dkd_online"),
-    ("at", "at_online"),
-    ("fitnet", "fitnet_online"),
-    ("simkd", "simkd_online"),
-)
+#: every cached run whose online twin (``<label>_online``) the demo defines: the headline
+#: methods and every registered comparison method
+PAIRS = tuple((label, f"{label}_online") for label in STUDENT_RUNS if f"{label}_online" in STUDENT_RUNS)
 #: --students groups: each a tuple of demo student runs
 GROUPS = {
     "table": TABLE_STUDENTS,

@@ -79,17 +79,22 @@ STUDENT_RUNS = {
     "letkd2_online_full": ("letkd2", {"penult_target": "full"}, "online", "replay"),
     "letkd1_subfit": ("letkd1", {}, "cached", "replay", SUBSAMPLED_SET),
     "letkd2_subfit": ("letkd2", {}, "cached", "replay", SUBSAMPLED_SET),
-    # The comparison methods of both papers, with their references' default settings
-    # (mdistiller/engine/cfg.py; SimKD's command), cached and online.
-    "dkd": ("dkd", {}, "cached", "replay"),
-    "at": ("at", {}, "cached", "replay"),
-    "fitnet": ("fitnet", {}, "cached", "replay"),
-    "simkd": ("simkd", {}, "cached", "replay"),
-    "dkd_online": ("dkd", {}, "online", "replay"),
-    "at_online": ("at", {}, "online", "replay"),
-    "fitnet_online": ("fitnet", {}, "online", "replay"),
-    "simkd_online": ("simkd", {}, "online", "replay"),
 }
+#: The methods the demo's own rows show; every other registered method is a comparison method.
+HEADLINE_METHODS = frozenset(spec[0] for spec in STUDENT_RUNS.values())
+
+
+def _comparison_methods() -> tuple[str, ...]:
+    """The registered methods beyond the headline ones (the papers' comparison methods), with
+    their references' default settings."""
+    from kdpipe.methods import available
+
+    return tuple(name for name in available() if name not in HEADLINE_METHODS)
+
+
+# Each comparison method cached and online, as the digits table compares them.
+STUDENT_RUNS.update({m: (m, {}, "cached", "replay") for m in _comparison_methods()})
+STUDENT_RUNS.update({f"{m}_online": (m, {}, "online", "replay") for m in _comparison_methods()})
 ALL_STUDENTS = tuple(STUDENT_RUNS)
 #: The runs of the digits accuracy table (benchmarks/digits_accuracy.py): cached and online.
 TABLE_STUDENTS = (
@@ -106,7 +111,7 @@ TABLE_STUDENTS = (
 )
 ABLATION_STUDENTS = ("letkd1_online_full", "letkd2_online_full", "letkd1_subfit", "letkd2_subfit")
 #: The comparison methods' runs of the digits table, cached and online.
-COMPARISON_STUDENTS = ("dkd", "at", "fitnet", "simkd", "dkd_online", "at_online", "fitnet_online", "simkd_online")
+COMPARISON_STUDENTS = _comparison_methods() + tuple(f"{m}_online" for m in _comparison_methods())
 
 
 def store_methods(students) -> tuple[str, ...]:
