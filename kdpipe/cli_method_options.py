@@ -23,17 +23,9 @@ def option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _default_text(value) -> str:
-    if value is None:
-        return "the method's rule"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def option_help(per_method: dict) -> str:
     """ "kd: temperature T (default 4); dkd: ..." for one option name."""
-    return "; ".join(f"{m}: {i.help} (default {_default_text(i.default)})" for m, i in per_method.items()) + "."
+    return "; ".join(f"{m}: {i.help} (default {i.default_text()})" for m, i in per_method.items()) + "."
 
 
 def _click_option(name: str, per_method: dict) -> click.Option:

@@ -191,7 +191,7 @@ class CatKDOptions(MethodOptions):
     beta: float | None = option(
         15.0,
         source="CAT-KD configs/cifar100/CAT_KD/res32x4_res8x4.yaml (used where the pair has no config)",
-        help="CAT weight (default: the reference pair's)",
+        help="CAT weight (the reference pair's where one exists)",
         yaml="CAT_KD.LOSS.CAT_loss_weight",
         yaml_default=400.0,  # cfg.py's CAT_KD.LOSS.CAT_loss_weight
     )
@@ -204,9 +204,10 @@ class CatKDOptions(MethodOptions):
     normalize: bool | None = option(
         None,
         source="CAT-KD appendix A.3: normalise across architecture families (every config obeys it)",
-        help="l2-normalise pooled CAMs (default: the architecture rule)",
+        help="l2-normalise pooled CAMs",
         yaml="CAT_KD.IF_NORMALIZE",
         yaml_default=True,
+        unset="the architecture rule",
     )
     ce_weight: float | None = option(
         1.0, source=_CFG + " CAT_KD.LOSS.CE_WEIGHT", help="weight of CE (0 = CAT only)", yaml="CAT_KD.LOSS.CE_WEIGHT"
@@ -221,11 +222,13 @@ class CatKDOptions(MethodOptions):
         None,
         source=_CFG + " CAT_KD.IF_OnlyTransferPartialCAMs, Strategy 0",
         help="transfer only the teacher's top-n classes' CAMs",
+        unset="every class",
     )
     bottom_n: int | None = option(
         None,
         source=_CFG + " CAT_KD.IF_OnlyTransferPartialCAMs, Strategy 1",
         help="transfer only the bottom-n classes' CAMs",
+        unset="every class",
     )
 
 

@@ -77,6 +77,8 @@ class OptionInfo:
     yaml_default: Any = _MISSING
     choices: tuple | None = None
     type: type = float
+    #: what a default of None means, in words (e.g. "all classes", "the architecture rule")
+    unset: str = "the method's rule"
 
     @property
     def reference_yaml_default(self) -> Any:
@@ -94,6 +96,17 @@ class OptionInfo:
         if self.choices is not None and converted not in self.choices:
             raise KdpipeError(f"{where}: option {self.name} must be one of {', '.join(self.choices)}, not {value!r}.")
         return converted
+
+    def default_text(self) -> str:
+        """The default as the CLI's help and the docs show it."""
+        value = self.default
+        if value is None:
+            return self.unset
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
 
 
 def _to_bool(value: Any) -> bool:
@@ -130,11 +143,12 @@ def option(
     yaml: str | None = None,
     yaml_default: Any = _MISSING,
     choices: tuple | None = None,
+    unset: str = "the method's rule",
 ) -> Any:
     """A field of a method's options dataclass. The field itself defaults to None ("not
     given"): the method resolves it against its per-pair reference tables, then ``default``."""
     meta = {"default": default, "source": source, "help": help, "yaml": yaml, "yaml_default": yaml_default}
-    return field(default=None, metadata={"kdpipe": {**meta, "choices": choices}})
+    return field(default=None, metadata={"kdpipe": {**meta, "choices": choices, "unset": unset}})
 
 
 def _base_type(annotation: Any) -> type:
