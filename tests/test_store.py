@@ -205,6 +205,9 @@ def test_target_sets_and_drop_features(tmp_path):
             StoreWriter.open(path).write_rows(
                 "targets/T/subclass_idx", start, np.zeros((min(8, N - start), V, 4, 4), np.int32)
             )
+    with pytest.raises(StoreError, match="do not match the root its manifest records"):
+        open_store(path)  # rows written after the set was finished: its digests changed
+    t.finish_target_set("T")  # finishing records the digests' root again
     r = open_store(path)
     assert r.target_sets() == ["T"] and r.manifest["targets"]["T"]["attrs"]["K"] == 8
     np.testing.assert_array_equal(r["targets/T/subclass_scores"][:], np.eye(4))

@@ -53,7 +53,7 @@ def store_kinds(reader, target_set: str | None = None) -> list:
     kinds += [Cam(int(n[len("cam_r") :])) for n in sorted(names) if n.startswith("cam_r")]
     if "cam" in names:
         kinds.append(NativeCam())
-    feature_views = (reader.manifest.get("views") or {}).get("feature_views", "identity")
+    feature_views = reader.manifest.views.feature_views
     kinds += [Feature(n.split("/", 1)[1], views=feature_views) for n in sorted(names) if n.startswith("feat/")]
     kinds += comparison_kinds(names)
     sets = reader.target_sets()
