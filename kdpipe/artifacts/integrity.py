@@ -190,6 +190,20 @@ def _read_object(fs, key: str) -> bytes | None:
         return None
 
 
+#: Chunk objects fetched at once by a first read (fsspec fetches a list concurrently).
+_FETCH_BATCH = 16
+
+
+def _read_objects(fs, keys: list[str], indices: list[int]) -> dict[int, bytes | None]:
+    """Chunk objects by index (None: absent), fetched with one ``fs.cat`` call."""
+    found = fs.cat(keys, on_error="return") if keys else {}
+    out: dict[int, bytes | None] = {}
+    for i, k in zip(indices, keys):
+        data = found.get(k, found.get(fs._strip_protocol(k)))
+        out[i] = bytes(data) if isinstance(data, (bytes, bytearray)) else None
+    return out
+
+
 def _tail(fs, key: str) -> bytes | None:
     """A chunk object's last 4 bytes (its crc32c), or None when it is absent."""
     try:
@@ -436,6 +450,7 @@ class CheckedArray:
         self._load_digests = digests  # () -> the recorded digests [num_chunks, 2]
         self._digests: np.ndarray | None = None
         self._verified: set[int] = set()
+        self._batch: dict[int, bytes | None] = {}
 
     def __getattr__(self, attr):
         return getattr(self._array, attr)
@@ -487,8 +502,12 @@ class CheckedArray:
         if self._digests is None:
             self._digests = np.asarray(self._load_digests())
         fs, root_path = _fs(self._root)
+        keys = {i: chunk_key(root_path, self._name, i, self._array.ndim) for i in todo}
         for index in todo:
-            data = _read_object(fs, chunk_key(root_path, self._name, index, self._array.ndim))
+            if index not in self._batch:  # one concurrent fetch per batch (remote stores)
+                batch = todo[todo.index(index) : todo.index(index) + _FETCH_BATCH]
+                self._batch = _read_objects(fs, [keys[i] for i in batch], batch)
+            data = self._batch.pop(index)
             row = self._digests[index] if index < len(self._digests) else [-1]
             what = (
                 "the chunk file is missing"
