@@ -397,6 +397,10 @@ def read_manifest(group, where: str, schema_version: int | None = None) -> Manif
         )
     m = _parse(doc, where)
     _agreement(m, where)
+    if m.manifest_sha256 is None and m.digest_form >= DIGEST_FORM:
+        raise StoreError(
+            f"The manifest of the store at {where} has lost the digest it was written with; re-extract the store."
+        )
     if m.manifest_sha256 is not None and seal_of(doc) != m.manifest_sha256:
         raise StoreError(
             f"The manifest of the store at {where} does not match the digest it was written with "

@@ -169,7 +169,11 @@ def verify_report(reader, verbose: bool = True) -> list:
                 "or store); re-extract the store for bound digests"
             )
         if not damage:
-            print(f"verify      every chunk of {len(reader.checked_arrays())} arrays is present, in place and decodes")
+            place = "in place, of this store" if reader.manifest.binding.bound else "in place"
+            print(
+                f"verify      every chunk of {len(reader.checked_arrays())} arrays is present, {place} and "
+                "decodes; array metadata as the manifest records it"
+            )
         for d in damage:
             where = f"chunk {d.chunk} (samples {d.first}..{d.last})" if d.chunk is not None else "whole array"
             print(f"DAMAGED     {d.array} {where}: {d.what}")
