@@ -292,6 +292,33 @@ def test_inspect_on_a_garbage_array_zarr_json_is_one_sentence(store_copy, cli_ru
     assert "logits" in line
 
 
+def test_garbage_control_and_digest_metadata_is_one_sentence(store_copy, cli_runner):
+    path = store_copy["path"]
+    meta = Path(path, digest_name("logits"), "zarr.json")
+    meta.write_text("garbage {")
+    assert "metadata is damaged" in one_sentence(cli_runner.invoke(cli, ["inspect", path, "--verify"]))
+    shutil.copytree(Path(store_copy["root"], "store.zarr", digest_name("logits")), meta.parent, dirs_exist_ok=True)
+    Path(path, "shards_done", "zarr.json").write_text("garbage {")
+    assert "shards_done" in one_sentence(cli_runner.invoke(cli, ["inspect", path]))
+    with pytest.raises(StoreError, match="shards_done at .* cannot be read"):
+        open_store(path)
+
+
+def test_an_old_store_refuses_a_manifest_that_disagrees_with_itself(tmp_path):
+    for change, words in [
+        (lambda m: m["teacher"].update(num_classes=7), "teacher.num_classes is 7, but logits hold 5"),
+        (lambda m: m["dataset"].update(num_samples=16), "array views has"),
+        (lambda m: m.update(num_shards=2), "num_shards is 2"),
+        (lambda m: m.update(shard_size=0), "shard size 0"),
+        (lambda m: m["arrays"]["cam"].update(shape=[20, 3, 5, 4, 4]), "array cam holds 3 views"),
+    ]:
+        path = tiny(tmp_path, f"s{len(list(tmp_path.iterdir()))}.zarr")
+        make_legacy(path)
+        edit_manifest(path, change)
+        with pytest.raises(StoreError, match=f"damaged manifest.*{words}"):
+            open_store(path)
+
+
 # ------------------------------------------------------------------------ old stores
 def test_an_old_store_opens_trains_and_verify_names_its_digest_form(store_copy, cli_runner, tmp_path):
     path = store_copy["path"]

@@ -363,6 +363,9 @@ def _agreement(m: Manifest, where: str) -> None:
         width = rec.shape[1] if len(rec.shape) > 1 else None
         if name == "views" and width != v or name != "labels" and width not in (None, 1, v):
             raise _damaged(where, f"views.num_views is {v}, but array {name} holds {width} views")
+    logits = m.arrays.get("logits")
+    if logits is not None and len(logits.shape) > 2 and logits.shape[2] != m.teacher.num_classes:
+        raise _damaged(where, f"teacher.num_classes is {m.teacher.num_classes}, but logits hold {logits.shape[2]}")
     expected = len(plan_shards(n, m.shard_size))
     if m.num_shards != expected:
         raise _damaged(where, f"num_shards is {m.num_shards}, {n} samples in shards of {m.shard_size} make {expected}")

@@ -203,15 +203,21 @@ class StoreReader:
 
     def done_shards(self) -> list[int]:
         """Shards written so far, read from the shards_done array (current even mid-run)."""
-        if SHARDS_DONE not in self.group:
-            return list(self.manifest.shards_done)
-        return [int(i) for i in np.flatnonzero(self.group[SHARDS_DONE][:])]
+        try:
+            if SHARDS_DONE not in self.group:
+                return list(self.manifest.shards_done)
+            return [int(i) for i in np.flatnonzero(self.group[SHARDS_DONE][:])]
+        except Exception as err:  # noqa: BLE001 - a garbage zarr.json or chunk of the control array
+            raise StoreError(
+                f"The store array {SHARDS_DONE} at {self.path} cannot be read ({type(err).__name__}); "
+                "its metadata is damaged: re-extract the store."
+            ) from None
 
     def is_complete(self) -> bool:
         return self.manifest.complete
 
     def require_complete(self) -> StoreReader:
-        if self.is_complete() and SHARDS_DONE in self.group and len(self.done_shards()) != self.manifest.num_shards:
+        if self.is_complete() and len(self.done_shards()) != self.manifest.num_shards:
             raise StoreError(
                 f"The store at {self.path} says it is complete, but its {SHARDS_DONE} array records "
                 f"{len(self.done_shards())} of {self.manifest.num_shards} shards written; finish it with "
