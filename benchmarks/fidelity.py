@@ -42,8 +42,8 @@ def main(argv=None):
     for mode, path in (("replay", args.replay_store), ("warp", args.warp_store)):
         reader = open_store(path)
         reader.check_teacher(args.teacher)
-        t = reader.manifest["teacher"]
-        teacher = load_teacher(t["arch"], args.teacher, int(t["num_classes"]))
+        t = reader.manifest.teacher
+        teacher = load_teacher(t.arch, args.teacher, t.num_classes)
         dataset = _dataset_for(reader)
         result[mode] = {
             "store": str(path),

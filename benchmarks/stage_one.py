@@ -154,7 +154,7 @@ def budgeted_cluster(cfg, store: str, budget: float) -> dict:
         return {"fit_seconds": None, "wall_seconds": time.perf_counter() - t0, "note": "the fit did not finish"}
     record = reader.target_set("default", include_incomplete=True)
     done = np.asarray(reader.array(record.array("shards_done"))[:])
-    shard_size = int(reader.manifest.get("shard_size") or reader.num_samples)
+    shard_size = reader.manifest.shard_size
     shards_now = int(done.sum()) - done_at_start
     images = shards_now * shard_size * reader.num_views
     total = reader.num_samples * reader.num_views

@@ -125,7 +125,7 @@ def build_configs(args, reader, info, ds, dev):
     from kdpipe.models import build, load_teacher
     from kdpipe.stages.train import build_method, student_loss_fn
 
-    teacher_arch = reader.manifest["teacher"]["arch"]
+    teacher_arch = reader.manifest.teacher.arch
     ts = reader.target_set("default")
     teacher = load_teacher(teacher_arch, info["checkpoint"], ds.num_classes).to(dev).eval()
     configs = {}

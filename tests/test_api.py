@@ -53,7 +53,7 @@ def test_example_loop_equals_train_student_bit_for_bit(tiny_store, tmp_path, met
 
 def test_api_batches_hold_the_methods_targets(tiny_store):
     store = kdpipe.open_store(tiny_store["path"])
-    assert store.manifest["teacher"]["arch"] == "resnet8"
+    assert store.manifest.teacher.arch == "resnet8"
     training = store.training(method="letkd2", student="resnet8", epochs=1, batch_size=8, device="cpu")
     model = training.build_student()
     batches = list(training.batches(0))

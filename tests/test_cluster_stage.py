@@ -170,7 +170,7 @@ def test_drop_features(store_copy):
     cluster(path, name="t", drop_features=True)
     r = open_store(path)
     assert not r.has("feat/penult") and not r.has("feat/inter")
-    assert r.manifest.get("features_dropped") is True
+    assert r.manifest.features_dropped is True
     assert r["targets/t/subclass_idx"].shape[0] == r.num_samples
     with pytest.raises(StoreError, match="dropped"):
         cluster(path, name="u")

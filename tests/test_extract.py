@@ -71,7 +71,7 @@ def _same_arrays(a, b):
     ra, rb = open_store(a), open_store(b)
     for name in ARRAYS:
         np.testing.assert_array_equal(ra[name][:], rb[name][:], err_msg=name)
-    assert ra.manifest["shards_done"] == rb.manifest["shards_done"] == [0, 1, 2]
+    assert ra.manifest.shards_done == rb.manifest.shards_done == (0, 1, 2)
 
 
 def test_stored_targets_equal_the_online_teacher(ckpt, reference):
@@ -81,7 +81,7 @@ def test_stored_targets_equal_the_online_teacher(ckpt, reference):
     ds = load_dataset(DATA)
     r.check_dataset(ds)
     r.check_teacher(ckpt)
-    assert r.manifest["views"]["mode"] == "2" and r.manifest["layers"] == ["penult", "inter"]
+    assert r.manifest.views.mode == "2" and r.manifest.layers == ("penult", "inter")
     views = r["views"][:]
     np.testing.assert_array_equal(views, view_table(ds.policy, 48, "2", seed=5))
     assert (views[:, 0] != views[:, 1]).any()  # two different views per sample
@@ -105,7 +105,7 @@ def test_stored_targets_equal_the_online_teacher(ckpt, reference):
             cam.mean(axis=(1, 2)) + bias, r["logits"][i, v].astype(np.float32), rtol=2e-3, atol=4e-3
         )
     # raw features: the identity view only (letKD's fit set), [N, 1, D, h, w]
-    assert r["feat/penult"].shape[1] == 1 and r.manifest["views"]["feature_views"] == "identity"
+    assert r["feat/penult"].shape[1] == 1 and r.manifest.views.feature_views == "identity"
     ident = torch.from_numpy(ds.policy.identity()[None])
     for i, _ in picks:
         x = ds.policy.apply_images(ds.get_batch([i]), ident)
@@ -156,7 +156,7 @@ def test_write_error_leaves_the_store_incomplete(ckpt, tmp_path, monkeypatch):
     with pytest.raises(StoreError, match="incomplete"):
         open_store(out)
     m = open_store(out, allow_incomplete=True).manifest
-    assert m["complete"] is False and m["shards_done"] == [0]
+    assert m.complete is False and m.shards_done == (0,)
 
 
 def test_nan_teacher_is_refused(tmp_path):
@@ -168,7 +168,7 @@ def test_nan_teacher_is_refused(tmp_path):
     out = str(tmp_path / "s.zarr")
     with pytest.raises(KdpipeError, match="NaN"):
         extract_teacher(str(ck), ARCH, DATA, out, executor="inline", **OPTS)
-    assert open_store(out, allow_incomplete=True).manifest["complete"] is False
+    assert open_store(out, allow_incomplete=True).manifest.complete is False
 
 
 def _one_line_error(result):
@@ -243,9 +243,9 @@ def test_default_store_holds_every_view_and_identity_features(ckpt, tmp_path):
     extract_teacher(ckpt, ARCH, data, out, executor="inline", cam_res=(2,))
     r = open_store(str(out))
     ds = load_dataset(data)
-    assert ds.policy.num_views == 50 and r.num_views == 50 and r.manifest["views"]["mode"] == "all"
+    assert ds.policy.num_views == 50 and r.num_views == 50 and r.manifest.views.mode == "all"
     np.testing.assert_array_equal(r["views"][0], ds.policy.enumerate())
-    j = r.manifest["views"]["identity_index"]
+    j = r.manifest.views.identity_index
     assert j is not None and (r["views"][0, j] == ds.policy.identity()).all()
     assert r["feat/inter"].shape[:2] == (6, 1)
     teacher = load_teacher(ARCH, ckpt, 10)

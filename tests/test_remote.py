@@ -339,7 +339,7 @@ def test_s3_round_trip(s3, tiny_store):
     from kdpipe.artifacts import open_store
 
     reader = open_store(store)  # the integrity check reads every chunk's digest over S3
-    assert reader.manifest["teacher"]["path"] == teacher and reader.manifest["complete"]
+    assert reader.manifest.teacher.path == teacher and reader.manifest.complete
 
 
 @pytest.mark.ray
@@ -354,7 +354,7 @@ def test_s3_store_written_by_ray_workers(s3, tiny_store):
     with ray_cluster(num_cpus=1):
         summary = _extract(teacher, store, executor="ray", num_workers=1)
     assert summary["shards_run"] == 4
-    assert open_store(store).manifest["complete"]
+    assert open_store(store).manifest.complete
 
 
 def test_run_command_with_stores_and_runs_at_urls(memory_root, tiny_store, tmp_path):

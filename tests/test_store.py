@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kdpipe.artifacts import StoreWriter, open_store, sha256_file
-from kdpipe.artifacts.schema import MEANINGS, ArraySpec, build_manifest, chunk_rows, plan_shards
+from kdpipe.artifacts.manifest import build_manifest
+from kdpipe.artifacts.schema import MEANINGS, ArraySpec, chunk_rows, plan_shards
 from kdpipe.errors import CheckpointError, DataError, StoreError
 
 N, V, P, C = 20, 2, 3, 5
@@ -73,8 +74,8 @@ def _make(path, shard_size=8, cam_res=(2,)):
 def _fill(w, rng, shard_size=8):
     data = {}
     for sid, (a, b) in enumerate(plan_shards(N, shard_size)):
-        for name in w.manifest["arrays"]:
-            shape = w.manifest["arrays"][name]["shape"]
+        for name, record in w.manifest.arrays.items():
+            shape = record.shape
             block = rng.standard_normal((b - a,) + tuple(shape[1:])).astype(np.float32)
             w.write_rows(name, a, block)
             data.setdefault(name, []).append(block)
@@ -102,7 +103,7 @@ def test_roundtrip_complete_and_layout(tmp_path):
         open_store(path)  # complete is set only by finalize
     w.finalize()
     r = open_store(path)
-    assert r.manifest["complete"] and r.manifest["shards_done"] == [0, 1, 2]
+    assert r.manifest.complete and r.manifest.shards_done == (0, 1, 2)
     assert set(r.array_names()) == {"views", "logits", "cam", "cam_r2", "feat/penult"}
     assert r["logits"].dtype == np.float16 and r["views"].dtype == np.int32
     assert r["cam"].chunks[0] == 8 and r["shards_done"].chunks == (1,)
@@ -205,16 +206,19 @@ def test_target_sets_and_drop_features(tmp_path):
             StoreWriter.open(path).write_rows(
                 "targets/T/subclass_idx", start, np.zeros((min(8, N - start), V, 4, 4), np.int32)
             )
+    with pytest.raises(StoreError, match="do not match the root its manifest records"):
+        open_store(path)  # rows written after the set was finished: its digests changed
+    t.finish_target_set("T")  # finishing records the digests' root again
     r = open_store(path)
-    assert r.target_sets() == ["T"] and r.manifest["targets"]["T"]["attrs"]["K"] == 8
+    assert r.target_sets() == ["T"] and r.manifest.targets["T"].attrs["K"] == 8
     np.testing.assert_array_equal(r["targets/T/subclass_scores"][:], np.eye(4))
     assert r["targets/T/subclass_idx"][:8].sum() == 0 and r["targets/T/subclass_idx"][8:16].min() == 1
     assert arr.chunks[0] == 8
     assert r.group["targets/T"].attrs["K"] == 8
     t.delete_arrays(["feat/penult"])
     r = open_store(path)
-    assert not r.has("feat/penult") and "feat/penult" not in r.manifest["arrays"]
-    assert r.manifest["layers"] == []
+    assert not r.has("feat/penult") and "feat/penult" not in r.manifest.arrays
+    assert r.manifest.layers == ()
     t.delete_target_set("T")
     assert open_store(path).target_sets(include_incomplete=True) == []
 

@@ -4,7 +4,7 @@
     store.check_dataset(dataset)                          # fingerprint, classes, normalisation
     store.check_teacher("ckpt_epoch_240.pth")             # optional: sha256 of the checkpoint
     cams = store["cam_r2"][idx]                           # zarr array, sliced -> numpy
-    store.has("feat/inter"); store.target_sets(); store.manifest["views"]
+    store.has("feat/inter"); store.target_sets(); store.manifest.views.num_views
 
 Every refusal is a StoreError (or DataError for a data-set mismatch) with one sentence.
 """
@@ -13,9 +13,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdpipe.artifacts.integrity import CheckedArray, check_store, verify_store
-from kdpipe.artifacts.schema import MANIFEST_ATTR, SCHEMA_VERSION, SHARDS_DONE, STATIC_GROUP, TARGETS_GROUP
-from kdpipe.artifacts.target_set import TargetSet
+from kdpipe.artifacts.integrity import (
+    DIGESTS,
+    CheckedArray,
+    Damage,
+    check_store,
+    digest_name,
+    digest_root,
+    verify_store,
+)
+from kdpipe.artifacts.manifest import Manifest, read_manifest
+from kdpipe.artifacts.schema import SCHEMA_VERSION, SHARDS_DONE, STATIC_GROUP, TARGETS_GROUP
+from kdpipe.artifacts.target_set import TargetSet, check_arrays
 from kdpipe.artifacts.writer import _open_group, _path, store_exists
 from kdpipe.errors import DataError, StoreError
 
@@ -25,8 +34,10 @@ def open_store(path, allow_incomplete: bool = False, check: bool = True) -> Stor
 
     Refuses a missing path, a zarr group that is not a kdpipe store, another schema version
     and, unless `allow_incomplete` (inspect uses it), a store whose `complete` flag is unset.
-    A complete store is checked (``check``): every array, chunk and chunk digest present and
-    matching (``kdpipe.artifacts.integrity.check_store``; no decoding, one small read per chunk).
+    The manifest is checked always (types, agreement, its seal: ``kdpipe.artifacts.manifest``).
+    A complete store is checked (``check``): every array's metadata as the manifest records it,
+    every chunk and chunk digest present, in place and of this store, and the digests' root
+    (``kdpipe.artifacts.integrity.check_store``; no decoding, one small read per chunk).
     """
     path = _path(path)
     if not store_exists(path):
@@ -39,49 +50,14 @@ def open_store(path, allow_incomplete: bool = False, check: bool = True) -> Stor
     return reader
 
 
-#: Manifest keys readers rely on, and the JSON type each must have.
-_MANIFEST_TYPES = {
-    "teacher": dict,
-    "dataset": dict,
-    "views": dict,
-    "arrays": dict,
-    "targets": dict,
-    "shard_size": int,
-    "num_shards": int,
-    "complete": bool,
-}
-_DATASET_TYPES = {"num_samples": int, "num_classes": int}
-
-
-def _check_manifest(path: str, m: dict) -> None:
-    for key, kind in _MANIFEST_TYPES.items():
-        if key in m and not isinstance(m[key], kind):
-            raise StoreError(
-                f"The store at {path} has a damaged manifest ({key} is {type(m[key]).__name__}, "
-                f"not {kind.__name__}); re-extract it."
-            )
-    for key, kind in _DATASET_TYPES.items():
-        value = (m.get("dataset") or {}).get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise StoreError(f"The store at {path} has a damaged manifest (dataset.{key} is {value!r}); re-extract it.")
-
-
 class StoreReader:
     """A read-only view of one store: its manifest and its arrays."""
 
     def __init__(self, path: str, group):
         self.path = path
         self.group = group
-        m = group.attrs.get(MANIFEST_ATTR)
-        if not isinstance(m, dict):
-            raise StoreError(f"{path} is a zarr group but not a kdpipe store (it has no kdpipe manifest).")
-        if m.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(
-                f"The store at {path} has schema version {m.get('schema_version')}, "
-                f"this kdpipe reads version {SCHEMA_VERSION}; re-extract it."
-            )
-        _check_manifest(path, m)
-        self.manifest = dict(m)
+        #: the typed manifest (``kdpipe.artifacts.manifest.Manifest``)
+        self.manifest: Manifest = read_manifest(group, path, schema_version=SCHEMA_VERSION)
         self._arrays: dict = {}
 
     def __repr__(self):
@@ -98,21 +74,21 @@ class StoreReader:
     # ----- integrity -----------------------------------------------------------------------
 
     def checked_arrays(self) -> list[str]:
-        """Every array integrity covers: the extraction's and the complete target sets'."""
-        names = list(self.manifest.get("arrays") or {})
-        names += [f"{STATIC_GROUP}/{name}" for name in (self.manifest.get("static") or {})]
-        for target in self.target_sets():
-            for short, entry in ((self.manifest["targets"][target].get("arrays")) or {}).items():
-                if entry.get("checked", True):
-                    names.append(f"{TARGETS_GROUP}/{target}/{short}")
-        return names
+        """Every array integrity covers: the extraction's, the static ones and the complete
+        target sets' checked arrays."""
+        return list(self.manifest.checked_arrays())
 
     def damage(self, decode: bool = False) -> list:
-        """Damaged arrays and chunks (``kdpipe.artifacts.integrity``); ``decode`` reads every
-        chunk too (``inspect --verify``)."""
+        """Damaged arrays and chunks (``kdpipe.artifacts.integrity``), else a digest root that
+        differs from the manifest's; ``decode`` reads every chunk too (``inspect --verify``)."""
         fn = verify_store if decode else check_store
+        records = self.manifest.checked_arrays()
+        expected = {name: rec.expectation() for name, rec in records.items()}
         try:
-            return fn(self.group, self.path, self.checked_arrays())
+            found = fn(self.group, self.path, list(records), self.manifest.binding, expected)
+            if not found and self.manifest.digest_root is not None and self.manifest.complete:
+                found = self._root_damage(records)
+            return found
         except StoreError:
             raise
         except Exception as err:  # noqa: BLE001 - damaged metadata of an array
@@ -120,6 +96,16 @@ class StoreReader:
                 f"The store at {self.path} cannot be checked ({type(err).__name__}: {err}); its "
                 "metadata is damaged: re-extract it."
             ) from None
+
+    def _root_damage(self, records: dict) -> list:
+        digests = {name: np.asarray(self.group[digest_name(name)][...]) for name in records}
+        if digest_root(digests) == self.manifest.digest_root:
+            return []
+        what = (
+            "its chunk digests do not match the root its manifest records (a digest file was moved, "
+            "replaced or copied from another store)"
+        )
+        return [Damage(DIGESTS, None, None, None, what)]
 
     def refuse_damage(self) -> StoreReader:
         """One sentence for the first damaged chunk, with the count of all of them."""
@@ -142,7 +128,13 @@ class StoreReader:
                 known = ", ".join(self.array_names()) or "none"
                 raise StoreError(f"The store at {self.path} has no array {name} (it has: {known}).")
             try:
-                arr = CheckedArray(self.group[name], name, self.path)
+                arr = CheckedArray(
+                    self.group[name],
+                    name,
+                    self.path,
+                    self.manifest.binding,
+                    digests=(lambda: self.group[digest_name(name)][...]) if digest_name(name) in self.group else None,
+                )
             except Exception as err:  # noqa: BLE001 - a garbage zarr.json of the array
                 raise StoreError(
                     f"The store array {name} at {self.path} cannot be opened ({type(err).__name__}); "
@@ -155,15 +147,15 @@ class StoreReader:
 
     def array_names(self) -> list[str]:
         """Per-sample arrays of the extraction, as recorded in the manifest."""
-        return [n for n in self.manifest.get("arrays", {}) if n in self.group]
+        return [n for n in self.manifest.arrays if self.has(n)]
 
     def static_names(self) -> list[str]:
         """The whole arrays extraction wrote once (``static/<name>``), e.g. the teacher's classifier."""
-        return sorted(self.manifest.get("static") or {})
+        return sorted(self.manifest.static)
 
     def static(self, name: str) -> np.ndarray:
         """The whole array static/<name> as numpy (checked as every array is)."""
-        if name not in (self.manifest.get("static") or {}):
+        if name not in self.manifest.static:
             raise StoreError(
                 f"The store at {self.path} has no static array {name} (it has: "
                 f"{', '.join(self.static_names()) or 'none'}); re-extract it with the method named."
@@ -172,52 +164,67 @@ class StoreReader:
 
     def target_sets(self, include_incomplete: bool = False) -> list[str]:
         """Names of the target sets under targets/ (complete ones unless include_incomplete)."""
-        sets = self.manifest.get("targets") or {}
-        return sorted(n for n, e in sets.items() if include_incomplete or e.get("complete"))
+        return sorted(n for n, e in self.manifest.targets.items() if include_incomplete or e.complete)
 
     def target_attrs(self, name: str) -> dict:
-        sets = self.manifest.get("targets") or {}
+        sets = self.manifest.targets
         if name not in sets:
             raise StoreError(
                 f"The store at {self.path} has no target set {name} "
                 f"(it has: {', '.join(sorted(sets)) or 'none'}); run `kdpipe cluster` first."
             )
-        return dict(sets[name].get("attrs") or {})
+        return dict(sets[name].attrs)
 
     def target_set(self, name: str, include_incomplete: bool = False) -> TargetSet:
         """The typed record of target set ``name`` (``kdpipe.artifacts.target_set.TargetSet``)."""
-        sets = self.manifest.get("targets") or {}
-        entry = sets.get(name) if isinstance(sets, dict) else None
-        if not isinstance(entry, dict) or not (include_incomplete or entry.get("complete")):
+        entry = self.manifest.targets.get(name)
+        if entry is None or not (include_incomplete or entry.complete):
             have = ", ".join(self.target_sets()) or "none"
             raise StoreError(
                 f"The store at {self.path} has no complete target set {name!r} (it has: {have}); "
                 f"run `kdpipe cluster {self.path} --name {name}` first."
             )
-        return TargetSet.from_json(name, entry.get("attrs"), where=f"the store at {self.path}")
+        where = f"the store at {self.path}"
+        info = TargetSet.from_json(name, entry.attrs, where=where)
+        if entry.complete:
+            shapes = {short: tuple(rec.shape) for short, rec in entry.arrays.items()}
+            check_arrays(info, shapes, self.manifest.dataset.num_classes, where)
+        return info
 
     # ----- state ---------------------------------------------------------------------------
 
     @property
     def num_samples(self) -> int:
-        return int(self.manifest["dataset"]["num_samples"])
+        return self.manifest.num_samples
 
     @property
     def num_views(self) -> int:
-        return int(self.manifest["views"]["num_views"])
+        return self.manifest.num_views
 
     def done_shards(self) -> list[int]:
         """Shards written so far, read from the shards_done array (current even mid-run)."""
-        if SHARDS_DONE not in self.group:
-            return list(self.manifest.get("shards_done") or [])
-        return [int(i) for i in np.flatnonzero(self.group[SHARDS_DONE][:])]
+        try:
+            if SHARDS_DONE not in self.group:
+                return list(self.manifest.shards_done)
+            return [int(i) for i in np.flatnonzero(self.group[SHARDS_DONE][:])]
+        except Exception as err:  # noqa: BLE001 - a garbage zarr.json or chunk of the control array
+            raise StoreError(
+                f"The store array {SHARDS_DONE} at {self.path} cannot be read ({type(err).__name__}); "
+                "its metadata is damaged: re-extract the store."
+            ) from None
 
     def is_complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
+        return self.manifest.complete
 
     def require_complete(self) -> StoreReader:
+        if self.is_complete() and len(self.done_shards()) != self.manifest.num_shards:
+            raise StoreError(
+                f"The store at {self.path} says it is complete, but its {SHARDS_DONE} array records "
+                f"{len(self.done_shards())} of {self.manifest.num_shards} shards written; finish it with "
+                "`kdpipe extract-teacher --resume`."
+            )
         if not self.is_complete():
-            done, total = len(self.done_shards()), self.manifest.get("num_shards", "?")
+            done, total = len(self.done_shards()), self.manifest.num_shards
             raise StoreError(
                 f"The store at {self.path} is incomplete ({done} of {total} shards written); "
                 "finish it with `kdpipe extract-teacher --resume`."
@@ -228,26 +235,25 @@ class StoreReader:
 
     def check_dataset(self, dataset) -> StoreReader:
         """Refuse a data set other than the one the store was made from."""
-        d = self.manifest.get("dataset") or {}
+        d = self.manifest.dataset
         name = getattr(dataset, "name", "?")
-        if d.get("fingerprint") != getattr(dataset, "fingerprint", None):
+        if d.fingerprint != getattr(dataset, "fingerprint", None):
             raise DataError(
-                f"The store at {self.path} was made from data set {d.get('name')} "
-                f"({d.get('split')}, fingerprint {str(d.get('fingerprint'))[:12]}), not from this "
+                f"The store at {self.path} was made from data set {d.name} "
+                f"({d.split}, fingerprint {str(d.fingerprint)[:12]}), not from this "
                 f"{name} ({getattr(dataset, 'split', '?')}, fingerprint "
                 f"{str(getattr(dataset, 'fingerprint', None))[:12]})."
             )
-        if int(d.get("num_classes", -1)) != int(dataset.num_classes):
+        if d.num_classes != int(dataset.num_classes):
             raise DataError(
-                f"The store at {self.path} has {d.get('num_classes')} classes, "
-                f"the data set {name} has {dataset.num_classes}."
+                f"The store at {self.path} has {d.num_classes} classes, the data set {name} has {dataset.num_classes}."
             )
-        if int(d.get("num_samples", -1)) != len(dataset):
+        if d.num_samples != len(dataset):
             raise DataError(
-                f"The store at {self.path} has {d.get('num_samples')} samples, the data set {name} has {len(dataset)}."
+                f"The store at {self.path} has {d.num_samples} samples, the data set {name} has {len(dataset)}."
             )
         for key in ("mean", "std"):
-            a, b = d.get(key), getattr(dataset, key, None)
+            a, b = getattr(d, key), getattr(dataset, key, None)
             if (
                 a is not None
                 and b is not None
@@ -263,7 +269,7 @@ class StoreReader:
         """Refuse when the checkpoint file's sha256 differs from the one the store was made with."""
         from kdpipe.artifacts.fingerprint import sha256_file
 
-        want = (self.manifest.get("teacher") or {}).get("sha256")
+        want = self.manifest.teacher.sha256
         got = sha256_file(ckpt_path)
         if want != got:
             raise StoreError(
@@ -279,14 +285,20 @@ class StoreReader:
         out = []
         names = list(self.array_names())
         for t in self.target_sets(include_incomplete=True):
-            for a in self.manifest["targets"][t].get("arrays") or {}:
+            for a in self.manifest.targets[t].arrays:
                 names.append(f"{TARGETS_GROUP}/{t}/{a}")
         for name in names:
             if not self.has(name):
                 continue
-            arr = self.group[name]
-            raw = int(arr.nbytes)
-            stored = int(arr.nbytes_stored())
+            try:
+                arr = self.group[name]
+                raw = int(arr.nbytes)
+                stored = int(arr.nbytes_stored())
+            except Exception as err:  # noqa: BLE001 - a garbage or edited zarr.json of the array
+                raise StoreError(
+                    f"The store array {name} at {self.path} cannot be opened ({type(err).__name__}); "
+                    "its metadata is damaged: re-extract the store."
+                ) from None
             out.append(
                 {
                     "name": name,

@@ -1,9 +1,10 @@
 """What a kdpipe store holds: array specs, the schema version and the manifest.
 
-A store is one zarr v3 group per teacher x data-set split. Its manifest is the JSON dict in
-`group.attrs["kdpipe"]` (keys in MANIFEST_KEYS). Per-sample arrays are chunked along the
-sample axis only (a chunk holds `chunk_rows` whole samples, a divisor of the shard size, so a
-shard of extraction work owns whole chunks and no two writers ever touch the same chunk).
+A store is one zarr v3 group per teacher x data-set split. Its manifest is one typed record,
+``kdpipe.artifacts.manifest.Manifest``, stored as JSON in `group.attrs["kdpipe"]`. Per-sample
+arrays are chunked along the sample axis only (a chunk holds `chunk_rows` whole samples, a
+divisor of the shard size, so a shard of extraction work owns whole chunks and no two writers
+ever touch the same chunk).
 Tensors are float16, view parameters int32, all Blosc/zstd with byte shuffle.
 
 Array names (paths inside the group):
@@ -19,7 +20,6 @@ Array names (paths inside the group):
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 from dataclasses import dataclass, field
 from typing import Final
@@ -45,21 +45,6 @@ BLOSC_CNAME: Final = "zstd"
 # (1.25x vs 1.24x on resnet56 features) in about half the time, which is the store's share of
 # extraction time (benchmarks/extract.py).
 BLOSC_CLEVEL = 1
-
-MANIFEST_KEYS = (
-    "schema_version",
-    "kdpipe_version",
-    "teacher",
-    "dataset",
-    "views",
-    "layers",
-    "arrays",
-    "shard_size",
-    "num_shards",
-    "shards_done",
-    "complete",
-    "created",
-)
 
 MEANINGS = {
     "views": "view parameters (policy-specific) of each stored view of each sample",
@@ -128,58 +113,3 @@ class ArraySpec:
 def plan_shards(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
     """Contiguous sample ranges [start, stop) of shard_size samples (the last may be shorter)."""
     return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
-
-
-def build_manifest(
-    *,
-    teacher: dict,
-    dataset: dict,
-    views: dict,
-    layers: list,
-    specs: list[ArraySpec],
-    shard_size: int,
-    num_samples: int,
-) -> dict:
-    """The manifest of a new store, `complete` false and no shard done."""
-    from kdpipe.version import __version__
-
-    num_shards = len(plan_shards(num_samples, shard_size))
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kdpipe_version": __version__,
-        "teacher": dict(teacher),
-        "dataset": dict(dataset),
-        "views": dict(views),
-        "layers": list(layers),
-        "arrays": {s.name: s.to_json() for s in specs},
-        "shard_size": int(shard_size),
-        "num_shards": int(num_shards),
-        "shards_done": [],
-        "complete": False,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "targets": {},
-    }
-
-
-def same_plan(a: dict, b: dict) -> str | None:
-    """None when two manifests describe the same extraction, else the first key that differs.
-
-    Used by resume: a store may only be continued by a run with identical inputs and layout.
-    """
-    checks = [
-        ("schema_version", lambda m: m.get("schema_version")),
-        ("teacher", lambda m: (m.get("teacher") or {}).get("sha256")),
-        ("teacher architecture", lambda m: (m.get("teacher") or {}).get("arch")),
-        ("dataset fingerprint", lambda m: (m.get("dataset") or {}).get("fingerprint")),
-        ("dataset split", lambda m: (m.get("dataset") or {}).get("split")),
-        ("views (--views, --seed)", lambda m: m.get("views")),
-        ("shard size", lambda m: m.get("shard_size")),
-        (
-            "the set of arrays (--features, --cam-res)",
-            lambda m: {k: v.get("shape") for k, v in (m.get("arrays") or {}).items()},
-        ),
-    ]
-    for key, get in checks:
-        if get(a) != get(b):
-            return key
-    return None

@@ -110,3 +110,35 @@ def _check_types(info: TargetSet) -> None:
             raise ValueError(f"{key} is missing")
     if not float(info.temperature) > 0:
         raise ValueError(f"temperature must be positive, not {info.temperature!r}")
+
+
+def check_arrays(info: TargetSet, shapes: dict[str, tuple], num_classes: int, where: str = "the store") -> None:
+    """Refuse a settings record that disagrees with the set's own arrays (``shapes``: short
+    name -> shape as recorded) or with the store's class count: one sentence, so an edited
+    ``k_penult`` or grid never reaches an index error in training."""
+    m = info.num_subclasses
+    want: dict[str, tuple] = {
+        "penult_centers": (info.k_penult, None),
+        "subclass_scores": (m, m),
+        "subclass_centers": (m, info.lda_dims),
+        "subclass_prototypes": (m, info.lda_dims),
+    }
+    problems = []
+    if info.num_classes != num_classes:
+        problems.append(f"num_classes {info.num_classes}, the store has {num_classes}")
+    for short, dims in want.items():
+        shape = shapes.get(short)
+        if shape is not None and any(d is not None and (len(shape) <= i or shape[i] != d) for i, d in enumerate(dims)):
+            problems.append(f"{short} has shape {list(shape)}, the settings make {[d for d in dims if d is not None]}")
+    for short, shape in shapes.items():
+        if short.startswith("penult_topk") and tuple(shape[-3:]) != (*info.penult_grid, info.topk):
+            problems.append(
+                f"{short} has shape {list(shape)}, the settings make [..., {info.penult_grid}, {info.topk}]"
+            )
+        if short == "subclass_idx" and tuple(shape[-2:]) != tuple(info.inter_grid):
+            problems.append(f"{short} has shape {list(shape)}, the settings make a {info.inter_grid} grid")
+    if problems:
+        raise StoreError(
+            f"Target set {info.name!r} of {where} disagrees with its arrays ({problems[0]}); "
+            "re-run `kdpipe cluster --overwrite` for it."
+        )

@@ -27,9 +27,11 @@ Target sets (``kdpipe cluster`` adds ``targets/<name>/`` to a complete store)::
     w.delete_arrays(["feat/inter"])                    # --drop-features: arrays + manifest
 
 Target arrays keep the dtype they are given (numeric only: no object/string arrays, no
-pickles); attrs must be JSON. The manifest records each target set under
-``manifest["targets"][name] = {"arrays": {...}, "attrs": {...}, "complete": bool}``; the
-same attrs are also on the ``targets/<name>`` group itself.
+pickles); attrs must be JSON. The manifest (``kdpipe.artifacts.manifest``, read and written
+there only) records each target set under ``targets[name]`` (arrays, attrs, complete); the
+same attrs are also on the ``targets/<name>`` group itself. The manifest records each array's
+zarr.json digest, and, once the store (or a target set) is complete, the root over every
+chunk digest (``kdpipe.artifacts.integrity``).
 """
 
 from __future__ import annotations
@@ -42,16 +44,24 @@ from typing import Literal
 import numpy as np
 
 from kdpipe import storage
-from kdpipe.artifacts.integrity import ARRAY_CONFIG, digest_name, num_chunks, record_digests
+from kdpipe.artifacts import manifest as _manifest
+from kdpipe.artifacts.integrity import (
+    ARRAY_CONFIG,
+    digest_name,
+    digest_root,
+    metadata_digest,
+    num_chunks,
+    read_metadata,
+    record_digests,
+)
+from kdpipe.artifacts.manifest import Manifest, same_plan
 from kdpipe.artifacts.schema import (
-    MANIFEST_ATTR,
     SCHEMA_VERSION,
     SHARDS_DONE,
     STATIC_GROUP,
     TARGETS_GROUP,
     ArraySpec,
     compressors,
-    same_plan,
 )
 from kdpipe.errors import StoreError
 
@@ -84,9 +94,8 @@ def _open_group(path: str, mode: ZarrMode):
         raise StoreError(f"{path} is not a zarr store kdpipe can open ({type(err).__name__}: {err}).") from None
 
 
-def read_manifest(path) -> dict | None:
-    """The manifest of the store at `path`, or None when there is no kdpipe store there."""
-    path = _path(path)
+def _kdpipe_group(path: str):
+    """The zarr group at ``path`` when it carries a kdpipe manifest (in any state), else None."""
     if not store_exists(path):
         return None
     try:
@@ -95,8 +104,15 @@ def read_manifest(path) -> dict | None:
         g = zarr.open_group(store=path, mode="r")
     except Exception:  # noqa: BLE001
         return None
-    m = g.attrs.get(MANIFEST_ATTR)
-    return dict(m) if isinstance(m, dict) else None
+    return g if _manifest.has_manifest(g) else None
+
+
+def read_manifest(path) -> Manifest | None:
+    """The manifest of the store at `path`, or None when there is no kdpipe store there; a
+    damaged manifest is one sentence (StoreError)."""
+    path = _path(path)
+    group = _kdpipe_group(path)
+    return None if group is None else _manifest.read_manifest(group, path)
 
 
 def remove_store(path) -> None:
@@ -104,7 +120,7 @@ def remove_store(path) -> None:
     path = _path(path)
     if not store_exists(path):
         return
-    if read_manifest(path) is None:
+    if _kdpipe_group(path) is None:
         if not storage.is_url(path) and os.path.isdir(path) and not os.listdir(path):
             os.rmdir(path)
             return
@@ -126,7 +142,7 @@ def existing_store(path) -> bool:
     path = _path(path)
     if not store_exists(path) or _empty_folder(path):
         return False
-    if read_manifest(path) is not None:
+    if _kdpipe_group(path) is not None:
         return True
     if not storage.is_url(path) and os.path.isfile(path):
         raise StoreError(f"{path} is a file, not a store; choose another --out.")
@@ -154,12 +170,13 @@ def _check_json(what: str, obj) -> None:
         raise StoreError(f"{what} must be plain JSON (no NaN, no objects): {err}.") from None
 
 
-def _create_digests(group, name: str, arr) -> None:
-    """The digest array of ``name``: one int64 per chunk, -1 until the chunk is written."""
+def _create_digests(group, name: str, arr, bound: bool = True) -> None:
+    """The digest array of ``name``: per chunk object its (locator, content) digests (``bound``,
+    digest form 2) or its crc32c (a form-1 store), -1 until the chunk is written."""
     group.create_array(
         digest_name(name),
-        shape=(num_chunks(arr),),
-        chunks=(1,),
+        shape=(num_chunks(arr), 2) if bound else (num_chunks(arr),),
+        chunks=(1, 2) if bound else (1,),
         dtype="int64",
         fill_value=-1,
         compressors=None,
@@ -174,11 +191,16 @@ class StoreWriter:
         self.path = _path(path)
         self.group = group
         self._arrays: dict = {}
+        self._binding = None  # the manifest's store id and digest form, read once
+
+    def _meta(self, name: str) -> str:
+        """The sha256 of array ``name``'s zarr.json as just written (recorded in the manifest)."""
+        return metadata_digest(read_metadata(self.path, name))
 
     # ----- opening -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path, manifest: dict, specs: list[ArraySpec], overwrite: bool = False) -> StoreWriter:
+    def create(cls, path, manifest: Manifest | dict, specs: list[ArraySpec], overwrite: bool = False) -> StoreWriter:
         """Create a new store with empty arrays (chunks from `specs`) and an incomplete manifest."""
         import zarr
 
@@ -191,6 +213,8 @@ class StoreWriter:
                 )
             remove_store(path)
         group = zarr.open_group(store=path, mode="w")
+        m = manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest, path)
+        w = cls(path, group)
         for spec in specs:
             if not spec.chunks:
                 raise ValueError(f"array spec {spec.name} has no chunks")
@@ -203,15 +227,16 @@ class StoreWriter:
                 fill_value=0,
                 config=ARRAY_CONFIG,
             )
-            _create_digests(group, spec.name, arr)
-        n_shards = int(manifest["num_shards"])
-        group.create_array(SHARDS_DONE, shape=(n_shards,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
-        manifest = dict(manifest)
-        manifest["complete"] = False
-        manifest["shards_done"] = []
-        _check_json("The manifest", manifest)
-        group.attrs[MANIFEST_ATTR] = manifest
-        return cls(path, group)
+            _create_digests(group, spec.name, arr, m.binding.bound)
+        group.create_array(
+            SHARDS_DONE, shape=(m.num_shards,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0
+        )
+        doc = m.to_json()
+        for name in doc["arrays"]:
+            doc["arrays"][name]["meta_sha256"] = w._meta(name)
+        doc.update(complete=False, shards_done=[])
+        _manifest.write_manifest(group, doc, path)
+        return w
 
     @classmethod
     def open(cls, path) -> StoreWriter:
@@ -220,12 +245,12 @@ class StoreWriter:
         if not store_exists(path):
             raise StoreError(f"There is no kdpipe store at {path}.")
         group = _open_group(path, "r+")
-        if not isinstance(group.attrs.get(MANIFEST_ATTR), dict):
+        if not _manifest.has_manifest(group):
             raise StoreError(f"{path} is a zarr group but not a kdpipe store (it has no kdpipe manifest).")
         return cls(path, group)
 
     @classmethod
-    def open_for_resume(cls, path, manifest: dict) -> StoreWriter:
+    def open_for_resume(cls, path, manifest: Manifest) -> StoreWriter:
         """Open a store to continue an interrupted extraction with the same inputs and layout."""
         w = cls.open(path)
         old = w.manifest
@@ -241,12 +266,13 @@ class StoreWriter:
     def open_for_targets(cls, path) -> StoreWriter:
         """Open a complete store to add, replace or drop target sets and arrays (`kdpipe cluster`)."""
         w = cls.open(path)
-        if w.manifest.get("schema_version") != SCHEMA_VERSION:
+        m = w.manifest
+        if m.schema_version != SCHEMA_VERSION:
             raise StoreError(
-                f"The store at {w.path} has schema version {w.manifest.get('schema_version')}, "
+                f"The store at {w.path} has schema version {m.schema_version}, "
                 f"this kdpipe reads version {SCHEMA_VERSION}."
             )
-        if not w.manifest.get("complete"):
+        if not m.complete:
             raise StoreError(
                 f"The store at {w.path} is incomplete; finish it with `kdpipe extract-teacher --resume` first."
             )
@@ -255,16 +281,35 @@ class StoreWriter:
     # ----- manifest ------------------------------------------------------------------------
 
     @property
-    def manifest(self) -> dict:
-        return dict(self.group.attrs[MANIFEST_ATTR])
+    def manifest(self) -> Manifest:
+        """The typed manifest as stored now (``kdpipe.artifacts.manifest``)."""
+        return _manifest.read_manifest(self.group, self.path)
 
-    def update_manifest(self, **changes) -> dict:
-        """Driver only: merge `changes` into the manifest and write it back."""
-        m = self.manifest
-        m.update(changes)
-        _check_json("The manifest", m)
-        self.group.attrs[MANIFEST_ATTR] = m
-        return m
+    def update_manifest(self, **changes) -> Manifest:
+        """Driver only: merge `changes` (JSON values) into the manifest and write it back."""
+        return self._write(dict(self.manifest.to_json(), **changes))
+
+    def _write(self, doc: dict, reroot: bool = False) -> Manifest:
+        """Write the manifest JSON ``doc``; ``reroot``: a complete store records the root over
+        every checked array's chunk digests (after the set of checked arrays changed)."""
+        m = Manifest.from_json(doc, self.path)
+        if reroot:
+            root = self._digest_root(m) if m.complete else None
+            m = m.replace(digest_root=root)
+        return _manifest.write_manifest(self.group, m, self.path)
+
+    def _digest_root(self, m: Manifest) -> str:
+        digests = {}
+        for name in m.checked_arrays():
+            if digest_name(name) not in self.group:
+                raise StoreError(f"The store at {self.path} has no chunk digests for {name}.")
+            digests[name] = np.asarray(self.group[digest_name(name)][...])
+        return digest_root(digests)
+
+    def _store_id(self) -> str | None:
+        if self._binding is None:
+            self._binding = self.manifest.binding
+        return self._binding.store_id if self._binding.bound else None
 
     # ----- shards --------------------------------------------------------------------------
 
@@ -288,7 +333,7 @@ class StoreWriter:
         arr[start:stop] = data.astype(arr.dtype, copy=False)
         if digest_name(name) in self.group and stop > start:
             rows = int(arr.chunks[0])
-            record_digests(self.group, self.path, name, start // rows, (stop - 1) // rows)
+            record_digests(self.group, self.path, name, start // rows, (stop - 1) // rows, self._store_id())
 
     def mark_shard_done(self, shard_id: int, array: str = SHARDS_DONE) -> None:
         """Mark shard ``shard_id`` written in the done array (extraction's ``shards_done``, or a
@@ -298,19 +343,19 @@ class StoreWriter:
     def done_shards(self, array: str = SHARDS_DONE) -> set[int]:
         return {int(i) for i in np.flatnonzero(self.array(array)[:])}
 
-    def finalize(self) -> dict:
+    def finalize(self) -> Manifest:
         """Driver, last step: record the done shards; set complete only when every shard is done."""
         done = sorted(self.done_shards())
-        total = int(self.manifest["num_shards"])
+        total = self.manifest.num_shards
         if len(done) != total:
             self.update_manifest(shards_done=done, complete=False)
             raise StoreError(
                 f"The store at {self.path} is incomplete ({len(done)} of {total} shards written); "
                 "re-run with --resume to finish it."
             )
-        return self.update_manifest(shards_done=done, complete=True)
+        return self._write(dict(self.manifest.to_json(), shards_done=done, complete=True), reroot=True)
 
-    def mark_incomplete(self) -> dict:
+    def mark_incomplete(self) -> Manifest:
         """Driver, after a failure: record the shards done so far and leave complete false."""
         return self.update_manifest(shards_done=sorted(self.done_shards()), complete=False)
 
@@ -334,12 +379,17 @@ class StoreWriter:
             fill_value=0,
             config=ARRAY_CONFIG,
         )
-        _create_digests(self.group, full, arr)
+        _create_digests(self.group, full, arr, self._store_id() is not None)
         self._arrays.pop(full, None)
         self.write_rows(full, 0, data.reshape(shape))
-        m = self.manifest
-        m.setdefault("static", {})[name] = {"shape": list(shape), "dtype": data.dtype.name, "meaning": meaning}
-        self.update_manifest(static=m["static"])
+        m = self.manifest.to_json()
+        m.setdefault("static", {})[name] = {
+            "shape": list(shape),
+            "dtype": data.dtype.name,
+            "meaning": meaning,
+            "meta_sha256": self._meta(full),
+        }
+        self._write(m, reroot=True)
 
     # ----- target sets (kdpipe cluster) ----------------------------------------------------
 
@@ -368,7 +418,7 @@ class StoreWriter:
         rows = int(chunk_rows) if chunk_rows else max(1, shape[0] if shape else 1)
         chunks = (min(rows, max(1, shape[0])),) + shape[1:] if shape else ()
         full = f"{TARGETS_GROUP}/{target}/{name}"
-        m = self.manifest
+        m = self.manifest.to_json()
         entry = self._target_entry(m, target)
         for old in (full, digest_name(full)):
             if old in self.group:
@@ -383,7 +433,7 @@ class StoreWriter:
             config=ARRAY_CONFIG,
         )
         if checked:
-            _create_digests(self.group, full, arr)
+            _create_digests(self.group, full, arr, self._store_id() is not None)
         arr = arr.with_config(ARRAY_CONFIG)
         entry["arrays"][name] = {
             "shape": list(shape),
@@ -391,9 +441,10 @@ class StoreWriter:
             "meaning": meaning,
             "chunks": list(chunks),
             "checked": bool(checked),
+            "meta_sha256": self._meta(full),
         }
-        entry["complete"] = False
-        self.update_manifest(targets=m["targets"])
+        was_complete, entry["complete"] = bool(entry.get("complete")), False
+        self._write(m, reroot=was_complete)
         self._arrays[full] = arr
         return arr
 
@@ -407,34 +458,34 @@ class StoreWriter:
     def set_target_attrs(self, target: str, attrs: dict) -> None:
         """Merge JSON `attrs` (K, k, temperature, retained mass, seed, ...) into the target set."""
         _check_json(f"The attrs of target set {target}", attrs)
-        m = self.manifest
+        m = self.manifest.to_json()
         entry = self._target_entry(m, target)
         entry["attrs"].update(attrs)
         full = f"{TARGETS_GROUP}/{target}"
         grp = self.group.require_group(full)
         grp.attrs.update(attrs)
-        self.update_manifest(targets=m["targets"])
+        self._write(m)
 
     def finish_target_set(self, target: str) -> None:
         """Mark a target set complete: readers list only complete target sets."""
-        m = self.manifest
+        m = self.manifest.to_json()
         entry = self._target_entry(m, target)
         entry["complete"] = True
-        self.update_manifest(targets=m["targets"])
+        self._write(m, reroot=True)
 
     def delete_target_set(self, target: str) -> None:
-        m = self.manifest
+        m = self.manifest.to_json()
         full = f"{TARGETS_GROUP}/{target}"
         for old in (full, digest_name(full)):
             if old in self.group:
                 del self.group[old]
         m.setdefault("targets", {}).pop(target, None)
         self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(full + "/")}
-        self.update_manifest(targets=m["targets"])
+        self._write(m, reroot=True)
 
     def delete_arrays(self, names) -> list[str]:
         """Drop per-sample arrays (e.g. ["feat/inter"] for --drop-features); updates the manifest."""
-        m = self.manifest
+        m = self.manifest.to_json()
         dropped = []
         for name in names:
             if name == SHARDS_DONE or name.startswith(TARGETS_GROUP + "/"):
@@ -448,5 +499,5 @@ class StoreWriter:
                 layer = name.split("/", 1)[1]
                 m["layers"] = [x for x in m.get("layers", []) if x != layer]
             self._arrays.pop(name, None)
-        self.update_manifest(arrays=m["arrays"], layers=m.get("layers", []))
+        self._write(m, reroot=True)
         return dropped

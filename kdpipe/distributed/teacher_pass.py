@@ -99,8 +99,9 @@ class TeacherPassWorker:
         self.dataset = load_dataset(spec.data, spec.split)
         if spec.fingerprint is not None and self.dataset.fingerprint != spec.fingerprint:
             raise DataError(
-                f"The data set {spec.data} seen by a worker differs from the driver's "
-                "(fingerprint mismatch); every worker must reach the same data."
+                f"The data set {spec.data} read by this pass (fingerprint {str(self.dataset.fingerprint)[:12]}) "
+                f"is not the one the store at {spec.store} records (fingerprint {spec.fingerprint[:12]}); "
+                "pass the store's data set (on a cluster, every node must reach the same files)."
             )
         self.policy = with_pad_mode(self.dataset.policy, spec.pad_mode)
         self.labels = torch.as_tensor(np.asarray(self.dataset.labels), dtype=torch.int64)

@@ -44,7 +44,7 @@ def store_kinds(reader, target_set: str | None = None) -> list:
     chosen = target_set if target_set is not None else (sets[0] if len(sets) == 1 else None)
     contents = StoreContents(
         names=frozenset(reader.array_names()),
-        feature_views=(reader.manifest.get("views") or {}).get("feature_views", "identity"),
+        feature_views=reader.manifest.views.feature_views,
         target_set=reader.target_set(chosen) if chosen is not None else None,
         has=reader.has,
     )

@@ -238,7 +238,7 @@ def _store_labels(reader) -> np.ndarray:
     if not reader.has("labels"):
         raise StoreError(f"The store at {reader.path} has no labels array; re-extract it with this kdpipe.")
     labels = np.asarray(reader["labels"][...], dtype=np.int64).reshape(-1)
-    num_classes = int(reader.manifest["dataset"]["num_classes"])
+    num_classes = reader.manifest.dataset.num_classes
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise StoreError(f"The store at {reader.path} has labels outside 0..{num_classes - 1}.")
     return labels
@@ -248,7 +248,7 @@ def _feature_inputs(cfg, reader, grid) -> tuple[slice, tuple, tuple]:
     """The view slice the fit reads and the penult / inter grids; refuses what cannot work."""
     missing = [a for a in (PENULT, INTER) if not reader.has(a)]
     if missing:
-        dropped = " (they were dropped by --drop-features)" if reader.manifest.get("features_dropped") else ""
+        dropped = " (they were dropped by --drop-features)" if reader.manifest.features_dropped else ""
         raise StoreError(
             f"The store at {reader.path} has no {' and '.join(missing)}{dropped}; cluster needs the "
             "teacher's penult and inter feature maps, so re-extract it with --features penult,inter."
@@ -261,14 +261,14 @@ def _feature_inputs(cfg, reader, grid) -> tuple[slice, tuple, tuple]:
                 f"The student grid {grid[0]}x{grid[1]} is larger than the teacher's {layer} map "
                 f"{h}x{w}; pooling only shrinks."
             )
-    stored_views = (reader.manifest.get("views") or {}).get("feature_views", "identity")
+    stored_views = reader.manifest.views.feature_views
     if cfg.fit_views == "all" and stored_views != "all":
         raise KdpipeError(
             f"--fit-views all needs features of every view, but the store at {reader.path} holds "
             "the identity view only; re-extract with --feature-views all."
         )
     if cfg.fit_views == "identity" and stored_views == "all":
-        j = (reader.manifest.get("views") or {}).get("identity_index")
+        j = reader.manifest.views.identity_index
         if j is None:
             raise KdpipeError(
                 f"The store at {reader.path} does not hold the identity view's features; use --fit-views all."
@@ -280,7 +280,7 @@ def _feature_inputs(cfg, reader, grid) -> tuple[slice, tuple, tuple]:
 
 
 def _teacher_path(cfg, reader) -> str:
-    path = cfg.teacher or (reader.manifest.get("teacher") or {}).get("path")
+    path = cfg.teacher or reader.manifest.teacher.path
     if not path:
         raise StoreError(f"The store at {reader.path} records no teacher checkpoint path; pass --teacher.")
     if not storage.isfile(path):
@@ -291,20 +291,27 @@ def _teacher_path(cfg, reader) -> str:
     return absolute_path(path)
 
 
+def _check_data(reader, data: str) -> None:
+    """Refuse a data set other than the store's (--data, or an edited manifest) before any work."""
+    from kdpipe.data import load_dataset
+
+    reader.check_dataset(load_dataset(data, reader.manifest.dataset.split))
+
+
 def _existing_set(cfg, writer, reader) -> bool:
     """Handle a target set of the same name: refuse, replace, or resume its assignment pass.
     Returns True when the assignment pass is resumed (its fit is kept)."""
-    existing = (reader.manifest.get("targets") or {}).get(cfg.name)
+    existing = reader.manifest.targets.get(cfg.name)
     if existing is None:
         if cfg.resume:
             raise StoreError(f"The store at {writer.path} has no target set {cfg.name!r} to resume.")
         return False
-    if existing.get("complete") and not cfg.overwrite:
+    if existing.complete and not cfg.overwrite:
         raise StoreError(
             f"The store at {writer.path} already has a target set {cfg.name!r}; pass --overwrite to "
             "replace it or choose another --name."
         )
-    if cfg.resume and (existing.get("attrs") or {}).get("extra", {}).get("fit_done"):
+    if cfg.resume and (existing.attrs.get("extra") or {}).get("fit_done"):
         return True
     writer.delete_target_set(cfg.name)  # replaced (--overwrite) or left incomplete by an interrupted run
     return False
@@ -319,7 +326,7 @@ def _prepare(cfg: ClusterConfig) -> ClusterPlan:
     grid = parse_grid(cfg.student_grid)
     fit_views, penult_grid, inter_grid = _feature_inputs(cfg, reader, grid)
     labels = _store_labels(reader)
-    num_classes = int(reader.manifest["dataset"]["num_classes"])
+    num_classes = reader.manifest.dataset.num_classes
     dim_inter = int(reader[INTER].shape[2])
     if cfg.lda_dims is not None and not 1 <= int(cfg.lda_dims) <= min(num_classes - 1, dim_inter):
         raise KdpipeError(
@@ -327,9 +334,10 @@ def _prepare(cfg: ClusterConfig) -> ClusterPlan:
             f"feature size), got {cfg.lda_dims}."
         )
     teacher = _teacher_path(cfg, reader)
-    data = cfg.data or (reader.manifest.get("dataset") or {}).get("spec")
+    data = cfg.data or reader.manifest.dataset.spec
     if not data:
         raise StoreError(f"The store at {reader.path} does not record its data set; pass --data.")
+    _check_data(reader, data)
     resume = _existing_set(cfg, writer, reader)
     return ClusterPlan(
         cfg=cfg,
@@ -364,9 +372,9 @@ def _augmented_vectors(plan: ClusterPlan, count: int) -> np.ndarray:
 
     r = plan.reader
     manifest = r.manifest
-    dataset = load_dataset(plan.data, (manifest.get("dataset") or {}).get("split", "train"))
-    policy = with_pad_mode(dataset.policy, (manifest.get("views") or {}).get("pad_mode"))
-    teacher = load_teacher(str((manifest.get("teacher") or {}).get("arch")), plan.teacher, plan.num_classes).eval()
+    dataset = load_dataset(plan.data, manifest.dataset.split)
+    policy = with_pad_mode(dataset.policy, manifest.views.pad_mode)
+    teacher = load_teacher(manifest.teacher.arch, plan.teacher, plan.num_classes).eval()
     rng = np.random.default_rng(plan.cfg.seed + 2)
     count = min(int(count), r.num_samples * r.num_views)
     samples = np.sort(rng.choice(r.num_samples, size=count, replace=count > r.num_samples))
@@ -395,7 +403,7 @@ def _fit_shards(plan: ClusterPlan) -> list[FitShard]:
     per_i = views * plan.inter_grid[0] * plan.inter_grid[1]
     sel_p = subsample_indices(n * per_p, cfg.max_fit_points, cfg.seed)
     sel_i = subsample_indices(n * per_i, cfg.max_fit_points, cfg.seed + 1)
-    shards = plan_shards(n, int(r.manifest.get("shard_size") or n))
+    shards = plan_shards(n, r.manifest.shard_size)
     return [
         FitShard(i, a, b, _local(sel_p, a * per_p, b * per_p), _local(sel_i, a * per_i, b * per_i))
         for i, (a, b) in enumerate(shards)
@@ -568,7 +576,7 @@ def _fit(plan: ClusterPlan, progress: bool) -> dict:
         lda_ridge=sub.lda_ridge,
         empty_subclasses=int(sub.empty.sum()),
         seed=int(cfg.seed),
-        teacher_sha256=(plan.reader.manifest.get("teacher") or {}).get("sha256"),
+        teacher_sha256=plan.reader.manifest.teacher.sha256,
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         extra={
             "fit_done": True,
@@ -591,8 +599,8 @@ def _assign_arrays(plan: ClusterPlan, record: TargetSet) -> None:
 
     r, w, name = plan.reader, plan.writer, plan.name
     n, v = r.num_samples, r.num_views
-    shard_size = int(r.manifest.get("shard_size") or n)
-    num_shards = int(r.manifest.get("num_shards") or 1)
+    shard_size = r.manifest.shard_size
+    num_shards = r.manifest.num_shards
     hp, wp = record.penult_grid
     hi, wi = record.inter_grid
     k = record.topk
@@ -622,22 +630,21 @@ def _assign(plan: ClusterPlan, record: TargetSet, progress: bool) -> dict:
 
     r, w, name = plan.reader, plan.writer, plan.name
     done_array = record.array("shards_done")
-    shards = plan_shards(r.num_samples, int(r.manifest.get("shard_size") or r.num_samples))
+    shards = plan_shards(r.num_samples, r.manifest.shard_size)
     done = w.done_shards(done_array)
     todo = [s for s in shards if s.shard_id not in done]
-    teacher_meta = r.manifest.get("teacher") or {}
     spec = PassSpec(
         store=plan.path,
         teacher=plan.teacher,
-        arch=str(teacher_meta.get("arch")),
+        arch=r.manifest.teacher.arch,
         data=absolute_spec(plan.data),
-        split=(r.manifest.get("dataset") or {}).get("split", "train"),
+        split=r.manifest.dataset.split,
         num_classes=plan.num_classes,
         kinds=[PenultTopk(), InterSubclass()],
         batch_size=int(plan.cfg.batch_size),
         device=plan.cfg.device,
-        fingerprint=(r.manifest.get("dataset") or {}).get("fingerprint"),
-        pad_mode=(r.manifest.get("views") or {}).get("pad_mode"),
+        fingerprint=r.manifest.dataset.fingerprint,
+        pad_mode=r.manifest.views.pad_mode,
         done_array=done_array,
         target_set=name,
     )
@@ -700,7 +707,7 @@ def _finish(plan: ClusterPlan, record: TargetSet, assign: dict, t0: float, t_ass
     w.finish_target_set(plan.name)
     dropped = []
     if cfg.drop_features:
-        dropped = w.delete_arrays([a for a in plan.reader.manifest.get("arrays", {}) if a.startswith("feat/")])
+        dropped = w.delete_arrays([a for a in plan.reader.manifest.arrays if a.startswith("feat/")])
         w.update_manifest(features_dropped=True, features_dropped_by=f"cluster --name {plan.name}")
     r = plan.reader
     summary = {

@@ -205,15 +205,16 @@ def _shard_size(cfg, specs: list, n: int) -> int:
 
     shard_size = cfg.shard_size
     if shard_size is None and cfg.resume:
-        shard_size = (read_manifest(cfg.out) or {}).get("shard_size")  # continue with the store's own
+        old = read_manifest(cfg.out)
+        shard_size = old.shard_size if old is not None else None  # continue with the store's own
     if shard_size is None:
         shard_size = auto_shard_size(sum(s.row_bytes() for s in specs), n)
     return int(min(int(shard_size), n))
 
 
-def _manifest(cfg, dataset, views_entry: dict, num_classes: int, specs: list, shard_size: int) -> dict:
+def _manifest(cfg, dataset, views_entry: dict, num_classes: int, specs: list, shard_size: int):
     from kdpipe.artifacts import sha256_file
-    from kdpipe.artifacts.schema import build_manifest
+    from kdpipe.artifacts.manifest import build_manifest
 
     teacher = {
         "arch": cfg.arch,
@@ -286,12 +287,12 @@ def _open_store(cfg, layout):
     from kdpipe.artifacts import StoreWriter
     from kdpipe.distributed.executor import plan
 
-    shards = plan(int(layout["manifest"]["dataset"]["num_samples"]), layout["shard_size"])
+    shards = plan(layout["manifest"].num_samples, layout["shard_size"])
     if not cfg.resume:
         return StoreWriter.create(cfg.out, layout["manifest"], layout["specs"], overwrite=cfg.overwrite), shards, set()
     writer = StoreWriter.open_for_resume(cfg.out, layout["manifest"])
     done = writer.done_shards()
-    if writer.manifest.get("complete") and len(done) == len(shards):
+    if writer.manifest.complete and len(done) == len(shards):
         return writer, [], done
     return writer, [s for s in shards if s.shard_id not in done], done
 
@@ -367,11 +368,11 @@ def _summary(path, layout, shards_run, run_summary, wall, executor) -> dict:
     m = layout["manifest"]
     return {
         "store": path,
-        "samples": m["dataset"]["num_samples"],
+        "samples": m.num_samples,
         "views": layout["num_views"],
         "classes": layout["num_classes"],
         "arrays": {a["name"]: list(a["shape"]) for a in info},
-        "shards": m["num_shards"],
+        "shards": m.num_shards,
         "shards_run": shards_run,
         "shard_size": layout["shard_size"],
         "bytes_raw": raw,

@@ -40,23 +40,22 @@ def _ranges(ids: list[int]) -> str:
 def describe(reader) -> str:
     """The text `kdpipe inspect` prints: manifest summary, arrays, shards, target sets."""
     m = reader.manifest
-    t, d, v = m.get("teacher") or {}, m.get("dataset") or {}, m.get("views") or {}
+    t, d, v = m.teacher, m.dataset, m.views
     done = reader.done_shards()
     lines = [
         f"store       {reader.path}",
-        f"status      {'complete' if m.get('complete') else 'INCOMPLETE (resume with extract-teacher --resume)'}; "
-        f"schema {m.get('schema_version')}, kdpipe {m.get('kdpipe_version')}, created {m.get('created')}",
-        f"teacher     {t.get('arch')} ({t.get('num_classes')} classes), checkpoint sha256 {str(t.get('sha256'))[:16]}",
-        f"data set    {d.get('name')} {d.get('split')}: {d.get('num_samples')} images "
-        f"{'x'.join(map(str, d.get('image_size') or []))}, {d.get('num_classes')} classes, "
-        f"fingerprint {str(d.get('fingerprint'))[:16]}",
-        f"            mean {d.get('mean')}, std {d.get('std')}",
-        f"views       {v.get('num_views')} per sample (mode {v.get('mode')}, policy {v.get('policy')}, "
-        f"pad {v.get('pad_mode')}, seed {v.get('seed')})",
-        f"layers      {', '.join(m.get('layers') or []) or 'none'}",
-        f"shards      {len(done)} of {m.get('num_shards')} done (size {m.get('shard_size')}): {_ranges(done)}",
+        f"status      {'complete' if m.complete else 'INCOMPLETE (resume with extract-teacher --resume)'}; "
+        f"schema {m.schema_version}, kdpipe {m.kdpipe_version}, created {m.created}",
+        f"teacher     {t.arch} ({t.num_classes} classes), checkpoint sha256 {str(t.sha256)[:16]}",
+        f"data set    {d.name} {d.split}: {d.num_samples} images "
+        f"{'x'.join(map(str, d.image_size or []))}, {d.num_classes} classes, "
+        f"fingerprint {str(d.fingerprint)[:16]}",
+        f"            mean {list(d.mean or [])}, std {list(d.std or [])}",
+        f"views       {v.num_views} per sample (mode {v.mode}, policy {v.policy}, pad {v.pad_mode}, seed {v.seed})",
+        f"layers      {', '.join(m.layers) or 'none'}",
+        f"shards      {len(done)} of {m.num_shards} done (size {m.shard_size}): {_ranges(done)}",
     ]
-    ex = m.get("extraction")
+    ex = m.extraction
     if ex:
         lines.append(
             f"extraction  {ex.get('images_processed')} images at {ex.get('img_per_s')} img/s ({ex.get('executor')})"
@@ -78,16 +77,14 @@ def describe(reader) -> str:
             f"  {'total':<{w}}  {'':<24} {'':<8} {'':<22} {human_bytes(stored):>10} {human_bytes(raw):>10} "
             f"{raw / stored:.2f}x"
         )
-    sets = m.get("targets") or {}
+    sets = m.targets
     if sets:
         lines.append("target sets")
         for name in sorted(sets):
             e = sets[name]
-            attrs = ", ".join(
-                f"{k}={v}" for k, v in sorted((e.get("attrs") or {}).items()) if not isinstance(v, (dict, list))
-            )
-            state = "" if e.get("complete") else " (INCOMPLETE)"
-            lines.append(f"  {name}{state}: {', '.join(sorted(e.get('arrays') or {}))}")
+            attrs = ", ".join(f"{k}={v}" for k, v in sorted(e.attrs.items()) if not isinstance(v, (dict, list)))
+            state = "" if e.complete else " (INCOMPLETE)"
+            lines.append(f"  {name}{state}: {', '.join(sorted(e.arrays))}")
             if attrs:
                 lines.append(
                     textwrap.fill(
@@ -102,11 +99,11 @@ def describe(reader) -> str:
 def _dataset_for(reader, data=None):
     from kdpipe.data import load_dataset
 
-    d = reader.manifest.get("dataset") or {}
-    spec = data or d.get("spec")
+    d = reader.manifest.dataset
+    spec = data or d.spec
     if not spec:
         raise KdpipeError(f"The store at {reader.path} names no data set; pass --data.")
-    dataset = load_dataset(spec, d.get("split", "train"))
+    dataset = load_dataset(spec, d.split)
     reader.check_dataset(dataset)
     return dataset
 
@@ -151,7 +148,7 @@ def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES
     names = dataset.class_names or [str(c) for c in range(dataset.num_classes)]
     captions = [f"#{i} label {names[int(dataset.labels[i])]}" for i in idx]
     top = max(1, min(int(top), logits.shape[1]))
-    title = f"teacher CAMs ({kind}) of the top-{top} classes ({reader.manifest['teacher'].get('arch')})"
+    title = f"teacher CAMs ({kind}) of the top-{top} classes ({reader.manifest.teacher.arch})"
     return draw_cam_grid(images, cams, logits, names, captions, title, png_path, top)
 
 
@@ -159,15 +156,24 @@ def _store_policy(reader, dataset):
     """The data set's view policy with the store's padding mode."""
     from kdpipe.views import with_pad_mode
 
-    return with_pad_mode(dataset.policy, (reader.manifest.get("views") or {}).get("pad_mode"))
+    return with_pad_mode(dataset.policy, reader.manifest.views.pad_mode)
 
 
 def verify_report(reader, verbose: bool = True) -> list:
     """Decode every chunk of every array; print and return each damaged one."""
     damage = reader.damage(decode=True)
     if verbose:
+        if not reader.manifest.binding.bound:
+            print(
+                "digests     the older form (crc32c of each chunk, not bound to its array, position "
+                "or store); re-extract the store for bound digests"
+            )
         if not damage:
-            print(f"verify      every chunk of {len(reader.checked_arrays())} arrays is present, in place and decodes")
+            place = "in place, of this store" if reader.manifest.binding.bound else "in place"
+            print(
+                f"verify      every chunk of {len(reader.checked_arrays())} arrays is present, {place} and "
+                "decodes; array metadata as the manifest records it"
+            )
         for d in damage:
             where = f"chunk {d.chunk} (samples {d.first}..{d.last})" if d.chunk is not None else "whole array"
             print(f"DAMAGED     {d.array} {where}: {d.what}")
@@ -215,8 +221,8 @@ def _measure_fidelity(reader, teacher, data, num_samples, target, device, verbos
 
     reader.check_teacher(teacher)
     dataset = _dataset_for(reader, data)
-    t = reader.manifest["teacher"]
-    model = load_teacher(t["arch"], teacher, int(t["num_classes"]))
+    t = reader.manifest.teacher
+    model = load_teacher(t.arch, teacher, t.num_classes)
     # A 1-view store is trained with warp; a multi-view store replays its stored views.
     mode = "warp" if reader.num_views == 1 else "replay"
     fid = measure_fidelity(

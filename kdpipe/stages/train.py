@@ -184,7 +184,7 @@ def _open_store(cfg: StudentConfig, method):
             raise KdpipeError("--data is needed when no --store is given.")
         return None
     reader = open_store(cfg.store)
-    split = (reader.manifest.get("dataset") or {}).get("split")
+    split = reader.manifest.dataset.split
     if split not in (None, "train"):
         raise StoreError(
             f"The store at {reader.path} was made from the {split} split; a student trained on it "
@@ -260,14 +260,14 @@ def resolve_student(cfg: StudentConfig) -> StudentSetup:
     reader = _open_store(cfg, build_method(cfg.method, cfg.method_options, None, cfg.student))
     split = "train"
     if reader is not None:
-        d = reader.manifest.get("dataset") or {}
-        cfg = dataclasses.replace(cfg, data=cfg.data or d.get("spec") or d.get("name"))
+        d = reader.manifest.dataset
+        cfg = dataclasses.replace(cfg, data=cfg.data or d.spec or d.name)
     if not cfg.data:
         raise KdpipeError("No data set: pass --data (a student without a store needs one).")
     train_set = load_dataset(cfg.data, split)
     if reader is not None:
         reader.check_dataset(train_set)
-    teacher_arch = (reader.manifest.get("teacher") or {}).get("arch") if reader is not None else cfg.teacher_arch
+    teacher_arch = reader.manifest.teacher.arch if reader is not None else cfg.teacher_arch
     if reader is not None and cfg.teacher_arch not in (None, teacher_arch):
         raise KdpipeError(
             f"The config names teacher {cfg.teacher_arch}, but the store at {reader.path} holds a {teacher_arch}."
@@ -280,7 +280,7 @@ def resolve_student(cfg: StudentConfig) -> StudentSetup:
         target_set = reader.target_set(resolve_target_set(reader, cfg.targets))
     if method.kinds():
         method.attach_teacher(teacher_info(method, reader, cfg, train_set, teacher_arch))
-    pad_mode = (reader.manifest.get("views") or {}).get("pad_mode") if reader is not None else None
+    pad_mode = reader.manifest.views.pad_mode if reader is not None else None
     subset = None
     if cfg.subset_fraction is not None:
         subset = subset_indices(train_set.labels, float(cfg.subset_fraction), int(cfg.subset_seed))
@@ -307,12 +307,12 @@ def teacher_info(method, reader, cfg: StudentConfig, train_set, teacher_arch: st
 
     kinds = [k for k in method.kinds() if k.cacheable and not k.needs_target_set]
     if reader is not None:
-        arrays = reader.manifest.get("arrays") or {}
+        arrays = reader.manifest.arrays
         ctx = KindContext(available=frozenset(reader.array_names()))
         paths = [p for k in kinds for p in k.bind(ctx).arrays()]
         if paths and all(p in arrays for p in paths):
             return TeacherInfo(
-                shapes={p: tuple(arrays[p]["shape"][2:]) for p in paths},
+                shapes={p: tuple(arrays[p].shape[2:]) for p in paths},
                 static={n: reader.static(n) for n in reader.static_names()},
                 image_size=train_set.image_size,
             )

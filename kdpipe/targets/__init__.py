@@ -16,11 +16,7 @@ loop over kinds. A kind only one method uses lives with that method (letKD's:
 from kdpipe.targets.base import KindContext, StoredArray, TargetKind, TeacherOutputs, pool_to
 from kdpipe.targets.cam import Cam, NativeCam, pooled_name
 from kdpipe.targets.feature import Feature, feature_name
-
-# isort: off  (definition order is the order kinds are listed in: logits first)
 from kdpipe.targets.logits import Logits
-
-# isort: on
 from kdpipe.targets.stages import AttentionMaps, HintFeature, PenultMap
 
 __all__ = [

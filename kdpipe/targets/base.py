@@ -125,12 +125,17 @@ _KIND_CLASSES: list[type[TargetKind]] = []
 
 
 def kind_classes() -> list[type[TargetKind]]:
-    """Every defined kind class (import the method modules first to include their kinds)."""
-    return list(_KIND_CLASSES)
+    """Every defined kind class, by ``listing_order`` (import the method modules first to
+    include their kinds)."""
+    return sorted(_KIND_CLASSES, key=lambda cls: cls.listing_order)
 
 
 class TargetKind:
     """Base class of the target kinds (see the module docstring)."""
+
+    #: where reports and ``inspect --fidelity`` list the kind: the shared kinds first
+    #: (logits 0, CAMs 10, features 20, stage maps 30), a method's own kinds after (100)
+    listing_order: int = 100
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

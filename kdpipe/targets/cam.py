@@ -28,6 +28,8 @@ class Cam(TargetKind):
     batch (``bind`` notices), and warp then moves the native map before pooling, which is
     closer to the online teacher than warping the pooled one."""
 
+    listing_order = 10
+
     target_keys = ("cam",)
 
     def __init__(self, r: int = 2):
@@ -73,6 +75,8 @@ class Cam(TargetKind):
 class NativeCam(TargetKind):
     """Target ``cam`` [B, C, h, w] float32: the teacher's native CAM (CAT-KD binarisation
     thresholds each class map over its native cells, before pooling)."""
+
+    listing_order = 11
 
     name = NATIVE
 

@@ -26,6 +26,8 @@ class Feature(TargetKind):
     """Target ``feat_<layer>`` [B, D, h, w] float32: a teacher feature map (``"penult"``: the
     last map before pooling; ``"inter"``: the output of the first block of the last stage)."""
 
+    listing_order = 20
+
     def __init__(self, layer: str, views: str = "identity"):
         if layer not in LAYERS:
             raise KdpipeError(f"Unknown feature map {layer!r}; choose from {', '.join(LAYERS)}.")

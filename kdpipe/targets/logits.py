@@ -13,6 +13,8 @@ class Logits(TargetKind):
     Warp keeps the identity view's logits unchanged (they are not spatial); how far that is
     from the online teacher is what ``inspect --fidelity`` measures."""
 
+    listing_order = 0
+
     name = "logits"
     target_keys = ("logits",)
 

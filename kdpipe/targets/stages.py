@@ -69,6 +69,8 @@ class AttentionMaps(TargetKind):
 
     ``stages`` None: the number of stored stages is read from the store when bound."""
 
+    listing_order = 30
+
     needs_stages = True
 
     def __init__(self, p: float = 2.0, stages: int | None = None):
@@ -142,6 +144,8 @@ class HintFeature(TargetKind):
     """Target ``hint`` [B, D, h, w] float32: the teacher's ``feats["feats"][layer]`` (FitNet's
     hint; ``layer`` counts as mdistiller's list does, 0 being the stem, so stage ``layer``)."""
 
+    listing_order = 31
+
     needs_stages = True
     target_keys = ("hint",)
 
@@ -190,6 +194,8 @@ def teacher_classifier(teacher) -> tuple[np.ndarray, np.ndarray]:
 class PenultMap(TargetKind):
     """Target ``penult_map`` [B, D, h, w] float32: the teacher's last map before pooling
     (SimKD's ``feat_t[-2]``), with the teacher's classifier as static arrays."""
+
+    listing_order = 32
 
     name = "penult_map"
     target_keys = ("penult_map",)

@@ -201,19 +201,15 @@ def _store_stage(
             reader = open_store(store)
             reader.require_complete()
             reader.check_teacher(ckpt)
-            stored = reader.manifest.get("views", {})
+            stored = reader.manifest.views
             from kdpipe.data import load_dataset
 
-            same_views = str(stored.get("mode")) == resolve_views(load_dataset(DATA, "train").policy, views)
+            same_views = str(stored.mode) == resolve_views(load_dataset(DATA, "train").policy, views)
             if same_views and _holds_method_arrays(reader, methods):
                 _say(f"reusing the store made earlier: {store} (the teacher is not run again)", verbose)
                 info["reused"] = True
                 return store, info
-            why = (
-                f"views={stored.get('mode')}, not {views}"
-                if not same_views
-                else f"not every array of {', '.join(methods)}"
-            )
+            why = f"views={stored.mode}, not {views}" if not same_views else f"not every array of {', '.join(methods)}"
             _say(f"the store at {store} holds {why}: re-extracting", verbose)
         except StoreError as err:
             _say(f"not reusing {store}: {err} Re-extracting.", verbose)

@@ -148,8 +148,8 @@ def _ensure_target_set(row: RowConfig, store: str, executor: str, say) -> str | 
     if name in reader.target_sets():
         say(f"target set {name} of {store}: reused")
         return name
-    entry = (reader.manifest.get("targets") or {}).get(name) or {}
-    resume = bool((entry.get("attrs") or {}).get("extra", {}).get("fit_done"))
+    entry = reader.manifest.targets.get(name)
+    resume = entry is not None and bool((entry.attrs.get("extra") or {}).get("fit_done"))
     say(f"target set {name} of {store}: {'resuming' if resume else 'fitting'}")
     cluster(
         ClusterConfig(
