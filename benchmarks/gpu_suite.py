@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib.metadata
 import platform
 import signal
@@ -183,6 +184,9 @@ class Suite:
             entry["traceback"] = traceback.format_exc().strip().splitlines()[-12:]
         finally:
             cancel()
+            gc.collect()
+            if self.ctx.cuda:  # give the part's cached blocks back: later parts start processes
+                torch.cuda.empty_cache()
         entry["seconds"] = time.perf_counter() - t
         return entry
 

@@ -150,7 +150,10 @@ class Ctx:
 
 
 def ray_importable() -> bool:
-    return importlib.util.find_spec("ray") is not None
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        return False
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -489,6 +492,7 @@ def run_summary(out: Path, drop_last: bool = False) -> dict:
         rows = list(csv.DictReader(fh))
     per_epoch = [float(r["img_per_s"]) for r in rows if r.get("img_per_s")]
     summary["steady_img_per_s"] = steady_img_per_s(per_epoch, drop_last)
+    summary["device"] = json.loads((Path(found[0]).parent / "config.json").read_text()).get("device")
     return summary
 
 
@@ -531,6 +535,7 @@ def part_cli_training(ctx: Ctx) -> dict:
         run_cli(student_args(ctx, "cat_kd", out, *extra))
         s = run_summary(out)
         check(s.get("final_top1") is not None, f"{name}: the run recorded no test accuracy")
+        check(s["device"] == str(ctx.dev), f"{name}: the run trained on {s['device']}, not {ctx.dev}")
         if tier is not None:
             got = s.get("target_tier")
             check(got == tier, f"{name}: --resident {tier} trained from the {got} tier")
@@ -624,6 +629,7 @@ def part_ray_train(ctx: Ctx) -> dict:
     summary = train_student(cfg, out=str(out), device=str(ctx.dev), progress=False, plot=False, ray_train=True)
     s2 = run_summary(out)
     check(summary.get("final_top1") is not None, "the Ray Train run recorded no test accuracy")
+    check(s2["device"] == str(ctx.dev), f"the Ray Train run trained on {s2['device']}, not {ctx.dev}")
     return {"img_per_s": s2["steady_img_per_s"], "final_top1": summary["final_top1"], "ray_start_s": ray_start}
 
 
