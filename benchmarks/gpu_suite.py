@@ -28,10 +28,10 @@ on):
   --gpus 1.
 - ``kmeans``: K-means 4,096 centres on 3.2M x 256 vectors, torch on the GPU and faiss-gpu
   where it imports (goal under 10 s).
-- ``extract_ray``: extraction with Ray actors on the GPU (needs Ray).
-- ``ray_train``: a student trained through Ray Train with one GPU worker (needs Ray).
 - ``sweep``: 4 trials sharing one GPU (--gpus-per-trial 0.25, Ray Tune) over one trial: total
   img/s; without Ray, 4 concurrent train-student processes instead.
+- ``extract_ray``: extraction with Ray actors on the GPU (needs Ray).
+- ``ray_train``: a student trained through Ray Train with one GPU worker (needs Ray).
 
 Writes one JSON (every figure, per-part seconds and status, device, torch/CUDA versions, date)
 and, with ``--md``, a Markdown section for docs/BENCHMARKS.md's GPU section.
@@ -60,6 +60,8 @@ from common import machine, write_json  # noqa: E402
 
 @dataclass(frozen=True)
 class Part:
+    """One part of the suite: a function of the shared context returning its figures."""
+
     name: str
     run: Callable[[P.Ctx], dict]
     estimate_s: tuple[float, float]  # (one H100, full sizes; CPU smoke), seconds
@@ -78,9 +80,9 @@ PARTS = [
     Part("amp", P.part_amp, (20, 5), ("targets",), what="AMP steps: CE and cached CAT-KD"),
     Part("cli_training", P.part_cli_training, (45, 20), ("targets",), what="train-student end to end"),
     Part("kmeans", P.part_kmeans, (40, 3), what="K-means 4096 centres, 3.2M x 256"),
+    Part("sweep", P.part_sweep, (70, 40), ("targets",), what="4 trials on one GPU over one trial"),
     Part("extract_ray", P.part_extract_ray, (40, 20), ray=True, what="extraction with Ray actors"),
     Part("ray_train", P.part_ray_train, (60, 25), ("targets",), ray=True, what="Ray Train, one worker"),
-    Part("sweep", P.part_sweep, (70, 40), ("targets",), what="4 trials on one GPU over one trial"),
 ]
 PART_NAMES = [p.name for p in PARTS]
 MADE_BY = {"store": "store (extract part)", "targets": "letKD target set (cluster part)"}
@@ -101,7 +103,7 @@ def parse_args(argv=None):
 
 
 class PartTimeout(Exception):
-    pass
+    """A part ran past its time limit (the SIGALRM handler raises it)."""
 
 
 def _alarm(seconds: float):
@@ -129,6 +131,9 @@ def error_sentence(err: BaseException) -> str:
 
 
 class Suite:
+    """Runs the parts in order against one budget, recording each one's status, seconds and
+    figures (or its skip note, or its error sentence and traceback tail)."""
+
     def __init__(self, ctx: P.Ctx, budget_s: float, only: set | None):
         self.ctx = ctx
         self.budget_s = budget_s

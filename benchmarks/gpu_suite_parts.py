@@ -210,7 +210,8 @@ def bracketed_extraction(ctx: Ctx, samples: int, out: str, made: dict | None = N
     dataset = load_dataset(data, "train")
     table = view_table(dataset.policy, len(dataset), resolve_views(dataset.policy, s.views), seed=0)
     model = load_teacher(s.teacher, ckpt, s.classes).to(ctx.dev).eval()
-    bare_img_per_s(ctx, model, dataset, table[: max(1, s.extract_batch // table.shape[1])], s.extract_batch)  # warm
+    warm = table[: 2 * s.extract_batch // table.shape[1] + 1]  # two full batches: CUDA and cuDNN start-up
+    bare_img_per_s(ctx, model, dataset, warm, s.extract_batch)
     bare = [bare_img_per_s(ctx, model, dataset, table, s.extract_batch)]
     cfg = pipeline().ExtractConfig(
         teacher=ckpt,
