@@ -178,8 +178,10 @@ class Suite:
         entry: dict = {"what": part.what}
         try:
             figures = part.run(self.ctx)
-            note = figures.pop("note", None)
-            entry.update(status="ok", figures=figures)
+            note, errors = figures.pop("note", None), figures.pop("errors", None)
+            entry.update(status="failed" if errors else "ok", figures=figures)
+            if errors:
+                entry["error"] = "; ".join(errors)
             if note:
                 entry["note"] = note
         except BaseException as err:  # noqa: BLE001 - a part's failure is recorded; the suite goes on
