@@ -273,7 +273,8 @@ def markdown(res: dict) -> str:
         f"### GPU suite: {res['device_name']}, {res['date'][:10]}",
         "",
         f"`{res['command']}` ({res['mode']} sizes; torch {res['torch']}, CUDA {res['cuda']}; "
-        f"{res['total_seconds']:.0f} s of a {res['budget_s']:.0f} s budget; JSON: `{res['out']}`).",
+        f"{res['total_seconds']:.0f} s of a {res['budget_s']:.0f} s budget; "
+        f"JSON: `docs/results/{Path(res['out']).name}`).",
         "",
         "| figure | value | bar |",
         "| --- | --- | --- |",
