@@ -64,22 +64,22 @@ class Sizes:
     gpu_suite.PARTS); ``SMOKE`` is toy size for the CPU test."""
 
     classes: int = 100  # CIFAR-100-shaped: synthetic 32x32 images of 100 classes
-    samples: int = 2048  # training store: train images (test split: samples // 4)
+    samples: int = 2048  # training store: train images (the synthetic test split: samples // 4)
     views: str = "all"  # stored views per image: every one of the 162 (the default store)
     teacher: str = "resnet32x4"  # CAT-KD's and letKD's CIFAR-100 teacher, random weights
     student: str = "resnet8x4"
-    batch_size: int = 64  # the references' student batch
-    extract_batch: int = 256  # kdpipe extract-teacher's default
+    batch_size: int = 64  # the student batch of mdistiller's CIFAR-100 configs (kdpipe's recipe default)
+    extract_batch: int = 256  # kdpipe extract-teacher's --batch-size default (ExtractConfig)
     calib_batches: int = 4  # BN calibration batches of the random teacher (benchmarks/common.py)
-    k_penult: int = 4096  # letKD's reference K
-    k_inter: int = 8
+    k_penult: int = 4096  # letKD's reference K (kdpipe cluster's default, ClusterConfig)
+    k_inter: int = 8  # likewise
     rounds: int = 5  # interleaved epochs per train-step configuration (median over their steps)
     cli_epochs: int = 2  # epochs of each train-student CLI run
     ray_samples: int = 512  # extraction with Ray actors (its own small store)
     kmeans_n: int = 3_200_000  # letKD's CIFAR-100 fit: 50,000 images x 8x8 locations
     kmeans_d: int = 256
     kmeans_k: int = 4096
-    kmeans_niter: int = 20  # letKD's run_kmeans
+    kmeans_niter: int = 20  # letKD's run_kmeans (ClusterConfig.niter)
     sweep_trials: int = 4
     sweep_epochs: int = 20  # an epoch of 2,048 images is a fraction of a second on a GPU
     bare_images: int = 65536  # images of each bare-inference run (the first of the store's rows)
@@ -681,7 +681,7 @@ def _trial_process(args: list[str], log: str, device: str, barrier) -> None:
 
     if device.startswith("cuda"):
         torch.zeros(1, device=device)
-    barrier.wait(timeout=300)
+    barrier.wait(timeout=120)  # a sibling that died before it: BrokenBarrierError, not a hang
     try:
         code = main(args)
     except SystemExit as stop:
