@@ -2,7 +2,7 @@
 measured as a ratio within one run, on one GPU in at most about 8 minutes.
 
     python benchmarks/gpu_suite.py --out bench-out/gpu_suite.json [--md bench-out/gpu_suite.md]
-        [--budget-s 480] [--device cuda] [--no-ray] [--only PART,...]
+        [--budget-s 480] [--device cuda] [--no-ray] [--only PART,...] [--set KEY=VALUE ...]
     python benchmarks/gpu_suite.py --device cpu --smoke --out bench-out/gpu_suite_smoke.json
 
 ``--smoke`` runs every part at toy size (tests/test_gpu_suite.py runs it on the CPU, so the
@@ -99,7 +99,27 @@ def parse_args(argv=None):
     p.add_argument("--only", default=None, help="comma-separated parts to run (with what they need)")
     p.add_argument("--workdir", default=None, help="stores and runs (default: a folder beside --out, removed)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="change one size (Sizes field)"
+    )
     return p.parse_args(argv)
+
+
+def chosen_sizes(smoke: bool, sets: list[str]) -> P.Sizes:
+    """FULL or SMOKE with ``--set KEY=VALUE`` changes (e.g. samples=1024 where a GPU is slow)."""
+    sizes = P.SMOKE if smoke else P.FULL
+    fields = {f.name: f for f in dataclasses.fields(P.Sizes)}
+    changes = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            sys.exit(f"gpu_suite: --set takes KEY=VALUE with KEY among {', '.join(fields)}; got {item!r}.")
+        kind = type(getattr(sizes, key))
+        try:
+            changes[key] = kind(value)
+        except ValueError:
+            sys.exit(f"gpu_suite: --set {key} takes a value of type {kind.__name__}, not {value!r}.")
+    return dataclasses.replace(sizes, **changes)
 
 
 class PartTimeout(Exception):
@@ -318,7 +338,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu-suite-", dir=out.parent))
     work.mkdir(parents=True, exist_ok=True)
-    sizes = P.SMOKE if args.smoke else P.FULL
+    sizes = chosen_sizes(args.smoke, args.sets)
     ctx = P.Ctx(dev=dev, sizes=sizes, work=work, smoke=args.smoke, ray=P.ray_importable() and not args.no_ray)
     suite = Suite(ctx, args.budget_s, only)
     print(
