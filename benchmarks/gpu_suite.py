@@ -10,7 +10,7 @@ suite cannot rot before a GPU is lent). The data is synthetic and CIFAR-100-shap
 (``synthetic:n=N,classes=100,size=32``, made on the machine); teachers have random weights with
 BN statistics calibrated on it (speed does not depend on the weights).
 
-Parts, in order (gpu_suite_parts.py; each timed, skipped with a note when the budget left
+Parts, in order (gpu_suite_stage_one.py, gpu_suite_stage_two.py; each timed, skipped with a note when the budget left
 would not cover its estimate, recorded with its error sentence when it fails; the suite goes
 on):
 
@@ -53,7 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_suite_parts as P  # noqa: E402
+import gpu_suite_context as C  # noqa: E402
+import gpu_suite_stage_one as S1  # noqa: E402
+import gpu_suite_stage_two as S2  # noqa: E402
 import torch  # noqa: E402
 from common import machine, write_json  # noqa: E402
 
@@ -63,7 +65,7 @@ class Part:
     """One part of the suite: a function of the shared context returning its figures."""
 
     name: str
-    run: Callable[[P.Ctx], dict]
+    run: Callable[[C.Ctx], dict]
     estimate_s: tuple[float, float]  # (one H100, full sizes; CPU smoke), seconds
     needs: tuple[str, ...] = ()  # what earlier parts made that it uses: "store" (extract), "targets" (cluster)
     ray: bool = False  # needs Ray (skipped with a note without it)
@@ -73,16 +75,16 @@ class Part:
 # Estimates: one H100 for the full sizes (a guess until the first GPU run calibrates them),
 # 2 loaded CPU cores for the smoke sizes.
 PARTS = [
-    Part("extract", P.part_extract, (60, 8), what="extraction (inline) over bare teacher inference"),
-    Part("cluster", P.part_cluster, (45, 6), ("store",), what="letKD fit + assignment pass img/s"),
-    Part("train_methods", P.part_train_methods, (40, 8), ("targets",), what="cached KD/DKD/CAT-KD/letKD-2 over CE"),
-    Part("train_tiers", P.part_train_tiers, (40, 8), ("targets",), what="each --resident tier over device"),
-    Part("amp", P.part_amp, (20, 5), ("targets",), what="AMP steps: CE and cached CAT-KD"),
-    Part("cli_training", P.part_cli_training, (45, 20), ("targets",), what="train-student end to end"),
-    Part("kmeans", P.part_kmeans, (40, 3), what="K-means 4096 centres, 3.2M x 256"),
-    Part("sweep", P.part_sweep, (70, 40), ("targets",), what="4 trials on one GPU over one trial"),
-    Part("extract_ray", P.part_extract_ray, (40, 20), ray=True, what="extraction with Ray actors"),
-    Part("ray_train", P.part_ray_train, (60, 25), ("targets",), ray=True, what="Ray Train, one worker"),
+    Part("extract", S1.part_extract, (60, 8), what="extraction (inline) over bare teacher inference"),
+    Part("cluster", S1.part_cluster, (45, 6), ("store",), what="letKD fit + assignment pass img/s"),
+    Part("train_methods", S2.part_train_methods, (40, 8), ("targets",), what="cached KD/DKD/CAT-KD/letKD-2 over CE"),
+    Part("train_tiers", S2.part_train_tiers, (40, 8), ("targets",), what="each --resident tier over device"),
+    Part("amp", S2.part_amp, (20, 5), ("targets",), what="AMP steps: CE and cached CAT-KD"),
+    Part("cli_training", S2.part_cli_training, (45, 20), ("targets",), what="train-student end to end"),
+    Part("kmeans", S1.part_kmeans, (40, 3), what="K-means 4096 centres, 3.2M x 256"),
+    Part("sweep", S2.part_sweep, (70, 40), ("targets",), what="4 trials on one GPU over one trial"),
+    Part("extract_ray", S1.part_extract_ray, (40, 20), ray=True, what="extraction with Ray actors"),
+    Part("ray_train", S2.part_ray_train, (60, 25), ("targets",), ray=True, what="Ray Train, one worker"),
 ]
 PART_NAMES = [p.name for p in PARTS]
 MADE_BY = {"store": "store (extract part)", "targets": "letKD target set (cluster part)"}
@@ -105,10 +107,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def chosen_sizes(smoke: bool, sets: list[str]) -> P.Sizes:
+def chosen_sizes(smoke: bool, sets: list[str]) -> C.Sizes:
     """FULL or SMOKE with ``--set KEY=VALUE`` changes (e.g. samples=1024 where a GPU is slow)."""
-    sizes = P.SMOKE if smoke else P.FULL
-    fields = {f.name: f for f in dataclasses.fields(P.Sizes)}
+    sizes = C.SMOKE if smoke else C.FULL
+    fields = {f.name: f for f in dataclasses.fields(C.Sizes)}
     changes = {}
     for item in sets:
         key, sep, value = item.partition("=")
@@ -147,14 +149,14 @@ def _alarm(seconds: float):
 def error_sentence(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     first = text[0] if text else ""
-    return (first if isinstance(err, P.CheckFailed) else f"{type(err).__name__}: {first}".rstrip(": "))[:500]
+    return (first if isinstance(err, C.CheckFailed) else f"{type(err).__name__}: {first}".rstrip(": "))[:500]
 
 
 class Suite:
     """Runs the parts in order against one budget, recording each one's status, seconds and
     figures (or its skip note, or its error sentence and traceback tail)."""
 
-    def __init__(self, ctx: P.Ctx, budget_s: float, only: set | None):
+    def __init__(self, ctx: C.Ctx, budget_s: float, only: set | None):
         self.ctx = ctx
         self.budget_s = budget_s
         self.only = only
@@ -339,7 +341,7 @@ def main(argv=None) -> dict:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu-suite-", dir=out.parent))
     work.mkdir(parents=True, exist_ok=True)
     sizes = chosen_sizes(args.smoke, args.sets)
-    ctx = P.Ctx(dev=dev, sizes=sizes, work=work, smoke=args.smoke, ray=P.ray_importable() and not args.no_ray)
+    ctx = C.Ctx(dev=dev, sizes=sizes, work=work, smoke=args.smoke, ray=C.ray_importable() and not args.no_ray)
     suite = Suite(ctx, args.budget_s, only)
     print(
         f"[gpu_suite] {dev} ({device_info(dev)['device_name']}), {'smoke' if args.smoke else 'full'} sizes, "

@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "gpu_suite.py"
 
-# What each part reports when it runs (gpu_suite_parts.py); the headline table reads these.
+# What each part reports when it runs (gpu_suite_stage_one.py, gpu_suite_stage_two.py); the headline table reads these.
 EXPECTED = {
     "extract": {"extract_over_bare", "extract_img_per_s", "bare_img_per_s_runs", "executor"},
     "cluster": {"assign_img_per_s", "assign_over_bare", "kmeans_backend"},
