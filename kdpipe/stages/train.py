@@ -419,13 +419,15 @@ def train_student(
     ray_address: str | None = None,
     source: dict | None = None,
     wandb: str | None = None,
+    ray_train: bool = False,
 ) -> dict:
     """Train a student (see the module docstring). ``out`` (and ``resume``) may be a URL
     (``kdpipe.runs.rundir``); ``wandb`` names a Weights & Biases project to log to. With
     ``resume`` the run's own config is used; ``given`` holds options the user passed beside it
     (refused when they differ). With ``cfg.data_parallel`` > 1 the epochs run on that many Ray
     Train workers (``kdpipe.distributed.data_parallel``); ``after_epoch`` then runs in every worker
-    (tests use it to kill one) and ``on_step`` is not available.
+    (tests use it to kill one) and ``on_step`` is not available. ``ray_train`` takes that path
+    with one worker too (benchmarks/gpu_suite.py checks it on a one-GPU machine).
 
     Returns the summary (also in summary.json): run_dir, best_top1, final_top1, final_top5,
     epochs, wall_seconds, img_per_s, ..."""
@@ -444,7 +446,7 @@ def train_student(
     if run is None:
         run = RunDir.create(out, run_prefix or f"student-{setup.cfg.student}-{setup.method.name}", config)
     runtime = Runtime(device, progress, data_path, loader_workers, plot, on_step, after_epoch, wandb)
-    if setup.cfg.data_parallel > 1:
+    if setup.cfg.data_parallel > 1 or ray_train:
         from kdpipe.distributed.data_parallel import run_data_parallel
 
         payload = {
