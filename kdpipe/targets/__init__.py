@@ -7,6 +7,7 @@
     AttentionMaps(p)  at_stage{i}(_half) [B, h, w]               store: at_p{p}/stage{i}(_half)
     HintFeature(l)    hint [B, D, h, w]                          store: hint/feats{l}
     PenultMap()       penult_map [B, D, h, w]                    store: penult_map, static/teacher/*
+    PooledFeature()   pooled_feat [B, D]                         store: pooled_feat
 
 A method lists the kinds it needs (``Method.kinds()``); everything that moves targets is a
 loop over kinds. A kind only one method uses lives with that method (letKD's:
@@ -17,6 +18,7 @@ from kdpipe.targets.base import KindContext, StoredArray, TargetKind, TeacherOut
 from kdpipe.targets.cam import Cam, NativeCam, pooled_name
 from kdpipe.targets.feature import Feature, feature_name
 from kdpipe.targets.logits import Logits
+from kdpipe.targets.pooled import PooledFeature
 from kdpipe.targets.stages import AttentionMaps, HintFeature, PenultMap
 
 __all__ = [
@@ -34,4 +36,5 @@ __all__ = [
     "AttentionMaps",
     "HintFeature",
     "PenultMap",
+    "PooledFeature",
 ]

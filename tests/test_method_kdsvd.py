@@ -1,0 +1,205 @@
+"""KDSVD: the loss against values mdistiller's own ``kdsvd_loss`` produced, the teacher's
+singular vectors and values cached = online on replayed views, one epoch from a store and
+from the online teacher, and mdistiller's configs/cifar100/kdsvd.yaml read as it is."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from kdpipe.artifacts import open_store
+from kdpipe.config.configs import ExtractConfig, StudentConfig
+from kdpipe.data import load_dataset, normalize
+from kdpipe.engine.sources import CachedTargets, OnlineTargets
+from kdpipe.errors import KdpipeError
+from kdpipe.methods import get_method
+from kdpipe.methods.kdsvd import SVDTargets, align_vectors, kdsvd_loss, kdsvd_loss_from_teacher, right_singular
+from kdpipe.models import build, load_teacher
+from kdpipe.targets import TeacherOutputs
+
+torch.set_num_threads(1)
+
+
+def wave(shape, phase: float, scale: float = 1.0) -> torch.Tensor:
+    """Closed-form inputs (the same in the reference script): scale * sin(0.7 i + phase) over
+    the flat index i."""
+    n = math.prod(shape)
+    return (scale * torch.sin(0.7 * torch.arange(n, dtype=torch.float32) + phase)).reshape(shape)
+
+
+# Values of mdistiller/distillers/KDSVD.py ``kdsvd_loss(g_s, g_t, k)`` (torch 2.13.0+cpu,
+# float32) on g_s[i] = wave(student shape i, 0.1 i), g_t[i] = wave(teacher shape i, 1 + 0.2 i,
+# 2.0): the loss, the l2 norm of d loss / d g_s[i] per stage and the first entries of
+# d loss / d g_s[0].
+STUDENT_SHAPES = [(2, 3, 4, 4), (2, 2, 4, 4), (2, 4, 4, 4)]
+TEACHER_SHAPES = [(2, 5, 4, 4), (2, 3, 4, 4), (2, 2, 4, 4)]
+MDISTILLER_KDSVD = [
+    {
+        "k": 1,
+        "loss": 0.031035328283905983,
+        "grad_norms": [0.09170641750097275, 0.22304323315620422, 0.05609068647027016],
+        "grad0": [-0.0035449485, -0.001524223, -0.00032259218, 0.00069584791, 0.0033412219, 0.00093646435],
+    },
+    {
+        "k": 2,
+        "loss": 0.01759025827050209,
+        "grad_norms": [0.05097219720482826, 0.11689914017915726, 0.02983136847615242],
+        "grad0": [-0.0020796198, -0.0010823807, -0.00024704836, 0.0005768438, 0.0018989264, 0.00075824803],
+    },
+]
+
+
+def _inputs():
+    fs = [wave(s, 0.1 * i).requires_grad_(True) for i, s in enumerate(STUDENT_SHAPES)]
+    ft = [wave(t, 1.0 + 0.2 * i, 2.0) for i, t in enumerate(TEACHER_SHAPES)]
+    return fs, ft
+
+
+@pytest.mark.parametrize("case", MDISTILLER_KDSVD)
+def test_kdsvd_loss_equals_mdistiller(case):
+    fs, ft = _inputs()
+    loss = kdsvd_loss(fs, ft, case["k"])
+    loss.backward()
+    assert loss.item() == pytest.approx(case["loss"], rel=1e-5)
+    for f, norm in zip(fs, case["grad_norms"]):
+        assert f.grad.norm().item() == pytest.approx(norm, rel=1e-4)
+    torch.testing.assert_close(fs[0].grad.flatten()[:6], torch.tensor(case["grad0"]), rtol=1e-4, atol=1e-7)
+
+
+def test_stored_vectors_give_the_same_loss_and_alignment_follows_signs():
+    fs, ft = _inputs()
+    teacher = [right_singular(t, 1) for t in ft]
+    assert [tuple(v.shape) for v, _ in teacher] == [(2, 4, 1)] * 3 and teacher[0][1].shape == (2, 1)
+    from_stored = kdsvd_loss_from_teacher(fs, [v for v, _ in teacher], [s for _, s in teacher], 1)
+    assert from_stored.item() == pytest.approx(kdsvd_loss(fs, ft, 1).item(), rel=1e-6)
+    # a student vector of opposite sign is flipped onto the teacher's
+    v = F.normalize(torch.tensor([[[1.0], [2.0], [0.0]]]), dim=1)
+    torch.testing.assert_close(align_vectors(torch.cat([-v, torch.zeros_like(v)], dim=2), v), v)
+    assert kdsvd_loss(fs[:1], ft[:1]).item() == 0.0  # relations need two stages
+    with pytest.raises(KdpipeError, match="equal widths"):
+        kdsvd_loss([torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)], [torch.randn(2, 3, 8, 8)] * 2)
+
+
+# ------------------------------------------------------------------------ from a store
+@pytest.fixture(scope="module")
+def store(tiny_store, tmp_path_factory):
+    from kdpipe.stages.extract import extract_teacher
+
+    path = tmp_path_factory.mktemp("kdsvd") / "store.zarr"
+    extract_teacher(
+        ExtractConfig(
+            teacher=tiny_store["teacher"],
+            arch="resnet8",
+            data=tiny_store["data"],
+            out=str(path),
+            cam_res=(),
+            features=(),
+            methods=("kdsvd",),
+            shard_size=16,
+            executor="inline",
+        ),
+        progress=False,
+        verbose=False,
+    )
+    return dict(tiny_store, path=str(path))
+
+
+def test_store_holds_vectors_and_values_for_every_view(store):
+    reader = open_store(store["path"])
+    # resnet8 on 16x16: stages 16, 8 and 4 wide, k = 1
+    shapes = {n: reader.array(n).shape for n in reader.array_names() if n.startswith("kdsvd_k1/")}
+    assert shapes == {
+        "kdsvd_k1/stage1_v": (32, 50, 16, 1),
+        "kdsvd_k1/stage1_s": (32, 50, 1),
+        "kdsvd_k1/stage2_v": (32, 50, 8, 1),
+        "kdsvd_k1/stage2_s": (32, 50, 1),
+        "kdsvd_k1/stage3_v": (32, 50, 4, 1),
+        "kdsvd_k1/stage3_s": (32, 50, 1),
+    }
+
+
+def test_cached_vectors_equal_online_on_replayed_views(store):
+    reader, dataset = open_store(store["path"]), load_dataset(store["data"])
+    teacher = load_teacher("resnet8", store["teacher"], dataset.num_classes)
+    policy = dataset.policy
+    cached = CachedTargets(reader, [SVDTargets(1)], device="cpu", policy=policy)
+    online = OnlineTargets(teacher, [SVDTargets(1)], reader=reader, policy=policy, views="replay")
+    plan = cached.plan(torch.arange(reader.num_samples), 3, 1)
+    cached.begin_epoch(plan, 16)
+    for batch in plan.batches(16):
+        images = policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params)
+        x = normalize(images, dataset.mean, dataset.std)
+        a, b = cached.targets(batch, x), online.targets(batch, x)
+        assert set(a) == set(b) == set(cached.kinds[0].target_keys) and len(a) == 6
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=2e-3, atol=2e-3)
+    cached.close()
+
+
+def test_method_is_ce_plus_weighted_kdsvd(store):
+    dataset = load_dataset(store["data"])
+    teacher = load_teacher("resnet8", store["teacher"], dataset.num_classes)
+    x = normalize(dataset.get_batch(np.arange(6)), dataset.mean, dataset.std)
+    labels = torch.as_tensor(dataset.labels[:6], dtype=torch.int64)
+    method = get_method("kdsvd", feat_weight=3.0)
+    assert method.options == {"k": 1, "feat_weight": 3.0, "ce_weight": 1.0}  # mdistiller cfg.py CFG.KDSVD
+    out = TeacherOutputs.of(teacher, x, stages=True)
+    targets = method.kinds()[0].online_targets(out)
+    student = method.prepare_student(build("resnet8", dataset.num_classes))
+    logits, feats = student.forward_features(x)
+    total, parts = method.loss(logits, feats, targets, labels)
+    expected = kdsvd_loss(feats["stages"], out.feats["stages"], 1)
+    torch.testing.assert_close(parts["kdsvd"], expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(total, F.cross_entropy(logits, labels) + 3.0 * expected, rtol=1e-5, atol=1e-6)
+    # a student with other stage widths (ShuffleV1's are half) is one sentence, as mdistiller cannot align them
+    shuffle = method.prepare_student(build("ShuffleV1", dataset.num_classes))
+    with pytest.raises(KdpipeError, match="equal widths"):
+        method.loss(*shuffle.forward_features(x), targets, labels)
+
+
+@pytest.mark.parametrize("source", ["cached", "online"])
+def test_trains_one_epoch_cached_and_online(store, tmp_path, source):
+    from kdpipe.stages.evaluate import evaluate
+    from kdpipe.stages.train import train_student
+
+    online = {"online_teacher": store["teacher"]} if source == "online" else {}
+    s = train_student(
+        StudentConfig(store=store["path"], student="resnet8", method="kdsvd", epochs=1, batch_size=16, **online),
+        out=tmp_path,
+        progress=False,
+        plot=False,
+    )
+    assert s["target_source"] == source and s["final_top1"] is not None
+    assert evaluate(s["run_dir"])["top1"] == pytest.approx(s["best_top1"])  # the student rebuilt as trained
+
+
+def test_mdistiller_kdsvd_yaml_is_read_as_it_is(tmp_path):
+    """The keys and values of mdistiller configs/cifar100/kdsvd.yaml (resnet32x4 -> resnet8x4)."""
+    from kdpipe.config.config_files import student_from_file
+
+    doc = {
+        "EXPERIMENT": {"NAME": "", "TAG": "kdsvd,res32x4,res8x4", "PROJECT": "cifar100_baselines"},
+        "DISTILLER": {"TYPE": "KDSVD", "TEACHER": "resnet32x4", "STUDENT": "resnet8x4"},
+        "SOLVER": {
+            "BATCH_SIZE": 64,
+            "EPOCHS": 240,
+            "LR": 0.05,
+            "LR_DECAY_STAGES": [150, 180, 210],
+            "LR_DECAY_RATE": 0.1,
+            "WEIGHT_DECAY": 0.0005,
+            "MOMENTUM": 0.9,
+            "TYPE": "SGD",
+        },
+    }
+    path = tmp_path / "kdsvd.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cfg, record = student_from_file(path)
+    assert (cfg.method, cfg.student, cfg.lr, cfg.weight_decay, cfg.epochs) == ("kdsvd", "resnet8x4", 0.05, 5e-4, 240)
+    assert cfg.method_options == {"k": 1, "feat_weight": 1.0, "ce_weight": 1.0}
+    path.write_text(yaml.safe_dump({**doc, "KDSVD": {"K": 2}}))
+    assert student_from_file(path)[0].method_options["k"] == 2
