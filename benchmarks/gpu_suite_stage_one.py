@@ -175,7 +175,7 @@ def part_kmeans(ctx: Ctx) -> dict:
     initial centres for both (benchmarks/kmeans.fit)."""
     from kmeans import fit
 
-    from kdpipe.methods.clustering import faiss_gpu_available, faiss_installed
+    from kdpipe.methods.letkd.fit.clustering import faiss_gpu_available, faiss_installed
 
     s = ctx.sizes
     t0 = time.perf_counter()
