@@ -82,3 +82,12 @@ def store_copy(tiny_store, tmp_path):
     path = tmp_path / "store.zarr"
     shutil.copytree(tiny_store["path"], path)
     return dict(tiny_store, path=str(path))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test`` runs two workers), every test that starts a local Ray
+    cluster runs on one worker, one after another: two local clusters at once would compete
+    for the machine's CPUs and Ray's own files."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
