@@ -297,9 +297,9 @@ def load_all() -> None:
 
 
 def entries() -> dict[str, MethodEntry]:
-    """Every registered method, by name, in registration order."""
+    """Every registered method, by name, in alphabetical order (import order varies)."""
     load_all()
-    return dict(_REGISTRY)
+    return dict(sorted(_REGISTRY.items()))
 
 
 def names() -> list[str]:
