@@ -114,10 +114,11 @@ def contrast_scores(memory: torch.Tensor, embedding: torch.Tensor, index: torch.
         embedding: [B, D]; index: int64 [B, K+1] (column 0 the positive).
 
     Returns:
-        [B, K+1].
+        [B, K+1] float32.
     """
     rows = memory.detach()[index.reshape(-1)].reshape(index.shape[0], index.shape[1], -1)
-    dots = torch.bmm(rows.to(embedding.dtype), embedding.unsqueeze(2)).squeeze(2)
+    # float32 whatever autocast says: exp(1 / 0.07) is past float16's range
+    dots = torch.bmm(rows.float(), embedding.float().unsqueeze(2)).squeeze(2)
     return torch.exp(dots / float(temperature))
 
 
