@@ -209,14 +209,25 @@ class ReviewKD(Method):
             **options, **{k: None if v is None else [[int(a) for a in lv] for lv in v] for k, v in levels.items()}
         )
         self._image_size = (32, 32)
+        self._student_arch: str | None = None
         self._head: ReviewHead | None = None
         self._epoch = 0
+
+    def bind(self, teacher_arch=None, student_arch=None, dataset: str = "cifar"):
+        self.dataset = dataset
+        self._student_arch = student_arch
+        return self
 
     def kinds(self) -> list:
         return [PreactStages(), PooledPenult()]
 
     def attach_teacher(self, info) -> None:
         self._image_size = tuple(info.image_size)
+        if self.options["student_levels"] is None and self._student_arch is not None:
+            # found now (at the training images' size), so that the run's config records it
+            from kdpipe.models import build
+
+            self.options["student_levels"] = self._student_levels(build(self._student_arch, num_classes=10))
         stages = sorted((p for p in info.shapes if p.startswith(PreactStages.name + "/")), key=_stage_number)
         pooled = info.shapes.get(PooledPenult.name)
         if stages and pooled is not None:
