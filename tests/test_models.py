@@ -547,3 +547,25 @@ def test_preact_stages_equal_mdistiller_preact_feats(arch):
     if arch in ("resnet8", "vgg8", "ShuffleV1"):
         for pre, out in zip(feats["preact_stages"], feats["stages"]):
             torch.testing.assert_close(torch.relu(pre), out)
+
+
+# mdistiller's feats[0] (the stem's output) on the same weights and input as PREACT_SUMS: sums
+STEM_SUMS = {"resnet8": 9981.8047, "wrn_16_2": 7.8389, "vgg8": 18660.9023, "ShuffleV2": 12386.4785}
+
+
+@pytest.mark.parametrize("arch", list(STEM_SUMS))
+def test_stem_equals_mdistiller_feats0(arch):
+    torch.manual_seed(0)
+    model = models.build(arch, num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    model.eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, feats = model.forward_features(x, stages=True)
+    assert float(feats["stem"].sum()) == pytest.approx(STEM_SUMS[arch], rel=1e-4, abs=1e-2)

@@ -159,6 +159,22 @@ class KDModel(nn.Module):
 
         return [module.register_forward_hook(hook_for(i, relu)) for i, (module, relu) in enumerate(self.stage_points())]
 
+    def stem_point(self) -> tuple[nn.Module, bool] | None:
+        """(module, relu_after) whose output is mdistiller's ``feats["feats"][0]`` (the stem's
+        output, FSP's first map); None where the family does not say."""
+        return None
+
+    def _stem_hooks(self, found: dict) -> list:
+        point = self.stem_point()
+        if point is None:
+            return []
+        module, relu = point
+
+        def hook(module, inputs, output):
+            found[0] = F.relu(output) if relu else output.clone()
+
+        return [module.register_forward_hook(hook)]
+
     def preact_points(self) -> list[PreactPoint] | None:
         """Per stage, where its pre-ReLU output is read (mdistiller's ``preact_feats[1:]``);
         None for families whose reference lists none (MobileNetV2, torchvision models)."""
@@ -301,12 +317,14 @@ class KDModel(nn.Module):
         eval mode GAP(cam) + bias == logits; with the CAM head, the head's own output, and
         logits == GAP(cam); "<point>_scores" for each tap returning a pair; with ``stages``
         (default: ``collect_stages``) "stages", the list of stage outputs (``stage_points``),
-        and "preact_stages" where the family lists them (``preact_points``).
+        "preact_stages" where the family lists them (``preact_points``) and "stem", the stem's
+        output, where it names it (``stem_point``).
         """
         if stages if stages is not None else self.collect_stages:
             found: dict = {}
             preact: dict = {}
-            hooks = self._stage_hooks(found) + self._preact_hooks(preact)
+            stem: dict = {}
+            hooks = self._stage_hooks(found) + self._preact_hooks(preact) + self._stem_hooks(stem)
             try:
                 logits, feats = self.forward_features(x, stages=False)
             finally:
@@ -315,6 +333,8 @@ class KDModel(nn.Module):
             feats["stages"] = [found[i] for i in sorted(found)]
             if preact:
                 feats["preact_stages"] = [preact[i] for i in sorted(preact)]
+            if stem:
+                feats["stem"] = stem[0]
             return logits, feats
         feats = {}
         inter = self.forward_inter(x)

@@ -121,6 +121,10 @@ class MobileNetV2(KDModel):
         # mdistiller mobilenetv2.py feats[1:]: the outputs of blocks[1], blocks[2], blocks[4], blocks[6]
         return [(cast(nn.Sequential, self.blocks[i])[-1], False) for i in (1, 2, 4, 6)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller mobilenetv2.py feats[0]: conv1(x) (conv, BN, ReLU)
+        return (self.conv1, False)
+
     def preact_points(self) -> list[PreactPoint]:
         # Its blocks end in a linear bottleneck (no ReLU): RepDistiller's preact=True returns
         # these same stage outputs, and mdistiller's get_bn_before_relu names their last BN,

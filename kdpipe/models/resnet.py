@@ -92,6 +92,10 @@ class CifarResNet(KDModel):
         # mdistiller resnet.py feats[1:]: the outputs of layer1, layer2, layer3 (post-ReLU)
         return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller resnet.py feats[0]: relu(bn1(conv1(x)))
+        return (self.bn1, True)
+
     def preact_points(self) -> list[PreactPoint]:
         # mdistiller resnet.py preact_feats[1:]: the last block's bn2 output plus its shortcut,
         # before the block's final ReLU

@@ -111,6 +111,10 @@ class CifarResNetV2(KDModel):
         # mdistiller resnetv2.py feats[1:]: the outputs of layer1 ... layer4
         return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3, self.layer4)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller resnetv2.py feats[0]: relu(bn1(conv1(x)))
+        return (self.bn1, True)
+
     def preact_points(self) -> list[PreactPoint]:
         # mdistiller resnetv2.py preact_feats[1:]: the last block's last BN output plus its
         # shortcut, before the block's final ReLU

@@ -113,6 +113,10 @@ class ShuffleNetV1(KDModel):
         # mdistiller ShuffleNetv1/v2.py feats[1:]: the outputs of layer1, layer2, layer3
         return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller ShuffleNetv1.py feats[0]: relu(bn1(conv1(x)))
+        return (self.bn1, True)
+
     def preact_points(self) -> list[PreactPoint]:
         # mdistiller ShuffleNetv1.py preact_feats[1:]: the last unit's sum (concatenation at
         # stride 2) before its ReLU

@@ -116,6 +116,10 @@ class ShuffleNetV2(KDModel):
         # mdistiller ShuffleNetv1/v2.py feats[1:]: the outputs of layer1, layer2, layer3
         return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller ShuffleNetv2.py feats[0]: relu(bn1(conv1(x)))
+        return (self.bn1, True)
+
     def preact_points(self) -> list[PreactPoint]:
         # mdistiller ShuffleNetv2.py preact_feats[1:]: the last unit's concatenation of the kept
         # half and bn3's output, before the ReLU and without the channel shuffle

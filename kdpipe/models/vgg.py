@@ -86,6 +86,10 @@ class VGG(KDModel):
         # mdistiller vgg.py feats[1:]: F.relu of block1 ... block4 (the ReLU is outside the blocks)
         return [(block, True) for block in (self.block1, self.block2, self.block3, self.block4)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller vgg.py feats[0]: relu(block0(x))
+        return (self.block0, True)
+
     def preact_points(self) -> list[PreactPoint]:
         # mdistiller vgg.py preact_feats[1:]: block1 ... block4 outputs before their ReLU
         return [PreactPoint(b, _output, bn=b[-1]) for b in (self.block1, self.block2, self.block3, self.block4)]

@@ -104,6 +104,10 @@ class WideResNet(KDModel):
         # mdistiller wrn.py feats[1:]: the outputs of block1, block2, block3 (before bn1 + ReLU)
         return [(block.layer[-1], False) for block in (self.block1, self.block2, self.block3)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller wrn.py feats[0]: conv1(x)
+        return (self.conv1, False)
+
     def preact_points(self) -> list[PreactPoint]:
         # mdistiller wrn.py preact_feats[1:]: block2.layer[0].bn1(f1), block3.layer[0].bn1(f2),
         # bn1(f3): the BN that the next ReLU follows, applied to each stage's output
