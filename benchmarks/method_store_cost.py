@@ -4,8 +4,9 @@
         --store bench-out/digits/store-methods.zarr --out bench-out/method_store_cost.json
 
 For each method named: the arrays its kinds write (``Method.kinds()``), their raw bytes per
-sample and view (float16 rows, as stage one writes them) for the store's teacher, and where
-the store holds them the stored (compressed) bytes per sample and view; then the projection
+sample and view (in the dtype stage one writes them) for the teacher of the first store, and
+where a store (``--store``, repeatable) holds them the stored (compressed) bytes per sample
+and view; then the projection
 for a CIFAR-100 resnet32x4 teacher (row shapes from the kinds on kdpipe's own resnet32x4, 50,000
 samples) with every view (162) and with ``--views 8``. Raw bytes are an upper bound: real
 features compress differently from digits.
@@ -31,10 +32,11 @@ CIFAR100 = {"arch": "resnet32x4", "num_classes": 100, "num_samples": 50_000, "vi
 
 
 def row_bytes(kinds, teacher, image_size) -> dict[str, int]:
-    """Raw bytes per sample and view of each array the kinds write (float16 rows)."""
+    """Raw bytes per sample and view of each array the kinds write (in their store dtype)."""
     x = torch.zeros(2, 3, *image_size)
     shapes = probe_rows(kinds, teacher.eval(), x, torch.zeros(2, dtype=torch.int64))
-    return {path: int(np.prod(shape)) * FLOAT16 for path, shape in shapes.items()}
+    dtypes = {path: np.dtype(stored.dtype).itemsize for kind in kinds for path, stored in kind.storage.items()}
+    return {path: int(np.prod(shape)) * dtypes.get(path, FLOAT16) for path, shape in shapes.items()}
 
 
 def measured(store_path: str, paths) -> dict:
@@ -51,11 +53,11 @@ def measured(store_path: str, paths) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", required=True, help="Comma-separated method names.")
-    parser.add_argument("--store", default=None, help="A store extracted with these methods (measured).")
+    parser.add_argument("--store", action="append", default=[], help="Stores holding these methods' arrays (measured).")
     parser.add_argument("--out", default="bench-out/method_store_cost.json")
     args = parser.parse_args(argv)
 
-    reader = open_store(args.store) if args.store else None
+    reader = open_store(args.store[0]) if args.store else None
     store_teacher = None
     if reader is not None:
         t = reader.manifest["teacher"]
@@ -64,7 +66,10 @@ def main(argv=None):
     cifar_teacher = build(CIFAR100["arch"], num_classes=CIFAR100["num_classes"])
     result: dict = {"benchmark": "method_store_cost", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "methods": {}}
     if reader is not None:
-        result["store"] = {"path": args.store, "num_samples": reader.num_samples, "num_views": reader.num_views}
+        result["stores"] = [
+            {"path": p, "num_samples": open_store(p).num_samples, "num_views": open_store(p).num_views}
+            for p in args.store
+        ]
     for name in args.methods.split(","):
         kinds = get_method(name).kinds()
         cifar = row_bytes(get_method(name).kinds(), cifar_teacher, (32, 32))
@@ -78,7 +83,7 @@ def main(argv=None):
         if reader is not None and store_teacher is not None:
             raw = row_bytes(kinds, store_teacher, image_size)
             entry["store_raw_bytes_per_view"] = raw
-            entry["store_measured"] = measured(args.store, raw)
+            entry["store_measured"] = {k: v for p in args.store for k, v in measured(p, raw).items()}
         result["methods"][name] = entry
         print(name, json.dumps(entry, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
