@@ -361,7 +361,7 @@ def test_method_totals():
 def test_get_method_options_and_errors():
     assert available() and len(set(available())) == len(available())
     with pytest.raises(KdpipeError) as e:
-        get_method("crd")
+        get_method("nope")
     assert all(n in str(e.value) for n in available())
     with pytest.raises(KdpipeError):
         get_method("kd", beta=1.0)

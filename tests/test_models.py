@@ -510,3 +510,62 @@ def test_imagenet_cam_head(name, rule):
     with torch.no_grad():
         logits, feats = model.forward_features(_images(side=64, batch=1))
     torch.testing.assert_close(feats["cam"].mean(dim=(2, 3)), logits, atol=1e-5, rtol=1e-5)
+
+
+# mdistiller's preact_feats[1:] of each family (mdistiller/models/cifar/*.py) on the weights
+# below (built by kdpipe, loaded into mdistiller's model; BN statistics and affine drawn from
+# torch.manual_seed(0) in module order; x = randn(2, 3, 32, 32) after torch.manual_seed(1)): the
+# sums of each map.
+PREACT_SUMS = {
+    "resnet8": [7293.9561, 783.8903, -444.5894],
+    "wrn_16_2": [-9084.1631, -7439.0176, 2978.8787],
+    "vgg8": [425.6942, -19.9997, 99.2086, -277.5938],
+    "ShuffleV1": [28820.0742, 27067.4258, 10798.959],
+    "ShuffleV2": [2778.5964, 1384.6376, 679.4641],
+    "ResNet18": [39345.1094, 52454.8281, 34205.7422, 27614.957],
+}
+
+
+@pytest.mark.parametrize("arch", list(PREACT_SUMS))
+def test_preact_stages_equal_mdistiller_preact_feats(arch):
+    torch.manual_seed(0)
+    model = models.build(arch, num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    model.eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, feats = model.forward_features(x, stages=True)
+    sums = [float(t.sum()) for t in feats["preact_stages"]]
+    assert sums == pytest.approx(PREACT_SUMS[arch], rel=1e-4, abs=1e-2)
+    # the ReLU of each pre-activation is the stage output where the stage ends with that ReLU
+    if arch in ("resnet8", "vgg8", "ShuffleV1"):
+        for pre, out in zip(feats["preact_stages"], feats["stages"]):
+            torch.testing.assert_close(torch.relu(pre), out)
+
+
+# mdistiller's feats[0] (the stem's output) on the same weights and input as PREACT_SUMS: sums
+STEM_SUMS = {"resnet8": 9981.8047, "wrn_16_2": 7.8389, "vgg8": 18660.9023, "ShuffleV2": 12386.4785}
+
+
+@pytest.mark.parametrize("arch", list(STEM_SUMS))
+def test_stem_equals_mdistiller_feats0(arch):
+    torch.manual_seed(0)
+    model = models.build(arch, num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    model.eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, feats = model.forward_features(x, stages=True)
+    assert float(feats["stem"].sum()) == pytest.approx(STEM_SUMS[arch], rel=1e-4, abs=1e-2)

@@ -23,6 +23,8 @@ One interface, four sources; the loop cannot tell them apart::
 
 Targets are computed by the kinds (``kdpipe.targets``): cached ``kind.targets(rows)``, online
 ``kind.targets(kind.online(teacher outputs))``. They are computed outside autocast, in float32.
+Where a kind asks for them (``needs_sample_index``), every source adds the batch's data-set
+sample indices as ``targets["sample_index"]`` (int64 [B], on the source's device).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ __all__ = [
     "resolve_target_set",
     "bind_kinds",
     "kind_context",
+    "SAMPLE_INDEX",
+    "with_sample_index",
 ]
 
 VIEW_MODES = ("replay", "warp")
@@ -91,6 +95,17 @@ def bind_kinds(kinds, ctx: KindContext) -> list[TargetKind]:
 def _views_table(reader) -> torch.Tensor:
     """The store's view parameters int32 [N, V, P] (small: kept on the host)."""
     return to_torch(reader.array("views")[...]).to(torch.int32)
+
+
+#: the target key of the batch's sample indices (``TargetKind.needs_sample_index``)
+SAMPLE_INDEX = "sample_index"
+
+
+def with_sample_index(out: dict, kinds, batch, device) -> dict:
+    """``out`` plus the batch's sample indices where one of ``kinds`` needs them."""
+    if any(getattr(k, "needs_sample_index", False) for k in kinds):
+        out[SAMPLE_INDEX] = batch.indices.to(device=device, dtype=torch.int64)
+    return out
 
 
 class TargetSource:
@@ -246,7 +261,7 @@ class CachedTargets(TargetSource):
             if params is not None:
                 own = kind.warp(own, self.policy, params)
             out.update(kind.targets(own))
-        return out
+        return with_sample_index(out, self.kinds, batch, self.device)
 
     def close(self):
         self.rows_source.close()
@@ -303,4 +318,4 @@ class OnlineTargets(TargetSource):
         result: dict = {}
         for kind in self.kinds:
             result.update(kind.online_targets(out))
-        return result
+        return with_sample_index(result, self.kinds, batch, self.device)

@@ -24,6 +24,7 @@ The target dict holds the keys of the method's kinds (shapes in ``kdpipe.targets
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -57,11 +58,13 @@ class TeacherInfo:
 
     ``shapes``: row shape (without the sample and view axes) of each of the method's arrays;
     ``static``: the whole arrays its kinds write once (``static/<name>``), as numpy;
-    ``image_size``: (H, W) of the training images."""
+    ``image_size``: (H, W) of the training images; ``labels``: the training set's labels
+    [N] (numpy; CRD sizes its memory bank by N and draws its negatives from other classes)."""
 
     shapes: dict = field(default_factory=dict)
     static: dict = field(default_factory=dict)
     image_size: tuple = (32, 32)
+    labels: Any = None
 
 
 class Method:

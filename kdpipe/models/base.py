@@ -30,10 +30,15 @@ Stage outputs (AT, FitNet): ``stage_points()`` lists, per family, the modules wh
 are mdistiller's ``feats["feats"][1:]`` (every stage output but the stem's), with whether a
 ReLU follows outside the module (VGG). ``forward_features(x, stages=True)`` (or a model whose
 ``collect_stages`` is True) adds them as ``feats["stages"]``, a list, read by forward hooks
-so the families' forwards stay as they are.
+so the families' forwards stay as they are. Where a family lists them (``preact_points()``),
+the same call adds ``feats["preact_stages"]``: mdistiller's ``feats["preact_feats"][1:]``, the
+stage outputs before their last ReLU (OFD, ReviewKD's teacher).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -82,6 +87,20 @@ def init_like_mdistiller(model: nn.Module, linear: str = "default") -> None:
             if linear == "normal":
                 nn.init.normal_(module.weight, 0.0, 0.01)
             nn.init.zeros_(module.bias)
+
+
+@dataclass(frozen=True)
+class PreactPoint:
+    """Where a stage's pre-ReLU output is read: ``combine(module, module_input, module_output,
+    captured)`` computes it when ``module`` runs, ``captured`` holding the outputs of its
+    submodules named in ``capture`` (those it has) in that run. ``bn``: the BatchNorm whose
+    affine parameters describe that output's distribution (mdistiller's
+    ``get_bn_before_relu``, OFD's margin); None where the reference has none (ShuffleNets)."""
+
+    module: nn.Module
+    combine: Callable[..., torch.Tensor]
+    capture: tuple[str, ...] = ()
+    bn: nn.Module | None = None
 
 
 class KDModel(nn.Module):
@@ -139,6 +158,53 @@ class KDModel(nn.Module):
             return hook
 
         return [module.register_forward_hook(hook_for(i, relu)) for i, (module, relu) in enumerate(self.stage_points())]
+
+    def stem_point(self) -> tuple[nn.Module, bool] | None:
+        """(module, relu_after) whose output is mdistiller's ``feats["feats"][0]`` (the stem's
+        output, FSP's first map); None where the family does not say."""
+        return None
+
+    def _stem_hooks(self, found: dict) -> list:
+        point = self.stem_point()
+        if point is None:
+            return []
+        module, relu = point
+
+        def hook(module, inputs, output):
+            found[0] = F.relu(output) if relu else output.clone()
+
+        return [module.register_forward_hook(hook)]
+
+    def preact_points(self) -> list[PreactPoint] | None:
+        """Per stage, where its pre-ReLU output is read (mdistiller's ``preact_feats[1:]``);
+        None for families whose reference lists none (MobileNetV2, torchvision models)."""
+        return None
+
+    def _preact_hooks(self, found: dict) -> list:
+        """Forward hooks that put stage i's pre-ReLU output in ``found[i]``."""
+        handles = []
+        for index, point in enumerate(self.preact_points() or []):
+            captured: dict = {}
+
+            def keep(name: str, store: dict):
+                def hook(module, inputs, output):
+                    store[name] = output
+
+                return hook
+
+            for name in point.capture:
+                sub = getattr(point.module, name, None)
+                if isinstance(sub, nn.Module):
+                    handles.append(sub.register_forward_hook(keep(name, captured)))
+
+            def run(p: PreactPoint, i: int, store: dict):
+                def hook(module, inputs, output):
+                    found[i] = p.combine(module, inputs[0], output, store)
+
+                return hook
+
+            handles.append(point.module.register_forward_hook(run(point, index, captured)))
+        return handles
 
     @property
     def reused_head(self) -> nn.Module | None:
@@ -250,17 +316,25 @@ class KDModel(nn.Module):
         the linear head, its weight applied as a 1x1 convolution without bias, so that in
         eval mode GAP(cam) + bias == logits; with the CAM head, the head's own output, and
         logits == GAP(cam); "<point>_scores" for each tap returning a pair; with ``stages``
-        (default: ``collect_stages``) "stages", the list of stage outputs (``stage_points``).
+        (default: ``collect_stages``) "stages", the list of stage outputs (``stage_points``),
+        "preact_stages" where the family lists them (``preact_points``) and "stem", the stem's
+        output, where it names it (``stem_point``).
         """
         if stages if stages is not None else self.collect_stages:
             found: dict = {}
-            hooks = self._stage_hooks(found)
+            preact: dict = {}
+            stem: dict = {}
+            hooks = self._stage_hooks(found) + self._preact_hooks(preact) + self._stem_hooks(stem)
             try:
                 logits, feats = self.forward_features(x, stages=False)
             finally:
                 for h in hooks:
                     h.remove()
             feats["stages"] = [found[i] for i in sorted(found)]
+            if preact:
+                feats["preact_stages"] = [preact[i] for i in sorted(preact)]
+            if stem:
+                feats["stem"] = stem[0]
             return logits, feats
         feats = {}
         inter = self.forward_inter(x)

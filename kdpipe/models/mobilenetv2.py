@@ -20,7 +20,7 @@ from typing import cast
 import torch
 import torch.nn as nn
 
-from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, PreactPoint, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 # (expansion, output channels at width 1, units, first unit's stride) per group; expansion
@@ -121,6 +121,17 @@ class MobileNetV2(KDModel):
         # mdistiller mobilenetv2.py feats[1:]: the outputs of blocks[1], blocks[2], blocks[4], blocks[6]
         return [(cast(nn.Sequential, self.blocks[i])[-1], False) for i in (1, 2, 4, 6)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller mobilenetv2.py feats[0]: conv1(x) (conv, BN, ReLU)
+        return (self.conv1, False)
+
+    def preact_points(self) -> list[PreactPoint]:
+        # Its blocks end in a linear bottleneck (no ReLU): RepDistiller's preact=True returns
+        # these same stage outputs, and mdistiller's get_bn_before_relu names their last BN,
+        # blocks[i][-1].conv[-1] (mdistiller lists no preact_feats for this family)
+        last = [cast(nn.Sequential, self.blocks[i])[-1] for i in (1, 2, 4, 6)]
+        return [PreactPoint(b, _output, bn=cast(nn.Sequential, b.conv)[-1]) for b in last]
+
     def linear_head(self) -> nn.Linear:
         # nn.Sequential's stub types its items as Module; item 0 is the nn.Linear built above.
         return cast(nn.Linear, self.classifier[0])
@@ -129,3 +140,7 @@ class MobileNetV2(KDModel):
 @register_model("MobileNetV2", "mobile_half")
 def mobile_half(num_classes: int = 100) -> MobileNetV2:
     return MobileNetV2(expansion=6, width_mult=0.5, num_classes=num_classes)
+
+
+def _output(module, x, output, captured) -> torch.Tensor:
+    return output

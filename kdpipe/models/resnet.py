@@ -10,11 +10,13 @@ with W3 = 64 (resnetN) or 256 (resnetNx4).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, PreactPoint, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 
@@ -90,8 +92,23 @@ class CifarResNet(KDModel):
         # mdistiller resnet.py feats[1:]: the outputs of layer1, layer2, layer3 (post-ReLU)
         return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller resnet.py feats[0]: relu(bn1(conv1(x)))
+        return (self.bn1, True)
+
+    def preact_points(self) -> list[PreactPoint]:
+        # mdistiller resnet.py preact_feats[1:]: the last block's bn2 output plus its shortcut,
+        # before the block's final ReLU
+        stages = (self.layer1, self.layer2, self.layer3)
+        return [PreactPoint(s[-1], _residual_sum, ("bn2", "downsample"), bn=cast(nn.Module, s[-1].bn2)) for s in stages]
+
     def linear_head(self) -> nn.Linear:
         return self.fc
+
+
+def _residual_sum(block, x, output, captured) -> torch.Tensor:
+    """bn2(...) + shortcut(x) of a BasicBlock (the input itself without a downsample)."""
+    return captured["bn2"] + captured.get("downsample", x)
 
 
 _THIN = (16, 16, 32, 64)

@@ -8,11 +8,13 @@ Feature points (32x32 input):
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, PreactPoint, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 
@@ -109,8 +111,24 @@ class CifarResNetV2(KDModel):
         # mdistiller resnetv2.py feats[1:]: the outputs of layer1 ... layer4
         return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3, self.layer4)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller resnetv2.py feats[0]: relu(bn1(conv1(x)))
+        return (self.bn1, True)
+
+    def preact_points(self) -> list[PreactPoint]:
+        # mdistiller resnetv2.py preact_feats[1:]: the last block's last BN output plus its
+        # shortcut, before the block's final ReLU
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        last = [stage[-1] for stage in stages]
+        return [PreactPoint(b, _residual_sum, ("bn2", "bn3", "shortcut"), bn=_last_bn(b)) for b in last]
+
     def linear_head(self) -> nn.Linear:
         return self.linear
+
+
+def _residual_sum(block, x, output, captured) -> torch.Tensor:
+    """The last BN's output (bn3 of a Bottleneck, bn2 of a BasicBlock) plus the shortcut."""
+    return captured["bn3" if "bn3" in captured else "bn2"] + captured["shortcut"]
 
 
 @register_model("ResNet18")
@@ -121,3 +139,8 @@ def resnet18_cifar(num_classes: int = 100) -> CifarResNetV2:
 @register_model("ResNet50")
 def resnet50_cifar(num_classes: int = 100) -> CifarResNetV2:
     return CifarResNetV2(Bottleneck, (3, 4, 6, 3), num_classes)
+
+
+def _last_bn(block: nn.Module) -> nn.Module:
+    """The BN before a block's final ReLU: bn3 of a Bottleneck, bn2 of a BasicBlock."""
+    return cast(nn.Module, block.bn3 if isinstance(block, Bottleneck) else block.bn2)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import CAM_INIT_TORCH_DEFAULT, KDModel
+from kdpipe.models.base import CAM_INIT_TORCH_DEFAULT, KDModel, PreactPoint
 from kdpipe.models.registry import register_model
 
 
@@ -113,8 +113,25 @@ class ShuffleNetV1(KDModel):
         # mdistiller ShuffleNetv1/v2.py feats[1:]: the outputs of layer1, layer2, layer3
         return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller ShuffleNetv1.py feats[0]: relu(bn1(conv1(x)))
+        return (self.bn1, True)
+
+    def preact_points(self) -> list[PreactPoint]:
+        # mdistiller ShuffleNetv1.py preact_feats[1:]: the last unit's sum (concatenation at
+        # stride 2) before its ReLU
+        return [
+            PreactPoint(stage[-1], _unit_preact, ("bn3", "shortcut"))
+            for stage in (self.layer1, self.layer2, self.layer3)
+        ]
+
     def linear_head(self) -> nn.Linear:
         return self.linear
+
+
+def _unit_preact(unit, x, output, captured) -> torch.Tensor:
+    out, shortcut = captured["bn3"], captured["shortcut"]
+    return torch.cat([out, shortcut], 1) if unit.stride == 2 else out + shortcut
 
 
 @register_model("ShuffleV1")

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import CAM_INIT_TORCH_DEFAULT, KDModel
+from kdpipe.models.base import CAM_INIT_TORCH_DEFAULT, KDModel, PreactPoint
 from kdpipe.models.registry import register_model
 from kdpipe.models.shufflenetv1 import ChannelShuffle
 
@@ -116,6 +116,15 @@ class ShuffleNetV2(KDModel):
         # mdistiller ShuffleNetv1/v2.py feats[1:]: the outputs of layer1, layer2, layer3
         return [(stage[-1], False) for stage in (self.layer1, self.layer2, self.layer3)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller ShuffleNetv2.py feats[0]: relu(bn1(conv1(x)))
+        return (self.bn1, True)
+
+    def preact_points(self) -> list[PreactPoint]:
+        # mdistiller ShuffleNetv2.py preact_feats[1:]: the last unit's concatenation of the kept
+        # half and bn3's output, before the ReLU and without the channel shuffle
+        return [PreactPoint(stage[-1], _unit_preact, ("bn3",)) for stage in (self.layer1, self.layer2, self.layer3)]
+
     def linear_head(self) -> nn.Linear:
         return self.linear
 
@@ -123,3 +132,9 @@ class ShuffleNetV2(KDModel):
 @register_model("ShuffleV2")
 def shuffle_v2(num_classes: int = 100) -> ShuffleNetV2:
     return ShuffleNetV2((116, 232, 464), 1024, (3, 7, 3), num_classes=num_classes)
+
+
+def _unit_preact(unit, x, output, captured) -> torch.Tensor:
+    if not isinstance(unit, BasicUnit):
+        raise ValueError("ShuffleV2's pre-ReLU stage output is read at a BasicUnit (a stage of one DownUnit has none)")
+    return torch.cat([x[:, : x.shape[1] // 2], captured["bn3"]], 1)

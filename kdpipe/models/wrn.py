@@ -9,11 +9,13 @@ Feature points (32x32 input):
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, PreactPoint, init_like_mdistiller
 from kdpipe.models.registry import register_model
 
 
@@ -102,8 +104,22 @@ class WideResNet(KDModel):
         # mdistiller wrn.py feats[1:]: the outputs of block1, block2, block3 (before bn1 + ReLU)
         return [(block.layer[-1], False) for block in (self.block1, self.block2, self.block3)]
 
+    def stem_point(self) -> tuple[nn.Module, bool]:
+        # mdistiller wrn.py feats[0]: conv1(x)
+        return (self.conv1, False)
+
+    def preact_points(self) -> list[PreactPoint]:
+        # mdistiller wrn.py preact_feats[1:]: block2.layer[0].bn1(f1), block3.layer[0].bn1(f2),
+        # bn1(f3): the BN that the next ReLU follows, applied to each stage's output
+        bns = [cast(nn.Module, block.layer[0].bn1) for block in (self.block2, self.block3)] + [self.bn1]
+        return [PreactPoint(bn, _output, bn=bn) for bn in bns]
+
     def linear_head(self) -> nn.Linear:
         return self.fc
+
+
+def _output(module, x, output, captured) -> torch.Tensor:
+    return output.clone()  # the block's ReLU that follows works in place
 
 
 @register_model("wrn_16_1")

@@ -315,9 +315,12 @@ def teacher_info(method, reader, cfg: StudentConfig, train_set, teacher_arch: st
                 shapes={p: tuple(arrays[p].shape[2:]) for p in paths},
                 static={n: reader.static(n) for n in reader.static_names()},
                 image_size=train_set.image_size,
+                labels=train_set.labels,
             )
     if cfg.online_teacher is None:
-        return TeacherInfo(image_size=train_set.image_size)  # the cached source names what is missing
+        return TeacherInfo(
+            image_size=train_set.image_size, labels=train_set.labels
+        )  # the cached source names what is missing
     if teacher_arch is None:
         raise KdpipeError(
             "--online-teacher without --store needs the teacher's architecture (teacher_arch in a config file)."
@@ -344,7 +347,7 @@ def _probe_teacher_info(kinds, cfg: StudentConfig, train_set, teacher_arch: str)
     with torch.inference_mode():
         out = TeacherOutputs.of(teacher, x, labels, stages=needs_stages(kinds))
         static = {n: a for k in kinds for n, (a, _) in k.static(teacher, out).items()}
-    return TeacherInfo(shapes=shapes, static=static, image_size=train_set.image_size)
+    return TeacherInfo(shapes=shapes, static=static, image_size=train_set.image_size, labels=train_set.labels)
 
 
 # ------------------------------------------------------------------------------ building

@@ -155,6 +155,9 @@ class TargetKind:
     needs_target_set: bool = False
     #: whether ``online`` reads the teacher's stage outputs (``feats["stages"]``: AT, FitNet)
     needs_stages: bool = False
+    #: whether the method also needs each batch's data-set sample indices: the sources then
+    #: add them as ``targets["sample_index"]`` int64 [B] (CRD's memory bank is indexed by them)
+    needs_sample_index: bool = False
 
     # Read-only here: a kind gives them as class attributes, or as properties where they
     # depend on its parameters (Feature's layer, Cam's r).

@@ -1,0 +1,129 @@
+"""AB (kdpipe/methods/ab.py): the loss against values RepDistiller's own ``ABLoss``
+(``distiller_zoo/AB.py``) produced on the inputs below (the reference is not imported here);
+the stored signs equal the online ones; the two stages; one epoch cached and online."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdpipe.config.configs import ExtractConfig, StudentConfig
+from kdpipe.methods import get_method
+from kdpipe.methods.ab import PreactSigns, ab_loss, ab_stage_loss
+
+torch.set_num_threads(1)
+
+
+def test_loss_equals_repdistiller_abloss():
+    torch.manual_seed(0)
+    g_s = [torch.randn(2, 3, 8, 8) * 2, torch.randn(2, 5, 4, 4) * 2, torch.randn(2, 7, 2, 2) * 2]
+    g_t = [torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4), torch.randn(2, 7, 2, 2)]
+    # RepDistiller ABLoss(3)(g_s, g_t): per stage, and their sum
+    expected = [0.5880584716796875, 0.6217635273933411, 0.2560325264930725]
+    for i, (s, t, want) in enumerate(zip(g_s, g_t, expected)):
+        weight = 2.0 ** (i - 2) / 2 / 1000 * 3
+        assert (weight * ab_stage_loss(s, t > 0)).item() == pytest.approx(want, rel=1e-5)
+    signs = [(t > 0).float() for t in g_t]  # the stored form
+    assert ab_loss(g_s, signs).item() == pytest.approx(1.4658544063568115, rel=1e-5)
+
+
+def test_two_stages_and_the_recipe():
+    method = get_method("ab")
+    assert method.recipe("resnet8x4")["epochs"] == 270
+    assert method.recipe("resnet8x4")["milestones"] == [180, 210, 240]
+    method.begin_epoch(29)
+    assert method.initialising
+    method.begin_epoch(30)
+    assert not method.initialising
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store, tmp_path_factory):
+    from kdpipe.stages.extract import extract_teacher
+
+    path = tmp_path_factory.mktemp("ab") / "store.zarr"
+    extract_teacher(
+        ExtractConfig(
+            teacher=tiny_store["teacher"],
+            arch="resnet8",
+            data=tiny_store["data"],
+            out=str(path),
+            cam_res=(),
+            features=(),
+            methods=("ab",),
+            shard_size=16,
+            executor="inline",
+        ),
+        progress=False,
+        verbose=False,
+    )
+    return dict(tiny_store, path=str(path))
+
+
+def test_cached_signs_equal_online_on_replayed_views(store):
+    from kdpipe.artifacts import open_store
+    from kdpipe.data import load_dataset, normalize
+    from kdpipe.engine.sources import CachedTargets, OnlineTargets
+    from kdpipe.models import load_teacher
+
+    reader, dataset = open_store(store["path"]), load_dataset(store["data"])
+    teacher = load_teacher("resnet8", store["teacher"], dataset.num_classes)
+    assert reader.array("ab_signs/stage1").dtype == "uint8"
+    policy = dataset.policy
+    cached = CachedTargets(reader, [PreactSigns()], device="cpu", policy=policy)
+    online = OnlineTargets(teacher, [PreactSigns()], reader=reader, policy=policy, views="replay")
+    plan = cached.plan(torch.arange(reader.num_samples), 3, 1)
+    cached.begin_epoch(plan, 16)
+    for batch in plan.batches(16):
+        images = policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params)
+        x = normalize(images, dataset.mean, dataset.std)
+        a, b = cached.targets(batch, x), online.targets(batch, x)
+        assert set(a) == set(b) == {"ab_sign1", "ab_sign2", "ab_sign3"}
+        for key in a:
+            torch.testing.assert_close(a[key], b[key])
+    cached.close()
+
+
+def test_method_loss_by_stage():
+    from kdpipe.methods.base import TeacherInfo
+    from kdpipe.models import build
+
+    method = get_method("ab", init_epochs=1)
+    shapes = {"ab_signs/stage1": (16, 16, 16), "ab_signs/stage2": (32, 8, 8), "ab_signs/stage3": (64, 4, 4)}
+    method.attach_teacher(TeacherInfo(shapes=shapes, image_size=(16, 16)))
+    student = method.prepare_student(build("resnet8x4", 4))  # wider: regressors on every stage
+    x, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    logits, feats = student.forward_features(x)
+    targets = {f"ab_sign{i}": (torch.randn(2, *s) > 0).float() for i, s in enumerate(shapes.values(), start=1)}
+    method.begin_epoch(0)
+    total, parts = method.loss(logits, feats, targets, labels)
+    connected = [c(f) for c, f in zip(student.ab_connectors, feats["preact_stages"])]
+    torch.testing.assert_close(total, ab_loss(connected, list(targets.values())))
+    method.begin_epoch(1)
+    total, parts = method.loss(logits, feats, targets, labels)
+    torch.testing.assert_close(total, F.cross_entropy(logits, labels))
+
+
+@pytest.mark.parametrize("source", ["cached", "online"])
+def test_trains_both_stages_and_evaluates(store, tmp_path, source):
+    from kdpipe.stages.evaluate import evaluate
+    from kdpipe.stages.train import train_student
+
+    online = {"online_teacher": store["teacher"]} if source == "online" else {}
+    s = train_student(
+        StudentConfig(
+            store=store["path"],
+            student="resnet8",
+            method="ab",
+            method_options={"init_epochs": 1},
+            epochs=2,
+            batch_size=16,
+            **online,
+        ),
+        out=tmp_path,
+        progress=False,
+        plot=False,
+    )
+    assert s["target_source"] == source and s["final_top1"] is not None
+    assert evaluate(s["run_dir"])["top1"] == pytest.approx(s["best_top1"])
