@@ -133,6 +133,8 @@ def test_sections_and_counts_are_checked(cli_runner, tmp_path, tiny_store):
     assert "student must be a mapping" in line
     line = one_sentence(cli_runner.invoke(cli, ["run", str(row), "--set", "seeds=[99999999999999999999999]"]))
     assert "seeds" in line
+    line = one_sentence(cli_runner.invoke(cli, ["run", str(row), "--set", "paper=3"]))
+    assert "paper must be a mapping" in line
     for size in ("-1", "0"):
         line = one_sentence(cli_runner.invoke(cli, ["evaluate", "--checkpoint", "x.pth", "--batch-size", size]))
         assert "--batch-size" in line and size in line
@@ -367,16 +369,8 @@ def test_no_asyncio_lines_after_a_clear_error(cli_runner, tmp_path):
 
 
 # ------------------------------------------------------------------------------ item 13: a machine with a Ray cluster
-def test_a_stale_ray_address_file_does_not_stop_a_local_ray(tiny_store):
-    """Ray's address file names a dead GCS; a plain extract-teacher (Ray executor, no
-    --ray-address) starts its own local Ray."""
-    pytest.importorskip("ray")
-    tmp = Path(tempfile.mkdtemp(prefix="kr", dir="/tmp"))  # short: Ray's socket paths
-    (tmp / "ray").mkdir()
-    (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens there
-    env = dict(os.environ, RAY_TMPDIR=str(tmp), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    env.pop("RAY_ADDRESS", None)
-    out = tmp / "s.zarr"
+def _extract_with_ray(tiny_store, env, out: Path) -> None:
+    """A plain extract-teacher (Ray executor, no --ray-address) in a fresh process."""
     args = ["extract-teacher", "--teacher", tiny_store["teacher"], "--arch", "resnet8", "--data", TINY]
     args += ["--out", str(out), "--views", "1", "--cam-res", "none", "--features", "none", "--num-workers", "1"]
     proc = subprocess.run(
@@ -384,6 +378,54 @@ def test_a_stale_ray_address_file_does_not_stop_a_local_ray(tiny_store):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and (out / "zarr.json").exists()
+
+
+def test_a_machine_with_a_stale_or_a_live_ray_cluster(tiny_store):
+    """Ray's address file names a dead GCS, then a live `ray start --head` cluster: a plain
+    extract-teacher starts and uses its own local Ray both times, and leaves the head alone."""
+    pytest.importorskip("ray")
+    import shutil
+    import signal
+    import socket
+    import time
+
+    tmp = Path(tempfile.mkdtemp(prefix="kr", dir="/tmp"))  # short: Ray's socket paths
+    (tmp / "ray").mkdir()
+    address_file = tmp / "ray" / "ray_current_cluster"
+    address_file.write_text("127.0.0.1:9")  # stale: nothing listens there
+    env = dict(os.environ, RAY_TMPDIR=str(tmp), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    _extract_with_ray(tiny_store, env, tmp / "stale.zarr")
+
+    address_file.unlink()
+    with socket.socket() as sock:  # a free loopback port for the head's GCS
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
+        + ["--include-dashboard=false", f"--temp-dir={tmp / 'ray'}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: stopped below with everything it started
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not address_file.exists() and head.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if not address_file.exists():
+            pytest.skip("`ray start --head` did not come up on this machine")
+        _extract_with_ray(tiny_store, env, tmp / "live.zarr")
+        assert head.poll() is None  # the user's cluster was left alone
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ item 14: drop_last

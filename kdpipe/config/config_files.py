@@ -196,6 +196,9 @@ def load_row(path, sets=(), strict: bool = True) -> RowConfig:
             raise KdpipeError(f"{where}: teacher.{key} must be a string, not {teacher[key]!r}.")
     if doc.get("data") is not None and not isinstance(doc["data"], str):
         raise KdpipeError(f"{where}: data must be a data set spec (a string), not {doc['data']!r}.")
+    for key, kind, what in (("paper", dict, "a mapping"), ("name", str, "a string"), ("notes", str, "a string")):
+        if doc.get(key) is not None and not isinstance(doc[key], kind):
+            raise KdpipeError(f"{where}: {key} must be {what}, not {doc[key]!r}.")
     missing = [k for k in ("arch", "checkpoint") if not teacher.get(k)] + (["data"] if not doc.get("data") else [])
     if missing or "student" not in doc:
         raise KdpipeError(

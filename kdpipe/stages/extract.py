@@ -369,7 +369,7 @@ def extract_teacher(
         split=cfg.split,
         num_classes=layout["num_classes"],
         kinds=layout["kinds"],
-        batch_size=int(cfg.batch_size),
+        batch_size=_batch_size(cfg),
         device=cfg.device,
         fingerprint=dataset.fingerprint,
         pad_mode=cfg.pad_mode,
