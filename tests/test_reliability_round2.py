@@ -252,6 +252,7 @@ def test_extract_resume_keeps_its_batch_size(cli_runner, store_copy):
 
 
 # ------------------------------------------------------------------------------ item 6: reuse of finished students
+@pytest.mark.slow
 def test_run_reuses_a_student_only_of_the_same_store_and_config(tiny_store, tmp_path):
     from kdpipe.workflows.run import run_configs
     from tests.conftest import calibrated_teacher
@@ -380,6 +381,8 @@ def _extract_with_ray(tiny_store, env, out: Path) -> None:
     assert "Traceback" not in proc.stderr and (out / "zarr.json").exists()
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_machine_with_a_stale_or_a_live_ray_cluster(tiny_store):
     """Ray's address file names a dead GCS, then a live `ray start --head` cluster: a plain
     extract-teacher starts and uses its own local Ray both times, and leaves the head alone."""
