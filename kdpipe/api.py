@@ -129,6 +129,8 @@ class StudentTraining:
             raise KdpipeError(f"Epochs count from 0, not {epoch}.")
         torch.manual_seed(epoch_seed(self.seed, int(epoch), SALT_TORCH))
         plan = self._source.plan(self._train.sample_indices, self.seed, int(epoch))
+        if self.setup.recipe.get("drop_last"):  # whole batches only, as train-student (letKD's reference)
+            plan = plan.head(plan.num_samples - plan.num_samples % self.batch_size)
         self._source.begin_epoch(plan, self.batch_size)
         self.method.begin_epoch(int(epoch))
         for batch, images in self._train.batches(plan, self.batch_size, self.setup.policy):

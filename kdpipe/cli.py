@@ -25,11 +25,23 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KdpipeError as err:
+            _abandon_pending_io()
             click.echo(f"kdpipe: error: {err}", err=True)
             ctx.exit(2)
         except OSError as err:
+            _abandon_pending_io()
             click.echo(f"kdpipe: error: {os_error_sentence(err)}", err=True)
             ctx.exit(2)
+
+
+def _abandon_pending_io() -> None:
+    """After a clear error the process exits with zarr / fsspec reads or writes still queued on
+    their event loop (the siblings of the one that failed); asyncio would log each of them as
+    "Task was destroyed but it is pending!" at exit. They are abandoned on purpose: the store
+    and run directory resume from what was finished, so the one sentence stays the only line."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
 
 
 def os_error_sentence(err: OSError) -> str:
@@ -256,7 +268,12 @@ def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
     help="Crop padding of the views (default: the data set's, zero; letKD's reference uses reflect).",
 )
 @click.option("--shard-size", default=None, type=int, help="Samples per shard (default: about 128 MB of output).")
-@click.option("--batch-size", default=256, show_default=True, type=int, help="Images per teacher forward pass.")
+@click.option(
+    "--batch-size",
+    default=None,
+    type=int,
+    help="Images per teacher forward pass (default: 256; with --resume: the store's own, and no other).",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the view parameters (views=K).")
 @click.option("--executor", default="ray", show_default=True, type=click.Choice(["ray", "inline"]))
 @click.option(
@@ -324,6 +341,13 @@ def extract_teacher(
     )
 
 
+#: cluster parameters that --resume compares with the interrupted pass (ClusterConfig fields).
+CLUSTER_FIT_PARAMS = (
+    "k_penult", "k_inter", "lda_dims", "topk", "topk_mass", "temperature", "student_grid", "max_fit_points",
+    "fit_views", "seed", "niter", "kmeans_backend", "batch_size",
+)  # fmt: skip
+
+
 @cli.command("cluster")
 @click.argument("store", type=click.Path())
 @click.option("--name", default="default", show_default=True, help="Target set name (targets/<name>/).")
@@ -381,7 +405,9 @@ def extract_teacher(
 )
 @click.option("--num-workers", default=None, type=int, help="Ray actors (default: one per GPU, else per CPU).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.pass_context
 def cluster(
+    ctx,
     store,
     name,
     k_penult,
@@ -437,7 +463,8 @@ def cluster(
             ray_address=ray_address,
             num_workers=num_workers,
             device=device,
-        )
+        ),
+        given=set(given_options(ctx, CLUSTER_FIT_PARAMS)),
     )
 
 
@@ -445,6 +472,7 @@ def cluster(
 STUDENT_FIELD_PARAMS = (
     "store", "targets", "student", "method", "epochs", "lr", "batch_size", "views", "resident", "seed", "amp",
     "online_teacher", "online_views", "data", "subset_fraction", "subset_seed", "data_parallel", "sync_bn", "head",
+    "drop_last",
 )  # fmt: skip
 
 
@@ -556,6 +584,13 @@ STUDENT_FIELD_PARAMS = (
     type=click.Choice(["linear", "cam"]),
     default=None,
     help="Student classifier: cam (CAT-KD's bias-free 1x1 conv, the default for cat_kd) or linear.",
+)
+@click.option(
+    "--drop-last/--keep-last",
+    "drop_last",
+    default=None,
+    help="Drop (or keep) each epoch's last incomplete batch (default: as the method's reference: letKD drops "
+    "it, mdistiller / CAT-KD keep it).",
 )
 @click.option(
     "--config",

@@ -38,6 +38,9 @@ __all__ = [
     "read_bytes",
     "write_bytes",
     "atomic_write_bytes",
+    "writer_lock",
+    "in_process_only",
+    "refuse_in_process_only",
     "exists",
     "isfile",
     "isdir",
@@ -92,7 +95,10 @@ def filesystem(path):
 
     path = normalize(path)
     try:
-        return fsspec.core.url_to_fs(path)
+        fs, inner = fsspec.core.url_to_fs(path)
+        if is_url(path):
+            _probe(path, fs, inner)
+        return fs, inner
     except ImportError as err:
         raise _missing_backend(path, err) from None
     except ValueError as err:
@@ -101,6 +107,65 @@ def filesystem(path):
                 f"{path} is not a path or a URL of a storage protocol fsspec knows ({_protocol(path)}://)."
             ) from None
         raise
+
+
+def in_process_only(path) -> bool:
+    """Whether ``path`` lives in this process's memory (``memory://``): no other process (a Ray
+    worker) sees it."""
+    return isinstance(path, (str, os.PathLike)) and is_url(path) and _protocol(os.fspath(path)) == "memory"
+
+
+def refuse_in_process_only(paths, where: str) -> None:
+    """One sentence, before any worker starts, when ``where`` (Ray workers, other processes)
+    would need one of ``paths`` that lives in this process only (``memory://``)."""
+    for path in paths:
+        if in_process_only(path):
+            raise KdpipeError(
+                f"{path} lives in this process's memory (memory://), which {where} cannot see; use "
+                "--executor inline, or a folder or an object-store URL."
+            )
+
+
+#: storage roots (protocol://bucket) already reached in this process
+_REACHED: set = set()
+
+
+def _unreachable(url: str, err: BaseException) -> KdpipeError:
+    """One sentence for an object store that cannot be used: what failed and what to set."""
+    name = type(err).__name__
+    first = (str(err).strip().splitlines() or [name])[0].rstrip(".")
+    protocol = _protocol(url)
+    if "Credential" in name or "credential" in first.lower():
+        hint = {
+            "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
+            "gs": "set GOOGLE_APPLICATION_CREDENTIALS",
+            "gcs": "set GOOGLE_APPLICATION_CREDENTIALS",
+        }.get(protocol, "set the storage's credentials")
+        return KdpipeError(f"{url} cannot be read: no credentials were found ({first}); {hint}.")
+    if "Endpoint" in name or "Connect" in name or "Timeout" in name or isinstance(err, OSError):
+        hint = (
+            "set AWS_ENDPOINT_URL for an S3-compatible server (MinIO, Ceph) or check the network"
+            if protocol in ("s3", "s3a")
+            else "check the network and the URL"
+        )
+        return KdpipeError(f"{url} cannot be reached: its storage endpoint does not answer ({first}); {hint}.")
+    return KdpipeError(f"{url} cannot be used ({name}: {first}).")
+
+
+def _probe(url: str, fs, inner: str) -> None:
+    """Reach a URL's storage once per process and root, so that missing credentials or an
+    endpoint that does not answer are one sentence before any work, not a botocore traceback
+    from the middle of it."""
+    root = url.split("://", 1)[0] + "://" + url.split("://", 1)[1].split("/", 1)[0]
+    if root in _REACHED or _protocol(url) in ("memory", "file", "local"):
+        return
+    try:
+        fs.exists(inner)
+    except (FileNotFoundError, PermissionError):
+        pass  # reached: what is (not) there is the caller's question
+    except Exception as err:  # noqa: BLE001 - botocore / google-auth / aiohttp errors
+        raise _unreachable(url, err) from None
+    _REACHED.add(root)
 
 
 @contextmanager
@@ -139,6 +204,40 @@ def atomic_write_bytes(path, write) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+@contextmanager
+def writer_lock(path, what: str, who: str) -> Iterator[None]:
+    """Hold the one-writer lock of ``what`` (e.g. "the target set 'default'") of the store at
+    ``path`` for the block: a second process that asks for it while the first writes gets one
+    sentence instead of writing over the first's arrays.
+
+    The lock is an OS file lock (``filelock``: fcntl / msvcrt, released when its process dies,
+    so a killed writer never leaves it held) in the temporary folder, keyed by the store's
+    absolute location, so nothing is added to the store. It covers writers on this machine."""
+    import hashlib
+    import tempfile
+
+    from filelock import FileLock, Timeout
+
+    key = normalize(path)
+    if not is_url(key):
+        key = os.path.abspath(key)
+    digest = hashlib.sha256(f"{key}\0{what}".encode()).hexdigest()[:24]
+    folder = os.path.join(tempfile.gettempdir(), "kdpipe-locks")
+    os.makedirs(folder, exist_ok=True)
+    lock = FileLock(os.path.join(folder, f"{digest}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise KdpipeError(
+            f"Another {who} is writing {what} of the store at {path} (it holds that lock); wait for it to "
+            "finish, or choose another name or store."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_bytes(path, data: bytes) -> None:

@@ -130,7 +130,7 @@ def test_sweep_values_of_the_wrong_type(cli_runner, tiny_store, tmp_path):
             _student_args(tiny_store, tmp_path, "--method", "cat_kd", "--sweep", "beta=a,b", "--executor", "inline"),
         )
     )
-    assert "beta='a'" in line
+    assert "beta" in line and "'a'" in line
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # refused before any trial
 
 

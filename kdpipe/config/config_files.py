@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdpipe.config.configs import ClusterConfig, ExtractConfig, StudentConfig
+from kdpipe.config.fields import SEED_MAX, check_section, check_value
 from kdpipe.errors import KdpipeError
 from kdpipe.recipes import CIFAR
 
@@ -134,11 +135,45 @@ def _fields(cls, section: dict, where: str, exclude=()) -> dict:
     return dict(section)
 
 
-def _section(doc: dict, key: str, where: str) -> dict:
-    value = doc.get(key) or {}
+def _section(doc: dict, key: str, where: str, required: bool = False) -> dict:
+    value = doc.get(key)
+    if value is None and required:
+        raise KdpipeError(f"{where}: {key} must be a mapping of settings, not null.")
+    value = value or {}
     if not isinstance(value, dict):
         raise KdpipeError(f"{where}: {key} must be a mapping, not {type(value).__name__}.")
     return value
+
+
+def _row_sections(doc: dict, teacher: dict, where: str) -> tuple[dict, dict | None, StudentConfig]:
+    """The extract, cluster and student sections of a row, every value typed (one sentence)."""
+    try:
+        extract = _fields(
+            ExtractConfig,
+            _section(doc, "extract", where),
+            f"{where} (extract)",
+            exclude=("teacher", "arch", "data", "out", "resume", "overwrite"),
+        )
+        extract = check_section(ExtractConfig, extract, "extract")
+        cluster = doc.get("cluster")
+        if cluster is not None:
+            cluster = _fields(
+                ClusterConfig,
+                _section(doc, "cluster", where),
+                f"{where} (cluster)",
+                exclude=("store", "teacher", "data", "resume", "overwrite"),
+            )
+            cluster = check_section(ClusterConfig, cluster, "cluster")
+        student = _fields(
+            StudentConfig, _section(doc, "student", where, required=True), f"{where} (student)", exclude=("store",)
+        )
+        student.setdefault("data", doc["data"])
+        student.setdefault("teacher_arch", teacher["arch"])
+        return extract, cluster, StudentConfig(**student)
+    except KdpipeError as err:
+        raise KdpipeError(f"{where}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise KdpipeError(f"{where} (student): {err}.") from None
 
 
 # ------------------------------------------------------------------------------ kdpipe rows
@@ -156,37 +191,29 @@ def load_row(path, sets=(), strict: bool = True) -> RowConfig:
     if unknown:
         raise KdpipeError(f"{where} has the unknown section {unknown[0]!r}; it takes {', '.join(ROW_SECTIONS)}.")
     doc = _expand(doc, where, strict)
-    teacher = _section(doc, "teacher", where)
+    teacher = _section(doc, "teacher", where, required="teacher" in doc)
+    for key in ("arch", "checkpoint"):
+        if teacher.get(key) is not None and not isinstance(teacher[key], str):
+            raise KdpipeError(f"{where}: teacher.{key} must be a string, not {teacher[key]!r}.")
+    if doc.get("data") is not None and not isinstance(doc["data"], str):
+        raise KdpipeError(f"{where}: data must be a data set spec (a string), not {doc['data']!r}.")
+    for key, kind, what in (("paper", dict, "a mapping"), ("name", str, "a string"), ("notes", str, "a string")):
+        if doc.get(key) is not None and not isinstance(doc[key], kind):
+            raise KdpipeError(f"{where}: {key} must be {what}, not {doc[key]!r}.")
     missing = [k for k in ("arch", "checkpoint") if not teacher.get(k)] + (["data"] if not doc.get("data") else [])
     if missing or "student" not in doc:
         raise KdpipeError(
             f"{where} needs teacher.arch, teacher.checkpoint, data and student "
             f"(missing: {', '.join(missing + ([] if 'student' in doc else ['student']))})."
         )
-    extract = _fields(
-        ExtractConfig,
-        _section(doc, "extract", where),
-        f"{where} (extract)",
-        exclude=("teacher", "arch", "data", "out", "resume", "overwrite"),
-    )
-    cluster = doc.get("cluster")
-    if cluster is not None:
-        cluster = _fields(
-            ClusterConfig,
-            _section(doc, "cluster", where),
-            f"{where} (cluster)",
-            exclude=("store", "teacher", "data", "resume", "overwrite"),
-        )
-    student = _fields(StudentConfig, _section(doc, "student", where), f"{where} (student)", exclude=("store",))
-    student.setdefault("data", doc["data"])
-    student.setdefault("teacher_arch", teacher["arch"])
-    try:
-        student_cfg = StudentConfig(**student)
-    except (TypeError, ValueError) as err:
-        raise KdpipeError(f"{where} (student): {err}.") from None
+    extract, cluster, student_cfg = _row_sections(doc, teacher, where)
     seeds = doc.get("seeds", [student_cfg.seed])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise KdpipeError(f"{where}: seeds must be a list of integers, not {seeds!r}.")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= SEED_MAX for s in seeds)
+    ):
+        raise KdpipeError(f"{where}: seeds must be a list of integers from 0 to {SEED_MAX}, not {seeds!r}.")
     return RowConfig(
         name=str(doc.get("name") or Path(path).stem),
         path=str(path),
@@ -318,7 +345,7 @@ def reference_student(doc: dict, where: str) -> tuple[dict, dict]:
             f"mdistiller keys of mdistiller/engine/cfg.py for {', '.join(sorted(methods))})."
         )
     v = {**known, **given}
-    if v["if_Augment"]:
+    if check_value("if_Augment", v["if_Augment"], (bool,), False, f"{where}: if_Augment"):
         raise KdpipeError(f"{where} sets if_Augment (TrivialAugment), which kdpipe's stores do not replay.")
     if str(v["SOLVER.TYPE"]).upper() != "SGD":
         raise KdpipeError(
@@ -332,24 +359,33 @@ def reference_student(doc: dict, where: str) -> tuple[dict, dict]:
         )
     imagenet = str(v["DATASET.TYPE"]).lower() == "imagenet"
     rename = (lambda n: _IMAGENET_NAMES.get(str(n), str(n))) if imagenet else str
+
+    def typed(key: str, name: str, base: type):
+        """The file's value of ``key`` as StudentConfig field ``name`` takes it (one sentence)."""
+        try:
+            return check_value(name, v[key], (base,), False, key)
+        except KdpipeError as err:
+            raise KdpipeError(f"{where}: {err}") from None
+
     fields = {
-        "student": rename(v["DISTILLER.STUDENT"]),
-        "teacher_arch": rename(v["DISTILLER.TEACHER"]),
+        "student": rename(typed("DISTILLER.STUDENT", "student", str)),
+        "teacher_arch": rename(typed("DISTILLER.TEACHER", "teacher_arch", str)),
         "method": methods[kind],
         "method_options": _method_options(methods[kind], v, where),
-        "epochs": int(v["SOLVER.EPOCHS"]),
-        "lr": float(v["SOLVER.LR"]),
-        "batch_size": int(v["SOLVER.BATCH_SIZE"]),
-        "momentum": float(v["SOLVER.MOMENTUM"]),
-        "weight_decay": float(v["SOLVER.WEIGHT_DECAY"]),
+        "epochs": typed("SOLVER.EPOCHS", "epochs", int),
+        "lr": typed("SOLVER.LR", "lr", float),
+        "batch_size": typed("SOLVER.BATCH_SIZE", "batch_size", int),
+        "momentum": typed("SOLVER.MOMENTUM", "momentum", float),
+        "weight_decay": typed("SOLVER.WEIGHT_DECAY", "weight_decay", float),
         "nesterov": False,
-        "milestones": [int(m) for m in v["SOLVER.LR_DECAY_STAGES"]],
-        "lr_decay": float(v["SOLVER.LR_DECAY_RATE"]),
+        "milestones": typed("SOLVER.LR_DECAY_STAGES", "milestones", list),
+        "lr_decay": typed("SOLVER.LR_DECAY_RATE", "lr_decay", float),
         "recipe": "imagenet" if imagenet else "cifar",
     }
-    if v["DATASET.REDUCTION"]:
+    if typed("DATASET.REDUCTION", "reduction", bool):
         fields.update(
-            reserved_classes=int(v["DATASET.RESERVED_CLASS_NUM"]), reserved_rate=float(v["DATASET.RESERVED_RATE"])
+            reserved_classes=typed("DATASET.RESERVED_CLASS_NUM", "reserved_classes", int),
+            reserved_rate=typed("DATASET.RESERVED_RATE", "reserved_rate", float),
         )
     from kdpipe.methods import get
 
@@ -387,5 +423,7 @@ def student_from_file(path, sets=(), overrides: dict | None = None) -> tuple[Stu
             fields[key] = value
     try:
         return StudentConfig(**fields), record
+    except KdpipeError as err:
+        raise KdpipeError(f"{where}: {err}") from None
     except (TypeError, ValueError) as err:
         raise KdpipeError(f"{where}: {err}.") from None

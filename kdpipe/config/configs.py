@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdpipe.config.fields import check_fields, check_method_options
 from kdpipe.errors import KdpipeError
 from kdpipe.recipes import CIFAR
 
@@ -66,6 +67,9 @@ class TeacherConfig:
     data_parallel: int = 1  # Ray Train workers (--gpus N)
     sync_bn: bool = False  # SyncBatchNorm across workers (CUDA)
 
+    def __post_init__(self):
+        check_fields(self, "teacher")
+
 
 @dataclass
 class ExtractConfig:
@@ -84,7 +88,7 @@ class ExtractConfig:
     methods: tuple = ()  # methods whose teacher arrays to add (at, fitnet, simkd, ...)
     pad_mode: str | None = None  # None: the data set's default (zero)
     shard_size: int | None = None
-    batch_size: int = 256
+    batch_size: int | None = None  # None: 256, or the resumed store's own (stages/extract.py)
     seed: int = 0
     executor: str = "ray"
     ray_address: str | None = None
@@ -97,6 +101,7 @@ class ExtractConfig:
         self.cam_res = _tupled(self.cam_res)
         self.features = _tupled(self.features)
         self.methods = _tupled(self.methods)
+        check_fields(self, "extract")
 
 
 @dataclass
@@ -111,7 +116,7 @@ class ClusterConfig:
     topk: int = 16  # the most penultimate probabilities kept per location
     topk_mass: float = 0.999  # keep the smallest k holding this mass everywhere
     temperature: float = 1.0
-    student_grid: tuple | None = None
+    student_grid: str | tuple | None = None  # "HxW" or (H, W)
     max_fit_points: int | None = None  # None: every vector, as the reference
     fit_views: str = "identity"
     seed: int = 0
@@ -129,6 +134,7 @@ class ClusterConfig:
     device: str | None = None
 
     def __post_init__(self):
+        check_fields(self, "cluster")
         if self.student_grid is not None and not isinstance(self.student_grid, str):
             self.student_grid = tuple(self.student_grid)
 
@@ -166,9 +172,13 @@ class StudentConfig:
     reserved_classes: int | None = None  # train on the first N classes only (CAT data reduction)
     reserved_rate: float = 1.0  # ... and on this share of each class's samples
     teacher_arch: str | None = None  # the teacher, where no store names it (--print-config)
+    drop_last: bool | None = None  # drop an epoch's last incomplete batch; None: as the method's reference
 
     def __post_init__(self):
-        self.method_options = dict(self.method_options or {})
+        if self.method_options is None:
+            self.method_options = {}
+        check_fields(self, "student")
+        self.method_options = check_method_options(self.method, self.method_options, "student.method_options")
         if self.milestones is not None:
             self.milestones = [int(m) for m in self.milestones]
 

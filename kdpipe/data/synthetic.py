@@ -29,6 +29,10 @@ SYNTHETIC_MEAN = (0.4991, 0.5003, 0.4989)
 SYNTHETIC_STD = (0.1659, 0.1858, 0.1608)
 
 _NOISE_STD = 0.12
+# Generated in memory: more than this is a typo (n=1e12), refused before any allocation.
+MAX_CLASSES = 100_000
+MAX_SIZE = 1024
+MAX_GB = 8
 _SPLIT_STREAM = {"train": 1, "test": 2}
 
 
@@ -49,6 +53,17 @@ def parse_synthetic_options(text: str) -> dict:
             raise DataError(f"synthetic option {key} must be an integer; got {value!r}.") from None
     if options["n"] < 1 or options["classes"] < 2 or options["size"] < 8 or options["seed"] < 0:
         raise DataError(f"synthetic needs n >= 1, classes >= 2, size >= 8 and seed >= 0; got {options}.")
+    if options["classes"] > MAX_CLASSES or options["size"] > MAX_SIZE or options["seed"] >= 2**63:
+        raise DataError(
+            f"synthetic takes classes <= {MAX_CLASSES}, size <= {MAX_SIZE} and seed < 2**63; got {options}."
+        )
+    both = options["n"] + max(options["classes"], options["n"] // 4)  # the train and test splits' images
+    gigabytes = both * 3 * options["size"] ** 2 / 1e9
+    if gigabytes > MAX_GB:
+        raise DataError(
+            f"synthetic:n={options['n']},classes={options['classes']},size={options['size']} would hold "
+            f"{gigabytes:,.0f} GB of images in memory; at most {MAX_GB} GB (lower n or size)."
+        )
     return options
 
 

@@ -38,6 +38,7 @@ whole process dies, which is how a killed driver is simulated).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from kdpipe import storage
 from kdpipe.errors import KdpipeError
 
 
@@ -133,6 +135,8 @@ def init_local_ray(num_cpus: int | None = None) -> None:
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which Ray reads when it is first imported. kdpipe
     sets it before that import when Ray is not imported yet; where Ray was imported with cluster
     mode on, a local Ray would listen on every interface, so that is refused in one sentence.
+    The new Ray is this process's own even where another runs on the machine (a `ray start
+    --head` cluster, or a dead one's address file): only --ray-address joins a cluster.
     """
     prepare_ray_import(None)
     import ray
@@ -142,7 +146,17 @@ def init_local_ray(num_cpus: int | None = None) -> None:
             f"Ray was imported before kdpipe could keep its local cluster on 127.0.0.1; set "
             f"{_LOOPBACK_ENV}=0 before importing ray, or pass --ray-address to join a cluster."
         )
+    if os.environ.get("RAY_ADDRESS"):
+        print(
+            f"kdpipe: starting a local Ray of its own; RAY_ADDRESS={os.environ['RAY_ADDRESS']} is not used "
+            "(pass --ray-address to join that cluster).",
+            file=sys.stderr,
+        )
     ctx = ray.init(
+        # "local": a new cluster whatever else runs here. Without it Ray joins the cluster named
+        # by RAY_ADDRESS or by the address file a `ray start --head` leaves in its temp folder
+        # (ray_current_cluster), also a dead one's, and refuses num_cpus for it.
+        address="local",
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
@@ -280,6 +294,19 @@ def _unwrap(err: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else err
 
 
+def _paths_in(value) -> list:
+    """The strings in worker arguments (dicts, lists, dataclasses such as PassSpec)."""
+    if isinstance(value, str):
+        return [value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _paths_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _paths_in(v)]
+    return []
+
+
 def run_shards(
     worker_cls,
     worker_kwargs,
@@ -304,6 +331,8 @@ def run_shards(
     shards = list(shards)
     if executor not in ("ray", "inline"):
         raise KdpipeError(f"The executor must be 'ray' or 'inline', not {executor!r}.")
+    if executor == "ray":  # before any worker starts: a worker would see an empty file system
+        storage.refuse_in_process_only(_paths_in(worker_kwargs), "Ray workers (--executor ray)")
     total = sum(int(getattr(s, "size", 1)) for s in shards)
     bar = tqdm(
         total=total,

@@ -136,6 +136,7 @@ class FitSpec:
     optimizer: Any
     scheduler: Any
     run: Any
+    drop_last: bool = False  # drop each epoch's last incomplete batch (letKD's reference)
     workers: Workers | None = None
     sync_bn: bool = False
     seed: int = 0
@@ -175,6 +176,7 @@ def fit(spec: FitSpec) -> dict:
         policy=spec.policy,
         epochs=epochs,
         batch_size=spec.batch_size,
+        drop_last=spec.drop_last,
         optimizer=spec.optimizer,
         scheduler=scheduler,
         scaler=scaler,
@@ -242,6 +244,7 @@ class _FitRun:
     eval_batch_size: int
     on_step: Callable | None
     loggers: EpochLoggers | None
+    drop_last: bool = False
 
 
 def _finish_epoch(r: _FitRun, row: dict, best: dict, epoch: int) -> dict:
@@ -276,7 +279,10 @@ def _train_epoch(r: _FitRun, epoch: int) -> tuple[dict, int, float]:
     device = train.device
     r.net.train()
     torch.manual_seed(epoch_seed(seed, epoch, SALT_TORCH) + workers.rank)
-    plan = source.plan(train.sample_indices, seed, epoch).shard(workers.rank, workers.world_size)
+    plan = source.plan(train.sample_indices, seed, epoch)
+    if r.drop_last:  # whole batches only (of the global batch size: every worker's share is whole)
+        plan = plan.head(plan.num_samples - plan.num_samples % r.batch_size)
+    plan = plan.shard(workers.rank, workers.world_size)
     local_batch = r.batch_size // workers.world_size
     source.begin_epoch(plan, local_batch)
     begin = getattr(r.loss_fn, "begin_epoch", None)  # the method's epoch hook (DKD's warm-up)

@@ -94,6 +94,18 @@ class EpochPlan:
                 self.params[start:stop],
             )
 
+    def head(self, count: int) -> EpochPlan:
+        """The first ``count`` positions (``drop_last``: the plan cut to whole batches)."""
+        if count >= self.num_samples:
+            return self
+        return EpochPlan(
+            self.order[:count],
+            self.params[:count],
+            None if self.view_idx is None else self.view_idx[:count],
+            None if self.block_rank is None else self.block_rank[:count],
+            self.blocks,
+        )
+
     def shard(self, rank: int, world_size: int) -> EpochPlan:
         """Every ``world_size``-th position from ``rank``: one data-parallel worker's share.
         The plan is first cut to a multiple of ``world_size`` positions, so every worker runs

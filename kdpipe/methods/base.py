@@ -76,6 +76,10 @@ class Method:
     recorded_options: tuple[str, ...] = ()
     #: the student classifier the method's reference trains (``models.build(head=...)``)
     default_head: str = "linear"
+    #: whether the reference drops an epoch's last incomplete batch (StudentConfig.drop_last
+    #: None takes this): mdistiller and CAT-KD keep it (mdistiller/dataset/cifar100.py
+    #: DataLoader(shuffle=True), no drop_last)
+    reference_drop_last: bool = False
 
     @classmethod
     def options_from_reference(cls, options: dict, values: dict) -> dict:

@@ -92,10 +92,44 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+class _WriteErrors:
+    """A file handle that remembers the OSError its ``write`` raised: torch's zip writer turns
+    it into ``RuntimeError: [enforce fail at inline_container.cc] ... file write failed``."""
+
+    def __init__(self, fh):
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+
 def save_checkpoint_file(path, state: dict) -> Path:
-    """``torch.save(state, path)`` atomically. Returns the path."""
+    """``torch.save(state, path)`` atomically (a temporary sibling, then ``os.replace``: the
+    previous checkpoint stays whole). Returns the path. A write that fails (a full disk) is
+    the OSError it is, with the checkpoint's path, not torch's zip-writer RuntimeError."""
     path = Path(path)
-    atomic_write_bytes(path, lambda fh: torch.save(state, fh))
+
+    def write(fh) -> None:
+        handle = _WriteErrors(fh)
+        try:
+            torch.save(state, handle)
+        except RuntimeError as err:
+            cause = handle.error
+            if cause is None and "write" not in str(err):
+                raise
+            errno_ = cause.errno if cause is not None else None
+            reason = cause.strerror if cause is not None else str(err).strip().splitlines()[-1]
+            raise OSError(errno_, reason or "the write failed", str(path)) from None
+
+    atomic_write_bytes(path, write)
     return path
 
 

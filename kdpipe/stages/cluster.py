@@ -54,6 +54,7 @@ store and settings -> identical arrays.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import time
 from dataclasses import dataclass, field
@@ -232,6 +233,10 @@ def _check_options(cfg: ClusterConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise KdpipeError("--resume and --overwrite exclude each other: continue the target set or replace it.")
     check_executor(cfg.executor)
+    if cfg.executor == "ray":
+        storage.refuse_in_process_only(
+            [cfg.store, cfg.teacher, (cfg.data or "").split(":", 1)[-1]], "Ray workers (--executor ray)"
+        )
 
 
 def _store_labels(reader) -> np.ndarray:
@@ -298,7 +303,46 @@ def _check_data(reader, data: str) -> None:
     reader.check_dataset(load_dataset(data, reader.manifest.dataset.split))
 
 
-def _existing_set(cfg, writer, reader) -> bool:
+def _recorded_options(cfg: ClusterConfig, attrs: dict) -> dict:
+    """option -> (the value given now, the value the interrupted pass was fitted with), for
+    every option that changes the fit or the targets (ClusterConfig field names)."""
+    extra = attrs.get("extra") or {}
+    grid = attrs.get("student_grid")
+    pairs = {
+        "k_penult": (int(cfg.k_penult), attrs.get("k_penult")),
+        "k_inter": (int(cfg.k_inter), attrs.get("k_inter")),
+        "topk": (int(min(cfg.topk, cfg.k_penult)), attrs.get("topk_cap")),
+        "topk_mass": (float(cfg.topk_mass), attrs.get("topk_mass")),
+        "temperature": (float(cfg.temperature), attrs.get("temperature")),
+        "student_grid": (parse_grid(cfg.student_grid), tuple(grid) if grid else None),
+        "max_fit_points": (cfg.max_fit_points, attrs.get("max_fit_points")),
+        "fit_views": (cfg.fit_views, attrs.get("fit_views")),
+        "seed": (int(cfg.seed), attrs.get("seed")),
+        "niter": (int(cfg.niter), attrs.get("kmeans_niter")),
+    }
+    if cfg.lda_dims is not None:
+        pairs["lda_dims"] = (int(cfg.lda_dims), attrs.get("lda_dims"))
+    if cfg.kmeans_backend != "auto" and extra.get("kmeans_backend"):
+        pairs["kmeans_backend"] = (cfg.kmeans_backend, extra.get("kmeans_backend"))
+    if extra.get("assign_batch_size") is not None:  # the teacher's float16 outputs depend on it
+        pairs["batch_size"] = (int(cfg.batch_size), extra.get("assign_batch_size"))
+    return pairs
+
+
+def _check_resume_options(cfg: ClusterConfig, attrs: dict, given) -> None:
+    """--resume continues the pass as it was fitted: options that differ from it (among
+    ``given``, the ones the user typed; every option when None) are refused, naming them."""
+    pairs = _recorded_options(cfg, attrs)
+    differ = [k for k, (now, then) in pairs.items() if (given is None or k in given) and now != then]
+    if differ:
+        listed = ", ".join(f"--{k.replace('_', '-')} {pairs[k][0]} (fitted with {pairs[k][1]})" for k in differ)
+        raise KdpipeError(
+            f"--resume continues the target set {cfg.name!r} as it was fitted; these options differ from "
+            f"it: {listed}; leave them out, or pass --overwrite to fit it again."
+        )
+
+
+def _existing_set(cfg, writer, reader, given=None) -> bool:
     """Handle a target set of the same name: refuse, replace, or resume its assignment pass.
     Returns True when the assignment pass is resumed (its fit is kept)."""
     existing = reader.manifest.targets.get(cfg.name)
@@ -312,12 +356,13 @@ def _existing_set(cfg, writer, reader) -> bool:
             "replace it or choose another --name."
         )
     if cfg.resume and (existing.attrs.get("extra") or {}).get("fit_done"):
+        _check_resume_options(cfg, existing.attrs, given)
         return True
     writer.delete_target_set(cfg.name)  # replaced (--overwrite) or left incomplete by an interrupted run
     return False
 
 
-def _prepare(cfg: ClusterConfig) -> ClusterPlan:
+def _prepare(cfg: ClusterConfig, given=None) -> ClusterPlan:
     from kdpipe.artifacts import StoreWriter, open_store
 
     _check_options(cfg)
@@ -338,7 +383,7 @@ def _prepare(cfg: ClusterConfig) -> ClusterPlan:
     if not data:
         raise StoreError(f"The store at {reader.path} does not record its data set; pass --data.")
     _check_data(reader, data)
-    resume = _existing_set(cfg, writer, reader)
+    resume = _existing_set(cfg, writer, reader, given)
     return ClusterPlan(
         cfg=cfg,
         writer=writer,
@@ -585,6 +630,7 @@ def _fit(plan: ClusterPlan, progress: bool) -> dict:
             "k_needed_view_probe": int(k_probe),
             "view_probe_images": PROBE_VIEWS,
             "kmeans_backend": km.backend,
+            "assign_batch_size": int(cfg.batch_size),  # a resume keeps it (_check_resume_options)
             "seconds": {"fit_read": round(t_read - t0, 3), "fit": round(t_fit - t_read, 3)},
         },
     )
@@ -676,18 +722,29 @@ def _retained_mass(plan: ClusterPlan, record: TargetSet) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- the stage
-def cluster(cfg: ClusterConfig, progress: bool = True, verbose: bool = True) -> dict:
+def cluster(cfg: ClusterConfig, progress: bool = True, verbose: bool = True, given=None) -> dict:
     """Fit letKD's targets and write them for every stored view into ``targets/<name>/``.
 
-    Returns a summary dict (also printed when ``verbose``)."""
+    ``given``: the option names the user typed (the CLI); a resume refuses those that differ
+    from the interrupted pass (every option when None). Returns a summary dict (also printed
+    when ``verbose``)."""
+    t0 = time.perf_counter()
+    _check_options(cfg)
+    with storage.writer_lock(cfg.store, f"the target set {cfg.name!r}", "kdpipe cluster"):
+        return _cluster(cfg, given, t0, progress, verbose)
+
+
+def _cluster(cfg: ClusterConfig, given, t0: float, progress: bool, verbose: bool) -> dict:
     from kdpipe.distributed.executor import ray_cluster
 
-    t0 = time.perf_counter()
-    plan = _prepare(cfg)
+    plan = _prepare(cfg, given)
     ctx = ray_cluster(cfg.ray_address) if cfg.executor == "ray" else contextlib.nullcontext()
     with ctx:
         if plan.resume_assign:
             record = plan.reader.target_set(plan.name, include_incomplete=True)
+            recorded_batch = record.extra.get("assign_batch_size")
+            if recorded_batch is not None:  # the rest of the pass as its start: bit for bit
+                plan.cfg = dataclasses.replace(plan.cfg, batch_size=int(recorded_batch))
         else:
             record = TargetSet.from_json(plan.name, _fit(plan, progress))
             _assign_arrays(plan, record)

@@ -34,9 +34,11 @@ def evaluate(
 ) -> dict:
     """Accuracy of ``checkpoint`` (a .pth file, or a run directory: its best checkpoint, or
     its teacher checkpoint for teacher runs) on ``split`` of ``data``."""
+    from kdpipe.config.fields import check_value
     from kdpipe.data import load_dataset
     from kdpipe.models import load_teacher
 
+    batch_size = check_value("batch_size", batch_size, (int,), False, "--batch-size")
     t0 = time.perf_counter()
     path = storage.normalize(checkpoint)  # a local path or a URL (kdpipe.storage)
     model = None

@@ -24,6 +24,7 @@ is set only when every shard is done; a failure leaves it false and says how to 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -31,6 +32,7 @@ import time
 import numpy as np
 import torch
 
+from kdpipe import storage
 from kdpipe.config.configs import ExtractConfig, check_executor
 from kdpipe.distributed.executor import KillWorkerOnce
 from kdpipe.distributed.teacher_pass import PassSpec, identity_column, pass_summary, probe_rows, run_pass
@@ -142,6 +144,11 @@ def auto_shard_size(bytes_per_sample: int, num_samples: int) -> int:
     return max(1, size)
 
 
+#: images per teacher forward pass unless given (and, for a resume, unless the store records one)
+DEFAULT_BATCH_SIZE = 256
+BATCH_SIZE_KEY = "extract_batch_size"
+
+
 def _check_arguments(cfg: ExtractConfig) -> ExtractConfig:
     from kdpipe.artifacts import existing_store
 
@@ -149,13 +156,13 @@ def _check_arguments(cfg: ExtractConfig) -> ExtractConfig:
     sizes, native = parse_cam_res(cfg.cam_res)
     cfg.cam_res, cfg.native_cam = sizes, bool(cfg.native_cam or native)
     check_executor(cfg.executor)
+    if cfg.executor == "ray":
+        storage.refuse_in_process_only([cfg.out, cfg.teacher, cfg.data.split(":", 1)[-1]], "Ray workers")
     method_kinds(cfg.methods)  # an unknown method name is one sentence now
     if cfg.resume and cfg.overwrite:
         raise KdpipeError("--resume and --overwrite exclude each other: continue the store or replace it.")
     if cfg.shard_size is not None and int(cfg.shard_size) < 1:
         raise KdpipeError(f"--shard-size must be at least 1, not {cfg.shard_size}.")
-    if int(cfg.batch_size) < 1:
-        raise KdpipeError(f"--batch-size must be at least 1, not {cfg.batch_size}.")
     cfg.out = os.fspath(cfg.out)
     exists = existing_store(cfg.out)
     if exists and not (cfg.overwrite or cfg.resume):
@@ -164,7 +171,28 @@ def _check_arguments(cfg: ExtractConfig) -> ExtractConfig:
         )
     if cfg.resume and not exists:
         raise StoreError(f"There is no store at {cfg.out} to resume; run without --resume to create it.")
+    cfg.batch_size = _batch_size(cfg)
     return cfg
+
+
+def _batch_size(cfg: ExtractConfig) -> int:
+    """The forward batch size: the given one, else (resume) the store's own, else the default.
+
+    The teacher's outputs depend on the batch size in their last float16 bits (convolution
+    algorithms differ by batch), so a store is continued with the batch size it was started
+    with: another one is refused rather than leaving shards that differ from an unbroken run."""
+    from kdpipe.artifacts import read_manifest
+
+    existing = read_manifest(cfg.out) if cfg.resume else None
+    recorded = existing.extra.get(BATCH_SIZE_KEY) if existing is not None else None
+    if cfg.batch_size is None:
+        return int(recorded or DEFAULT_BATCH_SIZE)
+    if recorded is not None and int(cfg.batch_size) != int(recorded):
+        raise KdpipeError(
+            f"--resume continues the store with its batch size {recorded} (the teacher's float16 outputs "
+            f"depend on it); leave out --batch-size {cfg.batch_size}, or pass --overwrite to start again."
+        )
+    return int(cfg.batch_size)
 
 
 # ------------------------------------------------------------------------------ planning
@@ -182,6 +210,21 @@ def _probe(dataset, policy, teacher, cfg) -> tuple[torch.Tensor, torch.Tensor, i
             f"The teacher has {num_classes} outputs but the data set {cfg.data} has {dataset.num_classes} classes."
         )
     return probe, labels, num_classes
+
+
+def _check_cam_sizes(cfg, teacher, probe) -> None:
+    """A pooled CAM only shrinks the teacher's map: a size above it stores copies of its cells
+    (--cam-res 64 on an 8x8 CAM is a 64-fold larger store) and is refused before any work."""
+    cam = teacher.forward_features(probe)[1].get("cam")
+    if cam is None or not cfg.cam_res:
+        return
+    h, w = (int(x) for x in cam.shape[-2:])
+    larger = [r for r in cfg.cam_res if r > min(h, w)]
+    if larger:
+        raise KdpipeError(
+            f"--cam-res {','.join(map(str, larger))} is larger than the teacher's {h}x{w} CAM; pooled "
+            f"sizes go up to {min(h, w)} (pass 'native' for the map itself)."
+        )
 
 
 def _array_specs(kinds, shapes: dict, n: int, num_views: int, param_dim: int) -> list:
@@ -233,7 +276,7 @@ def _manifest(cfg, dataset, views_entry: dict, num_classes: int, specs: list, sh
         "std": list(dataset.std),
         "image_size": list(dataset.image_size),
     }
-    return build_manifest(
+    manifest = build_manifest(
         teacher=teacher,
         dataset=data,
         views=views_entry,
@@ -242,6 +285,8 @@ def _manifest(cfg, dataset, views_entry: dict, num_classes: int, specs: list, sh
         shard_size=shard_size,
         num_samples=len(dataset),
     )
+    # a resume continues with the batch size (_batch_size): kept among the manifest's extra keys
+    return dataclasses.replace(manifest, extra={**manifest.extra, BATCH_SIZE_KEY: int(cfg.batch_size)})
 
 
 def _store_layout(cfg, dataset, policy, teacher) -> dict:
@@ -254,6 +299,7 @@ def _store_layout(cfg, dataset, policy, teacher) -> dict:
     num_views = int(table.shape[1])
     kinds = extraction_kinds(cfg)
     probe, labels, num_classes = _probe(dataset, policy, teacher, cfg)
+    _check_cam_sizes(cfg, teacher, probe)
     specs = _array_specs(kinds, probe_rows(kinds, teacher, probe, labels), n, num_views, policy.param_dim)
     static = static_arrays(kinds, teacher, probe, labels)
     shard_size = _shard_size(cfg, specs, n)
@@ -326,7 +372,7 @@ def extract_teacher(
         split=cfg.split,
         num_classes=layout["num_classes"],
         kinds=layout["kinds"],
-        batch_size=int(cfg.batch_size),
+        batch_size=_batch_size(cfg),
         device=cfg.device,
         fingerprint=dataset.fingerprint,
         pad_mode=cfg.pad_mode,

@@ -180,13 +180,21 @@ def verify_report(reader, verbose: bool = True) -> list:
     return damage
 
 
+#: the most images one picture shows (a row each: more is unreadable and takes minutes to draw)
+MAX_PICTURE_IMAGES = 64
+#: the most random views --fidelity runs the teacher on (a few thousand give three digits)
+MAX_FIDELITY_SAMPLES = 65536
+
+
 def _check_options(cams, subclasses, png, fidelity, teacher, num_samples) -> None:
     """Refuse bad combinations before any store is opened."""
     for value, option in ((cams, "--cams"), (subclasses, "--subclasses")):
-        if value is not None and int(value) < 0:
-            raise KdpipeError(f"{option} takes a number of images (0 or more), not {value}.")
-    if fidelity and int(num_samples) < 1:
-        raise KdpipeError(f"--num-samples must be at least 1, not {num_samples}.")
+        if value is not None and not 0 <= int(value) <= MAX_PICTURE_IMAGES:
+            raise KdpipeError(
+                f"{option} takes a number of images from 0 to {MAX_PICTURE_IMAGES} (one picture), not {value}."
+            )
+    if fidelity and not 1 <= int(num_samples) <= MAX_FIDELITY_SAMPLES:
+        raise KdpipeError(f"--num-samples must be from 1 to {MAX_FIDELITY_SAMPLES}, not {num_samples}.")
     if (cams or subclasses) and not png:
         raise KdpipeError("--cams and --subclasses draw a picture: pass --png PATH for it.")
     if cams and subclasses:

@@ -123,7 +123,25 @@ class StudentSetup:
             "train_samples": int(len(self.subset)) if self.subset is not None else len(self.train_set),
             "test_samples": len(self.test_set),
             "target_set": self.target_set.to_json() if self.target_set else None,
+            "store_identity": store_identity(self.reader),
         }
+
+
+def store_identity(reader) -> dict | None:
+    """What makes a store's targets what they are (``kdpipe run`` reuses a finished student only
+    when its store's identity equals the row's store's): the teacher's sha256, the data set's
+    fingerprint and split, and the stored views."""
+    if reader is None:
+        return None
+    m = reader.manifest
+    teacher, data = m.get("teacher") or {}, m.get("dataset") or {}
+    return {
+        "teacher_sha256": teacher.get("sha256"),
+        "teacher_arch": teacher.get("arch"),
+        "dataset_fingerprint": data.get("fingerprint"),
+        "dataset_split": data.get("split"),
+        "views": m.get("views"),
+    }
 
 
 def _check_config(cfg: StudentConfig) -> None:
@@ -137,6 +155,8 @@ def _check_config(cfg: StudentConfig) -> None:
         raise KdpipeError("The reserved-classes reduction needs at least 1 class and a rate in (0, 1].")
     if int(cfg.data_parallel) < 1:
         raise KdpipeError(f"--gpus must be at least 1, got {cfg.data_parallel}.")
+    if int(cfg.data_parallel) > 1:
+        storage.refuse_in_process_only([cfg.store, cfg.online_teacher], "the Ray Train workers of --gpus")
     if cfg.subset_fraction is not None and not 0 < float(cfg.subset_fraction) <= 1:
         raise KdpipeError(f"--subset-fraction must be in (0, 1], got {cfg.subset_fraction}.")
     if cfg.online_teacher is not None and not storage.isfile(cfg.online_teacher):
@@ -154,6 +174,8 @@ def _recipe(method, cfg: StudentConfig) -> dict:
         "weight_decay": float(cfg.weight_decay if cfg.weight_decay is not None else base.get("weight_decay", 5e-4)),
         "nesterov": bool(cfg.nesterov if cfg.nesterov is not None else base.get("nesterov", False)),
         "lr_decay": float(cfg.lr_decay if cfg.lr_decay is not None else base.get("lr_decay", 0.1)),
+        # letKD's reference drops the last incomplete batch, mdistiller / CAT-KD keep it
+        "drop_last": bool(cfg.drop_last if cfg.drop_last is not None else method.reference_drop_last),
     }
     if r["epochs"] < 1:
         raise KdpipeError(f"--epochs must be at least 1, got {r['epochs']}.")
@@ -286,6 +308,8 @@ def resolve_student(cfg: StudentConfig) -> StudentSetup:
         subset = subset_indices(train_set.labels, float(cfg.subset_fraction), int(cfg.subset_seed))
     if cfg.reserved_classes is not None:
         subset = reserved_subset(train_set.labels, int(cfg.reserved_classes), float(cfg.reserved_rate))
+    recipe = _recipe(method, cfg)
+    _check_whole_batch(recipe, len(subset) if subset is not None else len(train_set))
     return StudentSetup(
         cfg=cfg,
         reader=reader,
@@ -293,11 +317,19 @@ def resolve_student(cfg: StudentConfig) -> StudentSetup:
         train_set=train_set,
         test_set=load_dataset(cfg.data, "test"),
         teacher_arch=teacher_arch,
-        recipe=_recipe(method, cfg),
+        recipe=recipe,
         policy=with_pad_mode(train_set.policy, pad_mode),
         target_set=target_set,
         subset=subset,
     )
+
+
+def _check_whole_batch(recipe: dict, samples: int) -> None:
+    if recipe["drop_last"] and samples < recipe["batch_size"]:
+        raise KdpipeError(
+            f"drop_last keeps whole batches only, and the {samples} training images make no batch of "
+            f"{recipe['batch_size']}; lower the batch size or set drop_last false."
+        )
 
 
 def teacher_info(method, reader, cfg: StudentConfig, train_set, teacher_arch: str | None):
@@ -520,6 +552,7 @@ def _train_here(setup: StudentSetup, run, runtime: Runtime, resume: bool, worker
             policy=setup.policy,
             epochs=r["epochs"],
             batch_size=r["batch_size"],
+            drop_last=r["drop_last"],
             optimizer=optimizer,
             scheduler=scheduler,
             run=run,

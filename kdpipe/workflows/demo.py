@@ -415,16 +415,55 @@ def _check_settings(s: DemoSettings, out: Path) -> None:
     unknown = [label for label in s.students if label not in STUDENT_RUNS]
     if unknown:
         raise KdpipeError(f"Unknown demo student run {unknown[0]!r}; choose from {', '.join(STUDENT_RUNS)}.")
-    for name in ("teacher_epochs", "student_epochs", "k_penult", "k_inter", "batch_size"):
-        if int(getattr(s, name)) < 1:
-            raise KdpipeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}.")
+    from kdpipe.config.fields import check_value
+
+    for name, field_name in (
+        ("teacher_epochs", "epochs"),
+        ("student_epochs", "epochs"),
+        ("k_penult", "k_penult"),
+        ("k_inter", "k_inter"),
+        ("batch_size", "batch_size"),
+    ):
+        check_value(field_name, getattr(s, name), (int,), False, f"--{name.replace('_', '-')}")
+    for seed in s.seeds:
+        check_value("seed", seed, (int,), False, "--seeds")
     if not s.seeds:
         raise KdpipeError("--seeds needs at least one seed.")
     if out.exists() and not out.is_dir():
         raise KdpipeError(f"--out {out} is a file; the demo needs a folder (it creates it when missing).")
-    resolve_views(load_dataset(DATA, "train").policy, s.views)  # a bad --views is one sentence now
+    train = load_dataset(DATA, "train")
+    resolve_views(train.policy, s.views)  # a bad --views is one sentence now
+    _check_cluster_sizes(s, train)
     for label in s.students:
         get_method(_run_spec(label)[0], **{k: v for k, v in _run_spec(label)[1].items() if v is not None})
+
+
+def _check_cluster_sizes(s: DemoSettings, train) -> None:
+    """K-means needs a vector per centre: --k-penult above the teacher's penult vectors of the
+    fit set (every train image's identity view, each location of its map) and --k-inter above
+    the smallest class's inter vectors are refused now, not after the teacher and the store."""
+    import numpy as np
+    import torch
+
+    from kdpipe.models import build
+
+    teacher = build(s.teacher_arch, num_classes=train.num_classes).eval()
+    with torch.no_grad():
+        _, feats = teacher.forward_features(torch.zeros((1, 3, *train.image_size)))
+    penult = len(train) * int(np.prod(feats["penult"].shape[-2:]))
+    if s.max_fit_points is not None:
+        penult = min(penult, int(s.max_fit_points))
+    smallest = int(np.bincount(np.asarray(train.labels)).min()) * int(np.prod(feats["inter"].shape[-2:]))
+    if s.k_penult > penult:
+        raise KdpipeError(
+            f"--k-penult {s.k_penult} asks for more K-means centres than the {penult} penult vectors "
+            f"the demo's fit set has; pass at most {penult}."
+        )
+    if s.k_inter > smallest:
+        raise KdpipeError(
+            f"--k-inter {s.k_inter} asks for more sub-classes than the {smallest} inter vectors of the "
+            f"demo's smallest class; pass at most {smallest}."
+        )
 
 
 def _draw_pictures(store, ckpt, s: DemoSettings, rows: list, report: Path) -> dict:

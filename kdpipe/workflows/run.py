@@ -9,8 +9,10 @@ its letKD target set when it has a ``cluster`` section, then its student for eve
   (``<arch>-<sha8>-<data>-<settings hash>.zarr``), so a later call finds it; a complete store
   is reused, an interrupted one resumed.
 - **Target sets are shared** the same way (named by a hash of their settings).
-- **Students resume**: each (config, seed) has one run directory ``<out>/<name>-s<seed>-*``;
-  a finished one (summary.json) is skipped, an interrupted one resumed.
+- **Students resume**: each (config, seed) has run directories ``<out>/<name>-s<seed>-*``;
+  a finished one (summary.json) is reused and an interrupted one resumed only when its resolved
+  configuration (store identity: teacher sha256, data fingerprint, views; target set) equals
+  what the row resolves to now; otherwise a new run is trained.
 - The end: ``<out>/results.md`` and ``results.csv``, one line per config (mean and sample
   std of the final and best top-1 over its seeds, beside the paper's number).
 """
@@ -165,13 +167,45 @@ def _ensure_target_set(row: RowConfig, store: str, executor: str, say) -> str | 
     return name
 
 
-def _run_dir_of(out: str, prefix: str) -> str | None:
-    """The latest run directory ``<out>/<prefix>-*`` (a path or URL), or None."""
+def _run_dirs_of(out: str, prefix: str) -> list[str]:
+    """The run directories ``<out>/<prefix>-*`` (paths or URLs), newest first."""
     if not storage.isdir(out):
-        return None
+        return []
     found = [storage.join(out, name) for name in storage.subfolders(out) if name.startswith(f"{prefix}-")]
-    found = [p for p in found if storage.isfile(storage.join(p, "config.json"))]
-    return found[-1] if found else None
+    return [p for p in reversed(found) if storage.isfile(storage.join(p, "config.json"))]
+
+
+#: config.json keys that do not change what a student run computes
+_RUNTIME_KEYS = ("device", "config_file")
+
+
+def _comparable(resolved: dict) -> str:
+    """A resolved student configuration as canonical JSON, without the runtime-only keys."""
+    return json.dumps({k: v for k, v in resolved.items() if k not in _RUNTIME_KEYS}, sort_keys=True, default=str)
+
+
+def _matching_run(candidates: list[str], cfg) -> tuple[str | None, str | None]:
+    """(a finished run, an interrupted run) among ``candidates`` whose resolved configuration,
+    store identity (teacher sha256, data fingerprint, views) and target set included, equals
+    what ``cfg`` resolves to now; a run of another teacher, store or config is never reused."""
+    from kdpipe.stages.train import resolve_student
+
+    if not candidates:
+        return None, None
+    want = _comparable(resolve_student(cfg.with_absolute_paths()).resolved())
+    finished = interrupted = None
+    for path in candidates:
+        try:
+            saved = json.loads(storage.read_bytes(storage.join(path, "config.json")))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(saved, dict) or _comparable(saved) != want:
+            continue
+        if storage.isfile(storage.join(path, "summary.json")):
+            finished = finished or path
+        elif storage.isfile(storage.join(path, "checkpoints", "latest.pth")):
+            interrupted = interrupted or path
+    return finished, interrupted
 
 
 def _train_row(row: RowConfig, store: str, target_set: str | None, out: str, say) -> list[dict]:
@@ -180,16 +214,19 @@ def _train_row(row: RowConfig, store: str, target_set: str | None, out: str, say
     results = []
     for seed in row.seeds:
         prefix = f"{row.name}-s{seed}"
-        existing = _run_dir_of(out, prefix)
-        if existing is not None and storage.isfile(storage.join(existing, "summary.json")):
-            say(f"{prefix}: done earlier ({existing})")
-            results.append(json.loads(storage.read_bytes(storage.join(existing, "summary.json"))))
-            continue
-        if existing is not None and storage.isfile(storage.join(existing, "checkpoints", "latest.pth")):
-            say(f"{prefix}: resuming {existing}")
-            results.append(train_student(resume=existing))
-            continue
         cfg = dataclasses.replace(row.student, store=store, seed=int(seed), targets=target_set or row.student.targets)
+        candidates = _run_dirs_of(out, prefix)
+        finished, interrupted = _matching_run(candidates, cfg)
+        if finished is not None:
+            say(f"{prefix}: done earlier ({finished})")
+            results.append(json.loads(storage.read_bytes(storage.join(finished, "summary.json"))))
+            continue
+        if interrupted is not None:
+            say(f"{prefix}: resuming {interrupted}")
+            results.append(train_student(resume=interrupted))
+            continue
+        if candidates:
+            say(f"{prefix}: {len(candidates)} earlier run(s) of another store or config; training a new one")
         say(f"{prefix}: training {cfg.student} with {cfg.method}")
         results.append(train_student(cfg, out=out, run_prefix=prefix))
     return results

@@ -44,6 +44,7 @@ import itertools
 import json
 import math
 
+from kdpipe import storage
 from kdpipe.errors import KdpipeError
 from kdpipe.runs.paths import absolute_path
 from kdpipe.runs.report import mean_std
@@ -196,6 +197,8 @@ def _trial_configs(base, grid: dict) -> list:
 def _execute(sweep_dir: str, base, grid: dict, options: SweepOptions, restore: bool) -> dict:
     points = expand_grid(grid)
     results: list[dict | None]
+    if options.executor == "ray":  # the trials run in Ray Tune's processes
+        storage.refuse_in_process_only([base.store, base.online_teacher, sweep_dir], "Ray Tune trials")
     if options.executor == "inline":
         results = _run_inline(sweep_dir, base, points, options)
     else:

@@ -148,6 +148,10 @@ class LetKD(Method):
     softmax over the K centres, as the reference computes it each step: online only).
     """
 
+    #: letKD-framework distillation/dataloaders/basic_dataloaders.py SimpleDataloader:
+    #: DataLoader(..., shuffle=train, drop_last=train)
+    reference_drop_last = True
+
     def __init__(
         self,
         level: int = 1,
