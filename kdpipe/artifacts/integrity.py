@@ -17,6 +17,11 @@ Three layers (every array of a store is chunked along its first axis only):
 
 Every chunk is written, also one equal to the fill value (``write_empty_chunks``), so a
 missing chunk file always means damage.
+
+Per-view arrays of new stores are zarr shards (``kdpipe.artifacts.row_reads``): one object per
+block of samples, as a chunk was, holding one inner chunk per (sample, view) row, each closed
+by its crc32c, and an index closed by its crc32c. A shard's digest is its index's crc32c
+extended with those of its first and last rows (``_shard_digest``).
 """
 
 from __future__ import annotations
@@ -53,8 +58,13 @@ def digest_name(array: str) -> str:
     return f"{DIGESTS}/{array}"
 
 
+def _outer_chunks(array) -> tuple:
+    """The chunk shape on storage: the shard's for a sharded array (one object per shard)."""
+    return tuple(getattr(array, "shards", None) or array.chunks or ())
+
+
 def num_chunks(array) -> int:
-    rows = int(array.chunks[0]) if array.chunks else 1
+    rows = int(_outer_chunks(array)[0]) if _outer_chunks(array) else 1
     return max(1, -(-int(array.shape[0]) // rows)) if array.shape else 1
 
 
@@ -77,13 +87,43 @@ def _tail_digest(fs, key: str) -> int | None:
     return int.from_bytes(tail, "little") if len(tail) == 4 else None
 
 
+def _shard_digest(fs, key: str, arr) -> int | None:
+    """A shard's digest: the crc32c its index ends with, extended with the crc32c of its first
+    and of its last row. The index alone binds only the rows' sizes (two shards of fixed-size
+    rows have equal indices), the rows' own checksums bind their bytes, so a shard moved or
+    replaced is refused like a chunk (three small reads, no decoding)."""
+    import google_crc32c
+
+    tail = _tail_digest(fs, key)
+    if tail is None:
+        return None
+    inner = int(np.prod([s // c for s, c in zip(arr.shards, arr.chunks, strict=True)]))
+    try:
+        size = fs.size(key)
+        index = fs.cat_file(key, start=size - 4 - 16 * inner, end=size - 4)
+        entries = np.frombuffer(index, dtype="<u8").reshape(-1, 2)
+        value = tail.to_bytes(4, "little")
+        for offset, length in (entries[0], entries[-1]):
+            if int(length) < 4 or int(offset) + int(length) > size:
+                return 0  # an empty or impossible row: never a recorded digest
+            value += fs.cat_file(key, start=int(offset + length) - 4, end=int(offset + length))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return int(google_crc32c.value(value))
+
+
+def _object_digest(fs, key: str, arr) -> int | None:
+    """The digest of one chunk object: its crc32c, or a shard's (``_shard_digest``)."""
+    return _shard_digest(fs, key, arr) if getattr(arr, "shards", None) else _tail_digest(fs, key)
+
+
 def record_digests(group, root: str, array: str, first_chunk: int, last_chunk: int) -> None:
     """Record the digests of chunks [first_chunk, last_chunk] of ``array`` just written."""
     arr = group[array]
     fs, root_path = _fs(root)
     digests = group[digest_name(array)]
     for index in range(first_chunk, last_chunk + 1):
-        value = _tail_digest(fs, _chunk_key(root_path, array, index, arr.ndim))
+        value = _object_digest(fs, _chunk_key(root_path, array, index, arr.ndim), arr)
         if value is None:
             raise StoreError(f"The chunk {index} of {array} in {root} was not written.")
         digests[index] = value
@@ -105,7 +145,7 @@ class Damage:
 
 
 def _rows_of(arr, index: int) -> tuple[int, int]:
-    rows = int(arr.chunks[0]) if arr.chunks else 1
+    rows = int(_outer_chunks(arr)[0]) if _outer_chunks(arr) else 1
     return index * rows, min((index + 1) * rows, int(arr.shape[0]) if arr.shape else 1) - 1
 
 
@@ -119,7 +159,7 @@ def _check_array(group, fs, root_path: str, name: str) -> list[Damage]:
     out = []
     for index in range(num_chunks(arr)):
         first, last = _rows_of(arr, index)
-        found = _tail_digest(fs, _chunk_key(root_path, name, index, arr.ndim))
+        found = _object_digest(fs, _chunk_key(root_path, name, index, arr.ndim), arr)
         if found is None:
             out.append(Damage(name, index, first, last, "the chunk file is missing"))
         elif index >= len(recorded) or recorded[index] < 0:

@@ -153,6 +153,16 @@ class StoreReader:
 
     __getitem__ = array
 
+    def row_reader(self, name: str):
+        """A ``kdpipe.artifacts.row_reads.RowReader`` of array ``name`` when it is stored in the
+        row layout (one inner chunk per (sample, view) row), else None (read it with ``array``)."""
+        from kdpipe.artifacts.row_reads import row_reader
+
+        readers = self.__dict__.setdefault("_row_readers", {})
+        if name not in readers:
+            readers[name] = row_reader(self.path, name) if self.has(name) else None
+        return readers[name]
+
     def array_names(self) -> list[str]:
         """Per-sample arrays of the extraction, as recorded in the manifest."""
         return [n for n in self.manifest.get("arrays", {}) if n in self.group]

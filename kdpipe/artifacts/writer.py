@@ -154,6 +154,21 @@ def _check_json(what: str, obj) -> None:
         raise StoreError(f"{what} must be plain JSON (no NaN, no objects): {err}.") from None
 
 
+#: Per-view arrays [N, V, ...] (every array with more than one view, ``views`` excepted) are
+#: written as zarr v3 shards of the sample-block chunk shape whose inner chunks are one
+#: (sample, view) row, so reading one row decodes that row only (``kdpipe.artifacts.row_reads``).
+#: Stores written before this layout (plain (samples, all views, ...) chunks) read as they are.
+ROW_CHUNKS = True
+
+
+def row_layout(name: str, shape, chunks) -> dict:
+    """``create_array``'s ``chunks`` (and ``shards``) for an array chunked as ``chunks``."""
+    shape, chunks = tuple(int(s) for s in shape), tuple(int(c) for c in chunks)
+    if ROW_CHUNKS and name != "views" and len(shape) >= 2 and shape[1] > 1 and chunks:
+        return {"shards": chunks, "chunks": (1, 1) + shape[2:]}
+    return {"chunks": chunks or None}
+
+
 def _create_digests(group, name: str, arr) -> None:
     """The digest array of ``name``: one int64 per chunk, -1 until the chunk is written."""
     group.create_array(
@@ -197,7 +212,7 @@ class StoreWriter:
             arr = group.create_array(
                 spec.name,
                 shape=tuple(spec.shape),
-                chunks=tuple(spec.chunks),
+                **row_layout(spec.name, spec.shape, spec.chunks),
                 dtype=spec.dtype,
                 compressors=compressors(spec.dtype),
                 fill_value=0,
@@ -287,7 +302,7 @@ class StoreWriter:
         stop = start + data.shape[0]
         arr[start:stop] = data.astype(arr.dtype, copy=False)
         if digest_name(name) in self.group and stop > start:
-            rows = int(arr.chunks[0])
+            rows = int((arr.shards or arr.chunks)[0])
             record_digests(self.group, self.path, name, start // rows, (stop - 1) // rows)
 
     def mark_shard_done(self, shard_id: int, array: str = SHARDS_DONE) -> None:
@@ -376,7 +391,7 @@ class StoreWriter:
         arr = self.group.create_array(
             full,
             shape=shape,
-            chunks=chunks or None,
+            **row_layout(name, shape, chunks),
             dtype=dtype,
             compressors=compressors(dtype),
             fill_value=0,
