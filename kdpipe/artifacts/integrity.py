@@ -102,6 +102,9 @@ def _shard_digest(fs, key: str, arr) -> int | None:
         size = fs.size(key)
         index = fs.cat_file(key, start=size - 4 - 16 * inner, end=size - 4)
         entries = np.frombuffer(index, dtype="<u8").reshape(-1, 2)
+        entries = entries[entries[:, 0] != np.iinfo(np.uint64).max]  # rows past the array's end
+        if not len(entries):
+            return 0  # no row at all: never a recorded digest
         value = tail.to_bytes(4, "little")
         for offset, length in (entries[0], entries[-1]):
             if int(length) < 4 or int(offset) + int(length) > size:

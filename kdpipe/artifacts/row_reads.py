@@ -25,18 +25,22 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from kdpipe.errors import StoreError
 
-__all__ = ["RowReader", "ReadStats", "row_reader", "crc32c"]
-
-#: Shard files kept open at once (each row read is one pread on one of them).
-OPEN_SHARDS = 256
-_EMPTY = np.uint64(2**64 - 1)
+__all__ = [
+    "RowReader",
+    "RowLayout",
+    "ReadStats",
+    "row_reader",
+    "row_layout_of",
+    "write_shards",
+    "encode_shard",
+    "crc32c",
+]
 
 
 @dataclass
@@ -54,12 +58,6 @@ def crc32c(data, value: int = 0) -> int:
     import google_crc32c
 
     return int(google_crc32c.extend(value, data))
-
-
-def _decompress(buf, out: np.ndarray) -> None:
-    from numcodecs import blosc
-
-    blosc.decompress(buf, out)
 
 
 def _kdpipe_chain(codecs: list) -> dict | None:
@@ -83,17 +81,22 @@ def _kdpipe_chain(codecs: list) -> dict | None:
     return cfg
 
 
-def row_reader(root: str, name: str) -> RowReader | None:
-    """A ``RowReader`` of array ``name`` of the local store at ``root``, or None when the array
-    is not in kdpipe's row layout (an old store, another codec chain, a remote store)."""
-    if "://" in root and not root.startswith("file://"):
-        return None
-    folder = os.path.join(root.removeprefix("file://"), name)
-    try:
-        with open(os.path.join(folder, "zarr.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
+@dataclass(frozen=True)
+class RowLayout:
+    """What kdpipe needs to know of an array in the row layout (from its zarr.json)."""
+
+    shape: tuple
+    dtype: np.dtype
+    shard_rows: int
+    blosc: dict  # the inner Blosc codec's configuration (cname, clevel, shuffle, blocksize)
+
+    @property
+    def rows_per_shard(self) -> int:
+        return self.shard_rows * int(self.shape[1])
+
+
+def row_layout_of(meta: dict) -> RowLayout | None:
+    """The row layout an array's metadata (its zarr.json as a dict) describes, or None."""
     cfg = _kdpipe_chain(meta.get("codecs") or [])
     shape = tuple(int(s) for s in meta.get("shape") or ())
     grid = ((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape")
@@ -106,62 +109,111 @@ def row_reader(root: str, name: str) -> RowReader | None:
     shard = tuple(int(c) for c in grid)
     if inner != (1, 1) + shape[2:] or shard[1:] != shape[1:]:
         return None
-    return RowReader(folder, name, shape, np.dtype(meta["data_type"]), shard[0])
+    blosc = next(c.get("configuration") or {} for c in cfg["codecs"] if c.get("name") == "blosc")
+    return RowLayout(shape, np.dtype(meta["data_type"]).newbyteorder("<"), shard[0], dict(blosc))
+
+
+def row_reader(root: str, name: str) -> RowReader | None:
+    """A ``RowReader`` of array ``name`` of the local store at ``root``, or None when the array
+    is not in kdpipe's row layout (an old store, another codec chain, a remote store)."""
+    if "://" in root and not root.startswith("file://"):
+        return None
+    folder = os.path.join(root.removeprefix("file://"), name)
+    try:
+        with open(os.path.join(folder, "zarr.json")) as f:
+            layout = row_layout_of(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None if layout is None else RowReader(folder, name, layout)
+
+
+# ---------------------------------------------------------------------------- writing shards
+_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+def encode_shard(block: np.ndarray, layout: RowLayout) -> bytes:
+    """The shard object of ``block`` [rows, V, ...] (rows <= shard_rows; rows past the array's
+    end stay out of the index, as zarr leaves them): every row Blosc-compressed as the
+    array's codec says and closed by its crc32c, then the index closed by its crc32c."""
+    from numcodecs import blosc
+
+    cfg = layout.blosc
+    cname = str(cfg.get("cname", "zstd")).encode()
+    clevel = int(cfg.get("clevel", 1))
+    shuffle = _SHUFFLE.get(str(cfg.get("shuffle", "shuffle")), 1)
+    blocksize = int(cfg.get("blocksize", 0) or 0)
+    rows = np.ascontiguousarray(block, dtype=layout.dtype).reshape((-1,) + tuple(layout.shape[2:]))
+    index = np.full((layout.rows_per_shard, 2), np.iinfo(np.uint64).max, dtype="<u8")
+    parts, offset = [], 0
+    for i in range(len(rows)):
+        packed = blosc.compress(rows[i], cname, clevel, shuffle, blocksize)
+        parts.append(packed)
+        parts.append(crc32c(packed).to_bytes(4, "little"))
+        index[i] = (offset, len(packed) + 4)
+        offset += len(packed) + 4
+    raw = index.tobytes()
+    parts.append(raw)
+    parts.append(crc32c(raw).to_bytes(4, "little"))
+    return b"".join(parts)
+
+
+def write_shards(root: str, name: str, start: int, data: np.ndarray) -> bool:
+    """Write rows [start, start + len(data)) of the array ``name`` as whole shard objects when
+    it is in the row layout and the rows are whole shards (or end the array); False otherwise
+    (the caller writes them through zarr). zarr encodes a shard at about a millisecond per row
+    on this machine's cores (``benchmarks/target_reader.py``, ``store_write_s``); this writes the
+    same format with the same codecs in a few microseconds per row."""
+    from kdpipe.storage import filesystem
+
+    fs, root_path = filesystem(root)
+    folder = "/".join([root_path.rstrip("/"), name])
+    try:
+        layout = row_layout_of(json.loads(fs.cat_file(folder + "/zarr.json")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if layout is None:
+        return False
+    stop, n, rows = start + len(data), int(layout.shape[0]), layout.shard_rows
+    if start % rows or (stop % rows and stop != n) or tuple(data.shape[1:]) != layout.shape[1:]:
+        return False
+    for lo in range(start, stop, rows):
+        shard = lo // rows
+        key = "/".join([folder, "c", str(shard)] + ["0"] * (len(layout.shape) - 1))
+        fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)  # object stores: a no-op
+        fs.pipe_file(key, encode_shard(data[lo - start : min(lo + rows, stop) - start], layout))
+    return True
 
 
 class RowReader:
     """The rows of one array in kdpipe's row layout (see the module docstring). Thread-safe:
-    ``read`` may run in several threads at once (the decoding releases the GIL)."""
+    ``read`` may run in several threads at once (file reads and decoding release the GIL).
+    Shard files stay open and their indices in memory (16 bytes per row) once read."""
 
-    def __init__(self, folder: str, name: str, shape: tuple, dtype: np.dtype, shard_rows: int):
+    def __init__(self, folder: str, name: str, layout: RowLayout):
         self.folder = folder
         self.name = name
-        self.shape = shape
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.shard_rows = int(shard_rows)
-        self.num_views = int(shape[1])
-        self.row_shape = tuple(shape[2:])
+        self.layout = layout
+        self.shape = layout.shape
+        self.dtype = layout.dtype
+        self.shard_rows = int(layout.shard_rows)
+        self.num_views = int(layout.shape[1])
+        self.row_shape = tuple(layout.shape[2:])
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
         self.stats = ReadStats()
-        self._per_shard = self.shard_rows * self.num_views
-        self._indices: dict[int, np.ndarray] = {}
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._per_shard = layout.rows_per_shard
+        # (offset, length) of every row, filled shard by shard as they are first read
+        self._index = np.zeros((self.num_shards * self._per_shard, 2), dtype=np.uint64)
+        self._loaded = np.zeros(self.num_shards, dtype=bool)
+        self._fds: list[int | None] = [None] * self.num_shards
         self._lock = threading.Lock()
+
+    @property
+    def num_shards(self) -> int:
+        return -(-int(self.shape[0]) // self.shard_rows)
 
     # ------------------------------------------------------------------ shards
     def _key(self, shard: int) -> str:
         return os.path.join(self.folder, "c", str(shard), *(["0"] * (len(self.shape) - 1)))
-
-    def _fd(self, shard: int) -> int:
-        with self._lock:
-            fd = self._fds.get(shard)
-            if fd is not None:
-                self._fds.move_to_end(shard)
-                return fd
-            try:
-                fd = os.open(self._key(shard), os.O_RDONLY)
-            except OSError:
-                raise StoreError(self._damaged(shard * self.shard_rows, "its shard file is missing")) from None
-            self._fds[shard] = fd
-            while len(self._fds) > OPEN_SHARDS:
-                os.close(self._fds.popitem(last=False)[1])
-            return fd
-
-    def _index(self, shard: int) -> np.ndarray:
-        """uint64 [rows * views, 2]: (offset, length) of every row of ``shard``."""
-        index = self._indices.get(shard)
-        if index is not None:
-            return index
-        fd = self._fd(shard)
-        size = os.fstat(fd).st_size
-        want = self._per_shard * 16 + 4
-        raw = os.pread(fd, want, size - want) if size >= want else b""
-        if len(raw) != want or crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            raise StoreError(self._damaged(shard * self.shard_rows, "its shard index fails its crc32c"))
-        index = np.frombuffer(raw, dtype="<u8", count=self._per_shard * 2).reshape(-1, 2)
-        self.stats.read += want
-        self._indices[shard] = index
-        return index
 
     def _damaged(self, sample: int, what: str) -> str:
         return (
@@ -169,18 +221,36 @@ class RowReader:
             f"{what}; run `kdpipe inspect --verify` and re-extract or re-cluster it."
         )
 
-    def _decode_row(self, fd: int, entry: np.ndarray, sample: int, out: np.ndarray) -> int:
-        offset, length = entry
-        if offset == _EMPTY:
-            raise StoreError(self._damaged(sample, "a row was never written"))
-        buf = os.pread(fd, int(length), int(offset))
-        if len(buf) != int(length) or crc32c(buf[:-4]) != int.from_bytes(buf[-4:], "little"):
-            raise StoreError(self._damaged(sample, "a row fails its crc32c"))
+    def _open(self, shard: int) -> int:
+        """The shard's file (kept open) with its index loaded and checked; under the lock."""
+        fd = self._fds[shard]
+        if fd is not None:
+            return fd
         try:
-            _decompress(memoryview(buf)[:-4], out)
-        except Exception as err:  # noqa: BLE001 - numcodecs raises RuntimeError/ValueError
-            raise StoreError(self._damaged(sample, f"a row does not decode ({type(err).__name__})")) from None
-        return len(buf)
+            fd = os.open(self._key(shard), os.O_RDONLY)
+        except OSError:
+            raise StoreError(self._damaged(shard * self.shard_rows, "its shard file is missing")) from None
+        size = os.fstat(fd).st_size
+        want = self._per_shard * 16 + 4
+        raw = os.pread(fd, want, size - want) if size >= want else b""
+        if len(raw) != want or crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            os.close(fd)
+            raise StoreError(self._damaged(shard * self.shard_rows, "its shard index fails its crc32c"))
+        lo = shard * self._per_shard
+        self._index[lo : lo + self._per_shard] = np.frombuffer(raw, dtype="<u8", count=self._per_shard * 2).reshape(
+            -1, 2
+        )
+        self.stats.read += want
+        self._fds[shard] = fd
+        self._loaded[shard] = True
+        return fd
+
+    def _prepare(self, shards: np.ndarray) -> None:
+        missing = np.unique(shards[~self._loaded[shards]])
+        if missing.size:
+            with self._lock:
+                for shard in missing.tolist():
+                    self._open(shard)
 
     # ------------------------------------------------------------------ reads
     def read(self, samples, views=None, out: np.ndarray | None = None) -> np.ndarray:
@@ -189,41 +259,74 @@ class RowReader:
         views = np.zeros_like(samples) if views is None else np.asarray(views, dtype=np.int64).reshape(-1)
         if out is None:
             out = np.empty((len(samples),) + self.row_shape, dtype=self.dtype)
-        flat = out.reshape(len(samples), -1).view(np.uint8)
         shards = samples // self.shard_rows
-        inner = (samples - shards * self.shard_rows) * self.num_views + views
-        read = 0
-        for b in range(len(samples)):
-            shard = int(shards[b])
-            index = self._index(shard)
-            read += self._decode_row(self._fd(shard), index[inner[b]], int(samples[b]), flat[b])
+        self._prepare(shards)
+        entries = self._index[shards * self._per_shard + (samples - shards * self.shard_rows) * self.num_views + views]
+        fds = [self._fds[s] for s in shards.tolist()]
+        dest = out.reshape(len(samples), -1).view(np.uint8)
+        read = self._decode(entries, samples, dest, lambda b, length, offset: os.pread(fds[b], length, offset))
         with self._lock:
             self.stats.read += read
             self.stats.decoded += len(samples) * self.row_bytes
             self.stats.rows += len(samples)
         return out
 
+    def _decode(self, entries: np.ndarray, samples: np.ndarray, dest: np.ndarray, fetch) -> int:
+        """Decode row b (``entries[b]`` = (offset, length)) of ``fetch(b, length, offset)`` into
+        ``dest[b]`` (uint8 [B, row bytes]) for every b, each checked by its crc32c; bytes read.
+        The loop runs for every row of every batch: it is kept to the calls it needs."""
+        from google_crc32c import extend
+        from numcodecs.blosc import decompress
+
+        read, n = 0, self.row_bytes
+        flat = memoryview(dest.reshape(-1).data)  # slice assignment: half numcodecs' cost with dest=
+        for b, (offset, length) in enumerate(entries.tolist()):
+            if length < 4 or offset == 2**64 - 1:
+                raise StoreError(self._damaged(int(samples[b]), "a row was never written"))
+            buf = fetch(b, length, offset)
+            body = buf[:-4]
+            if len(buf) != length or extend(0, body) != int.from_bytes(buf[-4:], "little"):
+                raise StoreError(self._damaged(int(samples[b]), "a row fails its crc32c"))
+            try:
+                flat[b * n : (b + 1) * n] = decompress(body)
+            except Exception as err:  # noqa: BLE001 - numcodecs raises RuntimeError/ValueError
+                raise StoreError(
+                    self._damaged(int(samples[b]), f"a row does not decode ({type(err).__name__})")
+                ) from None
+            read += length
+        return read
+
     def read_shard(self, shard: int, view: int | None = None) -> np.ndarray:
-        """Every row of ``shard``: [rows, V, ...], or [rows, ...] of ``view`` only."""
+        """Every row of ``shard``: [rows, V, ...], or [rows, ...] of ``view`` only (the whole
+        shard object is read at once; every row is still checked by its crc32c)."""
         lo = shard * self.shard_rows
         hi = min(lo + self.shard_rows, int(self.shape[0]))
         samples = np.arange(lo, hi, dtype=np.int64)
-        if view is not None:
-            return self.read(samples, np.full_like(samples, view))
-        rep = np.repeat(samples, self.num_views)
-        rows = self.read(rep, np.tile(np.arange(self.num_views), hi - lo))
-        return rows.reshape((hi - lo, self.num_views) + self.row_shape)
-
-    @property
-    def num_shards(self) -> int:
-        return -(-int(self.shape[0]) // self.shard_rows)
+        if view is None:
+            samples, views = np.repeat(samples, self.num_views), np.tile(np.arange(self.num_views), hi - lo)
+        else:
+            views = np.full_like(samples, view)
+        with self._lock:
+            fd = self._open(shard)
+        size = os.fstat(fd).st_size
+        whole = os.pread(fd, size, 0)
+        entries = self._index[shard * self._per_shard + (samples - lo) * self.num_views + views]
+        out = np.empty((len(samples),) + self.row_shape, dtype=self.dtype)
+        dest = out.reshape(len(samples), -1).view(np.uint8)
+        self._decode(entries, samples, dest, lambda b, length, offset: whole[offset : offset + length])
+        with self._lock:
+            self.stats.read += size
+            self.stats.decoded += len(samples) * self.row_bytes
+            self.stats.rows += len(samples)
+        return out if view is not None else out.reshape((hi - lo, self.num_views) + self.row_shape)
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-            self._indices.clear()
+            for i, fd in enumerate(self._fds):
+                if fd is not None:
+                    os.close(fd)
+                    self._fds[i] = None
+            self._loaded[:] = False
 
     def __del__(self):  # file descriptors are a limited resource
         try:

@@ -186,8 +186,16 @@ def _file_crc(path: Path) -> int:
     return int(value)
 
 
+def _stamp(path: Path) -> list[int]:
+    """What changes whenever a file's bytes are written: inode, size, mtime and ctime (ns)."""
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def _problem(folder: Path, identity: dict) -> str | None:
-    """Why the copy in ``folder`` may not be used for ``identity``, or None when it may."""
+    """Why the copy in ``folder`` may not be used for ``identity``, or None when it may. A
+    file whose stamp (``_stamp``) is the one recorded when it was made has not been written
+    since; any other is read whole and its crc32c compared."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
@@ -202,7 +210,7 @@ def _problem(folder: Path, identity: dict) -> str | None:
             return f"lacks the file of {path}"
         if size != int(entry.get("bytes", -1)):
             return f"has a file of {path} of {size} bytes, not {entry.get('bytes')} (truncated or replaced)"
-        if _file_crc(file) != int(entry.get("crc32c", -1)):
+        if _stamp(file) != entry.get("stamp") and _file_crc(file) != int(entry.get("crc32c", -1)):
             return f"has a file of {path} whose bytes differ from the ones copied (edited or damaged)"
     if sorted(meta.get("files") or {}) != sorted(identity["arrays"]):
         return "does not hold the arrays it is named for"
@@ -270,15 +278,34 @@ class SharedCopy:
             if not folder.exists():
                 _make(reader, uses, identity, root, folder, finite_check)
                 made = True
-        arrays = {}
         meta = json.loads((folder / "meta.json").read_text())
-        for path, entry in meta["files"].items():
-            arrays[path] = np.load(folder / entry["file"], mmap_mode="c")
+        arrays = {path: _map(folder / entry["file"]) for path, entry in meta["files"].items()}
         return cls(folder, arrays, made, time.perf_counter() - t0, note)
 
     @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.arrays.values())
+
+
+def _map(path: Path) -> np.ndarray:
+    """The array of a ``.npy`` file, mapped copy-on-write (MAP_PRIVATE: pages stay the page
+    cache's until written, which nothing does) and populated up front, so gathers never take a
+    page fault."""
+    import mmap
+
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0)):  # open_memmap writes these; anything else: numpy's map
+            return np.load(path, mmap_mode="c")
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    count = int(np.prod(shape, dtype=np.int64))
+    array = np.frombuffer(mm, dtype=dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def _remove(folder: Path) -> None:
@@ -321,6 +348,7 @@ def _make(reader, uses, identity: dict, root: Path, folder: Path, finite_check: 
                     "file": name,
                     "bytes": (tmp / name).stat().st_size,
                     "crc32c": _file_crc(tmp / name),
+                    "stamp": _stamp(tmp / name),  # the rename below keeps inode and times
                 }
         (tmp / "meta.json").write_text(json.dumps({"identity": identity, "files": files}, indent=1))
         os.rename(tmp, folder)
