@@ -23,6 +23,7 @@ sentence naming the array and the sample (``StoreError``), never a silent zero.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -204,7 +205,7 @@ class RowReader:
         # (offset, length) of every row, filled shard by shard as they are first read
         self._index = np.zeros((self.num_shards * self._per_shard, 2), dtype=np.uint64)
         self._loaded = np.zeros(self.num_shards, dtype=bool)
-        self._fds: list[int | None] = [None] * self.num_shards
+        self._maps: list[mmap.mmap | None] = [None] * self.num_shards
         self._lock = threading.Lock()
 
     @property
@@ -221,11 +222,12 @@ class RowReader:
             f"{what}; run `kdpipe inspect --verify` and re-extract or re-cluster it."
         )
 
-    def _open(self, shard: int) -> int:
-        """The shard's file (kept open) with its index loaded and checked; under the lock."""
-        fd = self._fds[shard]
-        if fd is not None:
-            return fd
+    def _open(self, shard: int) -> mmap.mmap:
+        """The shard's file, mapped (a row is then a slice: no system call; rows are read at
+        random, so no read-ahead), its index loaded and checked; under the lock."""
+        mapped = self._maps[shard]
+        if mapped is not None:
+            return mapped
         try:
             fd = os.open(self._key(shard), os.O_RDONLY)
         except OSError:
@@ -241,9 +243,15 @@ class RowReader:
             -1, 2
         )
         self.stats.read += want
-        self._fds[shard] = fd
+        try:
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)  # the map holds its own descriptor
+        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+            mapped.madvise(mmap.MADV_RANDOM)
+        self._maps[shard] = mapped
         self._loaded[shard] = True
-        return fd
+        return mapped
 
     def _prepare(self, shards: np.ndarray) -> None:
         missing = np.unique(shards[~self._loaded[shards]])
@@ -262,9 +270,9 @@ class RowReader:
         shards = samples // self.shard_rows
         self._prepare(shards)
         entries = self._index[shards * self._per_shard + (samples - shards * self.shard_rows) * self.num_views + views]
-        fds = [self._fds[s] for s in shards.tolist()]
+        maps = [self._maps[s] for s in shards.tolist()]
         dest = out.reshape(len(samples), -1).view(np.uint8)
-        read = self._decode(entries, samples, dest, lambda b, length, offset: os.pread(fds[b], length, offset))
+        read = self._decode(entries, samples, dest, lambda b, length, offset: maps[b][offset : offset + length])
         with self._lock:
             self.stats.read += read
             self.stats.decoded += len(samples) * self.row_bytes
@@ -307,13 +315,12 @@ class RowReader:
         else:
             views = np.full_like(samples, view)
         with self._lock:
-            fd = self._open(shard)
-        size = os.fstat(fd).st_size
-        whole = os.pread(fd, size, 0)
+            mapped = self._open(shard)
+        size = len(mapped)
         entries = self._index[shard * self._per_shard + (samples - lo) * self.num_views + views]
         out = np.empty((len(samples),) + self.row_shape, dtype=self.dtype)
         dest = out.reshape(len(samples), -1).view(np.uint8)
-        self._decode(entries, samples, dest, lambda b, length, offset: whole[offset : offset + length])
+        self._decode(entries, samples, dest, lambda b, length, offset: mapped[offset : offset + length])
         with self._lock:
             self.stats.read += size
             self.stats.decoded += len(samples) * self.row_bytes
@@ -322,10 +329,10 @@ class RowReader:
 
     def close(self) -> None:
         with self._lock:
-            for i, fd in enumerate(self._fds):
-                if fd is not None:
-                    os.close(fd)
-                    self._fds[i] = None
+            for i, mapped in enumerate(self._maps):
+                if mapped is not None:
+                    mapped.close()
+                    self._maps[i] = None
             self._loaded[:] = False
 
     def __del__(self):  # file descriptors are a limited resource

@@ -70,7 +70,7 @@ MEANINGS = {
 }
 
 
-def compressors(dtype, cname: Literal["zstd", "lz4"] = BLOSC_CNAME) -> list:
+def compressors(dtype, cname: Literal["zstd", "lz4hc"] = BLOSC_CNAME) -> list:
     """The zarr v3 compressor list for an array of `dtype`: Blosc (zstd unless ``cname``) with
     byte shuffle, then a crc32c checksum of the encoded chunk (``kdpipe.artifacts.integrity``)."""
     from zarr.codecs import BloscCodec, Crc32cCodec

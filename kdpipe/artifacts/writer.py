@@ -160,10 +160,11 @@ def _check_json(what: str, obj) -> None:
 #: (sample, view) row, so reading one row decodes that row only (``kdpipe.artifacts.row_reads``).
 #: Stores written before this layout (plain (samples, all views, ...) chunks) read as they are.
 ROW_CHUNKS = True
-#: Blosc's compressor inside those rows: LZ4. c-blosc1 makes a zstd context for every chunk it
-#: decodes, 30-55 us for a 2 KB row on this machine against 5-12 us for LZ4, and a row is
-#: decoded for every sample of every step; on rows this small zstd saved about 10%.
-ROW_CNAME: Literal["lz4"] = "lz4"
+#: Blosc's compressor inside those rows: LZ4HC. c-blosc1 makes a zstd context for every chunk
+#: it decodes, 30-55 us for a 2 KB row on this machine against 5-12 us for LZ4 (LZ4HC decodes
+#: as LZ4, compresses more), and a row is decoded for every sample of every step. The price
+#: is size: on letKD-2's rows zstd stores about 10% less (benchmarks/target_reader.py).
+ROW_CNAME: Literal["lz4hc"] = "lz4hc"
 
 
 def row_layout(name: str, shape, chunks, dtype) -> dict:

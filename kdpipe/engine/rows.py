@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,8 +171,9 @@ class SharedRows(MemoryRows):
         self.uses = list(uses)
         self.copy = copy
         self.staging = PinnedStaging(device)
-        # copy-on-write maps of the files: torch wraps them without a copy; nothing writes them
-        self.tensors = {use.path: to_torch(copy.arrays[use.path]) for use in self.uses}
+        with warnings.catch_warnings():  # read-only maps: torch warns that they are not writable
+            warnings.simplefilter("ignore", UserWarning)  # nothing writes them: rows are gathered
+            self.tensors = {use.path: to_torch(copy.arrays[use.path]) for use in self.uses}
 
     def rows(self, batch) -> dict[str, torch.Tensor]:
         out = {}

@@ -230,8 +230,7 @@ def _locked(path: Path):
 # ---------------------------------------------------------------------------- the copy
 class SharedCopy:
     """The memory-mapped arrays of one verified copy (see the module docstring):
-    ``arrays[path]`` is a read-only-in-practice numpy memmap (copy-on-write mapping, so torch
-    can wrap it without a copy; nothing writes to it)."""
+    ``arrays[path]`` is a read-only numpy array over the shared mapping of its file."""
 
     def __init__(self, folder: Path, arrays: dict[str, np.ndarray], made: bool, seconds: float, note: str | None):
         self.folder = folder
@@ -288,21 +287,22 @@ class SharedCopy:
 
 
 def _map(path: Path) -> np.ndarray:
-    """The array of a ``.npy`` file, mapped copy-on-write (MAP_PRIVATE: pages stay the page
-    cache's until written, which nothing does) and populated up front, so gathers never take a
-    page fault."""
+    """The array of a ``.npy`` file, mapped read-only (MAP_SHARED: the page cache's own pages,
+    whatever the number of processes) and populated up front, so gathers never take a page
+    fault. (A private writable map would let torch wrap it without a warning, but populating
+    one copies every page: four trials held four copies.)"""
     import mmap
 
     fmt = np.lib.format
     with open(path, "rb") as f:
         version = fmt.read_magic(f)
         if version not in ((1, 0), (2, 0)):  # open_memmap writes these; anything else: numpy's map
-            return np.load(path, mmap_mode="c")
+            return np.load(path, mmap_mode="r")
         read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
         shape, fortran, dtype = read(f)
         offset = f.tell()
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-        mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
     count = int(np.prod(shape, dtype=np.int64))
     array = np.frombuffer(mm, dtype=dtype, count=count, offset=offset)
     return array.reshape(shape, order="F" if fortran else "C")
