@@ -302,7 +302,7 @@ class StoreReader:
                     "name": name,
                     "shape": tuple(arr.shape),
                     "dtype": str(arr.dtype),
-                    "chunks": tuple(arr.chunks),
+                    "chunks": tuple(getattr(arr, "shards", None) or arr.chunks),  # objects: shards
                     "bytes": raw,
                     "stored_bytes": stored,
                     "ratio": raw / stored if stored else float("inf"),

@@ -53,6 +53,10 @@ class ReadStats:
     rows: int = 0
 
 
+#: crc32c(data + crc32c(data) as 4 little-endian bytes) for any data (CRC-32C's residue).
+CRC32C_RESIDUE = 0x48674BC7
+
+
 def crc32c(data, value: int = 0) -> int:
     """The crc32c (Castagnoli) of ``data``, continuing ``value``: google-crc32c, the library
     zarr's and numcodecs' crc32c checksums use."""
@@ -292,11 +296,11 @@ class RowReader:
             if length < 4 or offset == 2**64 - 1:
                 raise StoreError(self._damaged(int(samples[b]), "a row was never written"))
             buf = fetch(b, length, offset)
-            body = buf[:-4]
-            if len(buf) != length or extend(0, body) != int.from_bytes(buf[-4:], "little"):
+            # a row ends with its crc32c: the crc32c of the whole row is then the constant residue
+            if len(buf) != length or extend(0, buf) != CRC32C_RESIDUE:
                 raise StoreError(self._damaged(int(samples[b]), "a row fails its crc32c"))
-            try:
-                flat[b * n : (b + 1) * n] = decompress(body)
+            try:  # Blosc reads the compressed length from its header: the crc32c is ignored
+                flat[b * n : (b + 1) * n] = decompress(buf)
             except Exception as err:  # noqa: BLE001 - numcodecs raises RuntimeError/ValueError
                 raise StoreError(
                     self._damaged(int(samples[b]), f"a row does not decode ({type(err).__name__})")

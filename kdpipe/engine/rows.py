@@ -143,8 +143,7 @@ class MemoryRows:
         hold = next(iter(self.tensors.values())).device if self.tensors else self.device
         idx = batch.indices.to(hold, non_blocking=True)
         views = batch.view_idx.to(hold, non_blocking=True) if batch.view_idx is not None else None
-        if hold != self.device or hold.type == "cpu":  # host rows: gathered into pinned staging
-            self.staging.next_batch()
+        self.staging.next_batch()  # host rows are gathered into the other pinned buffers
         for use in self.uses:
             data = self.tensors[use.path]
             if hold != self.device:
