@@ -4,7 +4,10 @@ A store is one zarr v3 group per teacher x data-set split. Its manifest is the J
 `group.attrs["kdpipe"]` (keys in MANIFEST_KEYS). Per-sample arrays are chunked along the
 sample axis only (a chunk holds `chunk_rows` whole samples, a divisor of the shard size, so a
 shard of extraction work owns whole chunks and no two writers ever touch the same chunk).
-Tensors are float16, view parameters int32, all Blosc/zstd with byte shuffle.
+Tensors are float16, view parameters int32, all Blosc/zstd with byte shuffle. Per-view
+arrays [N, V, ...] (not ``views``) of new stores are zarr shards of that chunk shape whose
+inner chunks are one (sample, view) row, Blosc/LZ4HC (``kdpipe.artifacts.writer.row_layout``,
+``kdpipe.artifacts.row_reads``).
 
 Array names (paths inside the group):
 
