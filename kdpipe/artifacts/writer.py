@@ -163,7 +163,7 @@ ROW_CHUNKS = True
 #: Blosc's compressor inside those rows: LZ4HC. c-blosc1 makes a zstd context for every chunk
 #: it decodes, 30-55 us for a 2 KB row on this machine against 5-12 us for LZ4 (LZ4HC decodes
 #: as LZ4, compresses more), and a row is decoded for every sample of every step. The price
-#: is size: the benchmark's CIFAR-shaped store took 1.6 GB, 1.3 GB in zstd chunks
+#: is size: the benchmark's CIFAR-shaped store took 1.6 GB, 1.4 GB in zstd chunks
 #: (benchmarks/target_reader.py, docs/BENCHMARKS.md).
 ROW_CNAME: Literal["lz4hc"] = "lz4hc"
 
