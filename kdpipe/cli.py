@@ -503,11 +503,12 @@ STUDENT_FIELD_PARAMS = (
 )
 @click.option(
     "--resident",
-    type=click.Choice(["auto", "device", "host", "stream"]),
+    type=click.Choice(["auto", "device", "host", "shared", "stream"]),
     default="auto",
     show_default=True,
     help="Where cached targets live: auto (by measured free memory), the device, "
-    "host memory, or streamed from the store.",
+    "host memory, the machine's one shared memory-mapped copy ($KDPIPE_SHARED_DIR), "
+    "or streamed from the store.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")

@@ -65,12 +65,14 @@ def make_legacy(store: str) -> None:
     group = zarr.open_group(store, mode="r+")
     m = group.attrs["kdpipe"]
     names = list(Manifest.from_json(m).checked_arrays())
+    from kdpipe.artifacts.integrity import _fs, _object_digest, chunk_key, num_chunks
+
+    fs, root_path = _fs(store)
     for name in names:
         arr = group[name]
-        rows = int(arr.chunks[0])
-        n = -(-int(arr.shape[0]) // rows)
-        files = [Path(store, name, "c", str(i), *["0"] * (arr.ndim - 1)) for i in range(n)]
-        tails = [int.from_bytes(f.read_bytes()[-4:], "little") for f in files]
+        n = num_chunks(arr)
+        # form 1: a chunk object's crc32c (a shard's: its index's with its first and last rows')
+        tails = [_object_digest(fs, chunk_key(root_path, name, i, arr.ndim), arr) for i in range(n)]
         del group[digest_name(name)]
         d = group.create_array(
             digest_name(name), shape=(n,), chunks=(1,), dtype="int64", fill_value=-1, compressors=None
@@ -139,7 +141,9 @@ def test_the_digest_api_checks_one_chunk_object(tmp_path):
     recorded = np.asarray(reader.group[digest_name("logits")][...])
     data0 = chunk_file(path, "logits", 0).read_bytes()
     data1 = chunk_file(path, "logits", 1).read_bytes()
-    assert tuple(recorded[0]) == chunk_digests(store_id, "logits", 0, data0)
+    # the content digest binds every byte; a shard's locator also hashes its first and last
+    # rows' crc32c (kdpipe.artifacts.integrity._locator_bytes), so compare the content digest
+    assert int(recorded[0][1]) == chunk_digests(store_id, "logits", 0, data0)[1]
     assert check_chunk(store_id, "logits", 0, data0, recorded[0]) is None
     assert "swapped or replaced" in check_chunk(store_id, "logits", 0, data1, recorded[0])  # another position
     assert "swapped or replaced" in check_chunk(store_id, "cam", 0, data0, recorded[0])  # another array
@@ -147,11 +151,30 @@ def test_the_digest_api_checks_one_chunk_object(tmp_path):
 
 
 # ------------------------------------------------------------- 2. edited array metadata
+def drop_crc32c(doc: dict) -> None:
+    """Remove every crc32c codec of an array's zarr.json: its own and, for a sharded array
+    (the row layout), its inner chunks' and its index's."""
+
+    def strip(codecs: list) -> list:
+        kept = []
+        for codec in codecs:
+            if codec.get("name") == "crc32c":
+                continue
+            config = codec.get("configuration") or {}
+            for key in ("codecs", "index_codecs"):
+                if key in config:
+                    config[key] = strip(config[key])
+            kept.append(codec)
+        return kept
+
+    doc["codecs"] = strip(doc["codecs"])
+
+
 @pytest.mark.parametrize(
     "edit, words",
     [
         (lambda d: d.update(data_type="int16"), "data type int16, its manifest records float16"),
-        (lambda d: d.update(codecs=[c for c in d["codecs"] if c["name"] != "crc32c"]), "no crc32c codec"),
+        (drop_crc32c, "no crc32c codec"),
         (lambda d: d["chunk_grid"]["configuration"].update(chunk_shape=[4, 50, 4]), "chunking or codecs edited"),
         (lambda d: d.update(shape=[30, 50, 4]), "shape [30, 50, 4], its manifest records [32, 50, 4]"),
     ],
@@ -187,7 +210,7 @@ def test_an_old_store_refuses_edited_dtype_and_removed_crc32c_too(tmp_path):
     with pytest.raises(StoreError, match="cam at .* data type int16"):
         open_store(path)
     edit_array_meta(path, "cam", lambda d: d.update(data_type="float16"))
-    edit_array_meta(path, "cam", lambda d: d.update(codecs=[c for c in d["codecs"] if c["name"] != "crc32c"]))
+    edit_array_meta(path, "cam", drop_crc32c)
     with pytest.raises(StoreError, match="cam at .* no crc32c codec"):
         open_store(path)
 

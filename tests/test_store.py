@@ -106,11 +106,15 @@ def test_roundtrip_complete_and_layout(tmp_path):
     assert r.manifest.complete and r.manifest.shards_done == (0, 1, 2)
     assert set(r.array_names()) == {"views", "logits", "cam", "cam_r2", "feat/penult"}
     assert r["logits"].dtype == np.float16 and r["views"].dtype == np.int32
-    assert r["cam"].chunks[0] == 8 and r["shards_done"].chunks == (1,)
+    # per-view arrays: shards of 8 samples x every view, inner chunks of one (sample, view) row
+    assert r["cam"].shards[0] == 8 and r["cam"].chunks[:2] == (1, 1) and r["shards_done"].chunks == (1,)
+    assert r["views"].shards is None and r["views"].chunks[0] == 8
     np.testing.assert_allclose(r["logits"][:], data["logits"].astype(np.float16))
     np.testing.assert_array_equal(r["views"][:], data["views"].astype(np.int32))
-    codecs = r["cam"].metadata.codecs
+    codecs = r["views"].metadata.codecs
     assert any("Blosc" in type(c).__name__ and c.cname.value == "zstd" for c in codecs)
+    inner = r["cam"].metadata.codecs[0].codecs  # a shard's rows: LZ4HC (writer.ROW_CNAME)
+    assert any("Blosc" in type(c).__name__ and c.cname.value == "lz4hc" for c in inner)
     # read-only: a reader cannot write
     with pytest.raises(Exception):  # noqa: B017 - zarr's read-only error type differs across zarr 3 releases
         r["logits"][0] = 1
@@ -213,7 +217,7 @@ def test_target_sets_and_drop_features(tmp_path):
     assert r.target_sets() == ["T"] and r.manifest.targets["T"].attrs["K"] == 8
     np.testing.assert_array_equal(r["targets/T/subclass_scores"][:], np.eye(4))
     assert r["targets/T/subclass_idx"][:8].sum() == 0 and r["targets/T/subclass_idx"][8:16].min() == 1
-    assert arr.chunks[0] == 8
+    assert arr.shards[0] == 8 and arr.chunks[:2] == (1, 1)
     assert r.group["targets/T"].attrs["K"] == 8
     t.delete_arrays(["feat/penult"])
     r = open_store(path)

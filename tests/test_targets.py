@@ -174,9 +174,10 @@ def test_fit_equals_sklearn_lda_and_a_direct_faiss_kmeans(parts):
 def test_stream_and_resident_give_identical_batches(parts):
     reader, dataset, _ = parts
     kinds = lambda: [Cam(2), Logits(), PenultTopk(), InterSubclass()]  # noqa: E731
-    resident = CachedTargets(reader, kinds(), policy=dataset.policy, resident="device", order="blocks", stream_buffer=6)
+    resident = CachedTargets(reader, kinds(), policy=dataset.policy, resident="device")
     stream = CachedTargets(reader, kinds(), policy=dataset.policy, resident="stream", stream_buffer=6)
-    assert resident.tier == "device" and stream.tier == "stream" and stream.order == "blocks"
+    # the store is in the row layout: the stream reads any order, so it keeps the uniform one
+    assert resident.tier == "device" and stream.tier == "stream" and stream.order == "uniform"
     indices = torch.arange(reader.num_samples)
     for epoch in range(2):
         plan_a, plan_b = resident.plan(indices, 3, epoch), stream.plan(indices, 3, epoch)
@@ -189,7 +190,7 @@ def test_stream_and_resident_give_identical_batches(parts):
             for key in a:
                 assert torch.equal(a[key], b[key]), key
     stream.close()
-    # blocks are read whole, in a shuffled order: every sample once per epoch
+    # every sample once per epoch
     p = stream.plan(indices, 3, 5)
     assert sorted(p.order.tolist()) == list(range(reader.num_samples))
 

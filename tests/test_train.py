@@ -297,3 +297,26 @@ def test_sweep_grid_parsing():
     assert dataclasses.replace(cfg, seed=1).seed == 1
     with pytest.raises(KdpipeError):
         parse_sweep(["beta"])
+
+
+@pytest.mark.parametrize("method", ["kd", "cat_kd", "letkd2", "dkd"])
+def test_shared_and_streamed_targets_train_bit_for_bit_like_device(store, tmp_path, monkeypatch, method):
+    """Same seed: the shared copy and the row stream (the tiny store is in the row layout, so the
+    stream keeps the plan's uniform order) train exactly the run of the device tier."""
+    monkeypatch.setenv("KDPIPE_SHARED_DIR", str(tmp_path / "shared"))
+    runs = {}
+    for tier in ("device", "shared", "stream"):
+        seen: list[float] = []
+        s = train_student(
+            store["path"],
+            tmp_path / tier,
+            method=method,
+            resident=tier,
+            on_step=lambda e, i, loss, parts, seen=seen: seen.append(float(loss)),
+        )
+        assert s["target_tier"] == tier
+        weights = torch.load(f"{s['run_dir']}/checkpoints/latest.pth", weights_only=True)["model"]
+        runs[tier] = (seen, weights)
+    for tier in ("shared", "stream"):
+        assert runs[tier][0] == runs["device"][0], tier
+        assert all(torch.equal(runs[tier][1][k], runs["device"][1][k]) for k in runs["device"][1]), tier

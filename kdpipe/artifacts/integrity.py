@@ -31,6 +31,11 @@ object along that axis (a chunk, or a shard of inner chunks).
 
 Every chunk is written, also one equal to the fill value (``write_empty_chunks``), so a
 missing chunk file always means damage.
+
+Per-view arrays of new stores are zarr shards (``kdpipe.artifacts.row_reads``): one object per
+block of samples, as a chunk was, holding one inner chunk per (sample, view) row, each closed
+by its crc32c, and an index closed by its crc32c. A shard's digest is its index's crc32c
+extended with those of its first and last rows (``_shard_digest``).
 """
 
 from __future__ import annotations
@@ -138,7 +143,9 @@ def content_digest(store_id: str, array: str, index: int, data: bytes) -> int:
 
 
 def chunk_digests(store_id: str, array: str, index: int, data: bytes) -> tuple[int, int]:
-    """The (locator, content) digests of one chunk object's bytes, as the writer records them."""
+    """The (locator, content) digests of one chunk object's bytes: the writer records these for
+    a plain chunk; for a shard its locator also hashes the first and last rows' crc32c
+    (``_locator_bytes``), the content digest is the same."""
     return locator_digest(store_id, array, index, data[-4:]), content_digest(store_id, array, index, data)
 
 
@@ -218,6 +225,51 @@ def _tail_digest(fs, key: str) -> int | None:
     return int.from_bytes(tail, "little") if tail is not None else None
 
 
+def _shard_locator(fs, key: str, arr) -> bytes | None:
+    """A shard's locator bytes: the crc32c its index ends with, extended with the crc32c of its
+    first and of its last row. The index alone binds only the rows' sizes (two shards of fixed-size
+    rows have equal indices), the rows' own checksums bind their bytes, so a shard moved or
+    replaced is refused like a chunk (three small reads, no decoding)."""
+    tail = _tail_digest(fs, key)
+    if tail is None:
+        return None
+    inner = int(np.prod([s // c for s, c in zip(arr.shards, arr.chunks, strict=True)]))
+    try:
+        size = fs.size(key)
+        index = fs.cat_file(key, start=size - 4 - 16 * inner, end=size - 4)
+        entries = np.frombuffer(index, dtype="<u8").reshape(-1, 2)
+        entries = entries[entries[:, 0] != np.iinfo(np.uint64).max]  # rows past the array's end
+        if not len(entries):
+            return b"\0"  # no row at all: never a recorded digest
+        value = tail.to_bytes(4, "little")
+        for offset, length in (entries[0], entries[-1]):
+            if int(length) < 4 or int(offset) + int(length) > size:
+                return b"\0"  # an empty or impossible row: never a recorded digest
+            value += fs.cat_file(key, start=int(offset + length) - 4, end=int(offset + length))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return value
+
+
+def _shard_digest(fs, key: str, arr) -> int | None:
+    """A shard's form-1 digest: the crc32c of ``_shard_locator``."""
+    import google_crc32c
+
+    value = _shard_locator(fs, key, arr)
+    return None if value is None else int(google_crc32c.value(value))
+
+
+def _locator_bytes(fs, key: str, arr) -> bytes | None:
+    """What a bound locator digest hashes: a chunk object's last 4 bytes (its crc32c), or for a
+    shard its index's crc32c with its first and last rows' (``_shard_locator``)."""
+    return _shard_locator(fs, key, arr) if getattr(arr, "shards", None) else _tail(fs, key)
+
+
+def _object_digest(fs, key: str, arr) -> int | None:
+    """The digest of one chunk object: its crc32c, or a shard's (``_shard_digest``)."""
+    return _shard_digest(fs, key, arr) if getattr(arr, "shards", None) else _tail_digest(fs, key)
+
+
 def record_digests(
     group, root: str, array: str, first_chunk: int, last_chunk: int, store_id: str | None = None
 ) -> None:
@@ -234,9 +286,11 @@ def record_digests(
         key = chunk_key(root_path, array, index, arr.ndim)
         data = _read_object(fs, key) if bound else None
         if bound and data is not None and len(data) >= 4:
-            digests[index] = np.asarray(chunk_digests(str(store_id), array, index, data), dtype=np.int64)
+            locator = locator_digest(str(store_id), array, index, _locator_bytes(fs, key, arr) or b"")
+            content = content_digest(str(store_id), array, index, data)
+            digests[index] = np.asarray((locator, content), dtype=np.int64)
             continue
-        value = None if bound else _tail_digest(fs, key)
+        value = None if bound else _object_digest(fs, key, arr)
         if value is None:
             raise StoreError(f"The chunk {index} of {array} in {root} was not written.")
         digests[index] = value
@@ -351,17 +405,19 @@ def _check_array(group, fs, root_path: str, name: str, binding: Binding) -> list
     out = []
     for index in range(num_chunks(arr)):
         first, last = _rows_of(arr, index)
-        tail = _tail(fs, chunk_key(root_path, name, index, arr.ndim))
-        if tail is None:
+        key = chunk_key(root_path, name, index, arr.ndim)
+        tail = _locator_bytes(fs, key, arr) if binding.bound else None
+        found = None if binding.bound else _object_digest(fs, key, arr)
+        if (tail if binding.bound else found) is None:
             out.append(Damage(name, index, first, last, "the chunk file is missing"))
             continue
         row = recorded[index] if index < len(recorded) else None
         if row is None or int(np.asarray(row).reshape(-1)[0]) < 0:
             out.append(Damage(name, index, first, last, "no digest was recorded for it"))
         elif binding.bound:
-            if locator_digest(str(binding.store_id), name, index, tail) != int(row[0]):
+            if locator_digest(str(binding.store_id), name, index, tail or b"") != int(row[0]):
                 out.append(Damage(name, index, first, last, MOVED))
-        elif int(row) != int.from_bytes(tail, "little"):
+        elif int(row) != found:
             out.append(Damage(name, index, first, last, "it is not the chunk written there (swapped or replaced)"))
     return out
 
@@ -407,13 +463,14 @@ def verify_store(
             continue
         arr = group[name]
         recorded = np.asarray(group[digest_name(name)][...])
+        decode = _decoder(arr, root, name)
         for index in range(num_chunks(arr)):
             if (name, index) in bad:
                 continue
             first, last = _rows_of(arr, index)
             what = None
             try:
-                arr[first : last + 1]
+                decode(index, first, last)
             except Exception as err:  # noqa: BLE001 - any decode failure is damage
                 what = f"it does not decode ({_reason(err)})"
             if what is None and binding.bound:
@@ -426,6 +483,17 @@ def verify_store(
             if what is not None:
                 damage.append(Damage(name, index, first, last, what))
     return damage
+
+
+def _decoder(arr, root: str, name: str):
+    """``decode(chunk, first, last)``: a shard of the row layout through its ``RowReader`` (zarr
+    decodes a shard's rows one by one at about a millisecond each), any other chunk by zarr."""
+    from kdpipe.artifacts.row_reads import row_reader
+
+    rows = row_reader(root, name) if getattr(arr, "shards", None) else None
+    if rows is not None:
+        return lambda index, first, last: rows.read_shard(index)
+    return lambda index, first, last: arr[first : last + 1]
 
 
 def _reason(err: BaseException) -> str:

@@ -145,6 +145,16 @@ class StoreReader:
 
     __getitem__ = array
 
+    def row_reader(self, name: str):
+        """A ``kdpipe.artifacts.row_reads.RowReader`` of array ``name`` when it is stored in the
+        row layout (one inner chunk per (sample, view) row), else None (read it with ``array``)."""
+        from kdpipe.artifacts.row_reads import row_reader
+
+        readers = self.__dict__.setdefault("_row_readers", {})
+        if name not in readers:
+            readers[name] = row_reader(self.path, name) if self.has(name) else None
+        return readers[name]
+
     def array_names(self) -> list[str]:
         """Per-sample arrays of the extraction, as recorded in the manifest."""
         return [n for n in self.manifest.arrays if self.has(n)]
@@ -304,7 +314,7 @@ class StoreReader:
                     "name": name,
                     "shape": tuple(arr.shape),
                     "dtype": str(arr.dtype),
-                    "chunks": tuple(arr.chunks),
+                    "chunks": tuple(getattr(arr, "shards", None) or arr.chunks),  # objects: shards
                     "bytes": raw,
                     "stored_bytes": stored,
                     "ratio": raw / stored if stored else float("inf"),

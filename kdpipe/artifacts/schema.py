@@ -5,7 +5,10 @@ A store is one zarr v3 group per teacher x data-set split. Its manifest is one t
 arrays are chunked along the sample axis only (a chunk holds `chunk_rows` whole samples, a
 divisor of the shard size, so a shard of extraction work owns whole chunks and no two writers
 ever touch the same chunk).
-Tensors are float16, view parameters int32, all Blosc/zstd with byte shuffle.
+Tensors are float16, view parameters int32, all Blosc/zstd with byte shuffle. Per-view
+arrays [N, V, ...] (not ``views``) of new stores are zarr shards of that chunk shape whose
+inner chunks are one (sample, view) row, Blosc/LZ4HC (``kdpipe.artifacts.writer.row_layout``,
+``kdpipe.artifacts.row_reads``).
 
 Array names (paths inside the group):
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 
@@ -40,7 +43,7 @@ STATIC_GROUP = "static"
 # the shard size whose chunk stays below it (at least one sample per chunk).
 MAX_CHUNK_BYTES = 32 << 20
 
-BLOSC_CNAME: Final = "zstd"
+BLOSC_CNAME: Final[Literal["zstd"]] = "zstd"
 # Level 1: on teacher activations (float16, byte shuffle) it compresses as well as level 3
 # (1.25x vs 1.24x on resnet56 features) in about half the time, which is the store's share of
 # extraction time (benchmarks/extract.py).
@@ -55,13 +58,13 @@ MEANINGS = {
 }
 
 
-def compressors(dtype) -> list:
-    """The zarr v3 compressor list for an array of `dtype`: Blosc zstd with byte shuffle, then
-    a crc32c checksum of the encoded chunk (``kdpipe.artifacts.integrity``)."""
+def compressors(dtype, cname: Literal["zstd", "lz4hc"] = BLOSC_CNAME) -> list:
+    """The zarr v3 compressor list for an array of `dtype`: Blosc (zstd unless ``cname``) with
+    byte shuffle, then a crc32c checksum of the encoded chunk (``kdpipe.artifacts.integrity``)."""
     from zarr.codecs import BloscCodec, Crc32cCodec
 
     return [
-        BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle="shuffle", typesize=np.dtype(dtype).itemsize),
+        BloscCodec(cname=cname, clevel=BLOSC_CLEVEL, shuffle="shuffle", typesize=np.dtype(dtype).itemsize),
         Crc32cCodec(),
     ]
 

@@ -55,6 +55,7 @@ from kdpipe.artifacts.integrity import (
     record_digests,
 )
 from kdpipe.artifacts.manifest import Manifest, same_plan
+from kdpipe.artifacts.row_reads import write_shards
 from kdpipe.artifacts.schema import (
     SCHEMA_VERSION,
     SHARDS_DONE,
@@ -170,6 +171,28 @@ def _check_json(what: str, obj) -> None:
         raise StoreError(f"{what} must be plain JSON (no NaN, no objects): {err}.") from None
 
 
+#: Per-view arrays [N, V, ...] (every array with more than one view, ``views`` excepted) are
+#: written as zarr v3 shards of the sample-block chunk shape whose inner chunks are one
+#: (sample, view) row, so reading one row decodes that row only (``kdpipe.artifacts.row_reads``).
+#: Stores written before this layout (plain (samples, all views, ...) chunks) read as they are.
+ROW_CHUNKS = True
+#: Blosc's compressor inside those rows: LZ4HC. c-blosc1 makes a zstd context for every chunk
+#: it decodes, 30-55 us for a 2 KB row on this machine against 5-12 us for LZ4 (LZ4HC decodes
+#: as LZ4, compresses more), and a row is decoded for every sample of every step. The price
+#: is size: the benchmark's CIFAR-shaped store took 1.6 GB, 1.4 GB in zstd chunks
+#: (benchmarks/target_reader.py, docs/BENCHMARKS.md).
+ROW_CNAME: Literal["lz4hc"] = "lz4hc"
+
+
+def row_layout(name: str, shape, chunks, dtype) -> dict:
+    """``create_array``'s ``chunks``, ``shards`` and ``compressors`` for an array chunked as
+    ``chunks`` (see ``ROW_CHUNKS``)."""
+    shape, chunks = tuple(int(s) for s in shape), tuple(int(c) for c in chunks)
+    if ROW_CHUNKS and name != "views" and len(shape) >= 2 and shape[1] > 1 and chunks:
+        return {"shards": chunks, "chunks": (1, 1) + shape[2:], "compressors": compressors(dtype, ROW_CNAME)}
+    return {"chunks": chunks or None, "compressors": compressors(dtype)}
+
+
 def _create_digests(group, name: str, arr, bound: bool = True) -> None:
     """The digest array of ``name``: per chunk object its (locator, content) digests (``bound``,
     digest form 2) or its crc32c (a form-1 store), -1 until the chunk is written."""
@@ -221,9 +244,8 @@ class StoreWriter:
             arr = group.create_array(
                 spec.name,
                 shape=tuple(spec.shape),
-                chunks=tuple(spec.chunks),
+                **row_layout(spec.name, spec.shape, spec.chunks, spec.dtype),
                 dtype=spec.dtype,
-                compressors=compressors(spec.dtype),
                 fill_value=0,
                 config=ARRAY_CONFIG,
             )
@@ -330,9 +352,10 @@ class StoreWriter:
         data = _check_numeric(name, data)
         arr = self.array(name)
         stop = start + data.shape[0]
-        arr[start:stop] = data.astype(arr.dtype, copy=False)
+        if not (getattr(arr, "shards", None) and write_shards(self.path, name, start, data)):
+            arr[start:stop] = data.astype(arr.dtype, copy=False)
         if digest_name(name) in self.group and stop > start:
-            rows = int(arr.chunks[0])
+            rows = int((arr.shards or arr.chunks)[0])
             record_digests(self.group, self.path, name, start // rows, (stop - 1) // rows, self._store_id())
 
     def mark_shard_done(self, shard_id: int, array: str = SHARDS_DONE) -> None:
@@ -426,9 +449,8 @@ class StoreWriter:
         arr = self.group.create_array(
             full,
             shape=shape,
-            chunks=chunks or None,
+            **row_layout(name, shape, chunks, dtype),
             dtype=dtype,
-            compressors=compressors(dtype),
             fill_value=0,
             config=ARRAY_CONFIG,
         )

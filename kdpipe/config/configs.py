@@ -157,7 +157,7 @@ class StudentConfig:
     views: str = "replay"  # cached targets: replay (exact) or warp
     online_teacher: str | None = None  # a checkpoint: the teacher runs live (baseline)
     online_views: str = "fresh"  # online: fresh random views (references) or replay
-    resident: str = "auto"  # cached targets: auto, device, host, stream
+    resident: str = "auto"  # cached targets: auto, device, host, shared, stream
     seed: int = 0
     amp: bool = False
     data: str | None = None

@@ -1,17 +1,22 @@
-"""Where cached targets live during training: on the device, in host memory, or streamed.
+"""Where cached targets live during training: on the device, in host memory, shared, or streamed.
 
-Stage two reads, for every batch, the stored rows of the views the batch replays. Three
+Stage two reads, for every batch, the stored rows of the views the batch replays. Four
 tiers, chosen from the bytes the method needs and the measured free memory
-(``choose_residency``; ``--resident device|host|stream|auto`` overrides it):
+(``choose_residency``; ``--resident device|host|shared|stream|auto`` overrides it):
 
 - ``device``: every needed array is loaded once onto the training device (as stored:
   float16 / int16); a batch is one gather there. On a CPU-only machine the device is the host.
 - ``host``: loaded once into host memory (pinned on CUDA); a batch is gathered on the host
-  and copied to the device (asynchronously from pinned memory).
-- ``stream``: nothing is loaded up front; each epoch visits the store's blocks of samples in
-  the plan's shuffled block order (``kdpipe.engine.plan.block_order``), and a background
-  thread reads the blocks ahead of the step and hands over each batch's rows in plan order,
-  so the step waits on zarr only when the reader falls behind.
+  and copied to the device (through reused pinned buffers, ``kdpipe.engine.staging``).
+- ``shared``: as ``host``, but the rows are one node-local memory-mapped copy made once per
+  machine (``kdpipe.engine.shared_copy``): every trial and data-parallel worker on the machine
+  maps the same pages, so N students hold about the memory of one.
+- ``stream``: nothing is loaded up front. Stores in the row layout (one inner chunk per
+  (sample, view) row) are read batch by batch in the plan's uniform order by a pool of
+  threads, only the rows used (``kdpipe.engine.row_stream.RowStream``). Older stores: each
+  epoch visits the store's blocks of samples in the plan's shuffled block order
+  (``kdpipe.engine.plan.block_order``), and a background thread reads the blocks ahead of the
+  step and hands over each batch's rows in plan order (``StreamRows``).
 
 All three return, for a ``PlanBatch``, ``{array path: rows [B, ...]}`` on the device in the
 store's dtype: the row of view ``view_idx[b]`` for arrays with every view (replay), of view 0
@@ -22,12 +27,15 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from kdpipe.engine.device import host_available_bytes, memory_budget
+from kdpipe.engine.shared_copy import load_array
+from kdpipe.engine.staging import PinnedStaging
 from kdpipe.errors import KdpipeError, StoreError
 
 __all__ = [
@@ -35,13 +43,14 @@ __all__ = [
     "ArrayUse",
     "choose_residency",
     "MemoryRows",
+    "SharedRows",
     "StreamRows",
     "to_torch",
     "STREAM_BUFFER",
     "STREAM_AHEAD",
 ]
 
-RESIDENCY = ("auto", "device", "host", "stream")
+RESIDENCY = ("auto", "device", "host", "shared", "stream")
 #: Samples in the stream tier's shuffle buffer (rows of one view each: small).
 STREAM_BUFFER = 16384
 #: Batches the stream tier's reader may run ahead of the step.
@@ -72,17 +81,29 @@ class ArrayUse:
         return int(array.shape[0]) * per_row * (int(array.shape[1]) if self.per_view else 1)
 
 
-def choose_residency(nbytes: int, device: torch.device, requested: str = "auto", budget: int | None = None) -> str:
-    """``device``, ``host`` or ``stream`` for ``nbytes`` of targets (see the module docstring).
-    ``budget`` replaces the measured memory budget (benchmarks use it to force the tiers)."""
+def choose_residency(
+    nbytes: int,
+    device: torch.device,
+    requested: str = "auto",
+    budget: int | None = None,
+    sharers: int = 1,
+    shared: bool = True,
+) -> str:
+    """``device``, ``shared`` or ``stream`` for ``nbytes`` of targets (see the module docstring;
+    ``host`` only when asked for). ``budget`` replaces the measured memory budget (benchmarks
+    use it to force the tiers). ``sharers``: students running at once on this machine (sweep
+    trials, data-parallel workers): each would hold its own device copy, while the shared copy
+    is counted once. ``shared``: whether a shared copy can be made (a local store)."""
     if requested not in RESIDENCY:
         raise KdpipeError(f"--resident must be one of {', '.join(RESIDENCY)}, not {requested!r}.")
     if requested != "auto":
         return requested
-    if nbytes <= (memory_budget(device) if budget is None else budget):
+    if nbytes * max(1, int(sharers)) <= (memory_budget(device) if budget is None else budget):
         return "device"
     host = host_available_bytes() // 2 if budget is None else budget
-    if device.type == "cuda" and nbytes <= host:
+    if shared and nbytes <= host:
+        return "shared"
+    if device.type == "cuda" and nbytes <= host // max(1, int(sharers)):
         return "host"
     return "stream"
 
@@ -108,14 +129,10 @@ class MemoryRows:
         self.tier = tier
         self.uses = list(uses)
         self.tensors: dict[str, torch.Tensor] = {}
+        self.staging = PinnedStaging(device)
         hold = device if tier == "device" else torch.device("cpu")
         for use in self.uses:
-            arr = reader.array(use.path)
-            data = to_torch(arr[...] if use.per_view else arr.get_orthogonal_selection((slice(None), 0)))
-            if finite_check:
-                check_finite(use.path, data, reader.path)
-            if tier == "host" and device.type == "cuda":
-                data = data.pin_memory()
+            data = to_torch(load_array(reader, use.path, use.per_view, finite_check))
             self.tensors[use.path] = data.to(hold)
 
     def begin_epoch(self, plan, batch_size: int) -> None:
@@ -126,18 +143,49 @@ class MemoryRows:
         hold = next(iter(self.tensors.values())).device if self.tensors else self.device
         idx = batch.indices.to(hold, non_blocking=True)
         views = batch.view_idx.to(hold, non_blocking=True) if batch.view_idx is not None else None
+        self.staging.next_batch()  # host rows are gathered into the other pinned buffers
         for use in self.uses:
             data = self.tensors[use.path]
-            rows = data[idx, views] if use.per_view else data[idx]
-            if rows.device != self.device:
-                if self.device.type == "cuda":
-                    rows = rows.pin_memory()
-                rows = rows.to(self.device, non_blocking=True)
-            out[use.path] = rows
+            if hold != self.device:
+                if use.per_view:  # rows (s, v) of [N, V, ...] are rows s * V + v of [N * V, ...]
+                    flat = data.reshape((-1,) + tuple(data.shape[2:]))
+                    out[use.path] = self.staging.gather(use.path, flat, idx * data.shape[1] + views)
+                else:
+                    out[use.path] = self.staging.gather(use.path, data, idx)
+            else:
+                out[use.path] = data[idx, views] if use.per_view else data[idx]
         return out
 
     def close(self) -> None:
         """Nothing runs in the background; the loaded rows go with the object."""
+
+
+class SharedRows(MemoryRows):
+    """The ``shared`` tier: the rows of the machine's one shared copy
+    (``kdpipe.engine.shared_copy.SharedCopy``), gathered on the host and staged to the device."""
+
+    def __init__(self, copy, uses: list[ArrayUse], device: torch.device):
+        self.device = device
+        self.tier = "shared"
+        self.uses = list(uses)
+        self.copy = copy
+        self.staging = PinnedStaging(device)
+        with warnings.catch_warnings():  # read-only maps: torch warns that they are not writable
+            warnings.simplefilter("ignore", UserWarning)  # nothing writes them: rows are gathered
+            self.tensors = {use.path: to_torch(copy.arrays[use.path]) for use in self.uses}
+
+    def rows(self, batch) -> dict[str, torch.Tensor]:
+        out = {}
+        idx, views = batch.indices, batch.view_idx
+        self.staging.next_batch()
+        for use in self.uses:
+            data = self.tensors[use.path]
+            if use.per_view:
+                flat = data.reshape((-1,) + tuple(data.shape[2:]))
+                out[use.path] = self.staging.gather(use.path, flat, idx * data.shape[1] + views)
+            else:
+                out[use.path] = self.staging.gather(use.path, data, idx)
+        return out
 
 
 _END = object()

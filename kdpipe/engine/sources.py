@@ -16,7 +16,8 @@ One interface, four sources; the loop cannot tell them apart::
     the online teacher's up to float16);
   * ``mode="warp"``: fresh random views, the identity view's stored maps warped to them
     (approximate, ReLabel-style; for 1-view stores);
-  * rows live on the device, in host memory or are streamed (``kdpipe.engine.rows``).
+  * rows live on the device, in host memory, in the machine's shared copy or are streamed
+    (``kdpipe.engine.rows``).
 - ``OnlineTargets(teacher, kinds, ...)``: the teacher runs live on the batch. ``views="fresh"``
   (the default) draws fresh random views, which is what the references train on;
   ``views="replay"`` replays the store's views, for parity checks against cached training.
@@ -33,8 +34,19 @@ import numpy as np
 import torch
 
 from kdpipe.engine import plan as plans
-from kdpipe.engine.rows import STREAM_BUFFER, ArrayUse, MemoryRows, StreamRows, choose_residency, to_torch
+from kdpipe.engine.row_stream import RowStream, row_readers
+from kdpipe.engine.rows import (
+    STREAM_BUFFER,
+    ArrayUse,
+    MemoryRows,
+    SharedRows,
+    StreamRows,
+    choose_residency,
+    to_torch,
+)
+from kdpipe.engine.shared_copy import SharedCopy
 from kdpipe.errors import KdpipeError, StoreError
+from kdpipe.storage import is_url as storage_is_url
 from kdpipe.targets.base import KindContext, TargetKind, TeacherOutputs, needs_stages
 
 __all__ = [
@@ -165,6 +177,8 @@ class CachedTargets(TargetSource):
         finite_check: bool = True,
         stream_buffer: int = STREAM_BUFFER,
         budget: int | None = None,
+        shared_dir=None,
+        sharers: int = 1,
     ):
         if mode not in VIEW_MODES:
             raise KdpipeError(f"--views must be {' or '.join(VIEW_MODES)}, not {mode!r}.")
@@ -185,15 +199,24 @@ class CachedTargets(TargetSource):
         if mode == "warp":
             self._check_identity_view()
         self.resident_bytes = sum(u.nbytes(reader.array(u.path)) for u in self.uses)
-        self.tier = choose_residency(self.resident_bytes, self.device, resident, budget)
+        local = not storage_is_url(reader.path)
+        self.tier = choose_residency(self.resident_bytes, self.device, resident, budget, sharers, shared=local)
         if order not in (None, "uniform", "blocks"):
             raise KdpipeError(f"The epoch order must be uniform or blocks, not {order!r}.")
-        self.order = order or ("blocks" if self.tier == "stream" else "uniform")
+        # row-addressable arrays stream in any order: the plan keeps the uniform shuffle
+        self.row_readers = row_readers(reader, self.uses) if self.tier == "stream" else None
+        self.order = order or ("blocks" if self.tier == "stream" and self.row_readers is None else "uniform")
         self.block_rows = self._block_rows()
         self.stream_buffer = int(stream_buffer)
-        self.rows_source: StreamRows | MemoryRows
-        if self.tier == "stream":
+        self.rows_source: StreamRows | RowStream | MemoryRows
+        if self.tier == "stream" and self.row_readers is not None:
+            self.rows_source = RowStream(reader, self.uses, self.device, self.row_readers, finite_check)
+        elif self.tier == "stream":
             self.rows_source = StreamRows(reader, self.uses, self.device, self.block_rows, finite_check)
+        elif self.tier == "shared":
+            copy = SharedCopy.open(reader, self.uses, None, shared_dir, finite_check=finite_check)
+            self.shared_copy = copy
+            self.rows_source = SharedRows(copy, self.uses, self.device)
         else:
             self.rows_source = MemoryRows(reader, self.uses, self.device, self.tier, finite_check)
 
@@ -233,7 +256,8 @@ class CachedTargets(TargetSource):
         """Samples per streamed block: a whole number of every needed array's chunks."""
         rows = 1
         for use in self.uses:
-            rows = int(np.lcm(rows, int(self.reader.array(use.path).chunks[0])))
+            arr = self.reader.array(use.path)
+            rows = int(np.lcm(rows, int((getattr(arr, "shards", None) or arr.chunks)[0])))
         return rows
 
     # ------------------------------------------------------------------ interface
