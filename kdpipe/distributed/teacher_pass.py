@@ -203,6 +203,7 @@ def run_pass(
     progress: bool,
     on_result=None,
     fault: KillWorkerOnce | None = None,
+    quick_trial: str | None = None,
 ) -> tuple[list, float]:
     """Run the teacher pass over the shards ``todo``; on failure leave the store resumable and
     say so in one sentence. Returns (per-shard results, seconds)."""
@@ -221,6 +222,7 @@ def run_pass(
             unit_scale=unit_scale,
             on_result=on_result,
             fault=fault,
+            quick_trial=quick_trial,
         )
     except BaseException as err:
         _fail_resumable(writer, spec, err)
