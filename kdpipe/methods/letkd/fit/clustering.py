@@ -320,10 +320,11 @@ def _flat_index(centers: np.ndarray, gpu: bool):
     return index
 
 
-def kmeans_seconds(n: int, d: int, k: int, niter: int, probe: int = 2048) -> float:
+def kmeans_seconds(n: int, d: int, k: int, niter: int, probe: int = 8192) -> float:
     """An estimate of a CPU K-means's seconds (n vectors of d dims, k centres, niter
-    iterations) from timing one assignment step of ``probe`` vectors here: each iteration is
-    dominated by the n x k x d distance products."""
+    iterations) from timing one distance product of ``probe`` vectors here: each iteration is
+    dominated by the n x k x d distance products. Rough: on digits' 38,400 x 64 vectors, K=128,
+    it said 6-10 s where faiss-cpu took 4.7 s (2 loaded cores)."""
     import time
 
     rng = np.random.default_rng(0)
