@@ -177,3 +177,16 @@ def test_extract_teacher_takes_a_run_directory(cli_runner, tmp_path):
     args = ["extract-teacher", "--teacher", str(run), "--arch", "resnet8", "--data", "digits", "--out", str(tmp_path)]
     result = cli_runner.invoke(cli, args)
     assert result.exit_code == 2 and "holds no checkpoint yet" in result.output  # the folder was read as a run
+
+
+def test_subclass_panel_shows_a_few_class_blocks_of_many():
+    import numpy as np
+
+    from kdpipe.runs.plots import MAX_BLOCKS, shown_blocks
+
+    K, C = 2, 100
+    rows = np.zeros((K, C * K))
+    rows[0, 7 * K] = 0.9  # class 3's sub-class 0 scores class 7 highly
+    blocks = shown_blocks(rows, 3, K)
+    assert len(blocks) == MAX_BLOCKS and 3 in blocks and 7 in blocks and blocks == sorted(blocks)
+    assert shown_blocks(np.zeros((K, 10 * K)), 3, K) == list(range(10))

@@ -180,7 +180,8 @@ def draw_cam_grid(
             ax.imshow(img)
             # each map scaled to its own range: the colour says where, not how strongly across maps
             overlay = ax.imshow((cam - cam.min()) / span, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-            ax.set_title(f"{names[int(c)]}  p={probs[r, c]:.2f}", fontsize=11)
+            name = str(names[int(c)])
+            ax.set_title(f"{'class ' + name if name.isdigit() else name}  p={probs[r, c]:.2f}", fontsize=11)
     for ax in axes.ravel():
         ax.axis("off")
     if overlay is not None:
