@@ -236,6 +236,10 @@ def draw_run_curves(rows: list[dict], title: str, fh) -> None:
     _curve_panel(
         ax1, rows, (("train_loss", "train loss"), ("test_loss", "test loss (CE)")), "loss", "loss", dashed=part_keys
     )
+    values = [v for r in rows for k, v in r.items() if ("loss" in k) and isinstance(v, int | float) and v == v]
+    if values and min(values) > 0 and max(values) / min(values) > 100:
+        ax1.set_yscale("log")  # a diverging epoch would flatten every other loss curve to zero
+        ax1.set_ylabel("loss (log scale)")
     _curve_panel(
         ax2,
         rows,
