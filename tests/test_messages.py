@@ -190,3 +190,13 @@ def test_subclass_panel_shows_a_few_class_blocks_of_many():
     blocks = shown_blocks(rows, 3, K)
     assert len(blocks) == MAX_BLOCKS and 3 in blocks and 7 in blocks and blocks == sorted(blocks)
     assert shown_blocks(np.zeros((K, 10 * K)), 3, K) == list(range(10))
+
+
+def test_time_left_after_the_first_epoch(capsys):
+    from kdpipe.engine.loop import _say_time_left
+
+    _say_time_left("resnet8 cat_kd", 20.0, 239, "cpu")
+    out = capsys.readouterr().out
+    assert "about 1:19:40 of training left" in out and "--subset-fraction" in out
+    _say_time_left("resnet8 cat_kd", 5.0, 3, "cpu")
+    assert "quick trial" not in capsys.readouterr().out

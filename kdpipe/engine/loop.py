@@ -203,6 +203,8 @@ def fit(spec: FitSpec) -> dict:
                 last_row = row
                 if epoch == 0:
                     warn_loss_scale(row, getattr(spec.loss_fn, "weight_options", ()))
+                if epoch == spec.start_epoch and r.progress and epochs > epoch + 1:
+                    _say_time_left(spec.desc, dt, epochs - epoch - 1, train.device)
             workers.barrier()
             if spec.after_epoch is not None:
                 spec.after_epoch(epoch + 1)
@@ -219,6 +221,17 @@ def fit(spec: FitSpec) -> dict:
         "images": images_seen,
         "train_seconds": train_seconds,
     }
+
+
+def _say_time_left(desc: str, epoch_seconds: float, epochs_left: int, device) -> None:
+    """After the first epoch: the time left at its pace; hours on a CPU name the quick trial."""
+    from tqdm.auto import tqdm
+
+    left, fmt = epoch_seconds * epochs_left, tqdm.format_interval
+    line = f"{desc}: an epoch takes {fmt(epoch_seconds)}; about {fmt(left)} of training left"
+    if left >= 3600 and torch.device(device).type == "cpu":
+        line += ". Hours on CPU: --subset-fraction 0.1 or fewer --epochs makes a quick trial"
+    tqdm.write(line)
 
 
 def _print_schedule(spec: FitSpec) -> None:
