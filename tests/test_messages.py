@@ -200,3 +200,17 @@ def test_time_left_after_the_first_epoch(capsys):
     assert "about 1:19:40 of training left" in out and "--subset-fraction" in out
     _say_time_left("resnet8 cat_kd", 5.0, 3, "cpu")
     assert "quick trial" not in capsys.readouterr().out
+
+
+def test_interrupted_teacher_pass_is_one_sentence():
+    from kdpipe.distributed.teacher_pass import _fail_resumable
+    from kdpipe.errors import KdpipeError
+
+    writer = SimpleNamespace(
+        path="/s.zarr",
+        done_shards=lambda name: [0],
+        array=lambda name: SimpleNamespace(shape=(4,)),
+        mark_incomplete=lambda: None,
+    )
+    with pytest.raises(KdpipeError, match=r"interrupted.*1 of 4 shards written.*--resume"):
+        _fail_resumable(writer, SimpleNamespace(done_array="shards_done"), KeyboardInterrupt())

@@ -238,6 +238,11 @@ def _fail_resumable(writer, spec: PassSpec, err: BaseException) -> None:
             writer.mark_incomplete()
     except Exception:  # noqa: BLE001 - the disk may still be full; the flag is already false
         count = "some shards written"
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C: one kdpipe line, not Ray's retries and a traceback
+        raise StoreError(
+            f"The teacher pass was interrupted; the store at {writer.path} is incomplete ({count}): "
+            "the same command with --resume continues it."
+        ) from None
     if isinstance(err, WorkerLost):
         raise StoreError(
             f"{err}, so the store at {writer.path} is incomplete ({count}); resume it with --resume."
