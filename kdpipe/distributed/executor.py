@@ -135,12 +135,11 @@ def ray_verbose() -> bool:
 
 
 def ray_log_level() -> int:
-    """The ``logging_level`` for ``ray.init``; off ``--verbose`` also Ray's C++ warnings (a
-    killed worker's "There are 3 retries remaining"), through Ray's documented variable."""
-    if ray_verbose():
-        return logging.WARNING
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
-    return logging.ERROR
+    """The ``logging_level`` for ``ray.init``: ERROR off ``--verbose`` (no token-authentication
+    notice). Ray's C++ warnings are left as they are: RAY_BACKEND_LOG_LEVEL would hide a killed
+    worker's "retries remaining", but Ray then prints a line saying it read the variable on every
+    start."""
+    return logging.WARNING if ray_verbose() else logging.ERROR
 
 
 def init_local_ray(num_cpus: int | None = None) -> None:
@@ -369,7 +368,10 @@ def first_shard_line(desc: str, elapsed: float, done: int, total: int, quick_tri
     from kdpipe.runs.report import human_seconds
 
     left = elapsed / max(done, 1) * (total - done)
-    line = f"{desc}: first shard done in {human_seconds(elapsed)}; about {human_seconds(left)} left at that pace"
+    line = (
+        f"{desc}: first shard done in {human_seconds(elapsed)}; about {human_seconds(left)} left at that pace "
+        "(start-up included, so likely less)"
+    )
     if left >= 3600 and quick_trial and not _has_gpu():
         line += f". Hours on CPU: {quick_trial} makes a quick trial"
     return line
