@@ -12,7 +12,9 @@ COPY kdpipe ./kdpipe
 RUN pip list --format=freeze | grep -E '^(torch|torchvision|torchaudio|triton|nvidia-[a-z0-9-]+)==' > /tmp/image-constraints.txt \
     && pip install --no-cache-dir -c /tmp/image-constraints.txt ".[gpu,imagenet]"
 
-# Stores and run directories live on a volume, not in the image.
+# Stores and run directories live on a volume mounted at /work, not in the image:
+#   docker run -v /data/kdpipe:/work kdpipe extract-teacher ... --out /work/stores/rn32x4.zarr
 WORKDIR /work
+VOLUME /work
 ENTRYPOINT ["kdpipe"]
 CMD ["--help"]

@@ -1,46 +1,78 @@
-# The README's two commands: `make demo` and `make test`. Each sets up .venv on a fresh machine.
+# The README's commands: `make demo`, `make test`, `make lint`. Each sets up .venv on a fresh
+# machine with what that target needs, and no more: demo the package (and faiss-cpu), test adds
+# the test extra, lint the lint extra; `make setup` installs all three (a developer's venv).
+#
+# The installer is uv (pinned, from PyPI, installed into .venv by the venv's own pip): pip spent
+# more than 9 minutes backtracking over this dependency set on a 2-core machine, uv resolves and
+# installs it in seconds (docs/BENCHMARKS.md, "Set-up time"). uv prints what it resolves,
+# downloads and installs; nothing is hidden.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
 STAMP := $(VENV)/.kdpipe-installed
 TORCH_CPU := torch==2.13.0
+# uv reads no pip configuration: a local wheel folder (WHEELS, /opt/wheels on the lab's
+# machines) is passed explicitly where it exists. Where it holds no torch wheel, torch's CPU
+# build comes from PyTorch's CPU index (uv prefers an extra index over PyPI for what it holds).
+WHEELS ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(WHEELS)/*.whl),--find-links $(WHEELS))
+TORCH_INDEX := $(if $(wildcard $(WHEELS)/torch-*.whl),,--extra-index-url https://download.pytorch.org/whl/cpu)
+UV_INSTALL := $(UV) pip install --python $(PY) $(FIND_LINKS)
 
-.PHONY: setup demo demo-fast test test-fast lint format bench clean
+.PHONY: setup install demo demo-fast test test-fast lint format bench clean
 
-setup: $(STAMP)
+# everything: the package, its tests and its linters
+setup: $(STAMP) $(VENV)/.kdpipe-test $(VENV)/.kdpipe-lint
 
-$(STAMP): pyproject.toml
+# the package alone (with faiss-cpu for K-means): what `make demo` needs
+install: $(STAMP)
+
+$(UV):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@# A bare `torch` requirement would pull several GB of CUDA packages: install the CPU
-	@# wheel first where no torch is present (machines with a CUDA torch keep theirs).
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -e ".[test,lint,faiss-cpu]"
-	@touch $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check uv==$(UV_VERSION)
 
-demo: setup
+$(STAMP): pyproject.toml | $(UV)
+	@# A bare `torch` requirement would pull several GB of CUDA packages: install the CPU
+	@# wheel first where no torch is present (machines with a CUDA torch keep theirs: uv keeps
+	@# an installed torch that meets the package's bound).
+	@$(PY) -c "import torch" 2>/dev/null && echo "torch: keeping $$($(PY) -c 'import torch; print(torch.__version__)')" \
+		|| $(UV_INSTALL) $(TORCH_INDEX) $(TORCH_CPU)
+	$(UV_INSTALL) -e ".[faiss-cpu]"
+	@touch $@
+
+$(VENV)/.kdpipe-test: $(STAMP)
+	$(UV_INSTALL) -e ".[faiss-cpu,test]"
+	@touch $@
+
+$(VENV)/.kdpipe-lint: $(STAMP)
+	$(UV_INSTALL) -e ".[faiss-cpu,lint]"
+	@touch $@
+
+demo: install
 	$(VENV)/bin/kdpipe demo
 
-demo-fast: setup
+demo-fast: install
 	$(VENV)/bin/kdpipe demo --fast
 
-test: setup
+test: $(VENV)/.kdpipe-test
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: $(VENV)/.kdpipe-test
 	$(PY) -m pytest -q -m "not slow"
 
 # ruff (lint and format check) and mypy over the package, tests and benchmarks, as CI runs them.
-lint: setup
+lint: $(VENV)/.kdpipe-lint
 	$(VENV)/bin/ruff check kdpipe tests benchmarks examples docs/templates
 	$(VENV)/bin/ruff format --check kdpipe tests benchmarks examples docs/templates
 	$(VENV)/bin/mypy
 
-format: setup
+format: $(VENV)/.kdpipe-lint
 	$(VENV)/bin/ruff check --fix kdpipe tests benchmarks examples docs/templates
 	$(VENV)/bin/ruff format kdpipe tests benchmarks examples docs/templates
 
-bench: setup
+bench: install
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/extract.py
 	$(PY) benchmarks/cluster.py

@@ -32,6 +32,14 @@ class _Group(click.Group):
             _abandon_pending_io()
             click.echo(f"kdpipe: error: {os_error_sentence(err)}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt:
+            # one line instead of a traceback and Ray's own notes (kdpipe --verbose shows those)
+            click.echo(
+                "kdpipe: interrupted; what finished is kept (shards, epochs, trials): the same command "
+                "with --resume continues it.",
+                err=True,
+            )
+            ctx.exit(130)
 
 
 def _abandon_pending_io() -> None:
@@ -65,6 +73,13 @@ def _probe_ray_address(ctx: click.Context, param: click.Parameter, value: str | 
     return value
 
 
+def _checkpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A checkpoint option: a .pth file, or a kdpipe run directory (its teacher or best checkpoint)."""
+    from kdpipe.runs.paths import checkpoint_in
+
+    return checkpoint_in(value)
+
+
 def given_options(ctx: click.Context, names) -> dict:
     """The options among ``names`` the user typed (not click defaults): what --resume compares."""
     from click.core import ParameterSource
@@ -78,9 +93,14 @@ def given_options(ctx: click.Context, names) -> dict:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kdpipe")
-def cli():
+@click.option("--verbose", is_flag=True, help="Also show Ray's and Tune's own log messages (hidden by default).")
+def cli(verbose):
     """Knowledge distillation in two stages: one teacher pass into a Zarr store
     (extract-teacher, cluster), then any number of teacher-free student runs (train-student)."""
+    if verbose:
+        import os
+
+        os.environ["KDPIPE_VERBOSE"] = "1"  # kdpipe.distributed.executor.VERBOSE_ENV, read where Ray starts
 
 
 _WANDB_HELP = (
@@ -222,7 +242,9 @@ def evaluate(checkpoint, arch, data, split, batch_size, device, amp):
     "--teacher",
     required=True,
     type=click.Path(),
-    help="Teacher checkpoint ({'model': sd} or a state dict; a local path or a URL: s3://bucket/t.pth).",
+    callback=_checkpoint,
+    help="Teacher checkpoint ({'model': sd} or a state dict; a local path or a URL: s3://bucket/t.pth) "
+    "or a train-teacher run directory.",
 )
 @click.option("--arch", required=True, help="Teacher architecture (mdistiller name, e.g. resnet32x4).")
 @click.option("--data", required=True, help="Data set spec, e.g. cifar100:/path/to/cifar-100-python.")
@@ -383,6 +405,7 @@ CLUSTER_FIT_PARAMS = (
     "--teacher",
     default=None,
     type=click.Path(),
+    callback=_checkpoint,
     help="Teacher checkpoint for the assignment pass (default: the one the store records).",
 )
 @click.option("--data", default=None, help="Data set spec (default: the one the store records).")
@@ -523,6 +546,7 @@ STUDENT_FIELD_PARAMS = (
 @click.option(
     "--online-teacher",
     type=click.Path(),
+    callback=_checkpoint,
     default=None,
     help="Run this teacher checkpoint live instead of reading cached targets (the references' baseline).",
 )
@@ -638,7 +662,10 @@ def train_student(ctx, **opts):
         if print_config:
             from kdpipe.stages.train import print_config as resolved
 
-            click.echo(json.dumps(resolved(cfg, record), indent=2, sort_keys=True, default=str))
+            settings = resolved(cfg, record)
+            click.echo(json.dumps(settings, indent=2, sort_keys=True, default=str))
+            if settings.get("store_mismatch"):
+                raise KdpipeError(f"The store does not fit this configuration: {settings['store_mismatch']}")
             return
         if sweeps:
             from kdpipe.workflows.sweep import parse_sweep, run_sweep
@@ -726,9 +753,12 @@ def _echo_sweep(r: dict) -> None:
         "results (CSV)": r["results_csv"],
         "results (Markdown)": r["results_md"],
     }
+    title = "train-student sweep: done"
     if r.get("unfinished"):
-        items["unfinished (continue with)"] = f"--resume {r['sweep_dir']}"
-    click.echo(format_summary("train-student sweep: done", items))
+        # interrupted (Ctrl-C) or stopped: one kdpipe line says how to continue
+        title = f"train-student sweep: stopped with {r['unfinished']} of {len(r['rows'])} trials unfinished"
+        items["continue with"] = f"kdpipe train-student --resume {r['sweep_dir']}"
+    click.echo(format_summary(title, items))
 
 
 @cli.command("methods")
@@ -802,7 +832,13 @@ def run(configs, sets, out, stores, executor):
 @click.option("--target", default=None, help="Target set for --subclasses / --fidelity.")
 @click.option("--png", default=None, type=click.Path(), help="Where to write the picture.")
 @click.option("--fidelity", is_flag=True, help="Measure warped targets against the online teacher.")
-@click.option("--teacher", default=None, type=click.Path(), help="Teacher checkpoint for --fidelity.")
+@click.option(
+    "--teacher",
+    default=None,
+    type=click.Path(),
+    callback=_checkpoint,
+    help="Teacher checkpoint (or run) for --fidelity.",
+)
 @click.option("--data", default=None, help="Data set spec (default: the one the store names).")
 @click.option("--num-samples", default=256, show_default=True, type=int, help="Samples for --fidelity.")
 @click.option("--verify", is_flag=True, help="Decode every chunk and report each damaged one (exit 1 if any).")

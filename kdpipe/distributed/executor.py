@@ -44,6 +44,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -126,6 +127,23 @@ _LOOPBACK_IPS = ("127.0.0.1", "::1")
 _REAPERS: list[subprocess.Popen] = []  # one per local Ray this process started and has not shut down
 
 
+VERBOSE_ENV = "KDPIPE_VERBOSE"  # set by `kdpipe --verbose`
+
+
+def ray_verbose() -> bool:
+    """Whether Ray's own messages are wanted (``kdpipe --verbose``): its token-authentication
+    notice, its task-retry warnings, Tune's restore hint. kdpipe says what matters in its own words."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def ray_log_level() -> int:
+    """The ``logging_level`` for ``ray.init``: ERROR off ``--verbose`` (no token-authentication
+    notice). Ray's C++ warnings are left as they are: RAY_BACKEND_LOG_LEVEL would hide a killed
+    worker's "retries remaining", but Ray then prints a line saying it read the variable on every
+    start."""
+    return logging.WARNING if ray_verbose() else logging.ERROR
+
+
 def init_local_ray(num_cpus: int | None = None) -> None:
     """Start a single-node Ray whose every server binds to 127.0.0.1, with no dashboard, and a
     reaper process that stops it once this driver is gone (``kdpipe.distributed.ray_reaper``).
@@ -161,7 +179,7 @@ def init_local_ray(num_cpus: int | None = None) -> None:
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         log_to_driver=False,
-        logging_level=logging.WARNING,
+        logging_level=ray_log_level(),
     )
     # ray.init returns a RayContext (typed as its BaseContext base), which has address_info.
     session_dir = ctx.address_info["session_dir"]  # type: ignore[attr-defined]
@@ -274,7 +292,7 @@ def ray_cluster(ray_address: str | None = None, num_cpus: int | None = None):
         if ray_address:
             check_ray_address(ray_address)
             try:
-                ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
+                ray.init(address=ray_address, log_to_driver=False, logging_level=ray_log_level())
             except Exception as err:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, ...
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
                 raise KdpipeError(f"Cannot join the Ray cluster at {ray_address} ({first}).") from None
@@ -321,12 +339,14 @@ def run_shards(
     progress: bool = True,
     unit_scale: float = 1,
     fault: KillWorkerOnce | None = None,
+    quick_trial: str | None = None,
 ) -> list:
     """Run `worker.run(shard)` for every shard; return the results in the order of `shards`.
 
     `on_result(shard, result)` is called in the driver as each shard finishes. The bar counts
-    `shard.size` x `unit_scale` units (e.g. samples x views = images). ``fault``: fault
-    injection for tests (``KillWorkerOnce``).
+    `shard.size` x `unit_scale` units (e.g. samples x views = images). After the first shard a
+    line estimates the time left; where that is hours without a GPU it names ``quick_trial``
+    (the option that makes a quick trial). ``fault``: fault injection for tests (``KillWorkerOnce``).
     """
     shards = list(shards)
     if executor not in ("ray", "inline"):
@@ -344,10 +364,14 @@ def run_shards(
         smoothing=0.1,
     )
     results: list = [None] * len(shards)
+    t0, finished = time.perf_counter(), [0]
 
     def done(i, result):
         results[i] = result
         bar.update(int(getattr(shards[i], "size", 1)))
+        finished[0] += int(getattr(shards[i], "size", 1))
+        if progress and finished[0] == int(getattr(shards[i], "size", 1)) and total > finished[0]:
+            tqdm.write(first_shard_line(desc, time.perf_counter() - t0, finished[0], total, quick_trial))
         if on_result is not None:
             on_result(shards[i], result)
 
@@ -364,6 +388,28 @@ def run_shards(
         return results
     finally:
         bar.close()
+
+
+def first_shard_line(desc: str, elapsed: float, done: int, total: int, quick_trial: str | None = None) -> str:
+    """The estimate after the first shard: the time left at the first shard's pace (start-up
+    included, so rather high; the bar's ETA refines it), and on a machine without a GPU whose
+    estimate runs to hours, the option that makes a quick trial."""
+    from kdpipe.runs.report import human_seconds
+
+    left = elapsed / max(done, 1) * (total - done)
+    line = (
+        f"{desc}: first shard done in {human_seconds(elapsed)}; about {human_seconds(left)} left at that pace "
+        "(start-up included, so likely less)"
+    )
+    if left >= 3600 and quick_trial and not _has_gpu():
+        line += f". Hours on CPU: {quick_trial} makes a quick trial"
+    return line
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _run_ray(worker_cls, worker_kwargs, shards, num_workers, max_retries, fault, done):

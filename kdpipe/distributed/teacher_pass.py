@@ -204,6 +204,7 @@ def run_pass(
     progress: bool,
     on_result=None,
     fault: KillWorkerOnce | None = None,
+    quick_trial: str | None = None,
 ) -> tuple[list, float]:
     """Run the teacher pass over the shards ``todo``; on failure leave the store resumable and
     say so in one sentence. Returns (per-shard results, seconds)."""
@@ -222,6 +223,7 @@ def run_pass(
             unit_scale=unit_scale,
             on_result=on_result,
             fault=fault,
+            quick_trial=quick_trial,
         )
     except BaseException as err:
         _fail_resumable(writer, spec, err)
@@ -237,6 +239,11 @@ def _fail_resumable(writer, spec: PassSpec, err: BaseException) -> None:
             writer.mark_incomplete()
     except Exception:  # noqa: BLE001 - the disk may still be full; the flag is already false
         count = "some shards written"
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C: one kdpipe line, not Ray's retries and a traceback
+        raise StoreError(
+            f"The teacher pass was interrupted; the store at {writer.path} is incomplete ({count}): "
+            "the same command with --resume continues it."
+        ) from None
     if isinstance(err, WorkerLost):
         raise StoreError(
             f"{err}, so the store at {writer.path} is incomplete ({count}); resume it with --resume."

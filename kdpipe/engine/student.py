@@ -100,4 +100,18 @@ def student_loss_fn(model, method):
         return total, {k: v for k, v in parts.items() if k != "total"}, logits
 
     loss_fn.begin_epoch = method.begin_epoch  # type: ignore[attr-defined]  # the loop's per-epoch hook
+    # the options that weigh a distillation term: what the loop's loss-scale warning names
+    loss_fn.weight_options = weight_options(method.options)  # type: ignore[attr-defined]
     return loss_fn
+
+
+def weight_options(options: dict) -> list[str]:
+    """The options of ``options`` (a method's, nested for sums of methods) that weigh a
+    distillation term: CAT-KD's and DKD's beta, DKD's alpha, ``*_weight`` other than CE's."""
+    names: set[str] = set()
+    for key, value in options.items():
+        if isinstance(value, dict):
+            names.update(weight_options(value))
+        elif key != "ce_weight" and (key.endswith("_weight") or key in ("alpha", "beta")):
+            names.add(key)
+    return sorted(names)

@@ -83,37 +83,58 @@ def _draw_subclass_dots(ax, img: np.ndarray, subclass: np.ndarray, cmap, title: 
         edgecolors="white",
         linewidths=0.5,
     )
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=10)
     ax.axis("off")
 
 
+#: class blocks an S-row panel shows at most: more become hair-thin columns nobody reads
+MAX_BLOCKS = 12
+
+
+def shown_blocks(rows: np.ndarray, c: int, K: int, most: int = MAX_BLOCKS) -> list[int]:
+    """The class blocks an S-row panel shows: all where there are few classes, else class
+    ``c`` and the classes its sub-classes score highest, in class order."""
+    C = rows.shape[1] // K
+    if C <= most:
+        return list(range(C))
+    peak = rows.reshape(rows.shape[0], C, K).max(axis=(0, 2))
+    peak[c] = np.inf
+    return sorted(int(b) for b in np.argsort(-peak, kind="stable")[:most])
+
+
 def _draw_score_rows(ax, S: np.ndarray, c: int, K: int, cmap) -> None:
-    """Rows S[c*K:(c+1)*K] (class c's sub-classes) over every target class block."""
+    """Rows S[c*K:(c+1)*K] (class c's sub-classes) over the target class blocks (all of them,
+    or with many classes class c's and those it scores highest)."""
     import matplotlib.pyplot as plt
 
-    M = S.shape[0]
-    C = M // K
+    C = S.shape[0] // K
     rows = S[c * K : (c + 1) * K]
-    ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=max(float(rows.max()), 1e-9))
-    for b in range(1, C):
-        ax.axvline(b * K - 0.5, color="white", lw=0.4)
-    ax.add_patch(plt.Rectangle((c * K - 0.5, -0.5), K, K, fill=False, ec="red", lw=1.2))
+    blocks = shown_blocks(rows, c, K)
+    cols = np.concatenate([rows[:, b * K : (b + 1) * K] for b in blocks], axis=1)
+    ax.imshow(cols, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=max(float(rows.max()), 1e-9))
+    for n in range(1, len(blocks)):
+        ax.axvline(n * K - 0.5, color="white", lw=0.8)
+    ax.add_patch(plt.Rectangle((blocks.index(c) * K - 0.5, -0.5), K, K, fill=False, ec="red", lw=1.5))
     ax.set_yticks(np.arange(K))
-    ax.set_yticklabels([str(k) for k in range(K)], fontsize=6)
+    ax.set_yticklabels([str(k) for k in range(K)], fontsize=9)
     for k, tick in enumerate(ax.get_yticklabels()):
         tick.set_color(cmap(k % cmap.N))
-    step = max(1, C // 20)
-    ax.set_xticks(np.arange(0, M, K * step) + (K - 1) / 2)
-    ax.set_xticklabels([str(j) for j in range(0, C, step)], fontsize=6)
-    ax.set_xlabel("target class block of S (columns c*K..c*K+K-1)", fontsize=7)
-    ax.set_title(f"S rows of class {c}'s sub-classes (dot colours = row labels)", fontsize=8)
+    ax.set_xticks(np.arange(len(blocks)) * K + (K - 1) / 2)
+    ax.set_xticklabels([str(b) for b in blocks], fontsize=9)
+    which = "target class" if len(blocks) == C else f"target class ({len(blocks)} of {C}: its own and its highest)"
+    ax.set_xlabel(f"{which}; {K} columns per class", fontsize=9)
+    ax.set_ylabel("sub-class", fontsize=9)
+    ax.set_title(f"S rows of class {c}'s sub-classes (red: its own block; dot colours = rows)", fontsize=10)
 
 
 def _draw_score_matrix(fig, ax, S: np.ndarray, K: int) -> None:
     M = S.shape[0]
     im = ax.imshow(S, cmap="viridis", aspect="auto", interpolation="nearest")
-    ax.set_title(f"score matrix S ({M} x {M} sub-classes, {M // K} classes x {K})", fontsize=8)
-    fig.colorbar(im, ax=ax, fraction=0.03)
+    ax.set_title(f"score matrix S ({M} x {M} sub-classes: {M // K} classes x {K})", fontsize=10)
+    ax.set_xlabel("sub-class (target)", fontsize=9)
+    ax.set_ylabel("sub-class (source)", fontsize=9)
+    _integer_ticks(ax)
+    fig.colorbar(im, ax=ax, fraction=0.03).set_label("score", fontsize=9)
 
 
 def draw_cam_grid(
@@ -142,27 +163,45 @@ def draw_cam_grid(
     k = images.shape[0]
     h, w = images.shape[-2:]
     probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-    fig, axes = plt.subplots(k, top + 1, figsize=(2.2 * (top + 1), 2.3 * k), squeeze=False)
+    fig, axes = plt.subplots(
+        k, top + 1, figsize=(2.6 * (top + 1) + 1.0, 2.7 * k + 0.6), squeeze=False, layout="constrained"
+    )
+    overlay = None
     for r in range(k):
         img = images[r].permute(1, 2, 0).numpy()
         axes[r, 0].imshow(img)
-        axes[r, 0].set_title(captions[r], fontsize=8)
+        axes[r, 0].set_title(captions[r], fontsize=11)
         for j, c in enumerate(np.argsort(-logits[r])[:top]):
             cam = F.interpolate(
                 torch.from_numpy(cams[r, c])[None, None], size=(h, w), mode="bilinear", align_corners=False
             )[0, 0].numpy()
+            span = float(cam.max() - cam.min()) or 1.0
             ax = axes[r, j + 1]
             ax.imshow(img)
-            ax.imshow(cam, cmap="jet", alpha=0.5)
-            ax.set_title(f"{names[int(c)]} p={probs[r, c]:.2f}", fontsize=8)
+            # each map scaled to its own range: the colour says where, not how strongly across maps
+            overlay = ax.imshow((cam - cam.min()) / span, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+            name = str(names[int(c)])
+            ax.set_title(f"{'class ' + name if name.isdigit() else name}  p={probs[r, c]:.2f}", fontsize=11)
     for ax in axes.ravel():
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    # Leave a band at the top for the title: tight_layout alone lays the panels over it.
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.3 * k)))
+    if overlay is not None:
+        bar = fig.colorbar(overlay, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, pad=0.02)
+        bar.set_label("CAM, scaled per map (low to high)", fontsize=10)
+        bar.set_ticks([0.0, 0.5, 1.0])
+    fig.suptitle(title, fontsize=13)
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
     return str(png_path)
+
+
+def _integer_ticks(ax, x: bool = True, y: bool = True) -> None:
+    """Ticks on whole numbers only (epochs, indices: no 2.5 or 1.75)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if y:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _series(rows: list[dict], key: str) -> list:
@@ -179,6 +218,7 @@ def _curve_panel(ax, rows: list[dict], lines, title: str, ylabel: str, dashed=()
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    _integer_ticks(ax, y=False)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -196,6 +236,10 @@ def draw_run_curves(rows: list[dict], title: str, fh) -> None:
     _curve_panel(
         ax1, rows, (("train_loss", "train loss"), ("test_loss", "test loss (CE)")), "loss", "loss", dashed=part_keys
     )
+    values = [v for r in rows for k, v in r.items() if ("loss" in k) and isinstance(v, int | float) and v == v]
+    if values and min(values) > 0 and max(values) / min(values) > 100:
+        ax1.set_yscale("log")  # a diverging epoch would flatten every other loss curve to zero
+        ax1.set_ylabel("loss (log scale)")
     _curve_panel(
         ax2,
         rows,
@@ -226,6 +270,7 @@ def plot_student_curves(curves_by_label: dict, png) -> Path:
             ax.fill_between(epochs, top1.min(0), top1.max(0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%)")
+    _integer_ticks(ax, y=False)
     ax.set_title("Students on 10% of digits: test top-1 per epoch (mean over seeds, min-max band)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -35,3 +35,13 @@ def mean_std(values) -> tuple[float, float]:
     if not vals:
         return float("nan"), float("nan")
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def human_seconds(seconds: float) -> str:
+    """3725 -> "1 h 2 min", 95 -> "1 min 35 s", 7.2 -> "7 s"."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s} s"

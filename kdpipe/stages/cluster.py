@@ -513,6 +513,24 @@ def _read_fit_vectors(plan: ClusterPlan, progress: bool) -> _FitVectors:
     )
 
 
+def _kmeans_work_line(cfg, n: int, d: int) -> str:
+    """What the penult K-means will do (vectors x K x iterations) and, where it runs on the CPU,
+    about how long; hours name the options of a quick trial."""
+    from kdpipe.methods.letkd.fit.clustering import kmeans_seconds, resolve_kmeans_backend
+    from kdpipe.runs.report import human_seconds
+
+    line = f"cluster: K-means K={cfg.k_penult} on {n:,} penult vectors of {d} dims ({cfg.niter} iterations)"
+    _, dev = resolve_kmeans_backend(cfg.kmeans_backend, cfg.device)
+    if str(dev) != "cpu":
+        return line + "..."
+    n = min(n, int(cfg.max_fit_points or n))  # K-means fits on a subsample of this many
+    seconds = kmeans_seconds(n, d, int(cfg.k_penult), int(cfg.niter))
+    line += f": about {human_seconds(seconds)} on this CPU"
+    if seconds >= 3600:
+        line += "; hours: --k-penult 512 or --max-fit-points 100000 makes a quick trial"
+    return line + "..."
+
+
 def _fit_penult(plan: ClusterPlan, xp: np.ndarray, progress: bool):
     """K-means of the penult vectors and the top-k width; (kmeans result, k for the fit set,
     k for a probe of augmented views)."""
@@ -521,11 +539,7 @@ def _fit_penult(plan: ClusterPlan, xp: np.ndarray, progress: bool):
 
     cfg = plan.cfg
     if progress:
-        print(
-            f"cluster: K-means K={cfg.k_penult} on {xp.shape[0]:,} penult vectors of {xp.shape[1]} dims "
-            f"({cfg.niter} iterations)...",
-            flush=True,
-        )
+        print(_kmeans_work_line(cfg, xp.shape[0], xp.shape[1]), flush=True)
     km = kmeans(
         xp,
         int(cfg.k_penult),

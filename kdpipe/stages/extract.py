@@ -386,6 +386,8 @@ def extract_teacher(
         writer.write_rows("labels", 0, dataset.labels.astype(np.int32))
         for name, (array, meaning) in layout["static"].items():
             writer.write_static(name, array, meaning)
+    if progress:
+        print(work_line(cfg.arch, todo, layout["num_views"]), flush=True)
     results, seconds = run_pass(
         writer,
         spec,
@@ -395,6 +397,7 @@ def extract_teacher(
         unit_scale=layout["num_views"],
         progress=progress,
         fault=fault,
+        quick_trial="--views 8 (8 seeded views per image instead of every one)",
     )
     writer.finalize()
     run_summary = pass_summary(results, seconds, cfg.executor)
@@ -403,6 +406,15 @@ def extract_teacher(
     if verbose:
         print(format_summary(summary))
     return summary
+
+
+def work_line(arch: str, todo, num_views: int) -> str:
+    """What the pass will do, before it starts: images x views = teacher passes."""
+    images = sum(int(getattr(s, "size", 1)) for s in todo)
+    return (
+        f"extract-teacher: {images:,} images x {num_views} views = {images * num_views:,} {arch} passes "
+        f"in {len(todo)} shards (an estimate follows the first shard)"
+    )
 
 
 def _summary(path, layout, shards_run, run_summary, wall, executor) -> dict:

@@ -122,7 +122,7 @@ def _cams_of(reader, dataset, idx, views, teacher):
             dataset.policy.apply_images(dataset.get_batch(idx), torch.from_numpy(views)), dataset.mean, dataset.std
         )
         with torch.no_grad():
-            return teacher.eval().forward_features(x)[1]["cam"].float().numpy(), "native (teacher run now)"
+            return teacher.eval().forward_features(x)[1]["cam"].float().numpy(), "native, teacher run now"
     pooled = sorted((int(n[len("cam_r") :]), n) for n in reader.array_names() if n.startswith("cam_r"))
     if not pooled:
         raise KdpipeError(f"The store at {reader.path} holds no CAMs; pass --teacher to compute them.")
@@ -148,7 +148,8 @@ def plot_cams(reader, dataset, num_images: int, png_path, top: int = TOP_CLASSES
     names = dataset.class_names or [str(c) for c in range(dataset.num_classes)]
     captions = [f"#{i} label {names[int(dataset.labels[i])]}" for i in idx]
     top = max(1, min(int(top), logits.shape[1]))
-    title = f"teacher CAMs ({kind}) of the top-{top} classes ({reader.manifest.teacher.arch})"
+    arch = reader.manifest.teacher.arch
+    title = f"Teacher {arch}: class activation maps of its top-{top} classes per image ({kind})"
     return draw_cam_grid(images, cams, logits, names, captions, title, png_path, top)
 
 

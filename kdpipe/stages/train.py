@@ -264,12 +264,21 @@ def resolve_offline(cfg: StudentConfig) -> dict:
 
 
 def print_config(cfg: StudentConfig, source: dict | None = None) -> dict:
-    """``--print-config``: the resolved configuration, from the store when one is named, else
-    from the config alone."""
-    resolved = resolve_student(cfg.with_absolute_paths()).resolved() if cfg.store else resolve_offline(cfg)
+    """``--print-config``: every setting once, resolved from the store when one is named, else
+    from the config alone. A store that does not fit the config still gets the config printed
+    (from the config alone), with why under ``store_mismatch``: the user asked to find out."""
+    mismatch = None
+    try:
+        resolved = resolve_student(cfg.with_absolute_paths()).resolved() if cfg.store else resolve_offline(cfg)
+    except KdpipeError as err:
+        resolved, mismatch = resolve_offline(cfg), str(err)
+    # the given settings, with each resolved value over its given one (lr None -> the recipe's)
+    flat = {**resolved.pop("config"), **resolved}
     if source is not None:
-        resolved["config_file"] = source
-    return resolved
+        flat["config_file"] = source
+    if mismatch is not None:
+        flat["store_mismatch"] = mismatch
+    return flat
 
 
 def resolve_student(cfg: StudentConfig) -> StudentSetup:
@@ -529,7 +538,7 @@ def _train_here(setup: StudentSetup, run, runtime: Runtime, resume: bool, worker
     model = build(cfg.student, num_classes=setup.train_set.num_classes, head=resolved_head(cfg, setup.method))
     model = (setup.method.prepare_student(model, setup.target_set) or model).to(dev)
     optimizer = make_optimizer(model, r["lr"], r["momentum"], r["weight_decay"], r["nesterov"])
-    scheduler = make_scheduler(optimizer, r["epochs"], gamma=r["lr_decay"])
+    scheduler = make_scheduler(optimizer, r["epochs"], r["milestones"], gamma=r["lr_decay"])
     start_epoch, best, scaler_state = 0, None, None
     if resume:
         start_epoch, best, scaler_state = loop.restore_training_state(

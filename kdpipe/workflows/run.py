@@ -83,7 +83,10 @@ def _plan_stores(rows: list[RowConfig], stores_dir: str) -> dict:
     for row in rows:
         path = storage.normalize(row.teacher_checkpoint)
         if not storage.isfile(path):
-            raise KdpipeError(f"The teacher checkpoint {path} of {row.path} does not exist.")
+            raise KdpipeError(
+                f"The teacher checkpoint {path} of {row.path} does not exist; point at it with "
+                f"--set teacher.checkpoint=PATH, or with KDPIPE_TEACHERS where the config's path uses it."
+            )
         sha = shas.setdefault(path, sha256_file(path))
         plan = plans.setdefault(store_key(row, sha), StorePlan(store_key(row, sha)))
         plan.rows.append(row)
@@ -242,6 +245,7 @@ def run_configs(paths, sets=(), out="runs", stores="stores", executor: str = "ra
 
     t0 = time.perf_counter()
     rows = [load_row(p, sets) for p in paths]
+    changed = overridden_keys(sets)
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise KdpipeError(f"Two configs share the name {max(set(names), key=names.count)!r}; names must differ.")
@@ -253,7 +257,7 @@ def run_configs(paths, sets=(), out="runs", stores="stores", executor: str = "ra
         built += int(store["built"])
         for row in plan.rows:
             summaries = _train_row(row, store["path"], _ensure_target_set(row, store["path"], executor, say), out, say)
-            table.append(_table_row(row, summaries, mean_std))
+            table.append(_table_row(row, summaries, mean_std, changed))
     results_md, results_csv = storage.join(out, "results.md"), storage.join(out, "results.csv")
     storage.write_bytes(results_md, _markdown(table).encode("utf-8"))
     storage.write_bytes(results_csv, _csv(table).encode("utf-8"))
@@ -270,11 +274,22 @@ def run_configs(paths, sets=(), out="runs", stores="stores", executor: str = "ra
     }
 
 
-def _table_row(row: RowConfig, summaries: list, mean_std) -> dict:
+#: --set keys that leave a row the paper's experiment (more seeds, where the teacher file lies)
+NEUTRAL_KEYS = ("seeds", "teacher.checkpoint")
+
+
+def overridden_keys(sets) -> list[str]:
+    """The --set keys that change a row's experiment: its paper number no longer applies."""
+    keys = [str(s).partition("=")[0].strip() for s in sets or ()]
+    return [k for k in keys if k not in NEUTRAL_KEYS]
+
+
+def _table_row(row: RowConfig, summaries: list, mean_std, overridden=()) -> dict:
     final = mean_std([s.get("final_top1") for s in summaries])
     best = mean_std([s.get("best_top1") for s in summaries])
     return {
         "config": row.name,
+        "overridden": ",".join(overridden),
         "teacher": row.teacher_arch,
         "student": row.student.student,
         "method": row.student.method,
@@ -283,13 +298,15 @@ def _table_row(row: RowConfig, summaries: list, mean_std) -> dict:
         "final_top1_std": final[1],
         "best_top1_mean": best[0],
         "best_top1_std": best[1],
-        "paper_top1": row.paper.get("top1"),
+        "paper_top1": None if overridden else row.paper.get("top1"),  # another experiment than the paper's
         "run_dirs": [s.get("run_dir") for s in summaries],
     }
 
 
-def _fmt(mean, std) -> str:
-    return "-" if mean != mean else f"{mean:.2f} ± {std:.2f}"
+def _fmt(mean, std, n: int = 2) -> str:
+    if mean != mean:
+        return "-"
+    return f"{mean:.2f} (1 seed)" if n == 1 else f"{mean:.2f} ± {std:.2f}"
 
 
 def _markdown(table: list) -> str:
@@ -302,11 +319,15 @@ def _markdown(table: list) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in table:
+        name = r["config"] + (f" (overridden: {r['overridden']})" if r.get("overridden") else "")
+        paper = "" if r.get("overridden") else (r["paper_top1"] or "-")
         lines.append(
-            f"| {r['config']} | {r['teacher']} | {r['student']} | {r['method']} | {r['seeds']} | "
-            f"{_fmt(r['final_top1_mean'], r['final_top1_std'])} | "
-            f"{_fmt(r['best_top1_mean'], r['best_top1_std'])} | {r['paper_top1'] or '-'} |"
+            f"| {name} | {r['teacher']} | {r['student']} | {r['method']} | {r['seeds']} | "
+            f"{_fmt(r['final_top1_mean'], r['final_top1_std'], r['seeds'])} | "
+            f"{_fmt(r['best_top1_mean'], r['best_top1_std'], r['seeds'])} | {paper} |"
         )
+    if any(r.get("overridden") for r in table):
+        lines += ["", "Rows marked overridden ran with --set changes: the paper's number is not theirs."]
     return "\n".join(lines) + "\n"
 
 

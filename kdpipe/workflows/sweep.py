@@ -297,13 +297,21 @@ def aggregate(rows: list[dict], group_keys: list[str]) -> list[dict]:
         ok = [r for r in rs if r.get("status") == "ok"]
         entry = dict(zip(group_keys, key))
         entry["n"] = len(ok)
-        entry["failed"] = len(rs) - len(ok)
+        # an interrupted sweep's trials that never ran are unfinished (results.csv's word), not failed
+        entry["unfinished"] = sum(r.get("status") == "unfinished" for r in rs)
+        entry["failed"] = len(rs) - len(ok) - entry["unfinished"]
         for metric in ("final_top1", "best_top1"):
             m, s = _mean_std([r.get(metric) for r in ok])
             entry[f"{metric}_mean"], entry[f"{metric}_std"] = m, s
         entry["seeds"] = [r.get("seed") for r in ok if "seed" in r]
         table.append(entry)
     return table
+
+
+def _not_ok(entry: dict) -> str:
+    """ " (1 failed, 1 unfinished)": the trials of a row that did not finish, in results.csv's words."""
+    parts = [f"{entry[k]} {k}" for k in ("failed", "unfinished") if entry.get(k)]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def markdown_table(table: list[dict], group_keys: list[str], base: dict, grid: dict) -> str:
@@ -322,7 +330,7 @@ def markdown_table(table: list[dict], group_keys: list[str], base: dict, grid: d
     ]
     for e in table:
         cells = [str(e[k]) for k in group_keys] + [
-            str(e["n"]) + (f" ({e['failed']} failed)" if e["failed"] else ""),
+            str(e["n"]) + _not_ok(e),
             fmt(e["final_top1_mean"], e["final_top1_std"]),
             fmt(e["best_top1_mean"], e["best_top1_std"]),
         ]

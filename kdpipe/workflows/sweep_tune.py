@@ -28,7 +28,7 @@ import time
 
 from ray import tune
 
-from kdpipe.distributed.executor import ray_cluster
+from kdpipe.distributed.executor import ray_cluster, ray_verbose
 from kdpipe.errors import KdpipeError
 from kdpipe.workflows.sweep_trials import SweepOptions, check_fault, run_trial, trial_config
 
@@ -112,6 +112,14 @@ class SweepCallback(tune.Callback):
 
         self.finished = 0
         self.bar = tqdm(total=self.total, desc="sweep", unit="trial", disable=not self.progress)
+
+    def on_step_begin(self, iteration, trials, **info):
+        # a restored sweep starts with the trials Tune saved as finished: show them at once
+        if self.bar is not None:
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            if done > self.bar.n:
+                self.bar.n = done
+                self.bar.refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._done(trials, trial)
@@ -200,11 +208,16 @@ def _quiet_tune():
     """Keep Tune's console report off kdpipe's output (the bar and the results table say it):
     its experiment banner goes to stdout even at verbose=0, and on restore it warns about every
     trial whose result file was not synced yet, which kdpipe's own check of the runs covers."""
-    analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = analysis.level
-    analysis.setLevel(logging.ERROR)
+    # ray.tune.tune: on Ctrl-C, "Resume experiment with: Tuner.restore(...)"; kdpipe's own line
+    # names --resume instead. KDPIPE_VERBOSE (kdpipe --verbose) keeps Tune's messages.
+    names = ["ray.tune.analysis.experiment_analysis"] + ([] if ray_verbose() else ["ray.tune.tune"])
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        analysis.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
