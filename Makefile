@@ -56,11 +56,15 @@ demo: install
 demo-fast: install
 	$(VENV)/bin/kdpipe demo --fast
 
+# Two pytest-xdist workers, one per core, one torch thread each; the tests that start a local
+# Ray cluster share one worker (tests/conftest.py). Measured: docs/BENCHMARKS.md, "Test suite".
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+
 test: $(VENV)/.kdpipe-test
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: $(VENV)/.kdpipe-test
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # ruff (lint and format check) and mypy over the package, tests and benchmarks, as CI runs them.
 lint: $(VENV)/.kdpipe-lint
