@@ -190,3 +190,32 @@ def test_auto_counts_the_shared_copy_once():
     assert choose_residency(100, cpu, budget=250, sharers=4) == "shared"  # 4 own copies do not fit
     assert choose_residency(100, cpu, budget=250, sharers=4, shared=False) == "stream"
     assert choose_residency(1000, cpu, budget=250) == "stream"
+
+
+def test_students_side_by_side_on_cpu_map_one_shared_copy(tiny_store, tmp_path, monkeypatch):
+    """--resident auto with several students on the machine (a sweep's trials, data-parallel
+    workers: KDPIPE_CONCURRENT_STUDENTS) picks the shared copy on CPU; one student alone keeps
+    its targets resident."""
+    import torch
+
+    import kdpipe
+    from kdpipe.engine.rows import CONCURRENT_STUDENTS_ENV, choose_residency
+
+    cpu = torch.device("cpu")
+    assert choose_residency(1 << 20, cpu, "auto", sharers=1) == "device"
+    assert choose_residency(1 << 20, cpu, "auto", sharers=4) == "shared"
+    assert choose_residency(1 << 20, cpu, "auto", sharers=4, shared=False) == "device"
+    monkeypatch.setenv("KDPIPE_SHARED_DIR", str(tmp_path / "shared"))
+    monkeypatch.setenv(CONCURRENT_STUDENTS_ENV, "4")
+    training = kdpipe.open_store(tiny_store["path"]).training(method="kd", student="resnet8", epochs=1, device="cpu")
+    assert training._source.tier == "shared"
+    training.close()
+
+
+def test_a_sweep_counts_the_trials_a_node_runs_at_once():
+    from kdpipe.workflows.sweep_tune import concurrent_trials
+
+    assert concurrent_trials({"cpu": 1.0, "gpu": 0.0}, node_cpus=2, trials=4) == 2
+    assert concurrent_trials({"cpu": 1.0, "gpu": 0.25}, node_cpus=16, trials=4) == 4
+    assert concurrent_trials({"cpu": 1.0, "gpu": 0.25}, node_cpus=16, trials=2) == 2
+    assert concurrent_trials({"cpu": 4.0, "gpu": 1.0}, node_cpus=16, trials=4) == 1

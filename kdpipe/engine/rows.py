@@ -81,6 +81,21 @@ class ArrayUse:
         return int(array.shape[0]) * per_row * (int(array.shape[1]) if self.per_view else 1)
 
 
+#: the environment variable a sweep trial or data-parallel worker finds the number of students
+#: running at once on its machine in (``concurrent_students``)
+CONCURRENT_STUDENTS_ENV = "KDPIPE_CONCURRENT_STUDENTS"
+
+
+def concurrent_students() -> int:
+    """Students training at once on this machine (set by sweeps and data-parallel runs), 1 alone."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get(CONCURRENT_STUDENTS_ENV, "1")))
+    except ValueError:
+        return 1
+
+
 def choose_residency(
     nbytes: int,
     device: torch.device,
@@ -98,9 +113,13 @@ def choose_residency(
         raise KdpipeError(f"--resident must be one of {', '.join(RESIDENCY)}, not {requested!r}.")
     if requested != "auto":
         return requested
+    host = host_available_bytes() // 2 if budget is None else budget
+    if device.type != "cuda" and int(sharers) > 1 and shared and nbytes <= host:
+        # on CPU the "device" is host memory: students side by side map one shared copy (which
+        # reads at least as fast as a private gather, benchmarks/target_reader.py)
+        return "shared"
     if nbytes * max(1, int(sharers)) <= (memory_budget(device) if budget is None else budget):
         return "device"
-    host = host_available_bytes() // 2 if budget is None else budget
     if shared and nbytes <= host:
         return "shared"
     if device.type == "cuda" and nbytes <= host // max(1, int(sharers)):

@@ -22,6 +22,7 @@ only (the data-reduction regime); evaluation is always on the full test split.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from kdpipe.engine import loop
 from kdpipe.engine.device import resolve_device
 from kdpipe.engine.loggers import require_wandb
 from kdpipe.engine.parallel import Workers
+from kdpipe.engine.rows import CONCURRENT_STUDENTS_ENV, concurrent_students
 from kdpipe.engine.schedule import make_optimizer, make_scheduler, milestones
 from kdpipe.engine.sources import ONLINE_VIEWS, VIEW_MODES, CachedTargets, NoTargets, OnlineTargets
 from kdpipe.engine.student import (
@@ -426,6 +428,7 @@ def make_target_source(setup: StudentSetup, device: torch.device):
             mode=cfg.views,
             policy=setup.policy,
             resident=cfg.resident,
+            sharers=concurrent_students(),
         )
     source.image_sizes = sizes
     return source
@@ -513,6 +516,8 @@ def _student_worker(payload: dict) -> None:
     from kdpipe.distributed.data_parallel import worker_device
 
     storage.apply_options(payload.get("storage"))
+    # every worker of the run on this machine reads the same targets (one shared copy on CPU)
+    os.environ.setdefault(CONCURRENT_STUDENTS_ENV, str(max(1, int(payload["cfg"].get("data_parallel") or 1))))
     setup = resolve_student(StudentConfig(**payload["cfg"]))
     runtime = Runtime(**payload["runtime"])
     _train_here(

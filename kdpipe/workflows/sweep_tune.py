@@ -78,11 +78,18 @@ def trial_resources(
     return {"cpu": cpu, "gpu": gpu}
 
 
-def _tune_trial(config: dict, *, base, points: list, sweep_dir: str, device: str, threads: int) -> None:
+def _tune_trial(
+    config: dict, *, base, points: list, sweep_dir: str, device: str, threads: int, concurrent: int = 1
+) -> None:
     """One Tune trial: the grid point Tune chose, run by ``run_trial`` and reported."""
+    import os
+
     import torch
 
+    from kdpipe.engine.rows import CONCURRENT_STUDENTS_ENV
+
     torch.set_num_threads(threads)  # torch's default (every core) oversubscribes a node shared by trials
+    os.environ[CONCURRENT_STUDENTS_ENV] = str(concurrent)  # --resident auto counts one shared copy
     point = {k: config[k] for k in points[0]}
     n = points.index(point)
     result = run_trial(sweep_dir, n, point, trial_config(base, point), device)
@@ -91,11 +98,26 @@ def _tune_trial(config: dict, *, base, points: list, sweep_dir: str, device: str
     tune.report({"trial": n, **result})
 
 
-def make_trainable(base, points: list[dict], sweep_dir: str, resources: dict):
+def concurrent_trials(resources: dict, node_cpus: float, trials: int) -> int:
+    """How many trials a node runs at once: its CPUs over each trial's, and on a GPU the share
+    each trial takes (4 at --gpus-per-trial 0.25), at most the number of trials."""
+    at_once = int(node_cpus // resources["cpu"]) if resources["cpu"] > 0 else trials
+    if resources["gpu"] > 0:
+        at_once = min(at_once, int(1 // resources["gpu"]) if resources["gpu"] <= 1 else 1)
+    return max(1, min(at_once, trials))
+
+
+def make_trainable(base, points: list[dict], sweep_dir: str, resources: dict, node_cpus: float = 1.0):
     """The Tune trainable of a sweep: ``_tune_trial`` with its fixed arguments and resources."""
     device = "cuda" if resources["gpu"] > 0 else "cpu"
     fn = tune.with_parameters(
-        _tune_trial, base=base, points=points, sweep_dir=sweep_dir, device=device, threads=max(1, int(resources["cpu"]))
+        _tune_trial,
+        base=base,
+        points=points,
+        sweep_dir=sweep_dir,
+        device=device,
+        threads=max(1, int(resources["cpu"])),
+        concurrent=concurrent_trials(resources, node_cpus, len(points)),
     )
     return tune.with_resources(fn, resources)
 
@@ -197,7 +219,8 @@ def run_tune(
         resources = trial_resources(
             ray.cluster_resources(), options.gpus_per_trial, options.cpus_per_trial, options.device
         )
-        trainable = make_trainable(base, points, sweep_dir, resources)
+        node_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        trainable = make_trainable(base, points, sweep_dir, resources, node_cpus)
         with _quiet_tune():
             tuner = make_tuner(trainable, grid, sweep_dir, len(points), options.progress, restore, options.stop_after)
             return collect(tuner.fit(), points, started)
