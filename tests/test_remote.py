@@ -121,7 +121,7 @@ def test_cli_without_s3fs_prints_the_sentence(monkeypatch, cli_runner, tiny_stor
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == [
-        "kdpipe: error: s3://bucket/store.zarr needs the s3fs package, which is not installed; "
+        "kdpipe: error: s3://bucket/teacher.pth needs the s3fs package, which is not installed; "
         "install kdpipe's s3 extra (pip install 'kdpipe[s3]')."
     ]
     assert "Traceback" not in result.output
