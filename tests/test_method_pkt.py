@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from method_checks import mdistiller_cifar100_doc, trains_one_epoch_and_evaluates
 
 from kdpipe.artifacts import open_store
-from kdpipe.config.configs import ExtractConfig, StudentConfig
+from kdpipe.config.configs import ExtractConfig
 from kdpipe.data import load_dataset, normalize
 from kdpipe.engine.sources import CachedTargets, OnlineTargets
 from kdpipe.methods import get_method
@@ -135,38 +136,14 @@ def test_method_is_ce_plus_weighted_pkt_of_pooled_features(store):
 
 @pytest.mark.parametrize("source", ["cached", "online"])
 def test_trains_one_epoch_cached_and_online(store, tmp_path, source):
-    from kdpipe.stages.evaluate import evaluate
-    from kdpipe.stages.train import train_student
-
-    online = {"online_teacher": store["teacher"]} if source == "online" else {}
-    s = train_student(
-        StudentConfig(store=store["path"], student="resnet8", method="pkt", epochs=1, batch_size=16, **online),
-        out=tmp_path,
-        progress=False,
-        plot=False,
-    )
-    assert s["target_source"] == source and s["final_top1"] is not None
-    assert evaluate(s["run_dir"])["top1"] == pytest.approx(s["best_top1"])  # the student rebuilt as trained
+    trains_one_epoch_and_evaluates(store, tmp_path, "pkt", source)
 
 
 def test_mdistiller_pkt_yaml_is_read_as_it_is(tmp_path):
     """The keys and values of mdistiller configs/cifar100/pkt.yaml (resnet32x4 -> resnet8x4)."""
     from kdpipe.config.config_files import student_from_file
 
-    doc = {
-        "EXPERIMENT": {"NAME": "", "TAG": "pkt,res32x4,res8x4", "PROJECT": "cifar100_baselines"},
-        "DISTILLER": {"TYPE": "PKT", "TEACHER": "resnet32x4", "STUDENT": "resnet8x4"},
-        "SOLVER": {
-            "BATCH_SIZE": 64,
-            "EPOCHS": 240,
-            "LR": 0.05,
-            "LR_DECAY_STAGES": [150, 180, 210],
-            "LR_DECAY_RATE": 0.1,
-            "WEIGHT_DECAY": 0.0005,
-            "MOMENTUM": 0.9,
-            "TYPE": "SGD",
-        },
-    }
+    doc = mdistiller_cifar100_doc("PKT")
     path = tmp_path / "pkt.yaml"
     path.write_text(yaml.safe_dump(doc))
     cfg, record = student_from_file(path)

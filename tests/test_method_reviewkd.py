@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from method_checks import trains_one_epoch_and_evaluates
 
-from kdpipe.config.configs import ExtractConfig, StudentConfig
+from kdpipe.config.configs import ExtractConfig
 from kdpipe.methods.reviewkd import ReviewHead, hcl_loss
 
 torch.set_num_threads(1)
@@ -74,15 +75,4 @@ def store(tiny_store, tmp_path_factory):
 
 @pytest.mark.parametrize("source", ["cached", "online"])
 def test_trains_one_epoch_and_evaluates(store, tmp_path, source):
-    from kdpipe.stages.evaluate import evaluate
-    from kdpipe.stages.train import train_student
-
-    online = {"online_teacher": store["teacher"]} if source == "online" else {}
-    s = train_student(
-        StudentConfig(store=store["path"], student="resnet8", method="reviewkd", epochs=1, batch_size=16, **online),
-        out=tmp_path,
-        progress=False,
-        plot=False,
-    )
-    assert s["target_source"] == source and s["final_top1"] is not None
-    assert evaluate(s["run_dir"])["top1"] == pytest.approx(s["best_top1"])
+    trains_one_epoch_and_evaluates(store, tmp_path, "reviewkd", source)

@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_checks import trains_one_epoch_and_evaluates
 
-from kdpipe.config.configs import ExtractConfig, StudentConfig
+from kdpipe.config.configs import ExtractConfig
 from kdpipe.methods import get_method
 from kdpipe.methods.vid import StageFeatures, VIDHead, VIDRegressor, vid_stage_loss
 
@@ -120,15 +121,4 @@ def test_method_loss_sums_the_stages():
 
 @pytest.mark.parametrize("source", ["cached", "online"])
 def test_trains_one_epoch_and_evaluates(store, tmp_path, source):
-    from kdpipe.stages.evaluate import evaluate
-    from kdpipe.stages.train import train_student
-
-    online = {"online_teacher": store["teacher"]} if source == "online" else {}
-    s = train_student(
-        StudentConfig(store=store["path"], student="resnet8", method="vid", epochs=1, batch_size=16, **online),
-        out=tmp_path,
-        progress=False,
-        plot=False,
-    )
-    assert s["target_source"] == source and s["final_top1"] is not None
-    assert evaluate(s["run_dir"])["top1"] == pytest.approx(s["best_top1"])
+    trains_one_epoch_and_evaluates(store, tmp_path, "vid", source)
