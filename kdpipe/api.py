@@ -6,7 +6,7 @@ without kdpipe's trainer (timm, Lightning, mdistiller or plain PyTorch scripts).
     store = kdpipe.open_store("stores/digits")
     training = store.training(method="cat_kd", student="resnet8", seed=0, epochs=2, device="cpu")
     model = training.build_student()
-    optimizer, scheduler = training.make_optimizer(model), None
+    optimizer = training.make_optimizer(model)
     scheduler = training.make_scheduler(optimizer)
     for epoch in range(training.epochs):
         model.train()

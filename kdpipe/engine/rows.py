@@ -25,6 +25,7 @@ otherwise (warp, or identity-only arrays).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import warnings
@@ -88,8 +89,6 @@ CONCURRENT_STUDENTS_ENV = "KDPIPE_CONCURRENT_STUDENTS"
 
 def concurrent_students() -> int:
     """Students training at once on this machine (set by sweeps and data-parallel runs), 1 alone."""
-    import os
-
     try:
         return max(1, int(os.environ.get(CONCURRENT_STUDENTS_ENV, "1")))
     except ValueError:

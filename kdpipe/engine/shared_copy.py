@@ -149,9 +149,9 @@ def copy_identity(reader, uses, target_set: str | None) -> dict:
         }
     return {
         "store": {
-            "created": m.get("created"),
-            "teacher_sha256": (m.get("teacher") or {}).get("sha256"),
-            "dataset_fingerprint": (m.get("dataset") or {}).get("fingerprint"),
+            "created": m.created,
+            "teacher_sha256": m.teacher.sha256,
+            "dataset_fingerprint": m.dataset.fingerprint,
         },
         # named, or read from the arrays' paths (targets/<name>/...), so every trial agrees
         "target_set": target_set

@@ -136,13 +136,12 @@ def store_identity(reader) -> dict | None:
     if reader is None:
         return None
     m = reader.manifest
-    teacher, data = m.get("teacher") or {}, m.get("dataset") or {}
     return {
-        "teacher_sha256": teacher.get("sha256"),
-        "teacher_arch": teacher.get("arch"),
-        "dataset_fingerprint": data.get("fingerprint"),
-        "dataset_split": data.get("split"),
-        "views": m.get("views"),
+        "teacher_sha256": m.teacher.sha256,
+        "teacher_arch": m.teacher.arch,
+        "dataset_fingerprint": m.dataset.fingerprint,
+        "dataset_split": m.dataset.split,
+        "views": m.to_json()["views"],  # as JSON: recorded in the run's config.json
     }
 
 
