@@ -19,6 +19,14 @@ reference-exact fit (every identity-view vector) against a subsampled one.
     .venv/bin/python benchmarks/digits_accuracy.py --seeds 0,1,2 --out bench-out/digits_accuracy.json
     .venv/bin/python benchmarks/digits_accuracy.py --students comparison --seeds 0   # only the comparison runs
 
+The store always holds the arrays of every run of ``--store-for`` (default: all), so the runs
+can be split over processes that share one store and one teacher: start the second once the
+first has made them (it prints "student ..."), then merge the JSON files:
+
+    .venv/bin/python benchmarks/digits_accuracy.py --students table,ab,at --out a.json
+    .venv/bin/python benchmarks/digits_accuracy.py --students fsp,fsp_online --out b.json
+    .venv/bin/python benchmarks/digits_accuracy.py --merge a.json b.json --out digits_accuracy.json
+
 It is `kdpipe demo` with every student run and several seeds, so a re-run reuses the teacher
 and the stores in --work.
 """
@@ -101,6 +109,38 @@ def _present(pairs, students) -> tuple:
     return tuple((a, b) for a, b in pairs if a in students and b in students)
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """One results record from several runs of this benchmark on one teacher and one store:
+    their runs side by side, the comparisons recomputed over all of them. Refuses parts whose
+    settings (other than the runs) or teacher differ, or that ran a run label twice."""
+    first = parts[0]
+
+    def same(part: dict) -> dict:
+        return {k: v for k, v in part["settings"].items() if k not in ("students", "store_students")}
+
+    for part in parts[1:]:
+        if same(part) != same(first) or part["teacher"]["checkpoint"] != first["teacher"]["checkpoint"]:
+            raise SystemExit("the results to merge come from different settings or teachers")
+    labels = [label for part in parts for label in part["settings"]["students"]]
+    if len(labels) != len(set(labels)):
+        raise SystemExit("the results to merge ran the same student run twice")
+    runs = [row for part in parts for row in part["runs"]]
+    merged = dict(first)
+    merged.update(
+        {
+            "command": " && ".join(part["command"] for part in parts),
+            "settings": {**first["settings"], "students": labels},
+            "runs": runs,
+            "cached_vs_online": compare(runs, _present(PAIRS, labels)),
+            "letkd_ablation": compare(runs, _present(ABLATION, labels)),
+            "table": [row for part in parts for row in part["table"]],
+            "wall_seconds": [part["wall_seconds"] for part in parts],
+            "merged_from": len(parts),
+        }
+    )
+    return merged
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -112,7 +152,19 @@ def main(argv=None):
     parser.add_argument(
         "--students", default="all", help="runs, comma-separated: labels or groups (table, ablation, comparison, all)"
     )
+    parser.add_argument(
+        "--store-for",
+        default="all",
+        help="runs whose teacher arrays the store holds (labels or groups), so split runs share one store",
+    )
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge these results files into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = merge_results([json.loads(Path(p).read_text()) for p in args.merge])
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(merged, indent=2, default=str))
+        print(f"wrote {args.out}")
+        return
     students = parse_students(args.students)
 
     seeds = tuple(int(x) for x in args.seeds.split(","))
@@ -125,6 +177,7 @@ def main(argv=None):
         student_epochs=args.student_epochs,
         teacher_epochs=args.teacher_epochs,
         views="auto",  # every one of the 81 views (the demo itself stores 8, for time)
+        store_students=parse_students(args.store_for),
     )
     result = {
         "benchmark": "digits_accuracy",

@@ -54,6 +54,9 @@ class DemoSettings:
     executor: str = "ray"
     batch_size: int = 64
     students: tuple = field(default=("ce", "kd", "cat_kd", "letkd1", "letkd2", "cat_kd_online"))
+    #: further runs whose teacher arrays the store must hold (beside ``students``'), so runs
+    #: split over several invocations (benchmarks/digits_accuracy.py --store-for) share one store
+    store_students: tuple = ()
 
 
 FULL = DemoSettings()
@@ -415,7 +418,7 @@ def _check_settings(s: DemoSettings, out: Path) -> None:
     from kdpipe.methods import get_method
     from kdpipe.views import resolve_views
 
-    unknown = [label for label in s.students if label not in STUDENT_RUNS]
+    unknown = [label for label in s.students + s.store_students if label not in STUDENT_RUNS]
     if unknown:
         raise KdpipeError(f"Unknown demo student run {unknown[0]!r}; choose from {', '.join(STUDENT_RUNS)}.")
     from kdpipe.config.fields import check_value
@@ -508,7 +511,9 @@ def run_demo(
     report.mkdir(parents=True, exist_ok=True)
 
     ckpt, teacher, teacher_reused = _teacher_stage(out, s, verbose)
-    store, store_info = _store_stage(out / "store.zarr", ckpt, s, s.views, verbose, store_methods(s.students))
+    store, store_info = _store_stage(
+        out / "store.zarr", ckpt, s, s.views, verbose, store_methods(s.students + s.store_students)
+    )
     cluster_info = _cluster_stage(store, s, store_info["reused"], verbose)
     stores = {"replay": store}
     if any(_run_spec(label)[4] == SUBSAMPLED_SET for label in s.students):
