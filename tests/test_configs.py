@@ -244,3 +244,34 @@ seeds: [0, 1]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == runs  # nothing retrained
     table = (tmp_path / "runs" / "results.md").read_text()
     assert "| tiny-kd | resnet8 | resnet8 | kd | 2 |" in table
+
+
+def test_imagenet_mobilenet_rows_train_the_references_mobilenet_v1(cli_runner, tmp_path):
+    # CAT-KD configs/imagenet/CAT-KD/r50_mv2.yaml names its student "MobileNetV2" (a MobileNet
+    # v1 in its model file); mdistiller configs/imagenet/r50_mv1/dkd.yaml names it MobileNetV1
+    catkd = tmp_path / "r50_mv2.yaml"
+    catkd.write_text(
+        'DATASET: {TYPE: "imagenet"}\n'
+        'DISTILLER: {TYPE: "CAT-KD", TEACHER: "ResNet50", STUDENT: "MobileNetV2"}\n'
+        "SOLVER: {BATCH_SIZE: 512, EPOCHS: 100, LR: 0.2, LR_DECAY_STAGES: [30, 60, 90], WEIGHT_DECAY: 0.0001}\n"
+        "CAT_KD: {LOSS: {CAT_loss_weight: 10., CAM_RESOLUTION: 2, CE_WEIGHT: 1.}, onlyCAT: False, IF_NORMALIZE: True}\n"
+        "if_test: True\n"
+    )
+    cfg = printed(cli_runner, "--config", str(catkd))
+    assert (cfg["teacher_arch"], cfg["student"]) == ("imagenet_resnet50", "imagenet_mobilenet_v1")
+    assert cfg["method_resolved"]["beta"] == 10.0 and cfg["method_resolved"]["normalize"] is True
+    dkd = tmp_path / "dkd.yaml"
+    dkd.write_text(
+        'DATASET: {TYPE: "imagenet"}\n'
+        'DISTILLER: {TYPE: "DKD", TEACHER: "ResNet50", STUDENT: "MobileNetV1"}\n'
+        "SOLVER: {BATCH_SIZE: 512, EPOCHS: 100, LR: 0.2, LR_DECAY_STAGES: [30, 60, 90], WEIGHT_DECAY: 0.0001}\n"
+        "DKD: {CE_WEIGHT: 1.0, BETA: 2.0, T: 1.0, WARMUP: 1}\n"
+    )
+    cfg = printed(cli_runner, "--config", str(dkd))
+    assert cfg["student"] == "imagenet_mobilenet_v1"
+    # the file's DKD section (its reference pair's settings, REFERENCE_DKD, are the same)
+    assert cfg["method_resolved"]["beta"] == 2.0 and cfg["method_resolved"]["temperature"] == 1.0
+    # the shipped rows of that pair name the same network
+    rows = sorted(CONFIGS.rglob("imagenet_resnet50-*.yaml"))
+    assert len(rows) == 5
+    assert all(printed(cli_runner, "--config", str(row))["student"] == "imagenet_mobilenet_v1" for row in rows)

@@ -122,10 +122,14 @@ def test_dkd_warmup_counts_epochs_from_one():
 
 
 def test_reference_tables_name_registered_models():
-    known = set(models.available()) | {"MobileNetV1"}  # mdistiller's ImageNet MobileNetV1
+    from kdpipe.models.registry import canonical_or_same
+
+    known = set(models.available())
     for table in (REFERENCE_DKD, REFERENCE_AT):
         for teacher, student in table:
             assert teacher in known and student in known, (teacher, student)
+            # the methods look pairs up by canonical name
+            assert (canonical_or_same(teacher), canonical_or_same(student)) == (teacher, student)
     assert DEFAULT_DKD.beta == 8.0 and DEFAULT_DKD.temperature == 4.0 and DEFAULT_DKD.warmup == 20
     assert REFERENCE_DKD[("resnet56", "resnet20")].beta == 2.0
     assert REFERENCE_DKD[("imagenet_resnet34", "imagenet_resnet18")].temperature == 1.0

@@ -122,8 +122,10 @@ def test_normalization_rule_matches_reference_configs():
     assert arch_family("resnet8x4") == arch_family("resnet32x4") == "resnet"
     assert arch_family("ShuffleV1") == arch_family("ShuffleV2") == "shufflenet"
     assert arch_family("mobile_half") == arch_family("imagenet_mobilenet_v2") == "mobilenet"
+    assert arch_family("imagenet_mobilenet_v1") == arch_family("MobileNetV1") == "mobilenet"
     assert arch_family("imagenet_resnet18") == "resnet" and arch_family("vgg13_bn") == "vgg"
     assert should_normalize("imagenet_resnet50", "imagenet_mobilenet_v2")
+    assert should_normalize("imagenet_resnet50", "imagenet_mobilenet_v1")  # r50_mv2.yaml: IF_NORMALIZE
     assert not should_normalize("imagenet_resnet34", "imagenet_resnet18")
 
 

@@ -386,6 +386,8 @@ CAM_FAMILIES = {
     "vgg8": "torch_default",
     "ShuffleV1": "torch_default",
     "ShuffleV2": "torch_default",
+    # CAT-KD mdistiller/models/imagenet/mobilenetv2.py MobileNetV2_test: no init loop
+    "imagenet_mobilenet_v1": "torch_default",
 }
 _built_cam: dict[str, models.KDModel] = {}
 
@@ -569,3 +571,97 @@ def test_stem_equals_mdistiller_feats0(arch):
     with torch.no_grad():
         _, feats = model.forward_features(x, stages=True)
     assert float(feats["stem"].sum()) == pytest.approx(STEM_SUMS[arch], rel=1e-4, abs=1e-2)
+
+
+# -- the references' ImageNet MobileNet (v1) -------------------------------------------------
+
+REFERENCE_IMAGENET = Path(__file__).parent / "data" / "reference_imagenet_mobilenet_state_dicts.json"
+# mdistiller's MobileNetV1 forward (mdistiller/models/imagenet/mobilenetv1.py) on kdpipe's
+# weights loaded into it: torch.manual_seed(0) build with num_classes=1000, BN statistics and
+# affine drawn as in PREACT_SUMS, x = randn(2, 3, 224, 224) after torch.manual_seed(1); sums of
+# preact_feats[1:], feats[0], the logits and pooled_feat
+MOBILENET_V1_SUMS = {
+    "preact_feats[1:]": [8055.9321, -1095.4712, 733.1336],
+    "feats[0]": 89133.3203,
+    "logits": -5.2175,
+    "pooled_feat": 206.1775,
+}
+
+
+def test_imagenet_mobilenet_v1_state_dict_is_the_references():
+    listings = json.loads(REFERENCE_IMAGENET.read_text())["models"]
+    with torch.device("meta"):
+        linear = models.build("imagenet_mobilenet_v1", 1000)
+        cam = models.build("imagenet_mobilenet_v1", 1000, head="cam")
+        alias = models.build("MobileNetV1", 1000)
+    assert [[k, list(v.shape)] for k, v in linear.state_dict().items()] == listings["MobileNetV1"]
+    assert [[k, list(v.shape)] for k, v in cam.state_dict().items()] == listings["MobileNetV2_test"]
+    assert models.state_listing(alias) == models.state_listing(linear)
+    assert linear.feature_channels() == {"inter": 1024, "penult": 1024}
+
+
+def test_imagenet_mobilenet_v1_features_equal_mdistillers_forward():
+    torch.manual_seed(0)
+    model = models.build("imagenet_mobilenet_v1", num_classes=1000)
+    _randomize_batchnorm_wide(model)
+    model.eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        logits, feats = model.forward_features(x, stages=True)
+        pooled = feats["penult"].mean(dim=(2, 3))
+    expected = MOBILENET_V1_SUMS
+    assert [float(t.sum()) for t in feats["preact_stages"]] == pytest.approx(expected["preact_feats[1:]"], rel=1e-4)
+    assert float(feats["stem"].sum()) == pytest.approx(expected["feats[0]"], rel=1e-4)
+    assert float(logits.sum()) == pytest.approx(expected["logits"], rel=1e-3, abs=1e-3)
+    assert float(pooled.sum()) == pytest.approx(expected["pooled_feat"], rel=1e-4)
+    # feats[1:] are the ReLU of preact_feats[1:]; the last one is the penult map
+    for pre, out in zip(feats["preact_stages"], feats["stages"]):
+        torch.testing.assert_close(torch.relu(pre), out)
+    assert [tuple(t.shape[1:]) for t in feats["stages"]] == [(256, 28, 28), (512, 14, 14), (1024, 7, 7)]
+    torch.testing.assert_close(feats["stages"][-1], feats["penult"])
+    assert tuple(feats["inter"].shape) == (2, 1024, 7, 7)
+    # OFD's margins come from the BN before each pre-ReLU stage (get_bn_before_relu()[1:])
+    assert [p.bn for p in model.preact_points()] == [model.model[i][-2] for i in (5, 11, 13)]
+
+
+def test_imagenet_mobilenet_v1_needs_no_torchvision_and_trains(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    model = models.build("imagenet_mobilenet_v1", 10, head="cam").train()
+    assert model.cam_head_init == "torch_default"
+    logits, feats = model.forward_features(_images(side=64, batch=2))
+    torch.testing.assert_close(feats["cam"].mean(dim=(2, 3)), logits)
+    F.cross_entropy(logits, torch.tensor([1, 2])).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def _randomize_batchnorm_wide(model: nn.Module) -> None:
+    """BN statistics and affine as PREACT_SUMS draws them (module order, the global generator)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+
+
+@pytest.mark.parametrize("method", ["cat_kd", "ofd"])
+def test_imagenet_mobilenet_v1_student_trains_from_a_store(tiny_store, tmp_path, method):
+    # CAT-KD with its CAM head (conv_test), OFD on the pre-ReLU stages and their BN margins
+    from kdpipe.config.configs import StudentConfig
+    from kdpipe.stages.train import train_student
+
+    summary = train_student(
+        StudentConfig(
+            store=tiny_store["path"],
+            student="imagenet_mobilenet_v1",
+            method=method,
+            epochs=1,
+            batch_size=16,
+            online_teacher=tiny_store["teacher"] if method == "ofd" else None,
+        ),
+        out=tmp_path,
+        progress=False,
+        plot=False,
+    )
+    assert summary["final_top1"] is not None

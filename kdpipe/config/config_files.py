@@ -291,14 +291,15 @@ RECORDED_ONLY = {
     "if_useFactor",
     "if_self_train",
 }
-# The references' ImageNet model names -> kdpipe's torchvision models. The references'
-# ImageNet "MobileNetV2" is a MobileNet-V1 (1024-channel conv_dw stack); kdpipe trains
-# torchvision's MobileNetV2 there, which the run records.
+# The references' ImageNet model names -> kdpipe's. CAT-KD's ImageNet "MobileNetV2"
+# (mdistiller/models/imagenet/mobilenetv2.py) is a MobileNet (v1), the network mdistiller calls
+# MobileNetV1 (mdistiller/models/imagenet/mobilenetv1.py): both are imagenet_mobilenet_v1.
 _IMAGENET_NAMES = {
     "ResNet34": "imagenet_resnet34",
     "ResNet18": "imagenet_resnet18",
     "ResNet50": "imagenet_resnet50",
-    "MobileNetV2": "imagenet_mobilenet_v2",
+    "MobileNetV2": "imagenet_mobilenet_v1",
+    "MobileNetV1": "imagenet_mobilenet_v1",
 }
 
 

@@ -159,8 +159,8 @@ DEFAULT_AT = ATSettings(**ATOptions.defaults())
 REFERENCE_AT: dict[tuple[str, str], ATSettings] = {
     ("resnet32x4", "resnet8x4"): DEFAULT_AT,  # configs/cifar100/at.yaml
     ("imagenet_resnet34", "imagenet_resnet18"): DEFAULT_AT,  # configs/imagenet/r34_r18/at.yaml
-    # configs/imagenet/r50_mv1/at.yaml: mdistiller's MobileNetV1 (not in kdpipe's zoo)
-    ("imagenet_resnet50", "MobileNetV1"): DEFAULT_AT,
+    # configs/imagenet/r50_mv1/at.yaml: mdistiller's MobileNetV1 (kdpipe's imagenet_mobilenet_v1)
+    ("imagenet_resnet50", "imagenet_mobilenet_v1"): DEFAULT_AT,
 }
 
 

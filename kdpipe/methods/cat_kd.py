@@ -175,10 +175,11 @@ _CIFAR_PAIRS = {
     ("wrn_40_2", "wrn_16_2"): (12.0, 2),  # wrn_40_2_wrn_16_2.yaml
     ("wrn_40_2", "wrn_40_1"): (1.5, 2),  # wrn_40_2_wrn_40_1.yaml
 }
-# ImageNet (configs/imagenet/CAT-KD/r34_r18.yaml, r50_mv2.yaml), kdpipe's torchvision names.
+# ImageNet (configs/imagenet/CAT-KD/r34_r18.yaml, r50_mv2.yaml) in kdpipe's names: r50_mv2's
+# "MobileNetV2" student is a MobileNet (v1), imagenet_mobilenet_v1.
 _IMAGENET_PAIRS = {
     ("imagenet_resnet34", "imagenet_resnet18"): (0.5, 4),
-    ("imagenet_resnet50", "imagenet_mobilenet_v2"): (10.0, 2),
+    ("imagenet_resnet50", "imagenet_mobilenet_v1"): (10.0, 2),
 }
 _CFG = "GzyAftermath/CAT-KD mdistiller/engine/cfg.py"
 

@@ -198,9 +198,8 @@ REFERENCE_DKD: dict[tuple[str, str], DKDSettings] = {
     ("wrn_40_2", "ShuffleV1"): _cifar(8.0),  # configs/cifar100/dkd/wrn40_2_shuv1.yaml
     # configs/imagenet/r34_r18/dkd.yaml (ALPHA left at 1.0)
     ("imagenet_resnet34", "imagenet_resnet18"): DKDSettings(1.0, 0.5, 1.0, 1, 1.0),
-    # configs/imagenet/r50_mv1/dkd.yaml: mdistiller's student is its MobileNetV1, which
-    # kdpipe's zoo does not have (imagenet_mobilenet_v2 is torchvision's MobileNetV2).
-    ("imagenet_resnet50", "MobileNetV1"): DKDSettings(1.0, 2.0, 1.0, 1, 1.0),
+    # configs/imagenet/r50_mv1/dkd.yaml: mdistiller's MobileNetV1 (kdpipe's imagenet_mobilenet_v1)
+    ("imagenet_resnet50", "imagenet_mobilenet_v1"): DKDSettings(1.0, 2.0, 1.0, 1, 1.0),
 }
 
 

@@ -1,9 +1,11 @@
 """torchvision's ImageNet models in kdpipe's feature interface.
 
 Registered names: `imagenet_resnet18`, `imagenet_resnet34`, `imagenet_resnet50`,
-`imagenet_mobilenet_v2`. Each wrapper holds torchvision's own modules under torchvision's
-attribute names, so its state dict is torchvision's and torchvision's weight files (bare
-state dicts) load with `load_teacher` unchanged. torchvision is imported only when one of
+`imagenet_mobilenet_v2` (torchvision's MobileNetV2; the references' ImageNet "MobileNetV2" is a
+MobileNet v1, `imagenet_mobilenet_v1` in kdpipe/models/mobilenetv1.py). Each wrapper holds
+torchvision's own modules under torchvision's attribute names, so its state dict is
+torchvision's and torchvision's weight files (bare state dicts) load with `load_teacher`
+unchanged. torchvision is imported only when one of
 these is built; without it, building raises KdpipeError.
 
 Feature points (224x224 input):
@@ -82,9 +84,9 @@ _MBV2_LAST_STAGE = 14
 class TorchvisionMobileNetV2(KDModel):
     """torchvision MobileNetV2 (`features`, then `classifier` = Dropout + Linear)."""
 
-    # CAT-KD mdistiller/models/imagenet/mobilenetv2.py MobileNetV2_test (a MobileNetV1,
-    # not this torchvision MobileNetV2): no init loop. With the CAM head this wrapper has no
-    # dropout (the reference student has none).
+    # No reference trains this network with a CAM head: the references' ImageNet "MobileNetV2"
+    # is a MobileNet (v1), kdpipe's imagenet_mobilenet_v1. Like that one's conv_test (CAT-KD
+    # MobileNetV2_test, no init loop), PyTorch's default; with the CAM head there is no dropout.
     cam_head_init = CAM_INIT_TORCH_DEFAULT
 
     def __init__(self, num_classes: int) -> None:
