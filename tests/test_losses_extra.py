@@ -236,7 +236,7 @@ def test_hint_regressor_maps_to_the_teacher_shape(s_side, t_side, conv, kernel):
 
 
 def test_hint_regressor_refuses_unsupported_sizes():
-    with pytest.raises(KdpipeError, match="cannot map a 3x3 student hint to a 8x8"):
+    with pytest.raises(KdpipeError, match="ConvReg.*cannot map a 3x3 student map to a 8x8 teacher map"):
         HintRegressor(3, 5, (3, 3), (8, 8))
 
 

@@ -58,8 +58,9 @@ def _regression_conv(
     if hs >= ht:
         return nn.Conv2d(student_channels, teacher_channels, kernel_size=(1 + hs - ht, 1 + ws - wt))
     raise KdpipeError(
-        f"FitNet's regressor cannot map a {hs}x{ws} student hint to a {ht}x{wt} teacher hint "
-        f"(it supports a student twice, half, or at least as large as the teacher, as mdistiller)."
+        f"The hint regressor (mdistiller's ConvReg: FitNet's, and AB's connector) cannot map a "
+        f"{hs}x{ws} student map to a {ht}x{wt} teacher map (it supports a student twice, half, "
+        f"or at least as large as the teacher, as mdistiller)."
     )
 
 
