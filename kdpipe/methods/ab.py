@@ -24,7 +24,8 @@ bytes of float16 maps and exact.
 
 kdpipe runs both stages in one loop of ``init_epochs + 240`` epochs (``recipe``: the
 milestones moved by ``init_epochs``, so the first stage runs at the initial rate as
-RepDistiller's). Two differences: one SGD optimizer serves both stages (RepDistiller builds a
+RepDistiller's; a shorter ``--epochs`` scales an unset ``init_epochs`` with the milestones:
+``kdpipe.methods.two_stage``). Two differences: one SGD optimizer serves both stages (RepDistiller builds a
 second one, so momentum starts afresh), and its weight decay also shrinks the classifier
 during the first stage (RepDistiller's first optimizer holds the feature layers only).
 """
@@ -39,9 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.base import Method, loss_parts, reference_recipe
+from kdpipe.methods.base import Method, loss_parts
 from kdpipe.methods.fitnet import HintRegressor
 from kdpipe.methods.registry import MethodOptions, option, register
+from kdpipe.methods.two_stage import InitialisationStage
 from kdpipe.targets.base import KindContext, StoreContents, StoredArray, TargetKind, TeacherOutputs
 
 __all__ = ["PreactSigns", "ab_stage_loss", "ab_loss", "ABOptions", "AB"]
@@ -162,7 +164,7 @@ class ABOptions(MethodOptions):
     summary="AB: init_epochs of activation-boundary matching of pre-ReLU maps, then CE (RepDistiller)",
     paper="Heo et al., AAAI 2019; HobbitLong/RepDistiller distiller_zoo/AB.py",
 )
-class AB(Method):
+class AB(InitialisationStage, Method):
     """AB (see the module docstring): the loss is ab_loss before ``init_epochs``, ce_weight *
     CE after. ``student_shapes`` / ``teacher_shapes`` ([D, h, w] per matched stage) size the
     connectors (the student's ``ab_connectors``), recorded for evaluate."""
@@ -190,7 +192,7 @@ class AB(Method):
         self._image_size = (32, 32)
         self._student_arch: str | None = None
         self._connectors: nn.ModuleList | None = None
-        self._epoch = 0
+        self._start_stages(init_epochs, d["init_epochs"])
 
     def bind(self, teacher_arch=None, student_arch=None, dataset: str = "cifar"):
         self.dataset = dataset
@@ -240,13 +242,6 @@ class AB(Method):
         student.collect_stages = True
         return student
 
-    def begin_epoch(self, epoch: int) -> None:
-        self._epoch = int(epoch)
-
-    @property
-    def initialising(self) -> bool:
-        return self._epoch < self.options["init_epochs"]
-
     def loss(self, logits, feats, targets, labels):
         o = self.options
         if self._connectors is None:
@@ -259,12 +254,6 @@ class AB(Method):
             return ab, loss_parts(ce=ce, ab=ab, total=ab)  # CE shown, not trained on
         total = o["ce_weight"] * ce
         return total, loss_parts(ce=ce, ab=torch.zeros((), device=ce.device), total=total)
-
-    def recipe(self, student_arch: str) -> dict:
-        recipe = reference_recipe(student_arch, nesterov=False, dataset=self.dataset)
-        init = int(self.options["init_epochs"])
-        recipe.update(epochs=recipe["epochs"] + init, milestones=[m + init for m in recipe["milestones"]])
-        return recipe
 
 
 def _stage_number(path: str) -> int:

@@ -128,6 +128,12 @@ class Method:
     def begin_epoch(self, epoch: int) -> None:
         """The loop starts 0-based ``epoch`` (default: nothing to do)."""
 
+    def scale_to_run(self, epochs: int, reference_epochs: int) -> None:
+        """The run trains ``epochs`` epochs where ``recipe()`` has ``reference_epochs``
+        (train-student's ``--epochs``), before training starts. Methods with stages counted in
+        epochs scale them as the lr milestones scale (AB's and FSP's initialisation,
+        ``kdpipe.methods.two_stage``); the default does nothing."""
+
     def loss(self, logits: torch.Tensor, feats: dict, targets: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 

@@ -59,6 +59,10 @@ class CompositeMethod(Method):
         for part in self.parts:
             part.attach_teacher(info)
 
+    def scale_to_run(self, epochs: int, reference_epochs: int) -> None:
+        for part in self.parts:
+            part.scale_to_run(epochs, reference_epochs)
+
     def begin_epoch(self, epoch: int) -> None:
         for part in self.parts:
             part.begin_epoch(epoch)

@@ -18,7 +18,8 @@ channel counts must agree pair by pair (RepDistiller refuses other pairs, the su
 The loss reads the teacher only through its FSP matrices, so the store holds them
 (``fsp/pair{i}`` [N, V, C_top, C_bottom] float16, every view): a few KiB per view instead of
 the feature maps. Run as one loop of ``init_epochs + 240`` epochs with the differences AB's
-docstring states (one optimizer; weight decay on the classifier during the first stage).
+docstring states (one optimizer; weight decay on the classifier during the first stage), and
+scaled to a shorter ``--epochs`` as ``kdpipe.methods.two_stage`` says.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.base import Method, loss_parts, reference_recipe
+from kdpipe.methods.base import Method, loss_parts
 from kdpipe.methods.registry import MethodOptions, option, register
+from kdpipe.methods.two_stage import InitialisationStage
 from kdpipe.targets.base import KindContext, StoreContents, StoredArray, TargetKind, TeacherOutputs
 
 __all__ = ["FSPMatrices", "fsp_matrices", "fsp_loss", "FSPOptions", "FSP"]
@@ -131,7 +133,7 @@ class FSPOptions(MethodOptions):
     summary="FSP: init_epochs of matching FSP matrices of consecutive maps, then CE (RepDistiller)",
     paper="Yim et al., CVPR 2017; HobbitLong/RepDistiller distiller_zoo/FSP.py",
 )
-class FSP(Method):
+class FSP(InitialisationStage, Method):
     """FSP (see the module docstring): fsp_loss before ``init_epochs``, ce_weight * CE after."""
 
     name = "fsp"
@@ -147,7 +149,7 @@ class FSP(Method):
         super().__init__(**options)
         self._image_size = (32, 32)
         self._teacher_shapes: list[tuple[int, ...]] | None = None
-        self._epoch = 0
+        self._start_stages(init_epochs, d["init_epochs"])
 
     def kinds(self) -> list:
         return [FSPMatrices()]
@@ -175,13 +177,6 @@ class FSP(Method):
             )
         return student
 
-    def begin_epoch(self, epoch: int) -> None:
-        self._epoch = int(epoch)
-
-    @property
-    def initialising(self) -> bool:
-        return self._epoch < self.options["init_epochs"]
-
     def loss(self, logits, feats, targets, labels):
         ce = F.cross_entropy(logits, labels)
         if self.initialising:
@@ -190,12 +185,6 @@ class FSP(Method):
             return fsp, loss_parts(ce=ce, fsp=fsp, total=fsp)  # CE shown, not trained on
         total = self.options["ce_weight"] * ce
         return total, loss_parts(ce=ce, fsp=torch.zeros((), device=ce.device), total=total)
-
-    def recipe(self, student_arch: str) -> dict:
-        recipe = reference_recipe(student_arch, nesterov=False, dataset=self.dataset)
-        init = int(self.options["init_epochs"])
-        recipe.update(epochs=recipe["epochs"] + init, milestones=[m + init for m in recipe["milestones"]])
-        return recipe
 
 
 def _pair_number(path: str) -> int:

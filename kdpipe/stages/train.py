@@ -180,6 +180,7 @@ def _recipe(method, cfg: StudentConfig) -> dict:
     }
     if r["epochs"] < 1:
         raise KdpipeError(f"--epochs must be at least 1, got {r['epochs']}.")
+    method.scale_to_run(r["epochs"], int(base["epochs"]))
     if r["batch_size"] < 2:
         raise KdpipeError(f"--batch-size must be at least 2, got {r['batch_size']}.")
     if not r["lr"] > 0:
