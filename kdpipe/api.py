@@ -61,6 +61,7 @@ class StudentTraining:
     _train: Any = field(repr=False)
     _test: Any = field(repr=False)
     _forward: Any = field(default=None, repr=False)
+    _optimizers: list = field(default_factory=list, repr=False)
 
     # ------------------------------------------------------------------ what the run is
     @property
@@ -103,25 +104,30 @@ class StudentTraining:
         return model
 
     def make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        """The recipe's SGD over the model's trainable parameters."""
+        """The recipe's SGD over the model's trainable parameters. ``batches`` clears its state
+        at the epochs where the method's reference starts a fresh optimizer (AB's and FSP's
+        second stage), as train-student does."""
         from kdpipe.engine.schedule import make_optimizer
 
         r = self.setup.recipe
-        return make_optimizer(model, r["lr"], r["momentum"], r["weight_decay"], r["nesterov"])
+        optimizer = make_optimizer(model, r["lr"], r["momentum"], r["weight_decay"], r["nesterov"])
+        self._optimizers.append(optimizer)
+        return optimizer
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer):
-        """The recipe's MultiStepLR, stepped once per epoch."""
+        """The recipe's MultiStepLR (its milestones), stepped once per epoch."""
         from kdpipe.engine.schedule import make_scheduler
 
         r = self.setup.recipe
-        return make_scheduler(optimizer, r["epochs"], gamma=r["lr_decay"])
+        return make_scheduler(optimizer, r["epochs"], r["milestones"], gamma=r["lr_decay"])
 
     # ------------------------------------------------------------------ an epoch
     def batches(self, epoch: int) -> Iterator[Batch]:
         """The batches of 0-based ``epoch``: its plan (order and replayed views, a function of
         the seed and the epoch), images augmented and normalised, targets gathered. Seeds
-        torch's global RNG for the epoch as the trainer does, and runs the method's epoch hook
-        (DKD's warm-up)."""
+        torch's global RNG for the epoch as the trainer does, runs the method's epoch hook
+        (DKD's warm-up), and clears the state of the optimizers ``make_optimizer`` made where
+        the method restarts it."""
         from kdpipe.data import normalize
         from kdpipe.engine.plan import SALT_TORCH, epoch_seed
 
@@ -133,6 +139,9 @@ class StudentTraining:
             plan = plan.head(plan.num_samples - plan.num_samples % self.batch_size)
         self._source.begin_epoch(plan, self.batch_size)
         self.method.begin_epoch(int(epoch))
+        if self.method.restarts_optimizer(int(epoch)):
+            for optimizer in self._optimizers:
+                optimizer.state.clear()
         for batch, images in self._train.batches(plan, self.batch_size, self.setup.policy):
             x = normalize(images, self._train.mean, self._train.std)
             labels = self._train.labels_of(batch.indices)

@@ -127,3 +127,43 @@ def test_trains_both_stages_and_evaluates(store, tmp_path, source):
     )
     assert s["target_source"] == source and s["final_top1"] is not None
     assert evaluate(s["run_dir"])["top1"] == pytest.approx(s["best_top1"])
+
+
+def test_own_loop_equals_train_student_through_both_stages(store, tmp_path):
+    # the second stage starts with a fresh optimizer (RepDistiller), the first leaves the
+    # classifier untouched (its loss does not reach it), and the API's scheduler follows the
+    # recipe's moved milestones: an own loop over kdpipe.api ends with train-student's weights
+    import kdpipe
+    from kdpipe.stages.train import train_student
+
+    settings = {"method_options": {"init_epochs": 1}, "epochs": 3, "batch_size": 16, "lr": 0.01, "seed": 2}
+    training = kdpipe.open_store(store["path"]).training(method="ab", student="resnet8", device="cpu", **settings)
+    model = training.build_student()
+    optimizer = training.make_optimizer(model)
+    scheduler = training.make_scheduler(optimizer)
+    assert sorted(scheduler.milestones.elements()) == training.recipe["milestones"]  # 151/181/211 of 241, scaled
+    classifier = model.linear_head().weight.detach().clone()
+    for epoch in range(training.epochs):
+        model.train()
+        for step, batch in enumerate(training.batches(epoch)):
+            if epoch == 1 and step == 0:
+                assert not optimizer.state  # cleared where the second stage begins
+            logits, features = training.forward(model, batch.images)
+            loss, _ = training.method.loss(logits, features, batch.targets, batch.labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        if epoch == 0:
+            assert torch.equal(model.linear_head().weight, classifier) and optimizer.state
+    training.close()
+    run = train_student(
+        StudentConfig(store=store["path"], student="resnet8", method="ab", **settings),
+        out=tmp_path,
+        progress=False,
+        plot=False,
+    )
+    theirs = torch.load(f"{run['run_dir']}/checkpoints/latest.pth", map_location="cpu", weights_only=True)["model"]
+    ours = model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []

@@ -42,3 +42,12 @@ def test_the_stage_switch_follows_the_scaled_initialisation():
 def test_a_sum_scales_its_parts():
     resolved = _resolved("ab+kd", epochs=40)["method_resolved"]
     assert resolved["ab"]["init_epochs"] == 4
+
+
+def test_the_second_stage_restarts_the_optimizer_once():
+    method = get_method("ab", init_epochs=3)
+    assert [e for e in range(10) if method.restarts_optimizer(e)] == [3]
+    assert not any(get_method("fsp", init_epochs=0).restarts_optimizer(e) for e in range(5))
+    assert not any(get_method("kd").restarts_optimizer(e) for e in range(5))
+    total = get_method("kd+fsp", fsp={"init_epochs": 2})
+    assert [e for e in range(5) if total.restarts_optimizer(e)] == [2]

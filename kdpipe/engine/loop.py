@@ -345,6 +345,9 @@ def _train_epoch(r: _FitRun, epoch: int) -> tuple[dict, int, float]:
     begin = getattr(r.loss_fn, "begin_epoch", None)  # the method's epoch hook (DKD's warm-up)
     if begin is not None:
         begin(epoch)
+    restarts = getattr(r.loss_fn, "restarts_optimizer", None)
+    if restarts is not None and restarts(epoch):
+        r.optimizer.state.clear()  # the reference's fresh optimizer (RepDistiller's second stage)
     loss_buf = torch.zeros(steps_per_epoch(plan.num_samples, local_batch), dtype=torch.float32, device=device)
     part_sums: dict = {}
     correct = torch.zeros((), dtype=torch.int64, device=device)

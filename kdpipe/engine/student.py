@@ -100,6 +100,7 @@ def student_loss_fn(model, method):
         return total, {k: v for k, v in parts.items() if k != "total"}, logits
 
     loss_fn.begin_epoch = method.begin_epoch  # type: ignore[attr-defined]  # the loop's per-epoch hook
+    loss_fn.restarts_optimizer = method.restarts_optimizer  # type: ignore[attr-defined]
     # the options that weigh a distillation term: what the loop's loss-scale warning names
     loss_fn.weight_options = weight_options(method.options)  # type: ignore[attr-defined]
     return loss_fn

@@ -25,9 +25,10 @@ bytes of float16 maps and exact.
 kdpipe runs both stages in one loop of ``init_epochs + 240`` epochs (``recipe``: the
 milestones moved by ``init_epochs``, so the first stage runs at the initial rate as
 RepDistiller's; a shorter ``--epochs`` scales an unset ``init_epochs`` with the milestones:
-``kdpipe.methods.two_stage``). Two differences: one SGD optimizer serves both stages (RepDistiller builds a
-second one, so momentum starts afresh), and its weight decay also shrinks the classifier
-during the first stage (RepDistiller's first optimizer holds the feature layers only).
+``kdpipe.methods.two_stage``). The second stage starts with the optimizer's state cleared, as
+RepDistiller starts it with a new optimizer (no momentum from the first stage), and the first
+stage leaves the classifier as it is: its loss does not reach it, so it has no gradient (and
+no weight decay) then, as RepDistiller's first optimizer, which holds the feature layers only.
 """
 
 from __future__ import annotations

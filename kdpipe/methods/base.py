@@ -128,6 +128,12 @@ class Method:
     def begin_epoch(self, epoch: int) -> None:
         """The loop starts 0-based ``epoch`` (default: nothing to do)."""
 
+    def restarts_optimizer(self, epoch: int) -> bool:
+        """True where the reference starts 0-based ``epoch`` with a fresh optimizer (RepDistiller's
+        second stage of AB and FSP): the trainer then clears the optimizer's state (momentum)
+        before the epoch; the lr follows the schedule as before. Default: never."""
+        return False
+
     def scale_to_run(self, epochs: int, reference_epochs: int) -> None:
         """The run trains ``epochs`` epochs where ``recipe()`` has ``reference_epochs``
         (train-student's ``--epochs``), before training starts. Methods with stages counted in

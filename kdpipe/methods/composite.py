@@ -59,6 +59,9 @@ class CompositeMethod(Method):
         for part in self.parts:
             part.attach_teacher(info)
 
+    def restarts_optimizer(self, epoch: int) -> bool:
+        return any(part.restarts_optimizer(epoch) for part in self.parts)
+
     def scale_to_run(self, epochs: int, reference_epochs: int) -> None:
         for part in self.parts:
             part.scale_to_run(epochs, reference_epochs)

@@ -17,9 +17,9 @@ channel counts must agree pair by pair (RepDistiller refuses other pairs, the su
 
 The loss reads the teacher only through its FSP matrices, so the store holds them
 (``fsp/pair{i}`` [N, V, C_top, C_bottom] float16, every view): a few KiB per view instead of
-the feature maps. Run as one loop of ``init_epochs + 240`` epochs with the differences AB's
-docstring states (one optimizer; weight decay on the classifier during the first stage), and
-scaled to a shorter ``--epochs`` as ``kdpipe.methods.two_stage`` says.
+the feature maps. Run as AB is (``kdpipe.methods.ab``): one loop of ``init_epochs + 240``
+epochs, the optimizer's state cleared where the second stage begins, the classifier untouched
+by the first, and scaled to a shorter ``--epochs`` as ``kdpipe.methods.two_stage`` says.
 """
 
 from __future__ import annotations

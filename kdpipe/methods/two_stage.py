@@ -1,7 +1,9 @@
 """RepDistiller's two-stage training, shared by AB and FSP: ``init_epochs`` epochs of the
 method's own loss alone, then CE (RepDistiller ``train_student.py --init_epochs``,
 ``helper/pretrain.py``), run by kdpipe as one loop of ``init_epochs + 240`` epochs whose lr
-milestones are moved by ``init_epochs``, so the first stage runs at the initial rate.
+milestones are moved by ``init_epochs``, so the first stage runs at the initial rate. The
+second stage starts with the optimizer's state cleared (``restarts_optimizer``): RepDistiller
+builds a new optimizer for it, so no momentum of the first stage's loss carries over.
 
 Shorter runs (train-student's ``--epochs`` below the recipe's) scale the lr milestones
 (``kdpipe.engine.schedule.milestones``); an ``init_epochs`` left unset scales with them,
@@ -37,6 +39,11 @@ class InitialisationStage:
     def initialising(self) -> bool:
         """True during the first stage (0-based epochs below ``options["init_epochs"]``)."""
         return self._epoch < self.options["init_epochs"]
+
+    def restarts_optimizer(self, epoch: int) -> bool:
+        # RepDistiller builds the second stage's optimizer afresh (train_student.py after
+        # init(...)): no momentum carried over from the first stage's loss
+        return 0 < self.options["init_epochs"] == int(epoch)
 
     def recipe(self, student_arch: str) -> dict:
         recipe = reference_recipe(student_arch, nesterov=False, dataset=self.dataset)
