@@ -72,6 +72,30 @@ def test_kdsvd_loss_equals_mdistiller(case):
     torch.testing.assert_close(fs[0].grad.flatten()[:6], torch.tensor(case["grad0"]), rtol=1e-4, atol=1e-7)
 
 
+def test_degenerate_maps_give_no_gradient_instead_of_nan():
+    # a map with all-zero columns (blank borders after a ReLU) repeats the zero singular value:
+    # torch's (and mdistiller's) SVD gradient is NaN there; the KD-SVD authors' code zeroes the
+    # gradient of such samples, and every other sample keeps its own
+    torch.manual_seed(0)
+    blank = torch.relu(torch.randn(1, 8, 8, 8))
+    blank[..., :5] = 0
+    normal = torch.relu(torch.randn(1, 8, 8, 8)) + 0.1
+    deeper = torch.relu(torch.randn(2, 16, 4, 4)) + 0.1
+    teacher = [torch.relu(torch.randn(2, 8, 8, 8)), torch.relu(torch.randn(2, 16, 4, 4))]
+    first = torch.cat([blank, normal]).requires_grad_(True)
+    second = deeper.clone().requires_grad_(True)
+    loss = kdsvd_loss([first, second], teacher, 1)
+    loss.backward()
+    assert first.grad is not None and second.grad is not None
+    assert torch.isfinite(first.grad).all() and torch.isfinite(second.grad).all()
+    assert float(first.grad[0].abs().sum()) == 0.0
+    # the healthy sample's gradient is the one it has alone (the loss is a mean over the batch)
+    alone = normal.clone().requires_grad_(True)
+    kdsvd_loss([alone, deeper[1:].clone()], [t[1:] for t in teacher], 1).backward()
+    assert alone.grad is not None
+    torch.testing.assert_close(first.grad[1], alone.grad[0] / 2)
+
+
 def test_stored_vectors_give_the_same_loss_and_alignment_follows_signs():
     fs, ft = _inputs()
     teacher = [right_singular(t, 1) for t in ft]

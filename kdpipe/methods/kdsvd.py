@@ -21,6 +21,14 @@ The KDSVD loss is the sum over stages divided by B; the training loss is
 ``ce_weight * CE + feat_weight * kdsvd_loss``. The student's stages must have the teacher's
 widths W (mdistiller's alignment multiplies [k + 3, W_s] by [W_t, k]).
 
+Gradient: the SVD's derivative divides by s_i^2 - s_j^2, which is 0 where singular values
+repeat, e.g. the zero ones of a map with several all-zero columns (blank image borders after a
+ReLU): torch's gradient, and so mdistiller's port, is then NaN, and one such step ruins the
+student. The KD-SVD authors' TensorFlow code (sseung0703/SSKD_SVD ``nets/Distillation.py``,
+its registered ``gradient_svd``) zeroes the gradient of every sample whose gradient has a
+non-finite entry (``crop_removenan``); kdpipe does the same at the SVD's input
+(``right_singular``). Where torch's gradient is finite it is kept as it is.
+
 What the store holds (``SVDTargets``): per teacher stage only v_t and s_t, (W + 1) * k
 numbers a view (9 on resnet32x4's last stage at k = 1) instead of C * H * W. The loss reads
 nothing else of the teacher. The signs of singular vectors are whatever the SVD returns for
@@ -47,13 +55,23 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
+def _zero_nonfinite_samples(grad: torch.Tensor) -> torch.Tensor:
+    """[B, ...] gradient -> the same with every sample that has a non-finite entry zeroed."""
+    finite = torch.isfinite(grad).flatten(1).all(dim=1)
+    return torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
+
+
 def right_singular(feat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, C, H, W] -> (v [B, W, n'] the first n' = min(n, W) right singular vectors of the
-    [B, C*H, W] view, each l2-normalised; s [B, n'] the singular values, l2-normalised)."""
+    [B, C*H, W] view, each l2-normalised; s [B, n'] the singular values, l2-normalised).
+    Backward: a sample whose SVD gradient is not finite gets none (module docstring)."""
     if feat.dim() != 4:
         raise ValueError(f"KDSVD expects stage features [B, C, H, W]; got {tuple(feat.shape)}")
     batch, channels, height, width = feat.shape
-    _, s, vh = torch.linalg.svd(feat.reshape(batch, channels * height, width).float(), full_matrices=False)
+    matrix = feat.reshape(batch, channels * height, width).float()
+    if matrix.requires_grad:
+        matrix.register_hook(_zero_nonfinite_samples)
+    _, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     v = _finite(vh.transpose(-2, -1))
     return F.normalize(v[:, :, :n], dim=1), F.normalize(_finite(s)[:, :n], dim=1)
 
