@@ -167,7 +167,13 @@ def fit(spec: FitSpec) -> dict:
         scaler.load_state_dict(spec.scaler_state)
     r = _FitRun(
         model=spec.model,
-        net=wrap_for_training(spec.model, workers, train.device, spec.sync_bn),
+        net=wrap_for_training(
+            spec.model,
+            workers,
+            train.device,
+            spec.sync_bn,
+            find_unused=bool(getattr(spec.loss_fn, "leaves_parameters_unused", False)),
+        ),
         workers=workers,
         train=train,
         test=spec.test,

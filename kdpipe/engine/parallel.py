@@ -84,8 +84,12 @@ class Forward(nn.Module):
         return cast(FeatureModel, self.model).forward_features(x)
 
 
-def wrap_for_training(model: nn.Module, workers: Workers, device: torch.device, sync_bn: bool = False) -> nn.Module:
-    """``Forward(model)``, inside DistributedDataParallel when there are several workers."""
+def wrap_for_training(
+    model: nn.Module, workers: Workers, device: torch.device, sync_bn: bool = False, find_unused: bool = False
+) -> nn.Module:
+    """``Forward(model)``, inside DistributedDataParallel when there are several workers;
+    ``find_unused``: some parameters get no gradient in some steps (the method's
+    ``leaves_parameters_unused``), which DDP must then look for."""
     if sync_bn:
         if device.type != "cuda":
             raise KdpipeError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); drop it on CPU.")
@@ -97,4 +101,4 @@ def wrap_for_training(model: nn.Module, workers: Workers, device: torch.device, 
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(net, device_ids=ids)
+    return DistributedDataParallel(net, device_ids=ids, find_unused_parameters=find_unused)

@@ -101,6 +101,7 @@ def student_loss_fn(model, method):
 
     loss_fn.begin_epoch = method.begin_epoch  # type: ignore[attr-defined]  # the loop's per-epoch hook
     loss_fn.restarts_optimizer = method.restarts_optimizer  # type: ignore[attr-defined]
+    loss_fn.leaves_parameters_unused = method.leaves_parameters_unused  # type: ignore[attr-defined]
     # the options that weigh a distillation term: what the loop's loss-scale warning names
     loss_fn.weight_options = weight_options(method.options)  # type: ignore[attr-defined]
     return loss_fn

@@ -80,6 +80,11 @@ class Method:
     #: None takes this): mdistiller and CAT-KD keep it (mdistiller/dataset/cifar100.py
     #: DataLoader(shuffle=True), no drop_last)
     reference_drop_last: bool = False
+    #: whether some of the student's trainable parameters get no gradient in some steps (a
+    #: stage whose loss does not reach the classifier, SimKD's unused own classifier):
+    #: data-parallel training then has DDP look for them each step (find_unused_parameters),
+    #: which it otherwise refuses on the second step
+    leaves_parameters_unused: bool = False
 
     @classmethod
     def options_from_reference(cls, options: dict, values: dict) -> dict:

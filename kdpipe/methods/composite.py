@@ -33,6 +33,10 @@ class CompositeMethod(Method):
         self.options = {p.name: p.options for p in self.parts}
 
     @property
+    def leaves_parameters_unused(self) -> bool:  # type: ignore[override]
+        return any(part.leaves_parameters_unused for part in self.parts)
+
+    @property
     def default_head(self) -> str:  # type: ignore[override]
         """The first part's head that is not the plain linear classifier (CAT-KD's CAM head)."""
         return next((p.default_head for p in self.parts if p.default_head != "linear"), "linear")

@@ -197,6 +197,8 @@ class SimKD(Method):
     """
 
     name = "simkd"
+    #: the student classifies with the reused teacher classifier: its own stays, unused
+    leaves_parameters_unused = True
     recorded_options = ("teacher_channels", "teacher_side")
 
     def __init__(

@@ -25,6 +25,8 @@ class InitialisationStage:
 
     options: dict
     dataset: str
+    #: the first stage's loss does not reach the classifier, the second's not the connectors
+    leaves_parameters_unused = True
 
     def _start_stages(self, init_epochs_given: int | None, default: int) -> None:
         """Call from ``__init__`` after ``options["init_epochs"]`` is set."""
