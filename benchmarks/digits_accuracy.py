@@ -141,6 +141,27 @@ def merge_results(parts: list[dict]) -> dict:
     return merged
 
 
+def markdown_pairs(result: dict) -> str:
+    """The cached-vs-online bar as the Markdown table docs/BENCHMARKS.md shows."""
+    lines = [
+        "| method | cached (store) | online teacher, fresh views | difference | within noise |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for pair in result["cached_vs_online"]:
+        lines.append(
+            f"| {pair['a']} | {pair['a_mean']:.2f} ± {pair['a_std']:.2f} | {pair['b_mean']:.2f} ± {pair['b_std']:.2f} "
+            f"| {pair['difference']:+.2f} | {'yes' if pair['within_noise'] else '**no**'} |"
+        )
+    return "\n".join(lines)
+
+
+def _write(result: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2, default=str))
+    print(markdown_pairs(result))
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -160,10 +181,7 @@ def main(argv=None):
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge these results files into --out")
     args = parser.parse_args(argv)
     if args.merge:
-        merged = merge_results([json.loads(Path(p).read_text()) for p in args.merge])
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(merged, indent=2, default=str))
-        print(f"wrote {args.out}")
+        _write(merge_results([json.loads(Path(p).read_text()) for p in args.merge]), args.out)
         return
     students = parse_students(args.students)
 
@@ -198,9 +216,7 @@ def main(argv=None):
         "store_bytes": summary["store_bytes"],
         "wall_seconds": time.perf_counter() - t0,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {args.out}")
+    _write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,9 @@ def test_merge_recomputes_pairs_across_parts(bench):
 def test_store_for_names_known_runs(tmp_path):
     with pytest.raises(KdpipeError, match="Unknown demo student run 'nope'"):
         run_demo(out=tmp_path, settings=DemoSettings(students=("ce",), store_students=("nope",)), verbose=False)
+
+
+def test_markdown_table_of_the_bar(bench):
+    first = _part(["kd", "kd_online"], [("kd", 90.0), ("kd", 91.0), ("kd_online", 80.0), ("kd_online", 80.5)])
+    table = bench.markdown_pairs(bench.merge_results([first]))
+    assert "| kd | 90.50 ± 0.71 | 80.25 ± 0.35 | +10.25 | **no** |" in table
