@@ -320,3 +320,22 @@ def test_shared_and_streamed_targets_train_bit_for_bit_like_device(store, tmp_pa
     for tier in ("shared", "stream"):
         assert runs[tier][0] == runs["device"][0], tier
         assert all(torch.equal(runs[tier][1][k], runs["device"][1][k]) for k in runs["device"][1]), tier
+
+
+def test_a_step_failing_on_broken_weights_says_so(store, tmp_path, monkeypatch):
+    # a NaN gradient breaks the weights in one step (as the SVD's did for KDSVD); a loss that
+    # then refuses non-finite input is reported as the broken weights, in one sentence
+    from kdpipe.errors import KdpipeError
+    from kdpipe.methods.kd import KD
+
+    plain = KD.loss
+
+    def nan_gradient_then_refusing(self, logits, feats, targets, labels):
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("linalg.svd: The algorithm failed to converge")
+        logits.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+        return plain(self, logits, feats, targets, labels)
+
+    monkeypatch.setattr(KD, "loss", nan_gradient_then_refusing)
+    with pytest.raises(KdpipeError, match=r"weights became non-finite before epoch 1, step 2 .*failed to converge"):
+        train_student(store["path"], tmp_path, method="kd")

@@ -348,12 +348,7 @@ def _train_epoch(r: _FitRun, epoch: int) -> tuple[dict, int, float]:
     plan = plan.shard(workers.rank, workers.world_size)
     local_batch = r.batch_size // workers.world_size
     source.begin_epoch(plan, local_batch)
-    begin = getattr(r.loss_fn, "begin_epoch", None)  # the method's epoch hook (DKD's warm-up)
-    if begin is not None:
-        begin(epoch)
-    restarts = getattr(r.loss_fn, "restarts_optimizer", None)
-    if restarts is not None and restarts(epoch):
-        r.optimizer.state.clear()  # the reference's fresh optimizer (RepDistiller's second stage)
+    _begin_method_epoch(r, epoch)
     loss_buf = torch.zeros(steps_per_epoch(plan.num_samples, local_batch), dtype=torch.float32, device=device)
     part_sums: dict = {}
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -373,9 +368,7 @@ def _train_epoch(r: _FitRun, epoch: int) -> tuple[dict, int, float]:
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for step, (batch, images) in enumerate(train.batches(plan, local_batch, r.policy)):
-        total, parts, logits, labels = train_step(
-            r.net, r.loss_fn, source, r.optimizer, r.scaler, train, batch, images, r.amp
-        )
+        total, parts, logits, labels = _guarded_step(r, batch, images, epoch, step)
         loss_buf[step] = total.detach().float()
         if r.on_step is not None:
             r.on_step(epoch, step, total.detach(), parts)
@@ -473,6 +466,40 @@ def _check_finite(loss_buf: torch.Tensor, lo: int, hi: int, epoch: int, run) -> 
             f"the loss became {value} at epoch {epoch + 1}, step {step + 1} (run {run.location}); "
             f"check the targets for NaN and try a smaller --beta or --lr."
         )
+
+
+def _begin_method_epoch(r: _FitRun, epoch: int) -> None:
+    """The method's epoch hooks: ``begin_epoch`` (DKD's warm-up, AB's stages) and the
+    reference's fresh optimizer where the method restarts it (RepDistiller's second stage)."""
+    begin = getattr(r.loss_fn, "begin_epoch", None)
+    if begin is not None:
+        begin(epoch)
+    restarts = getattr(r.loss_fn, "restarts_optimizer", None)
+    if restarts is not None and restarts(epoch):
+        r.optimizer.state.clear()
+
+
+def _guarded_step(r: _FitRun, batch, images, epoch: int, step: int):
+    """``train_step``; a failure on weights an earlier step broke is reported as that."""
+    try:
+        return train_step(r.net, r.loss_fn, r.source, r.optimizer, r.scaler, r.train, batch, images, r.amp)
+    except Exception as err:
+        _raise_if_weights_broke(r.model, err, epoch, step, r.run)
+        raise
+
+
+def _raise_if_weights_broke(model, err: Exception, epoch: int, step: int, run) -> None:
+    """A step that failed on a student whose weights are no longer finite (an earlier step's
+    NaN gradient; an SVD, say, then refuses the NaN features) is reported as that, in one
+    sentence, rather than as the failing operation's own error."""
+    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    raise NonFiniteLoss(
+        f"the student's weights became non-finite before epoch {epoch + 1}, step {step + 1} "
+        f"(run {run.location}; that step then failed: {reason}); the checkpoints of the finished "
+        f"epochs are kept; try a smaller --lr or the method's loss weight."
+    ) from err
 
 
 def ce_loss(net, x, labels, targets):
