@@ -111,25 +111,30 @@ def _present(pairs, students) -> tuple:
 
 def merge_results(parts: list[dict]) -> dict:
     """One results record from several runs of this benchmark on one teacher and one store:
-    their runs side by side, the comparisons recomputed over all of them. Refuses parts whose
-    settings (other than the runs) or teacher differ, or that ran a run label twice."""
+    their runs side by side, the comparisons recomputed over all of them (a run label may come
+    from several parts with other seeds: more seeds for it). Refuses parts whose settings
+    (other than the runs and seeds) or teacher differ, or that ran a run with a seed twice."""
     first = parts[0]
 
     def same(part: dict) -> dict:
-        return {k: v for k, v in part["settings"].items() if k not in ("students", "store_students")}
+        return {k: v for k, v in part["settings"].items() if k not in ("students", "store_students", "seeds")}
 
     for part in parts[1:]:
         if same(part) != same(first) or part["teacher"]["checkpoint"] != first["teacher"]["checkpoint"]:
             raise SystemExit("the results to merge come from different settings or teachers")
-    labels = [label for part in parts for label in part["settings"]["students"]]
-    if len(labels) != len(set(labels)):
-        raise SystemExit("the results to merge ran the same student run twice")
     runs = [row for part in parts for row in part["runs"]]
+    if len({(row["label"], row["seed"]) for row in runs}) != len(runs):
+        raise SystemExit("the results to merge ran the same student run with the same seed twice")
+    labels = list(dict.fromkeys(label for part in parts for label in part["settings"]["students"]))
     merged = dict(first)
     merged.update(
         {
             "command": " && ".join(part["command"] for part in parts),
-            "settings": {**first["settings"], "students": labels},
+            "settings": {
+                **first["settings"],
+                "students": labels,
+                "seeds": sorted({row["seed"] for row in runs}),
+            },
             "runs": runs,
             "cached_vs_online": compare(runs, _present(PAIRS, labels)),
             "letkd_ablation": compare(runs, _present(ABLATION, labels)),
@@ -144,12 +149,14 @@ def merge_results(parts: list[dict]) -> dict:
 def markdown_pairs(result: dict) -> str:
     """The cached-vs-online bar as the Markdown table docs/BENCHMARKS.md shows."""
     lines = [
-        "| method | cached (store) | online teacher, fresh views | difference | within noise |",
-        "| --- | --- | --- | --- | --- |",
+        "| method | seeds | cached (store) | online teacher, fresh views | difference | within noise |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for pair in result["cached_vs_online"]:
+        seeds = len({r["seed"] for r in result["runs"] if r["label"] == pair["a"]})
         lines.append(
-            f"| {pair['a']} | {pair['a_mean']:.2f} ± {pair['a_std']:.2f} | {pair['b_mean']:.2f} ± {pair['b_std']:.2f} "
+            f"| {pair['a']} | {seeds} | {pair['a_mean']:.2f} ± {pair['a_std']:.2f} "
+            f"| {pair['b_mean']:.2f} ± {pair['b_std']:.2f} "
             f"| {pair['difference']:+.2f} | {'yes' if pair['within_noise'] else '**no**'} |"
         )
     return "\n".join(lines)

@@ -22,14 +22,14 @@ def bench():
     return module
 
 
-def _part(students, rows, teacher="t.pth", epochs=40):
-    settings = {"student_epochs": epochs, "students": list(students), "store_students": ["x"]}
+def _part(students, rows, teacher="t.pth", epochs=40, seed=0):
+    settings = {"student_epochs": epochs, "students": list(students), "store_students": ["x"], "seeds": [seed]}
     return {
         "command": f"python benchmarks/digits_accuracy.py --students {','.join(students)}",
         "settings": settings,
         "teacher": {"checkpoint": teacher},
         "table": [],
-        "runs": [{"label": label, "final_top1": top1} for label, top1 in rows],
+        "runs": [{"label": label, "seed": seed + i, "final_top1": top1} for i, (label, top1) in enumerate(rows)],
         "wall_seconds": 1.0,
     }
 
@@ -68,8 +68,13 @@ def test_merge_recomputes_pairs_across_parts(bench):
         bench.merge_results([first, _part(["at"], [("at", 1.0)], teacher="other.pth")])
     with pytest.raises(SystemExit, match="different settings or teachers"):
         bench.merge_results([first, _part(["at"], [("at", 1.0)], epochs=3)])
-    with pytest.raises(SystemExit, match="same student run twice"):
+    with pytest.raises(SystemExit, match="same seed twice"):
         bench.merge_results([first, first])
+    # more seeds for a run label: its rows join the pair
+    more = _part(["kd", "kd_online"], [("kd", 92.0), ("kd_online", 91.0)], seed=10)
+    merged = bench.merge_results([first, second, more])
+    assert merged["settings"]["students"] == ["kd", "kd_online", "at", "at_online"]
+    assert merged["cached_vs_online"][0]["a_mean"] == pytest.approx(91.0)
 
 
 def test_store_for_names_known_runs(tmp_path):
@@ -80,4 +85,4 @@ def test_store_for_names_known_runs(tmp_path):
 def test_markdown_table_of_the_bar(bench):
     first = _part(["kd", "kd_online"], [("kd", 90.0), ("kd", 91.0), ("kd_online", 80.0), ("kd_online", 80.5)])
     table = bench.markdown_pairs(bench.merge_results([first]))
-    assert "| kd | 90.50 ± 0.71 | 80.25 ± 0.35 | +10.25 | **no** |" in table
+    assert "| kd | 2 | 90.50 ± 0.71 | 80.25 ± 0.35 | +10.25 | **no** |" in table
