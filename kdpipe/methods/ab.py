@@ -45,7 +45,7 @@ from kdpipe.methods.base import Method, loss_parts
 from kdpipe.methods.fitnet import HintRegressor
 from kdpipe.methods.registry import MethodOptions, option, register
 from kdpipe.methods.two_stage import InitialisationStage
-from kdpipe.targets.base import KindContext, StoreContents, StoredArray, TargetKind, TeacherOutputs
+from kdpipe.targets.base import NumberedArrays, TeacherOutputs
 
 __all__ = ["PreactSigns", "ab_stage_loss", "ab_loss", "ABOptions", "AB"]
 
@@ -53,52 +53,22 @@ _REPO = "HobbitLong/RepDistiller"
 
 
 # ------------------------------------------------------------------ the teacher's target
-class PreactSigns(TargetKind):
+class PreactSigns(NumberedArrays):
     """Targets ``ab_sign{i}`` [B, D_i, h_i, w_i] float32 (1.0 where the teacher's pre-ReLU map
     of stage i is > 0, else 0.0), stored as uint8, every view."""
 
-    needs_stages = True
     name = "ab_signs"
+    key = "ab_sign"
+    dtype = "uint8"
 
-    def __init__(self, stages: int | None = None):
-        self.stages = None if stages is None else int(stages)
-
-    @classmethod
-    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
-        return [cls()] if any(n.startswith(cls.name + "/stage") for n in contents.names) else []
-
-    def __repr__(self) -> str:
-        return "PreactSigns()"
-
-    def _paths(self) -> list[tuple[str, str]]:
-        return [(f"{self.name}/stage{i}", f"ab_sign{i}") for i in range(1, (self.stages or 0) + 1)]
-
-    @property
-    def target_keys(self) -> tuple[str, ...]:
-        return tuple(key for _, key in self._paths())
-
-    @property
-    def storage(self) -> dict[str, StoredArray]:
-        return {
-            path: StoredArray("uint8", f"1 where teacher stage {path.rsplit('stage', 1)[1]}'s pre-ReLU map is > 0")
-            for path, _ in self._paths()
-        }
-
-    def bind(self, ctx: KindContext) -> PreactSigns:
-        if self.stages is None and ctx.available:
-            self.stages = sum(1 for p in ctx.available if p.startswith(self.name + "/stage")) or None
-        return self
+    def describe(self, number: int) -> str:
+        return f"1 where teacher stage {number}'s pre-ReLU map is > 0"
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
         feats = out.feats.get("preact_stages")
         if not feats:
             raise KdpipeError("AB needs the teacher's pre-ReLU stage outputs, which its family does not list.")
-        if self.stages is None:
-            self.stages = len(feats)
-        return {path: (feats[i] > 0).to(torch.uint8) for i, (path, _) in enumerate(self._paths())}
-
-    def targets(self, rows):
-        return {key: rows[path].float() for path, key in self._paths()}
+        return self._numbered([(f > 0).to(torch.uint8) for f in feats])
 
     def warp(self, rows, policy, params):
         return {k: policy.apply_maps(v.float(), params, mode="nearest").round() for k, v in rows.items()}

@@ -34,7 +34,7 @@ from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method, loss_parts
 from kdpipe.methods.registry import MethodOptions, option, register
 from kdpipe.methods.two_stage import InitialisationStage
-from kdpipe.targets.base import KindContext, StoreContents, StoredArray, TargetKind, TeacherOutputs
+from kdpipe.targets.base import NumberedArrays, TeacherOutputs
 
 __all__ = ["FSPMatrices", "fsp_matrices", "fsp_loss", "FSPOptions", "FSP"]
 
@@ -69,50 +69,19 @@ def _maps(feats: dict) -> list[torch.Tensor]:
     return [feats["stem"]] + list(feats["stages"])
 
 
-class FSPMatrices(TargetKind):
+class FSPMatrices(NumberedArrays):
     """Targets ``fsp{i}`` [B, C_{i+1}, C_i] float32: the teacher's FSP matrix of maps i and i+1
     (map 0 the stem), every view."""
 
-    needs_stages = True
     name = "fsp"
+    key = "fsp"
+    part = "pair"
 
-    def __init__(self, pairs: int | None = None):
-        self.pairs = None if pairs is None else int(pairs)
-
-    @classmethod
-    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
-        return [cls()] if any(n.startswith(cls.name + "/pair") for n in contents.names) else []
-
-    def __repr__(self) -> str:
-        return "FSPMatrices()"
-
-    def _paths(self) -> list[tuple[str, str]]:
-        return [(f"{self.name}/pair{i}", f"fsp{i}") for i in range(1, (self.pairs or 0) + 1)]
-
-    @property
-    def target_keys(self) -> tuple[str, ...]:
-        return tuple(key for _, key in self._paths())
-
-    @property
-    def storage(self) -> dict[str, StoredArray]:
-        return {
-            path: StoredArray("float16", "teacher FSP matrix of consecutive maps, every view")
-            for path, _ in self._paths()
-        }
-
-    def bind(self, ctx: KindContext) -> FSPMatrices:
-        if self.pairs is None and ctx.available:
-            self.pairs = sum(1 for p in ctx.available if p.startswith(self.name + "/pair")) or None
-        return self
+    def describe(self, number: int) -> str:
+        return "teacher FSP matrix of consecutive maps, every view"
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
-        matrices = fsp_matrices([f.float() for f in _maps(out.feats)])
-        if self.pairs is None:
-            self.pairs = len(matrices)
-        return {path: matrices[i] for i, (path, _) in enumerate(self._paths())}
-
-    def targets(self, rows):
-        return {key: rows[path].float() for path, key in self._paths()}
+        return self._numbered(fsp_matrices([f.float() for f in _maps(out.feats)]))
 
 
 @dataclass

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method, loss_parts
 from kdpipe.methods.registry import MethodOptions, option, register
-from kdpipe.targets.base import KindContext, StoreContents, StoredArray, TargetKind, TeacherOutputs
+from kdpipe.targets.base import NumberedArrays, TeacherOutputs
 
 __all__ = ["PreactStages", "ofd_margin", "ofd_feat_loss", "ofd_loss", "Connector", "OFDOptions", "OFD"]
 
@@ -63,43 +63,15 @@ def ofd_margin(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ the teacher's target
-class PreactStages(TargetKind):
+class PreactStages(NumberedArrays):
     """Targets ``preact_stage{i}`` [B, D_i, h_i, w_i] float32: the teacher's stage outputs
     before their last ReLU, i = 1 .. n, every view; the margins as static arrays."""
 
-    needs_stages = True
     name = "preact_feats"
+    key = "preact_stage"
 
-    def __init__(self, stages: int | None = None):
-        self.stages = None if stages is None else int(stages)
-
-    @classmethod
-    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
-        return [cls()] if any(n.startswith(cls.name + "/stage") for n in contents.names) else []
-
-    def __repr__(self) -> str:
-        return "PreactStages()"
-
-    def _paths(self) -> list[tuple[str, str]]:
-        return [(f"{self.name}/stage{i}", f"preact_stage{i}") for i in range(1, (self.stages or 0) + 1)]
-
-    @property
-    def target_keys(self) -> tuple[str, ...]:
-        return tuple(key for _, key in self._paths())
-
-    @property
-    def storage(self) -> dict[str, StoredArray]:
-        return {
-            path: StoredArray(
-                "float16", f"teacher stage {path.rsplit('stage', 1)[1]} output before its ReLU, every view"
-            )
-            for path, _ in self._paths()
-        }
-
-    def bind(self, ctx: KindContext) -> PreactStages:
-        if self.stages is None and ctx.available:
-            self.stages = sum(1 for p in ctx.available if p.startswith(self.name + "/stage")) or None
-        return self
+    def describe(self, number: int) -> str:
+        return f"teacher stage {number} output before its ReLU, every view"
 
     def _preacts(self, out: TeacherOutputs) -> list[torch.Tensor]:
         feats = out.feats.get("preact_stages")
@@ -117,13 +89,7 @@ class PreactStages(TargetKind):
         }
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
-        feats = self._preacts(out)
-        if self.stages is None:
-            self.stages = len(feats)
-        return {path: feats[i].float() for i, (path, _) in enumerate(self._paths())}
-
-    def targets(self, rows):
-        return {key: rows[path].float() for path, key in self._paths()}
+        return self._numbered([f.float() for f in self._preacts(out)])
 
     def warp(self, rows, policy, params):
         return {k: policy.apply_maps(v.float(), params, mode="bilinear") for k, v in rows.items()}

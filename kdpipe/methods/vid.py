@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from kdpipe.errors import KdpipeError
 from kdpipe.methods.base import Method, loss_parts
 from kdpipe.methods.registry import MethodOptions, option, register
-from kdpipe.targets.base import KindContext, StoreContents, StoredArray, TargetKind, TeacherOutputs
+from kdpipe.targets.base import NumberedArrays, TeacherOutputs
 
 __all__ = ["StageFeatures", "VIDRegressor", "vid_stage_loss", "vid_loss", "VIDHead", "VIDOptions", "VID"]
 
@@ -45,55 +45,24 @@ _CFG = "mdistiller/engine/cfg.py"
 
 
 # ------------------------------------------------------------------ the teacher's target
-class StageFeatures(TargetKind):
+class StageFeatures(NumberedArrays):
     """Targets ``stage_feat{i}`` [B, D_i, h_i, w_i] float32: the teacher's stage outputs i = 1
     .. n (mdistiller's ``feats["feats"][1:]``), every view.
 
-    ``stages`` None: the number of stored stages is read from the store when bound (or from
+    ``count`` None: the number of stored stages is read from the store when bound (or from
     the teacher's first outputs)."""
 
-    needs_stages = True
     name = "stage_feats"
+    key = "stage_feat"
 
-    def __init__(self, stages: int | None = None):
-        self.stages = None if stages is None else int(stages)
-
-    @classmethod
-    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
-        return [cls()] if any(n.startswith(cls.name + "/stage") for n in contents.names) else []
-
-    def __repr__(self) -> str:
-        return "StageFeatures()"  # one kind whatever its stage count (equal before and after binding)
-
-    def _paths(self) -> list[tuple[str, str]]:
-        return [(f"{self.name}/stage{i}", f"stage_feat{i}") for i in range(1, (self.stages or 0) + 1)]
-
-    @property
-    def target_keys(self) -> tuple[str, ...]:
-        return tuple(key for _, key in self._paths())
-
-    @property
-    def storage(self) -> dict[str, StoredArray]:
-        return {
-            path: StoredArray("float16", f"teacher stage {path.rsplit('stage', 1)[1]} output map, every view")
-            for path, _ in self._paths()
-        }
-
-    def bind(self, ctx: KindContext) -> StageFeatures:
-        if self.stages is None and ctx.available:
-            self.stages = sum(1 for p in ctx.available if p.startswith(self.name + "/stage")) or None
-        return self
+    def describe(self, number: int) -> str:
+        return f"teacher stage {number} output map, every view"
 
     def online(self, out: TeacherOutputs) -> dict[str, torch.Tensor]:
         feats = out.feats["stages"]
-        if self.stages is None:
-            self.stages = len(feats)
-        if len(feats) < self.stages:
-            raise KdpipeError(f"The teacher lists {len(feats)} stages; the store's stage features need {self.stages}.")
-        return {path: feats[i].float() for i, (path, _) in enumerate(self._paths())}
-
-    def targets(self, rows):
-        return {key: rows[path].float() for path, key in self._paths()}
+        if self.count is not None and len(feats) < self.count:
+            raise KdpipeError(f"The teacher lists {len(feats)} stages; the store's stage features need {self.count}.")
+        return self._numbered([f.float() for f in feats])
 
     def warp(self, rows, policy, params):
         return {k: policy.apply_maps(v.float(), params, mode="bilinear") for k, v in rows.items()}

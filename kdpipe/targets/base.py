@@ -43,6 +43,7 @@ __all__ = [
     "needs_stages",
     "StoreContents",
     "kind_classes",
+    "NumberedArrays",
 ]
 
 
@@ -137,9 +138,12 @@ class TargetKind:
     #: (logits 0, CAMs 10, features 20, stage maps 30), a method's own kinds after (100)
     listing_order: int = 100
 
+    #: a base class of kinds, not a kind (set in the base's own body): not listed
+    abstract: bool = False
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if not cls.__name__.startswith("_"):
+        if not cls.__name__.startswith("_") and not cls.__dict__.get("abstract", False):
             _KIND_CLASSES.append(cls)
 
     @classmethod
@@ -232,6 +236,63 @@ class TargetKind:
 
     def __hash__(self) -> int:
         return hash(repr(self))
+
+
+class NumberedArrays(TargetKind):
+    """Base of the kinds that store one array per teacher stage (or pair of maps), numbered
+    from 1: arrays ``<name>/<part>1`` ... ``<name>/<part>n``, target keys ``<key>1`` ...
+    ``<key>n`` [B, ...] float32 (AB's signs, OFD's pre-ReLU maps, VID's stage maps, FSP's
+    matrices). ``count`` None: read from the store when bound, else from the teacher's first
+    outputs (``_numbered``). Subclasses set ``name``, ``key``, ``part``, ``dtype`` and
+    ``describe``, and compute their rows in ``online``."""
+
+    abstract = True
+    needs_stages = True
+    #: the numbered part of the array paths ("stage" or "pair")
+    part: str = "stage"
+    #: the target keys' prefix
+    key: str = ""
+    #: the stored dtype
+    dtype: str = "float16"
+
+    def __init__(self, count: int | None = None):
+        self.count = None if count is None else int(count)
+
+    def describe(self, number: int) -> str:
+        """What array ``number`` holds (the store's description of it)."""
+        raise NotImplementedError
+
+    @classmethod
+    def in_store(cls, contents: StoreContents) -> list[TargetKind]:
+        prefix = f"{cls.name}/{cls.part}"
+        return [cls()] if any(n.startswith(prefix) for n in contents.names) else []
+
+    def _paths(self) -> list[tuple[str, str]]:
+        return [(f"{self.name}/{self.part}{i}", f"{self.key}{i}") for i in range(1, (self.count or 0) + 1)]
+
+    @property
+    def target_keys(self) -> tuple[str, ...]:
+        return tuple(key for _, key in self._paths())
+
+    @property
+    def storage(self) -> dict[str, StoredArray]:
+        return {path: StoredArray(self.dtype, self.describe(i)) for i, (path, _) in enumerate(self._paths(), start=1)}
+
+    def bind(self, ctx: KindContext) -> TargetKind:
+        if self.count is None and ctx.available:
+            prefix = f"{self.name}/{self.part}"
+            self.count = sum(1 for p in ctx.available if p.startswith(prefix)) or None
+        return self
+
+    def _numbered(self, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``rows`` (one per stage, in order) under this kind's array paths; the first call of
+        an unbound kind takes its count from them."""
+        if self.count is None:
+            self.count = len(rows)
+        return {path: rows[i] for i, (path, _) in enumerate(self._paths())}
+
+    def targets(self, rows):
+        return {key: rows[path].float() for path, key in self._paths()}
 
 
 # ------------------------------------------------------------------------------ helpers
