@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.base import Method, loss_parts
+from kdpipe.methods.base import Method, loss_parts, probe_features
 from kdpipe.methods.fitnet import HintRegressor
 from kdpipe.methods.registry import MethodOptions, option, register
 from kdpipe.methods.two_stage import InitialisationStage
@@ -185,11 +185,7 @@ class AB(InitialisationStage, Method):
             self.options["teacher_shapes"] = [[int(s) for s in info.shapes[p]] for p in paths]
 
     def _student_shapes(self, student) -> list[list[int]]:
-        was_training = student.training
-        student.eval()
-        with torch.no_grad():
-            feats = student.forward_features(torch.zeros(1, 3, *self._image_size), stages=True)[1]
-        student.train(was_training)
+        feats = probe_features(student, self._image_size)
         if "preact_stages" not in feats:
             raise KdpipeError(f"AB needs the student's pre-ReLU stage outputs, which {type(student).__name__} lacks.")
         return [[int(s) for s in f.shape[1:]] for f in feats["preact_stages"]]

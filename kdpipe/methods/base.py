@@ -46,6 +46,19 @@ __all__ = [
 DEFAULT_TARGET_SET = "default"
 
 
+def probe_features(student, image_size) -> dict:
+    """The student's ``forward_features`` of one zero image [1, 3, *image_size] with its stage
+    outputs, in eval mode and without gradient (the training mode is restored): the shapes
+    methods size their connectors and regressors from."""
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            return student.forward_features(torch.zeros(1, 3, *image_size), stages=True)[1]
+    finally:
+        student.train(was_training)
+
+
 def loss_parts(**terms: torch.Tensor) -> dict:
     """Scalar loss tensors -> {name: detached float32 scalar tensor}: the loop averages them
     on the device, so a step never waits for the device to report its loss parts."""

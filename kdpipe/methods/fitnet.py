@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.base import Method, loss_parts
+from kdpipe.methods.base import Method, loss_parts, probe_features
 from kdpipe.methods.registry import MethodOptions, option, register
 
 __all__ = [
@@ -228,11 +228,7 @@ class FitNet(Method):
 
     def _student_hint_shape(self, student) -> list[int]:
         """[D, h, w] of the student's hint, from one forward of a zero image (eval mode)."""
-        was_training = student.training
-        student.eval()
-        with torch.no_grad():
-            stages = student.forward_features(torch.zeros(1, 3, *self._image_size), stages=True)[1]["stages"]
-        student.train(was_training)
+        stages = probe_features(student, self._image_size)["stages"]
         layer = self.options["hint_layer"]
         if layer > len(stages):
             raise KdpipeError(f"FitNet's hint layer {layer} is past the student's {len(stages)} stages.")

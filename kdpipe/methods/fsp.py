@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.base import Method, loss_parts
+from kdpipe.methods.base import Method, loss_parts, probe_features
 from kdpipe.methods.registry import MethodOptions, option, register
 from kdpipe.methods.two_stage import InitialisationStage
 from kdpipe.targets.base import NumberedArrays, TeacherOutputs
@@ -133,11 +133,7 @@ class FSP(InitialisationStage, Method):
         student.collect_stages = True
         if self._teacher_shapes is None:
             return student  # evaluate's rebuild: nothing to size
-        was_training = student.training
-        student.eval()
-        with torch.no_grad():
-            feats = student.forward_features(torch.zeros(1, 3, *self._image_size), stages=True)[1]
-        student.train(was_training)
+        feats = probe_features(student, self._image_size)
         shapes = [tuple(int(s) for s in m.shape[1:]) for m in fsp_matrices(_maps(feats))]
         if shapes != self._teacher_shapes:
             raise KdpipeError(

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.base import Method, loss_parts
+from kdpipe.methods.base import Method, loss_parts, probe_features
 from kdpipe.methods.crd import PooledPenult
 from kdpipe.methods.ofd import PreactStages
 from kdpipe.methods.registry import MethodOptions, option, register
@@ -235,11 +235,7 @@ class ReviewKD(Method):
             self.options["teacher_levels"] = [[int(pooled[0]), 1]] + maps[::-1]
 
     def _student_levels(self, student) -> list[list[int]]:
-        was_training = student.training
-        student.eval()
-        with torch.no_grad():
-            feats = student.forward_features(torch.zeros(1, 3, *self._image_size), stages=True)[1]
-        student.train(was_training)
+        feats = probe_features(student, self._image_size)
         maps = self._student_maps(feats)
         return [[int(feats["penult"].shape[1]), 1]] + [[int(f.shape[1]), int(f.shape[2])] for f in maps[::-1]]
 

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdpipe.errors import KdpipeError
-from kdpipe.methods.base import Method, loss_parts
+from kdpipe.methods.base import Method, loss_parts, probe_features
 from kdpipe.methods.registry import MethodOptions, option, register
 from kdpipe.targets.base import NumberedArrays, TeacherOutputs
 
@@ -239,11 +239,7 @@ class VID(Method):
             self.options["teacher_channels"] = [int(s[0]) for s in shapes]
 
     def _student_channels(self, student) -> list[int]:
-        was_training = student.training
-        student.eval()
-        with torch.no_grad():
-            stages = student.forward_features(torch.zeros(1, 3, *self._image_size), stages=True)[1]["stages"]
-        student.train(was_training)
+        stages = probe_features(student, self._image_size)["stages"]
         return [int(f.shape[1]) for f in stages]
 
     def prepare_student(self, student, target_set=None):
