@@ -4,7 +4,31 @@ from __future__ import annotations
 
 import pytest
 
-from kdpipe.config.configs import StudentConfig
+from kdpipe.config.configs import ExtractConfig, StudentConfig
+
+
+def method_store(tiny_store: dict, tmp_path_factory, method: str) -> dict:
+    """The session's tiny teacher extracted (inline, every view, no CAMs or features) into a
+    store of ``method``'s arrays: the ``tiny_store`` record with this store's path."""
+    from kdpipe.stages.extract import extract_teacher
+
+    path = tmp_path_factory.mktemp(method) / "store.zarr"
+    extract_teacher(
+        ExtractConfig(
+            teacher=tiny_store["teacher"],
+            arch="resnet8",
+            data=tiny_store["data"],
+            out=str(path),
+            cam_res=(),
+            features=(),
+            methods=(method,),
+            shard_size=16,
+            executor="inline",
+        ),
+        progress=False,
+        verbose=False,
+    )
+    return dict(tiny_store, path=str(path))
 
 
 def trains_one_epoch_and_evaluates(store: dict, tmp_path, method: str, source: str) -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from method_checks import method_store
 
-from kdpipe.config.configs import ExtractConfig, StudentConfig
+from kdpipe.config.configs import StudentConfig
 from kdpipe.methods import get_method
 from kdpipe.methods.ab import PreactSigns, ab_loss, ab_stage_loss
 
@@ -40,25 +41,7 @@ def test_two_stages_and_the_recipe():
 
 @pytest.fixture(scope="module")
 def store(tiny_store, tmp_path_factory):
-    from kdpipe.stages.extract import extract_teacher
-
-    path = tmp_path_factory.mktemp("ab") / "store.zarr"
-    extract_teacher(
-        ExtractConfig(
-            teacher=tiny_store["teacher"],
-            arch="resnet8",
-            data=tiny_store["data"],
-            out=str(path),
-            cam_res=(),
-            features=(),
-            methods=("ab",),
-            shard_size=16,
-            executor="inline",
-        ),
-        progress=False,
-        verbose=False,
-    )
-    return dict(tiny_store, path=str(path))
+    return method_store(tiny_store, tmp_path_factory, "ab")
 
 
 def test_cached_signs_equal_online_on_replayed_views(store):

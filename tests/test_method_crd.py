@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from method_checks import trains_one_epoch_and_evaluates
+from method_checks import method_store, trains_one_epoch_and_evaluates
 
-from kdpipe.config.configs import ExtractConfig
 from kdpipe.methods import get_method
 from kdpipe.methods.crd import CRDHead, PooledPenult, nce_loss, sample_contrast_index
 
@@ -79,25 +78,7 @@ def test_contrast_index_negatives_are_other_classes():
 
 @pytest.fixture(scope="module")
 def store(tiny_store, tmp_path_factory):
-    from kdpipe.stages.extract import extract_teacher
-
-    path = tmp_path_factory.mktemp("crd") / "store.zarr"
-    extract_teacher(
-        ExtractConfig(
-            teacher=tiny_store["teacher"],
-            arch="resnet8",
-            data=tiny_store["data"],
-            out=str(path),
-            cam_res=(),
-            features=(),
-            methods=("crd",),
-            shard_size=16,
-            executor="inline",
-        ),
-        progress=False,
-        verbose=False,
-    )
-    return dict(tiny_store, path=str(path))
+    return method_store(tiny_store, tmp_path_factory, "crd")
 
 
 def test_cached_pooled_penult_equals_online_on_replayed_views(store):

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from method_checks import method_store
 
-from kdpipe.config.configs import ExtractConfig, StudentConfig
+from kdpipe.config.configs import StudentConfig
 from kdpipe.methods import get_method
 from kdpipe.methods.fsp import FSPMatrices, fsp_loss, fsp_matrices
 
@@ -28,25 +29,7 @@ def test_matrices_and_loss_equal_repdistiller():
 
 @pytest.fixture(scope="module")
 def store(tiny_store, tmp_path_factory):
-    from kdpipe.stages.extract import extract_teacher
-
-    path = tmp_path_factory.mktemp("fsp") / "store.zarr"
-    extract_teacher(
-        ExtractConfig(
-            teacher=tiny_store["teacher"],
-            arch="resnet8",
-            data=tiny_store["data"],
-            out=str(path),
-            cam_res=(),
-            features=(),
-            methods=("fsp",),
-            shard_size=16,
-            executor="inline",
-        ),
-        progress=False,
-        verbose=False,
-    )
-    return dict(tiny_store, path=str(path))
+    return method_store(tiny_store, tmp_path_factory, "fsp")
 
 
 def test_cached_matrices_equal_online_on_replayed_views(store):

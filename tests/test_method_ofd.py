@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from method_checks import trains_one_epoch_and_evaluates
+from method_checks import method_store, trains_one_epoch_and_evaluates
 
-from kdpipe.config.configs import ExtractConfig
 from kdpipe.methods import get_method
 from kdpipe.methods.ofd import MARGIN, Connector, PreactStages, ofd_loss, ofd_margin
 
@@ -47,25 +46,7 @@ def test_margins_and_loss_equal_mdistiller():
 
 @pytest.fixture(scope="module")
 def store(tiny_store, tmp_path_factory):
-    from kdpipe.stages.extract import extract_teacher
-
-    path = tmp_path_factory.mktemp("ofd") / "store.zarr"
-    extract_teacher(
-        ExtractConfig(
-            teacher=tiny_store["teacher"],
-            arch="resnet8",
-            data=tiny_store["data"],
-            out=str(path),
-            cam_res=(),
-            features=(),
-            methods=("ofd",),
-            shard_size=16,
-            executor="inline",
-        ),
-        progress=False,
-        verbose=False,
-    )
-    return dict(tiny_store, path=str(path))
+    return method_store(tiny_store, tmp_path_factory, "ofd")
 
 
 def test_cached_preact_stages_equal_online_and_margins_are_stored(store):

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_checks import trains_one_epoch_and_evaluates
+from method_checks import method_store, trains_one_epoch_and_evaluates
 
-from kdpipe.config.configs import ExtractConfig
 from kdpipe.methods.reviewkd import ReviewHead, hcl_loss
 
 torch.set_num_threads(1)
@@ -52,25 +51,7 @@ def test_warmup_counts_epochs_from_one():
 
 @pytest.fixture(scope="module")
 def store(tiny_store, tmp_path_factory):
-    from kdpipe.stages.extract import extract_teacher
-
-    path = tmp_path_factory.mktemp("reviewkd") / "store.zarr"
-    extract_teacher(
-        ExtractConfig(
-            teacher=tiny_store["teacher"],
-            arch="resnet8",
-            data=tiny_store["data"],
-            out=str(path),
-            cam_res=(),
-            features=(),
-            methods=("reviewkd",),
-            shard_size=16,
-            executor="inline",
-        ),
-        progress=False,
-        verbose=False,
-    )
-    return dict(tiny_store, path=str(path))
+    return method_store(tiny_store, tmp_path_factory, "reviewkd")
 
 
 @pytest.mark.parametrize("source", ["cached", "online"])

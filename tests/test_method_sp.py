@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from method_checks import mdistiller_cifar100_doc, trains_one_epoch_and_evaluates
+from method_checks import mdistiller_cifar100_doc, method_store, trains_one_epoch_and_evaluates
 
 from kdpipe.artifacts import open_store
-from kdpipe.config.configs import ExtractConfig
 from kdpipe.data import load_dataset, normalize
 from kdpipe.engine.sources import CachedTargets, OnlineTargets
 from kdpipe.methods import get_method
@@ -78,25 +77,7 @@ def test_sp_hand_cases():
 # ------------------------------------------------------------------------ from a store
 @pytest.fixture(scope="module")
 def store(tiny_store, tmp_path_factory):
-    from kdpipe.stages.extract import extract_teacher
-
-    path = tmp_path_factory.mktemp("sp") / "store.zarr"
-    extract_teacher(
-        ExtractConfig(
-            teacher=tiny_store["teacher"],
-            arch="resnet8",
-            data=tiny_store["data"],
-            out=str(path),
-            cam_res=(),
-            features=(),
-            methods=("sp",),
-            shard_size=16,
-            executor="inline",
-        ),
-        progress=False,
-        verbose=False,
-    )
-    return dict(tiny_store, path=str(path))
+    return method_store(tiny_store, tmp_path_factory, "sp")
 
 
 def test_store_holds_the_last_stage_for_every_view(store):

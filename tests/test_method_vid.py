@@ -10,9 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from method_checks import trains_one_epoch_and_evaluates
+from method_checks import method_store, trains_one_epoch_and_evaluates
 
-from kdpipe.config.configs import ExtractConfig
 from kdpipe.methods import get_method
 from kdpipe.methods.vid import StageFeatures, VIDHead, VIDRegressor, vid_stage_loss
 
@@ -50,25 +49,7 @@ def test_variance_starts_at_init_pred_var_and_is_fixed_by_default():
 
 @pytest.fixture(scope="module")
 def store(tiny_store, tmp_path_factory):
-    from kdpipe.stages.extract import extract_teacher
-
-    path = tmp_path_factory.mktemp("vid") / "store.zarr"
-    extract_teacher(
-        ExtractConfig(
-            teacher=tiny_store["teacher"],
-            arch="resnet8",
-            data=tiny_store["data"],
-            out=str(path),
-            cam_res=(),
-            features=(),
-            methods=("vid",),
-            shard_size=16,
-            executor="inline",
-        ),
-        progress=False,
-        verbose=False,
-    )
-    return dict(tiny_store, path=str(path))
+    return method_store(tiny_store, tmp_path_factory, "vid")
 
 
 def test_cached_stage_features_equal_online_on_replayed_views(store):
