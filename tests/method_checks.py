@@ -31,15 +31,17 @@ def method_store(tiny_store: dict, tmp_path_factory, method: str) -> dict:
     return dict(tiny_store, path=str(path))
 
 
-def trains_one_epoch_and_evaluates(store: dict, tmp_path, method: str, source: str) -> None:
+def trains_one_epoch_and_evaluates(store: dict, tmp_path, method: str, source: str, **fields) -> None:
     """One epoch of ``method`` from ``store`` (cached targets, or the online teacher), and
-    evaluate's rebuild of the student scores as the run did."""
+    evaluate's rebuild of the student scores as the run did. ``fields``: further
+    ``StudentConfig`` fields (or another ``epochs``)."""
     from kdpipe.stages.evaluate import evaluate
     from kdpipe.stages.train import train_student
 
     online = {"online_teacher": store["teacher"]} if source == "online" else {}
+    settings = {"epochs": 1, **fields}
     s = train_student(
-        StudentConfig(store=store["path"], student="resnet8", method=method, epochs=1, batch_size=16, **online),
+        StudentConfig(store=store["path"], student="resnet8", method=method, batch_size=16, **online, **settings),
         out=tmp_path,
         progress=False,
         plot=False,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from method_checks import method_store
+from method_checks import method_store, trains_one_epoch_and_evaluates
 
 from kdpipe.config.configs import StudentConfig
 from kdpipe.methods import get_method
@@ -90,26 +90,7 @@ def test_method_loss_by_stage():
 
 @pytest.mark.parametrize("source", ["cached", "online"])
 def test_trains_both_stages_and_evaluates(store, tmp_path, source):
-    from kdpipe.stages.evaluate import evaluate
-    from kdpipe.stages.train import train_student
-
-    online = {"online_teacher": store["teacher"]} if source == "online" else {}
-    s = train_student(
-        StudentConfig(
-            store=store["path"],
-            student="resnet8",
-            method="ab",
-            method_options={"init_epochs": 1},
-            epochs=2,
-            batch_size=16,
-            **online,
-        ),
-        out=tmp_path,
-        progress=False,
-        plot=False,
-    )
-    assert s["target_source"] == source and s["final_top1"] is not None
-    assert evaluate(s["run_dir"])["top1"] == pytest.approx(s["best_top1"])
+    trains_one_epoch_and_evaluates(store, tmp_path, "ab", source, method_options={"init_epochs": 1}, epochs=2)
 
 
 def test_own_loop_equals_train_student_through_both_stages(store, tmp_path):
