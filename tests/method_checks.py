@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import pytest
+import torch
 
 from kdpipe.config.configs import ExtractConfig, StudentConfig
 
@@ -29,6 +33,41 @@ def method_store(tiny_store: dict, tmp_path_factory, method: str) -> dict:
         verbose=False,
     )
     return dict(tiny_store, path=str(path))
+
+
+def stored_kind(store: dict, make_kind: Callable[[], Any]) -> Any:
+    """``make_kind()`` bound to ``store`` as a cached source binds it (its stored stages or
+    sizes read from the store)."""
+    from kdpipe.artifacts import open_store
+    from kdpipe.engine.sources import kind_context
+
+    kind = make_kind()
+    return kind.bind(kind_context(open_store(store["path"]), [kind], None, "cpu"))
+
+
+def replayed_targets(store: dict, make_kind: Callable[[], Any]) -> Iterator[tuple[Any, dict, dict]]:
+    """Every batch of 16 of one replay plan (seed 3, epoch 1) over ``store``'s samples: the
+    batch, the targets of ``make_kind()`` read from the store, and the online teacher's on
+    the same (replayed) views."""
+    from kdpipe.artifacts import open_store
+    from kdpipe.data import load_dataset, normalize
+    from kdpipe.engine.sources import CachedTargets, OnlineTargets
+    from kdpipe.models import load_teacher
+
+    reader, dataset = open_store(store["path"]), load_dataset(store["data"])
+    teacher = load_teacher("resnet8", store["teacher"], dataset.num_classes)
+    policy = dataset.policy
+    cached = CachedTargets(reader, [make_kind()], device="cpu", policy=policy)
+    online = OnlineTargets(teacher, [make_kind()], reader=reader, policy=policy, views="replay")
+    plan = cached.plan(torch.arange(reader.num_samples), 3, 1)
+    cached.begin_epoch(plan, 16)
+    try:
+        for batch in plan.batches(16):
+            images = policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params)
+            x = normalize(images, dataset.mean, dataset.std)
+            yield batch, cached.targets(batch, x), online.targets(batch, x)
+    finally:
+        cached.close()
 
 
 def trains_one_epoch_and_evaluates(store: dict, tmp_path, method: str, source: str, **fields) -> None:

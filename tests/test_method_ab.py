@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from method_checks import method_store, trains_one_epoch_and_evaluates
+from method_checks import method_store, replayed_targets, trains_one_epoch_and_evaluates
 
 from kdpipe.config.configs import StudentConfig
 from kdpipe.methods import get_method
@@ -46,26 +46,13 @@ def store(tiny_store, tmp_path_factory):
 
 def test_cached_signs_equal_online_on_replayed_views(store):
     from kdpipe.artifacts import open_store
-    from kdpipe.data import load_dataset, normalize
-    from kdpipe.engine.sources import CachedTargets, OnlineTargets
-    from kdpipe.models import load_teacher
 
-    reader, dataset = open_store(store["path"]), load_dataset(store["data"])
-    teacher = load_teacher("resnet8", store["teacher"], dataset.num_classes)
+    reader = open_store(store["path"])
     assert reader.array("ab_signs/stage1").dtype == "uint8"
-    policy = dataset.policy
-    cached = CachedTargets(reader, [PreactSigns()], device="cpu", policy=policy)
-    online = OnlineTargets(teacher, [PreactSigns()], reader=reader, policy=policy, views="replay")
-    plan = cached.plan(torch.arange(reader.num_samples), 3, 1)
-    cached.begin_epoch(plan, 16)
-    for batch in plan.batches(16):
-        images = policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params)
-        x = normalize(images, dataset.mean, dataset.std)
-        a, b = cached.targets(batch, x), online.targets(batch, x)
+    for _batch, a, b in replayed_targets(store, PreactSigns):
         assert set(a) == set(b) == {"ab_sign1", "ab_sign2", "ab_sign3"}
         for key in a:
             torch.testing.assert_close(a[key], b[key])
-    cached.close()
 
 
 def test_method_loss_by_stage():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from method_checks import method_store, trains_one_epoch_and_evaluates
+from method_checks import method_store, replayed_targets, trains_one_epoch_and_evaluates
 
 from kdpipe.methods import get_method
 from kdpipe.methods.crd import CRDHead, PooledPenult, nce_loss, sample_contrast_index
@@ -83,26 +83,13 @@ def store(tiny_store, tmp_path_factory):
 
 def test_cached_pooled_penult_equals_online_on_replayed_views(store):
     from kdpipe.artifacts import open_store
-    from kdpipe.data import load_dataset, normalize
-    from kdpipe.engine.sources import CachedTargets, OnlineTargets
-    from kdpipe.models import load_teacher
 
-    reader, dataset = open_store(store["path"]), load_dataset(store["data"])
-    teacher = load_teacher("resnet8", store["teacher"], dataset.num_classes)
+    reader = open_store(store["path"])
     assert reader.array("penult_pooled").shape[1:] == (50, 64)
-    policy = dataset.policy
-    cached = CachedTargets(reader, [PooledPenult()], device="cpu", policy=policy)
-    online = OnlineTargets(teacher, [PooledPenult()], reader=reader, policy=policy, views="replay")
-    plan = cached.plan(torch.arange(reader.num_samples), 3, 1)
-    cached.begin_epoch(plan, 16)
-    for batch in plan.batches(16):
-        images = policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params)
-        x = normalize(images, dataset.mean, dataset.std)
-        a, b = cached.targets(batch, x), online.targets(batch, x)
+    for batch, a, b in replayed_targets(store, PooledPenult):
         assert set(a) == set(b) == {"penult_pooled", "sample_index"}
         assert torch.equal(a["sample_index"], batch.indices) and torch.equal(b["sample_index"], batch.indices)
         torch.testing.assert_close(a["penult_pooled"], b["penult_pooled"], rtol=2e-3, atol=2e-3)
-    cached.close()
 
 
 def test_method_loss_is_ce_plus_weighted_crd():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_checks import method_store, trains_one_epoch_and_evaluates
+from method_checks import method_store, replayed_targets, trains_one_epoch_and_evaluates
 
 from kdpipe.methods import get_method
 from kdpipe.methods.fsp import FSPMatrices, fsp_loss, fsp_matrices
@@ -33,27 +33,14 @@ def store(tiny_store, tmp_path_factory):
 
 def test_cached_matrices_equal_online_on_replayed_views(store):
     from kdpipe.artifacts import open_store
-    from kdpipe.data import load_dataset, normalize
-    from kdpipe.engine.sources import CachedTargets, OnlineTargets
-    from kdpipe.models import load_teacher
 
-    reader, dataset = open_store(store["path"]), load_dataset(store["data"])
-    teacher = load_teacher("resnet8", store["teacher"], dataset.num_classes)
+    reader = open_store(store["path"])
     # resnet8: stem 16, stages 16, 32, 64 channels
     assert reader.array("fsp/pair3").shape[1:] == (50, 64, 32)
-    policy = dataset.policy
-    cached = CachedTargets(reader, [FSPMatrices()], device="cpu", policy=policy)
-    online = OnlineTargets(teacher, [FSPMatrices()], reader=reader, policy=policy, views="replay")
-    plan = cached.plan(torch.arange(reader.num_samples), 3, 1)
-    cached.begin_epoch(plan, 16)
-    for batch in plan.batches(16):
-        images = policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params)
-        x = normalize(images, dataset.mean, dataset.std)
-        a, b = cached.targets(batch, x), online.targets(batch, x)
+    for _batch, a, b in replayed_targets(store, FSPMatrices):
         assert set(a) == set(b) == {"fsp1", "fsp2", "fsp3"}
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=2e-3, atol=2e-3)
-    cached.close()
 
 
 def test_mismatched_widths_are_one_sentence():

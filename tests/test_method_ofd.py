@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from method_checks import method_store, trains_one_epoch_and_evaluates
+from method_checks import method_store, replayed_targets, trains_one_epoch_and_evaluates
 
 from kdpipe.methods import get_method
 from kdpipe.methods.ofd import MARGIN, Connector, PreactStages, ofd_loss, ofd_margin
@@ -51,8 +51,7 @@ def store(tiny_store, tmp_path_factory):
 
 def test_cached_preact_stages_equal_online_and_margins_are_stored(store):
     from kdpipe.artifacts import open_store
-    from kdpipe.data import load_dataset, normalize
-    from kdpipe.engine.sources import CachedTargets, OnlineTargets
+    from kdpipe.data import load_dataset
     from kdpipe.models import load_teacher
 
     reader, dataset = open_store(store["path"]), load_dataset(store["data"])
@@ -60,19 +59,10 @@ def test_cached_preact_stages_equal_online_and_margins_are_stored(store):
     assert reader.array("preact_feats/stage2").shape[1:] == (50, 32, 8, 8)
     bn = teacher.layer3[-1].bn2  # mdistiller resnet.py get_bn_before_relu()[2]
     np.testing.assert_allclose(reader.static(MARGIN.format(3)), ofd_margin(bn.weight, bn.bias).numpy())
-    policy = dataset.policy
-    cached = CachedTargets(reader, [PreactStages()], device="cpu", policy=policy)
-    online = OnlineTargets(teacher, [PreactStages()], reader=reader, policy=policy, views="replay")
-    plan = cached.plan(torch.arange(reader.num_samples), 3, 1)
-    cached.begin_epoch(plan, 16)
-    for batch in plan.batches(16):
-        images = policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params)
-        x = normalize(images, dataset.mean, dataset.std)
-        a, b = cached.targets(batch, x), online.targets(batch, x)
+    for _batch, a, b in replayed_targets(store, PreactStages):
         assert set(a) == set(b) == {"preact_stage1", "preact_stage2", "preact_stage3"}
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=2e-3, atol=2e-3)
-    cached.close()
 
 
 def test_method_loss_uses_the_last_matched_stages():

@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from method_checks import mdistiller_cifar100_doc, method_store, trains_one_epoch_and_evaluates
+from method_checks import mdistiller_cifar100_doc, method_store, replayed_targets, trains_one_epoch_and_evaluates
 
 from kdpipe.artifacts import open_store
 from kdpipe.data import load_dataset, normalize
-from kdpipe.engine.sources import CachedTargets, OnlineTargets
 from kdpipe.methods import get_method
 from kdpipe.methods.pkt import pkt_loss
 from kdpipe.models import build, load_teacher
@@ -82,22 +81,11 @@ def test_store_holds_the_pooled_feature_for_every_view(store):
 
 
 def test_cached_pooled_feature_equals_online_on_replayed_views(store):
-    reader, dataset = open_store(store["path"]), load_dataset(store["data"])
-    teacher = load_teacher("resnet8", store["teacher"], dataset.num_classes)
-    policy = dataset.policy
-    cached = CachedTargets(reader, [PooledFeature()], device="cpu", policy=policy)
-    online = OnlineTargets(teacher, [PooledFeature()], reader=reader, policy=policy, views="replay")
-    plan = cached.plan(torch.arange(reader.num_samples), 3, 1)
-    cached.begin_epoch(plan, 16)
-    for batch in plan.batches(16):
-        images = policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params)
-        x = normalize(images, dataset.mean, dataset.std)
-        a, b = cached.targets(batch, x), online.targets(batch, x)
+    for batch, a, b in replayed_targets(store, PooledFeature):
         torch.testing.assert_close(a["pooled_feat"], b["pooled_feat"], rtol=2e-3, atol=2e-3)
         # the loss sees the same relations: PKT of the student against either is the same
         s = torch.randn(len(batch.indices), 8, generator=torch.Generator().manual_seed(0))
         assert pkt_loss(s, a["pooled_feat"]).item() == pytest.approx(pkt_loss(s, b["pooled_feat"]).item(), rel=1e-2)
-    cached.close()
 
 
 def test_method_is_ce_plus_weighted_pkt_of_pooled_features(store):

@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from method_checks import mdistiller_cifar100_doc, method_store, trains_one_epoch_and_evaluates
+from method_checks import mdistiller_cifar100_doc, method_store, replayed_targets, trains_one_epoch_and_evaluates
 
 from kdpipe.artifacts import open_store
 from kdpipe.data import load_dataset, normalize
-from kdpipe.engine.sources import CachedTargets, OnlineTargets
 from kdpipe.methods import get_method
 from kdpipe.methods.sp import LastStage, similarity_loss, sp_loss
 from kdpipe.models import build, load_teacher
@@ -86,22 +85,11 @@ def test_store_holds_the_last_stage_for_every_view(store):
 
 
 def test_cached_last_stage_equals_online_on_replayed_views(store):
-    reader, dataset = open_store(store["path"]), load_dataset(store["data"])
-    teacher = load_teacher("resnet8", store["teacher"], dataset.num_classes)
-    policy = dataset.policy
-    cached = CachedTargets(reader, [LastStage()], device="cpu", policy=policy)
-    online = OnlineTargets(teacher, [LastStage()], reader=reader, policy=policy, views="replay")
-    plan = cached.plan(torch.arange(reader.num_samples), 3, 1)
-    cached.begin_epoch(plan, 16)
-    for batch in plan.batches(16):
-        images = policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params)
-        x = normalize(images, dataset.mean, dataset.std)
-        a, b = cached.targets(batch, x), online.targets(batch, x)
+    for batch, a, b in replayed_targets(store, LastStage):
         torch.testing.assert_close(a["stage_last"], b["stage_last"], rtol=2e-3, atol=2e-3)
         s = torch.randn(len(batch.indices), 8, generator=torch.Generator().manual_seed(0))
         want = similarity_loss(s, b["stage_last"]).item()
         assert similarity_loss(s, a["stage_last"]).item() == pytest.approx(want, rel=1e-2)
-    cached.close()
 
 
 def test_method_is_ce_plus_weighted_sp_of_the_last_stages(store):

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from method_checks import method_store, trains_one_epoch_and_evaluates
+from method_checks import method_store, replayed_targets, trains_one_epoch_and_evaluates
 
 from kdpipe.methods import get_method
 from kdpipe.methods.vid import StageFeatures, VIDHead, VIDRegressor, vid_stage_loss
@@ -54,28 +54,15 @@ def store(tiny_store, tmp_path_factory):
 
 def test_cached_stage_features_equal_online_on_replayed_views(store):
     from kdpipe.artifacts import open_store
-    from kdpipe.data import load_dataset, normalize
-    from kdpipe.engine.sources import CachedTargets, OnlineTargets
-    from kdpipe.models import load_teacher
 
-    reader, dataset = open_store(store["path"]), load_dataset(store["data"])
-    teacher = load_teacher("resnet8", store["teacher"], dataset.num_classes)
+    reader = open_store(store["path"])
     # resnet8 on 16x16 images: stages 16 x 16 x 16, 32 x 8 x 8, 64 x 4 x 4
     assert reader.array("stage_feats/stage1").shape[1:] == (50, 16, 16, 16)
     assert reader.array("stage_feats/stage3").shape[1:] == (50, 64, 4, 4)
-    policy = dataset.policy
-    cached = CachedTargets(reader, [StageFeatures()], device="cpu", policy=policy)
-    online = OnlineTargets(teacher, [StageFeatures()], reader=reader, policy=policy, views="replay")
-    plan = cached.plan(torch.arange(reader.num_samples), 3, 1)
-    cached.begin_epoch(plan, 16)
-    for batch in plan.batches(16):
-        images = policy.apply_images(dataset.get_batch(batch.indices.numpy()), batch.params)
-        x = normalize(images, dataset.mean, dataset.std)
-        a, b = cached.targets(batch, x), online.targets(batch, x)
+    for _batch, a, b in replayed_targets(store, StageFeatures):
         assert set(a) == set(b) == {"stage_feat1", "stage_feat2", "stage_feat3"}
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=2e-3, atol=2e-3)
-    cached.close()
 
 
 def test_method_loss_sums_the_stages():
