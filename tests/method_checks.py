@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from kdpipe.config.configs import ExtractConfig, StudentConfig
 
@@ -106,3 +107,17 @@ def mdistiller_cifar100_doc(distiller: str) -> dict:
             "TYPE": "SGD",
         },
     }
+
+
+def read_mdistiller_cifar100_yaml(tmp_path, distiller: str, sections: dict | None = None) -> StudentConfig:
+    """mdistiller configs/cifar100/<distiller>.yaml (``mdistiller_cifar100_doc``, with
+    ``sections`` replacing or adding top-level sections) read as ``train-student --config``
+    reads it; checks the method, pair and solver it gives, and returns the config."""
+    from kdpipe.config.config_files import student_from_file
+
+    path = tmp_path / f"{distiller.lower()}.yaml"
+    path.write_text(yaml.safe_dump({**mdistiller_cifar100_doc(distiller), **(sections or {})}))
+    cfg, _ = student_from_file(path)
+    solver = (cfg.method, cfg.student, cfg.lr, cfg.weight_decay, cfg.epochs)
+    assert solver == (distiller.lower(), "resnet8x4", 0.05, 5e-4, 240)
+    return cfg

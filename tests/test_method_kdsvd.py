@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from method_checks import (
-    mdistiller_cifar100_doc,
     method_store,
+    read_mdistiller_cifar100_yaml,
     replayed_targets,
     stored_kind,
     trains_one_epoch_and_evaluates,
@@ -170,13 +169,6 @@ def test_trains_one_epoch_cached_and_online(store, tmp_path, source):
 
 def test_mdistiller_kdsvd_yaml_is_read_as_it_is(tmp_path):
     """The keys and values of mdistiller configs/cifar100/kdsvd.yaml (resnet32x4 -> resnet8x4)."""
-    from kdpipe.config.config_files import student_from_file
-
-    doc = mdistiller_cifar100_doc("KDSVD")
-    path = tmp_path / "kdsvd.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    cfg, record = student_from_file(path)
-    assert (cfg.method, cfg.student, cfg.lr, cfg.weight_decay, cfg.epochs) == ("kdsvd", "resnet8x4", 0.05, 5e-4, 240)
+    cfg = read_mdistiller_cifar100_yaml(tmp_path, "KDSVD")
     assert cfg.method_options == {"k": 1, "feat_weight": 1.0, "ce_weight": 1.0}
-    path.write_text(yaml.safe_dump({**doc, "KDSVD": {"K": 2}}))
-    assert student_from_file(path)[0].method_options["k"] == 2
+    assert read_mdistiller_cifar100_yaml(tmp_path, "KDSVD", {"KDSVD": {"K": 2}}).method_options["k"] == 2

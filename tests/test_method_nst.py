@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from method_checks import (
-    mdistiller_cifar100_doc,
     method_store,
+    read_mdistiller_cifar100_yaml,
     replayed_targets,
     stored_kind,
     trains_one_epoch_and_evaluates,
@@ -157,13 +156,7 @@ def test_trains_one_epoch_cached_and_online(store, tmp_path, source):
 
 def test_mdistiller_nst_yaml_is_read_as_it_is(tmp_path):
     """The keys and values of mdistiller configs/cifar100/nst.yaml (resnet32x4 -> resnet8x4)."""
-    from kdpipe.config.config_files import student_from_file
-
-    doc = mdistiller_cifar100_doc("NST")
-    path = tmp_path / "nst.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    cfg, record = student_from_file(path)
-    assert (cfg.method, cfg.student, cfg.lr, cfg.weight_decay, cfg.epochs) == ("nst", "resnet8x4", 0.05, 5e-4, 240)
+    cfg = read_mdistiller_cifar100_yaml(tmp_path, "NST")
     assert cfg.method_options == {"feat_weight": 50.0, "ce_weight": 1.0}
-    path.write_text(yaml.safe_dump({**doc, "NST": {"LOSS": {"FEAT_WEIGHT": 1000.0}}}))
-    assert student_from_file(path)[0].method_options["feat_weight"] == 1000.0
+    cfg = read_mdistiller_cifar100_yaml(tmp_path, "NST", {"NST": {"LOSS": {"FEAT_WEIGHT": 1000.0}}})
+    assert cfg.method_options["feat_weight"] == 1000.0

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from method_checks import mdistiller_cifar100_doc, method_store, replayed_targets, trains_one_epoch_and_evaluates
+from method_checks import method_store, read_mdistiller_cifar100_yaml, replayed_targets, trains_one_epoch_and_evaluates
 
 from kdpipe.artifacts import open_store
 from kdpipe.data import load_dataset, normalize
@@ -131,13 +130,7 @@ def test_trains_one_epoch_cached_and_online(store, tmp_path, source):
 
 def test_mdistiller_rkd_yaml_is_read_as_it_is(tmp_path):
     """The keys and values of mdistiller configs/cifar100/rkd.yaml (resnet32x4 -> resnet8x4)."""
-    from kdpipe.config.config_files import student_from_file
-
-    doc = mdistiller_cifar100_doc("RKD")
-    path = tmp_path / "rkd.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    cfg, record = student_from_file(path)
-    assert (cfg.method, cfg.student, cfg.lr, cfg.weight_decay, cfg.epochs) == ("rkd", "resnet8x4", 0.05, 5e-4, 240)
+    cfg = read_mdistiller_cifar100_yaml(tmp_path, "RKD")
     assert cfg.method_options == {
         "distance_weight": 25.0,
         "angle_weight": 50.0,
@@ -146,6 +139,6 @@ def test_mdistiller_rkd_yaml_is_read_as_it_is(tmp_path):
         "eps": 1e-12,
         "squared": False,
     }
-    path.write_text(yaml.safe_dump({**doc, "RKD": {"ANGLE_WEIGHT": 10, "PDIST": {"SQUARED": True}}}))
-    options = student_from_file(path)[0].method_options
+    sections = {"RKD": {"ANGLE_WEIGHT": 10, "PDIST": {"SQUARED": True}}}
+    options = read_mdistiller_cifar100_yaml(tmp_path, "RKD", sections).method_options
     assert options["angle_weight"] == 10.0 and options["squared"] is True
