@@ -89,6 +89,18 @@ def init_like_mdistiller(model: nn.Module, linear: str = "default") -> None:
             nn.init.zeros_(module.bias)
 
 
+def module_output(module, module_input, output, captured) -> torch.Tensor:
+    """A ``PreactPoint.combine``: the module's output is the pre-ReLU value (the ReLU that
+    follows, if any, does not work in place)."""
+    return output
+
+
+def module_output_copy(module, module_input, output, captured) -> torch.Tensor:
+    """A ``PreactPoint.combine``: a copy of the module's output, for a module followed by a
+    ReLU that works in place (it would overwrite the value read)."""
+    return output.clone()
+
+
 @dataclass(frozen=True)
 class PreactPoint:
     """Where a stage's pre-ReLU output is read: ``combine(module, module_input, module_output,

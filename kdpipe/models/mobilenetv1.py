@@ -32,7 +32,7 @@ from typing import cast
 import torch
 import torch.nn as nn
 
-from kdpipe.models.base import CAM_INIT_TORCH_DEFAULT, KDModel, PreactPoint
+from kdpipe.models.base import CAM_INIT_TORCH_DEFAULT, KDModel, PreactPoint, module_output_copy
 from kdpipe.models.registry import register_model
 
 # (output channels, stride) of the 13 depthwise-separable blocks after the 32-channel stem
@@ -127,16 +127,11 @@ class MobileNetV1(KDModel):
         points = []
         for index in _LISTED_BLOCKS[1:]:
             bn = self._block(index)[_LAST_BN]
-            points.append(PreactPoint(bn, _copy_of_output, bn=bn))
+            points.append(PreactPoint(bn, module_output_copy, bn=bn))
         return points
 
     def linear_head(self) -> nn.Linear:
         return self.fc
-
-
-def _copy_of_output(module, x, output, captured) -> torch.Tensor:
-    # the block's next module is nn.ReLU(inplace=True): keep the values before it runs
-    return output.clone()
 
 
 @register_model("imagenet_mobilenet_v1", "MobileNetV1")

@@ -20,7 +20,7 @@ from typing import cast
 import torch
 import torch.nn as nn
 
-from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, PreactPoint, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, PreactPoint, init_like_mdistiller, module_output
 from kdpipe.models.registry import register_model
 
 # (expansion, output channels at width 1, units, first unit's stride) per group; expansion
@@ -130,7 +130,7 @@ class MobileNetV2(KDModel):
         # these same stage outputs, and mdistiller's get_bn_before_relu names their last BN,
         # blocks[i][-1].conv[-1] (mdistiller lists no preact_feats for this family)
         last = [cast(nn.Sequential, self.blocks[i])[-1] for i in (1, 2, 4, 6)]
-        return [PreactPoint(b, _output, bn=cast(nn.Sequential, b.conv)[-1]) for b in last]
+        return [PreactPoint(b, module_output, bn=cast(nn.Sequential, b.conv)[-1]) for b in last]
 
     def linear_head(self) -> nn.Linear:
         # nn.Sequential's stub types its items as Module; item 0 is the nn.Linear built above.
@@ -140,7 +140,3 @@ class MobileNetV2(KDModel):
 @register_model("MobileNetV2", "mobile_half")
 def mobile_half(num_classes: int = 100) -> MobileNetV2:
     return MobileNetV2(expansion=6, width_mult=0.5, num_classes=num_classes)
-
-
-def _output(module, x, output, captured) -> torch.Tensor:
-    return output

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import CAM_INIT_TORCH_DEFAULT, KDModel, PreactPoint, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_TORCH_DEFAULT, KDModel, PreactPoint, init_like_mdistiller, module_output
 from kdpipe.models.registry import register_model
 
 # Conv widths of each of the five groups, per mdistiller configuration letter.
@@ -92,14 +92,10 @@ class VGG(KDModel):
 
     def preact_points(self) -> list[PreactPoint]:
         # mdistiller vgg.py preact_feats[1:]: block1 ... block4 outputs before their ReLU
-        return [PreactPoint(b, _output, bn=b[-1]) for b in (self.block1, self.block2, self.block3, self.block4)]
+        return [PreactPoint(b, module_output, bn=b[-1]) for b in (self.block1, self.block2, self.block3, self.block4)]
 
     def linear_head(self) -> nn.Linear:
         return self.classifier
-
-
-def _output(module, x, output, captured) -> torch.Tensor:
-    return output
 
 
 @register_model("vgg8", "vgg8_bn")

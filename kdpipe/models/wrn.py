@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, PreactPoint, init_like_mdistiller
+from kdpipe.models.base import CAM_INIT_HE_FAN_OUT, KDModel, PreactPoint, init_like_mdistiller, module_output_copy
 from kdpipe.models.registry import register_model
 
 
@@ -112,14 +112,10 @@ class WideResNet(KDModel):
         # mdistiller wrn.py preact_feats[1:]: block2.layer[0].bn1(f1), block3.layer[0].bn1(f2),
         # bn1(f3): the BN that the next ReLU follows, applied to each stage's output
         bns = [cast(nn.Module, block.layer[0].bn1) for block in (self.block2, self.block3)] + [self.bn1]
-        return [PreactPoint(bn, _output, bn=bn) for bn in bns]
+        return [PreactPoint(bn, module_output_copy, bn=bn) for bn in bns]
 
     def linear_head(self) -> nn.Linear:
         return self.fc
-
-
-def _output(module, x, output, captured) -> torch.Tensor:
-    return output.clone()  # the block's ReLU that follows works in place
 
 
 @register_model("wrn_16_1")
